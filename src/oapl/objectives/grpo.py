@@ -1,0 +1,84 @@
+"""GRPO baseline with truncated importance-sampling correction (the paper's comparison).
+
+Pure tensor functions; shapes: ``N`` sequences, ``T`` tokens, groups of ``G`` responses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_normalized_advantage(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
+    r"""``A_i = (r_i - mean(r)) / (std(r) + eps)`` over the last dimension (the group of G responses).
+
+    ``std`` is the population standard deviation. With ``scale=False`` only the mean is subtracted
+    (Dr. GRPO). A group whose rewards are all equal gets advantage 0.
+    """
+    centered = rewards - rewards.mean(dim=-1, keepdim=True)
+    if not scale:
+        return centered
+    return centered / (rewards.std(dim=-1, unbiased=False, keepdim=True) + eps)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    inf_logprobs: torch.Tensor | None,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    is_cap: float | None = 2.0,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Clipped GRPO surrogate with token-level truncated importance sampling.
+
+    .. math::
+
+        \rho_{i,t} = \exp(\log\pi(y_{i,t}) - \log\pi_{old}(y_{i,t}))
+
+        w_{i,t} = \min\big(\exp(\log\pi_{old}(y_{i,t}) - \log\pi_{inf}(y_{i,t})),\ C\big)
+
+        \ell_{i,t} = -\,w_{i,t}\,\min\big(\rho_{i,t} A_i,\ \operatorname{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon) A_i\big)
+
+        \mathcal{L} = \frac{1}{N}\sum_i \frac{\sum_t m_{i,t}\,\ell_{i,t}}{\sum_t m_{i,t}}
+
+    Per-sequence length normalisation, then the mean over sequences. ``w`` corrects the mismatch
+    between the engine that sampled (``pi_inf``) and the trainer's behaviour policy ``pi_old``;
+    pass ``inf_logprobs=None`` (or ``is_cap=None``) for plain on-policy GRPO without correction.
+
+    Args:
+        logprobs: ``(N, T)`` current trainer log-probs (differentiable).
+        old_logprobs: ``(N, T)`` trainer log-probs before the update (no gradient).
+        inf_logprobs: ``(N, T)`` engine log-probs of the sampled tokens, or ``None``.
+        mask: ``(N, T)`` response-token mask.
+        advantages: ``(N,)`` group-normalised advantages.
+        clip_eps: PPO clip range.
+        is_cap: truncation ``C`` of the importance weight.
+        num_sequences: whole-batch ``N`` when ``logprobs`` is a micro-batch (exact accumulation).
+
+    Returns:
+        ``(loss, stats)`` where stats holds the clip fraction and mean importance weight (detached).
+    """
+    mask = mask.to(logprobs.dtype)
+    n = logprobs.shape[0] if num_sequences is None else num_sequences
+    log_ratio = logprobs - old_logprobs.to(logprobs.dtype)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logprobs.dtype).unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    token_obj = torch.minimum(unclipped, clipped)
+    if inf_logprobs is not None and is_cap is not None:
+        w = torch.exp(old_logprobs.to(logprobs.dtype) - inf_logprobs.to(logprobs.dtype)).clamp(max=is_cap)
+    else:
+        w = torch.ones_like(token_obj)
+    token_loss = -(w.detach() * token_obj)
+    lengths = mask.sum(dim=-1).clamp(min=1.0)
+    seq_loss = (token_loss * mask).sum(dim=-1) / lengths
+    loss = seq_loss.sum() / n
+    with torch.no_grad():
+        denom = mask.sum().clamp(min=1.0)
+        stats = {
+            "clip_frac": (((unclipped - clipped).abs() > 0).to(mask.dtype) * mask).sum() / denom,
+            "is_weight_mean": (w * mask).sum() / denom,
+        }
+    return loss, stats
