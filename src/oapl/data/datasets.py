@@ -1,0 +1,84 @@
+"""Prompt datasets: local JSONL/Parquet files or Hub names, with a column mapping and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file, row and column."""
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with path.open() as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DatasetError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a JSON list of objects")
+        return data
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def load_rows(source: str, split: str = "train", config: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a local file (``.jsonl``/``.json``/``.parquet``) or a Hub dataset; returns (rows, label)."""
+    path = Path(source)
+    if path.exists():
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet", ".json"))
+            if not files:
+                raise DatasetError(f"{path}: directory holds no .jsonl/.parquet/.json files")
+            rows: list[dict[str, Any]] = []
+            for f in files:
+                rows.extend(_read_local(f))
+            return rows, str(path)
+        return _read_local(path), str(path)
+    if source.endswith((".jsonl", ".parquet", ".json")):
+        raise DatasetError(f"dataset file not found: {source}")
+    import datasets
+
+    ds = datasets.load_dataset(source, config, split=split)
+    return [dict(r) for r in ds], f"{source}[{split}]"
+
+
+def map_columns(rows: list[dict[str, Any]], mapping: dict[str, str], required: list[str], label: str,
+                id_column: str = "prompt_id") -> list[dict[str, Any]]:
+    """Rename dataset columns to the names a task uses and check every row has what is required.
+
+    ``mapping`` is ``{task_name: dataset_column}``. Every row gets a ``prompt_id`` (kept if present).
+    """
+    out = []
+    for i, row in enumerate(rows):
+        new = dict(row)
+        for task_name, col in mapping.items():
+            if col not in row:
+                raise DatasetError(f"{label}: row {i}: missing column {col!r} (mapped to {task_name!r}); "
+                                   f"row has columns {sorted(row)}")
+            new[task_name] = row[col]
+        for col in required:
+            if col not in new or new[col] is None:
+                raise DatasetError(f"{label}: row {i}: missing column {col!r}; row has columns {sorted(row)}"
+                                   + (f" (map one with task.columns.{col}=<column>)" if col not in mapping else ""))
+        new.setdefault(id_column, f"{Path(label).stem}-{i}")
+        new[id_column] = str(new[id_column])
+        out.append(new)
+    return out

@@ -1,0 +1,75 @@
+"""Metric sinks: metrics.jsonl always, TensorBoard and W&B when asked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+class MetricsLogger:
+    """Append one JSON object per row to ``metrics.jsonl``; mirror to TensorBoard/W&B if enabled."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "oapl", config: dict | None = None, resume: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a" if resume else "w")
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError as e:
+                raise RuntimeError("logging.tensorboard=true needs `pip install tensorboard`") from e
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb=true needs `pip install wandb`") from e
+            self._wandb = wb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows of steps after the checkpoint (they will be produced again)."""
+        self._f.close()
+        rows = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= step:
+                    rows.append(line)
+        self.path.write_text("".join(r + "\n" for r in rows))
+        self._f = self.path.open("a")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._f.flush()
+        step = row.get("step", 0)
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,817 @@
+"""In-sandbox side of the oapl code sandbox (stdlib only, run as a script).
+
+This file is executed by :mod:`oapl.rewards.sandbox.runner` as
+``python -s -P -B _launcher.py SPEC_PATH`` in a fresh session (its own process
+group) with a clean environment.  It is *trusted* code: it sets up isolation
+and then runs the untrusted program once per test case, each time in a fresh
+forked process that has dropped every privilege.
+
+Process tree (namespace mode)::
+
+    trainer ─ launcher L (new session; unshares user?/net/pid/mount/ipc/uts)
+                 └─ init P1 (pid 1 of the new pid namespace; builds the
+                    read-only file-system view, pivot_root)
+                      └─ test process T_i (own process group, own mount
+                         namespace with a fresh tmpfs /tmp, rlimits, no
+                         privileges, clean env) ─ runs the untrusted code
+
+Protocol: the launcher reads a JSON spec from ``SPEC_PATH`` (then deletes it)
+and writes length-prefixed (4-byte big-endian) JSON frames to fd 1:
+
+* ``{"type": "ready", ...isolation facts...}`` once, or
+  ``{"type": "ready", "error": "..."}`` if isolation could not be set up;
+* ``{"type": "result", "index": i, "status": ..., "stdout": ..., ...}`` per test;
+* ``{"type": "done"}`` at the end.
+
+Expected outputs never enter the sandbox: comparison happens in the trainer,
+so nothing the program does in here can make a wrong answer pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import resource
+import select
+import signal
+import stat
+import struct
+import sys
+import time
+
+# --------------------------------------------------------------------------- constants
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+# SECBIT_NOROOT | _LOCKED | SECBIT_NO_SETUID_FIXUP | _LOCKED | SECBIT_KEEP_CAPS_LOCKED
+SECURE_BITS_ALL_LOCKED = 0x2F
+
+_PIVOT_ROOT_NR = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.machine())
+
+# Exit codes the test process uses for its own (trusted harness) failures.
+EXIT_HARNESS_ERROR = 121
+
+# Import header used by LiveCodeBench / DeepCoder graders: programs (notably
+# LeetCode starter code using ``List[int]``) rely on these names existing.
+LCB_IMPORT_HEADER = (
+    "from string import *\nfrom re import *\nfrom datetime import *\n"
+    "from collections import *\nfrom heapq import *\nfrom bisect import *\n"
+    "from copy import *\nfrom math import *\nfrom random import *\n"
+    "from statistics import *\nfrom itertools import *\nfrom functools import *\n"
+    "from operator import *\nfrom io import *\nfrom sys import *\nfrom json import *\n"
+    "from builtins import *\nfrom typing import *\nimport string\nimport re\n"
+    "import datetime\nimport collections\nimport heapq\nimport bisect\nimport copy\n"
+    "import math\nimport random\nimport statistics\nimport itertools\nimport functools\n"
+    "import operator\nimport io\nimport sys\nimport json\nsys.setrecursionlimit(50000)\n"
+)
+
+# Imported before any isolation so the test processes (which may not be able
+# to read the interpreter's files in degraded mode) have them in memory.
+PRELOAD = (
+    "string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math",
+    "random", "statistics", "itertools", "functools", "operator", "io", "json",
+    "typing", "decimal", "fractions", "array", "traceback", "threading", "atexit",
+    "types", "dataclasses", "enum", "queue", "textwrap", "time", "codecs",
+    "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
+)
+
+# --------------------------------------------------------------------------- libc
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _b(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _libc.mount(_b(src), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+        f"mount {target}",
+    )
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
+
+
+def prctl(option: int, arg2: int = 0) -> int:
+    return _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    if _PIVOT_ROOT_NR is None:
+        raise OSError(38, "pivot_root: unknown syscall number on this architecture")
+    _check(_libc.syscall(ctypes.c_long(_PIVOT_ROOT_NR), _b(new_root), _b(put_old)), "pivot_root")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_all_capabilities() -> None:
+    """Lock securebits, empty the bounding set and clear every capability set."""
+    prctl(PR_SET_SECUREBITS, SECURE_BITS_ALL_LOCKED)  # may fail without CAP_SETPCAP: fine
+    for cap in range(64):
+        if prctl(PR_CAPBSET_DROP, cap) != 0:
+            break  # EINVAL past the last capability
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+# --------------------------------------------------------------------------- I/O helpers
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def send(fd: int, obj: dict) -> None:
+    data = json.dumps(obj, ensure_ascii=True).encode("ascii")
+    write_all(fd, struct.pack(">I", len(data)) + data)
+
+
+# --------------------------------------------------------------------------- isolation setup
+
+
+def _remount_flags(path: str) -> int:
+    """Flags to keep when re-mounting ``path`` read-only (locked flags in a user namespace)."""
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    try:
+        f = os.statvfs(path).f_flag
+    except OSError:
+        return flags
+    if f & os.ST_NOEXEC:
+        flags |= MS_NOEXEC
+    if f & os.ST_NOATIME:
+        flags |= MS_NOATIME
+    if f & os.ST_NODIRATIME:
+        flags |= MS_NODIRATIME
+    if f & getattr(os, "ST_RELATIME", 4096):
+        flags |= MS_RELATIME
+    elif not f & os.ST_NOATIME:
+        flags |= MS_STRICTATIME
+    return flags
+
+
+def _bind_readonly(src: str, dst: str) -> None:
+    mount(src, dst, None, MS_BIND | MS_REC)
+    try:
+        mount(None, dst, None, _remount_flags(src))
+    except OSError:
+        # Retry without atime flags (some kernels reject them for bind remounts).
+        mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _python_paths() -> list[str]:
+    """Directories the interpreter needs: prefixes and site-packages (real paths)."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable))}
+    for p in sys.path:
+        if p and os.path.isdir(p) and os.path.basename(p) in ("site-packages", "dist-packages"):
+            paths.add(p)
+    out = set()
+    for p in paths:
+        if p and os.path.isdir(p):
+            out.add(os.path.realpath(p))
+            out.add(os.path.abspath(p))
+    return sorted(out)
+
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def build_root(new_root: str, tmpfs_bytes: int, facts: dict) -> None:
+    """Create a minimal read-only root in ``new_root`` and pivot into it.
+
+    Exposed read-only: system dirs, the Python installation.  Everything else
+    (home directories, /root, the project, /tmp, /sys, host /proc) is absent.
+    """
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,nr_inodes=4096,mode=755")
+    exposed: list[str] = []
+
+    def covered(path: str) -> bool:
+        return any(path == e or path.startswith(e.rstrip("/") + "/") for e in exposed)
+
+    for path in list(SYSTEM_DIRS) + _python_paths():
+        if covered(path) or not os.path.lexists(path):
+            continue
+        dst = new_root + path
+        if os.path.islink(path):
+            if not os.path.lexists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.symlink(os.readlink(path), dst)
+            continue
+        if not os.path.isdir(path):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        _bind_readonly(path, dst)
+        exposed.append(path)
+    facts["exposed"] = exposed
+
+    dev = new_root + "/dev"
+    os.makedirs(dev, exist_ok=True)
+    for name in DEVICES:
+        if os.path.exists("/dev/" + name):
+            open(f"{dev}/{name}", "w").close()
+            mount("/dev/" + name, f"{dev}/{name}", None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    os.makedirs(dev + "/shm", exist_ok=True)
+    os.makedirs(new_root + "/tmp", exist_ok=True)
+    os.chmod(new_root + "/tmp", 0o1777)
+    os.makedirs(new_root + "/var", exist_ok=True)
+    os.symlink("/tmp", new_root + "/var/tmp")
+    os.makedirs(new_root + "/proc", exist_ok=True)
+    try:
+        mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        facts["proc"] = "private"
+    except OSError as exc:  # e.g. masked /proc in some containers: go without /proc
+        facts["proc"] = f"absent ({exc})"
+
+    os.chdir(new_root)
+    if _PIVOT_ROOT_NR is not None:
+        pivot_root(".", ".")
+        umount2(".", MNT_DETACH)
+        facts["fs"] = "pivot_root"
+    else:
+        os.chroot(".")
+        facts["fs"] = "chroot"
+    os.chdir("/")
+    mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+# --------------------------------------------------------------------------- test process
+
+
+def _set_limits(spec: dict) -> None:
+    cpu = max(1, int(spec["timeout_s"] + 0.999)) + 1
+    mem = int(spec["memory_bytes"])
+    limits = [
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (mem, mem)),
+        (resource.RLIMIT_DATA, (mem, mem)),
+        (resource.RLIMIT_FSIZE, (int(spec["max_file_bytes"]),) * 2),
+        (resource.RLIMIT_NPROC, (int(spec["nproc_limit"]),) * 2),
+        (resource.RLIMIT_NOFILE, (int(spec["max_open_files"]),) * 2),
+        (resource.RLIMIT_CORE, (0, 0)),
+        (resource.RLIMIT_MEMLOCK, (0, 0)),
+    ]
+    if hasattr(resource, "RLIMIT_MSGQUEUE"):
+        limits.append((resource.RLIMIT_MSGQUEUE, (0, 0)))
+    for which, value in limits:
+        resource.setrlimit(which, value)
+    # The stack may stay at its current soft value but cannot be raised.
+    soft, _hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft != resource.RLIM_INFINITY and soft <= mem:
+        resource.setrlimit(resource.RLIMIT_STACK, (soft, soft))
+
+
+def _child_env(home: str) -> dict:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
+        "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0",
+        "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    }
+
+
+def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
+    """Execute the untrusted program in this (already confined) process; return exit code."""
+    import atexit
+    import io
+    import random
+    import threading
+    import traceback
+
+    atexit._clear()
+    random.seed(0)  # deterministic "random" programs
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="strict")
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
+        errors="backslashreplace", line_buffering=True)
+    sys.argv = ["solution.py"]
+    functional = spec["mode"] == "functional"
+    module_name = "solution" if functional else "__main__"
+    g: dict = {"__name__": module_name, "__builtins__": __builtins__, "__file__": "solution.py"}
+    code = 0
+    try:
+        exec(compile(LCB_IMPORT_HEADER, "<header>", "exec"), g)
+        exec(compile(spec["code"], "solution.py", "exec"), g)
+        if functional:
+            name = spec["func_name"]
+            sol_cls = g.get("Solution")
+            if "class Solution" in spec["code"] and isinstance(sol_cls, type):
+                fn = getattr(sol_cls(), name)
+            else:
+                fn = g[name]
+            prediction = fn(*test_input)
+            if isinstance(prediction, tuple):
+                prediction = list(prediction)
+            payload = json.dumps(prediction, allow_nan=True).encode("utf-8")
+            write_all(result_fd, payload)
+            os.close(result_fd)
+    except SystemExit as exc:
+        if exc.code is None or exc.code == 0:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code if 0 < exc.code < 256 else 1
+        else:
+            try:
+                print(exc.code, file=sys.stderr)
+            except BaseException:
+                pass
+            code = 1
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+        code = 1
+    # Mirror interpreter shutdown: join non-daemon threads, run atexit, flush.
+    try:
+        main = threading.main_thread()
+        for t in threading.enumerate():
+            if t is not main and not t.daemon:
+                t.join()
+        atexit._run_exitfuncs()
+    except BaseException:
+        code = code or 1
+    for stream in (sys.stdout, sys.__stdout__, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            code = code or 120
+    return code
+
+
+def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
+    """Body of a forked test process.  Never returns."""
+    try:
+        os.setpgid(0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if use_ns:
+            unshare(CLONE_NEWNS)
+            opts = f"size={int(spec['tmpfs_bytes'])},nr_inodes=4096,mode=1777"
+            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  f"size={int(spec['tmpfs_bytes'])},nr_inodes=256,mode=1777")
+            workdir = "/tmp"
+        else:
+            workdir = fds["workdir"]
+        uid = spec.get("uid")
+        if uid is not None and os.geteuid() == 0 and not spec.get("userns"):
+            os.chown(workdir, uid, uid)
+        os.chdir(workdir)
+        os.dup2(fds["stdin"], 0)
+        os.lseek(0, 0, os.SEEK_SET)
+        os.dup2(fds["out_w"], 1)
+        os.dup2(fds["err_w"], 2)
+        keep = 3
+        if fds.get("res_w") is not None:
+            os.dup2(fds["res_w"], 3)
+            keep = 4
+        os.closerange(keep, 1 << 16)
+        _set_limits(spec)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if spec.get("userns"):
+            drop_all_capabilities()
+        elif uid is not None and os.geteuid() == 0:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            if os.geteuid() == 0 or os.getuid() == 0:
+                os._exit(EXIT_HARNESS_ERROR)
+        os.environ.clear()
+        os.environ.update(_child_env(workdir))
+        os.umask(0o077)
+    except BaseException:
+        os._exit(EXIT_HARNESS_ERROR)
+    try:
+        rc = _run_user_code(spec, test_input, 3 if keep == 4 else None)
+    except BaseException:
+        rc = 1
+    os._exit(rc)
+
+
+# --------------------------------------------------------------------------- init / supervisor
+
+
+def _children_of(pid: int) -> list[int]:
+    """Child pids of ``pid`` (via /proc); used in no-namespace mode."""
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+            ppid = int(data[data.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append(int(name))
+    return out
+
+
+def _reap_nohang() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_everything(state: dict, child_pgid: int | None) -> None:
+    """Kill every process the test left behind and reap them all."""
+    if state["pidns"]:
+        # We are pid 1 of a private pid namespace: kill(-1) reaches exactly the
+        # processes of this namespace (never the host), except ourselves.
+        assert os.getpid() == 1
+        while True:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+    # Degraded mode (no pid namespace): process group, sandbox uid, subreaper children.
+    uid = state.get("uid")
+    for _ in range(50):
+        if child_pgid is not None:
+            try:
+                os.killpg(child_pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if uid is not None and os.geteuid() == 0 and uid not in (0, state["trainer_uid"]):
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    os.setresgid(uid, uid, uid)
+                    os.setresuid(uid, uid, uid)
+                    if os.getuid() != 0:
+                        os.kill(-1, signal.SIGKILL)
+                except BaseException:
+                    pass
+                os._exit(0)
+            os.waitpid(helper, 0)
+        kids = _children_of(os.getpid())
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.002)
+        _reap_nohang()
+        if not kids and not _children_of(os.getpid()):
+            return
+
+
+def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) -> dict:
+    """Run test ``index`` in a fresh process; return its result frame."""
+    functional = spec["mode"] == "functional"
+    timeout = min(float(spec["timeout_s"]), max(0.0, deadline - time.monotonic()))
+    max_out = int(spec["max_output_bytes"])
+    data = (test_input if isinstance(test_input, str) else "").encode("utf-8", "surrogateescape")
+    stdin_fd = os.memfd_create("stdin", 0)
+    write_all(stdin_fd, data)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    res_r, res_w = os.pipe() if functional else (None, None)
+    fds = {"stdin": stdin_fd, "out_w": out_w, "err_w": err_w, "res_w": res_w}
+    if not state["ns"]:
+        wd = os.path.join(state["workdir"], f"t{index}")
+        os.mkdir(wd, 0o700)
+        fds["workdir"] = wd
+    sys.stdout.flush()
+    sys.stderr.flush()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        for fd in (out_r, err_r, res_r, state["out_fd"]):
+            if fd is not None and fd > 2:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        test_child(spec, test_input if functional else None, fds, state["ns"])
+        os._exit(EXIT_HARNESS_ERROR)  # not reached
+    for fd in (out_w, err_w, res_w, stdin_fd):
+        if fd is not None:
+            os.close(fd)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+
+    bufs = {out_r: bytearray(), err_r: bytearray()}
+    if res_r is not None:
+        bufs[res_r] = bytearray()
+    caps = {out_r: max_out, err_r: 4096, res_r: max_out}
+    open_fds = set(bufs)
+    poller = select.poll()
+    for fd in open_fds:
+        os.set_blocking(fd, False)
+        poller.register(fd, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    status = None
+    exited = None  # (status, rusage)
+    over_limit = False
+    limit_at = t0 + timeout
+
+    def drain(fd: int) -> None:
+        nonlocal over_limit
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                return
+            buf = bufs[fd]
+            room = caps[fd] + 1 - len(buf)
+            if room > 0:
+                buf += chunk[:room]
+            if fd != err_r and len(buf) > caps[fd]:
+                over_limit = True
+                return
+
+    while exited is None:
+        now = time.monotonic()
+        if now >= limit_at:
+            status = "timeout"
+            break
+        if pidfd is None:
+            try:
+                wpid, wst, ru = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:
+                wpid = 0
+            if wpid == pid:
+                exited = (wst, ru)
+                break
+            wait_ms = min(5.0, (limit_at - now) * 1000)
+        else:
+            wait_ms = (limit_at - now) * 1000
+        for fd, _ev in poller.poll(max(1, int(wait_ms))):
+            if fd == pidfd:
+                _, wst, ru = os.wait4(pid, 0)
+                exited = (wst, ru)
+            elif fd in open_fds:
+                drain(fd)
+        if over_limit:
+            status = "output_limit"
+            break
+    wall = time.monotonic() - t0
+
+    if exited is None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, wst, ru = os.wait4(pid, 0)
+        exited = (wst, ru)
+    kill_everything(state, pid)
+    # Every writer is dead now: collect what is left in the pipes (bounded).
+    end = time.monotonic() + 1.0
+    while open_fds and not over_limit and time.monotonic() < end:
+        for fd, _ev in poller.poll(50):
+            if fd in open_fds:
+                drain(fd)
+    if over_limit and status is None:
+        status = "output_limit"
+    for fd in list(bufs) + ([pidfd] if pidfd is not None else []):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    wst, ru = exited
+    cpu = ru.ru_utime + ru.ru_stime
+    exit_code = os.waitstatus_to_exitcode(wst)
+    if status is None:
+        if os.WIFSIGNALED(wst):
+            sig = os.WTERMSIG(wst)
+            status = "timeout" if sig in (signal.SIGXCPU, signal.SIGKILL) and cpu >= timeout else "signal"
+        elif exit_code == EXIT_HARNESS_ERROR:
+            status = "harness_error"
+        elif exit_code != 0:
+            status = "runtime_error"
+        elif cpu > timeout:
+            status = "timeout"
+        elif functional and not bufs[res_r]:
+            status = "no_result"
+        else:
+            status = "ok"
+    frame = {
+        "type": "result", "index": index, "status": status, "exit_code": exit_code,
+        "cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
+        "stdout": bytes(bufs[out_r][:max_out]).decode("utf-8", "replace") if status == "ok" else "",
+        "stderr_tail": bytes(bufs[err_r][:4096]).decode("utf-8", "replace"),
+    }
+    if functional:
+        frame["result"] = bytes(bufs[res_r]).decode("utf-8", "replace") if status == "ok" else None
+    if not state["ns"]:
+        _remove_tree(fds["workdir"])
+    return frame
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    def onerror(func, p, _exc):
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700) if not os.path.islink(p) else None
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+def supervise(spec: dict, state: dict) -> None:
+    """Run every test sequentially and stream the result frames."""
+    out = state["out_fd"]
+    deadline = state["start"] + float(spec["deadline_s"])
+    for index, test_input in enumerate(spec["inputs"]):
+        if time.monotonic() >= deadline:
+            send(out, {"type": "result", "index": index, "status": "deadline",
+                       "exit_code": None, "cpu_s": 0.0, "wall_s": 0.0, "stdout": "",
+                       "stderr_tail": ""})
+            break
+        frame = run_one(spec, index, test_input, state, deadline)
+        send(out, frame)
+        if frame["status"] != "ok" and spec.get("stop_on_error", True):
+            break
+    send(out, {"type": "done"})
+
+
+def init_main(spec: dict, state: dict) -> None:
+    """pid 1 of the sandbox namespace: build the file system, then supervise."""
+    facts = {"type": "ready", "netns": True, "pidns": os.getpid() == 1, "mountns": True,
+             "userns": bool(spec.get("userns")), "uid_drop": not spec.get("userns"),
+             "mode": "namespaces"}
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_DUMPABLE, 0)
+    state["pidns"] = os.getpid() == 1
+    try:
+        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts)
+    except OSError as exc:
+        send(state["out_fd"], {"type": "ready", "error": f"file-system isolation failed: {exc}"})
+        os._exit(3)
+    send(state["out_fd"], facts)
+    if spec.get("probe"):
+        facts_net = {"interfaces": [n for _, n in socket_if_names()]}
+        send(state["out_fd"], {"type": "probe", **facts_net})
+    supervise(spec, state)
+
+
+def socket_if_names() -> list:
+    import socket
+
+    try:
+        return socket.if_nameindex()
+    except OSError:
+        return []
+
+
+def main() -> None:
+    out_fd = os.dup(1)
+    nul = os.open(os.devnull, os.O_RDWR)
+    os.dup2(nul, 1)  # stray prints from trusted code must not corrupt the frame stream
+    os.close(nul)
+    spec_path = sys.argv[1]
+    with open(spec_path, "rb") as f:
+        spec = json.loads(f.read())
+    os.unlink(spec_path)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    state = {"out_fd": out_fd, "start": time.monotonic(), "uid": spec.get("uid"),
+             "trainer_uid": int(spec.get("trainer_uid", os.getuid())),
+             "workdir": spec["workdir"], "ns": spec["isolation"] == "namespaces", "pidns": False}
+    if state["ns"]:
+        flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+        userns = os.geteuid() != 0
+        if userns:
+            flags |= CLONE_NEWUSER
+        spec["userns"] = userns
+        try:
+            if spec.get("_test_fail_unshare"):
+                raise OSError(1, "unshare: Operation not permitted (simulated)")
+            uid, gid = os.geteuid(), os.getegid()
+            unshare(flags)
+            if userns:
+                with open("/proc/self/setgroups", "w") as f:
+                    f.write("deny")
+                with open("/proc/self/uid_map", "w") as f:
+                    f.write(f"0 {uid} 1")
+                with open("/proc/self/gid_map", "w") as f:
+                    f.write(f"0 {gid} 1")
+        except OSError as exc:
+            send(out_fd, {"type": "ready", "error": f"cannot create namespaces "
+                          f"(user={userns}, net, pid, mount): {exc}"})
+            os._exit(3)
+        try:
+            import socket
+            socket.sethostname("sandbox")
+        except (OSError, AttributeError):
+            pass
+        pid = os.fork()
+        if pid == 0:
+            try:
+                init_main(spec, state)
+            except BaseException as exc:  # report, never hang the trainer
+                try:
+                    send(out_fd, {"type": "error", "error": repr(exc)})
+                except OSError:
+                    pass
+                os._exit(4)
+            os._exit(0)
+        _, wst = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(wst) & 0xFF)
+    # Degraded mode: no namespaces (the user explicitly allowed it).
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_DUMPABLE, 0)
+    send(out_fd, {"type": "ready", "netns": False, "pidns": False, "mountns": False,
+                  "userns": False, "uid_drop": os.geteuid() == 0 and spec.get("uid") is not None,
+                  "mode": "none", "fs": "host"})
+    supervise(spec, state)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The generator side of Algorithm 1: sample prompts, generate G responses with pi_inf, score, add to D.
+
+:class:`RolloutWorker` runs in a background thread (``start()``) concurrently with the trainer, or on
+demand (``fill()``) for a deterministic, synchronous run. The engine is used under a lock so a weight
+sync (``with worker.paused(): ...``) never interleaves with a generation call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from oapl.engines.base import InferenceEngine, SamplingParams, sampling_dict
+from oapl.rewards.base import SafeReward
+from oapl.rollout.buffer import BufferClosed, RolloutBuffer, RolloutGroup
+
+log = logging.getLogger(__name__)
+
+
+class PromptSampler:
+    """Deterministic shuffled pass over the training prompts, epoch after epoch; resumable."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n == 0:
+            raise ValueError("no training prompts")
+        self.n, self.seed = n, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        return order
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            if self.pos >= self.n:
+                self.epoch += 1
+                self.pos = 0
+                self._order = self._permutation(self.epoch)
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation(self.epoch)
+
+
+@dataclass
+class WorkerStats:
+    groups: int = 0
+    responses: int = 0
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+    reward_seconds: float = 0.0
+    stale_dropped: int = 0
+    truncated: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class RolloutWorker:
+    """Fill a :class:`RolloutBuffer` with scored groups from an :class:`InferenceEngine`."""
+
+    def __init__(self, engine: InferenceEngine, task, tokenizer, buffer: RolloutBuffer,
+                 sampling: SamplingParams, group_size: int, prompts_per_call: int, seed: int,
+                 weights_id: str = "") -> None:
+        self.engine = engine
+        self.task = task
+        self.tokenizer = tokenizer
+        self.buffer = buffer
+        self.sampling = SamplingParams(sampling.temperature, sampling.top_p, sampling.max_tokens,
+                                       tuple(sampling.stop), n=group_size)
+        self.prompts_per_call = prompts_per_call
+        self.weights_id = weights_id
+        self.sampling_dict = sampling_dict(self.sampling)
+        self.sampler = PromptSampler(len(task.train), seed)
+        self.reward = SafeReward(task.reward_fn)
+        self.stats = WorkerStats()
+        self.engine_lock = threading.Lock()
+        self._rendered: dict[int, tuple[str, list[int]]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.failure: BaseException | None = None
+
+    # -- producing ---------------------------------------------------------------------------
+    def _prompt(self, idx: int) -> tuple[str, list[int]]:
+        if idx not in self._rendered:
+            text = self.task.render(self.task.train[idx], self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            self._rendered[idx] = (text, ids)
+        return self._rendered[idx]
+
+    def produce(self) -> list[RolloutGroup]:
+        """One engine call: ``prompts_per_call`` prompts x G responses, scored, tagged with the version."""
+        with self.engine_lock:
+            idxs = self.sampler.next(self.prompts_per_call)
+            prompts = [self._prompt(i) for i in idxs]
+            version = self.engine.version
+            t0 = time.perf_counter()
+            outputs = self.engine.generate([ids for _, ids in prompts], self.sampling)
+            gen_s = time.perf_counter() - t0
+        examples = [self.task.train[i] for i in idxs]
+        flat_prompts, flat_completions, flat_examples = [], [], []
+        for (text, _), ex, out in zip(prompts, examples, outputs):
+            for c in out.completions:
+                flat_prompts.append(text)
+                flat_completions.append(c.text)
+                flat_examples.append(ex)
+        t1 = time.perf_counter()
+        rewards = self.reward(flat_prompts, flat_completions, **self.task.reward_kwargs(flat_examples))
+        self.stats.reward_seconds += time.perf_counter() - t1
+        groups = []
+        g = self.sampling.n
+        for j, ((text, ids), ex, out) in enumerate(zip(prompts, examples, outputs)):
+            comps = out.completions
+            groups.append(RolloutGroup(
+                prompt_id=str(ex.get("prompt_id", idxs[j])), prompt=text, prompt_token_ids=list(ids),
+                response_token_ids=[c.token_ids for c in comps], response_logprobs=[c.logprobs for c in comps],
+                responses=[c.text for c in comps], rewards=rewards[j * g : (j + 1) * g],
+                finish_reasons=[c.finish_reason for c in comps], version=version, weights_id=self.weights_id, sampling=self.sampling_dict,
+                task=self.task.name, extra=ex))
+        n_tok = sum(len(c.token_ids) for out in outputs for c in out.completions)
+        self.stats.gen_tokens += n_tok
+        self.stats.gen_seconds += gen_s
+        self.stats.responses += len(flat_completions)
+        self.stats.truncated += sum(c.finish_reason == "length" for out in outputs for c in out.completions)
+        return groups
+
+    def _push(self, groups: list[RolloutGroup]) -> None:
+        for grp in groups:
+            if self.buffer.put(grp):
+                self.stats.groups += 1
+            else:
+                self.stats.stale_dropped += 1
+
+    def fill(self, k: int) -> None:
+        """Synchronous mode: generate until the buffer holds at least ``k`` groups."""
+        while len(self.buffer) < k:
+            self._push(self.produce())
+
+    # -- background thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._push(self.produce())
+        except BufferClosed:
+            pass
+        except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
+            log.exception("rollout worker failed")
+            self.failure = e
+            self.buffer.close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="oapl-rollout", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.buffer.close()
+        if self._thread is not None:
+            self._thread.join(timeout=600)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the engine: no generation runs inside this block (weight sync, evaluation)."""
+        with self.engine_lock:
+            yield
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
