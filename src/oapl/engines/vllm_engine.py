@@ -124,6 +124,7 @@ class VLLMEngine:
         self._version = 0
         self._asleep: set[str] = set()  # memory tags released by sleep() and not woken yet
         self._weights_discarded = False  # slept at level 2 and no load_weights() since
+        self._weights_invalid = False  # a load_weights() failed part-way and none succeeded since
         self._llm = None
 
         kwargs: dict[str, Any] = dict(llm_kwargs)
@@ -301,16 +302,27 @@ class VLLMEngine:
             self._llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
             )
-        except KeyError as exc:
-            raise KeyError(
-                f"vLLM model has no parameter for checkpoint name {exc}: send Hugging Face names "
-                "(model.named_parameters() of the same architecture)"
+        except Exception as exc:
+            # vLLM reloads layer by layer from meta tensors: a failure part-way leaves the model
+            # half-updated. Put back what can be put back and refuse to sample until a full reload.
+            self._weights_invalid = True
+            try:
+                self._llm.collective_rpc(_finish_failed_reload)
+            except Exception as cleanup_exc:
+                log.debug("cleanup after failed reload: %s", cleanup_exc)
+            self._llm.reset_prefix_cache()
+            raise RuntimeError(
+                f"vLLM rejected the weights for version {version}: {type(exc).__name__}: {exc}. Send the "
+                "full set of Hugging Face parameters of the engine's architecture "
+                "(model.named_parameters()) with matching shapes; the engine's weights are now "
+                "partly updated and it will not generate until a load_weights() call succeeds"
             ) from exc
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache (requests still running?)")
         self._version = version
         self._rng = _RngState.seeded(self._seed_for(version), self._cuda_index)
         self._weights_discarded = False
+        self._weights_invalid = False
         return time.perf_counter() - start
 
     # -- colocation ---------------------------------------------------------------------------
@@ -354,6 +366,11 @@ class VLLMEngine:
     def _ensure_awake(self) -> None:
         if self._asleep:
             self.wake_up()
+        if self._weights_invalid:
+            raise RuntimeError(
+                "VLLMEngine's last load_weights() failed part-way, leaving mixed weights: call "
+                "load_weights() with the full set of weights before generate()"
+            )
         if self._weights_discarded:
             raise RuntimeError(
                 "VLLMEngine slept at level 2, which discards the weights: call load_weights() "
@@ -390,6 +407,14 @@ class VLLMEngine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _finish_failed_reload(worker) -> None:
+    """Worker-side (in this process): put back the old tensors of layers a failed
+    ``reload_weights`` had moved to the meta device, so that the next reload can run."""
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    finalize_layerwise_reload(worker.model_runner.get_model(), worker.vllm_config.model_config)
 
 
 class _RngState:

@@ -78,7 +78,7 @@ def grpo_loss(
     with torch.no_grad():
         denom = mask.sum().clamp(min=1.0)
         stats = {
-            "clip_frac": (((unclipped - clipped).abs() > 0).to(mask.dtype) * mask).sum() / denom,
+            "clip_frac": ((clipped < unclipped).to(mask.dtype) * mask).sum() / denom,
             "is_weight_mean": (w * mask).sum() / denom,
         }
     return loss, stats

@@ -7,10 +7,12 @@ where every dataset column arrives as a list aligned with ``completions`` (TRL's
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,6 @@ def load_reward(spec: str) -> RewardFn:
         raise ValueError(f"task.reward: {spec!r} is not of the form module:function")
     mod_name, fn_name = spec.rsplit(":", 1)
     if mod_name.endswith(".py"):
-        import importlib.util
-        from pathlib import Path
-
         path = Path(mod_name)
         if not path.exists():
             raise ValueError(f"task.reward: file {path} does not exist")

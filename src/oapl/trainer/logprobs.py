@@ -110,13 +110,13 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_siz
             c, e = _chunk_logprobs(hc, tc, weight, bias, inv_temp)
         chosen_parts.append(c)
         entropy_parts.append(e)
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     ent = None
-    if chosen_parts:
-        out = out.masked_scatter(mask, torch.cat(chosen_parts))
-        if with_entropy:
-            ent = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-            ent = ent.masked_scatter(mask, torch.cat(entropy_parts).detach())
-    elif with_entropy:
-        ent = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if not chosen_parts:  # no response tokens at all
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        return zeros + 0.0 * hidden.sum(), (zeros.clone() if with_entropy else None)
+    chosen = torch.cat(chosen_parts)
+    out = torch.zeros(mask.shape, dtype=chosen.dtype, device=hidden.device).masked_scatter(mask, chosen)
+    if with_entropy:
+        entropy = torch.cat(entropy_parts).detach()
+        ent = torch.zeros(mask.shape, dtype=entropy.dtype, device=hidden.device).masked_scatter(mask, entropy)
     return out, ent

@@ -345,8 +345,13 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
         errors="backslashreplace", line_buffering=True)
     sys.argv = ["solution.py"]
     functional = spec["mode"] == "functional"
+    import types
+
     module_name = "solution" if functional else "__main__"
-    g: dict = {"__name__": module_name, "__builtins__": __builtins__, "__file__": "solution.py"}
+    module = types.ModuleType(module_name)
+    module.__file__ = "solution.py"
+    sys.modules[module_name] = module  # pickling/multiprocessing of user classes works
+    g = module.__dict__
     code = 0
     try:
         exec(compile(LCB_IMPORT_HEADER, "<header>", "exec"), g)
@@ -723,6 +728,7 @@ def init_main(spec: dict, state: dict) -> None:
              "mode": "namespaces"}
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     prctl(PR_SET_DUMPABLE, 0)
+    os.umask(0o022)
     state["pidns"] = os.getpid() == 1
     try:
         build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts)
@@ -805,6 +811,8 @@ def main() -> None:
         os._exit(os.waitstatus_to_exitcode(wst) & 0xFF)
     # Degraded mode: no namespaces (the user explicitly allowed it).
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if spec.get("uid") is not None and os.geteuid() == 0:
+        os.chmod(spec["workdir"], 0o711)  # the sandbox uid may enter its own t<i> dir
     prctl(PR_SET_DUMPABLE, 0)
     send(out_fd, {"type": "ready", "netns": False, "pidns": False, "mountns": False,
                   "userns": False, "uid_drop": os.geteuid() == 0 and spec.get("uid") is not None,
