@@ -95,6 +95,10 @@ class VLLMEngine:
             runs. Ignored (with a debug log) on CPU.
         enforce_eager: skip torch.compile / CUDA graphs. Default: True on CPU (compilation takes
             minutes there), False on CUDA.
+        sync_threads: torch threads while :meth:`load_weights` runs on CPU (default 1: the reload
+            is memory-bound, and multi-threaded OpenMP regions stall whenever a core is shared;
+            1 thread syncs SmolLM2-135M in ~0.4 s where 2 took 1.3-3 s on a busy 2-core box).
+            Ignored on CUDA.
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``kv_cache_memory_bytes``,
             ``max_num_seqs``, ``enable_prefix_caching``, ``trust_remote_code``).
     """
@@ -109,6 +113,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         enable_sleep_mode: bool = False,
         enforce_eager: bool | None = None,
+        sync_threads: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
         reason = vllm_import_error()
@@ -149,6 +154,9 @@ class VLLMEngine:
             if enforce_eager is None:
                 enforce_eager = False
         self.sleep_enabled = bool(enable_sleep_mode)
+        if sync_threads is not None and sync_threads < 1:
+            raise ValueError(f"sync_threads must be >= 1, got {sync_threads}")
+        self.sync_threads = (sync_threads or 1) if self.on_cpu else None
         if int(kwargs.get("tensor_parallel_size", 1)) != 1 or int(kwargs.get("pipeline_parallel_size", 1)) != 1:
             raise ValueError(
                 "VLLMEngine runs one in-process vLLM worker (tensor_parallel_size=1, "
@@ -298,10 +306,15 @@ class VLLMEngine:
         if "weights" in self._asleep:
             self.wake_up(["weights"])
         start = time.perf_counter()
+        threads = torch.get_num_threads()
         try:
+            if self.sync_threads is not None and self.sync_threads != threads:
+                torch.set_num_threads(self.sync_threads)
             self._llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
             )
+            if self.on_cpu:
+                self._llm.collective_rpc(_refresh_shared_cpu_gemms)
         except Exception as exc:
             # vLLM reloads layer by layer from meta tensors: a failure part-way leaves the model
             # half-updated. Put back what can be put back and refuse to sample until a full reload.
@@ -317,6 +330,9 @@ class VLLMEngine:
                 "(model.named_parameters()) with matching shapes; the engine's weights are now "
                 "partly updated and it will not generate until a load_weights() call succeeds"
             ) from exc
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache (requests still running?)")
         self._version = version
@@ -407,6 +423,32 @@ class VLLMEngine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _refresh_shared_cpu_gemms(worker) -> int:
+    """Worker-side, CPU only: re-pack the GEMM weights of modules that share their weight.
+
+    vLLM-CPU multiplies with a packed copy of each weight (oneDNN / SGL kernels) made when the
+    weight is processed. ``reload_weights`` re-processes the layers it loads, but a tied LM head
+    (``tie_word_embeddings``: SmolLM2, Qwen2.5-0.5B, ...) is never loaded by name, so its packed
+    copy would keep the old embedding and the logits would lag the sync. Returns modules re-packed.
+    """
+    model = worker.model_runner.get_model()
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() and hasattr(module, "cpu_linear"):
+            owners.setdefault(weight.data_ptr(), []).append(module)
+    refreshed = 0
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed
 
 
 def _finish_failed_reload(worker) -> None:

@@ -101,6 +101,15 @@ PRELOAD = (
     "types", "dataclasses", "enum", "queue", "textwrap", "time", "codecs",
     "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
 )
+# In degraded (no-namespace) mode as root, the sandbox uid may be unable to read
+# the interpreter's files (e.g. a Python under /root): preload more there.
+PRELOAD_DEGRADED = (
+    "socket", "struct", "hashlib", "base64", "signal", "select", "errno", "glob", "fnmatch",
+    "pathlib", "tempfile", "shutil", "zlib", "unicodedata", "numbers", "contextlib", "weakref",
+    "mmap", "ctypes", "cmath", "pprint", "secrets", "uuid", "subprocess", "encodings.idna",
+    "encodings.utf_16", "encodings.utf_32", "encodings.unicode_escape",
+    "encodings.raw_unicode_escape",
+)
 
 # --------------------------------------------------------------------------- libc
 
@@ -152,12 +161,17 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set (needs CAP_SETPCAP; best effort)."""
+    for cap in range(64):
+        if prctl(PR_CAPBSET_DROP, cap) != 0:
+            break  # EINVAL past the last capability (or EPERM without CAP_SETPCAP)
+
+
 def drop_all_capabilities() -> None:
     """Lock securebits, empty the bounding set and clear every capability set."""
     prctl(PR_SET_SECUREBITS, SECURE_BITS_ALL_LOCKED)  # may fail without CAP_SETPCAP: fine
-    for cap in range(64):
-        if prctl(PR_CAPBSET_DROP, cap) != 0:
-            break  # EINVAL past the last capability
+    drop_bounding_set()
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
@@ -334,6 +348,8 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
     import threading
     import traceback
 
+    # Bound before the program runs: monkeypatching json/os cannot reach the harness.
+    dumps, write, close, run_exitfuncs = json.dumps, write_all, os.close, atexit._run_exitfuncs
     atexit._clear()
     random.seed(0)  # deterministic "random" programs
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(
@@ -366,9 +382,9 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
             prediction = fn(*test_input)
             if isinstance(prediction, tuple):
                 prediction = list(prediction)
-            payload = json.dumps(prediction, allow_nan=True).encode("utf-8")
-            write_all(result_fd, payload)
-            os.close(result_fd)
+            payload = dumps(prediction, allow_nan=True).encode("utf-8")
+            write(result_fd, payload)
+            close(result_fd)
     except SystemExit as exc:
         if exc.code is None or exc.code == 0:
             code = 0
@@ -392,11 +408,13 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
         for t in threading.enumerate():
             if t is not main and not t.daemon:
                 t.join()
-        atexit._run_exitfuncs()
+        run_exitfuncs()
     except BaseException:
         code = code or 1
     for stream in (sys.stdout, sys.__stdout__, sys.stderr):
         try:
+            if getattr(stream, "closed", False):
+                continue  # like CPython: a stream the program closed is not an error
             stream.flush()
         except BaseException:
             code = code or 120
@@ -430,11 +448,17 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
             os.dup2(fds["res_w"], 3)
             keep = 4
         os.closerange(keep, 1 << 16)
+        try:  # the kernel OOM killer must pick the program, never the trainer
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")
+        except OSError:
+            pass
         _set_limits(spec)
         prctl(PR_SET_NO_NEW_PRIVS, 1)
         if spec.get("userns"):
             drop_all_capabilities()
         elif uid is not None and os.geteuid() == 0:
+            drop_bounding_set()
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
@@ -443,6 +467,7 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
         os.environ.clear()
         os.environ.update(_child_env(workdir))
         os.umask(0o077)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # normal Python semantics
     except BaseException:
         os._exit(EXIT_HARNESS_ERROR)
     try:
@@ -680,7 +705,8 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
     frame = {
         "type": "result", "index": index, "status": status, "exit_code": exit_code,
         "cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
-        "stdout": bytes(bufs[out_r][:max_out]).decode("utf-8", "replace") if status == "ok" else "",
+        "stdout": (bytes(bufs[out_r][:max_out]).decode("utf-8", "replace")
+                   if status == "ok" and not functional else ""),
         "stderr_tail": bytes(bufs[err_r][:4096]).decode("utf-8", "replace"),
     }
     if functional:
@@ -725,9 +751,12 @@ def init_main(spec: dict, state: dict) -> None:
     """pid 1 of the sandbox namespace: build the file system, then supervise."""
     facts = {"type": "ready", "netns": True, "pidns": os.getpid() == 1, "mountns": True,
              "userns": bool(spec.get("userns")), "uid_drop": not spec.get("userns"),
-             "mode": "namespaces"}
+             "mode": "namespaces", "cgroups": spec.get("_cgroups", [])}
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     prctl(PR_SET_DUMPABLE, 0)
+    # pid 1 only receives in-namespace signals it has a handler for: drop
+    # Python's SIGINT handler so a program cannot interrupt its supervisor.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.umask(0o022)
     state["pidns"] = os.getpid() == 1
     try:
@@ -751,6 +780,23 @@ def socket_if_names() -> list:
         return []
 
 
+def _readable_by(uid: int | None, path: str) -> bool:
+    """Whether ``uid`` (as root: the sandbox uid) can read ``path``."""
+    if uid is None or os.geteuid() != 0:
+        return os.access(path, os.R_OK | os.X_OK)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os._exit(0 if os.access(path, os.R_OK | os.X_OK) else 1)
+        except BaseException:
+            os._exit(1)
+    _, wst = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wst) == 0
+
+
 def main() -> None:
     out_fd = os.dup(1)
     nul = os.open(os.devnull, os.O_RDWR)
@@ -761,7 +807,16 @@ def main() -> None:
         spec = json.loads(f.read())
     os.unlink(spec_path)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    for name in PRELOAD:
+    joined = []
+    for procs in spec.get("cgroup_procs") or ():
+        try:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+            joined.append(os.path.basename(os.path.dirname(os.path.dirname(procs))) or "v2")
+        except OSError:
+            pass
+    spec["_cgroups"] = joined
+    for name in PRELOAD + (PRELOAD_DEGRADED if spec["isolation"] != "namespaces" else ()):
         try:
             __import__(name)
         except ImportError:
@@ -814,9 +869,11 @@ def main() -> None:
     if spec.get("uid") is not None and os.geteuid() == 0:
         os.chmod(spec["workdir"], 0o711)  # the sandbox uid may enter its own t<i> dir
     prctl(PR_SET_DUMPABLE, 0)
+    uid = spec.get("uid")
     send(out_fd, {"type": "ready", "netns": False, "pidns": False, "mountns": False,
-                  "userns": False, "uid_drop": os.geteuid() == 0 and spec.get("uid") is not None,
-                  "mode": "none", "fs": "host"})
+                  "userns": False, "uid_drop": os.geteuid() == 0 and uid is not None,
+                  "mode": "none", "fs": "host", "cgroups": spec.get("_cgroups", []),
+                  "stdlib_readable": _readable_by(uid, os.path.dirname(os.__file__))})
     supervise(spec, state)
     os._exit(0)
 

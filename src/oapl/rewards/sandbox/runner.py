@@ -191,6 +191,89 @@ def sandbox_uid(config: SandboxConfig, slot: int) -> int:
     return config.uid_base + (os.getpid() % (1 << 22)) * 256 + (slot % 256)
 
 
+# --------------------------------------------------------------------------- cgroups
+
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cgroup_limits(config: SandboxConfig) -> tuple[int, int]:
+    """(memory bytes, pids) for a whole sandbox: program + its tmpfs + launcher overhead."""
+    memory = (config.memory_mb + 2 * config.tmpfs_mb + 160) << 20
+    return memory, config.max_processes + 8
+
+
+def create_cgroups(config: SandboxConfig, name: str) -> list[str]:
+    """Create memory+pids cgroups for one sandbox (root only, best effort).
+
+    Returns the ``cgroup.procs`` files the launcher must join (empty when
+    cgroups are not writable here; rlimits and ``oom_score_adj`` still apply).
+    """
+    if os.geteuid() != 0 or not os.path.isdir(_CGROUP_ROOT):
+        return []
+    memory, pids = _cgroup_limits(config)
+    procs: list[str] = []
+    try:
+        if os.path.exists(os.path.join(_CGROUP_ROOT, "cgroup.controllers")):  # cgroup v2
+            with open(os.path.join(_CGROUP_ROOT, "cgroup.controllers")) as f:
+                available = f.read().split()
+            if "memory" not in available:
+                return []
+            try:
+                with open(os.path.join(_CGROUP_ROOT, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory" + (" +pids" if "pids" in available else ""))
+            except OSError:
+                pass
+            path = os.path.join(_CGROUP_ROOT, name)
+            os.makedirs(path, exist_ok=True)
+            _write(os.path.join(path, "memory.max"), str(memory))
+            _write(os.path.join(path, "memory.swap.max"), "0", optional=True)
+            _write(os.path.join(path, "pids.max"), str(pids), optional=True)
+            return [os.path.join(path, "cgroup.procs")]
+        mem_root = os.path.join(_CGROUP_ROOT, "memory")
+        if os.path.isdir(mem_root):  # cgroup v1
+            path = os.path.join(mem_root, name)
+            os.makedirs(path, exist_ok=True)
+            procs.append(os.path.join(path, "cgroup.procs"))
+            _write(os.path.join(path, "memory.limit_in_bytes"), str(memory))
+            _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(memory), optional=True)
+        pids_root = os.path.join(_CGROUP_ROOT, "pids")
+        if os.path.isdir(pids_root):
+            path = os.path.join(pids_root, name)
+            os.makedirs(path, exist_ok=True)
+            procs.append(os.path.join(path, "cgroup.procs"))
+            _write(os.path.join(path, "pids.max"), str(pids))
+    except OSError as exc:
+        logger.debug("cgroups unavailable for the sandbox: %s", exc)
+        remove_cgroups(procs)
+        return []
+    return procs
+
+
+def _write(path: str, value: str, optional: bool = False) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        if not optional:
+            raise
+
+
+def remove_cgroups(procs_files: list[str]) -> None:
+    """Remove sandbox cgroups once empty (retrying while exits are accounted)."""
+    for procs in procs_files:
+        path = os.path.dirname(procs)
+        for _ in range(100):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            logger.warning("could not remove sandbox cgroup %s", path)
+
+
 # --------------------------------------------------------------------------- launching
 
 
@@ -237,6 +320,7 @@ def launch(
     """
     slot = _acquire_slot()
     tmp = tempfile.mkdtemp(prefix="oapl-sbx-")
+    cgroups = create_cgroups(config, f"oapl-sbx-{os.getpid()}-{slot}")
     root_uid = os.geteuid() == 0
     spec = {
         "code": job.code, "mode": job.mode, "func_name": job.func_name,
@@ -250,6 +334,7 @@ def launch(
         "isolation": isolation, "workdir": tmp,
         "uid": sandbox_uid(config, slot) if root_uid else None,
         "trainer_uid": os.getuid(), "stop_on_error": config.stop_on_error,
+        "cgroup_procs": cgroups,
     }
     spec.update(extra_spec or {})
     spec_path = os.path.join(tmp, "spec.json")
@@ -353,6 +438,7 @@ def launch(
                 if stream is not None:
                     stream.close()
         _rmtree(tmp)
+        remove_cgroups(cgroups)
         _release_slot(slot)
     if error and stderr_buf:
         error += " | launcher stderr: " + stderr_buf.decode("utf-8", "replace")[-2000:]
@@ -413,6 +499,7 @@ def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False) 
 
 
 _warned_degraded = False
+_warned_stdlib = False
 
 
 class SandboxRunner:
@@ -491,7 +578,18 @@ class SandboxRunner:
             return ProgramResult(passed=False, error="no tests")
         runs, ready, error, _ = launch(self.config, job, mode, on_run=on_run)
         if error and error.startswith("isolation:") and mode == "namespaces":
-            # The probe succeeded earlier; a failure now is an environment problem.
+            logger.warning("sandbox isolation failed (%s); retrying once", error)
+            failed.clear()
+            runs, ready, error, _ = launch(self.config, job, mode, on_run=on_run)
+        global _warned_stdlib
+        if ready.get("stdlib_readable") is False and not _warned_stdlib:
+            _warned_stdlib = True
+            logger.warning(
+                "oapl code sandbox (no namespaces): the sandbox uid cannot read the Python "
+                "installation (%s), so programs can only import modules the launcher preloads. "
+                "Install Python in a world-readable location to fix this.", sys.base_prefix)
+        if error and error.startswith("isolation:") and mode == "namespaces":
+            # The probe succeeded earlier; a repeated failure is an environment problem.
             raise SandboxUnavailableError(f"oapl code sandbox: {error}")
         passed = (error is None and not failed and len(runs) == len(job.inputs)
                   and all(r.status == "ok" for r in runs))
