@@ -122,9 +122,25 @@ class RolloutConfig(_Section):
     asynchronous: bool = Field(True, description="Generate in a background worker concurrently with "
                                "training (Algorithm 1); false = generate on demand in the main thread "
                                "(deterministic, bit-reproducible).")
-    max_off_policy_steps: int | None = Field(
-        None, ge=0, description="GRPO off-by-one: drop groups from weights older than this many steps."
+    max_staleness: int = Field(
+        0, ge=0, description="Weight versions a group may lag behind the engine and still be used. 0 for "
+        "OAPL (the buffer is cleared at every sync); 1 gives GRPO's off-by-one asynchrony."
     )
+
+
+class DistributedConfig(_Section):
+    backend: Literal["local", "ray"] = Field("local", description="local: one process; ray: engines as "
+                                             "Ray actors and trainer ranks placed by Ray.")
+    ray_address: str | None = Field(None, description="Ray cluster address (null: start a local cluster; "
+                                    "'auto': connect to the running one).")
+    num_engines: int = Field(1, ge=1, description="Inference engine actors generating into the buffer.")
+    trainer_workers: int = Field(1, ge=1, description="torch.distributed trainer ranks (DDP/gloo on CPU, "
+                                 "FSDP2/NCCL on GPU).")
+    engine_num_cpus: float = Field(1.0, ge=0, description="CPUs per engine actor.")
+    engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor.")
+    trainer_num_cpus: float = Field(1.0, ge=0, description="CPUs per trainer rank.")
+    trainer_num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank.")
+    max_engine_restarts: int = Field(3, ge=0, description="Restarts of a dead engine actor before failing.")
 
 
 class OptimConfig(_Section):
@@ -183,12 +199,16 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.algorithm.name == "oapl" and self.sampling.top_p < 1.0:
             raise ValueError("sampling.top_p must be 1.0 for OAPL training: the trainer's log-probs "
                              "must be of the distribution the engine sampled from")
+        if self.algorithm.name == "oapl" and self.rollout.max_staleness != 0:
+            raise ValueError("rollout.max_staleness must be 0 for OAPL: V* must come from one weight "
+                             "version, so the buffer is cleared at every sync")
         return self
 
 

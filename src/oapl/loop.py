@@ -87,6 +87,7 @@ class Trainer:
         self.sync_step = int(state.get("sync_step", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.eval_before = state.get("eval_before")
+        self.version_steps: dict[int, int] = dict(state.get("version_steps", {self.version: self.sync_step}))
         if state:
             self.policy.load_state_dict(state["policy"])
             if self.sync_step != self.step:
@@ -94,6 +95,7 @@ class Trainer:
                             "the trainer's weights as a new sync", self.step, self.sync_step)
                 self.version += 1
                 self.sync_step = self.step
+                self.version_steps[self.version] = self.step
         save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
                                      cfg.logging.wandb_project, cfg.model_dump(), resume=self.ckpt is not None)
@@ -108,7 +110,7 @@ class Trainer:
         self.engine.load_weights(self.policy.engine_weights(), self.version)
         if cfg.algorithm.reference_logprobs == "recompute":
             self.policy.snapshot_reference()
-        self.buffer = RolloutBuffer(cfg.rollout.buffer_groups, self.version)
+        self.buffer = RolloutBuffer(cfg.rollout.buffer_groups, self.version, cfg.rollout.max_staleness)
         self.worker = RolloutWorker(self.engine, self.task, self.policy.tokenizer, self.buffer, self.sampling,
                                     cfg.rollout.group_size, cfg.rollout.prompts_per_generate, cfg.seed,
                                     weights_id=cfg.model.name)
@@ -126,6 +128,7 @@ class Trainer:
             if self.cfg.algorithm.reference_logprobs == "recompute":
                 self.policy.snapshot_reference()
         self.sync_step = self.step
+        self.version_steps[self.version] = self.step
         return seconds
 
     def sample_batch(self):
@@ -163,6 +166,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         state = {"step": self.step, "version": self.version, "sync_step": self.sync_step,
                  "samples_seen": self.samples_seen, "worker": self.worker.state_dict(),
+                 "version_steps": self.version_steps,
                  "eval_before": self.eval_before}
         path = save_checkpoint(self.run_dir, self.step, self.policy, state,
                                yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False),
@@ -192,14 +196,14 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 groups = self.sample_batch()
-                batch_version = groups[0].version
+                batch_version = min(g.version for g in groups)
                 metrics = self.policy.train_step(groups)
                 self.step += 1
                 self.samples_seen += sum(g.n for g in groups)
                 st = self.worker.stats
                 row: dict[str, Any] = {
                     "step": self.step, "samples_seen": self.samples_seen, **metrics,
-                    "weight_version": batch_version, "lag": self.step - 1 - self.sync_step,
+                    "weight_version": batch_version, "lag": self.step - 1 - self.version_steps.get(batch_version, self.sync_step),
                     "gen_tokens_per_s": (st.gen_tokens - gen_tokens0) / max(st.gen_seconds - gen_s0, 1e-9),
                     "reward_errors": self.worker.reward.stats.errors, "stale_dropped": st.stale_dropped,
                     "elapsed_s": time.perf_counter() - t_start,

@@ -1,6 +1,6 @@
 """The rollout buffer D of Algorithm 1: groups of G responses, all of one weight version.
 
-The buffer holds only groups sampled by the engine's *current* weights: ``clear(new_version)`` at
+With ``max_staleness=0`` (OAPL) the buffer holds only groups sampled by the engine's *current* weights: ``clear(new_version)`` at
 every sync empties it and from then on refuses groups tagged with an older version (a generation
 that was in flight during the sync), so a batch never mixes weight versions and V* is always
 estimated from one sampling distribution.
@@ -24,10 +24,13 @@ class BufferClosed(RuntimeError):
 class RolloutBuffer:
     """Bounded, thread-safe FIFO of :class:`RolloutGroup` tagged with one weight version."""
 
-    def __init__(self, capacity: int, version: int = 0) -> None:
+    def __init__(self, capacity: int, version: int = 0, max_staleness: int = 0) -> None:
         if capacity < 1:
             raise ValueError("buffer capacity must be >= 1")
+        if max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0")
         self.capacity = capacity
+        self.max_staleness = max_staleness
         self._version = version
         self._groups: deque[RolloutGroup] = deque()
         self._cond = threading.Condition()
@@ -50,7 +53,7 @@ class RolloutBuffer:
             while True:
                 if self._closed:
                     raise BufferClosed("buffer closed")
-                if group.version != self._version:
+                if not self._fresh(group.version):
                     self.discarded_stale += 1
                     return False
                 if len(self._groups) < self.capacity:
@@ -61,6 +64,9 @@ class RolloutBuffer:
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("buffer full")
                 self._cond.wait(remaining)
+
+    def _fresh(self, version: int) -> bool:
+        return self._version - self.max_staleness <= version <= self._version
 
     def take(self, k: int, timeout: float | None = None) -> list[RolloutGroup]:
         """Remove and return the ``k`` oldest groups, waiting until there are ``k``."""
@@ -80,11 +86,13 @@ class RolloutBuffer:
             return out
 
     def clear(self, new_version: int) -> int:
-        """Drop everything and accept only ``new_version`` from now on; returns groups dropped."""
+        """Move to ``new_version``: drop groups more than ``max_staleness`` versions old (everything,
+        for OAPL's ``max_staleness=0``) and refuse them from now on; returns groups dropped."""
         with self._cond:
-            dropped = len(self._groups)
-            self._groups.clear()
             self._version = new_version
+            kept = [g for g in self._groups if self._fresh(g.version)]
+            dropped = len(self._groups) - len(kept)
+            self._groups = deque(kept)
             self.cleared += dropped
             self._cond.notify_all()
             return dropped
