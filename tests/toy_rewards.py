@@ -24,3 +24,8 @@ def interrupting(prompts, completions, **_):
     if interrupting.calls == 3:
         raise KeyboardInterrupt
     return [0.0 for _ in completions]
+
+
+def has_seven(prompts, completions, **_):
+    """1.0 when the completion contains the digit '7' (binary, like a verifier)."""
+    return [1.0 if "7" in c else 0.0 for c in completions]

@@ -128,6 +128,17 @@ class RolloutConfig(_Section):
     )
 
 
+class OfflineConfig(_Section):
+    data: str | None = Field(None, description="Rollout dataset (dir of Parquet shards or a file from "
+                             "`oapl generate`): train offline on it, with no inference engine.")
+    epochs: int = Field(1, ge=1, description="Passes over the offline data (no weight sync in between: "
+                        "L = the whole run, as in the paper's code experiment).")
+    min_correct: int = Field(1, ge=0, description="Drop prompts with fewer correct responses (1 drops "
+                             "all-wrong prompts).")
+    drop_all_correct: bool = Field(False, description="Also drop prompts whose responses are all correct.")
+    checkpoint_every_epoch: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
+
+
 class DistributedConfig(_Section):
     backend: Literal["local", "ray"] = Field("local", description="local: one process; ray: engines as "
                                              "Ray actors and trainer ranks placed by Ray.")
@@ -200,6 +211,7 @@ class TrainConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    offline: OfflineConfig = Field(default_factory=OfflineConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

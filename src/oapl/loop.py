@@ -25,7 +25,7 @@ import yaml
 from oapl.config import TrainConfig, save_config
 from oapl.data.tasks import build_task
 from oapl.engines.base import SamplingParams
-from oapl.engines.factory import make_engine
+from oapl.engines.factory import engine_kind, make_engine
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
@@ -106,7 +106,8 @@ class Trainer:
         self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
         # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
         weights_path = str(self.ckpt / "model") if self.ckpt is not None else self.policy.model_path
-        self.engine = make_engine(cfg, self.policy, weights_path)
+        in_memory = self.policy.hf_model() if engine_kind(cfg) == "transformers" else None
+        self.engine = make_engine(cfg, weights_path, self.policy.tokenizer, hf_model=in_memory)
         self.engine.load_weights(self.policy.engine_weights(), self.version)
         if cfg.algorithm.reference_logprobs == "recompute":
             self.policy.snapshot_reference()

@@ -34,14 +34,22 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from oapl.loop import train
-
     config, overrides = _split_config(args)
     resume = args.resume
+    if config == "resume":  # `oapl train resume key=value`
+        config, resume = None, True
     if "resume" in overrides:  # `oapl train cfg.yaml resume`
         overrides.remove("resume")
         resume = True
     cfg = load_config(config, overrides)
+    if cfg.offline.data:
+        from oapl.offline import train_offline
+
+        summary = train_offline(cfg, resume=resume)
+        print(f"offline training done: {summary['steps']} steps; checkpoints: {summary['checkpoints']}")
+        return 0
+    from oapl.loop import train
+
     result = train(cfg, resume=resume)
     _print_result(result)
     return 0
@@ -77,12 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir "
                    "(also: a bare `resume` word)")
     p.set_defaults(func=cmd_train)
-    try:
-        from oapl.cli import rollouts as _rollouts
+    from oapl.cli import rollouts
 
-        _rollouts.register(sub)
-    except ImportError:
-        pass
+    rollouts.register(sub)
     return parser
 
 

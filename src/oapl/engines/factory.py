@@ -15,30 +15,40 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(cfg: TrainConfig, policy, weights_path: str):
-    """Build the engine with the trainer's current weights.
+def engine_kind(cfg: TrainConfig) -> str:
+    if cfg.engine.kind == "auto":
+        return "vllm" if vllm_installed() else "transformers"
+    return cfg.engine.kind
 
-    ``weights_path`` is an HF folder holding those weights (vLLM loads from disk); the transformers
-    engine copies the trainer's model in memory instead.
+
+def make_engine(cfg: TrainConfig, weights_path: str, tokenizer, hf_model=None):
+    """Build the engine holding the weights at ``weights_path`` (an HF folder or Hub name).
+
+    The transformers engine takes its own copy of ``hf_model`` when given (the trainer's model, so
+    no second load from disk), else loads ``weights_path``; vLLM always loads from ``weights_path``.
     """
-    kind = cfg.engine.kind
-    if kind == "auto":
-        kind = "vllm" if vllm_installed() else "transformers"
+    kind = engine_kind(cfg)
     if kind == "vllm":
         from oapl.engines.vllm_engine import VLLMEngine
+        from oapl.trainer.model import pick_device, pick_dtype
 
-        max_len = cfg.engine.max_model_len
-        return VLLMEngine(weights_path, seed=cfg.seed, dtype=str(policy.dtype).replace("torch.", ""),
-                          gpu_memory_utilization=cfg.engine.gpu_memory_utilization, max_model_len=max_len,
-                          enable_sleep_mode=cfg.engine.enable_sleep_mode, **cfg.engine.extra)
+        dtype = pick_dtype(cfg.model.dtype, pick_device(cfg.model.device))
+        return VLLMEngine(weights_path, seed=cfg.seed, dtype=str(dtype).replace("torch.", ""),
+                          gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+                          max_model_len=cfg.engine.max_model_len, enable_sleep_mode=cfg.engine.enable_sleep_mode,
+                          **cfg.engine.extra)
     from oapl.engines.transformers_engine import TransformersEngine
+    from oapl.trainer.model import load_causal_lm, pick_device, pick_dtype
 
-    model = copy.deepcopy(policy.hf_model())
+    if hf_model is not None:
+        model = copy.deepcopy(hf_model)
+    else:
+        device = pick_device(cfg.model.device)
+        model = load_causal_lm(weights_path, pick_dtype(cfg.model.dtype, device), device, cfg.model.trust_remote_code)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if getattr(model.config, "use_cache", True) is False:
-        model.config.use_cache = True
-    if hasattr(model, "gradient_checkpointing_disable"):
+    if hasattr(model, "gradient_checkpointing_disable") and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
-    return TransformersEngine(model, policy.tokenizer, max_batch_size=cfg.engine.max_batch_size, seed=cfg.seed)
+    model.config.use_cache = True
+    return TransformersEngine(model, tokenizer, max_batch_size=cfg.engine.max_batch_size, seed=cfg.seed)

@@ -1,0 +1,80 @@
+"""``oapl generate``: n responses per prompt, scored, written as a resumable rollout dataset."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from oapl.config import TrainConfig
+from oapl.data.rollouts import RolloutWriter
+from oapl.data.tasks import build_task
+from oapl.engines.base import SamplingParams, sampling_dict
+from oapl.engines.factory import make_engine
+from oapl.evaluation.heldout import generate_groups
+from oapl.rewards.base import SafeReward
+from oapl.trainer.model import load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def select_examples(examples: list[dict[str, Any]], max_prompts: int | None = None, subset: int | None = None,
+                    subset_seed: int = 0) -> list[dict[str, Any]]:
+    """The first ``max_prompts`` examples, or a seeded random ``subset`` of them (same every call)."""
+    if subset is not None and subset < len(examples):
+        idx = sorted(random.Random(subset_seed).sample(range(len(examples)), subset))
+        examples = [examples[i] for i in idx]
+    return examples[:max_prompts] if max_prompts else examples
+
+
+def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "train", n: int | None = None,
+                     model: str | None = None, max_prompts: int | None = None, subset: int | None = None,
+                     subset_seed: int = 0, params: SamplingParams | None = None, benchmark: str = "",
+                     batch_prompts: int = 32, engine=None) -> dict[str, Any]:
+    """Generate ``n`` scored responses for every selected prompt into ``out_dir``.
+
+    Killed midway, the same call continues where it stopped: prompts already on disk are skipped,
+    so there is neither loss nor duplication (the writer keeps whole groups per atomic shard).
+    """
+    task = build_task(cfg.task, cfg.seed)
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    examples = task.train if split == "train" else task.eval
+    if not examples:
+        raise ValueError(f"task {task.name!r} has no {split} prompts")
+    examples = select_examples(examples, max_prompts, subset, subset_seed)
+    model_name = model or cfg.model.name
+    model_path = resolve_model_path(model_name)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    if params is None:
+        s = cfg.sampling
+        params = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop), n=n or cfg.rollout.group_size)
+    reward = SafeReward(task.reward_fn)
+    t0 = time.perf_counter()
+    written = 0
+    with RolloutWriter(out_dir, sampling=sampling_dict(params), weights_id=model_name, task=task.name,
+                       shard_size=max(params.n * batch_prompts, 1)) as writer:
+        done = writer.done_prompt_ids()
+        todo = [ex for ex in examples if str(ex["prompt_id"]) not in done]
+        log.info("generate: %d prompts (%d already done) x %d responses -> %s", len(todo), len(examples) - len(todo),
+                 params.n, out_dir)
+        if todo:
+            own_engine = engine is None
+            engine = engine or make_engine(cfg, model_path, tokenizer)
+            try:
+                for start in range(0, len(todo), batch_prompts):
+                    chunk = todo[start : start + batch_prompts]
+                    groups = generate_groups(engine, task, tokenizer, chunk, params, reward,
+                                             batch_prompts=batch_prompts, weights_id=model_name, benchmark=benchmark)
+                    for g in groups:
+                        writer.write(g)
+                    written += len(groups)
+                    log.info("generate: %d/%d prompts", written, len(todo))
+            finally:
+                if own_engine:
+                    engine.close()
+    return {"out_dir": str(out_dir), "prompts": len(examples), "generated": written,
+            "skipped_done": len(examples) - len(todo), "seconds": time.perf_counter() - t0,
+            "reward_errors": reward.stats.errors}

@@ -1,0 +1,1 @@
+"""Recipes: whole pipelines built from oapl's components."""
