@@ -116,3 +116,20 @@ def test_two_stage_recipe_end_to_end(tiny_model_dir, prompts_file, tmp_path):
     assert len(read_rollouts(tmp_path / "recipe" / "stage2_data")) == 12
     assert (tmp_path / "recipe" / "report.json").exists()
     assert (tmp_path / "recipe" / "passk.png").exists()
+
+
+def test_named_math_benchmarks_report_per_benchmark(tiny_model_dir, tmp_path, monkeypatch):
+    """`oapl eval --benchmarks` on a local fixture in the MathArena schema (problem, answer)."""
+    import oapl.data.benchmarks as bm
+
+    fixture = Path(__file__).parent / "fixtures" / "math_benchmark.jsonl"
+    monkeypatch.setitem(bm.BENCHMARKS, "aime25", bm.Benchmark("aime25", str(fixture), "train", "problem", "answer"))
+    monkeypatch.setitem(bm.BENCHMARKS, "brumo25", bm.Benchmark("brumo25", str(fixture), "train", "problem", "answer"))
+    args = ["eval", f"model.name={tiny_model_dir}", "engine.kind=transformers", "sampling.max_tokens=8",
+            "eval.n=2", "eval.temperature=1.0", "--benchmarks", "aime25,brumo25", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["benchmarks"]) == {"aime25", "brumo25"}
+    assert report["benchmarks"]["aime25"]["num_prompts"] == 4
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        bm.get_benchmark("aime24")

@@ -268,6 +268,10 @@ def _fmt(summary: dict[str, float]) -> str:
 
 def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     """Run Algorithm 1 with ``cfg``; ``resume`` continues from the latest checkpoint in ``output_dir``."""
+    if cfg.distributed.backend == "ray":  # engines as Ray actors, trainer ranks placed by Ray
+        from oapl.distributed import train as train_ray
+
+        return train_ray(cfg, resume=resume)
     trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.train()

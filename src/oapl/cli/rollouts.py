@@ -38,6 +38,21 @@ def cmd_eval(args) -> int:
 
     prefix = Path(args.out)
     sources = list(args.rollouts or [])
+    if args.benchmarks:  # named benchmarks, each generated on and scored
+        from oapl.data.benchmarks import get_benchmark, task_overrides
+        from oapl.recipes.two_stage import _stage_cfg
+
+        base = _cfg(args)
+        e = base.eval
+        params = SamplingParams(e.temperature, e.top_p, e.max_tokens or base.sampling.max_tokens,
+                                tuple(base.sampling.stop), n=args.n or e.n)
+        for name in args.benchmarks.split(","):
+            bench = get_benchmark(name.strip())
+            cfg = _stage_cfg(base, **task_overrides(bench))
+            data_dir = prefix.parent / f"{prefix.name}_rollouts" / bench.name
+            generate_dataset(cfg, data_dir, split="eval", model=args.model, params=params,
+                             max_prompts=args.max_prompts, benchmark=bench.name)
+            sources.append(str(data_dir))
     if not sources:  # generate on the held-out split first
         cfg = _cfg(args)
         e = cfg.eval
@@ -115,7 +130,9 @@ def register(sub) -> None:
     p.add_argument("--ks", default=None, help="comma-separated k values (default 1,2,4,...,n)")
     p.add_argument("--threshold", type=float, default=0.5, help="reward counted as correct")
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--benchmark", default=None)
+    p.add_argument("--benchmark", default=None, help="label for the held-out split's rows")
+    p.add_argument("--benchmarks", default=None, help="comma-separated named benchmarks to generate on: "
+                   "aime25, hmmt25_feb, hmmt25_nov, brumo25, deepscaler")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="Pass@k curves or training curves as PNG")

@@ -172,8 +172,9 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = True
         self.llm_kwargs = kwargs
 
-        # vLLM re-seeds the global RNGs, disables torch.set_num_threads (CPU worker) and changes the
-        # torch thread count (CUDA worker) of the process it runs in: undo all of it for the caller.
+        # vLLM re-seeds the global RNGs, disables torch.set_num_threads (CPU worker), changes the
+        # torch thread count (CUDA worker) and gc.freeze()s the heap of the process it runs in:
+        # undo all of it for the caller.
         saved_rng = _RngState.capture()
         saved_threads = torch.get_num_threads()
         saved_set_num_threads = torch.set_num_threads
@@ -194,6 +195,7 @@ class VLLMEngine:
             if torch.get_num_threads() != saved_threads:
                 torch.set_num_threads(saved_threads)
             saved_rng.restore()
+            gc.unfreeze()
         self.startup_seconds = time.perf_counter() - start
         self.tokenizer = self._llm.get_tokenizer()
         self._cuda_index = None
@@ -205,7 +207,7 @@ class VLLMEngine:
 
     # -- protocol ----------------------------------------------------------------------------
     def _seed_for(self, version: int) -> int:
-        # same schedule as TransformersEngine; numpy wants < 2**32
+        # TransformersEngine's schedule, reduced below 2**32 for numpy
         return (self.seed * 1_000_003 + version * 7919) % (2**32 - 1)
 
     @property

@@ -1,0 +1,513 @@
+"""Inference engines as Ray actors, and the rollout workers that drive them from the driver.
+
+* :class:`EngineActor` (actor body): one :class:`~oapl.engines.base.InferenceEngine` built with
+  :func:`oapl.engines.factory.make_engine` (vLLM or transformers) inside its own process.
+* :class:`RemoteEngine`: the driver-side proxy of one engine slot; it implements the
+  ``InferenceEngine`` protocol, so :class:`oapl.rollout.worker.RolloutWorker` drives it unchanged
+  (prompt sampling, scoring with ``SafeReward``, version tagging, pushing into the shared buffer).
+* :class:`EnginePool`: the N slots, their placement group, weight syncs and restarts. A slot whose
+  actor dies is restarted with the latest synced weights and version (the object-store copy), its
+  in-flight generation is dropped, and ``engine_restarts`` counts it; a slot that dies more than
+  ``distributed.max_engine_restarts`` times fails the run.
+* :class:`RolloutFleet`: one :class:`RayRolloutWorker` per slot sharing one prompt sampler and
+  one buffer: background threads (``rollout.asynchronous``) or, synchronously, one round of
+  parallel engine calls at a time in a deterministic order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from oapl.config import TrainConfig
+from oapl.distributed.cluster import (EngineRestartsExhausted, TrainerFailure, actor_options, actor_threads, alive,
+                                      bundle, is_actor_death, kill_actor, make_placement_group,
+                                      remove_placement_group, require_ray)
+from oapl.distributed.weights import WeightGroup, cpu_state
+from oapl.engines.base import GenerationOutput, SamplingParams, WeightIterator
+from oapl.rollout.buffer import BufferClosed, RolloutBuffer
+from oapl.rollout.worker import PromptSampler, RolloutWorker
+
+log = logging.getLogger(__name__)
+
+
+def engine_seed(seed: int, index: int, restarts: int) -> int:
+    """Slot 0 of a fresh run samples exactly as the local engine (``seed``); other slots and
+    restarted actors get their own streams."""
+    return seed + 7919 * index + 104_729 * restarts
+
+
+class EngineDied(RuntimeError):
+    """The actor of an engine slot died during a call (its in-flight result is lost)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"engine actor {index} died")
+        self.index = index
+
+
+class _EngineSource:
+    """What ``make_engine`` reads from a policy: its dtype, tokenizer and (transformers) model."""
+
+    def __init__(self, dtype, tokenizer, model) -> None:
+        self.dtype, self.tokenizer, self._model = dtype, tokenizer, model
+
+    def hf_model(self):
+        return self._model
+
+
+class EngineActor:
+    """One inference engine in its own process (the body of a Ray actor)."""
+
+    def __init__(self, cfg_json: dict, index: int, seed: int, threads: int) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(threads)
+        from oapl.engines.factory import make_engine, vllm_installed
+        from oapl.trainer.model import load_causal_lm, load_tokenizer, pick_dtype, resolve_model_path
+
+        cfg = TrainConfig.model_validate(cfg_json)
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs ("" when it has none)
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        cfg = cfg.model_copy(update={"seed": seed,
+                                     "model": cfg.model.model_copy(update={"device": str(self.device)})})
+        path = resolve_model_path(cfg.model.name)
+        dtype = pick_dtype(cfg.model.dtype, self.device)
+        tok = load_tokenizer(resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else path,
+                             cfg.model.trust_remote_code)
+        kind = cfg.engine.kind
+        if kind == "auto":
+            kind = "vllm" if vllm_installed() else "transformers"
+        cfg.engine.kind = kind
+        model = load_causal_lm(path, dtype, self.device, cfg.model.trust_remote_code) if kind == "transformers" else None
+        self.engine = make_engine(cfg, _EngineSource(dtype, tok, model), path)
+        del model  # make_engine keeps its own copy
+        self.index = index
+        self.group: WeightGroup | None = None
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
+        return self.engine.generate(prompt_token_ids, params)
+
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> float:
+        return self.engine.load_weights(iter(weights.items()), version)
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, backend: str, epoch: int) -> None:
+        if self.group is not None:
+            self.group.close()
+        self.group = WeightGroup(host, port, rank, world, backend, epoch)
+
+    def receive_weights(self, meta: list[tuple[str, list[int], str]], version: int) -> float:
+        it = self.group.receive_all(meta)
+        try:
+            return self.engine.load_weights(it, version)
+        finally:
+            for _ in it:  # every broadcast must be matched, even if loading failed half-way
+                pass
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+        self.engine.close()
+
+
+class RemoteEngine:
+    """Driver-side ``InferenceEngine`` for one slot of an :class:`EnginePool`."""
+
+    def __init__(self, pool: EnginePool, index: int) -> None:
+        self.pool, self.index = pool, index
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
+        ray = require_ray()
+        actor = self.pool.actor(self.index)
+        try:
+            return ray.get(actor.generate.remote([list(p) for p in prompt_token_ids], params))
+        except Exception as e:
+            if is_actor_death(e):
+                raise EngineDied(self.index) from e
+            raise
+
+    def load_weights(self, weights: WeightIterator, version: int) -> float:
+        """Protocol method: ship an iterator of weights through the object store to this slot."""
+        ray = require_ray()
+        return float(ray.get(self.pool.actor(self.index).load_weights.remote(ray.put(cpu_state(weights)), version)))
+
+    def close(self) -> None:
+        pass
+
+
+class EnginePool:
+    """N engine actors in one placement group; weight syncs and restarts."""
+
+    def __init__(self, cfg: TrainConfig, transport: str) -> None:
+        d = cfg.distributed
+        self.cfg = cfg
+        self.n = d.num_engines
+        self.transport = transport
+        self.collective_backend = "nccl" if (d.engine_num_gpus > 0 and d.trainer_num_gpus > 0) else "gloo"
+        self.max_restarts = d.max_engine_restarts
+        self.restarts = [0] * self.n
+        self.total_restarts = 0
+        self.weights_ref = None
+        self.version = 0
+        self._cfg_json = cfg.model_dump(mode="json")
+        self._threads = actor_threads(cfg, d.engine_num_cpus)
+        self._lock = threading.RLock()
+        self._closed = False
+        self.epoch = 0  # bumped whenever a slot's actor changes: the weight group must be rebuilt
+        self._group_epoch: int | None = None
+        self._meta = None
+        self.actors: list = [None] * self.n
+        self.pg = make_placement_group([bundle(d.engine_num_cpus, d.engine_num_gpus)] * self.n, "SPREAD",
+                                       "oapl-engines")
+        self._cls = require_ray().remote(EngineActor)
+        for i in range(self.n):
+            self.actors[i] = self._spawn(i)
+        self.engines = [RemoteEngine(self, i) for i in range(self.n)]
+        ray = require_ray()
+        ray.get([a.ping.remote() for a in self.actors])  # construction errors surface here
+
+    def _spawn(self, i: int):
+        d = self.cfg.distributed
+        seed = engine_seed(self.cfg.seed, i, self.restarts[i])
+        return self._cls.options(**actor_options(self.pg, i, d.engine_num_cpus, d.engine_num_gpus)).remote(
+            self._cfg_json, i, seed, self._threads)
+
+    def actor(self, i: int):
+        return self.actors[i]
+
+    # -- weights ---------------------------------------------------------------------------------
+    def load(self, weights_ref, version: int, trainers=None) -> float:
+        """Give every engine the trainer's weights as ``version``; callers hold every slot (paused).
+
+        ``weights_ref`` (the object-store copy) is kept as what a restarted engine loads. With the
+        collective transport and ``trainers``, the weights travel by broadcast instead.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        self.weights_ref, self.version = weights_ref, version
+        if self.transport == "collective" and trainers is not None:
+            self._broadcast(trainers, version)
+        else:
+            ray = require_ray()
+            refs = [a.load_weights.remote(weights_ref, version) for a in self.actors]
+            for i, r in enumerate(refs):
+                try:
+                    ray.get(r)
+                    self.engines[i]._version = version
+                except Exception as e:
+                    if not is_actor_death(e):
+                        raise
+                    self.restart(i)
+        return time.perf_counter() - t0
+
+    def _broadcast(self, trainers, version: int) -> None:
+        ray = require_ray()
+        for i, ok in enumerate(alive(self.actors)):
+            if not ok:  # restarted engines load the new version from the object store, then join
+                self.restart(i)
+        if self._group_epoch != self.epoch:
+            host, port = trainers.rank0("address")
+            world = self.n + 1
+            refs = [trainers.actors[0].join_weight_group.remote(host, port, world, self.collective_backend, self.epoch)]
+            refs += [a.join_weight_group.remote(host, port, i + 1, world, self.collective_backend, self.epoch)
+                     for i, a in enumerate(self.actors)]
+            self._wait_collective(refs, trainers)
+            self._group_epoch = self.epoch
+        if self._meta is None:
+            self._meta = trainers.rank0("weight_meta")
+        refs = [a.broadcast_weights.remote() for a in trainers.actors]
+        refs += [a.receive_weights.remote(self._meta, version) for a in self.actors]
+        self._wait_collective(refs, trainers)
+        for e in self.engines:
+            e._version = version
+
+    def _wait_collective(self, refs, trainers) -> None:
+        ray = require_ray()
+        try:
+            ray.get(refs)
+        except Exception as e:
+            # a member died inside a collective: the group is unusable and the trainer may be wedged
+            # in it; resume the whole run from the latest checkpoint
+            raise TrainerFailure(f"weight broadcast failed: {type(e).__name__}: {e}") from e
+
+    def restart(self, i: int) -> None:
+        """Replace slot ``i``'s actor and load the latest synced weights and version into it."""
+        ray = require_ray()
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise BufferClosed("engine pool closed")
+                self.restarts[i] += 1
+                self.total_restarts += 1
+                if self.restarts[i] > self.max_restarts:
+                    raise EngineRestartsExhausted(
+                        f"engine actor {i} died {self.restarts[i]} times (distributed.max_engine_restarts="
+                        f"{self.max_restarts})")
+                log.warning("engine actor %d died: restarting it (restart %d of at most %d) with weight version %d",
+                            i, self.restarts[i], self.max_restarts, self.version)
+                kill_actor(self.actors[i])
+                self.actors[i] = self._spawn(i)
+                self.epoch += 1
+                try:
+                    ray.get(self.actors[i].load_weights.remote(self.weights_ref, self.version))
+                    self.engines[i]._version = self.version
+                    return
+                except Exception as e:
+                    if not is_actor_death(e):
+                        raise
+
+    def pids(self) -> list[int]:
+        return require_ray().get([a.ping.remote() for a in self.actors])
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        for a in self.actors:
+            kill_actor(a)
+        self.actors = [None] * self.n
+        remove_placement_group(self.pg)
+        self.pg = None
+        self.weights_ref = None
+
+
+class PoolEngine:
+    """``InferenceEngine`` over the whole pool (evaluation): prompts split across the slots."""
+
+    def __init__(self, pool: EnginePool) -> None:
+        self.pool = pool
+
+    @property
+    def version(self) -> int:
+        return self.pool.version
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
+        ray = require_ray()
+        prompts = [list(p) for p in prompt_token_ids]
+        k = max(1, min(self.pool.n, len(prompts)))
+        size = math.ceil(len(prompts) / k)
+        chunks = [(i, prompts[i * size:(i + 1) * size]) for i in range(k) if prompts[i * size:(i + 1) * size]]
+        refs = [self.pool.actor(i).generate.remote(c, params) for i, c in chunks]
+        out: list[GenerationOutput] = []
+        for (i, c), ref in zip(chunks, refs):
+            while True:
+                try:
+                    out.extend(ray.get(ref))
+                    break
+                except Exception as e:
+                    if not is_actor_death(e):
+                        raise
+                    self.pool.restart(i)
+                    ref = self.pool.actor(i).generate.remote(c, params)
+        return out
+
+    def load_weights(self, weights: WeightIterator, version: int) -> float:
+        raise NotImplementedError("the pool is synced by the Ray trainer")
+
+    def close(self) -> None:
+        pass
+
+
+class RankZeroEngine:
+    """``InferenceEngine`` that samples from trainer rank 0's *current* weights (mid-window eval)."""
+
+    def __init__(self, trainers, seed: int) -> None:
+        self.trainers, self.seed = trainers, seed
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[RankZeroEngine]:
+        self.trainers.rank0("begin_eval", self.seed)
+        try:
+            yield self
+        finally:
+            self.trainers.rank0("end_eval")
+
+    @property
+    def version(self) -> int:
+        return -1
+
+    def generate(self, prompt_token_ids, params):
+        return self.trainers.rank0("eval_generate", [list(p) for p in prompt_token_ids], params)
+
+    def load_weights(self, weights, version):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SharedSampler:
+    """One :class:`PromptSampler` shared by every slot (thread-safe; resumable like the local one)."""
+
+    def __init__(self, sampler: PromptSampler) -> None:
+        self._sampler = sampler
+        self._lock = threading.Lock()
+
+    def next(self, k: int) -> list[int]:
+        with self._lock:
+            return self._sampler.next(k)
+
+    def state_dict(self) -> dict[str, int]:
+        with self._lock:
+            return self._sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        with self._lock:
+            self._sampler.load_state_dict(state)
+
+
+class _SlotSampler:
+    """A slot's view of the shared sampler; in synchronous mode the driver presets its draw."""
+
+    def __init__(self, shared: SharedSampler) -> None:
+        self.shared = shared
+        self.preset: list[int] | None = None
+
+    def next(self, k: int) -> list[int]:
+        if self.preset is not None:
+            out, self.preset = self.preset, None
+            return out
+        return self.shared.next(k)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.shared.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.shared.load_state_dict(state)
+
+
+class RayRolloutWorker(RolloutWorker):
+    """A :class:`RolloutWorker` for one engine slot that survives the death of its actor."""
+
+    def __init__(self, engine: RemoteEngine, shared: SharedSampler, *args, **kwargs) -> None:
+        super().__init__(engine, *args, **kwargs)
+        self.sampler = _SlotSampler(shared)
+
+    def produce_or_restart(self) -> list | None:
+        """One engine call; ``None`` when the actor died (restarted, in-flight groups dropped)."""
+        try:
+            return self.produce()
+        except EngineDied:
+            if self._stop.is_set():
+                raise BufferClosed("stopping") from None
+            with self.engine_lock:
+                self.engine.pool.restart(self.engine.index)
+            return None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                groups = self.produce_or_restart()
+                if groups is not None:
+                    self._push(groups)
+        except BufferClosed:
+            pass
+        except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
+            log.exception("rollout worker for engine %d failed", self.engine.index)
+            self.failure = e
+            self.buffer.close()
+
+
+class RolloutFleet:
+    """The N rollout workers of an :class:`EnginePool`, filling one shared buffer."""
+
+    def __init__(self, pool: EnginePool, task, tokenizer, buffer: RolloutBuffer, sampling: SamplingParams,
+                 group_size: int, prompts_per_call: int, seed: int, weights_id: str = "") -> None:
+        self.pool, self.buffer = pool, buffer
+        self.prompts_per_call = prompts_per_call
+        self.sampler = SharedSampler(PromptSampler(len(task.train), seed))
+        self.workers = [RayRolloutWorker(engine, self.sampler, task, tokenizer, buffer, sampling, group_size,
+                                         prompts_per_call, seed, weights_id=weights_id)
+                        for engine in pool.engines]
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- synchronous mode --------------------------------------------------------------------
+    def fill(self, k: int) -> None:
+        """Generate until the buffer holds ``k`` groups: rounds of parallel calls on as many slots as
+        needed, prompts drawn and results pushed in slot order (deterministic)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="oapl-fill")
+        while len(self.buffer) < k:
+            need = math.ceil((k - len(self.buffer)) / self.prompts_per_call)
+            ws = self.workers[:min(need, len(self.workers))]
+            for w in ws:
+                w.sampler.preset = self.sampler.next(self.prompts_per_call)
+            futures = [self._executor.submit(w.produce_or_restart) for w in ws]
+            for w, f in zip(ws, futures):
+                groups = f.result()
+                if groups is not None:
+                    w._push(groups)
+
+    # -- asynchronous mode --------------------------------------------------------------------
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w._stop.set()
+        self.buffer.close()
+        for w in self.workers:
+            w.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for w in self.workers:
+                stack.enter_context(w.paused())
+            yield
+
+    @property
+    def failure(self) -> BaseException | None:
+        return next((w.failure for w in self.workers if w.failure is not None), None)
+
+    # -- stats ---------------------------------------------------------------------------------
+    def gen_counters(self) -> list[tuple[int, float]]:
+        return [(w.stats.gen_tokens, w.stats.gen_seconds) for w in self.workers]
+
+    @staticmethod
+    def tokens_per_s(now: list[tuple[int, float]], start: list[tuple[int, float]]) -> float:
+        """Engine throughput: the sum over slots of generated tokens per second of generation."""
+        return sum((t - t0) / max(s - s0, 1e-9) for (t, s), (t0, s0) in zip(now, start))
+
+    @property
+    def reward_errors(self) -> int:
+        return sum(w.reward.stats.errors for w in self.workers)
+
+    @property
+    def reward_error_samples(self) -> list[dict[str, Any]]:
+        return [s for w in self.workers for s in w.reward.stats.samples]
+
+    @property
+    def stale_dropped(self) -> int:
+        return sum(w.stats.stale_dropped for w in self.workers)
+
+    @property
+    def groups_generated(self) -> int:
+        return sum(w.stats.groups + w.stats.stale_dropped for w in self.workers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
