@@ -379,7 +379,7 @@ class TrainerRank:
                     loss, extra = grpo_loss(logp, logp.detach(), inf, mask, a, algo.clip_eps, algo.is_cap,
                                             num_sequences=n)
                 # gradients are averaged over ranks: x W makes the reduced gradient the full-batch one
-                (loss * (0.0 if dummy else 1.0)).backward()
+                (loss * (0.0 if dummy else float(self.world))).backward()
             if dummy:
                 continue
             if not torch.isfinite(loss):
