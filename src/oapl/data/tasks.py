@@ -110,10 +110,12 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
         return Task(name, train[: cfg.max_prompts] if cfg.max_prompts else train,
                     held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held, fn, ["answer"],
                     system or None, cfg.prompt_template, cfg.chat_template)
-    if name in ("math", "dataset", "code"):
+    if name == "code":
+        return _code_task(cfg)
+    if name in ("math", "dataset"):
         if not cfg.dataset:
             raise ValueError(f"task.dataset is required for task.name={name!r}")
-        required = {"math": ["prompt", "answer"], "code": ["prompt", "tests"], "dataset": ["prompt"]}[name]
+        required = {"math": ["prompt", "answer"], "dataset": ["prompt"]}[name]
         train = _load_split(cfg, cfg.dataset, cfg.split, required, cfg.max_prompts)
         held = (_load_split(cfg, cfg.eval_dataset, cfg.eval_split, required, cfg.max_eval_prompts)
                 if cfg.eval_dataset else [])
@@ -123,15 +125,36 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
             fn = load_reward(cfg.reward) if cfg.reward else MathVerifier(timeout_s=cfg.reward_timeout_s)
             template = MATH_PROMPT_TEMPLATE if cfg.prompt_template == "{prompt}" else cfg.prompt_template
             return Task(name, train, held, fn, ["answer"], cfg.system_prompt, template, cfg.chat_template)
-        if name == "code":
-            from oapl.rewards.code import code_reward
-
-            fn = load_reward(cfg.reward) if cfg.reward else code_reward
-            return Task(name, train, held, fn, ["tests", "metadata"], cfg.system_prompt, cfg.prompt_template,
-                        cfg.chat_template)
         if not cfg.reward:
             raise ValueError("task.reward (module:function) is required for task.name='dataset'")
         columns = sorted({k for row in train[:1] for k in row} - {"prompt", "prompt_id"})
         return Task(name, train, held, load_reward(cfg.reward), columns, cfg.system_prompt,
                     cfg.prompt_template, cfg.chat_template)
     raise ValueError(f"task.name: unknown task {name!r}; use arithmetic, math, code or dataset")
+
+
+def _code_rows(source: str, split: str, config: str | None, limit: int | None) -> list[dict[str, Any]]:
+    from oapl.data.code import load_deepcoder, load_livecodebench
+
+    if "livecodebench" in source.lower():
+        rows = load_livecodebench(source, limit=limit)
+    else:
+        rows = load_deepcoder(source, split, subsets=[config] if config else None, limit=limit)
+    label = source.rsplit("/", 1)[-1]
+    for i, row in enumerate(rows):
+        row.setdefault("prompt_id", f"{label}-{split}-{i}")
+        row["prompt_id"] = str(row["prompt_id"])
+    return rows
+
+
+def _code_task(cfg: TaskConfig) -> Task:
+    """DeepCoder-format training data, LiveCodeBench (or DeepCoder-format) held-out data, sandboxed reward."""
+    from oapl.rewards.code import code_reward
+
+    if not cfg.dataset:
+        raise ValueError("task.dataset is required for task.name='code' (a DeepCoder-format file or Hub name)")
+    train = _code_rows(cfg.dataset, cfg.split, cfg.dataset_config, cfg.max_prompts)
+    held = (_code_rows(cfg.eval_dataset, cfg.eval_split, None, cfg.max_eval_prompts) if cfg.eval_dataset else [])
+    fn = load_reward(cfg.reward) if cfg.reward else code_reward
+    return Task("code", train, held, fn, ["tests", "metadata"], cfg.system_prompt, cfg.prompt_template,
+                cfg.chat_template)
