@@ -199,3 +199,28 @@ def test_empty_and_truncated_responses_are_handled(tiny_model_dir, prompts_file,
         assert 0.0 <= m["truncated_frac"] <= 1.0
     finally:
         trainer.close()
+
+
+def test_lora_trains_syncs_merged_weights_and_resumes(tiny_model_dir, prompts_file, tmp_path):
+    over = {"model.lora.enabled": True, "model.lora.r": 4, "optim.lr": 1e-2, "rollout.sync_interval": 2,
+            "checkpoint.every": 2, "checkpoint.keep": 3, "checkpoint.save_final": True}
+    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=2, **over)
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+        names = {n for n, _ in trainer.policy.engine_weights()}
+        engine_params = dict(trainer.engine.model.named_parameters())
+        assert names <= set(engine_params) and not any("lora" in n for n in names)
+        # after the final sync the engine holds the merged LoRA weights
+        merged = dict(trainer.policy.engine_weights())
+        for n, t in merged.items():
+            assert torch.allclose(engine_params[n], t, atol=1e-6), n
+        q = "model.layers.0.self_attn.q_proj"
+        base_q = dict(trainer.policy.model.get_base_model().named_parameters())[f"{q}.base_layer.weight"]
+        assert not torch.allclose(merged[f"{q}.weight"], base_q), "LoRA updates reach the engine merged"
+    finally:
+        trainer.close()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "adapter").exists()
+    cfg2 = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=4, **over)
+    result = train(cfg2, resume=True)
+    assert result.steps == 4
