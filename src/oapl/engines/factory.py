@@ -16,8 +16,17 @@ def vllm_installed() -> bool:
 
 
 def engine_kind(cfg: TrainConfig) -> str:
+    """``engine.kind``, with ``auto`` resolved: vLLM when it imports cleanly, else transformers."""
     if cfg.engine.kind == "auto":
-        return "vllm" if vllm_installed() else "transformers"
+        if not vllm_installed():
+            return "transformers"
+        from oapl.engines.vllm_engine import vllm_import_error
+
+        err = vllm_import_error()
+        if err is not None:
+            log.warning("engine.kind=auto: %s; using the transformers engine", err)
+            return "transformers"
+        return "vllm"
     return cfg.engine.kind
 
 
