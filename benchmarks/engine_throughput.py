@@ -64,9 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (vLLM and transformers alike)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--syncs", type=int, default=5, help="weight syncs to time")
+    ap.add_argument("--threads", type=int, help="torch threads for every path (default: torch's)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
@@ -106,17 +109,20 @@ def main(argv: list[str] | None = None) -> dict:
             return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
         rows.append((label, *timed(raw, args.repeats)))
+        print(f"{label}: {rows[-1][1]:.1f} tokens/s", flush=True)
 
     def wrapped() -> int:
         return int(engine.generate(prompts, params)[0].stats["gen_tokens"])
 
     rows.append(("VLLMEngine.generate", *timed(wrapped, args.repeats)))
+    print(f"VLLMEngine.generate: {rows[-1][1]:.1f} tokens/s", flush=True)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval().requires_grad_(False)
     syncs = []
     for version in range(1, args.syncs + 1):
         syncs.append(engine.load_weights(((n, p.detach()) for n, p in model.named_parameters()), version))
     results["vllm_sync_s"] = {"median": statistics.median(syncs), "min": min(syncs), "max": max(syncs)}
+    print(f"VLLMEngine.load_weights: {syncs}", flush=True)
     engine.close()
 
     if not args.skip_transformers:
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             return int(hf_engine.generate(prompts, params)[0].stats["gen_tokens"])
 
         rows.append(("TransformersEngine.generate", *timed(hf, args.repeats)))
+        print(f"TransformersEngine.generate: {rows[-1][1]:.1f} tokens/s", flush=True)
         hf_syncs = [hf_engine.load_weights(((n, p.detach().clone()) for n, p in model.named_parameters()), v)
                     for v in range(1, args.syncs + 1)]
         results["transformers_sync_s"] = {"median": statistics.median(hf_syncs), "min": min(hf_syncs),
@@ -139,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     for p, r, s in rows:
         print(f"| {p:<38} | {r:>9.1f} | {s:>7.2f} |")
     sync = results["vllm_sync_s"]
-    print(f"\nVLLMEngine.load_weights: median {sync['median']:.3f}s (min {sync['min']:.3f}, max {sync['max']:.3f}) "
-          f"over {args.syncs} syncs; vLLM start-up {results['vllm_startup_s']:.1f}s")
+    print(f"\nVLLMEngine.load_weights: median {sync['median']:.3f}s "
+          f"(min {sync['min']:.3f}, max {sync['max']:.3f}) over {args.syncs} syncs; "
+          f"vLLM start-up {results['vllm_startup_s']:.1f}s")
     if "transformers_sync_s" in results:
         print(f"TransformersEngine.load_weights: median {results['transformers_sync_s']['median']:.3f}s")
     if args.json:

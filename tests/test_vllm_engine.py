@@ -19,7 +19,7 @@ import torch
 
 from oapl.engines.base import InferenceEngine, SamplingParams
 from oapl.engines.transformers_engine import TransformersEngine, _top_p_filter
-from oapl.engines.vllm_engine import VLLMEngine, vllm_available, vllm_import_error
+from oapl.engines.vllm_engine import VLLMEngine, _RngState, vllm_available, vllm_import_error
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason=f"vLLM unusable: {vllm_import_error()}")
 
@@ -59,7 +59,8 @@ def _reference(model, prompt, tokens, temperature=1.0, top_p=1.0) -> torch.Tenso
 
 
 def _max_diff(a, b) -> float:
-    return (torch.as_tensor(a, dtype=torch.float32) - torch.as_tensor(b, dtype=torch.float32)).abs().max().item()
+    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+    return (a - b).abs().max().item()
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,7 @@ def test_greedy_n_copies_match_transformers_argmax(base, tiny):
     out = base.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, n=3))[0]
     assert len(out.completions) == 3
     first = out.completions[0]
+    assert len(first.token_ids) > 1
     assert all(c.token_ids == first.token_ids and c.logprobs == first.logprobs for c in out.completions)
     assert out.completions[1].token_ids is not first.token_ids  # copies, not aliases
     ids = list(prompt)
@@ -257,7 +259,9 @@ def test_sampling_is_reproducible_and_isolated_from_the_caller_rng(engine, tiny)
         torch.manual_seed(caller_seed)
         np.random.seed(caller_seed)
         random.seed(caller_seed)
-        engine.load_weights(tiny["state"].items(), 3)
+        threads = torch.get_num_threads()
+        engine.load_weights(tiny["state"].items(), 3)  # runs with sync_threads=1 on CPU...
+        assert torch.get_num_threads() == threads  # ...and gives the caller's count back
         torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
         first = engine.generate(prompts, params)
         second = engine.generate(prompts, params)
@@ -296,12 +300,94 @@ def test_input_validation_and_cpu_sleep_noops(base, tiny):
     base.wake_up()
     with pytest.raises(ValueError, match="sleep level"):
         base.sleep(level=3)
+    with pytest.raises(ValueError, match="wake_up tags"):
+        base.wake_up(["scheduling"])
     if base.on_cpu:
         assert not base.is_sleeping and not base.sleep_enabled
     out = base.generate([_prompts(tiny["tok"])[0]], SamplingParams(max_tokens=3))
     assert len(out[0].completions[0].token_ids) >= 1
     with pytest.raises(ValueError, match="logprobs_mode"):
         VLLMEngine(tiny["path"], logprobs_mode="raw_logprobs")
+
+
+class _FakeLLM:
+    """Records what VLLMEngine asks of ``vllm.LLM`` (for the GPU-only sleep bookkeeping)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def collective_rpc(self, method, kwargs=None, args=()):
+        if method == "reload_weights":
+            self.calls.append(("reload", len(list(kwargs["weights_iterator"]))))
+
+    def reset_prefix_cache(self):
+        return True
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        from vllm.logprobs import Logprob
+
+        self.calls.append(("generate", len(prompts)))
+        out = SimpleNamespace(token_ids=[5, EOS], logprobs=[{5: Logprob(-1.0)}, {EOS: Logprob(-0.5)}],
+                              finish_reason="stop", text="x")
+        return [SimpleNamespace(outputs=[out] * params.n) for _ in prompts]
+
+
+def test_sleep_wake_bookkeeping_with_a_stub_llm():
+    """What a CUDA engine with enable_sleep_mode does (no GPU here: vllm.LLM is stubbed)."""
+    eng = VLLMEngine.__new__(VLLMEngine)
+    fake = _FakeLLM()
+    eng.__dict__.update(
+        _llm=fake, sleep_enabled=True, on_cpu=False, seed=0, _version=0, _asleep=set(),
+        _weights_discarded=False, _weights_invalid=False, cpu_threads=None, sync_threads=None,
+        _cuda_index=None,
+    )
+    eng._rng = _RngState.seeded(0, None)
+    try:
+        weights = [("w", torch.zeros(1))] * 3
+        eng.sleep()
+        assert eng.is_sleeping and fake.calls == [("sleep", 1)]
+        eng.sleep()  # already asleep: nothing more
+        out = eng.generate([[1, 2]], SamplingParams(n=2))  # wakes everything first
+        assert fake.calls[1:] == [("wake_up", ("kv_cache", "weights")), ("generate", 1)]
+        assert not eng.is_sleeping and out[0].completions[0].token_ids == [5, EOS]
+        assert out[0].completions[0].logprobs == [-1.0, -0.5]
+
+        fake.calls.clear()
+        eng.sleep(level=2)
+        with pytest.raises(RuntimeError, match="level 2"):
+            eng.generate([[1]], SamplingParams())
+        assert fake.calls == [("sleep", 2)]  # refused before re-allocating anything
+        eng.load_weights(weights, 1)  # wakes the weights only, then reloads
+        assert fake.calls[1:] == [("wake_up", ("weights",)), ("reload", 3)]
+        eng.generate([[1]], SamplingParams())
+        assert fake.calls[3:] == [("wake_up", ("kv_cache",)), ("generate", 1)]
+    finally:
+        eng._llm = None
+
+
+def test_second_engine_in_the_process_and_close(base, tiny):
+    """Two engines can live in one process; closing one leaves the other working."""
+    prompt = _prompts(tiny["tok"])[0]
+    params = SamplingParams(temperature=1.0, max_tokens=6, n=2)
+    with VLLMEngine(tiny["path"], seed=0, dtype="float32", max_model_len=512,
+                    kv_cache_memory_bytes=32 << 20) as other:
+        theirs = other.generate([prompt], params)[0]
+        ours = base.generate([prompt], params)[0]
+        for c in theirs.completions + ours.completions:
+            assert _max_diff(c.logprobs, _reference(tiny["model"], prompt, c.token_ids)) < TOL
+    other.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        other.generate([prompt], params)
+    after = base.generate([prompt], params)[0].completions[0]
+    assert _max_diff(after.logprobs, _reference(tiny["model"], prompt, after.token_ids)) < TOL
 
 
 @pytest.mark.slow
@@ -347,6 +433,7 @@ def test_embedded_smollm2_generate_sync_and_timing():
         for c in after.completions:
             assert _max_diff(c.logprobs, _reference(model, prompts[0], c.token_ids)) < 2e-3
         old = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        assert max(_max_diff(c.logprobs, _reference(old, prompts[0], c.token_ids)) for c in after.completions) > 0.01
+        stale = [_max_diff(c.logprobs, _reference(old, prompts[0], c.token_ids)) for c in after.completions]
+        assert max(stale) > 0.01
     finally:
         eng.close()

@@ -218,6 +218,9 @@ class TrainConfig(_Section):
         if self.algorithm.name == "oapl" and self.sampling.top_p < 1.0:
             raise ValueError("sampling.top_p must be 1.0 for OAPL training: the trainer's log-probs "
                              "must be of the distribution the engine sampled from")
+        if self.engine.enable_sleep_mode and self.rollout.asynchronous:
+            raise ValueError("engine.enable_sleep_mode needs rollout.asynchronous=false: an engine that "
+                             "generates while the trainer trains cannot sleep")
         if self.algorithm.name == "oapl" and self.rollout.max_staleness != 0:
             raise ValueError("rollout.max_staleness must be 0 for OAPL: V* must come from one weight "
                              "version, so the buffer is cleared at every sync")

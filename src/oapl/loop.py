@@ -136,6 +136,8 @@ class Trainer:
         p = self.cfg.rollout.prompts_per_step
         if not self.cfg.rollout.asynchronous:
             self.worker.fill(p)
+            if self.cfg.engine.enable_sleep_mode and hasattr(self.engine, "sleep"):
+                self.engine.sleep()  # free GPU memory for the trainer; the engine wakes on next use
         try:
             return self.buffer.take(p)
         except BufferClosed:

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 DEFAULT_CPU_MEMORY_UTILIZATION = 0.4
 DEFAULT_CUDA_MEMORY_UTILIZATION = 0.5  # colocated with the trainer on the same GPU
+
+# open engines of this process: vLLM's distributed state is process-global, torn down by the last
+_OPEN_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,6 +81,20 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch (OpenMP) threads, restoring the caller's count after; None: as is."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class VLLMEngine:
     """Sample with vLLM from an HF checkpoint folder, in this process.
 
@@ -95,10 +113,13 @@ class VLLMEngine:
             runs. Ignored (with a debug log) on CPU.
         enforce_eager: skip torch.compile / CUDA graphs. Default: True on CPU (compilation takes
             minutes there), False on CUDA.
+        cpu_threads: torch threads while :meth:`generate` runs on CPU (default: the caller's
+            ``torch.get_num_threads()``; vLLM runs in this process and its CPU kernels use OpenMP).
+            Use 1 on a machine whose cores other processes keep busy: OpenMP regions wait for
+            their slowest thread, and on a loaded 2-core box 1 thread decoded ~10x faster than 2.
         sync_threads: torch threads while :meth:`load_weights` runs on CPU (default 1: the reload
-            is memory-bound, and multi-threaded OpenMP regions stall whenever a core is shared;
-            1 thread syncs SmolLM2-135M in ~0.4 s where 2 took 1.3-3 s on a busy 2-core box).
-            Ignored on CUDA.
+            is memory-bound and suffers from shared cores the same way; 1 thread syncs
+            SmolLM2-135M in ~0.4 s where 2 took 1.3-3 s on a busy 2-core box). Ignored on CUDA.
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``kv_cache_memory_bytes``,
             ``max_num_seqs``, ``enable_prefix_caching``, ``trust_remote_code``).
     """
@@ -113,6 +134,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         enable_sleep_mode: bool = False,
         enforce_eager: bool | None = None,
+        cpu_threads: int | None = None,
         sync_threads: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
@@ -154,10 +176,12 @@ class VLLMEngine:
             if enforce_eager is None:
                 enforce_eager = False
         self.sleep_enabled = bool(enable_sleep_mode)
-        if sync_threads is not None and sync_threads < 1:
-            raise ValueError(f"sync_threads must be >= 1, got {sync_threads}")
+        for name, value in (("cpu_threads", cpu_threads), ("sync_threads", sync_threads)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.cpu_threads = cpu_threads if self.on_cpu else None
         self.sync_threads = (sync_threads or 1) if self.on_cpu else None
-        if int(kwargs.get("tensor_parallel_size", 1)) != 1 or int(kwargs.get("pipeline_parallel_size", 1)) != 1:
+        if any(int(kwargs.get(k, 1)) != 1 for k in ("tensor_parallel_size", "pipeline_parallel_size")):
             raise ValueError(
                 "VLLMEngine runs one in-process vLLM worker (tensor_parallel_size=1, "
                 "pipeline_parallel_size=1); for bigger models run several engines (data parallel)"
@@ -197,6 +221,7 @@ class VLLMEngine:
             saved_rng.restore()
             gc.unfreeze()
         self.startup_seconds = time.perf_counter() - start
+        _OPEN_ENGINES.add(self)
         self.tokenizer = self._llm.get_tokenizer()
         self._cuda_index = None
         if not self.on_cpu and torch.cuda.is_available():
@@ -260,7 +285,7 @@ class VLLMEngine:
             skip_special_tokens=True,
         )
         start = time.perf_counter()
-        with self._engine_rng():
+        with self._engine_rng(), _torch_threads(self.cpu_threads):
             results = self._llm.generate(
                 [{"prompt_token_ids": p} for p in prompts], vparams, use_tqdm=False
             )
@@ -308,15 +333,14 @@ class VLLMEngine:
         if "weights" in self._asleep:
             self.wake_up(["weights"])
         start = time.perf_counter()
-        threads = torch.get_num_threads()
         try:
-            if self.sync_threads is not None and self.sync_threads != threads:
-                torch.set_num_threads(self.sync_threads)
-            self._llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
-            )
-            if self.on_cpu:
-                self._llm.collective_rpc(_refresh_shared_cpu_gemms)
+            with _torch_threads(self.sync_threads):
+                self._llm.collective_rpc(
+                    "reload_weights",
+                    kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True},
+                )
+                if self.on_cpu:
+                    self._llm.collective_rpc(_refresh_shared_cpu_gemms)
         except Exception as exc:
             # vLLM reloads layer by layer from meta tensors: a failure part-way leaves the model
             # half-updated. Put back what can be put back and refuse to sample until a full reload.
@@ -332,9 +356,6 @@ class VLLMEngine:
                 "(model.named_parameters()) with matching shapes; the engine's weights are now "
                 "partly updated and it will not generate until a load_weights() call succeeds"
             ) from exc
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache (requests still running?)")
         self._version = version
@@ -368,6 +389,8 @@ class VLLMEngine:
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-allocate what :meth:`sleep` freed (``tags``: ``weights``/``kv_cache``; None = all)."""
         self._check_open()
+        if tags is not None and not set(tags) <= {"weights", "kv_cache"}:
+            raise ValueError(f"wake_up tags must be 'weights' and/or 'kv_cache', got {tags}")
         if not self.sleep_enabled:
             log.debug("VLLMEngine.wake_up: no-op (%s)",
                       "CPU backend" if self.on_cpu else "built without enable_sleep_mode=True")
@@ -376,14 +399,10 @@ class VLLMEngine:
         todo = wanted & self._asleep
         if not todo:
             return
-        self._llm.wake_up(tags=sorted(todo))
-        self._asleep -= todo
-        if "kv_cache" in todo:
-            self._llm.reset_prefix_cache()
+        self._llm.wake_up(tags=sorted(todo))  # vLLM resumes scheduling once all memory is back
+        self._asleep -= todo  # (sleep() already dropped the prefix cache with the KV cache)
 
     def _ensure_awake(self) -> None:
-        if self._asleep:
-            self.wake_up()
         if self._weights_invalid:
             raise RuntimeError(
                 "VLLMEngine's last load_weights() failed part-way, leaving mixed weights: call "
@@ -394,6 +413,8 @@ class VLLMEngine:
                 "VLLMEngine slept at level 2, which discards the weights: call load_weights() "
                 "before generate()"
             )
+        if self._asleep:
+            self.wake_up()
 
     @property
     def is_sleeping(self) -> bool:
@@ -405,26 +426,58 @@ class VLLMEngine:
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
+        _OPEN_ENGINES.discard(self)
+        last = not _OPEN_ENGINES  # vLLM's distributed state is process-global, shared by open engines
         try:
-            llm.llm_engine.engine_core.shutdown()
+            _shutdown_engine_core(llm, keep_distributed=not last)
         except Exception as exc:  # best effort: keep tearing down
             log.debug("vLLM engine-core shutdown: %s", exc)
         del llm
         gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        if last:
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            cleanup_dist_env_and_memory()
-        except Exception as exc:
-            log.debug("vLLM distributed cleanup: %s", exc)
+                cleanup_dist_env_and_memory()
+            except Exception as exc:
+                log.debug("vLLM distributed cleanup: %s", exc)
         if torch.cuda.is_available() and not self.on_cpu:
             torch.cuda.empty_cache()
+
+    def __del__(self) -> None:
+        # an engine dropped without close(): shut it down here rather than let vLLM's finalizer
+        # tear down the distributed state other open engines still use
+        try:
+            if getattr(self, "_llm", None) is not None:
+                self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> VLLMEngine:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _shutdown_engine_core(llm, keep_distributed: bool) -> None:
+    """Shut an in-process vLLM engine core down.
+
+    ``EngineCore.shutdown()`` ends with ``cleanup_dist_env_and_memory()``, which destroys the
+    process-global parallel groups every other in-process engine still uses. When others are open,
+    release this engine's executor and scheduler only (and disarm the client's finalizer, which
+    would run the full shutdown when the ``LLM`` is collected).
+    """
+    client = llm.llm_engine.engine_core
+    core = getattr(client, "engine_core", None)
+    finalizer = getattr(client, "_finalizer", None)
+    if not keep_distributed or core is None or finalizer is None:
+        client.shutdown()
+        return
+    if finalizer.detach() is None:
+        return  # already shut down
+    core.model_executor.shutdown()
+    core.scheduler.shutdown()
 
 
 def _refresh_shared_cpu_gemms(worker) -> int:
