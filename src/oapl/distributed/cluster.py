@@ -147,6 +147,17 @@ def is_actor_death(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError)
 
 
+def get_fail_fast(refs: list) -> list:
+    """``ray.get(refs)`` that raises the first error as soon as it arrives, without waiting for the
+    other calls (which may be stuck in a collective with a dead peer)."""
+    ray = require_ray()
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
 def alive(actors: list, timeout_s: float = 30.0) -> list[bool]:
     """Ping every actor (each needs a ``ping`` method); False for the dead or unresponsive."""
     ray = require_ray()

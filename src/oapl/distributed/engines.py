@@ -29,7 +29,7 @@ import torch
 
 from oapl.config import TrainConfig
 from oapl.distributed.cluster import (EngineRestartsExhausted, TrainerFailure, actor_options, actor_threads, alive,
-                                      bundle, is_actor_death, kill_actor, make_placement_group,
+                                      bundle, get_fail_fast, is_actor_death, kill_actor, make_placement_group,
                                       remove_placement_group, require_ray)
 from oapl.distributed.weights import WeightGroup, cpu_state
 from oapl.engines.base import GenerationOutput, SamplingParams, WeightIterator
@@ -48,19 +48,9 @@ def engine_seed(seed: int, index: int, restarts: int) -> int:
 class EngineDied(RuntimeError):
     """The actor of an engine slot died during a call (its in-flight result is lost)."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, actor=None) -> None:
         super().__init__(f"engine actor {index} died")
-        self.index = index
-
-
-class _EngineSource:
-    """What ``make_engine`` reads from a policy: its dtype, tokenizer and (transformers) model."""
-
-    def __init__(self, dtype, tokenizer, model) -> None:
-        self.dtype, self.tokenizer, self._model = dtype, tokenizer, model
-
-    def hf_model(self):
-        return self._model
+        self.index, self.actor = index, actor
 
 
 class EngineActor:
@@ -69,8 +59,8 @@ class EngineActor:
     def __init__(self, cfg_json: dict, index: int, seed: int, threads: int) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(threads)
-        from oapl.engines.factory import make_engine, vllm_installed
-        from oapl.trainer.model import load_causal_lm, load_tokenizer, pick_dtype, resolve_model_path
+        from oapl.engines.factory import make_engine
+        from oapl.trainer.model import load_tokenizer, resolve_model_path
 
         cfg = TrainConfig.model_validate(cfg_json)
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs ("" when it has none)
@@ -78,16 +68,10 @@ class EngineActor:
         cfg = cfg.model_copy(update={"seed": seed,
                                      "model": cfg.model.model_copy(update={"device": str(self.device)})})
         path = resolve_model_path(cfg.model.name)
-        dtype = pick_dtype(cfg.model.dtype, self.device)
         tok = load_tokenizer(resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else path,
                              cfg.model.trust_remote_code)
-        kind = cfg.engine.kind
-        if kind == "auto":
-            kind = "vllm" if vllm_installed() else "transformers"
-        cfg.engine.kind = kind
-        model = load_causal_lm(path, dtype, self.device, cfg.model.trust_remote_code) if kind == "transformers" else None
-        self.engine = make_engine(cfg, _EngineSource(dtype, tok, model), path)
-        del model  # make_engine keeps its own copy
+        # the initial weights are the base model's; the trainer's arrive by load_weights right after
+        self.engine = make_engine(cfg, path, tok)
         self.index = index
         self.group: WeightGroup | None = None
 
@@ -140,7 +124,7 @@ class RemoteEngine:
             return ray.get(actor.generate.remote([list(p) for p in prompt_token_ids], params))
         except Exception as e:
             if is_actor_death(e):
-                raise EngineDied(self.index) from e
+                raise EngineDied(self.index, actor) from e
             raise
 
     def load_weights(self, weights: WeightIterator, version: int) -> float:
@@ -153,14 +137,17 @@ class RemoteEngine:
 
 
 class EnginePool:
-    """N engine actors in one placement group; weight syncs and restarts."""
+    """N engine actors in one placement group; weight syncs and restarts.
+
+    The constructor starts the actors and returns; :meth:`wait_ready` waits for them.
+    """
 
     def __init__(self, cfg: TrainConfig, transport: str) -> None:
         d = cfg.distributed
         self.cfg = cfg
         self.n = d.num_engines
         self.transport = transport
-        self.collective_backend = "nccl" if (d.engine_num_gpus > 0 and d.trainer_num_gpus > 0) else "gloo"
+        self.collective_backend = "nccl" if (d.engine_num_gpus >= 1 and d.trainer_num_gpus >= 1) else "gloo"
         self.max_restarts = d.max_engine_restarts
         self.restarts = [0] * self.n
         self.total_restarts = 0
@@ -180,8 +167,10 @@ class EnginePool:
         for i in range(self.n):
             self.actors[i] = self._spawn(i)
         self.engines = [RemoteEngine(self, i) for i in range(self.n)]
-        ray = require_ray()
-        ray.get([a.ping.remote() for a in self.actors])  # construction errors surface here
+
+    def wait_ready(self) -> None:
+        """Wait until every actor has built its engine (construction errors surface here)."""
+        require_ray().get([a.ping.remote() for a in self.actors])
 
     def _spawn(self, i: int):
         d = self.cfg.distributed
@@ -215,14 +204,14 @@ class EnginePool:
                 except Exception as e:
                     if not is_actor_death(e):
                         raise
-                    self.restart(i)
+                    self.restart(i, self.actors[i])
         return time.perf_counter() - t0
 
     def _broadcast(self, trainers, version: int) -> None:
-        ray = require_ray()
-        for i, ok in enumerate(alive(self.actors)):
+        actors = list(self.actors)
+        for i, ok in enumerate(alive(actors)):
             if not ok:  # restarted engines load the new version from the object store, then join
-                self.restart(i)
+                self.restart(i, actors[i])
         if self._group_epoch != self.epoch:
             host, port = trainers.rank0("address")
             world = self.n + 1
@@ -240,18 +229,25 @@ class EnginePool:
             e._version = version
 
     def _wait_collective(self, refs, trainers) -> None:
-        ray = require_ray()
         try:
-            ray.get(refs)
+            get_fail_fast(refs)
         except Exception as e:
-            # a member died inside a collective: the group is unusable and the trainer may be wedged
+            if all(alive(list(trainers.actors) + list(self.actors), timeout_s=10)):
+                raise
+            # a member died inside a collective: the group is unusable and the others may be wedged
             # in it; resume the whole run from the latest checkpoint
             raise TrainerFailure(f"weight broadcast failed: {type(e).__name__}: {e}") from e
 
-    def restart(self, i: int) -> None:
-        """Replace slot ``i``'s actor and load the latest synced weights and version into it."""
+    def restart(self, i: int, dead=None) -> None:
+        """Replace slot ``i``'s actor and load the latest synced weights and version into it.
+
+        ``dead``: the actor handle that was seen to fail; if the slot already has another actor
+        (someone else restarted it meanwhile), nothing is done.
+        """
         ray = require_ray()
         with self._lock:
+            if dead is not None and self.actors[i] is not dead:
+                return
             while True:
                 if self._closed:
                     raise BufferClosed("engine pool closed")
@@ -304,7 +300,8 @@ class PoolEngine:
         k = max(1, min(self.pool.n, len(prompts)))
         size = math.ceil(len(prompts) / k)
         chunks = [(i, prompts[i * size:(i + 1) * size]) for i in range(k) if prompts[i * size:(i + 1) * size]]
-        refs = [self.pool.actor(i).generate.remote(c, params) for i, c in chunks]
+        actors = {i: self.pool.actor(i) for i, _ in chunks}
+        refs = [actors[i].generate.remote(c, params) for i, c in chunks]
         out: list[GenerationOutput] = []
         for (i, c), ref in zip(chunks, refs):
             while True:
@@ -314,8 +311,9 @@ class PoolEngine:
                 except Exception as e:
                     if not is_actor_death(e):
                         raise
-                    self.pool.restart(i)
-                    ref = self.pool.actor(i).generate.remote(c, params)
+                    self.pool.restart(i, actors[i])
+                    actors[i] = self.pool.actor(i)
+                    ref = actors[i].generate.remote(c, params)
         return out
 
     def load_weights(self, weights: WeightIterator, version: int) -> float:
@@ -404,11 +402,11 @@ class RayRolloutWorker(RolloutWorker):
         """One engine call; ``None`` when the actor died (restarted, in-flight groups dropped)."""
         try:
             return self.produce()
-        except EngineDied:
+        except EngineDied as e:
             if self._stop.is_set():
                 raise BufferClosed("stopping") from None
             with self.engine_lock:
-                self.engine.pool.restart(self.engine.index)
+                self.engine.pool.restart(self.engine.index, e.actor)
             return None
 
     def _run(self) -> None:

@@ -50,9 +50,10 @@ TRANSPORTS = ("object_store", "collective")
 
 
 def default_transport(cfg: TrainConfig) -> str:
-    """NCCL broadcast when trainer and engines are on GPUs, the object store otherwise."""
+    """NCCL broadcast when trainer ranks and engines have whole GPUs, the object store otherwise
+    (NCCL refuses two members on one GPU, which fractional GPUs allow)."""
     d = cfg.distributed
-    return "collective" if d.trainer_num_gpus > 0 and d.engine_num_gpus > 0 else "object_store"
+    return "collective" if d.trainer_num_gpus >= 1 and d.engine_num_gpus >= 1 else "object_store"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -106,8 +107,11 @@ class RayTrainer:
         model_path = resolve_model_path(cfg.model.name)
         self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else model_path,
                                         cfg.model.trust_remote_code)
-        # trainer ranks first: they find and load the checkpoint
-        self.trainers = TrainerGroup(cfg, resume=resume)
+        # start every actor at once (model loading overlaps), then join the trainer ranks, which
+        # find and load the checkpoint
+        self.trainers = TrainerGroup(cfg)
+        self.pool = EnginePool(cfg, self.transport)
+        self.trainers.setup(resume)
         self.ckpt = self.trainers.ckpt
         if resume and self.ckpt is None:
             log.warning("resume requested but %s has no checkpoint: starting from scratch", self.run_dir)
@@ -132,7 +136,7 @@ class RayTrainer:
         s = cfg.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
         # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
-        self.pool = EnginePool(cfg, self.transport)
+        self.pool.wait_ready()
         self.pool.load(self.trainers.publish_weights(), self.version)
         if cfg.algorithm.reference_logprobs == "recompute":
             self.trainers.call("snapshot_reference")

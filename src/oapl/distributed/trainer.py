@@ -38,8 +38,8 @@ import torch
 
 from oapl.config import TrainConfig
 from oapl.distributed.cluster import (TrainerFailure, actor_options, actor_threads, alive, bundle, free_port,
-                                      kill_actor, make_placement_group, node_ip, remove_placement_group,
-                                      require_ray)
+                                      get_fail_fast, kill_actor, make_placement_group, node_ip,
+                                      remove_placement_group, require_ray)
 from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
 from oapl.objectives import grpo_loss, oapl_loss, sequence_log_ratio
 from oapl.trainer.logprobs import TokenBatch, token_logprobs
@@ -261,7 +261,8 @@ class TrainerRank:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(policy.model, load_file(str(Path(ckpt) / "adapter" / "adapter_model.safetensors")))
+            adapter = Path(ckpt) / "adapter" / "adapter_model.safetensors"
+            set_peft_model_state_dict(policy.model, load_file(str(adapter)))
         self.policy = policy
         temp = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
         self.module = LogProbModule(policy.model, temp, cfg.model.logprob_chunk_size)
@@ -508,7 +509,8 @@ class _FullStateView:
 class TrainerGroup:
     """Driver-side handle of the W trainer ranks (one placement group, PACK strategy)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
+        """Reserve the placement group and start the rank actors (returns before they are up)."""
         ray = require_ray()
         d = cfg.distributed
         self.cfg = cfg
@@ -523,20 +525,21 @@ class TrainerGroup:
         cfg_json = cfg.model_dump(mode="json")
         self.actors = [cls.options(**actor_options(self.pg, r, d.trainer_num_cpus, d.trainer_num_gpus))
                        .remote(cfg_json, r, self.world, threads) for r in range(self.world)]
+        self.ckpt: str | None = None
+        self.state: dict[str, Any] = {}
+
+    def setup(self, resume: bool) -> None:
+        """Join the ranks into one process group and build the policies (from the latest
+        checkpoint when ``resume``); ``state`` is then the checkpoint's trainer state."""
         addr, port = self._get([self.actors[0].address.remote()])[0]
-        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(cfg.output_dir)])[0] if resume else None
-        self.state: dict[str, Any] = self.call("setup", addr, port, self.ckpt)[0] or {}
+        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(self.cfg.output_dir)])[0] if resume else None
+        self.state = self.call("setup", addr, port, self.ckpt)[0] or {}
 
     def _get(self, refs: list) -> list:
         """``ray.get`` that fails fast: the first rank's error is raised without waiting for the
         others (a surviving rank may be stuck in a collective with the dead one)."""
-        ray = require_ray()
         try:
-            pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-            return ray.get(refs)
+            return get_fail_fast(refs)
         except Exception as e:
             if not all(alive(self.actors, timeout_s=20)):
                 raise TrainerFailure(f"a trainer rank died: {type(e).__name__}: {e}") from e
