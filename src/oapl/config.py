@@ -152,6 +152,11 @@ class DistributedConfig(_Section):
     trainer_num_cpus: float = Field(1.0, ge=0, description="CPUs per trainer rank.")
     trainer_num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank.")
     max_engine_restarts: int = Field(3, ge=0, description="Restarts of a dead engine actor before failing.")
+    max_trainer_restarts: int = Field(3, ge=0, description="Resumes from the latest checkpoint after a "
+                                      "trainer failure before giving up.")
+    weight_transport: Literal["auto", "object_store", "collective"] = Field(
+        "auto", description="How synced weights reach the engines: auto (NCCL broadcast when trainer and "
+        "engines have GPUs, else the object store), object_store, collective.")
 
 
 class OptimConfig(_Section):

@@ -273,7 +273,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     if cfg.distributed.backend == "ray":  # engines as Ray actors, trainer ranks placed by Ray
         from oapl.distributed import train as train_ray
 
-        return train_ray(cfg, resume=resume)
+        d = cfg.distributed
+        return train_ray(cfg, resume=resume, max_trainer_restarts=d.max_trainer_restarts,
+                         weight_transport=None if d.weight_transport == "auto" else d.weight_transport)
     trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.train()
