@@ -317,7 +317,8 @@ class PoolEngine:
         return out
 
     def load_weights(self, weights: WeightIterator, version: int) -> float:
-        raise NotImplementedError("the pool is synced by the Ray trainer")
+        raise TypeError("PoolEngine only samples for evaluation; the pool's weights are synced by the Ray "
+                        "trainer (EnginePool.load)")
 
     def close(self) -> None:
         pass
@@ -345,7 +346,7 @@ class RankZeroEngine:
         return self.trainers.rank0("eval_generate", [list(p) for p in prompt_token_ids], params)
 
     def load_weights(self, weights, version):
-        raise NotImplementedError
+        raise TypeError("RankZeroEngine samples trainer rank 0's current weights; it holds none of its own")
 
     def close(self) -> None:
         pass
