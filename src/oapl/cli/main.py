@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir "
                    "(also: a bare `resume` word)")
     p.set_defaults(func=cmd_train)
-    from oapl.cli import rollouts
+    from oapl.cli import compare, rollouts
 
     rollouts.register(sub)
+    compare.register(sub)
     return parser
 
 
