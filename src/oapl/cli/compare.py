@@ -1,0 +1,56 @@
+"""``oapl compare``: OAPL vs GRPO+IS and an OAPL lag sweep, in one command, with a report."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+
+def _fields_help() -> str:
+    from oapl.compare import CompareConfig
+    from oapl.config import describe_fields
+
+    lines = ["study fields (YAML keys, or key=value overrides; `base.*` takes any `oapl train` field):"]
+    for name, default, desc in describe_fields(CompareConfig):
+        lines.append(f"  {name} = {default}")
+        for part in textwrap.wrap(desc, 90):
+            lines.append(f"      {part}")
+    return "\n".join(lines)
+
+
+def cmd_compare(args) -> int:
+    from oapl.compare import command_line, load_compare_config, plan_runs, run_compare
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    cc = load_compare_config(config, overrides)
+    if args.dry_run:
+        for r in plan_runs(cc, args.only):
+            reuse = f" (= {r.same_as})" if r.same_as else ""
+            print(f"{r.group:10s} {r.label:45s} seed={r.seed} steps={r.cfg.steps} "
+                  f"samples={r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size} "
+                  f"-> {r.run_dir}{reuse}")
+        return 0
+    parts = ([config] if config else []) + overrides + (["--only", args.only] if args.only != "all" else [])
+    report = run_compare(cc, only=args.only, force=args.force, report_only=args.report_only,
+                         command=command_line(["compare", *parts]))
+    print(f"report: {report}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the ``compare`` subcommand to ``oapl``'s subparsers."""
+    p = sub.add_parser("compare", help="OAPL vs GRPO+IS on the same task, seeds and sample budget, plus an "
+                       "OAPL lag sweep; writes a Markdown + PNG report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fields_help())
+    p.add_argument("config", nargs="?", help="study YAML (e.g. configs/compare_cpu.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base.steps=20 seeds=[0,1] "
+                   "lag_sweep.intervals=[1,10]")
+    p.add_argument("--only", choices=["all", "algorithms", "lag"], default="all",
+                   help="run only the head-to-head comparison or only the lag sweep")
+    p.add_argument("--force", action="store_true", help="retrain runs that are already complete")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from existing run directories")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,172 @@
+"""``oapl compare``: planning, summaries, the report, resumption and the CLI (tiny random model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from oapl.compare import CompareConfig, build_report, plan_runs, run_compare, summarize_run
+from oapl.config import ConfigError, load_config
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    with path.open("w") as f:
+        for i in range(24):
+            f.write(json.dumps({"id": f"p{i}", "question": f"say {i}"}) + "\n")
+    return path
+
+
+def study(tiny_model_dir, prompts_file, out, **over) -> CompareConfig:
+    tree = {
+        "output_dir": str(out / "runs"), "report": str(out / "docs" / "report.md"),
+        "figures_dir": str(out / "docs" / "img"), "figure_prefix": "t", "smooth": 2,
+        "base": {
+            "steps": 4, "threads": 2,
+            "model": {"name": tiny_model_dir, "logprob_chunk_size": 16},
+            "sampling": {"max_tokens": 5, "temperature": 1.0},
+            "engine": {"kind": "transformers"},
+            "task": {"name": "dataset", "dataset": str(prompts_file), "eval_dataset": str(prompts_file),
+                     "max_eval_prompts": 3, "columns": {"prompt": "question", "prompt_id": "id"},
+                     "reward": "toy_rewards:has_seven", "system_prompt": None},
+            "rollout": {"group_size": 2, "prompts_per_step": 2, "prompts_per_generate": 2,
+                        "sync_interval": 2, "asynchronous": False, "buffer_groups": 4},
+            "optim": {"lr": 1e-3, "micro_batch_size": 8},
+            "eval": {"every": 2, "n": 2, "temperature": 1.0},
+            "logging": {"progress": False}, "checkpoint": {"save_final": False},
+        },
+        "lag_sweep": {"intervals": [1, 2], "steps": 4},
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**tree, **over}.items()], cls=CompareConfig)
+
+
+def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, tmp_path):
+    cc = study(tiny_model_dir, prompts_file, tmp_path)
+    runs = plan_runs(cc)
+    assert [(r.group, r.name) for r in runs] == [("algorithms", "oapl"), ("algorithms", "grpo_is"),
+                                                 ("lag_sweep", "oapl_L1"), ("lag_sweep", "oapl_L2")]
+    oapl, grpo, l1, l2 = runs
+    assert l2.same_as == "oapl" and l2.run_dir == oapl.run_dir  # identical configuration: trained once
+    assert l1.same_as is None and l1.cfg.rollout.sync_interval == 1
+    g = grpo.cfg
+    assert (g.algorithm.name, g.algorithm.is_cap, g.algorithm.clip_eps) == ("grpo", 2.0, 0.2)
+    assert (g.rollout.sync_interval, g.rollout.max_staleness, g.rollout.asynchronous) == (1, 1, True)
+    assert grpo.label == "GRPO (IS cap 2, L=1, off-by-one async)" and oapl.label == "OAPL (L=2)"
+    # the same sample budget for every run
+    budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in runs}
+    assert budgets == {16}
+    # without explicit sweep steps: the largest L sees min_syncs windows
+    cc2 = study(tiny_model_dir, prompts_file, tmp_path, lag_sweep={"intervals": [1, 10, 50, 100]})
+    sweep = [r for r in plan_runs(cc2, only="lag")]
+    assert {r.cfg.steps for r in sweep} == {200} and [r.lag for r in sweep] == [1, 10, 50, 100]
+    assert all(r.group == "lag_sweep" for r in sweep)
+
+
+def test_plan_names_the_bad_run(tiny_model_dir, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="intervals"):
+        study(tiny_model_dir, prompts_file, tmp_path, lag_sweep={"intervals": [0, 5]})
+    cc = study(tiny_model_dir, prompts_file, tmp_path,
+               algorithms={"stale_oapl": {"rollout": {"max_staleness": 1}}})
+    with pytest.raises(ConfigError, match="algorithms.stale_oapl"):
+        plan_runs(cc)
+    with pytest.raises(ConfigError, match="unknown field"):
+        study(tiny_model_dir, prompts_file, tmp_path, lag_sweeps={})
+
+
+def test_summarize_run_hand_made(tmp_path):
+    rows = [{"step": 0, "samples_seen": 0, "eval/pass@1": 0.2, "eval/pass@2": 0.3}]
+    for s in range(1, 11):
+        rows.append({"step": s, "samples_seen": 4 * s, "loss": 0.1, "reward_mean": s / 10, "seq_entropy": 11 - s,
+                     "kl": 0.01 * s, "lag": (s - 1) % 5, **({"synced_to_version": s // 5} if s % 5 == 0 else {})})
+    rows.append({"step": 10, "samples_seen": 40, "eval/pass@1": 0.5, "eval/pass@2": 0.7})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize_run(tmp_path)
+    assert s["steps"] == 10 and s["samples_seen"] == 40 and s["k_max"] == 2
+    assert (s["pass1_before"], s["pass1_after"], s["passk_before"], s["passk_after"]) == (0.2, 0.5, 0.3, 0.7)
+    assert s["reward_mean_first"] == pytest.approx(0.1) and s["reward_mean_last"] == pytest.approx(1.0)
+    assert s["seq_entropy_first"] == 10 and s["seq_entropy_last"] == 1
+    assert s["kl_mean"] == pytest.approx(0.055) and s["kl_max"] == pytest.approx(0.1)
+    assert s["lag_max"] == 4 and s["syncs"] == 2
+
+
+def test_compare_end_to_end_report_and_resume(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    cc = study(tiny_model_dir, prompts_file, tmp_path)
+    report = run_compare(cc, command="oapl compare study.yaml")
+    text = report.read_text()
+    img = tmp_path / "docs" / "img"
+    assert (img / "t_algorithms.png").stat().st_size > 10_000
+    assert (img / "t_lag_sweep.png").stat().st_size > 10_000
+    assert "](img/t_algorithms.png)" in text and "](img/t_lag_sweep.png)" in text  # relative links
+    for needle in ("oapl compare study.yaml", "OAPL (L=2)", "GRPO (IS cap 2, L=1, off-by-one async)",
+                   "OAPL L=1", "OAPL L=2", "pass@2", "Reused from the comparison", "Read-out"):
+        assert needle in text, needle
+    runs_dir = tmp_path / "runs"
+    assert not (runs_dir / "oapl_L2").exists()  # the L=2 point is the OAPL comparison run
+    for name in ("oapl", "grpo_is", "oapl_L1"):
+        rows = [json.loads(x) for x in (runs_dir / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        train_rows = [r for r in rows if "loss" in r]
+        assert len(train_rows) == 4 and train_rows[-1]["samples_seen"] == 16
+        evals = [r["step"] for r in rows if "eval/pass@1" in r]
+        assert evals == [0, 2, 4], (name, evals)
+    # the step-0 evaluation ran once and was shared
+    first = json.loads((runs_dir / "oapl" / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
+    other = json.loads((runs_dir / "grpo_is" / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert other["eval/pass@1"] == first["eval/pass@1"] and "shared_from" in other
+    grpo_rows = [json.loads(x) for x in (runs_dir / "grpo_is" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["lag"] <= 1 for r in grpo_rows if "loss" in r)
+
+    # a second invocation reuses every complete run and only rewrites the report
+    import oapl.loop
+
+    def boom(*a, **k):
+        raise AssertionError("a complete run was retrained")
+
+    monkeypatch.setattr(oapl.loop, "train", boom)
+    assert "oapl compare --second-call" in run_compare(cc, command="oapl compare --second-call").read_text()
+    # a changed configuration is not "complete"
+    cc2 = study(tiny_model_dir, prompts_file, tmp_path, lag_sweep={"intervals": [1], "steps": 4},
+                algorithms={"oapl": {"optim": {"lr": 2e-3}}})
+    with pytest.raises(AssertionError, match="retrained"):
+        run_compare(cc2)
+
+
+def test_report_lists_missing_runs(tiny_model_dir, prompts_file, tmp_path):
+    cc = study(tiny_model_dir, prompts_file, tmp_path)
+    report = build_report(cc, plan_runs(cc), command="x")
+    text = report.read_text()
+    assert "## Not run" in text and "OAPL L=1" in text
+
+
+def test_cli_dry_run(tiny_model_dir, prompts_file, tmp_path, capsys):
+    from oapl.cli import compare as cli_compare
+
+    cfg = tmp_path / "study.yaml"
+    import yaml
+
+    cc = study(tiny_model_dir, prompts_file, tmp_path)
+    cfg.write_text(yaml.safe_dump(json.loads(cc.model_dump_json())))
+    parser = argparse.ArgumentParser(prog="oapl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli_compare.register(sub)
+    args = parser.parse_args(["compare", str(cfg), "lag_sweep.intervals=[1,3]", "--dry-run"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "OAPL L=3" in out and "samples=16" in out and "GRPO (IS cap 2" in out
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_shipped_cpu_config_plans():
+    cc = load_config(Path(__file__).parents[1] / "configs" / "compare_cpu.yaml", cls=CompareConfig)
+    runs = plan_runs(cc)
+    assert [r.lag for r in runs if r.group == "lag_sweep"] == [1, 10, 50, 100]
+    budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in runs}
+    assert len(budgets) == 1  # one sample budget for every run
+    assert sum(r.same_as is None for r in runs) == 5
