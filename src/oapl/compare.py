@@ -434,7 +434,8 @@ def _setup_table(cfg: TrainConfig) -> list[str]:
                           f"{e.temperature}, top-p {e.top_p}"),
         ("engine", f"`{cfg.engine.kind}`; threads {cfg.threads}"),
     ]
-    return ["| setting | value |", "| --- | --- |", *[f"| {a} | {b} |" for a, b in rows]]
+    pipe = "\\|"  # a literal pipe inside a Markdown table cell (also inside code spans)
+    return ["| setting | value |", "| --- | --- |", *[f"| {a} | {b.replace('|', pipe)} |" for a, b in rows]]
 
 
 def _run_table(items: list[tuple[PlannedRun, dict[str, Any]]], kmax: int, sweep: bool) -> list[str]:
