@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import string
 
@@ -59,3 +60,17 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def char_tokenizer():
     return build_char_tokenizer()
+
+
+def write_prompts(path, n: int):
+    """A JSONL prompts file of ``n`` rows ``{"id": "p<i>", "question": "say <i>"}``."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "question": f"say {i}"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    """40 toy prompts (modules that need another size override this fixture with write_prompts)."""
+    return write_prompts(tmp_path / "prompts.jsonl", 40)

@@ -14,15 +14,12 @@ from oapl.config import ConfigError, load_config
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from conftest import write_prompts  # noqa: E402
 
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    with path.open("w") as f:
-        for i in range(24):
-            f.write(json.dumps({"id": f"p{i}", "question": f"say {i}"}) + "\n")
-    return path
+    return write_prompts(tmp_path / "prompts.jsonl", 24)
 
 
 def study(tiny_model_dir, prompts_file, out, **over) -> CompareConfig:

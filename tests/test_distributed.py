@@ -40,15 +40,6 @@ def ray_cluster():
         ray.shutdown()
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    with path.open("w") as f:
-        for i in range(40):
-            f.write(json.dumps({"id": f"p{i}", "question": f"say {i}"}) + "\n")
-    return path
-
-
 def lower_fraction(prompts, completions, **_):
     """Reward for the tests: share of lower-case letters (varies within a group from the first step)."""
     return [sum(ch.islower() for ch in c) / max(1, len(c)) for c in completions]

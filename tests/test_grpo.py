@@ -157,15 +157,6 @@ def char_code(prompts, completions, **_):
     return [sum(map(ord, c)) / max(1, len(c)) / 128.0 for c in completions]
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    with path.open("w") as f:
-        for i in range(40):
-            f.write(json.dumps({"id": f"p{i}", "question": f"say {i}"}) + "\n")
-    return path
-
-
 def grpo_cfg(tiny_model_dir, prompts_file, out, **over):
     base = {
         "output_dir": str(out), "seed": 0, "steps": 6, "threads": 2,

@@ -16,15 +16,6 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    with path.open("w") as f:
-        for i in range(40):
-            f.write(json.dumps({"id": f"p{i}", "question": f"say {i}"}) + "\n")
-    return path
-
-
 def make_cfg(tiny_model_dir, prompts_file, out, **over):
     base = {
         "output_dir": str(out), "seed": 0, "steps": 6, "threads": 2,

@@ -13,15 +13,12 @@ from oapl.data.rollouts import read_rollouts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_cfg  # noqa: E402
+from conftest import write_prompts  # noqa: E402
 
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    with path.open("w") as f:
-        for i in range(24):
-            f.write(json.dumps({"id": f"p{i}", "question": f"say {i}"}) + "\n")
-    return path
+    return write_prompts(tmp_path / "prompts.jsonl", 24)
 
 
 def cfg_for(tiny_model_dir, prompts_file, out, **over):

@@ -242,7 +242,8 @@ class TrainerRank:
         dist.init_process_group("nccl" if self.cuda else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=self.rank, world_size=self.world, timeout=datetime.timedelta(seconds=600))
         if self.fsdp and cfg.algorithm.reference_logprobs == "recompute":
-            raise NotImplementedError("reference_logprobs=recompute is not supported with FSDP2 trainer ranks")
+            raise ValueError("algorithm.reference_logprobs=recompute is not supported with FSDP2 trainer ranks "
+                             "(use reference_logprobs=engine)")
         _seed_everything(cfg.seed)
         state: dict[str, Any] = {}
         model = None
@@ -468,7 +469,8 @@ class TrainerRank:
         from oapl.engines.transformers_engine import TransformersEngine
 
         if self.fsdp:
-            raise NotImplementedError("mid-window evaluation needs full weights on one rank (not with FSDP2)")
+            raise ValueError("mid-window evaluation needs full weights on one rank, which FSDP2 ranks do not "
+                             "hold: set eval.every to a multiple of rollout.sync_interval")
         model = self.policy.hf_model()
         self._eval_was_training = model.training
         model.eval()
