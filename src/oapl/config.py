@@ -81,6 +81,9 @@ class TaskConfig(_Section):
     eval_dataset: str | None = Field(None, description="Held-out dataset (file or Hub name); default: "
                                      "the task's own held-out split.")
     eval_split: str = Field("test", description="Held-out split.")
+    eval_dataset_config: str | None = Field(None, description="Hub dataset config of eval_dataset (default: "
+                                            "dataset_config for math/dataset tasks; the loader's default "
+                                            "subsets for code).")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Column mapping, e.g. {prompt: problem, answer: solution}."
     )
@@ -98,6 +101,17 @@ class TaskConfig(_Section):
     operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"],
                                                      description="arithmetic: operations used.")
     reward_timeout_s: float = Field(5.0, gt=0, description="Per-completion timeout for verifiers.")
+    thinking: Literal["auto", "required", "off"] = Field(
+        "auto", description="What the reward sees of a thinking model's response: auto = when the response "
+        "thinks (the prompt ends with the open tag, or the response has a tag) only the text after the last "
+        "close tag, and 0 without one (truncated inside its thinking); required = always that; off = the "
+        "whole response.")
+    think_tags: tuple[str, str] = Field(("<think>", "</think>"), description="[open, close] tags of the "
+                                        "thinking block (task.thinking).")
+    eval_benchmarks: list[str] = Field(
+        default_factory=list, description="Named benchmarks (aime25, hmmt25_feb, hmmt25_nov, brumo25, ...) "
+        "whose problems together form the held-out set, each row labelled with its benchmark (instead of "
+        "eval_dataset).")
 
 
 class AlgorithmConfig(_Section):
@@ -229,7 +243,41 @@ class TrainConfig(_Section):
         if self.algorithm.name == "oapl" and self.rollout.max_staleness != 0:
             raise ValueError("rollout.max_staleness must be 0 for OAPL: V* must come from one weight "
                              "version, so the buffer is cleared at every sync")
+        self._check_budgets_and_data()
         return self
+
+    def _check_budgets_and_data(self) -> None:
+        """Refuse what the engine would silently change, and held-out settings that cannot both hold."""
+        if self.algorithm.name == "grpo" and self.algorithm.is_cap is not None and self.sampling.top_p < 1.0:
+            raise ValueError(
+                f"sampling.top_p={self.sampling.top_p} with GRPO's importance-sampling correction "
+                f"(algorithm.is_cap={self.algorithm.is_cap}): the weight pi_old/pi_inf compares the trainer's "
+                "full-distribution log-probs with the engine's top-p-truncated ones; use sampling.top_p=1.0 "
+                "(or algorithm.is_cap=null for no correction)")
+        limit = self.engine.max_model_len
+        if limit is not None:
+            # a prompt has at least one token, so max_tokens must leave room for it (an unset
+            # eval.max_tokens is sampling.max_tokens, checked as such)
+            for name, value in (("sampling.max_tokens", self.sampling.max_tokens),
+                                ("eval.max_tokens", self.eval.max_tokens)):
+                if value is not None and value >= limit:
+                    raise ValueError(
+                        f"{name}={value} does not fit engine.max_model_len={limit} (prompt + response): vLLM "
+                        f"would stop every response at {limit} tokens minus its prompt; raise "
+                        f"engine.max_model_len to {value} plus the longest prompt, or lower {name}")
+        task = self.task
+        if task.eval_benchmarks:
+            from oapl.data.benchmarks import BENCHMARKS
+
+            unknown = [b for b in task.eval_benchmarks if b not in BENCHMARKS]
+            if unknown:
+                raise ValueError(f"task.eval_benchmarks: unknown benchmark(s) {unknown}; known: "
+                                 f"{', '.join(sorted(BENCHMARKS))}")
+            if task.eval_dataset is not None:
+                raise ValueError(f"task.eval_benchmarks={task.eval_benchmarks} and task.eval_dataset="
+                                 f"{task.eval_dataset!r} both name the held-out set; set only one")
+            if task.name not in ("math", "dataset"):
+                raise ValueError(f"task.eval_benchmarks needs task.name=math or dataset (got {task.name!r})")
 
 
 def _parse_value(raw: str) -> Any:
@@ -258,7 +306,12 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {msg}")
+        # a whole-config check (loc "(root)") names its fields itself; echoing the whole input hides it
+        if not e["loc"]:
+            lines.append(msg)
+            continue
+        bare = e["type"] == "missing"
+        lines.append(f"{loc}: {msg}" if bare else f"{loc}: {msg} (got {e.get('input')!r})")
     return f"invalid configuration ({source}):\n" + "\n".join(lines)
 
 

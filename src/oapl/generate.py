@@ -48,6 +48,7 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
     model_name = model or cfg.model.name
     model_path = resolve_model_path(model_name)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    max_tokens_field = "eval.max_tokens" if params is not None else "sampling.max_tokens"
     if params is None:
         s = cfg.sampling
         params = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop), n=n or cfg.rollout.group_size)
@@ -67,7 +68,8 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
                 for start in range(0, len(todo), batch_prompts):
                     chunk = todo[start : start + batch_prompts]
                     groups = generate_groups(engine, task, tokenizer, chunk, params, reward,
-                                             batch_prompts=batch_prompts, weights_id=model_name, benchmark=benchmark)
+                                             batch_prompts=batch_prompts, weights_id=model_name, benchmark=benchmark,
+                                             split=split, max_tokens_field=max_tokens_field)
                     for g in groups:
                         writer.write(g)
                     written += len(groups)

@@ -90,8 +90,9 @@ ARITHMETIC_SYSTEM_PROMPT = "Answer with the number only."
 MATH_PROMPT_TEMPLATE = "{prompt}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
-def _load_split(cfg: TaskConfig, source: str, split: str, required: list[str], limit: int | None):
-    rows, label = load_rows(source, split, cfg.dataset_config)
+def _load_split(cfg: TaskConfig, source: str, split: str, required: list[str], limit: int | None,
+                config: str | None = None):
+    rows, label = load_rows(source, split, config if config is not None else cfg.dataset_config)
     if not rows:
         raise DatasetError(f"{label}: no rows")
     rows = map_columns(rows, cfg.columns, required, label)
@@ -99,7 +100,48 @@ def _load_split(cfg: TaskConfig, source: str, split: str, required: list[str], l
 
 
 def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
-    """Assemble the task named by ``task.name`` from the config."""
+    """Assemble the task named by ``task.name`` from the config.
+
+    The reward is wrapped by :class:`oapl.rewards.thinking.ThinkingAwareReward` unless
+    ``task.thinking`` is ``off``: a thinking model is scored on its final answer only.
+    """
+    task = _build_task(cfg, seed)
+    if cfg.thinking != "off":
+        from oapl.rewards.thinking import ThinkingAwareReward
+
+        task.reward_fn = ThinkingAwareReward(task.reward_fn, cfg.thinking, cfg.think_tags)
+    return task
+
+
+def _benchmark_rows(cfg: TaskConfig, task_name: str) -> list[dict[str, Any]]:
+    """The held-out rows of ``task.eval_benchmarks``, each labelled with its benchmark name.
+
+    ``task.max_eval_prompts`` applies to each benchmark; ``prompt_id`` becomes ``<benchmark>/<id>``.
+    """
+    from oapl.data.benchmarks import get_benchmark
+
+    rows: list[dict[str, Any]] = []
+    for name in cfg.eval_benchmarks:
+        try:
+            bench = get_benchmark(name)
+        except ValueError as e:
+            raise ValueError(f"task.eval_benchmarks: {e}") from None
+        if bench.task != task_name:
+            raise ValueError(f"task.eval_benchmarks: {name!r} is a {bench.task!r} benchmark but task.name is "
+                             f"{task_name!r}")
+        raw, label = load_rows(bench.source, bench.split)
+        if not raw:
+            raise DatasetError(f"{label}: no rows (benchmark {name!r})")
+        mapped = map_columns(raw, {"prompt": bench.prompt_column, "answer": bench.answer_column},
+                             ["prompt", "answer"], label)
+        for row in mapped[: cfg.max_eval_prompts] if cfg.max_eval_prompts else mapped:
+            row["prompt_id"] = f"{bench.name}/{row['prompt_id']}"
+            row["benchmark"] = bench.name
+            rows.append(row)
+    return rows
+
+
+def _build_task(cfg: TaskConfig, seed: int) -> Task:
     name = cfg.name
     if name == "arithmetic":
         train, held = arithmetic_examples(cfg, seed)
@@ -117,8 +159,11 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
             raise ValueError(f"task.dataset is required for task.name={name!r}")
         required = {"math": ["prompt", "answer"], "dataset": ["prompt"]}[name]
         train = _load_split(cfg, cfg.dataset, cfg.split, required, cfg.max_prompts)
-        held = (_load_split(cfg, cfg.eval_dataset, cfg.eval_split, required, cfg.max_eval_prompts)
-                if cfg.eval_dataset else [])
+        if cfg.eval_benchmarks:
+            held = _benchmark_rows(cfg, name)
+        else:
+            held = (_load_split(cfg, cfg.eval_dataset, cfg.eval_split, required, cfg.max_eval_prompts,
+                                cfg.eval_dataset_config) if cfg.eval_dataset else [])
         if name == "math":
             from oapl.rewards.math import MathVerifier
 
@@ -154,7 +199,8 @@ def _code_task(cfg: TaskConfig) -> Task:
     if not cfg.dataset:
         raise ValueError("task.dataset is required for task.name='code' (a DeepCoder-format file or Hub name)")
     train = _code_rows(cfg.dataset, cfg.split, cfg.dataset_config, cfg.max_prompts)
-    held = (_code_rows(cfg.eval_dataset, cfg.eval_split, None, cfg.max_eval_prompts) if cfg.eval_dataset else [])
+    held = (_code_rows(cfg.eval_dataset, cfg.eval_split, cfg.eval_dataset_config, cfg.max_eval_prompts)
+            if cfg.eval_dataset else [])
     fn = load_reward(cfg.reward) if cfg.reward else code_reward
     return Task("code", train, held, fn, ["tests", "metadata"], cfg.system_prompt, cfg.prompt_template,
                 cfg.chat_template)

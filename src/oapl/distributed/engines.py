@@ -117,6 +117,11 @@ class RemoteEngine:
     def version(self) -> int:
         return self._version
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The configured ``engine.max_model_len`` (prompts are checked against it on the driver)."""
+        return self.pool.cfg.engine.max_model_len
+
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         ray = require_ray()
         actor = self.pool.actor(self.index)
@@ -293,6 +298,11 @@ class PoolEngine:
     @property
     def version(self) -> int:
         return self.pool.version
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The configured ``engine.max_model_len`` (prompts are checked against it on the driver)."""
+        return self.pool.cfg.engine.max_model_len
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         ray = require_ray()

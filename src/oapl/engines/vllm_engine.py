@@ -240,6 +240,16 @@ class VLLMEngine:
         return self._version
 
     @property
+    def max_model_len(self) -> int:
+        """The prompt + response limit vLLM enforces (``engine.max_model_len``, else the model's own).
+
+        vLLM stops a response that reaches it without an error; callers check prompts against it
+        first (:func:`oapl.data.budget.check_prompt_budget`).
+        """
+        self._check_open()
+        return int(self._llm.llm_engine.model_config.max_model_len)
+
+    @property
     def llm(self):
         """The wrapped ``vllm.LLM`` (for benchmarks and debugging)."""
         self._check_open()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from oapl.data.budget import check_prompt_budget, engine_max_model_len
 from oapl.engines.base import InferenceEngine, SamplingParams, sampling_dict
 from oapl.rewards.base import SafeReward
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer, RolloutGroup
@@ -96,8 +97,13 @@ class RolloutWorker:
     # -- producing ---------------------------------------------------------------------------
     def _prompt(self, idx: int) -> tuple[str, list[int]]:
         if idx not in self._rendered:
-            text = self.task.render(self.task.train[idx], self.tokenizer)
+            example = self.task.train[idx]
+            text = self.task.render(example, self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            # the engine would silently cut a response that does not fit max_model_len
+            check_prompt_budget(len(ids), self.sampling.max_tokens, engine_max_model_len(self.engine),
+                                split="train", row=idx, prompt_id=str(example.get("prompt_id", idx)),
+                                max_tokens_field="sampling.max_tokens")
             self._rendered[idx] = (text, ids)
         return self._rendered[idx]
 
