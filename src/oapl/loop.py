@@ -30,6 +30,7 @@ from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
 from oapl.rollout.worker import RolloutWorker
+from oapl.rundir import begin_run, check_run_dir
 from oapl.trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from oapl.trainer.model import load_causal_lm
 from oapl.trainer.policy import Policy
@@ -55,10 +56,10 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """Owns the policy, the engine, the buffer and the rollout worker of one run."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         _seed_everything(cfg.seed)
@@ -96,18 +97,19 @@ class Trainer:
                 self.version += 1
                 self.sync_step = self.step
                 self.version_steps[self.version] = self.step
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
-                                     cfg.logging.wandb_project, cfg.model_dump(), resume=self.ckpt is not None)
-        if self.ckpt is not None:
-            self.metrics.truncate_after(self.step)
-
         s = cfg.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
         # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
         weights_path = str(self.ckpt / "model") if self.ckpt is not None else self.policy.model_path
         in_memory = self.policy.hf_model() if engine_kind(cfg) == "transformers" else None
         self.engine = make_engine(cfg, weights_path, self.policy.tokenizer, hf_model=in_memory)
+        # everything is loaded: the run starts, and only now is anything in its directory changed
+        begin_run(self.run_dir, resume=resume, overwrite=overwrite)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
+                                     cfg.logging.wandb_project, cfg.model_dump(), resume=self.ckpt is not None)
+        if self.ckpt is not None:
+            self.metrics.truncate_after(self.step)
         self.engine.load_weights(self.policy.engine_weights(), self.version)
         if cfg.algorithm.reference_logprobs == "recompute":
             self.policy.snapshot_reference()
@@ -226,10 +228,10 @@ class Trainer:
                     progress.update(1)
                     progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4g}",
                                          v=batch_version, lag=row["lag"])
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             log.warning("interrupted at step %d: writing a checkpoint", self.step)
             self.worker.stop()
-            self.checkpoint()
+            interrupt.oapl_checkpoint = str(self.checkpoint())  # the CLI says which one, truthfully
             raise
         finally:
             self.worker.stop()
@@ -268,15 +270,19 @@ def _fmt(summary: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("pass@") or k == "reward_mean")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
-    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the latest checkpoint in ``output_dir``."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the latest checkpoint in ``output_dir``.
+
+    A non-empty ``output_dir`` is refused (:class:`~oapl.errors.RunDirError`) unless ``resume`` or
+    ``overwrite`` (replace the previous run, once this one has started) is given.
+    """
     if cfg.distributed.backend == "ray":  # engines as Ray actors, trainer ranks placed by Ray
         from oapl.distributed import train as train_ray
 
         d = cfg.distributed
-        return train_ray(cfg, resume=resume, max_trainer_restarts=d.max_trainer_restarts,
+        return train_ray(cfg, resume=resume, overwrite=overwrite, max_trainer_restarts=d.max_trainer_restarts,
                          weight_transport=None if d.weight_transport == "auto" else d.weight_transport)
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     try:
         return trainer.train()
     finally:

@@ -20,6 +20,7 @@ import yaml
 from oapl.config import TrainConfig, save_config
 from oapl.data.rollouts import filter_groups, read_rollouts
 from oapl.metrics import MetricsLogger
+from oapl.rundir import begin_run, check_run_dir
 from oapl.trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from oapl.trainer.model import load_causal_lm, pick_device, pick_dtype
 from oapl.trainer.policy import Policy
@@ -33,13 +34,16 @@ def _epoch_batches(n_groups: int, per_step: int, seed: int, epoch: int) -> list[
     return [order[i : i + per_step] for i in range(0, n_groups - per_step + 1, per_step)]
 
 
-def train_offline(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.offline.data`` for ``cfg.offline.epochs`` epochs."""
+def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.offline.data`` for ``cfg.offline.epochs`` epochs.
+
+    ``output_dir`` rules as in :func:`oapl.loop.train`: a non-empty one needs ``resume`` or ``overwrite``.
+    """
     off = cfg.offline
     if not off.data:
         raise ValueError("offline.data is required for offline training")
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
     groups = read_rollouts(off.data)
     kept, counts = filter_groups(groups, min_correct=off.min_correct, drop_all_correct=off.drop_all_correct)
     log.info("offline data %s: %s", off.data, counts)
@@ -63,6 +67,7 @@ def train_offline(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             raise ValueError("resuming offline training with reference_logprobs=recompute needs the "
                              "sampling weights; restart the stage instead")
         policy.snapshot_reference()  # the frozen sampling weights = the model we start from
+    begin_run(run_dir, resume=resume, overwrite=overwrite)  # loaded: only now touch the run dir
     save_config(cfg, run_dir / "config.yaml")
     metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project,
                             cfg.model_dump(), resume=ckpt is not None)
@@ -98,8 +103,8 @@ def train_offline(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if off.checkpoint_every_epoch or epoch == off.epochs - 1:
                 path = _save(cfg, run_dir, step, policy, samples_seen, epoch + 1, keep=off.epochs + 1)
                 checkpoints.append(str(path))
-    except KeyboardInterrupt:
-        _save(cfg, run_dir, step, policy, samples_seen, step // per_epoch)
+    except KeyboardInterrupt as interrupt:
+        interrupt.oapl_checkpoint = str(_save(cfg, run_dir, step, policy, samples_seen, step // per_epoch))
         raise
     finally:
         if progress is not None:

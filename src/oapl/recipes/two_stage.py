@@ -4,7 +4,14 @@
 2. train one epoch offline on it (no sync: L = one epoch);
 3. generate again with the result on a random subset of the prompts; filter the same way;
 4. train more epochs from the stage-1 model, a checkpoint per epoch;
-5. evaluate every epoch's checkpoint (and the base model) on the held-out set; report the best.
+5. evaluate every stage-2 epoch's checkpoint on the held-out set and report the best, as the paper
+   does ("We evaluate all four checkpoints from each epoch of the second round"); the base and
+   stage-1 models are evaluated for reference but are not candidates.
+
+The report says which data the choice was made on (``report["selection"]``). Choosing the best of
+several checkpoints on the split whose score is then reported makes that score optimistic; the
+paper does so on LiveCodeBench, and the recipe warns whenever the held-out set is not a validation
+split.
 """
 
 from __future__ import annotations
@@ -50,6 +57,29 @@ def _evaluate(cfg: TrainConfig, model: str, out: Path) -> dict[str, Any]:
     return result
 
 
+_VALIDATION_SPLITS = ("val", "valid", "validation", "dev", "development")
+
+
+def selection_split(cfg: TrainConfig) -> dict[str, Any]:
+    """Which held-out data the recipe evaluates (and so chooses its best checkpoint) on.
+
+    ``test_split`` is False only for a split named like a validation split (val, valid, validation,
+    dev) of a dataset that is not a named benchmark; everything else (a ``test`` split, the named
+    competition benchmarks, the built-in arithmetic held-out split) is what results are reported on.
+    """
+    t = cfg.task
+    if t.eval_benchmarks:
+        dataset, split, benchmark = "+".join(t.eval_benchmarks), "benchmark problems", True
+    elif t.eval_dataset:
+        dataset = t.eval_dataset + (f" ({t.eval_dataset_config})" if t.eval_dataset_config else "")
+        split, benchmark = t.eval_split, False
+    else:
+        dataset, split, benchmark = f"the {t.name} task's built-in held-out set", t.eval_split, t.name == "arithmetic"
+    is_validation = not benchmark and split.strip().lower() in _VALIDATION_SPLITS
+    return {"dataset": dataset, "split": split, "test_split": not is_validation,
+            "description": f"{dataset} [{split}]"}
+
+
 def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: int = 4,
                   evaluate_base: bool = True) -> dict[str, Any]:
     """Run the recipe under ``cfg.output_dir``; returns (and writes ``report.json``) the summary."""
@@ -76,16 +106,24 @@ def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: i
     report["stages"]["train2"] = train_offline(s2, resume=True)
 
     evals: dict[str, Any] = {}
-    candidates = ([("base", base)] if evaluate_base else []) + [("stage1", stage1_model)] + [
-        (f"stage2-epoch{i + 1}", c + "/model") for i, c in enumerate(report["stages"]["train2"]["checkpoints"])]
-    for label, model in candidates:
+    stage2 = [(f"stage2-epoch{i + 1}", c + "/model") for i, c in enumerate(report["stages"]["train2"]["checkpoints"])]
+    reference = ([("base", base)] if evaluate_base else []) + [("stage1", stage1_model)]
+    for label, model in reference + stage2:
         log.info("evaluating %s (%s)", label, model)
         result = _evaluate(cfg, model, root / "eval" / label)
         evals[label] = {"model": model, "pass@1": pass1(result), "result": result}
-    trained = {k: v for k, v in evals.items() if k != "base"}
-    best = max(trained, key=lambda k: trained[k]["pass@1"])
+    candidates = [label for label, _ in stage2]
+    best = max(candidates, key=lambda k: evals[k]["pass@1"])  # first of equals: the earliest epoch
+    selection = selection_split(cfg)
+    selection.update(candidates=candidates, metric="pass@1")
+    if selection["test_split"]:
+        log.warning("the best checkpoint (%s) was chosen on %s, the split its pass@1 is reported on: the score "
+                    "is optimistic (best of %d); choose on a validation split for an unbiased one",
+                    best, selection["description"], len(candidates))
     report["eval"] = {k: {"model": v["model"], "pass@1": v["pass@1"]} for k, v in evals.items()}
-    report["best"] = {"label": best, **report["eval"][best]}
+    report["selection"] = selection
+    report["best"] = {"label": best, **report["eval"][best], "selected_on": selection["description"],
+                      "selected_on_test_split": selection["test_split"]}
     try:
         from oapl.evaluation.plots import plot_passk
 
