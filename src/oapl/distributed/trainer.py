@@ -1,21 +1,23 @@
 """The trainer as ``torch.distributed`` ranks placed by Ray: DDP (gloo) on CPU, FSDP2 (NCCL) on GPUs.
 
-Every rank holds a :class:`oapl.trainer.policy.Policy` and receives the *whole* batch of groups;
-advantages (V* per group, Eq. 2) are computed from whole groups, then each rank takes a contiguous
-shard of the batch's sequences. The OAPL loss is a mean over the N sequences of the batch, so each
-rank computes its shard's share with the full-batch denominator (``oapl_loss(..., num_sequences=N)``)
-and multiplies it by the world size W, because DDP and FSDP *average* gradients over ranks:
+The driver plans the step (:func:`oapl.trainer.step.plan_step`): advantages from whole groups, the
+mini-batches, and for every rank a token-balanced share of each mini-batch with its micro-batch
+plan; each rank receives only its share and runs the same :func:`oapl.trainer.step.run_step` as the
+single process, through :class:`RankParallel`. The OAPL loss is a mean over the N sequences of a
+mini-batch, so each rank computes its share's part with the full denominator and multiplies it by
+the world size W, because DDP and FSDP *average* gradients over ranks:
 
-    grad = (1/W) * sum_r W * d/dw [ sum_{i in shard r} (beta2 s_i - A_i)^2 / N ]
+    grad = (1/W) * sum_r W * d/dw [ sum_{i in share r} (beta2 s_i - A_i)^2 / N ]
          = d/dw [ (1/N) * sum_i (beta2 s_i - A_i)^2 ]            (the single-process gradient)
 
-Micro-batches (gradient accumulation) work as in the local trainer; under DDP only the last one
-all-reduces (``no_sync`` before). A non-finite loss on any rank skips the step on every rank (the
-flag is all-reduced), so replicas never diverge.
+Under DDP only the last micro-batch all-reduces (``no_sync`` before); under FSDP2 every rank runs
+as many micro-batches as the busiest one (zero-weight extras), because every forward all-gathers.
+A non-finite loss on any rank skips the step on every rank (the flag is all-reduced), so replicas
+never diverge. The ranks' metric partial sums are merged by :mod:`oapl.trainer.stats`.
 
-:class:`TrainerRank` is the actor body (a plain class; :class:`TrainerGroup` wraps it with
-``ray.remote``); :func:`combine_rank_metrics` turns the ranks' partial sums into the same metric
-row the local ``Policy.train_step`` returns.
+Precision: FSDP2 shards the fp32 master weights and computes with
+``MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)``; DDP keeps fp32 replicas
+and autocasts, as the single process does (:mod:`oapl.trainer.precision`).
 
 The model is called through :class:`LogProbModule` (whose ``forward`` is :func:`token_logprobs`)
 so that DDP's and FSDP2's forward hooks run: the chunked log-prob path calls the decoder and the LM
@@ -27,13 +29,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import os
-import random
-import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from oapl.config import TrainConfig
@@ -41,21 +39,11 @@ from oapl.distributed.cluster import (TrainerFailure, actor_options, actor_threa
                                       get_fail_fast, kill_actor, make_placement_group, node_ip,
                                       remove_placement_group, require_ray)
 from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
-from oapl.objectives import grpo_loss, oapl_loss, sequence_log_ratio
+from oapl.trainer.checkpoint import seed_everything
 from oapl.trainer.logprobs import TokenBatch, token_logprobs
+from oapl.trainer.step import Parallel, RankWork, plan_step, run_step
 
 log = logging.getLogger(__name__)
-
-
-def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous ``[lo, hi)`` sequence ranges, sizes differing by at most one (rank order)."""
-    base, rem = divmod(n, world)
-    out, lo = [], 0
-    for r in range(world):
-        hi = lo + base + (1 if r < rem else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
 
 
 def parallel_mode(cfg: TrainConfig) -> str:
@@ -66,129 +54,50 @@ def parallel_mode(cfg: TrainConfig) -> str:
 class LogProbModule(torch.nn.Module):
     """``forward`` = :func:`token_logprobs` of the wrapped HF model (what DDP/FSDP2 wrap)."""
 
-    def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int, autocast) -> None:
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.autocast = autocast
 
-    def forward(self, input_ids, attention_mask, response_mask, ref_logprobs):
-        batch = TokenBatch(input_ids, attention_mask, response_mask, ref_logprobs)
-        return token_logprobs(self.model, batch, self.temperature, self.chunk_size, with_entropy=True)
-
-
-class RankStats:
-    """Partial sums of one rank's micro-batches, enough to rebuild the full-batch metrics exactly."""
-
-    def __init__(self) -> None:
-        self.loss = 0.0
-        self.seqs = 0
-        self.tokens = 0
-        self.kl = 0.0
-        self.absdiff = 0.0
-        self.absdiff_max = 0.0
-        self.s_sum = 0.0
-        self.s_sq = 0.0
-        self.s_absmax = 0.0
-        self.ent = 0.0
-        self.mask = 0.0
-        self.seq_nll = 0.0
-        self.extra: dict[str, float] = {}
-
-    @torch.no_grad()
-    def add(self, loss, logp, ref, mask, ent, extra: dict, rows: int, n: int) -> None:
-        self.loss += float(loss.detach())
-        for k, v in extra.items():
-            self.extra[k] = self.extra.get(k, 0.0) + float(v) * rows / n
-        logp, ref, mask = logp.detach().float().cpu(), ref.detach().float().cpu(), mask.float().cpu()
-        m = mask.bool()
-        d = (logp - ref)[m].double()
-        if d.numel():
-            rho = torch.exp(d.clamp(max=50))
-            self.tokens += d.numel()
-            self.kl += float(((rho - 1) - d).sum())
-            self.absdiff += float(d.abs().sum())
-            self.absdiff_max = max(self.absdiff_max, float(d.abs().max()))
-        s = sequence_log_ratio(logp, ref, mask).double()
-        self.seqs += s.numel()
-        self.s_sum += float(s.sum())
-        self.s_sq += float((s * s).sum())
-        self.s_absmax = max(self.s_absmax, float(s.abs().max()))
-        self.ent += float((ent.detach().float().cpu() * mask).sum())
-        self.mask += float(mask.sum())
-        self.seq_nll += float((-(ref * mask).sum(-1)).sum())
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def forward(self, batch: TokenBatch, with_entropy: bool = True):
+        return token_logprobs(self.model, batch, self.temperature, self.chunk_size, with_entropy=with_entropy,
+                              autocast=self.autocast())
 
 
-def batch_metrics(cfg: TrainConfig, groups, adv: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, float]:
-    """The batch-level part of ``Policy.train_step``'s metrics (same definitions)."""
-    rewards = torch.tensor([r for g in groups for r in g.rewards])
-    lengths = torch.tensor([len(t) for g in groups for t in g.response_token_ids], dtype=torch.float32)
-    return {
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std(unbiased=False)),
-        "v_star_mean" if cfg.algorithm.name == "oapl" else "baseline_mean": float(values.mean()),
-        "adv_mean": float(adv.mean()),
-        "adv_std": float(adv.std(unbiased=False)),
-        "response_len_mean": float(lengths.mean()),
-        "truncated_frac": sum(f == "length" for g in groups for f in g.finish_reasons) / max(1, n),
-    }
+class RankParallel(Parallel):
+    """How one of W ranks takes part in :func:`oapl.trainer.step.run_step`."""
 
+    def __init__(self, rank_obj: TrainerRank) -> None:
+        super().__init__(rank_obj.policy)
+        self.r = rank_obj
+        self.world, self.rank = rank_obj.world, rank_obj.rank
+        self.pad_micro = rank_obj.fsdp
 
-def combine_rank_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
-    """Merge the ranks' results into ``Policy.train_step``'s metric dict (same keys, same order)."""
-    p0 = parts[0]
-    b = p0["batch"]
-    finite = p0["finite"]
-    seconds = max(p["seconds"] for p in parts)
-    vkey = "v_star_mean" if "v_star_mean" in b else "baseline_mean"
-    metrics: dict[str, float] = {
-        "loss": sum(p["stats"]["loss"] for p in parts) if finite else float("nan"),
-        "skipped": 0.0 if finite else 1.0,
-        "reward_mean": b["reward_mean"], "reward_std": b["reward_std"], vkey: b[vkey],
-        "adv_mean": b["adv_mean"], "adv_std": b["adv_std"],
-        "grad_norm": p0["grad_norm"], "lr": p0["lr"],
-        "response_len_mean": b["response_len_mean"], "truncated_frac": b["truncated_frac"],
-        "train_seconds": seconds,
-        "train_tokens_per_s": sum(p["tokens"] for p in parts) / max(seconds, 1e-9),
-    }
-    for p in parts:
-        for k, v in p["stats"]["extra"].items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    st = [p["stats"] for p in parts]
-    seqs = sum(s["seqs"] for s in st)
-    if seqs:
-        tokens = sum(s["tokens"] for s in st)
-        if tokens == 0:
-            metrics.update({"kl": 0.0, "logprob_absdiff_mean": 0.0, "logprob_absdiff_max": 0.0,
-                            "log_ratio_mean": 0.0, "log_ratio_std": 0.0, "log_ratio_absmax": 0.0})
-        else:
-            mean_s = sum(s["s_sum"] for s in st) / seqs
-            var_s = max(sum(s["s_sq"] for s in st) / seqs - mean_s * mean_s, 0.0)
-            metrics.update({
-                "kl": sum(s["kl"] for s in st) / tokens,
-                "logprob_absdiff_mean": sum(s["absdiff"] for s in st) / tokens,
-                "logprob_absdiff_max": max(s["absdiff_max"] for s in st),
-                "log_ratio_mean": mean_s,
-                "log_ratio_std": math.sqrt(var_s),
-                "log_ratio_absmax": max(s["s_absmax"] for s in st),
-            })
-        metrics["entropy"] = sum(s["ent"] for s in st) / max(sum(s["mask"] for s in st), 1.0)
-        metrics["seq_entropy"] = sum(s["seq_nll"] for s in st) / seqs
-    return metrics
+    def logprobs(self, batch, with_entropy: bool = True):
+        return self.r.module(batch, with_entropy=with_entropy)
+
+    def accumulate(self, last: bool):
+        return self.r.module.no_sync() if (not self.r.fsdp and not last) else contextlib.nullcontext()
+
+    def all_finite(self, local: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if local else 1.0], device=self.policy.device if self.r.cuda else "cpu")
+        dist.all_reduce(flag)
+        return float(flag.item()) == 0.0
+
+    def grad_norm(self, params, max_norm: float) -> float:
+        return float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        return _full(t)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (a collective: every rank must call it in the same order)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class TrainerRank:
@@ -232,9 +141,8 @@ class TrainerRank:
         """
         import torch.distributed as dist
 
-        from oapl.trainer.checkpoint import load_trainer_state, set_rng_state
-        from oapl.trainer.model import load_causal_lm, pick_device, pick_dtype
-        from oapl.trainer.policy import Policy
+        from oapl.trainer.checkpoint import set_rng_state
+        from oapl.trainer.policy import load_policy
 
         cfg = self.cfg
         if self.cuda:
@@ -244,29 +152,12 @@ class TrainerRank:
         if self.fsdp and cfg.algorithm.reference_logprobs == "recompute":
             raise ValueError("algorithm.reference_logprobs=recompute is not supported with FSDP2 trainer ranks "
                              "(use reference_logprobs=engine)")
-        _seed_everything(cfg.seed)
-        state: dict[str, Any] = {}
-        model = None
-        if ckpt is not None:
-            from pathlib import Path
-
-            state = load_trainer_state(Path(ckpt))
-            if not cfg.model.lora.enabled:
-                dev = pick_device(cfg.model.device)
-                model = load_causal_lm(str(Path(ckpt) / "model"), pick_dtype(cfg.model.dtype, dev), dev,
-                                       cfg.model.trust_remote_code)
-        policy = Policy(cfg, total_steps=cfg.steps, model=model)
-        if ckpt is not None and cfg.model.lora.enabled:
-            from pathlib import Path
-
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            adapter = Path(ckpt) / "adapter" / "adapter_model.safetensors"
-            set_peft_model_state_dict(policy.model, load_file(str(adapter)))
+        seed_everything(cfg.seed)
+        # FSDP2 loads its optimiser state after sharding (below); DDP like the single process
+        policy, state = load_policy(cfg, cfg.steps, ckpt, load_optimizer=not self.fsdp)
         self.policy = policy
-        temp = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
-        self.module = LogProbModule(policy.model, temp, cfg.model.logprob_chunk_size)
+        self.module = LogProbModule(policy.model, policy.temperature, cfg.model.logprob_chunk_size,
+                                    policy.precision.autocast)
         if self.fsdp:
             self._wrap_fsdp2()
         else:
@@ -276,8 +167,6 @@ class TrainerRank:
         if state:
             if self.fsdp:
                 self._load_fsdp_policy_state(state["policy"])
-            else:
-                policy.load_state_dict(state["policy"])
             set_rng_state(state["rng"])
         if self.rank != 0:
             return None
@@ -286,24 +175,29 @@ class TrainerRank:
     # -- FSDP2 (GPU; not exercised by the CPU test-suite) ---------------------------------------
     def _wrap_fsdp2(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from oapl.trainer.optim import build_optimizer, build_scheduler
 
         cfg, policy = self.cfg, self.policy
+        # shards hold the fp32 masters; each forward all-gathers them cast to the compute dtype and
+        # gradients are reduce-scattered in fp32 (the AdamW state stays fp32 on the shards)
+        prec = policy.precision
+        mp = MixedPrecisionPolicy(param_dtype=prec.compute_dtype if prec.mixed else None,
+                                  reduce_dtype=torch.float32)
         mesh = init_device_mesh("cuda", (self.world,))
         names = set(getattr(policy.model, "_no_split_modules", None) or [])
         layers = [m for m in policy.model.modules() if type(m).__name__ in names]
         if not layers:
             raise RuntimeError(f"{type(policy.model).__name__} names no _no_split_modules (decoder layers) to shard")
         for layer in layers:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
         # the root unit holds embeddings, final norm and the (possibly tied) LM head; it keeps them
         # gathered between forward and backward because token_logprobs uses the head weight directly
-        fully_shard(self.module, mesh=mesh, reshard_after_forward=False)
+        fully_shard(self.module, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
         # fully_shard replaced the parameters by DTensors: the optimiser must see the new ones
-        policy.optimizer = build_optimizer(policy.model.parameters(), cfg.optim)
-        policy.scheduler = build_scheduler(policy.optimizer, cfg.optim, cfg.steps)
+        policy.optimizer = build_optimizer(policy.model.parameters(), cfg.optim, policy.device)
+        policy.scheduler = build_scheduler(policy.optimizer, cfg.optim, cfg.steps * cfg.algorithm.mini_batches)
 
     def _fsdp_full_policy_state(self) -> dict[str, Any]:
         """The optimiser state in the local (single-process) format: collective on every rank."""
@@ -333,89 +227,9 @@ class TrainerRank:
         for name, t in self.policy.engine_weights():
             yield name, _full(t)
 
-    def train_step(self, groups, want_grads: bool = False) -> dict[str, Any]:
-        import torch.distributed as dist
-
-        policy, cfg = self.policy, self.cfg
-        algo = cfg.algorithm
-        t0 = time.perf_counter()
-        batch = policy._batch(groups)
-        adv, values = policy._advantages(groups)
-        n = batch.input_ids.shape[0]
-        if n < self.world:
-            raise ValueError(f"a batch of {n} sequences cannot be split over {self.world} trainer ranks")
-        bounds = shard_bounds(n, self.world)
-        lo, hi = bounds[self.rank]
-        mb = cfg.optim.micro_batch_size
-        counts = [math.ceil((h - l) / mb) for l, h in bounds]
-        # FSDP all-gathers in every forward: every rank runs the same number of micro-batches
-        # (padding with zero-weight ones); DDP communicates only in the last backward
-        n_micro = max(counts) if self.fsdp else counts[self.rank]
-        temp = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
-        chunk = cfg.model.logprob_chunk_size
-        policy.model.train()
-        policy.optimizer.zero_grad(set_to_none=True)
-        stats = RankStats()
-        local_finite = True
-        for j in range(n_micro):
-            start = lo + j * mb
-            dummy = start >= hi
-            sl = slice(lo, lo + 1) if dummy else slice(start, min(start + mb, hi))
-            mbatch = batch.slice(sl).to(policy.device)
-            mask = mbatch.response_mask
-            ref_lp = mbatch.ref_logprobs
-            if algo.reference_logprobs == "recompute" and policy.reference is not None:
-                with torch.no_grad():
-                    ref_lp, _ = token_logprobs(policy.reference, mbatch, temp, chunk)
-            last = j == n_micro - 1
-            ctx = self.module.no_sync() if (not self.fsdp and not last) else contextlib.nullcontext()
-            with ctx:
-                logp, ent = self.module(mbatch.input_ids, mbatch.attention_mask, mbatch.response_mask,
-                                        mbatch.ref_logprobs)
-                a = adv[sl].to(policy.device)
-                extra: dict[str, Any] = {}
-                if algo.name == "oapl":
-                    loss = oapl_loss(logp, ref_lp, mask, a, algo.beta2, num_sequences=n)
-                else:
-                    inf = ref_lp if algo.is_cap is not None else None
-                    loss, extra = grpo_loss(logp, logp.detach(), inf, mask, a, algo.clip_eps, algo.is_cap,
-                                            num_sequences=n)
-                # gradients are averaged over ranks: x W makes the reduced gradient the full-batch one
-                (loss * (0.0 if dummy else float(self.world))).backward()
-            if dummy:
-                continue
-            if not torch.isfinite(loss):
-                local_finite = False  # keep going: every rank must run the same collectives
-                continue
-            stats.add(loss, logp, ref_lp, mask, ent, extra, sl.stop - sl.start, n)
-        flag = torch.tensor([0.0 if local_finite else 1.0], device=policy.device if self.cuda else "cpu")
-        dist.all_reduce(flag)
-        finite = float(flag.item()) == 0.0
-        grads = None
-        grad_norm = float("nan")
-        if finite:
-            params = [p for p in policy.model.parameters() if p.requires_grad]
-            if want_grads:
-                named = [(k, p) for k, p in policy.model.named_parameters() if p.requires_grad]
-                full = {k: _full(p.grad).detach().cpu().clone() for k, p in named if p.grad is not None}
-                grads = full if self.rank == 0 else None
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-            grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-            finite = math.isfinite(grad_norm)
-        lr = policy.scheduler.get_last_lr()[0]
-        if finite:
-            policy.optimizer.step()
-        elif self.rank == 0:
-            log.warning("non-finite loss or gradient: step skipped on every rank, weights untouched")
-        policy.optimizer.zero_grad(set_to_none=True)
-        policy.scheduler.step()
-        return {
-            "rank": self.rank, "finite": finite, "grad_norm": grad_norm, "lr": lr,
-            "stats": stats.as_dict(), "tokens": float(batch.attention_mask[lo:hi].sum()),
-            "seconds": time.perf_counter() - t0,
-            "batch": batch_metrics(cfg, groups, adv, values, n) if self.rank == 0 else None,
-            "grads": grads,
-        }
+    def train_step(self, work: RankWork, want_grads: bool = False) -> dict[str, Any]:
+        """Run this rank's share of one step (planned by the driver); returns its partial results."""
+        return run_step(self.policy, work, RankParallel(self), capture_grads=want_grads)
 
     # -- weights for the engines ---------------------------------------------------------------
     def publish_weights(self) -> list | None:
@@ -554,10 +368,21 @@ class TrainerGroup:
         return self._get([getattr(self.actors[0], method).remote(*args, **kwargs)])[0]
 
     def train_step(self, groups, want_grads: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        ray = require_ray()
-        ref = ray.put(groups)
-        parts = self.call("train_step", ref, want_grads)
-        return combine_rank_metrics(parts), parts
+        """Plan the step here, send every rank only its token-balanced share, merge their sums."""
+        from oapl.objectives import build_objective
+        from oapl.trainer.stats import StepStats, metrics_row
+
+        cfg = self.cfg
+        works, batch = plan_step(groups, build_objective(cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches,
+                                 world=self.world)
+        parts = self._get([a.train_step.remote(w, want_grads) for a, w in zip(self.actors, works)])
+        stats = StepStats()
+        for p in parts:
+            stats.merge(p["stats"])
+        p0 = parts[0]
+        row = metrics_row(batch, stats, finite=p0["finite"], grad_norm=p0["grad_norm"], lr=p0["lr"],
+                          seconds=max(p["seconds"] for p in parts), mini_batches=p0["mini_batches"])
+        return row, parts
 
     def publish_weights(self):
         """ObjectRef of rank 0's CPU weights (every rank takes part under FSDP2)."""

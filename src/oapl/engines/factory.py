@@ -39,21 +39,24 @@ def make_engine(cfg: TrainConfig, weights_path: str, tokenizer, hf_model=None):
     kind = engine_kind(cfg)
     if kind == "vllm":
         from oapl.engines.vllm_engine import VLLMEngine
-        from oapl.trainer.model import pick_device, pick_dtype
+        from oapl.trainer.model import pick_device
+        from oapl.trainer.precision import dtype_name, resolve_precision
 
-        dtype = pick_dtype(cfg.model.dtype, pick_device(cfg.model.device))
-        return VLLMEngine(weights_path, seed=cfg.seed, dtype=str(dtype).replace("torch.", ""),
+        dtype = resolve_precision(cfg.model, pick_device(cfg.model.device)).engine_dtype
+        return VLLMEngine(weights_path, seed=cfg.seed, dtype=dtype_name(dtype),
                           gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
                           max_model_len=cfg.engine.max_model_len, enable_sleep_mode=cfg.engine.enable_sleep_mode,
                           **cfg.engine.extra)
     from oapl.engines.transformers_engine import TransformersEngine
-    from oapl.trainer.model import load_causal_lm, pick_device, pick_dtype
+    from oapl.trainer.model import load_causal_lm, pick_device
+    from oapl.trainer.precision import resolve_precision
 
+    device = pick_device(cfg.model.device)
+    dtype = resolve_precision(cfg.model, device).engine_dtype  # the engine runs in the compute dtype
     if hf_model is not None:
-        model = copy.deepcopy(hf_model)
+        model = copy.deepcopy(hf_model).to(dtype)
     else:
-        device = pick_device(cfg.model.device)
-        model = load_causal_lm(weights_path, pick_dtype(cfg.model.dtype, device), device, cfg.model.trust_remote_code)
+        model = load_causal_lm(weights_path, dtype, device, cfg.model.trust_remote_code)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

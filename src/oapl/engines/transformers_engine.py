@@ -98,6 +98,8 @@ class TransformersEngine:
             outputs[0].stats = {"gen_seconds": elapsed, "gen_tokens": float(n_tokens)}
         return outputs
 
+    @torch.no_grad()  # also when the model is the trainer's (mid-window evaluation); not inference_mode:
+    # a tensor a module caches there could not be saved for the trainer's backward later
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")

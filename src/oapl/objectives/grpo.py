@@ -82,3 +82,41 @@ def grpo_loss(
             "is_weight_mean": (w * mask).sum() / denom,
         }
     return loss, stats
+
+
+class GRPOObjective:
+    """GRPO with truncated IS for the train step (the paper's baseline).
+
+    Advantages are group-normalised rewards. pi_old is the trainer at the start of the batch: with
+    one mini-batch it equals the current log-probs (ratio 1, the clip never acts); with
+    ``mini_batches > 1`` it is computed once before the first update, so later mini-batches clip.
+    The IS weight ``min(pi_old / pi_inf, C)`` uses the engine's log-probs as pi_inf.
+    """
+
+    name = "grpo"
+    value_key = "baseline_mean"
+
+    def __init__(self, clip_eps: float = 0.2, is_cap: float | None = 2.0, scale: bool = True,
+                 mini_batches: int = 1) -> None:
+        self.clip_eps, self.is_cap, self.scale = clip_eps, is_cap, scale
+        self.needs_old_logprobs = mini_batches > 1
+
+    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = rewards.to(torch.float64)
+        return group_normalized_advantage(r, scale=self.scale), r.mean()
+
+    def loss(self, logprobs, ref_logprobs, old_logprobs, mask, advantages, num_sequences):
+        old = logprobs.detach() if old_logprobs is None else old_logprobs
+        inf = ref_logprobs if self.is_cap is not None else None
+        loss, st = grpo_loss(logprobs, old, inf, mask, advantages, self.clip_eps, self.is_cap,
+                             num_sequences=num_sequences)
+        with torch.no_grad():
+            m = mask.to(logprobs.dtype)
+            ratio = torch.exp(logprobs.detach() - old.to(logprobs.dtype))
+            tokens = m.sum()
+            stats = {"clip_frac_sum": st["clip_frac"] * tokens.clamp(min=1.0),
+                     "is_weight_sum": st["is_weight_mean"] * tokens.clamp(min=1.0),
+                     "ratio_sum": (ratio * m).sum(),
+                     "ratio_max": (ratio * m).max() if m.numel() else ratio.new_zeros(()),
+                     "tokens": tokens}
+        return loss, stats

@@ -95,3 +95,25 @@ def oapl_loss(
     s = sequence_log_ratio(logprobs, ref_logprobs, mask)
     residual = beta2 * s - advantages.to(s.dtype)
     return residual.pow(2).sum() / n
+
+
+class OAPLObjective:
+    """OAPL for the train step: ``A*_i = r_i - V*(x)`` per group (Eq. 2), loss Eq. 3.
+
+    The KL reference is pi_inf (``ref_logprobs``: the engine's log-probs, or a frozen copy's).
+    """
+
+    name = "oapl"
+    value_key = "v_star_mean"
+    needs_old_logprobs = False
+
+    def __init__(self, beta1: float, beta2: float) -> None:
+        self.beta1, self.beta2 = beta1, beta2
+
+    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = rewards.to(torch.float64)
+        v = optimal_value(r, self.beta1)
+        return r - v, v
+
+    def loss(self, logprobs, ref_logprobs, old_logprobs, mask, advantages, num_sequences):
+        return oapl_loss(logprobs, ref_logprobs, mask, advantages, self.beta2, num_sequences=num_sequences), {}

@@ -1,63 +1,27 @@
-"""Token log-probabilities of a causal LM, computed in chunks.
+"""Token log-probabilities of a causal LM, computed in chunks, in fp32.
 
 The full-vocabulary log-softmax of a whole batch (``B x T x V`` floats: 8 x 4096 x 151k is 20 GB in
-fp32) is never materialised. The decoder runs once; only the hidden states of response positions are
-kept; the LM head and log-softmax then run over ``chunk_size`` tokens at a time, each chunk under
-activation checkpointing so that backward stores hidden states, not logits.
+fp32) is never materialised. The decoder runs once (packed or padded, see
+:mod:`oapl.trainer.batching`); only the hidden states of positions that predict a response token
+are kept; the LM head and log-softmax then run over ``chunk_size`` tokens at a time, each chunk
+under activation checkpointing so that backward stores hidden states, not logits.
+
+Precision: the decoder and the LM-head matmul run in the compute dtype (bf16 under mixed
+precision, as the engine does); the logits are cast to fp32 before the temperature, the
+log-softmax and everything downstream (the loss and its reductions), whatever the compute dtype.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from oapl.trainer.attention import packed_forward
+from oapl.trainer.batching import Sequence, TokenBatch, collate
 
-@dataclass
-class TokenBatch:
-    """Right-padded prompt+response sequences.
-
-    ``input_ids``/``attention_mask`` are ``(N, L)``. Position ``j`` of the *target* tensors
-    (``(N, L-1)``) scores token ``input_ids[:, j+1]``; ``response_mask`` is 1 where that token is a
-    response token. ``ref_logprobs`` holds the engine's log-probs at the same positions.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    ref_logprobs: torch.Tensor
-
-    @classmethod
-    def from_sequences(cls, prompts: list[list[int]], responses: list[list[int]],
-                       ref_logprobs: list[list[float]], pad_token_id: int) -> TokenBatch:
-        if not (len(prompts) == len(responses) == len(ref_logprobs)):
-            raise ValueError("prompts, responses and ref_logprobs must have the same length")
-        n = len(prompts)
-        width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-        ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-        att = torch.zeros((n, width), dtype=torch.long)
-        rmask = torch.zeros((n, width - 1), dtype=torch.float32)
-        ref = torch.zeros((n, width - 1), dtype=torch.float32)
-        for i, (p, r, lp) in enumerate(zip(prompts, responses, ref_logprobs)):
-            if len(r) != len(lp):
-                raise ValueError(f"sequence {i}: {len(r)} response tokens but {len(lp)} log-probs")
-            seq = list(p) + list(r)
-            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            att[i, : len(seq)] = 1
-            if r:
-                start = len(p) - 1
-                rmask[i, start : start + len(r)] = 1.0
-                ref[i, start : start + len(r)] = torch.tensor(lp, dtype=torch.float32)
-        return cls(ids, att, rmask, ref)
-
-    def slice(self, idx: slice) -> TokenBatch:
-        return TokenBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],
-                          self.ref_logprobs[idx])
-
-    def to(self, device: torch.device) -> TokenBatch:
-        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
-                                                     self.response_mask, self.ref_logprobs)))
+__all__ = ["Sequence", "TokenBatch", "collate", "token_logprobs"]
 
 
 def _decoder_and_head(model):
@@ -73,50 +37,78 @@ def _decoder_and_head(model):
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    bias: torch.Tensor | None, inv_temp: float, with_entropy: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.nn.functional.linear(hidden, weight, bias).float() * inv_temp
     logz = torch.logsumexp(logits, dim=-1)
     chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
     with torch.no_grad():
-        logp = logits - logz.unsqueeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        if with_entropy:
+            # H = logZ - sum_v p_v z_v: one V-wide temporary (softmax), not three
+            entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        else:
+            entropy = torch.zeros_like(logz)
     return chosen, entropy
 
 
 def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_size: int = 1024,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs ``(N, L-1)`` of the response tokens under ``softmax(logits / temperature)``.
+                   with_entropy: bool = False, autocast: contextlib.AbstractContextManager | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Response-aligned log-probs ``(n, R)`` under ``softmax(logits / temperature)``.
 
-    Positions outside ``batch.response_mask`` are 0. With ``with_entropy`` also returns the
-    per-token entropy of the same distribution (no gradient). Differentiable when grad is enabled.
+    Row ``i`` holds the log-probs of response ``i``'s tokens, then zeros (``batch.response_mask``).
+    With ``with_entropy`` also returns the per-token entropy of the same distribution (no
+    gradient). Differentiable when grad is enabled. ``autocast`` (e.g. ``torch.autocast(..., bf16)``)
+    wraps the decoder and the LM-head matmuls; the log-softmax is fp32 regardless.
     """
     if temperature <= 0:
         raise ValueError("log-probs need temperature > 0 (greedy data cannot be scored)")
     decoder, head = _decoder_and_head(model)
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=position_ids, use_cache=False).last_hidden_state
-    mask = batch.response_mask.bool()
-    h = hidden[:, :-1][mask]  # (M, H): only positions that predict a response token
-    targets = batch.input_ids[:, 1:][mask]
+    amp = autocast if autocast is not None else contextlib.nullcontext()
+    if batch.packed:
+        kwargs = {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
+                  "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
+        with amp, packed_forward():
+            hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                             use_cache=False, **kwargs).last_hidden_state
+    else:
+        with amp:
+            hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # (M, H)
+    targets = batch.target_ids
     weight, bias = head.weight, getattr(head, "bias", None)
     inv_temp = 1.0 / temperature
     chosen_parts, entropy_parts = [], []
     for start in range(0, h.shape[0], chunk_size):
         hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            c, e = checkpoint(_chunk_logprobs, hc, tc, weight, bias, inv_temp, use_reentrant=False)
-        else:
-            c, e = _chunk_logprobs(hc, tc, weight, bias, inv_temp)
+        with amp:
+            if torch.is_grad_enabled():
+                c, e = checkpoint(_chunk_logprobs, hc, tc, weight, bias, inv_temp, with_entropy,
+                                  use_reentrant=False)
+            else:
+                c, e = _chunk_logprobs(hc, tc, weight, bias, inv_temp, with_entropy)
         chosen_parts.append(c)
         entropy_parts.append(e)
-    ent = None
-    if not chosen_parts:  # no response tokens at all
-        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-        return zeros + 0.0 * hidden.sum(), (zeros.clone() if with_entropy else None)
+    shape = batch.response_mask.shape
+    if not chosen_parts:  # no response tokens at all: zeros that still depend on the graph
+        zeros = torch.zeros(shape, dtype=torch.float32, device=hidden.device)
+        return zeros + 0.0 * hidden.float().sum(), (zeros.clone() if with_entropy else None)
     chosen = torch.cat(chosen_parts)
-    out = torch.zeros(mask.shape, dtype=chosen.dtype, device=hidden.device).masked_scatter(mask, chosen)
+    out = torch.zeros(shape, dtype=chosen.dtype, device=hidden.device).index_put(
+        (batch.seq_index, batch.tok_index), chosen)
+    ent = None
     if with_entropy:
         entropy = torch.cat(entropy_parts).detach()
-        ent = torch.zeros(mask.shape, dtype=entropy.dtype, device=hidden.device).masked_scatter(mask, entropy)
+        ent = torch.zeros(shape, dtype=entropy.dtype, device=hidden.device).index_put(
+            (batch.seq_index, batch.tok_index), entropy)
     return out, ent
+
+
+def sequence_batch(prompts: list[list[int]], responses: list[list[int]], ref_logprobs: list[list[float]],
+                   pad_token_id: int = 0, packed: bool = False) -> TokenBatch:
+    """One :class:`TokenBatch` from parallel lists (tests and benchmarks)."""
+    if not (len(prompts) == len(responses) == len(ref_logprobs)):
+        raise ValueError("prompts, responses and ref_logprobs must have the same length")
+    seqs = [Sequence(list(p), list(r), list(lp)) for p, r, lp in zip(prompts, responses, ref_logprobs)]
+    return collate(seqs, packed=packed, pad_token_id=pad_token_id)

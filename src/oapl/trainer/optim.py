@@ -9,12 +9,16 @@ import torch
 from oapl.config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the fused kernel on CUDA (``optim.fused``)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    dev = device if device is not None else params[0].device
+    fused = cfg.fused == "on" or (cfg.fused == "auto" and torch.device(dev).type == "cuda")
+    kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, **kwargs)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

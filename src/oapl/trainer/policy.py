@@ -4,66 +4,93 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from oapl.config import TrainConfig
-from oapl.objectives import (group_normalized_advantage, grpo_loss, oapl_loss, optimal_value,
-                             sequence_log_ratio)
-from oapl.rollout.buffer import RolloutGroup
-from oapl.trainer.logprobs import TokenBatch, token_logprobs
-from oapl.trainer.model import load_causal_lm, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from oapl.objectives import build_objective
+from oapl.trainer.model import load_causal_lm, load_tokenizer, pick_device, resolve_model_path
 from oapl.trainer.optim import build_optimizer, build_scheduler
+from oapl.trainer.precision import resolve_precision, warn_if_updates_drop
 
 log = logging.getLogger(__name__)
 
 
 class Policy:
-    """Model + optimiser + schedule, and one method per thing Algorithm 1 asks of the trainer."""
+    """Model + optimiser + schedule, and one method per thing Algorithm 1 asks of the trainer.
+
+    Weights are stored in ``precision.param_dtype`` (fp32 masters by default) and computed in
+    ``precision.compute_dtype`` (bf16 on CUDA); see :mod:`oapl.trainer.precision`.
+    """
 
     def __init__(self, cfg: TrainConfig, total_steps: int, model=None, tokenizer=None) -> None:
         self.cfg = cfg
         self.device = pick_device(cfg.model.device)
-        self.dtype = pick_dtype(cfg.model.dtype, self.device)
+        self.precision = resolve_precision(cfg.model, self.device)
+        self.objective = build_objective(cfg.algorithm)
+        self.temperature = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
         self.model_path = resolve_model_path(cfg.model.name)
         self.tokenizer = tokenizer or load_tokenizer(
             resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else self.model_path,
             cfg.model.trust_remote_code)
-        base = model if model is not None else load_causal_lm(self.model_path, self.dtype, self.device,
-                                                              cfg.model.trust_remote_code)
+        base = model if model is not None else load_causal_lm(self.model_path, self.precision.load_dtype,
+                                                              self.device, cfg.model.trust_remote_code)
+        base = base.to(device=self.device, dtype=self.precision.load_dtype)
         if cfg.model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
+        self.packing = False
+        if cfg.optim.packing:
+            from oapl.trainer.attention import enable_varlen
+
+            self.packing = enable_varlen(base, cfg.model.varlen_backend)
         self.lora = cfg.model.lora.enabled
         if self.lora:
             from peft import LoraConfig, get_peft_model
 
             lc = cfg.model.lora
+            # peft keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype)
             base = get_peft_model(base, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                    target_modules=lc.target_modules, task_type="CAUSAL_LM"))
         self.model = base
+        if cfg.model.compile:
+            self._compile_layers()
         self.model.train()
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.precision.param_dtype != torch.float32:
+            warn_if_updates_drop(trainable, cfg.optim.lr, self.precision.param_dtype)
+        self.total_steps = total_steps
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, self.device)
+        # one scheduler step per optimiser step: mini_batches of them per trainer step
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps * cfg.algorithm.mini_batches)
         self.reference = None  # frozen copy of the sampling weights (reference_logprobs=recompute)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def _compile_layers(self) -> None:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        names = set(getattr(base, "_no_split_modules", None) or [])
+        layers = [m for m in base.modules() if type(m).__name__ in names]
+        for layer in layers:
+            layer.compile(dynamic=True)
+        log.info("torch.compile: %d decoder layers", len(layers))
+
     # ----------------------------------------------------------------------------------------
     def engine_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Current weights under Hugging Face names (LoRA merged), for the inference engine."""
+        """Current weights under Hugging Face names (LoRA merged), cast to the engine's (compute) dtype."""
+        dtype = self.precision.engine_dtype
         if not self.lora:
             for name, p in self.model.named_parameters():
-                yield name, p.detach()
+                yield name, p.detach().to(dtype)
             return
         self.model.merge_adapter()
         try:
             for name, p in self.model.get_base_model().named_parameters():
                 if "lora_" in name:
                     continue
-                yield name.replace(".base_layer", ""), p.detach().clone()
+                yield name.replace(".base_layer", ""), p.detach().to(dtype, copy=True)
         finally:
             self.model.unmerge_adapter()
 
@@ -72,6 +99,25 @@ class Policy:
         if not self.lora:
             return self.model
         return copy.deepcopy(self.model).merge_and_unload()
+
+    def export(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Save a Hugging Face model (+ tokenizer) in ``dtype`` (default ``model.export_dtype``)."""
+        dtype = dtype or self.precision.export_dtype
+        path = Path(path)
+        model = self.hf_model()
+        state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        cfg_file = path / "config.json"
+        if cfg_file.exists():  # say the dtype the file holds
+            import json
+
+            conf = json.loads(cfg_file.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in conf:
+                    conf[key] = str(dtype).replace("torch.", "")
+            cfg_file.write_text(json.dumps(conf, indent=2))
+        self.tokenizer.save_pretrained(path)
+        return path
 
     def snapshot_reference(self) -> None:
         """Freeze a copy of the current weights as pi_inf (``reference_logprobs: recompute``)."""
@@ -82,120 +128,18 @@ class Policy:
         self.reference = ref
 
     # ----------------------------------------------------------------------------------------
-    def _batch(self, groups: list[RolloutGroup]) -> TokenBatch:
-        prompts, responses, ref = [], [], []
-        for g in groups:
-            for toks, lps in zip(g.response_token_ids, g.response_logprobs):
-                prompts.append(g.prompt_token_ids)
-                responses.append(toks)
-                ref.append(lps)
-        return TokenBatch.from_sequences(prompts, responses, ref, self.pad_token_id)
+    def train_step(self, groups) -> dict[str, float]:
+        """One trainer step on the batch (``algorithm.mini_batches`` optimiser steps); returns metrics.
 
-    def _advantages(self, groups: list[RolloutGroup]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sequence advantages and per-group V* (OAPL) / mean reward (GRPO)."""
-        algo = self.cfg.algorithm
-        advs, vals = [], []
-        for g in groups:
-            r = torch.tensor(g.rewards, dtype=torch.float64)
-            if algo.name == "oapl":
-                v = optimal_value(r, algo.beta1)
-                advs.append(r - v)
-            else:
-                v = r.mean()
-                advs.append(group_normalized_advantage(r, scale=algo.scale_advantages))
-            vals.append(v)
-        return torch.cat(advs).float(), torch.stack(vals).float()
+        A non-finite loss or gradient skips that optimiser step (weights untouched).
+        """
+        from oapl.trainer.stats import StepStats, metrics_row
+        from oapl.trainer.step import Parallel, plan_step, run_step
 
-    def train_step(self, groups: list[RolloutGroup]) -> dict[str, float]:
-        """One optimiser step on the batch; returns metrics. A non-finite loss skips the update."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        batch = self._batch(groups)
-        adv, values = self._advantages(groups)
-        n = batch.input_ids.shape[0]
-        mb = cfg.optim.micro_batch_size
-        temp = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
-        chunk = cfg.model.logprob_chunk_size
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
-        finite = True
-        s_all, ent_all, lp_all, ref_all, mask_all = [], [], [], [], []
-        extra: dict[str, float] = {}
-        for start in range(0, n, mb):
-            sl = slice(start, start + mb)
-            mbatch = batch.slice(sl).to(self.device)
-            mask = mbatch.response_mask
-            ref_lp = mbatch.ref_logprobs
-            if cfg.algorithm.reference_logprobs == "recompute" and self.reference is not None:
-                with torch.no_grad():
-                    ref_lp, _ = token_logprobs(self.reference, mbatch, temp, chunk)
-            logp, ent = token_logprobs(self.model, mbatch, temp, chunk, with_entropy=True)
-            a = adv[sl].to(self.device)
-            if cfg.algorithm.name == "oapl":
-                loss = oapl_loss(logp, ref_lp, mask, a, cfg.algorithm.beta2, num_sequences=n)
-            else:
-                old = logp.detach()
-                inf = ref_lp if cfg.algorithm.is_cap is not None else None
-                loss, st = grpo_loss(logp, old, inf, mask, a, cfg.algorithm.clip_eps,
-                                     cfg.algorithm.is_cap, num_sequences=n)
-                for k, v in st.items():
-                    extra[k] = extra.get(k, 0.0) + float(v) * mbatch.input_ids.shape[0] / n
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
-            total_loss += float(loss.detach())
-            with torch.no_grad():
-                s_all.append(sequence_log_ratio(logp.detach(), ref_lp, mask).cpu())
-                ent_all.append(ent.cpu())
-                lp_all.append(logp.detach().cpu())
-                ref_all.append(ref_lp.detach().cpu())
-                mask_all.append(mask.cpu())
-        grad_norm = float("nan")
-        if finite:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            finite = math.isfinite(grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        if finite:
-            self.optimizer.step()
-        else:
-            log.warning("non-finite loss or gradient: step skipped, weights untouched")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        elapsed = time.perf_counter() - t0
-        rewards = torch.tensor([r for g in groups for r in g.rewards])
-        lengths = torch.tensor([len(t) for g in groups for t in g.response_token_ids], dtype=torch.float32)
-        metrics = {
-            "loss": total_loss if finite else float("nan"),
-            "skipped": 0.0 if finite else 1.0,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(unbiased=False)),
-            "v_star_mean" if cfg.algorithm.name == "oapl" else "baseline_mean": float(values.mean()),
-            "adv_mean": float(adv.mean()),
-            "adv_std": float(adv.std(unbiased=False)),
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "response_len_mean": float(lengths.mean()),
-            "truncated_frac": sum(f == "length" for g in groups for f in g.finish_reasons) / max(1, n),
-            "train_seconds": elapsed,
-            "train_tokens_per_s": float(batch.attention_mask.sum()) / max(elapsed, 1e-9),
-            **extra,
-        }
-        if s_all:
-            metrics.update(mismatch_metrics(torch.cat([x.flatten() for x in lp_all]),
-                                            torch.cat([x.flatten() for x in ref_all]),
-                                            torch.cat([x.flatten() for x in mask_all]),
-                                            torch.cat(s_all)))
-            m = torch.cat([x.flatten() for x in mask_all])
-            e = torch.cat([x.flatten() for x in ent_all])
-            metrics["entropy"] = float((e * m).sum() / m.sum().clamp(min=1))
-            # Monte-Carlo sequence entropy of pi_inf: E_{y~pi_inf}[-log pi_inf(y)]
-            seq_nll = [-(r * mk).sum(-1) for r, mk in zip(ref_all, mask_all)]
-            metrics["seq_entropy"] = float(torch.cat(seq_nll).mean())
-        return metrics
+        works, batch = plan_step(groups, self.objective, self.cfg.optim, self.cfg.algorithm.mini_batches)
+        out = run_step(self, works[0], Parallel(self))
+        return metrics_row(batch, StepStats(**out["stats"]), finite=out["finite"], grad_norm=out["grad_norm"],
+                           lr=out["lr"], seconds=out["seconds"], mini_batches=out["mini_batches"])
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -206,23 +150,34 @@ class Policy:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def mismatch_metrics(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, seq_log_ratio: torch.Tensor) -> dict[str, float]:
-    """Trainer-vs-engine mismatch on response tokens.
+def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | None = None, model=None,
+                load_optimizer: bool = True) -> tuple[Policy, dict[str, Any]]:
+    """The policy of a run, fresh or restored from ``checkpoint``; also the checkpoint's trainer state.
 
-    ``kl`` estimates KL(pi_inf || pi) per token with the non-negative k3 estimator
-    ``E_{pi_inf}[(rho - 1) - log rho]``, ``rho = pi / pi_inf``, on tokens sampled from pi_inf.
+    Restoring takes the fp32 master weights from ``checkpoint/model`` (or the LoRA adapters from
+    ``checkpoint/adapter`` over the configured base model), then the optimiser and schedule state.
+    The one restore path for the local loop, the Ray trainer ranks and offline training.
     """
-    m = mask.bool()
-    d = (logp - ref)[m]
-    if d.numel() == 0:
-        return {"kl": 0.0, "logprob_absdiff_mean": 0.0, "logprob_absdiff_max": 0.0,
-                "log_ratio_mean": 0.0, "log_ratio_std": 0.0, "log_ratio_absmax": 0.0}
-    rho = torch.exp(d.clamp(max=50))
-    return {
-        "kl": float(((rho - 1) - d).mean()),
-        "logprob_absdiff_mean": float(d.abs().mean()),
-        "logprob_absdiff_max": float(d.abs().max()),
-        "log_ratio_mean": float(seq_log_ratio.mean()),
-        "log_ratio_std": float(seq_log_ratio.std(unbiased=False)),
-        "log_ratio_absmax": float(seq_log_ratio.abs().max()),
-    }
+    from oapl.trainer.checkpoint import load_trainer_state
+
+    state: dict[str, Any] = {}
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        state = load_trainer_state(ckpt)
+        if not cfg.model.lora.enabled and model is None:
+            dev = pick_device(cfg.model.device)
+            model = load_causal_lm(str(ckpt / "model"), resolve_precision(cfg.model, dev).load_dtype, dev,
+                                   cfg.model.trust_remote_code)
+    policy = Policy(cfg, total_steps=total_steps, model=model)
+    if checkpoint is not None and cfg.model.lora.enabled:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter = Path(checkpoint) / "adapter" / "adapter_model.safetensors"
+        if not adapter.exists():
+            raise FileNotFoundError(f"{adapter}: the checkpoint has no LoRA adapters (was it written with "
+                                    f"model.lora.enabled=false?)")
+        set_peft_model_state_dict(policy.model, load_file(str(adapter)))
+    if state and load_optimizer and "policy" in state:
+        policy.load_state_dict(state["policy"])
+    return policy, state

@@ -1,0 +1,235 @@
+"""Packed variable-length micro-batches and token-budget planning (issue 10)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from oapl.config import load_config
+from oapl.trainer.batching import balanced_partition, plan_micro_batches
+from oapl.trainer.logprobs import sequence_batch, token_logprobs
+
+
+# ------------------------------------------------------------------------------------------------
+# planning
+# ------------------------------------------------------------------------------------------------
+
+
+def test_balanced_partition_hand_example():
+    # LPT: 9 -> p0, 7 -> p1, 6 -> p2, 5 -> p2 (6), 4 -> p1 (7), 2 -> p0 (9)... loads 11, 11, 11
+    parts = balanced_partition([9, 7, 6, 5, 4, 2], 3)
+    loads = sorted(sum([9, 7, 6, 5, 4, 2][i] for i in p) for p in parts)
+    assert loads == [11, 11, 11]
+    assert sorted(i for p in parts for i in p) == list(range(6))
+
+
+def test_plan_respects_budget_and_is_balanced():
+    g = torch.Generator().manual_seed(0)
+    lengths = (torch.distributions.LogNormal(7.3, 0.8).sample((64,)).clamp(64, 8192)).long().tolist()
+    budget = 16384
+    plan = plan_micro_batches(lengths, budget)
+    assert sorted(i for mb in plan for i in mb) == list(range(64))  # every sequence exactly once
+    loads = [sum(lengths[i] for i in mb) for mb in plan]
+    assert all(x <= budget for x in loads)
+    # the fewest micro-batches the budget allows, or one more (bin packing is not always exact)
+    assert len(plan) <= -(-sum(lengths) // budget) + 1
+    assert min(loads) >= 0.5 * max(loads)  # balanced, not greedy-fill-then-remainder
+    del g
+
+
+def test_plan_long_sequence_gets_its_own_micro_batch_and_caps_sequences():
+    plan = plan_micro_batches([100, 5000, 100, 100, 100], max_tokens=1000)
+    assert [1] in plan
+    assert sorted(i for mb in plan for i in mb) == [0, 1, 2, 3, 4]
+    capped = plan_micro_batches([10] * 10, max_tokens=1000, micro_batch_size=3)
+    assert all(len(mb) <= 3 for mb in capped) and len(capped) == 4
+    # without a budget: consecutive fixed-size runs (the previous behaviour)
+    assert plan_micro_batches([5, 6, 7, 8, 9], None, 2) == [[0, 1], [2, 3], [4]]
+
+
+# ------------------------------------------------------------------------------------------------
+# packed == padded
+# ------------------------------------------------------------------------------------------------
+
+
+def _random_batch(vocab: int, n: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    responses = [torch.randint(3, vocab, (int(torch.randint(1, 25, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(n)]
+    responses[2] = []  # an empty response (cut at 0 tokens) contributes nothing
+    ref = [(-torch.rand(len(r), generator=g) * 5).tolist() for r in responses]
+    return prompts, responses, ref
+
+
+def _logprobs_and_grads(model, prompts, responses, ref, packed: bool):
+    from oapl.objectives import oapl_loss
+
+    model.zero_grad(set_to_none=True)
+    b = sequence_batch(prompts, responses, ref, packed=packed)
+    lp, ent = token_logprobs(model, b, temperature=0.8, chunk_size=7, with_entropy=True)
+    adv = torch.linspace(-1, 1, len(prompts))
+    oapl_loss(lp, b.ref_logprobs, b.response_mask, adv, beta2=0.5).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return lp.detach(), ent, grads, b
+
+
+@pytest.mark.parametrize("variant", ["plain", "gradient_checkpointing", "lora"])
+def test_packed_equals_padded_on_tiny_model(char_tokenizer, variant):
+    from conftest import build_tiny_model
+
+    from oapl.trainer.attention import enable_varlen
+
+    model = build_tiny_model(len(char_tokenizer), seed=3)
+    assert enable_varlen(model, "sdpa")
+    if variant == "gradient_checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()
+    if variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():  # B = 0 at init would make every adapter gradient trivial
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    prompts, responses, ref = _random_batch(len(char_tokenizer))
+    lp_pad, ent_pad, g_pad, b_pad = _logprobs_and_grads(model, prompts, responses, ref, packed=False)
+    lp_pack, ent_pack, g_pack, b_pack = _logprobs_and_grads(model, prompts, responses, ref, packed=True)
+    assert b_pack.input_ids.shape[0] == 1 and b_pack.computed_tokens == b_pack.num_tokens  # no padding
+    assert b_pad.computed_tokens > b_pad.num_tokens
+    assert torch.equal(b_pack.response_mask, b_pad.response_mask)
+    assert (lp_pack - lp_pad).abs().max() < 1e-5  # fp32 per-token log-probs
+    assert (ent_pack - ent_pad).abs().max() < 1e-4
+    assert set(g_pack) == set(g_pad) and g_pad
+    for n in g_pad:
+        scale = g_pad[n].abs().max().clamp(min=1e-6)
+        assert ((g_pack[n] - g_pad[n]).abs().max() / scale) < 1e-4, n
+
+
+def test_packed_attention_never_crosses_sequences(char_tokenizer):
+    """A sequence's log-probs do not depend on what it is packed with."""
+    from conftest import build_tiny_model
+
+    from oapl.trainer.attention import enable_varlen
+
+    model = build_tiny_model(len(char_tokenizer), seed=4)
+    enable_varlen(model, "sdpa")
+    prompts, responses, ref = _random_batch(len(char_tokenizer), n=4, seed=5)
+    with torch.no_grad():
+        alone = token_logprobs(model, sequence_batch(prompts[:1], responses[:1], ref[:1], packed=True))[0]
+        together = token_logprobs(model, sequence_batch(prompts, responses, ref, packed=True))[0]
+        other = [[7, 8, 9] * 5] + prompts[1:]
+        changed = token_logprobs(model, sequence_batch(other[:1] + prompts[:1], [responses[1], responses[0]],
+                                                       [ref[1], ref[0]], packed=True))[0]
+    r = len(responses[0])
+    assert torch.allclose(alone[0, :r], together[0, :r], atol=1e-6)
+    assert torch.allclose(alone[0, :r], changed[1, :r], atol=1e-6)
+
+
+def test_generation_on_a_packing_model_still_masks_padding(char_tokenizer):
+    """The trainer's model (switched to packed attention) still serves padded generation."""
+    from conftest import build_tiny_model
+
+    from oapl.trainer.attention import enable_varlen
+
+    plain = build_tiny_model(len(char_tokenizer), seed=6)
+    packed = build_tiny_model(len(char_tokenizer), seed=6)
+    enable_varlen(packed, "sdpa")
+    ids = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8]])
+    att = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        a = plain(input_ids=ids, attention_mask=att).logits
+        b = packed(input_ids=ids, attention_mask=att).logits
+    assert torch.allclose(a[att.bool()], b[att.bool()], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_packed_equals_padded_on_embedded_model():
+    """The real SmolLM2-135M (30 layers, vocab 49K): packed log-probs within 1e-5 of padded."""
+    from oapl.trainer.attention import enable_varlen
+    from oapl.trainer.model import load_causal_lm, resolve_model_path
+
+    model = load_causal_lm(resolve_model_path("embedded:smollm2-135m-instruct"), torch.float32, torch.device("cpu"))
+    enable_varlen(model, "sdpa")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (12, 30, 7)]
+    responses = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (40, 9, 25)]
+    ref = [[-3.0] * len(r) for r in responses]
+    with torch.no_grad():
+        pad = token_logprobs(model, sequence_batch(prompts, responses, ref, packed=False), chunk_size=64)[0]
+        pack = token_logprobs(model, sequence_batch(prompts, responses, ref, packed=True), chunk_size=64)[0]
+    assert (pad - pack).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# the train step: packing and token budgets change the speed, not the update
+# ------------------------------------------------------------------------------------------------
+
+
+def _groups(n_groups: int = 4, g: int = 4, seed: int = 0):
+    from oapl.rollout.buffer import RolloutGroup
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for j in range(n_groups):
+        prompt = torch.randint(3, 60, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist()
+        toks = [torch.randint(3, 60, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen).tolist()
+                for _ in range(g)]
+        out.append(RolloutGroup(
+            prompt_id=f"p{j}", prompt="x", prompt_token_ids=prompt, responses=["y"] * g, response_token_ids=toks,
+            response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
+            rewards=[float((i + j) % 3 == 0) for i in range(g)], finish_reasons=["stop"] * g,
+            weights_id="tiny", version=0))
+    return out
+
+
+def step_cfg(tiny_model_dir, out, **over):
+    base = {"output_dir": str(out), "model.name": tiny_model_dir, "model.logprob_chunk_size": 16,
+            "optim.lr": 1e-3, "optim.max_grad_norm": None, "algorithm.beta2": 0.1}
+    base.update(over)
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def _one_step(cfg, groups):
+    from oapl.trainer.policy import Policy
+
+    torch.manual_seed(0)
+    policy = Policy(cfg, total_steps=4)
+    grads = {}
+    orig = policy.optimizer.step
+
+    def spy(*a, **k):
+        for n, p in policy.model.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.detach().clone()
+        return orig(*a, **k)
+
+    policy.optimizer.step = spy
+    metrics = policy.train_step(groups)
+    return metrics, grads, policy
+
+
+@pytest.mark.parametrize("over", [
+    {"optim.packing": True, "optim.micro_batch_size": 16},
+    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 64},
+    {"optim.packing": False, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 100},
+])
+def test_train_step_same_loss_and_gradient_as_padded(tiny_model_dir, tmp_path, over):
+    groups = _groups()
+    ref_m, ref_g, _ = _one_step(step_cfg(tiny_model_dir, tmp_path / "a", **{"optim.packing": False,
+                                                                          "optim.micro_batch_size": 16}), groups)
+    m, g, policy = _one_step(step_cfg(tiny_model_dir, tmp_path / "b", **over), groups)
+    assert policy.packing == over["optim.packing"]
+    assert m["loss"] == pytest.approx(ref_m["loss"], rel=1e-5)
+    for k in ("kl", "entropy", "log_ratio_mean", "seq_entropy", "grad_norm"):
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-4, abs=1e-7), k
+    for n in ref_g:
+        scale = ref_g[n].abs().max().clamp(min=1e-8)
+        assert ((g[n] - ref_g[n]).abs().max() / scale) < 1e-4, n
+    if over["optim.packing"]:
+        assert m["padding_frac"] == 0.0 and ref_m["padding_frac"] > 0.3
