@@ -292,7 +292,7 @@ def run_compare(cc: CompareConfig, only: str = "all", force: bool = False, repor
             log.info("[%d/%d] %s: training %d steps -> %s%s", i, len(todo), run.key, cfg.steps, run.run_dir,
                      " (step-0 evaluation shared)" if shared else "")
             t0 = time.perf_counter()
-            train(cfg)
+            train(cfg, overwrite=True)  # an incomplete (or --force) run is redone from scratch
             _write_timing(run.run_dir, time.perf_counter() - t0)
             metrics = run.run_dir / "metrics.jsonl"
             if shared:

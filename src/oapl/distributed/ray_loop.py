@@ -41,6 +41,7 @@ from oapl.engines.base import SamplingParams
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
+from oapl.rundir import begin_run, check_run_dir
 from oapl.trainer.checkpoint import set_rng_state
 from oapl.trainer.model import load_tokenizer, resolve_model_path
 
@@ -76,7 +77,8 @@ def validate(cfg: TrainConfig) -> None:
 class RayTrainer:
     """Driver of one attempt of a Ray run; the local :class:`oapl.loop.Trainer`'s counterpart."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, weight_transport: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, weight_transport: str | None = None,
+                 overwrite: bool = False) -> None:
         validate(cfg)
         self.cfg = cfg
         self.trainers: TrainerGroup | None = None
@@ -88,15 +90,15 @@ class RayTrainer:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"weight_transport must be one of {TRANSPORTS}, got {self.transport!r}")
         try:
-            self._build(resume)
+            self._build(resume, overwrite)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, resume: bool) -> None:
+    def _build(self, resume: bool, overwrite: bool = False) -> None:
         cfg = self.cfg
         self.run_dir = Path(cfg.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
@@ -128,15 +130,16 @@ class RayTrainer:
             self.version += 1
             self.sync_step = self.step
             self.version_steps[self.version] = self.step
+        s = cfg.sampling
+        self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
+        # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
+        self.pool.wait_ready()
+        begin_run(self.run_dir, resume=resume, overwrite=overwrite)  # loaded: only now touch the run dir
         save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
                                      cfg.logging.wandb_project, cfg.model_dump(), resume=self.ckpt is not None)
         if self.ckpt is not None:
             self.metrics.truncate_after(self.step)
-        s = cfg.sampling
-        self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
-        # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
-        self.pool.wait_ready()
         self.pool.load(self.trainers.publish_weights(), self.version)
         if cfg.algorithm.reference_logprobs == "recompute":
             self.trainers.call("snapshot_reference")
@@ -250,10 +253,10 @@ class RayTrainer:
                     progress.update(1)
                     progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4g}",
                                          v=batch_version, lag=row["lag"], restarts=self.pool.total_restarts)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             log.warning("interrupted at step %d: writing a checkpoint", self.step)
             self.rollout.stop()
-            self.checkpoint()
+            interrupt.oapl_checkpoint = self.checkpoint()  # the CLI says which one, truthfully
             raise
         finally:
             self.rollout.stop()
@@ -301,7 +304,7 @@ def _fmt(summary: dict[str, float]) -> str:
 
 
 def train(cfg: TrainConfig, resume: bool = False, *, weight_transport: str | None = None,
-          max_trainer_restarts: int = 3):
+          max_trainer_restarts: int = 3, overwrite: bool = False):
     """Run Algorithm 1 on Ray; a trainer failure resumes the run from its latest checkpoint.
 
     ``weight_transport``: ``object_store`` or ``collective`` (default: collective/NCCL when trainer
@@ -314,7 +317,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, weight_transport: str | Non
         while True:
             trainer = None
             try:
-                trainer = RayTrainer(cfg, resume=resume, weight_transport=weight_transport)
+                trainer = RayTrainer(cfg, resume=resume, weight_transport=weight_transport, overwrite=overwrite)
                 return trainer.train()
             except TrainerFailure as e:
                 failures += 1
@@ -322,7 +325,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, weight_transport: str | Non
                     raise
                 log.warning("trainer failure (%s): resuming from the latest checkpoint (attempt %d of %d)",
                             e, failures, max_trainer_restarts)
-                resume = True
+                resume, overwrite = True, False
             finally:
                 if trainer is not None:
                     trainer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,29 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
     return v
+
+
+def _truncate_jsonl(path: Path, step: int, drop_eval_only_at_step: bool) -> None:
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        s = row.get("step", 0)
+        if not isinstance(s, int) or s > step:
+            continue
+        if drop_eval_only_at_step and s == step and step > 0 and "loss" not in row:
+            continue
+        rows.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write("".join(r + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class MetricsLogger:
@@ -42,18 +66,15 @@ class MetricsLogger:
             self._wandb = wb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop rows of steps after the checkpoint (they will be produced again)."""
+        """On resume from the checkpoint of ``step``: drop rows the resumed run will write again.
+
+        Kept: rows of steps up to ``step``, except an evaluation-only row at ``step`` itself (the
+        final evaluation, logged before the final checkpoint, is redone). ``samples.jsonl`` is cut
+        the same way. Files are replaced atomically, so a kill here loses nothing.
+        """
         self._f.close()
-        rows = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= step:
-                    rows.append(line)
-        self.path.write_text("".join(r + "\n" for r in rows))
+        _truncate_jsonl(self.path, step, drop_eval_only_at_step=True)
+        _truncate_jsonl(self.path.parent / "samples.jsonl", step, drop_eval_only_at_step=False)
         self._f = self.path.open("a")
 
     def log(self, row: dict[str, Any]) -> None:

@@ -80,9 +80,34 @@ def save_checkpoint(output_dir: str | Path, step: int, policy, trainer_state: di
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(output_dir, final, keep)
     return final
+
+
+def prune_checkpoints(output_dir: str | Path, newest: Path, keep: int) -> list[Path]:
+    """Delete all but ``keep`` checkpoints: ``newest`` (the one just written) and the latest before it.
+
+    ``newest`` is never deleted, whatever the step numbers of other checkpoints in the directory;
+    checkpoints of later steps than ``newest`` (another run's) are left alone, with a warning.
+    """
+    newest_step = int(_NAME.match(newest.name).group(1))
+    older, later = [], []
+    for p in list_checkpoints(output_dir):
+        if p.name == newest.name:
+            continue
+        (later if int(_NAME.match(p.name).group(1)) > newest_step else older).append(p)
+    if later:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s holds checkpoints of later steps than the one just written (%s): %s; they are not this "
+            "run's and are left in place", checkpoint_dir(output_dir), newest.name, ", ".join(p.name for p in later))
+    doomed = older[: max(0, len(older) - (keep - 1))]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

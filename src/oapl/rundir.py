@@ -1,0 +1,121 @@
+"""The run directory's safety rules: never lose a user's run.
+
+* :func:`check_run_dir` (before anything is loaded): a non-empty ``output_dir`` is refused unless the
+  run resumes (``--resume``) or replaces it (``--overwrite``); the directory must be writable. It
+  writes nothing there, except that it creates the directory when missing and removes leftovers
+  of killed runs (``checkpoints/.tmp-step-*``), which no one can use.
+* :func:`begin_run` (once the model, data and engine are loaded, i.e. the run is known to start):
+  with ``overwrite`` the previous run's files are deleted only now, so a run that fails at start-up
+  leaves the old one as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from oapl.errors import RunDirError
+
+log = logging.getLogger(__name__)
+
+#: What a run writes in its directory (``--overwrite`` removes these and nothing else).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "summary.yaml", "checkpoints", "tensorboard",
+             "wandb", "compare_timing.json")
+TMP_CHECKPOINT_PREFIX = ".tmp-step-"
+
+
+def _entries(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def _check_writable(path: Path) -> None:
+    """Create ``path`` if needed and prove a file can be written in it (root ignores mode bits)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(f"output_dir: {path} exists and is not a directory") from None
+    except OSError as e:
+        raise RunDirError(f"output_dir: cannot create {path}: {e.strerror or e}") from None
+    if not path.is_dir():
+        raise RunDirError(f"output_dir: {path} exists and is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".oapl-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunDirError(f"output_dir: cannot write to {path}: {e.strerror or e} "
+                          f"(choose another output_dir=...)") from None
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete ``checkpoints/.tmp-step-*`` (and ``*.jsonl.tmp``) left by a run killed while writing."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    for name in _entries(root):
+        if name.startswith(TMP_CHECKPOINT_PREFIX):
+            p = root / name
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+    for name in ("metrics.jsonl.tmp", "samples.jsonl.tmp"):  # a kill while truncating on resume
+        p = Path(run_dir) / name
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    if removed:
+        log.info("removed %d unfinished write(s) of a killed run: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to start in ``run_dir`` when that could lose an earlier run's files.
+
+    Raises :class:`~oapl.errors.RunDirError` naming ``output_dir`` and what to pass.
+    """
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output_dir: {path} exists and is not a directory")
+    present = [e for e in _entries(path) if not e.startswith(".oapl-write-test-")]
+    if present and not resume and not overwrite:
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise RunDirError(
+            f"output_dir: {path} is not empty ({shown}); pass --resume to continue that run, "
+            f"--overwrite to replace it, or choose another output_dir=...")
+    _check_writable(path)
+    if resume or overwrite:
+        remove_stale_temporaries(path)
+    cleanup_stale_sandboxes()
+
+
+def begin_run(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """The run is starting: with ``overwrite`` (and no ``resume``) delete the previous run's files now."""
+    path = Path(run_dir)
+    if overwrite and not resume:
+        removed = []
+        for name in RUN_FILES:
+            p = path / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                removed.append(name)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+                removed.append(name)
+        if removed:
+            log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def cleanup_stale_sandboxes() -> None:
+    """Remove sandbox temp directories and cgroups of code-reward runs whose process is gone."""
+    try:
+        from oapl.rewards.sandbox.runner import cleanup_stale_sandboxes_once as clean
+    except ImportError:  # pragma: no cover - the sandbox is part of the package
+        return
+    clean()
