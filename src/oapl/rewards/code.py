@@ -33,7 +33,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import MAX_EMAX, MIN_EMIN, Decimal, InvalidOperation, localcontext
 from typing import Any, Callable, Sequence
 
 from oapl.rewards.sandbox import (
@@ -241,7 +241,16 @@ def _close(a: Decimal, b: Decimal, tol: float) -> bool:
         return True
     if tol <= 0 or not (a.is_finite() and b.is_finite()):
         return False
-    return abs(a - b) <= Decimal(str(tol)) * max(Decimal(1), abs(b))
+    try:
+        # exact-width exponents, so 1e400 vs 1.0000001e400 compares; a token beyond even those
+        # (e.g. ``1E+999999999999999999`` minus a normal number) is just a wrong answer
+        with localcontext() as ctx:
+            ctx.Emax, ctx.Emin = MAX_EMAX, MIN_EMIN
+            return abs(a - b) <= Decimal(str(tol)) * max(Decimal(1), abs(b))
+    except ArithmeticError as exc:  # decimal.Overflow / InvalidOperation
+        logger.debug("float_tolerance: cannot compare %.40s with %.40s (%s); scored as wrong", a, b,
+                     type(exc).__name__)
+        return False
 
 
 def compare_stdout(prediction: str, expected: str, float_tolerance: float = 0.0) -> bool:

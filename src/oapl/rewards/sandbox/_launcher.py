@@ -75,6 +75,15 @@ SECURE_BITS_ALL_LOCKED = 0x2F
 
 _PIVOT_ROOT_NR = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.machine())
 
+# seccomp: (AUDIT_ARCH_*, unshare, clone, clone3) syscall numbers of the architectures we filter on.
+_SECCOMP_ARCH = {
+    "x86_64": (0xC000003E, 272, 56, 435),
+    "aarch64": (0xC00000B7, 97, 220, 435),
+    "riscv64": (0xC00000F3, 97, 220, 435),
+}.get(platform.machine())
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
 # Exit codes the test process uses for its own (trusted harness) failures.
 EXIT_HARNESS_ERROR = 121
 
@@ -175,6 +184,55 @@ def drop_all_capabilities() -> None:
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def no_user_namespaces_filter() -> list[tuple[int, int, int, int]]:
+    """A seccomp-BPF program: no new user namespace, by any route.
+
+    ``unshare`` and ``clone`` with ``CLONE_NEWUSER`` fail with EPERM; ``clone3`` (whose flags sit
+    in memory a filter cannot read) fails with ENOSYS, so libc falls back to ``clone``; syscalls
+    of another ABI (i386 ``int 0x80``, x32) fail with EPERM. Everything else is allowed.
+    """
+    arch, nr_unshare, nr_clone, nr_clone3 = _SECCOMP_ARCH  # type: ignore[misc]
+    ld_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    # offsets in struct seccomp_data: nr 0, arch 4, args[0] 16 (low word, little-endian)
+    return [
+        (ld_abs, 0, 0, 4),                 # 0  A = arch
+        (jeq, 1, 0, arch),                 # 1  native ABI -> 3
+        (ret, 0, 0, eperm),                # 2  another ABI: refuse
+        (ld_abs, 0, 0, 0),                 # 3  A = syscall number
+        (jge, 7, 0, 0x40000000),           # 4  x32 ABI -> 12 (EPERM)
+        (jeq, 7, 0, nr_clone3),            # 5  -> 13 (ENOSYS)
+        (jeq, 2, 0, nr_unshare),           # 6  -> 9
+        (jeq, 1, 0, nr_clone),             # 7  -> 9
+        (ret, 0, 0, allow),                # 8
+        (ld_abs, 0, 0, 16),                # 9  A = flags (first argument)
+        (jset, 1, 0, CLONE_NEWUSER),       # 10 -> 12
+        (ret, 0, 0, allow),                # 11
+        (ret, 0, 0, eperm),                # 12
+        (ret, 0, 0, enosys),               # 13
+    ]
+
+
+def forbid_user_namespaces() -> None:
+    """Install :func:`no_user_namespaces_filter` (needs no_new_privs); raises OSError if it cannot."""
+    if _SECCOMP_ARCH is None:
+        raise OSError(38, f"seccomp filter: unsupported architecture {platform.machine()}")
+    prog = no_user_namespaces_filter()
+    arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
+    rc = _libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                     ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    _check(rc, "seccomp")
 
 
 # --------------------------------------------------------------------------- I/O helpers
@@ -427,7 +485,9 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
         os.setpgid(0, 0)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if use_ns:
-            unshare(CLONE_NEWNS)
+            # a fresh mount namespace (private /tmp) and IPC namespace (SysV shm, semaphores and
+            # message queues, POSIX mqueues) per test case: nothing one test makes reaches the next
+            unshare(CLONE_NEWNS | CLONE_NEWIPC)
             opts = f"size={int(spec['tmpfs_bytes'])},nr_inodes=4096,mode=1777"
             mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
             mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
@@ -455,6 +515,11 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
             pass
         _set_limits(spec)
         prctl(PR_SET_NO_NEW_PRIVS, 1)
+        try:  # no user namespaces: they would hand the program a full capability set of its own
+            forbid_user_namespaces()
+        except OSError:
+            if use_ns:
+                os._exit(EXIT_HARNESS_ERROR)  # fail closed where isolation is promised
         if spec.get("userns"):
             drop_all_capabilities()
         elif uid is not None and os.geteuid() == 0:
@@ -751,7 +816,8 @@ def init_main(spec: dict, state: dict) -> None:
     """pid 1 of the sandbox namespace: build the file system, then supervise."""
     facts = {"type": "ready", "netns": True, "pidns": os.getpid() == 1, "mountns": True,
              "userns": bool(spec.get("userns")), "uid_drop": not spec.get("userns"),
-             "mode": "namespaces", "cgroups": spec.get("_cgroups", [])}
+             "mode": "namespaces", "cgroups": spec.get("_cgroups", []),
+             "ipcns": "per test", "no_userns": "seccomp" if _SECCOMP_ARCH else "unsupported arch"}
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     prctl(PR_SET_DUMPABLE, 0)
     # pid 1 only receives in-namespace signals it has a handler for: drop

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -274,6 +275,94 @@ def remove_cgroups(procs_files: list[str]) -> None:
             logger.warning("could not remove sandbox cgroup %s", path)
 
 
+# --------------------------------------------------------------------------- leftovers of killed runs
+
+_STALE_NAME = re.compile(r"^oapl-sbx-(\d+)-")
+_CGROUP_DIRS = (_CGROUP_ROOT, os.path.join(_CGROUP_ROOT, "memory"), os.path.join(_CGROUP_ROOT, "pids"))
+_stale_cleaned = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale_pid(name: str) -> int | None:
+    """The pid in a sandbox dir/cgroup name if that process is gone (never our own)."""
+    m = _STALE_NAME.match(name)
+    if m is None:
+        return None
+    pid = int(m.group(1))
+    return None if pid == os.getpid() or _pid_alive(pid) else pid
+
+
+def cleanup_stale_sandboxes(tmp_root: str | None = None, cgroup_dirs: Sequence[str] = _CGROUP_DIRS) -> list[str]:
+    """Remove sandbox temp dirs and cgroups left by killed processes; returns what was removed.
+
+    Sandboxes are named ``oapl-sbx-<pid>-...`` after the process that made them; only those of
+    processes that no longer exist (and, for directories, that belong to this user) are touched,
+    so concurrent runs are safe. Any process still in a stale cgroup is killed first.
+    """
+    removed: list[str] = []
+    root = tmp_root or tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        names = []
+    for name in names:
+        path = os.path.join(root, name)
+        if _stale_pid(name) is None:
+            continue
+        try:
+            if os.lstat(path).st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
+                continue
+        except OSError:
+            continue
+        _rmtree(path)
+        if not os.path.exists(path):
+            removed.append(path)
+    for base in cgroup_dirs:
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(base, name)
+            if _stale_pid(name) is None or not os.path.isdir(path):
+                continue
+            try:
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    for line in f:
+                        try:
+                            os.kill(int(line), signal.SIGKILL)
+                        except (ValueError, ProcessLookupError, PermissionError):
+                            pass
+            except OSError:
+                pass
+            remove_cgroups([os.path.join(path, "cgroup.procs")])
+            if not os.path.exists(path):
+                removed.append(path)
+    if removed:
+        logger.info("removed %d sandbox leftover(s) of killed runs: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def cleanup_stale_sandboxes_once() -> None:
+    """:func:`cleanup_stale_sandboxes` on the first call in this process."""
+    global _stale_cleaned
+    if not _stale_cleaned:
+        _stale_cleaned = True
+        try:
+            cleanup_stale_sandboxes()
+        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a run
+            logger.debug("sandbox leftover cleanup failed: %s", exc)
+
+
 # --------------------------------------------------------------------------- launching
 
 
@@ -319,7 +408,7 @@ def launch(
     the program does.
     """
     slot = _acquire_slot()
-    tmp = tempfile.mkdtemp(prefix="oapl-sbx-")
+    tmp = tempfile.mkdtemp(prefix=f"oapl-sbx-{os.getpid()}-")  # the pid lets a later run clean up after a kill
     cgroups = create_cgroups(config, f"oapl-sbx-{os.getpid()}-{slot}")
     root_uid = os.geteuid() == 0
     spec = {
@@ -510,6 +599,7 @@ class SandboxRunner:
 
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
+        cleanup_stale_sandboxes_once()  # temp dirs / cgroups of a killed earlier run
         self._mode: str | None = None
         self._facts: dict = {}
         self._lock = threading.Lock()
