@@ -11,11 +11,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from oapl.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the field."""
+
+
+#: ``task.name`` values :func:`oapl.data.tasks.build_task` knows.
+TASK_NAMES = ("arithmetic", "math", "code", "dataset")
 
 
 class _Section(BaseModel):
@@ -102,6 +108,18 @@ class TaskConfig(_Section):
         "dataset (any prompts file/Hub dataset with `reward`)."
     )
     dataset: str | None = Field(None, description="Local .jsonl/.parquet file or Hub dataset name.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        if name not in TASK_NAMES:
+            import difflib
+
+            near = difflib.get_close_matches(name, TASK_NAMES, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"unknown task; {hint}known tasks: {', '.join(TASK_NAMES)}")
+        return name
+
     dataset_config: str | None = Field(None, description="Hub dataset config name.")
     split: str = Field("train", description="Training split.")
     eval_dataset: str | None = Field(None, description="Held-out dataset (file or Hub name); default: "
@@ -279,6 +297,11 @@ class TrainConfig(_Section):
         if self.algorithm.name == "oapl" and self.rollout.max_staleness != 0:
             raise ValueError("rollout.max_staleness must be 0 for OAPL: V* must come from one weight "
                              "version, so the buffer is cleared at every sync")
+        if self.rollout.group_size < 2:
+            raise ValueError(
+                f"rollout.group_size={self.rollout.group_size}: {self.algorithm.name.upper()} needs at least 2 "
+                "responses per prompt; with 1 every gradient is exactly 0 (OAPL's V* of one sample is its own "
+                "reward, so r - V* = 0; GRPO's group-relative advantage is 0)")
         self._check_budgets_and_data()
         return self
 
@@ -339,7 +362,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         # a whole-config check (loc "(root)") names its fields itself; echoing the whole input hides it
@@ -348,7 +371,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             continue
         bare = e["type"] == "missing"
         lines.append(f"{loc}: {msg}" if bare else f"{loc}: {msg} (got {e.get('input')!r})")
-    return f"invalid configuration ({source}):\n" + "\n".join(lines)
+    if len(lines) == 1:  # one mistake: one line, `oapl: <field>: <why> (in <source>)`
+        return f"{lines[0]} (in {source})"
+    return f"invalid configuration ({source}): " + "; ".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

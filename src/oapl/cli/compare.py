@@ -33,6 +33,12 @@ def cmd_compare(args) -> int:
                   f"samples={r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size} "
                   f"-> {r.run_dir}{reuse}")
         return 0
+    if not args.report_only:
+        from oapl.preflight import check_config
+
+        planned = plan_runs(cc, args.only)
+        if planned:
+            check_config(planned[0].cfg)  # the shared model/dataset names fail now, naming their field
     parts = ([config] if config else []) + overrides + (["--only", args.only] if args.only != "all" else [])
     report = run_compare(cc, only=args.only, force=args.force, report_only=args.report_only,
                          command=command_line(["compare", *parts]))

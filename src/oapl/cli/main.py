@@ -6,8 +6,10 @@ import argparse
 import logging
 import sys
 import textwrap
+import traceback
 
-from oapl.config import ConfigError, TrainConfig, describe_fields, load_config
+from oapl.config import TrainConfig, describe_fields, load_config
+from oapl.errors import UserError, debug_enabled, user_message
 
 
 def _fields_help(cls=TrainConfig) -> str:
@@ -41,16 +43,25 @@ def cmd_train(args) -> int:
     if "resume" in overrides:  # `oapl train cfg.yaml resume`
         overrides.remove("resume")
         resume = True
+    if resume and args.overwrite:
+        raise UserError("--resume continues the run in output_dir and --overwrite replaces it: pass one of them")
     cfg = load_config(config, overrides)
+    args.output_dir = cfg.output_dir  # for the interrupt message
+    from oapl.rundir import check_run_dir
+
+    check_run_dir(cfg.output_dir, resume=resume, overwrite=args.overwrite)  # before any slow loading
+    from oapl.preflight import check_config
+
+    check_config(cfg)
     if cfg.offline.data:
         from oapl.offline import train_offline
 
-        summary = train_offline(cfg, resume=resume)
+        summary = train_offline(cfg, resume=resume, overwrite=args.overwrite)
         print(f"offline training done: {summary['steps']} steps; checkpoints: {summary['checkpoints']}")
         return 0
     from oapl.loop import train
 
-    result = train(cfg, resume=resume)
+    result = train(cfg, resume=resume, overwrite=args.overwrite)
     _print_result(result)
     return 0
 
@@ -78,12 +89,17 @@ def _print_result(result) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oapl", description="Off-policy RL post-training of LLMs with OAPL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: "
+                        "OAPL_DEBUG=1); without it a mistake in the input is one line `oapl: <what>: <why>`")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train with OAPL (or GRPO) and a lagged inference engine",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fields_help())
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir "
                    "(also: a bare `resume` word)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty output_dir (its "
+                   "files are deleted once the new run has started); without --resume or --overwrite a "
+                   "non-empty output_dir is refused")
     p.set_defaults(func=cmd_train)
     from oapl.cli import compare, rollouts
 
@@ -92,21 +108,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args, exc: KeyboardInterrupt) -> str:
+    """What was saved, truthfully: the checkpoint the interrupt handler wrote, or none."""
+    written = getattr(exc, "oapl_checkpoint", None)
+    if written:
+        return f"oapl: interrupted; checkpoint written: {written}; continue with --resume"
+    out = getattr(args, "output_dir", None)
+    latest = None
+    if out:
+        from oapl.trainer.checkpoint import latest_checkpoint
+
+        try:
+            latest = latest_checkpoint(out)
+        except OSError:
+            latest = None
+    if latest is not None:
+        return (f"oapl: interrupted before a checkpoint was written; the latest checkpoint is {latest} "
+                f"(--resume continues from it)")
+    return "oapl: interrupted; no checkpoint was written"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "transformers.modeling_utils"):
+    from oapl.logs import quiet_engine_logs, setup_cli_logging
+
+    setup_cli_logging(verbose=args.verbose)  # log lines go above the progress bar, not through it
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "transformers.modeling_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_engine_logs(verbose=args.verbose)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"oapl: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("oapl: interrupted; a checkpoint was written, continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_interrupted(args, e), file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
+        message = user_message(e)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"oapl: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,10 +24,23 @@ def cmd_generate(args) -> int:
     from oapl.generate import generate_dataset
 
     cfg = _cfg(args)
+    from oapl.preflight import check_config
+
+    check_config(cfg, model=args.model)  # a wrong model/dataset name fails now, naming its field
     out = generate_dataset(cfg, args.out, split=args.split, n=args.n, model=args.model, max_prompts=args.max_prompts,
                            subset=args.subset, subset_seed=args.subset_seed, benchmark=args.benchmark or cfg.task.name)
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _require(paths: dict[str, str], what: str, flag: str) -> None:
+    """Every input file exists before anything is loaded; the message names the argument."""
+    from oapl.errors import UserError
+
+    for label, path in paths.items():
+        if not Path(path).exists():
+            arg = path if label == path else f"{label}={path}"
+            raise UserError(f"{flag}: {arg}: no {what} at {path}")
 
 
 def cmd_eval(args) -> int:
@@ -38,6 +51,11 @@ def cmd_eval(args) -> int:
 
     prefix = Path(args.out)
     sources = list(args.rollouts or [])
+    _require({s: s for s in sources}, "rollout dataset (a file or folder from `oapl generate`)", "--rollouts")
+    if not sources:
+        from oapl.preflight import check_config
+
+        check_config(_cfg(args), model=args.model)  # before loading anything
     if args.benchmarks:  # named benchmarks, each generated on and scored
         from oapl.data.benchmarks import get_benchmark, task_overrides
         from oapl.recipes.two_stage import _stage_cfg
@@ -87,9 +105,12 @@ def cmd_plot(args) -> int:
 
     runs = _labelled(args.runs)
     if args.kind == "passk":
+        _require(runs, "Pass@k report (the .json `oapl eval --out` writes)", "plot passk")
         path = plot_passk(runs, args.out, benchmark=args.benchmark)
     else:
+        _require(runs, "run directory or metrics.jsonl", "plot training")
         runs = {k: (str(Path(v) / "metrics.jsonl") if Path(v).is_dir() else v) for k, v in runs.items()}
+        _require(runs, "metrics.jsonl (the run has not logged a step yet?)", "plot training")
         keys = tuple(args.keys.split(",")) if args.keys else ("reward_mean", "entropy", "kl", "lag", "eval/pass@1")
         path = plot_training(runs, args.out, keys=keys, x=args.x)
     print(f"wrote {path}")
@@ -100,6 +121,9 @@ def cmd_two_stage(args) -> int:
     from oapl.recipes.two_stage import run_two_stage
 
     cfg = _cfg(args)
+    from oapl.preflight import check_config
+
+    check_config(cfg)  # a wrong model/dataset name fails now, naming its field
     report = run_two_stage(cfg, stage2_prompts=args.stage2_prompts, stage2_epochs=args.stage2_epochs,
                            evaluate_base=not args.skip_base_eval)
     for label, r in report["eval"].items():

@@ -222,6 +222,10 @@ class VLLMEngine:
             gc.unfreeze()
         self.startup_seconds = time.perf_counter() - start
         _OPEN_ENGINES.add(self)
+        from oapl.logs import install_vllm_filters
+
+        # drop the "<layer>: Failed to load weights" vLLM prints at every sync for layers without weights
+        install_vllm_filters(tied_lm_head=_ties_embeddings(self._llm))
         self.tokenizer = self._llm.get_tokenizer()
         self._cuda_index = None
         if not self.on_cpu and torch.cuda.is_available():
@@ -488,6 +492,16 @@ def _shutdown_engine_core(llm, keep_distributed: bool) -> None:
         return  # already shut down
     core.model_executor.shutdown()
     core.scheduler.shutdown()
+
+
+def _ties_embeddings(llm) -> bool:
+    """Whether the served model's LM head is its input embedding (``tie_word_embeddings``)."""
+    try:
+        cfg = llm.llm_engine.model_config
+        text = getattr(cfg, "hf_text_config", None) or cfg.hf_config
+        return bool(getattr(text, "tie_word_embeddings", False) or getattr(cfg.hf_config, "tie_word_embeddings", False))
+    except AttributeError:
+        return False
 
 
 def _refresh_shared_cpu_gemms(worker) -> int:
