@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from oapl.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError):
     """Bad dataset input; the message names the file, row and column."""
 
 
@@ -52,11 +54,22 @@ def load_rows(source: str, split: str = "train", config: str | None = None) -> t
                 rows.extend(_read_local(f))
             return rows, str(path)
         return _read_local(path), str(path)
-    if source.endswith((".jsonl", ".parquet", ".json")):
+    if source.endswith((".jsonl", ".parquet", ".json", ".ndjson")):
         raise DatasetError(f"dataset file not found: {source}")
+    from oapl.preflight import looks_like_path
+
+    if looks_like_path(source):
+        raise DatasetError(f"dataset path not found: {source}")
     import datasets
 
-    ds = datasets.load_dataset(source, config, split=split)
+    try:
+        ds = datasets.load_dataset(source, config, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        # DatasetNotFoundError (a FileNotFoundError), no network / offline without a cached copy,
+        # an unknown split or config: all about the name the user gave
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DatasetError(f"dataset {source!r} (split {split!r}{f', config {config!r}' if config else ''}): "
+                           f"cannot load it from the Hugging Face Hub: {first}") from e
     return [dict(r) for r in ds], f"{source}[{split}]"
 
 

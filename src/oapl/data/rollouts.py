@@ -39,6 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from oapl.errors import UserError
+
 __all__ = [
     "COLUMNS",
     "META_FILENAME",
@@ -104,7 +106,7 @@ _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 _TMP_RE = re.compile(r"^\.(part-\d{5,}\.parquet|_meta\.json)\.tmp(-\d+)?$")
 
 
-class RolloutSchemaError(ValueError):
+class RolloutSchemaError(UserError):
     """A rollout file or group violates the schema.
 
     ``file``, ``row`` (0-based row number inside ``file``) and ``column`` locate the problem when
@@ -132,7 +134,7 @@ class RolloutSchemaError(ValueError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
-class RolloutMetaMismatchError(ValueError):
+class RolloutMetaMismatchError(UserError):
     """A :class:`RolloutWriter` was asked to resume into a directory written with other settings."""
 
     def __init__(self, out_dir: Path, field_name: str, on_disk: Any, requested: Any) -> None:

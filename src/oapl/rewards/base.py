@@ -15,32 +15,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oapl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[float]]
 
 
-def load_reward(spec: str) -> RewardFn:
-    """Import ``package.module:function`` (or ``path/to/file.py:function``)."""
+def load_reward(spec: str, field: str = "task.reward") -> RewardFn:
+    """Import ``package.module:function`` (or ``path/to/file.py:function``).
+
+    Every failure is a :class:`~oapl.errors.UserError` naming ``field`` and what went wrong
+    (missing file, import error, an exception while the module runs, no such function).
+    """
     if ":" not in spec:
-        raise ValueError(f"task.reward: {spec!r} is not of the form module:function")
+        raise UserError(f"{field}: {spec!r} is not of the form module:function (or path/to/file.py:function)")
     mod_name, fn_name = spec.rsplit(":", 1)
     if mod_name.endswith(".py"):
         path = Path(mod_name)
         if not path.exists():
-            raise ValueError(f"task.reward: file {path} does not exist")
+            raise UserError(f"{field}: file {path} does not exist")
         spec_ = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(module)  # type: ignore[union-attr]
+        try:
+            spec_.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001 - the user's file failed to run
+            raise UserError(f"{field}: {path} fails to load: {_where(e)}") from e
     else:
         try:
             module = importlib.import_module(mod_name)
         except ImportError as e:
-            raise ValueError(f"task.reward: cannot import module {mod_name!r}: {e}") from e
+            raise UserError(f"{field}: cannot import module {mod_name!r}: {e} (is it on PYTHONPATH, or give "
+                            f"path/to/file.py:{fn_name})") from e
+        except Exception as e:  # noqa: BLE001 - the user's module raised while importing
+            raise UserError(f"{field}: module {mod_name!r} fails to import: {_where(e)}") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"task.reward: {mod_name!r} has no function {fn_name!r}")
+        names = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None)))
+        raise UserError(f"{field}: {mod_name!r} has no function {fn_name!r}"
+                        + (f"; it has {', '.join(names[:8])}" if names else ""))
     return fn
+
+
+def _where(e: BaseException) -> str:
+    """``SyntaxError: invalid syntax (file.py, line 3)`` / ``NameError: ... (file.py, line 3)``."""
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    last = frames[-1] if frames else None
+    return f"{type(e).__name__}: {e}" + (f" ({last.filename}, line {last.lineno})" if last else "")
 
 
 @dataclass
