@@ -198,6 +198,10 @@ class OfflineConfig(_Section):
                              "all-wrong prompts).")
     drop_all_correct: bool = Field(False, description="Also drop prompts whose responses are all correct.")
     checkpoint_every_epoch: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
+    allow_sampling_mismatch: bool = Field(
+        False, description="Train even when the data's recorded sampling temperature / top_p / weights_id differ "
+        "from sampling.temperature / sampling.top_p / model.name (refused otherwise: the stored log-probs "
+        "would be of another distribution than the trainer scores).")
 
 
 class DistributedConfig(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from oapl.config import TrainConfig, save_config
-from oapl.data.rollouts import filter_groups, read_rollouts
+from oapl.data.rollouts import RolloutGroup, filter_groups, read_rollouts
 from oapl.metrics import MetricsLogger
 from oapl.rundir import begin_run, check_run_dir
 from oapl.trainer.checkpoint import latest_checkpoint, save_checkpoint, set_rng_state
@@ -33,6 +34,52 @@ def _epoch_batches(n_groups: int, per_step: int, seed: int, epoch: int) -> list[
     return [order[i : i + per_step] for i in range(0, n_groups - per_step + 1, per_step)]
 
 
+def _same_weights(recorded: str, configured: str) -> bool:
+    if recorded == configured:
+        return True
+    a, b = Path(recorded).expanduser(), Path(configured).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def check_sampling_provenance(groups: list[RolloutGroup], cfg: TrainConfig) -> None:
+    """Refuse offline data sampled otherwise than the configuration says (unless allowed).
+
+    Each group records how it was sampled (``sampling.temperature``, ``sampling.top_p``) and by which
+    weights (``weights_id``). The trainer scores responses at ``sampling.temperature`` with
+    ``model.name`` as the starting point (and, with ``reference_logprobs: recompute``, as pi_inf), so
+    the stored engine log-probs must come from that same distribution. A mismatch raises
+    ``ValueError`` naming the recorded and the configured value and an example ``prompt_id``; with
+    ``offline.allow_sampling_mismatch`` it is logged as a warning instead.
+    """
+    source = cfg.offline.data
+    s = cfg.sampling
+    checks = (("temperature", "sampling.temperature", s.temperature),
+              ("top_p", "sampling.top_p", s.top_p))
+    problems: list[str] = []
+    for key, field_name, want in checks:
+        bad = [g for g in groups if not isinstance(g.sampling.get(key), (int, float))
+               or not math.isclose(float(g.sampling[key]), want, rel_tol=0.0, abs_tol=1e-9)]
+        if bad:
+            got = sorted({repr(g.sampling.get(key, "not recorded")) for g in bad})
+            problems.append(f"{len(bad)} of {len(groups)} groups were sampled with {key}={', '.join(got)} "
+                            f"(e.g. prompt_id {bad[0].prompt_id!r}) but {field_name} is {want}")
+    bad = [g for g in groups if not _same_weights(g.weights_id, cfg.model.name)]
+    if bad:
+        got = sorted({repr(g.weights_id) for g in bad})
+        problems.append(f"{len(bad)} of {len(groups)} groups were sampled by weights_id={', '.join(got)} "
+                        f"(e.g. prompt_id {bad[0].prompt_id!r}) but model.name is {cfg.model.name!r}")
+    if not problems:
+        return
+    text = (f"offline.data {source}: " + "; ".join(problems) + ". The stored log-probs are pi_inf of the "
+            "data's own sampling; training at other settings regresses onto a distribution the data was not "
+            "drawn from. Set the configuration to the recorded values, or offline.allow_sampling_mismatch="
+            "true to train anyway")
+    if cfg.offline.allow_sampling_mismatch:
+        log.warning("%s (allowed by offline.allow_sampling_mismatch)", text)
+        return
+    raise ValueError(text)
+
+
 def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.offline.data`` for ``cfg.offline.epochs`` epochs.
 
@@ -44,6 +91,7 @@ def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = Fals
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
     groups = read_rollouts(off.data)
+    check_sampling_provenance(groups, cfg)
     kept, counts = filter_groups(groups, min_correct=off.min_correct, drop_all_correct=off.drop_all_correct)
     log.info("offline data %s: %s", off.data, counts)
     if len(kept) < cfg.rollout.prompts_per_step:
