@@ -123,6 +123,24 @@ def test_engine_satisfies_protocol_and_leaves_caller_state_alone(engine):
     }
 
 
+def test_max_model_len_is_reported_and_a_prompt_that_does_not_fit_is_refused(base, tiny):
+    """vLLM would stop the response at max_model_len without a word; the row is refused first."""
+    from oapl.data.budget import TokenBudgetError
+    from oapl.data.tasks import Task
+    from oapl.evaluation.heldout import generate_groups
+
+    assert base.max_model_len == 512
+    task = Task("dataset", [], [], lambda prompts, completions, **_: [0.0] * len(completions), [], None,
+                "{prompt}", False)
+    rows = [{"prompt_id": "long", "prompt": "a" * 508}]  # 508 tokens with the char tokenizer
+    assert len(tiny["tok"]("a" * 508, add_special_tokens=False).input_ids) == 508
+    groups = generate_groups(base, task, tiny["tok"], rows, SamplingParams(max_tokens=4))  # 508 + 4 = 512 fits
+    assert len(groups[0].response_token_ids[0]) <= 4
+    with pytest.raises(TokenBudgetError, match=r"eval row 0 \(prompt_id 'long'\): prompt of 508 tokens \+ "
+                       r"eval.max_tokens=5 = 513 tokens > engine.max_model_len=512"):
+        generate_groups(base, task, tiny["tok"], rows, SamplingParams(max_tokens=5))
+
+
 def test_vllm_is_not_imported_by_the_module():
     code = "import sys, oapl.engines.vllm_engine as m; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
