@@ -137,6 +137,26 @@ def test_compare_stdout_follows_livecodebench():
     assert not compare_stdout(None, "1")  # type: ignore[arg-type]
 
 
+def test_float_tolerance_overflow_is_a_quiet_wrong_answer(caplog):
+    huge = "1E+999999999999999999"
+    with caplog.at_level(logging.DEBUG, logger="oapl.rewards.code"):
+        assert not compare_stdout(huge, "2", float_tolerance=1e-6)
+        assert not compare_stdout("9E+999999999999999999", "-9E+999999999999999999", float_tolerance=1e-6)
+        assert compare_stdout(huge, huge, float_tolerance=1e-6)  # equal is equal
+        assert compare_stdout("1e400", "1.0000001e400", float_tolerance=1e-6)  # large but comparable
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("scored as wrong" in r.getMessage() for r in caplog.records)
+
+
+def test_float_tolerance_overflow_through_the_sandbox_logs_no_error(caplog):
+    tests = [{"input": "1\n", "output": "2\n", "testtype": "stdin"}]
+    reward = make_code_reward(CFG, float_tolerance=1e-6)
+    with caplog.at_level(logging.DEBUG):
+        out = reward(["p"], ["```python\nprint('1E+999999999999999999')\n```"], tests=[tests], metadata=[None])
+    assert out == [0.0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
 def test_compare_functional():
     assert compare_functional("[1, 2]", [1, 2])
     assert compare_functional("1.0", 1)  # Python equality, as LiveCodeBench
@@ -365,7 +385,8 @@ def test_unprivileged_trainer_uses_a_user_namespace():
         "            \"caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0]\\n\"\n"
         "            \"try:\\n    socket.create_connection(('127.0.0.1', 9), timeout=1); net = 'open'\\n\"\n"
         "            \"except OSError as e:\\n    net = str(e.errno)\\n\"\n"
-        "            \"print(caps.split()[1], net, int(input()) * 2)\\n\")\n"
+        "            \"import ctypes\\nuserns = ctypes.CDLL(None).unshare(0x10000000)\\n\"\n"
+        "            \"print(caps.split()[1], net, userns, int(input()) * 2)\\n\")\n"
         "    res = SandboxRunner(cfg).run(ProgramJob(code=code, mode='stdin', inputs=['21\\n']))\n"
         "    out['run'] = [res.runs[0].status, res.runs[0].stdout]\n"
         "else:\n"
@@ -387,9 +408,10 @@ def test_unprivileged_trainer_uses_a_user_namespace():
         pytest.skip(f"unprivileged user namespaces are forbidden here: {out['facts']['error']}")
     assert out["facts"]["userns"] is True and out["facts"]["netns"] is True
     status, stdout = out["run"]
-    caps, net, answer = stdout.split()
+    caps, net, userns, answer = stdout.split()
     assert status == "ok" and answer == "42"
     assert int(caps, 16) == 0  # no capabilities at all
+    assert userns == "-1"  # no nested user namespace (which would bring a full capability set)
     assert net == "101"  # ENETUNREACH: only a downed loopback exists
 
 

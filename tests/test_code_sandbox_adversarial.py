@@ -376,6 +376,74 @@ def test_sysv_shared_memory_stays_inside(runner):
     assert reward == 0.0  # segments are created, but in the sandbox's own IPC namespace
 
 
+@requires_ns
+def test_sysv_ipc_does_not_reach_the_next_test_case(runner):
+    """Test case 1 leaves a segment, a semaphore set and a message queue; test case 2 looks for them."""
+    code = ("import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\nKEY = 0x0A9113\n"
+            "if input().strip() == 'make':\n"
+            "    made = [libc.shmget(KEY, 4096, 0o1000 | 0o666), libc.semget(KEY, 1, 0o1000 | 0o666),\n"
+            "            libc.msgget(KEY, 0o1000 | 0o666)]\n"
+            "    print('ok' if min(made) >= 0 else 'fail')\n"
+            "else:\n"
+            "    found = [libc.shmget(KEY, 0, 0), libc.semget(KEY, 0, 0), libc.msgget(KEY, 0)]\n"
+            "    print(42 if max(found) >= 0 else 0)")
+    tests = [{"input": "make\n", "output": "ok\n", "testtype": "stdin"},
+             {"input": "look\n", "output": "42\n", "testtype": "stdin"}]
+    (ev,) = evaluate_completions([f"```python\n{code}\n```"], [tests], [None], runner=runner)
+    runs = ev.results[0].runs
+    assert [r.status for r in runs] == ["ok", "ok"] and runs[0].stdout.strip() == "ok"
+    assert runs[1].stdout.strip() == "0" and ev.reward == 0.0
+
+
+_CLONE_NR = {"x86_64": 56, "aarch64": 220, "riscv64": 220}
+
+
+@requires_ns
+@pytest.mark.skipif(os.uname().machine not in _CLONE_NR, reason="syscall numbers for this architecture")
+def test_no_user_namespace_by_any_route(runner):
+    """unshare(CLONE_NEWUSER), clone(CLONE_NEWUSER), clone3 and the unshare tool all fail."""
+    nr_clone = _CLONE_NR[os.uname().machine]
+    code = ("import ctypes, os, shutil, subprocess\nlibc = ctypes.CDLL(None, use_errno=True)\nwins = []\n"
+            "if libc.unshare(0x10000000) == 0:\n    wins.append('unshare')\n"
+            "class A(ctypes.Structure):\n"
+            "    _fields_ = [(n, ctypes.c_uint64) for n in ('flags', 'pidfd', 'child_tid', 'parent_tid',\n"
+            "                'exit_signal', 'stack', 'stack_size', 'tls')]\n"
+            "a = A(flags=0x10000000, exit_signal=17)\n"
+            "pid = libc.syscall(435, ctypes.byref(a), ctypes.sizeof(a))\n"
+            "if pid == 0:\n    os._exit(0)\n"
+            "if pid > 0:\n    wins.append('clone3'); os.waitpid(pid, 0)\n"
+            f"pid = libc.syscall({nr_clone}, 0x10000000 | 17, 0, 0, 0, 0)\n"
+            "if pid == 0:\n    os._exit(0)\n"
+            "if pid > 0:\n    wins.append('clone'); os.waitpid(pid, 0)\n"
+            "tool = shutil.which('unshare')\n"
+            "if tool and subprocess.run([tool, '-U', 'true'], capture_output=True).returncode == 0:\n"
+            "    wins.append('unshare -U')\n"
+            "print(42 if wins else 0, wins)")
+    reward, ev = score(runner, code)
+    run = ev.results[0].runs[0]
+    assert reward == 0.0 and run.status == "ok" and run.stdout.startswith("0 []"), run
+
+
+@requires_ns
+def test_threads_processes_and_subprocesses_still_work(runner):
+    """The seccomp filter (clone3 -> ENOSYS) leaves threads, fork, multiprocessing and exec working."""
+    code = ("import os, subprocess, threading, multiprocessing as mp\n"
+            "out = []\nt = threading.Thread(target=lambda: out.append(1)); t.start(); t.join()\n"
+            "pid = os.fork()\nif pid == 0:\n    os._exit(3)\n"
+            "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3\n"
+            "assert subprocess.run(['/bin/sh', '-c', 'exit 4']).returncode == 4\n"
+            "with mp.get_context('fork').Pool(2) as pool:\n    assert pool.map(abs, [-1, -2]) == [1, 2]\n"
+            "print(int(input()) * 2 * out[0])")
+    reward, ev = score(runner, code)
+    assert reward == 1.0, ev.results[0].runs[0].stderr_tail
+
+
+@requires_ns
+def test_isolation_facts_report_ipc_and_userns():
+    facts = probe_namespaces(SandboxConfig())
+    assert facts["ipcns"] == "per test" and facts["no_userns"] == "seccomp"
+
+
 # --------------------------------------------------------------------------- exit-code tricks
 
 
