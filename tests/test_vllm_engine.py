@@ -258,6 +258,31 @@ def test_weight_sync_matches_transformers_with_the_same_weights(base, tiny):
     assert _max_diff(new_scores, old_scores) > 0.05
 
 
+def test_weight_sync_prints_no_benign_failed_to_load_warning(base, tiny):
+    """vLLM's reload warns "RotaryEmbedding: Failed to load weights" at every sync; it is filtered."""
+    import logging
+
+    from oapl.logs import RELOAD_LOGGER, install_vllm_filters
+
+    seen: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(RELOAD_LOGGER)
+    handler = Capture(level=logging.DEBUG)
+    logger.addHandler(handler)
+    filt = install_vllm_filters()
+    dropped = filt.dropped
+    try:
+        base.load_weights(tiny["state"].items(), 1)
+    finally:
+        logger.removeHandler(handler)
+    assert filt.dropped > dropped  # vLLM did print it, and the filter took it
+    assert not [m for m in seen if "Failed to load weights" in m], seen
+
+
 def _score(engine: VLLMEngine, prompt, tokens) -> list[float]:
     """Raw log-probs of a fixed continuation under the engine's current weights (vLLM
     ``prompt_logprobs``; the raw vLLM LLM is reached through ``engine.llm``)."""
