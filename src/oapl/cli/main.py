@@ -101,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "files are deleted once the new run has started); without --resume or --overwrite a "
                    "non-empty output_dir is refused")
     p.set_defaults(func=cmd_train)
+    from oapl import check
     from oapl.cli import compare, rollouts
 
     rollouts.register(sub)
     compare.register(sub)
+    check.register(sub)
     return parser
 
 
