@@ -282,3 +282,35 @@ def test_trainer_death_resumes_from_checkpoint(ray_cluster, tiny_model_dir, prom
     assert [r["weight_version"] for r in rows] == [0, 0, 1, 1, 2]
     # after a collective sync, engines and trainer hold the same weights: log-ratio ~ 0
     assert abs(rows[2]["log_ratio_mean"]) < 1e-3 and abs(rows[4]["log_ratio_mean"]) < 1e-3
+
+
+def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_dir, prompts_file, tmp_path):
+    """DDP ranks hold fp32 masters under bf16 autocast: one step at lr 1e-6 moves >= 99% of the weights
+    that received a gradient (stored in bf16 almost none would move: tests/test_precision.py)."""
+    from safetensors.torch import load_file
+    from test_precision import _groups
+
+    from oapl.distributed.trainer import TrainerGroup
+
+    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", **{
+        "model.compute_dtype": "bfloat16", "optim.lr": 1e-6, "optim.max_grad_norm": None,
+        "algorithm.beta2": 0.1, "optim.micro_batch_size": 4})
+    group = TrainerGroup(cfg)
+    try:
+        group.setup(resume=False)
+        run = str(tmp_path / "run")
+        before = Path(group.call("save_checkpoint", run, 0, {"step": 0}, "{}", 5)[0])
+        _, parts = group.train_step(_groups(), want_grads=True)
+        after = Path(group.call("save_checkpoint", run, 1, {"step": 1}, "{}", 5)[0])
+    finally:
+        group.close()
+    w0 = load_file(str(before / "model" / "model.safetensors"))
+    w1 = load_file(str(after / "model" / "model.safetensors"))
+    grads = parts[0]["grads"]
+    moved = total = 0
+    for n, g in grads.items():
+        assert w1[n].dtype == torch.float32
+        nz = g != 0
+        moved += int(((w1[n] - w0[n]) != 0)[nz].sum())
+        total += int(nz.sum())
+    assert total > 1000 and moved / total >= 0.99, moved / total

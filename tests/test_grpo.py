@@ -283,3 +283,42 @@ def test_staleness_config_rules(tiny_model_dir, prompts_file, tmp_path):
         grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "x", **{"algorithm.name": "oapl"})
     cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "x", **{"sampling.top_p": 0.9})
     assert cfg.rollout.max_staleness == 1  # GRPO tolerates top-p < 1 and staleness
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper's GRPO+IS: two mini-batches per batch, pi_old from the start of the batch
+# ------------------------------------------------------------------------------------------------
+
+
+def test_two_mini_batches_make_the_clip_act(tiny_model_dir, tmp_path):
+    from test_packing import _groups
+
+    from oapl.trainer.policy import Policy
+
+    def step(mini_batches):
+        cfg = load_config(None, [f"output_dir={tmp_path / str(mini_batches)}", f"model.name={tiny_model_dir}",
+                                 "algorithm.name=grpo", f"algorithm.mini_batches={mini_batches}",
+                                 "algorithm.clip_eps=0.05", "optim.lr=3e-2", "optim.max_grad_norm=null",
+                                 "optim.micro_batch_size=4", "model.logprob_chunk_size=16"])
+        torch.manual_seed(0)
+        policy = Policy(cfg, total_steps=3)
+        m = policy.train_step(_groups(n_groups=4, g=4, seed=1))
+        return m, policy
+
+    one, _ = step(1)
+    assert one["clip_frac"] == 0.0 and one["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    two, policy = step(2)
+    # the second mini-batch is scored against pi_old = the weights before the first update
+    assert two["clip_frac"] > 0.0 and two["ratio_max"] > 1.05
+    assert policy.optimizer.state[next(iter(policy.optimizer.state))]["step"] == 2  # two optimiser steps
+    assert policy.scheduler.last_epoch == 2
+
+
+def test_mini_batches_need_enough_groups(tiny_model_dir, tmp_path):
+    from test_packing import _groups
+
+    from oapl.trainer.policy import Policy
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"model.name={tiny_model_dir}", "algorithm.mini_batches=3"])
+    with pytest.raises(ValueError, match="algorithm.mini_batches=3 needs at least 3 prompt groups"):
+        Policy(cfg, total_steps=1).train_step(_groups(n_groups=2))

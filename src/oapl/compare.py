@@ -420,7 +420,7 @@ def _setup_table(cfg: TrainConfig) -> list[str]:
     lora = (f"LoRA r={m.lora.r}, alpha={m.lora.alpha} on `{m.lora.target_modules}`" if m.lora.enabled
             else "all weights")
     rows = [
-        ("model", f"`{m.name}` ({lora}, dtype {m.dtype})"),
+        ("model", f"`{m.name}` ({lora}, weights {m.param_dtype}, compute {m.compute_dtype})"),
         ("task", f"`{cfg.task.name}` (max operand {cfg.task.max_operand}, ops {''.join(cfg.task.operations)}, "
                  f"{cfg.task.num_eval} fixed held-out prompts)" if cfg.task.name == "arithmetic" else f"`{cfg.task.name}`"),
         ("batch", f"{r.prompts_per_step} prompts x G={r.group_size} = {r.prompts_per_step * r.group_size} "

@@ -59,6 +59,8 @@ class ModelConfig(_Section):
         "auto", description="Attention over packed rows: auto = torch's varlen FlashAttention on CUDA (bf16), "
         "else flash-attn's if installed, else SDPA per sequence (CPU, fp32).")
     compile: bool = Field(False, description="torch.compile each decoder layer (CUDA; first steps slower).")
+    liger: bool = Field(False, description="liger-kernel's fused RMSNorm/SwiGLU/RoPE (CUDA; `pip install "
+                        "oapl[liger]`). Check the kl/logprob_absdiff metrics against an unfused run.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Pass trust_remote_code to transformers.")

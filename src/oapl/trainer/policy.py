@@ -39,6 +39,8 @@ class Policy:
         base = model if model is not None else load_causal_lm(self.model_path, self.precision.load_dtype,
                                                               self.device, cfg.model.trust_remote_code)
         base = base.to(device=self.device, dtype=self.precision.load_dtype)
+        if cfg.model.liger:
+            apply_liger(base, self.device)
         if cfg.model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
@@ -148,6 +150,20 @@ class Policy:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def apply_liger(model, device: torch.device) -> None:
+    """Patch liger-kernel's fused RMSNorm, SwiGLU and RoPE into ``model`` (the LM head stays ours:
+    the chunked fp32 log-probs already never hold ``B x T x V`` logits)."""
+    if device.type != "cuda":
+        raise ValueError("model.liger needs a CUDA device (liger-kernel's kernels are Triton): set model.liger=false")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise ValueError("model.liger=true needs liger-kernel: pip install 'oapl[liger]'") from e
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    log.info("liger-kernel: fused RMSNorm, SwiGLU and RoPE patched into %s", type(model).__name__)
 
 
 def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | None = None, model=None,

@@ -1,0 +1,230 @@
+"""Trainer throughput on realistic RL batches: padded vs packed, fixed vs variable length.
+
+One ``Policy.train_step`` (the project's real step: chunked fp32 log-probs, OAPL loss, AdamW on
+the masters) on a batch of G x groups responses whose lengths follow a seeded lognormal (median,
+sigma, cap as flags; ``--truncated`` of them at the cap, as long reasoning traces are), with a fixed
+prompt. Every layout sees the same sequences. Reported per layout:
+
+* step time (best of ``--steps`` after ``--warmup``), useful tokens/s (prompt + response tokens),
+* effective MFU = 6 N useful_tokens / time / peak, with ``peak`` the dense matmul rate measured on
+  this device in the compute dtype at the start (``--peak-tflops`` overrides), N = parameters,
+* padding fraction (tokens computed that carry no sequence), peak memory (CUDA: allocator peak;
+  CPU: max RSS growth).
+
+Modes: ``--device cpu`` (default) trains the embedded SmolLM2-135M in fp32 with lengths scaled to a
+512-token cap; ``--device cuda`` builds a random-init model from ``--config`` (default: the
+Qwen3-1.7B shape) in bf16 compute over fp32 masters, so the casts count.
+
+    python benchmarks/trainer_throughput.py                       # CPU, embedded model
+    python benchmarks/trainer_throughput.py --device cuda         # 1.7B shape, 8K cap
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import resource
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+QWEN3_1_7B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--config", default=None, help="CUDA: a config.json to build a random-init model (default: Qwen3-1.7B shape)")
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 CUDA, 32 CPU)")
+    p.add_argument("--cap", type=int, default=None, help="max response tokens (default 8192 CUDA, 512 CPU)")
+    p.add_argument("--median", type=float, default=None, help="median response length (default cap*1500/8192)")
+    p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of response lengths")
+    p.add_argument("--truncated", type=int, default=3, help="responses cut at the cap")
+    p.add_argument("--layouts", default="padded,packed,packed-budget",
+                   help="comma list of padded, packed, packed-budget (token budget = --budget)")
+    p.add_argument("--budget", type=int, default=None, help="max tokens per micro-batch (default: 2 x cap + prompt)")
+    p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch (padded/packed)")
+    p.add_argument("--fixed", action="store_true", help="also run every response at the mean length")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
+    p.add_argument("--compute-dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args()
+
+
+def lengths(a, rng: random.Random) -> list[int]:
+    n = a.groups * a.group_size
+    median = a.median or a.cap * 1500 / 8192
+    out = [min(a.cap, max(a.cap // 64, int(rng.lognormvariate(math.log(median), a.sigma))))
+           for _ in range(n - a.truncated)]
+    out += [a.cap] * a.truncated
+    rng.shuffle(out)
+    return out
+
+
+def make_groups(a, lens: list[int], vocab: int, rng: random.Random):
+    from oapl.rollout.buffer import RolloutGroup
+
+    gs = []
+    for gi in range(a.groups):
+        ls = lens[gi * a.group_size : (gi + 1) * a.group_size]
+        toks = [[rng.randrange(3, vocab) for _ in range(n)] for n in ls]
+        gs.append(RolloutGroup(
+            prompt_id=f"b{gi}", prompt="", prompt_token_ids=[rng.randrange(3, vocab) for _ in range(a.prompt)],
+            responses=[""] * len(ls), response_token_ids=toks,
+            response_logprobs=[[-math.log(vocab) + rng.uniform(-0.5, 0.5) for _ in range(n)] for n in ls],
+            rewards=[float(i % 3 == 0) for i in range(len(ls))],
+            finish_reasons=["length" if n == a.cap else "stop" for n in ls], weights_id="bench", version=0))
+    return gs
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 4096 if device.type == "cuda" else 1024
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    y = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 50 if device.type == "cuda" else 5
+    for _ in range(3):
+        x @ y
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        x @ y
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(a, device: torch.device):
+    """(model, tokenizer stand-in, model name for the config, vocab, n_params)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if device.type == "cpu":
+        from oapl.trainer.model import load_causal_lm, resolve_model_path
+
+        path = resolve_model_path("embedded:smollm2-135m-instruct")
+        model = load_causal_lm(path, torch.float32, device)
+        name = path
+    else:
+        spec = json.load(open(a.config)) if a.config else dict(QWEN3_1_7B)
+        cfg = AutoConfig.for_model(spec.pop("model_type"), **{k: v for k, v in spec.items() if k != "architectures"})
+        torch.manual_seed(a.seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        name = "random-init"
+    n_params = sum(p.numel() for p in model.parameters())
+    return model, SimpleNamespace(pad_token_id=0), name, model.config.vocab_size, n_params
+
+
+def run_layout(a, model, tok, name: str, groups, layout: str, device: torch.device) -> dict:
+    from oapl.config import load_config
+    from oapl.trainer.policy import Policy
+
+    over = [f"model.name={name}", f"model.device={device.type}", f"model.compute_dtype={a.compute_dtype}",
+            f"model.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
+            f"model.compile={str(a.compile).lower()}", "model.logprob_chunk_size=1024",
+            "optim.lr=1e-6", "algorithm.beta2=0.001", f"rollout.group_size={a.group_size}",
+            f"rollout.prompts_per_step={a.groups}", f"optim.packing={str(layout != 'padded').lower()}",
+            f"optim.micro_batch_size={a.micro_batch if layout != 'packed-budget' else 1024}"]
+    if layout == "packed-budget":
+        over.append(f"optim.max_tokens_per_micro_batch={a.budget}")
+    cfg = load_config(None, over)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    policy = Policy(cfg, total_steps=100, model=model, tokenizer=tok)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        for _ in range(a.warmup):
+            policy.train_step(groups)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, m = [], {}
+        for _ in range(a.steps):
+            sync(device)
+            t = time.perf_counter()
+            m = policy.train_step(groups)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20)
+    finally:
+        policy.optimizer = None
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+    dt = min(times)
+    useful = sum(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
+    return {"layout": layout, "packing_active": policy.packing, "step_s": dt, "useful_tokens": useful,
+            "useful_tok_per_s": useful / dt, "padding_frac": m.get("padding_frac", float("nan")),
+            "peak_mem_gib": peak, "loss": m.get("loss")}
+
+
+def main() -> None:
+    a = parse()
+    sys.path.insert(0, "src")
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cuda = device.type == "cuda"
+    a.prompt = a.prompt or (128 if cuda else 32)
+    a.cap = a.cap or (8192 if cuda else 512)
+    a.budget = a.budget or (2 * a.cap + a.prompt)
+    a.compute_dtype = a.compute_dtype or ("bfloat16" if cuda else "float32")
+    from oapl.trainer.precision import parse_dtype
+
+    peak = a.peak_tflops or matmul_tflops(device, parse_dtype(a.compute_dtype, "--compute-dtype"))
+    model, tok, name, vocab, n_params = build(a, device)
+    rng = random.Random(a.seed)
+    lens = lengths(a, rng)
+    batches = {"variable": make_groups(a, lens, vocab, rng)}
+    if a.fixed:
+        mean = int(sum(lens) / len(lens))
+        batches["fixed"] = make_groups(a, [mean] * len(lens), vocab, rng)
+    print(f"device={a.device} params={n_params / 1e6:.1f}M compute={a.compute_dtype} peak={peak:.2f} TFLOP/s "
+          f"(measured matmul) threads={torch.get_num_threads()}")
+    print(f"responses: n={len(lens)} mean={sum(lens) / len(lens):.0f} cap={a.cap} prompt={a.prompt} "
+          f"sorted={sorted(lens)}")
+    results = []
+    header = f"{'batch':9s} {'layout':14s} {'step_s':>8s} {'useful_tok/s':>13s} {'eff_MFU':>8s} {'padding':>8s} {'peak_mem':>9s}"
+    print(header)
+    for bname, groups in batches.items():
+        for layout in a.layouts.split(","):
+            r = run_layout(a, model, tok, name, groups, layout, device)
+            r["batch"] = bname
+            r["eff_mfu"] = 6 * n_params * r["useful_tokens"] / r["step_s"] / (peak * 1e12)
+            results.append(r)
+            unit = "GiB" if cuda else "GiB rss"
+            print(f"{bname:9s} {layout:14s} {r['step_s']:8.3f} {r['useful_tok_per_s']:13.1f} {r['eff_mfu']:8.3f} "
+                  f"{r['padding_frac']:8.3f} {r['peak_mem_gib']:6.2f} {unit}", flush=True)
+    base = {r["batch"]: r for r in results if r["layout"] == "padded"}
+    for r in results:
+        if r["layout"] != "padded" and r["batch"] in base:
+            print(f"{r['batch']} {r['layout']}: {r['useful_tok_per_s'] / base[r['batch']]['useful_tok_per_s']:.2f}x "
+                  f"the padded path's useful tokens/s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "peak_tflops": peak, "n_params": n_params, "lengths": lens,
+                       "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
