@@ -102,3 +102,22 @@ def test_offline_data_sampled_otherwise(tmp_path, tiny_model_dir, prompts_file, 
     assert len(lines) == 1
     assert "1 of 1 groups were sampled with temperature=0.7 (e.g. prompt_id 'p0') but sampling.temperature is 1.0" \
         in lines[0]
+
+
+@pytest.mark.parametrize("name", ["arithmetic_cpu", "two_stage_cpu", "code_cpu", "compare_cpu"])
+def test_shipped_local_configs_pass(name, monkeypatch):
+    """The shipped configs that need no Hub access pass (the GPU ones are validated in test_paper_configs)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # their dataset paths are relative to the repository
+    try:
+        from oapl.trainer.model import resolve_model_path
+
+        resolve_model_path("embedded:smollm2-135m-instruct")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"embedded model unavailable: {e}")
+    res = run_check(root / "configs" / f"{name}.yaml", rows=4)
+    assert res.ok, res.problems
+    plans = res.plan.values() if name == "compare_cpu" else [res.plan]
+    assert all(p["model_params"] == 134_515_008 for p in plans)  # SmolLM2-135M

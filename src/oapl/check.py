@@ -155,15 +155,57 @@ def _plan(cfg: TrainConfig, max_prompt: int, shapes: dict[str, Any] | None) -> d
     return plan
 
 
+def _is_compare_study(config: str | Path | None) -> bool:
+    if config is None or not Path(config).is_file():
+        return False
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(config).read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(tree, dict) and "base" in tree
+
+
 def run_check(config: str | Path | None, overrides: list[str] | None = None, *, rows: int = 8,
               hub: bool = True) -> CheckResult:
-    """Check a run before it starts; never raises for a problem in the input (it is listed)."""
+    """Check a run before it starts; never raises for a problem in the input (it is listed).
+
+    An ``oapl compare`` study config (a YAML with a ``base`` section) is checked run by run: every
+    problem line starts with the run's name, and ``plan`` maps run names to their plans.
+    """
+    if _is_compare_study(config):
+        return _check_study(config, overrides, rows=rows, hub=hub)
     res = CheckResult()
     try:
         cfg: TrainConfig = load_config(config, overrides)
     except ConfigError as e:
         res.problems.extend(_config_problems(e))
         return res
+    return _check_run(cfg, res, rows=rows, hub=hub)
+
+
+def _check_study(config: str | Path, overrides: list[str] | None, *, rows: int, hub: bool) -> CheckResult:
+    from oapl.compare import CompareConfig, plan_runs
+
+    res = CheckResult()
+    try:
+        study = load_config(config, overrides, cls=CompareConfig)
+        runs = [r for r in plan_runs(study) if r.same_as is None]
+    except ConfigError as e:
+        res.problems.extend(_config_problems(e))
+        return res
+    seen: dict[str, CheckResult] = {}
+    for run in runs:
+        one = _check_run(run.cfg, CheckResult(), rows=rows, hub=hub)
+        res.problems += [f"{run.key}: {p}" for p in one.problems]
+        res.plan[run.key] = one.plan
+        seen[run.key] = one
+    res.notes = sorted({n for one in seen.values() for n in one.notes})
+    return res
+
+
+def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool) -> CheckResult:
     if hub:
         from oapl.preflight import check_config
 
@@ -228,14 +270,18 @@ def run_check(config: str | Path | None, overrides: list[str] | None = None, *, 
     return res
 
 
-def format_plan(plan: dict[str, Any]) -> list[str]:
+def format_plan(plan: dict[str, Any], indent: str = "  ") -> list[str]:
     lines = []
     for key, value in plan.items():
+        if isinstance(value, dict):  # one plan per run of a compare study
+            lines.append(f"{indent}{key}:")
+            lines += format_plan(value, indent + "  ")
+            continue
         if isinstance(value, float):
             value = f"{value:.1f}"
         elif isinstance(value, int) and not isinstance(value, bool):
             value = f"{value:,}"
-        lines.append(f"  {key}: {value}")
+        lines.append(f"{indent}{key}: {value}")
     return lines
 
 
