@@ -74,3 +74,14 @@ def test_no_warning_on_a_validation_split(fake_stages, tmp_path, caplog, monkeyp
     assert "base" not in report["eval"]
     assert report["best"]["selected_on_test_split"] is False
     assert "optimistic" not in caplog.text
+
+
+def test_cli_says_what_the_choice_was_made_on(fake_stages, tmp_path, monkeypatch, capsys):
+    import oapl.preflight
+    from oapl.cli.main import main
+
+    monkeypatch.setattr(oapl.preflight, "check_config", lambda cfg, model=None: None)  # no Hub lookups here
+    assert main(["two-stage", "model.name=base-model", f"output_dir={tmp_path / 'r'}", "--stage2-epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert ("best: stage2-epoch2 pass@1 0.5000, chosen among the stage-2 checkpoints on the arithmetic task's "
+            "built-in held-out set [test] (the reported split: optimistic)") in out

@@ -128,7 +128,10 @@ def cmd_two_stage(args) -> int:
                            evaluate_base=not args.skip_base_eval)
     for label, r in report["eval"].items():
         print(f"{label:>16}: pass@1 {r['pass@1']:.4f}  ({r['model']})")
-    print(f"best: {report['best']['label']} pass@1 {report['best']['pass@1']:.4f}; report: {cfg.output_dir}/report.json")
+    best = report["best"]
+    print(f"best: {best['label']} pass@1 {best['pass@1']:.4f}, chosen among the stage-2 checkpoints on "
+          f"{best['selected_on']}" + (" (the reported split: optimistic)" if best["selected_on_test_split"] else "")
+          + f"; report: {cfg.output_dir}/report.json")
     return 0
 
 
