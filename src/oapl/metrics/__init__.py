@@ -49,6 +49,9 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a" if resume else "w")
+        samples = self.path.parent / "samples.jsonl"
+        if not resume and samples.exists():  # a fresh start (or a resume with no checkpoint yet)
+            samples.unlink()
         self._tb = None
         self._wandb = None
         if tensorboard:
