@@ -229,6 +229,30 @@ def test_unknown_hub_model_and_gated_model_have_their_own_messages(monkeypatch):
             preflight.check_model("org/name")
 
 
+def test_dataset_names_are_checked_like_model_names(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from oapl import preflight
+    from oapl.errors import UserError
+
+    with pytest.raises(UserError, match="task.eval_dataset: dataset file data/held_out/ does not exist"):
+        preflight.check_dataset("data/held_out/", "task.eval_dataset")
+
+    class ConnectError(Exception):
+        pass
+
+    def refuse(*a, **k):
+        raise ConnectError("connection refused")
+
+    monkeypatch.setattr(huggingface_hub, "dataset_info", refuse)
+    monkeypatch.setattr(preflight, "_cached", lambda *a, **k: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(UserError, match=r"task.dataset: cannot download dataset 'org/data'.*unreachable.*local "
+                                        r"\.jsonl/\.parquet file"):
+        preflight.check_dataset("org/data", "task.dataset")
+
+
 # --------------------------------------------------------------------------- files and directories
 
 
