@@ -82,9 +82,10 @@ def test_wrapped_reward_passes_aligned_columns_and_skips_unanswered():
 
 def test_build_task_wraps_every_reward_unless_off(tmp_path):
     task = build_task(TaskConfig(name="arithmetic", num_train=4, num_eval=2))
-    assert isinstance(task.reward_fn, ThinkingAwareReward) and task.reward_fn.mode == "auto"
+    # task.reward_fn is the task's reward (carrying task.max_reward_error_fraction) around the thinking wrapper
+    assert isinstance(task.reward_fn.fn, ThinkingAwareReward) and task.reward_fn.fn.mode == "auto"
     off = build_task(TaskConfig(name="arithmetic", num_train=4, num_eval=2, thinking="off"))
-    assert off.reward_fn is arithmetic_reward
+    assert off.reward_fn.fn is arithmetic_reward
     safe = SafeReward(task.reward_fn)
     assert safe([THINKING_PROMPT, PLAIN_PROMPT], ["\\boxed{4}", "\\boxed{4}"], answer=[4, 4]) == [0.0, 1.0]
 

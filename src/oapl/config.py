@@ -136,8 +136,17 @@ class TaskConfig(_Section):
     system_prompt: str | None = Field(None, description="System message for the chat template.")
     prompt_template: str = Field("{prompt}", description="User message; `{prompt}` and other columns.")
     chat_template: bool = Field(True, description="Apply the tokenizer's chat template.")
-    reward: str | None = Field(None, description="Reward as `module:function` (TRL convention: "
-                               "fn(prompts, completions, **columns) -> list[float]); default: the task's.")
+    reward: str | list[str] | None = Field(
+        None, description="Reward as `module:function` (TRL convention: fn(prompts, completions, **columns) -> "
+        "list[float]), or a list of them summed with task.reward_weights (a function may return None where it "
+        "does not apply); default: the task's. `<in-memory:reward:NAME>` marks a callable passed from Python "
+        "(OAPLTrainer / oapl.train) in the process that ran it.")
+    reward_weights: list[float] | None = Field(None, description="Weights of the task.reward functions (TRL's "
+                                               "reward_weights; default 1 each).")
+    max_reward_error_fraction: float = Field(
+        0.5, ge=0, le=1, description="Stop the run, naming the first error, when more than this share of one "
+        "scoring call's completions fail to score (the reward raises or returns a non-number/NaN/inf); below "
+        "it a failing completion scores 0 and is counted in reward_errors. 1.0 = never stop.")
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
     max_eval_prompts: int | None = Field(None, ge=1, description="Use at most this many held-out prompts.")
     # built-in arithmetic task
@@ -158,6 +167,20 @@ class TaskConfig(_Section):
         default_factory=list, description="Named benchmarks (aime25, hmmt25_feb, hmmt25_nov, brumo25, ...) "
         "whose problems together form the held-out set, each row labelled with its benchmark (instead of "
         "eval_dataset).")
+
+    @model_validator(mode="after")
+    def _reward_weights_match(self) -> TaskConfig:
+        if self.reward_weights is not None:
+            n = len(self.reward) if isinstance(self.reward, list) else (1 if self.reward else 0)
+            if n == 0:
+                raise ValueError("task.reward_weights needs task.reward (the functions they weigh)")
+            if len(self.reward_weights) != n:
+                raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
+                                 f"function(s) in task.reward")
+        if isinstance(self.reward, list) and not self.reward:
+            raise ValueError("task.reward: an empty list; give at least one module:function (or null for the "
+                             "task's own reward)")
+        return self
 
 
 class AlgorithmConfig(_Section):

@@ -90,4 +90,8 @@ def user_message(exc: BaseException) -> str | None:
         return hub
     if isinstance(exc, (ValueError, RuntimeError)) and _FIELD_PREFIX.match(str(exc)):
         return _one_line(str(exc))
+    cause = exc.__cause__
+    if isinstance(exc, RuntimeError) and isinstance(cause, UserError):
+        # "the rollout worker failed" from a reward that cannot run / errors on most completions
+        return f"{_one_line(str(exc))}: {_one_line(str(cause))}"
     return None

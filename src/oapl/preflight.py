@@ -197,6 +197,11 @@ def check_dataset(source: str | None, field: str, timeout_s: float = HUB_TIMEOUT
     """A dataset file/folder that does not exist, or a Hub dataset that cannot be reached, fails naming ``field``."""
     if not source:
         return
+    from oapl.data import memory
+
+    if memory.is_marker(source):  # rows passed from Python: held by this process, or say what to pass
+        memory.lookup_rows(source, field, copy=False)
+        return
     path = Path(source).expanduser()
     if path.exists():
         return

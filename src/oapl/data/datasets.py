@@ -42,7 +42,14 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
 
 
 def load_rows(source: str, split: str = "train", config: str | None = None) -> tuple[list[dict[str, Any]], str]:
-    """Rows of a local file (``.jsonl``/``.json``/``.parquet``) or a Hub dataset; returns (rows, label)."""
+    """Rows of a local file (``.jsonl``/``.json``/``.parquet``), a Hub dataset, or rows passed from Python
+    (an ``<in-memory:...>`` marker, :mod:`oapl.data.memory`); returns (rows, label)."""
+    from oapl.data import memory
+
+    if memory.is_marker(source):
+        kind = memory.marker_kind(source)
+        field = {"train_dataset": "task.dataset", "eval_dataset": "task.eval_dataset"}.get(kind, "task.dataset")
+        return memory.lookup_rows(source, field), kind  # errors read "train_dataset: row 3: ..."
     path = Path(source)
     if path.exists():
         if path.is_dir():

@@ -13,7 +13,7 @@ from typing import Any
 
 from oapl.config import TaskConfig
 from oapl.data.datasets import DatasetError, load_rows, map_columns
-from oapl.rewards.base import RewardFn, load_reward
+from oapl.rewards.base import CombinedReward, RewardFn, load_reward
 
 ARITHMETIC_EVAL_SEED = 1_234_567  # fixed: the held-out split is the same for every run seed
 
@@ -30,6 +30,12 @@ class Task:
     chat_template: bool = True
 
     def messages(self, example: dict[str, Any]) -> list[dict[str, str]]:
+        prompt = example.get("prompt")
+        if is_conversational(prompt):  # TRL's conversational format: the row's own messages
+            msgs = [{"role": str(m["role"]), "content": m.get("content", "")} for m in prompt]
+            if self.system_prompt is not None and msgs[0]["role"] != "system":
+                msgs.insert(0, {"role": "system", "content": self.system_prompt})
+            return msgs
         try:
             user = self.prompt_template.format(**example)
         except KeyError as e:
@@ -49,6 +55,50 @@ class Task:
 
     def reward_kwargs(self, examples: list[dict[str, Any]]) -> dict[str, list[Any]]:
         return {col: [ex.get(col) for ex in examples] for col in self.reward_columns}
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether a ``prompt`` value is TRL's conversational format: a list of ``{"role", "content"}`` messages."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt))
+
+
+class TaskReward:
+    """The reward of a task, as :class:`~oapl.rewards.base.SafeReward` calls it.
+
+    Carries ``max_error_fraction`` (``task.max_reward_error_fraction``), which ``SafeReward`` reads
+    to decide when failures stop the run.
+    """
+
+    def __init__(self, fn: RewardFn, max_error_fraction: float) -> None:
+        self.fn = fn
+        self.max_error_fraction = max_error_fraction
+        self.__name__ = getattr(fn, "__name__", "reward")
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]:
+        return self.fn(prompts, completions, **columns)
+
+    def close(self) -> None:
+        close = getattr(self.fn, "close", None)
+        if callable(close):
+            close()
+
+
+def user_reward(cfg: TaskConfig, conversational: bool = False) -> RewardFn | None:
+    """``task.reward`` loaded: one function, or several summed with ``task.reward_weights``; ``None`` if unset.
+
+    A list, weights, or a conversational dataset give a :class:`~oapl.rewards.base.CombinedReward`
+    (TRL's semantics: ``None`` adds nothing; conversational prompts and completions as messages).
+    """
+    if cfg.reward is None:
+        return None
+    if isinstance(cfg.reward, list):
+        fns = [load_reward(spec, f"task.reward[{i}]") for i, spec in enumerate(cfg.reward)]
+    else:
+        fns = [load_reward(cfg.reward)]
+    if isinstance(cfg.reward, list) or cfg.reward_weights is not None or conversational:
+        return CombinedReward(fns, cfg.reward_weights, conversational=conversational)
+    return fns[0]
 
 
 def _arithmetic_problem(rng: random.Random, max_operand: int, ops: list[str]) -> tuple[int, str, int]:
@@ -110,6 +160,7 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
         from oapl.rewards.thinking import ThinkingAwareReward
 
         task.reward_fn = ThinkingAwareReward(task.reward_fn, cfg.thinking, cfg.think_tags)
+    task.reward_fn = TaskReward(task.reward_fn, cfg.max_reward_error_fraction)
     return task
 
 
@@ -147,7 +198,7 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         train, held = arithmetic_examples(cfg, seed)
         from oapl.rewards.arithmetic import arithmetic_reward
 
-        fn = load_reward(cfg.reward) if cfg.reward else arithmetic_reward
+        fn = user_reward(cfg) or arithmetic_reward
         system = ARITHMETIC_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
         return Task(name, train[: cfg.max_prompts] if cfg.max_prompts else train,
                     held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held, fn, ["answer"],
@@ -164,16 +215,24 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         else:
             held = (_load_split(cfg, cfg.eval_dataset, cfg.eval_split, required, cfg.max_eval_prompts,
                                 cfg.eval_dataset_config) if cfg.eval_dataset else [])
+        conversational = is_conversational(train[0].get("prompt"))
+        if conversational and cfg.prompt_template != "{prompt}":
+            raise ValueError(f"task.prompt_template={cfg.prompt_template!r} applies to text prompts, but the prompts "
+                             f"of {cfg.dataset} are message lists (TRL's conversational format); put the "
+                             "instruction in the messages, or leave task.prompt_template at '{prompt}'")
         if name == "math":
             from oapl.rewards.math import MathVerifier
 
-            fn = load_reward(cfg.reward) if cfg.reward else MathVerifier(timeout_s=cfg.reward_timeout_s)
+            fn = user_reward(cfg, conversational) or MathVerifier(timeout_s=cfg.reward_timeout_s)
             template = MATH_PROMPT_TEMPLATE if cfg.prompt_template == "{prompt}" else cfg.prompt_template
-            return Task(name, train, held, fn, ["answer"], cfg.system_prompt, template, cfg.chat_template)
+            columns = ["answer", "prompt"] if conversational and cfg.reward else ["answer"]
+            return Task(name, train, held, fn, columns, cfg.system_prompt, template, cfg.chat_template)
         if not cfg.reward:
             raise ValueError("task.reward (module:function) is required for task.name='dataset'")
         columns = sorted({k for row in train[:1] for k in row} - {"prompt", "prompt_id"})
-        return Task(name, train, held, load_reward(cfg.reward), columns, cfg.system_prompt,
+        if conversational:
+            columns.append("prompt")  # TRL passes a conversational row's messages as `prompts`
+        return Task(name, train, held, user_reward(cfg, conversational), columns, cfg.system_prompt,
                     cfg.prompt_template, cfg.chat_template)
     raise ValueError(f"task.name: unknown task {name!r}; use arithmetic, math, code or dataset")
 
@@ -201,6 +260,6 @@ def _code_task(cfg: TaskConfig) -> Task:
     train = _code_rows(cfg.dataset, cfg.split, cfg.dataset_config, cfg.max_prompts)
     held = (_code_rows(cfg.eval_dataset, cfg.eval_split, cfg.eval_dataset_config, cfg.max_eval_prompts)
             if cfg.eval_dataset else [])
-    fn = load_reward(cfg.reward) if cfg.reward else code_reward
+    fn = user_reward(cfg) or code_reward
     return Task("code", train, held, fn, ["tests", "metadata"], cfg.system_prompt, cfg.prompt_template,
                 cfg.chat_template)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MIN_EMIN, Decimal, InvalidOperation, localcontext
 from typing import Any, Callable, Sequence
 
+from oapl.rewards.base import completion_text
 from oapl.rewards.sandbox import (
     ProgramJob,
     ProgramResult,
@@ -62,21 +63,6 @@ __all__ = [
 ]
 
 _FENCE = re.compile(r"```[ \t]*([^\n`]*)\n(.*?)```", re.DOTALL)
-
-
-def completion_text(completion: Any) -> str:
-    """Text of a completion: a string, or TRL's conversational list of messages."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return completion_text(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)):
-        if completion and all(isinstance(m, dict) and "role" in m for m in completion):
-            msgs = [m for m in completion if m.get("role") == "assistant"] or list(completion)
-            return completion_text(msgs[-1].get("content", ""))
-        parts = [p.get("text", "") if isinstance(p, dict) else p for p in completion]
-        return "".join(p for p in parts if isinstance(p, str))
-    return ""
 
 
 def extract_code(text: str) -> str | None:

@@ -1,9 +1,17 @@
 """Math reward: math-verify on the last ``\\boxed{}`` answer, with timeouts that work in any thread.
 
 math-verify's own timeouts use ``signal.alarm``, which only works in a process's main thread, and
-the rollout worker is a background thread. So every check runs in a small pool of worker processes
-(where it *is* the main thread, and math-verify's timeouts apply), and the caller additionally waits
-at most ``timeout_s`` per completion; a hung worker pool is killed and replaced.
+the rollout worker is a background thread (TRL turns the timeouts off there). So every check runs
+in a small pool of worker processes (where it *is* the main thread, and math-verify's timeouts
+apply), and the caller additionally waits at most ``timeout_s`` per completion; a hung worker pool
+is killed and replaced. This works the same when TRL's ``GRPOTrainer`` calls :func:`math_reward`.
+
+The workers are started with multiprocessing's ``spawn``, which re-imports the main script in each
+worker. A script that starts training without an ``if __name__ == "__main__":`` guard would start it
+again in every worker, and the workers die. The pool is therefore checked when it starts: workers
+that cannot start raise :class:`~oapl.rewards.base.RewardUnavailableError` saying to add the guard
+(instead of scoring every completion 0). A worker that dies on one completion (a crash inside
+math-verify) costs only that completion: the others are rescored in a fresh pool.
 """
 
 from __future__ import annotations
@@ -11,10 +19,26 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing as mp
+import os
 import threading
 from typing import Any
 
+from oapl.rewards.base import RewardUnavailableError, completion_text
+
 log = logging.getLogger(__name__)
+
+GUARD_HINT = ("if this is a script, put the code that starts training under `if __name__ == \"__main__\":` "
+              "(multiprocessing's spawn re-imports the main script in every worker process, so unguarded "
+              "top-level code runs again there)")
+
+
+def bootstrapping() -> bool:
+    """True while this process is a multiprocessing worker still importing the parent's main script."""
+    return bool(getattr(mp.current_process(), "_inheriting", False))
+
+
+def _ping() -> int:
+    return os.getpid()
 
 
 def last_boxed(text: str) -> str | None:
@@ -51,59 +75,116 @@ def _verify_one(completion: str, gold: str, timeout: int) -> float:
 
 
 class MathVerifier:
-    """A pool of processes running math-verify; call it like a TRL reward function."""
+    """A pool of processes running math-verify; call it like a TRL reward function.
 
-    def __init__(self, timeout_s: float = 5.0, workers: int = 2) -> None:
+    ``completions`` may be strings or TRL's conversational message lists; ``answer`` is the gold
+    column. A check that takes longer than ``timeout_s`` scores 0 and its worker is killed.
+    """
+
+    def __init__(self, timeout_s: float = 5.0, workers: int = 2, start_timeout_s: float = 120.0) -> None:
         self.timeout_s = timeout_s
         self.workers = workers
+        self.start_timeout_s = start_timeout_s
+        self.crashes = 0
         self._pool: cf.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+                self._pool = self._start_pool()
             return self._pool
 
-    def _reset_pool(self) -> None:
+    def _start_pool(self) -> cf.ProcessPoolExecutor:
+        """A started pool whose workers answered; else :class:`RewardUnavailableError` saying what to do."""
+        if bootstrapping():
+            raise RewardUnavailableError(
+                "math reward: called while this process is still starting as a worker of another one, i.e. "
+                f"the main script is being re-imported by multiprocessing; {GUARD_HINT}")
+        pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        try:
+            pool.submit(_ping).result(timeout=self.start_timeout_s)
+        except (cf.process.BrokenProcessPool, cf.TimeoutError, OSError) as e:
+            _kill(pool)
+            what = ("did not answer within "
+                    f"{self.start_timeout_s:g}s" if isinstance(e, cf.TimeoutError) else f"died at start ({e})")
+            raise RewardUnavailableError(
+                f"math reward: its {self.workers} math-verify worker processes {what}; {GUARD_HINT}. Their own "
+                "error, if any, is printed above by the workers") from e
+        return pool
+
+    def _reset_pool(self, pool: cf.ProcessPoolExecutor | None = None) -> None:
         with self._lock:
-            if self._pool is not None:
-                for p in list(getattr(self._pool, "_processes", {}).values()):
-                    p.kill()
-                self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._pool is not None and (pool is None or self._pool is pool):
+                _kill(self._pool)
                 self._pool = None
 
-    def __call__(self, prompts: list[str], completions: list[str], answer: list[Any], **_: Any) -> list[float]:
+    def __call__(self, prompts: list[Any], completions: list[Any], answer: list[Any], **_: Any) -> list[float]:
+        texts = [completion_text(c) for c in completions]
+        golds = [str(a) for a in answer]
+        out = self._score(texts, golds)
+        for i in [i for i, v in enumerate(out) if v is None]:  # their worker died: rescore each alone
+            value = self._score([texts[i]], [golds[i]])[0]
+            if value is None:
+                self.crashes += 1
+                log.warning("math-verify's worker process died on completion %r; scored 0", texts[i][:120])
+                value = 0.0
+            out[i] = value
+        return [float(v) for v in out]
+
+    def _score(self, texts: list[str], golds: list[str]) -> list[float | None]:
+        """Scores, ``None`` where the pool broke before the check finished (the pool is then replaced)."""
         pool = self._get_pool()
         inner = max(1, int(self.timeout_s))
-        futures = [pool.submit(_verify_one, c, str(a), inner) for c, a in zip(completions, answer)]
-        out = []
-        broken = False
+        try:
+            futures = [pool.submit(_verify_one, t, g, inner) for t, g in zip(texts, golds)]
+        except (cf.process.BrokenProcessPool, RuntimeError):  # broken or shut down by another thread
+            self._reset_pool(pool)
+            return [None] * len(texts)
+        out: list[float | None] = []
+        reset = False
         for f in futures:
             try:
                 out.append(f.result(timeout=self.timeout_s + 5))
             except cf.TimeoutError:
                 log.warning("math-verify timed out after %.1fs; scored 0", self.timeout_s)
                 out.append(0.0)
-                broken = True
-            except Exception as e:  # noqa: BLE001 - a verifier crash scores 0
-                log.warning("math-verify failed (%s); scored 0", e)
+                reset = True  # its worker is stuck: replace the pool
+            except cf.process.BrokenProcessPool:
+                out.append(None)
+                reset = True
+            except cf.CancelledError:
+                out.append(None)
+            except Exception as e:  # noqa: BLE001 - math-verify raised on this completion: it scores 0
+                log.warning("math-verify failed (%s: %s); scored 0", type(e).__name__, e)
                 out.append(0.0)
-                broken = broken or isinstance(e, cf.process.BrokenProcessPool)
-        if broken:
-            self._reset_pool()
+        if reset:
+            self._reset_pool(pool)
         return out
 
     def close(self) -> None:
         self._reset_pool()
 
 
+def _kill(pool: cf.ProcessPoolExecutor) -> None:
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 _default: MathVerifier | None = None
+_default_lock = threading.Lock()
 
 
-def math_reward(prompts: list[str], completions: list[str], answer: list[Any], **columns: Any) -> list[float]:
-    """1.0 when the last boxed answer is mathematically equal to ``answer`` (math-verify), else 0.0."""
+def math_reward(prompts: list[Any], completions: list[Any], answer: list[Any], **columns: Any) -> list[float]:
+    """1.0 when the last ``\\boxed{}`` of a completion is mathematically equal to ``answer`` (math-verify), else 0.0.
+
+    TRL's reward-function convention (``completions`` as strings or conversational message lists,
+    extra keyword arguments ignored), safe from any thread: checks run in worker processes with
+    a timeout. Workers that cannot start raise :class:`~oapl.rewards.base.RewardUnavailableError`.
+    """
     global _default
-    if _default is None:
-        _default = MathVerifier()
+    with _default_lock:
+        if _default is None:
+            _default = MathVerifier()
     return _default(prompts, completions, answer=answer, **columns)
