@@ -65,18 +65,18 @@ def make_cfg(args, model: str, engines: int, out: Path):
 
 
 def run_one(args, model: str, engines: int, root: Path) -> dict:
-    from oapl.distributed.ray_loop import RayTrainer
+    from oapl.loop import Run
 
     out = root / f"run-{engines}"
     cfg = make_cfg(args, model, engines, out)
     t0 = time.perf_counter()
-    trainer = RayTrainer(cfg)
+    run = Run.for_config(cfg)
     startup = time.perf_counter() - t0
     try:
-        trainer.train()
-        generated = trainer.rollout.groups_generated * cfg.rollout.group_size
+        run.train()
+        generated = run.rollout.groups_generated * cfg.rollout.group_size
     finally:
-        trainer.close()
+        run.close()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     w = min(args.warmup, len(rows) - 2)

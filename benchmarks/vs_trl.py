@@ -78,7 +78,7 @@ def run_oapl(a, side: str) -> dict:
     import torch
 
     from oapl.config import load_config
-    from oapl.loop import Trainer
+    from oapl.loop import Run
 
     algorithm = "grpo" if side == "oapl-grpo" else "oapl"
     asynchronous = side.startswith("oapl-async")
@@ -86,13 +86,13 @@ def run_oapl(a, side: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, _oapl_overrides(a, out, algorithm, asynchronous, engine))
         t_load = time.perf_counter()
-        trainer = Trainer(cfg)
+        trainer = Run.for_config(cfg)
         load_s = time.perf_counter() - t_load
         breakdown = None
         try:
             trainer.train()
             rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-            st = trainer.worker.stats
+            st = trainer.rollout.stats
             rows = [r for r in rows if "loss" in r]
             timed = rows[a.warmup:]
             t0 = rows[a.warmup - 1]["elapsed_s"] if a.warmup else 0.0
@@ -123,12 +123,12 @@ def _profile_oapl(trainer, a) -> dict:
     from oapl.rollout.buffer import RolloutBuffer
 
     p = trainer.cfg.rollout.prompts_per_step
-    trainer.buffer = trainer.worker.buffer = RolloutBuffer(4 * p, trainer.engine.version, 0)  # train() closed its own
+    trainer.buffer = trainer.rollout.buffer = RolloutBuffer(4 * p, trainer.backend.engine.version, 0)  # train() closed its own
     t = time.perf_counter()
-    trainer.worker.fill(p)
+    trainer.rollout.fill(p)
     gen = time.perf_counter() - t
     groups = trainer.buffer.take(p)
-    policy = trainer.policy
+    policy = trainer.backend.policy
     # forward/backward vs optimiser: time the optimiser step by wrapping it
     opt_t = {"s": 0.0}
     orig_step = policy.optimizer.step
@@ -147,9 +147,9 @@ def _profile_oapl(trainer, a) -> dict:
     finally:
         policy.optimizer.step = orig_step
     t = time.perf_counter()
-    trainer.engine.load_weights(policy.engine_weights(), trainer.version)
+    trainer.backend.engine.load_weights(policy.engine_weights(), trainer.version)
     sync = time.perf_counter() - t
-    trainer.worker.fill(p)
+    trainer.rollout.fill(p)
     groups = trainer.buffer.take(p)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         policy.train_step(groups)

@@ -74,3 +74,28 @@ def write_prompts(path, n: int):
 def prompts_file(tmp_path):
     """40 toy prompts (modules that need another size override this fixture with write_prompts)."""
     return write_prompts(tmp_path / "prompts.jsonl", 40)
+
+
+TINY_RUN = {
+    "seed": 0, "steps": 6, "threads": 2,
+    "model.logprob_chunk_size": 16,
+    "sampling.max_tokens": 6, "sampling.temperature": 1.0,
+    "engine.kind": "transformers",
+    "task.name": "dataset", "task.columns": {"prompt": "question", "prompt_id": "id"},
+    "task.reward": "toy_rewards:digit_fraction", "task.system_prompt": None,
+    "rollout.group_size": 4, "rollout.prompts_per_step": 4, "rollout.prompts_per_generate": 4,
+    "rollout.sync_interval": 2, "rollout.asynchronous": False, "rollout.buffer_groups": 16,
+    "optim.lr": 1e-2, "optim.micro_batch_size": 16,
+    "eval.at_start": False, "eval.at_end": False,
+    "logging.progress": False, "checkpoint.save_final": False,
+}
+
+
+def tiny_config(tiny_model_dir, prompts_file, out, **over):
+    """The test suite's one small run: the tiny Llama on the toy prompts file, synchronous, 6 steps of
+    4 prompts x 4 responses of <= 6 tokens. ``over`` are dotted ``key: value`` overrides."""
+    from oapl.config import load_config
+
+    tree = {"output_dir": str(out), "model.name": tiny_model_dir, "task.dataset": str(prompts_file),
+            **TINY_RUN, **over}
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in tree.items()])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,6 @@ import pytest
 from oapl.compare import CompareConfig, build_report, plan_runs, run_compare, summarize_run
 from oapl.config import ConfigError, load_config
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 from conftest import write_prompts  # noqa: E402
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from oapl.config import load_config  # noqa: E402
+from conftest import tiny_config
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,23 +44,9 @@ def lower_fraction(prompts, completions, **_):
 
 
 def make_cfg(tiny_model_dir, prompts_file, out, **over):
-    base = {
-        "output_dir": str(out), "seed": 0, "steps": 6, "threads": 1,
-        "model.name": tiny_model_dir, "model.logprob_chunk_size": 16,
-        "sampling.max_tokens": 6, "sampling.temperature": 1.0,
-        "engine.kind": "transformers",
-        "task.name": "dataset", "task.dataset": str(prompts_file),
-        "task.columns": {"prompt": "question", "prompt_id": "id"},
-        "task.reward": "test_distributed:lower_fraction", "task.system_prompt": None,
-        "rollout.group_size": 4, "rollout.prompts_per_step": 4, "rollout.prompts_per_generate": 4,
-        "rollout.sync_interval": 2, "rollout.asynchronous": False, "rollout.buffer_groups": 16,
-        "optim.lr": 1e-2, "optim.micro_batch_size": 16,
-        "eval.at_start": False, "eval.at_end": False,
-        "logging.progress": False, "checkpoint.save_final": False,
-        "distributed.backend": "ray", "distributed.num_engines": 2, "distributed.trainer_workers": 2,
-    }
-    base.update(over)
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    return tiny_config(tiny_model_dir, prompts_file, out, **{
+        "threads": 1, "task.reward": "test_distributed:lower_fraction", "distributed.backend": "ray",
+        "distributed.num_engines": 2, "distributed.trainer_workers": 2, **over})
 
 
 def read_all(out):
@@ -83,12 +67,12 @@ LOCAL_KEYS = ("step", "samples_seen", "loss", "skipped", "reward_mean", "reward_
 def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, tmp_path, monkeypatch):
     """Same batch: the 2-rank DDP step has the single-process loss, metrics, gradient and update."""
     from oapl.distributed.trainer import TrainerGroup
-    from oapl.loop import Trainer
+    from oapl.loop import Run
 
     # 4 prompts x 4 = 16 sequences; micro-batches of 3 so that shards (8 + 8) accumulate unevenly
     over = {"optim.micro_batch_size": 3, "optim.lr": 1e-3, "optim.max_grad_norm": 1e9,
             "algorithm.beta2": 0.1, "distributed.backend": "local"}
-    local = Trainer(make_cfg(tiny_model_dir, prompts_file, tmp_path / "local", **over))
+    local = Run.for_config(make_cfg(tiny_model_dir, prompts_file, tmp_path / "local", **over))
     captured = {}
     orig_clip = torch.nn.utils.clip_grad_norm_
 
@@ -98,7 +82,7 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, 
         return orig_clip(params, max_norm, *a, **k)
 
     try:
-        local.worker.fill(4)
+        local.rollout.fill(4)
         groups = local.buffer.take(4)
         # a batch with signal: varied rewards, and engine log-probs away from the trainer's (s_i != 0)
         for j, g in enumerate(groups):
@@ -111,12 +95,12 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, 
         groups[-1].rewards.pop()
         groups[-1].finish_reasons.pop()
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-        m_local = local.policy.train_step(groups)
+        m_local = local.backend.policy.train_step(groups)
         monkeypatch.undo()
         assert m_local["loss"] > 1e-2 and m_local["grad_norm"] > 1e-2  # not a degenerate batch
-        names = [n for n, p in local.policy.model.named_parameters() if p.requires_grad]
+        names = [n for n, p in local.backend.policy.model.named_parameters() if p.requires_grad]
         g_local = dict(zip(names, captured["grads"]))
-        p_local = {n: p.detach().clone() for n, p in local.policy.model.named_parameters()}
+        p_local = {n: p.detach().clone() for n, p in local.backend.policy.model.named_parameters()}
     finally:
         local.close()
 
@@ -195,17 +179,17 @@ def test_ray_run_matches_local_run(ray_cluster, tiny_model_dir, prompts_file, tm
 
 
 def _capture_trainers(monkeypatch) -> list:
-    """Every RayTrainer the run creates (one per attempt), to reach its actors."""
-    from oapl.distributed import ray_loop
+    """Every RayBackend the run creates (one per attempt), to reach its actors."""
+    from oapl.distributed.backend import RayBackend
 
     live = []
-    orig_init = ray_loop.RayTrainer.__init__
+    orig_init = RayBackend.__init__
 
     def capture(self, *a, **k):
         live.append(self)
         orig_init(self, *a, **k)
 
-    monkeypatch.setattr(ray_loop.RayTrainer, "__init__", capture)
+    monkeypatch.setattr(RayBackend, "__init__", capture)
     return live
 
 
@@ -217,8 +201,8 @@ def _sigkill(pid: int) -> None:
 def test_engine_death_does_not_stop_training(ray_cluster, tiny_model_dir, prompts_file, tmp_path, monkeypatch):
     """2 engines, 2 ranks, asynchronous: SIGKILL engine 0 while it generates (before step 3); the run
     finishes, the restart is counted, every batch is of one (the current) weight version."""
-    from oapl.distributed import ray_loop
     from oapl.distributed.trainer import TrainerGroup
+    from oapl.loop import train
 
     live = _capture_trainers(monkeypatch)
     versions, killed = [], []
@@ -236,7 +220,7 @@ def test_engine_death_does_not_stop_training(ray_cluster, tiny_model_dir, prompt
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
                    **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 2,
                       "distributed.max_engine_restarts": 2})
-    result = ray_loop.train(cfg)
+    result = train(cfg)
     assert killed and len(live) == 1  # no resume: the trainer never noticed
     assert result.steps == 8
     rows = read_rows(tmp_path / "run")
@@ -254,8 +238,8 @@ def test_trainer_death_resumes_from_checkpoint(ray_cluster, tiny_model_dir, prom
     """SIGKILL trainer rank 1 after the step-2 checkpoint (before step 4): the run resumes there and
     completes; the engines get their weights by broadcast (the collective transport of the GPU path,
     here on gloo)."""
-    from oapl.distributed import ray_loop
     from oapl.distributed.trainer import TrainerGroup
+    from oapl.loop import train
 
     live = _capture_trainers(monkeypatch)
     calls, killed = [], []
@@ -271,8 +255,9 @@ def test_trainer_death_resumes_from_checkpoint(ray_cluster, tiny_model_dir, prom
 
     monkeypatch.setattr(TrainerGroup, "train_step", spy)
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=5,
-                   **{"checkpoint.every": 2, "checkpoint.keep": 5, "distributed.num_engines": 2})
-    result = ray_loop.train(cfg, weight_transport="collective")
+                   **{"checkpoint.every": 2, "checkpoint.keep": 5, "distributed.num_engines": 2,
+                      "distributed.weight_transport": "collective"})
+    result = train(cfg)
     assert killed
     assert len(live) == 2  # one resume
     assert calls == [1, 1, 1, 1, 2, 2, 2]  # steps 1-3, the failed step 4, then 3-5 again

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from oapl.config import ConfigError, load_config
+from conftest import tiny_config
 from oapl.objectives import group_normalized_advantage, grpo_loss
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 
 LOG = math.log
 
@@ -158,24 +156,10 @@ def char_code(prompts, completions, **_):
 
 
 def grpo_cfg(tiny_model_dir, prompts_file, out, **over):
-    base = {
-        "output_dir": str(out), "seed": 0, "steps": 6, "threads": 2,
-        "model.name": tiny_model_dir, "model.logprob_chunk_size": 16,
-        "sampling.max_tokens": 6, "sampling.temperature": 1.0,
-        "engine.kind": "transformers",
-        "task.name": "dataset", "task.dataset": str(prompts_file),
-        "task.columns": {"prompt": "question", "prompt_id": "id"},
-        "task.reward": "toy_rewards:digit_fraction", "task.system_prompt": None,
-        "algorithm.name": "grpo", "algorithm.is_cap": 2.0,
-        "rollout.group_size": 4, "rollout.prompts_per_step": 2, "rollout.prompts_per_generate": 4,
-        "rollout.sync_interval": 1, "rollout.max_staleness": 1, "rollout.asynchronous": False,
-        "rollout.buffer_groups": 8,
-        "optim.lr": 1e-2, "optim.micro_batch_size": 16,
-        "eval.at_start": False, "eval.at_end": False,
-        "logging.progress": False, "checkpoint.save_final": False,
-    }
-    base.update(over)
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    """GRPO+IS with off-by-one asynchrony: sync every step, groups one version old still used."""
+    return tiny_config(tiny_model_dir, prompts_file, out, **{
+        "algorithm.name": "grpo", "algorithm.is_cap": 2.0, "rollout.prompts_per_step": 2,
+        "rollout.sync_interval": 1, "rollout.max_staleness": 1, "rollout.buffer_groups": 8, **over})
 
 
 def rows_of(out):
@@ -186,10 +170,10 @@ def rows_of(out):
 def test_off_by_one_staleness_is_used_and_corrected(tiny_model_dir, prompts_file, tmp_path):
     """4 prompts generated per engine call, 2 used per step, sync every step, staleness 1 allowed:
     every other batch comes from the previous weights (lag 1), and its IS weights are not 1."""
-    from oapl.loop import Trainer
+    from oapl.loop import Run
 
     cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "run", **{"task.reward": "test_grpo:char_code"})
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
         trainer.train()
         assert trainer.buffer.cleared == 0  # nothing was too old to use
@@ -210,10 +194,10 @@ def test_off_by_one_staleness_is_used_and_corrected(tiny_model_dir, prompts_file
 
 
 def test_zero_staleness_drops_the_leftovers(tiny_model_dir, prompts_file, tmp_path):
-    from oapl.loop import Trainer
+    from oapl.loop import Run
 
     cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "run", **{"rollout.max_staleness": 0})
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
         trainer.train()
         assert trainer.buffer.cleared == 12  # 4 generated, 2 used, 2 dropped at each of the 6 syncs
@@ -225,7 +209,7 @@ def test_zero_staleness_drops_the_leftovers(tiny_model_dir, prompts_file, tmp_pa
 def test_asynchronous_off_by_one_never_exceeds_one_version(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
     """The background worker, L=1, max_staleness=1: the data of every step comes from weights at most
     one step old (the configuration `oapl compare` uses for GRPO+IS)."""
-    from oapl.loop import Trainer
+    from oapl.loop import Run
     from oapl.trainer.policy import Policy
 
     seen = []
@@ -239,7 +223,7 @@ def test_asynchronous_off_by_one_never_exceeds_one_version(tiny_model_dir, promp
     cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
                    **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 1,
                       "rollout.buffer_groups": 4})
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
         trainer.train()
     finally:
@@ -281,8 +265,11 @@ def test_grpo_learns_the_toy_task(tiny_model_dir, prompts_file, tmp_path):
 def test_staleness_config_rules(tiny_model_dir, prompts_file, tmp_path):
     with pytest.raises(ConfigError, match="max_staleness"):
         grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "x", **{"algorithm.name": "oapl"})
-    cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "x", **{"sampling.top_p": 0.9})
-    assert cfg.rollout.max_staleness == 1  # GRPO tolerates top-p < 1 and staleness
+    # GRPO+IS compares the trainer's full softmax with the engine's: top-p < 1 is refused, as for OAPL
+    with pytest.raises(ConfigError, match="top_p"):
+        grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "x", **{"sampling.top_p": 0.9})
+    cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "x", **{"sampling.top_p": 0.9, "algorithm.is_cap": None})
+    assert cfg.rollout.max_staleness == 1  # plain GRPO (no IS correction) tolerates top-p < 1 and staleness
 
 
 # ------------------------------------------------------------------------------------------------

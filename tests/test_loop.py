@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from oapl.config import load_config
-from oapl.loop import Trainer, train
+from conftest import tiny_config
+from oapl.loop import Run, train
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 
 
 def make_cfg(tiny_model_dir, prompts_file, out, **over):
-    base = {
-        "output_dir": str(out), "seed": 0, "steps": 6, "threads": 2,
-        "model.name": tiny_model_dir, "model.logprob_chunk_size": 16,
-        "sampling.max_tokens": 6, "sampling.temperature": 1.0,
-        "engine.kind": "transformers",
-        "task.name": "dataset", "task.dataset": str(prompts_file), "task.columns": {"prompt": "question", "prompt_id": "id"},
-        "task.reward": "toy_rewards:digit_fraction", "task.system_prompt": None,
-        "rollout.group_size": 4, "rollout.prompts_per_step": 4, "rollout.prompts_per_generate": 4,
-        "rollout.sync_interval": 2, "rollout.asynchronous": False, "rollout.buffer_groups": 16,
-        "optim.lr": 1e-2, "optim.micro_batch_size": 16,
-        "eval.at_start": False, "eval.at_end": False,
-        "logging.progress": False, "checkpoint.save_final": False,
-    }
-    base.update(over)
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    return tiny_config(tiny_model_dir, prompts_file, out, **over)
 
 
 def read_metrics(out):
@@ -80,7 +64,7 @@ def test_async_batches_never_mix_versions(tiny_model_dir, prompts_file, tmp_path
     monkeypatch.setattr(Policy, "train_step", spy)
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
                    **{"rollout.asynchronous": True, "rollout.sync_interval": 2, "rollout.prompts_per_generate": 2})
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
         trainer.train()
         assert trainer.buffer.cleared + trainer.buffer.discarded_stale >= 0
@@ -145,18 +129,18 @@ def test_failing_reward_scores_zero_and_run_continues(tiny_model_dir, prompts_fi
 
 def test_non_finite_loss_skips_step_without_touching_weights(tiny_model_dir, prompts_file, tmp_path):
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=1)
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
-        trainer.worker.fill(4)
+        trainer.rollout.fill(4)
         groups = trainer.buffer.take(4)
         groups[0].response_logprobs[0][0] = float("nan")
-        before = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
-        m = trainer.policy.train_step(groups)
+        before = {n: p.detach().clone() for n, p in trainer.backend.policy.model.named_parameters()}
+        m = trainer.backend.policy.train_step(groups)
         assert m["skipped"] == 1.0
-        for n, p in trainer.policy.model.named_parameters():
+        for n, p in trainer.backend.policy.model.named_parameters():
             assert torch.equal(before[n], p.detach()), n
         # the optimiser holds no state from the skipped step
-        assert all(not s for s in trainer.policy.optimizer.state.values())
+        assert all(not s for s in trainer.backend.policy.optimizer.state.values())
     finally:
         trainer.close()
 
@@ -166,11 +150,11 @@ def test_micro_batching_gives_the_same_update(tiny_model_dir, prompts_file, tmp_
     for mb in (16, 3):
         cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / f"run{mb}", steps=1,
                        **{"optim.micro_batch_size": mb, "optim.lr": 1e-3})
-        trainer = Trainer(cfg)
+        trainer = Run.for_config(cfg)
         try:
-            trainer.worker.fill(4)
-            trainer.policy.train_step(trainer.buffer.take(4))
-            params.append({n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()})
+            trainer.rollout.fill(4)
+            trainer.backend.policy.train_step(trainer.buffer.take(4))
+            params.append({n: p.detach().clone() for n, p in trainer.backend.policy.model.named_parameters()})
         finally:
             trainer.close()
     for n in params[0]:
@@ -179,13 +163,13 @@ def test_micro_batching_gives_the_same_update(tiny_model_dir, prompts_file, tmp_
 
 def test_empty_and_truncated_responses_are_handled(tiny_model_dir, prompts_file, tmp_path):
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=1)
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
-        trainer.worker.fill(4)
+        trainer.rollout.fill(4)
         groups = trainer.buffer.take(4)
         groups[0].response_token_ids[0] = []
         groups[0].response_logprobs[0] = []
-        m = trainer.policy.train_step(groups)
+        m = trainer.backend.policy.train_step(groups)
         assert m["skipped"] == 0.0 and m["loss"] == pytest.approx(m["loss"])  # finite
         assert 0.0 <= m["truncated_frac"] <= 1.0
     finally:
@@ -196,18 +180,18 @@ def test_lora_trains_syncs_merged_weights_and_resumes(tiny_model_dir, prompts_fi
     over = {"model.lora.enabled": True, "model.lora.r": 4, "optim.lr": 1e-2, "rollout.sync_interval": 2,
             "checkpoint.every": 2, "checkpoint.keep": 3, "checkpoint.save_final": True}
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=2, **over)
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
         trainer.train()
-        names = {n for n, _ in trainer.policy.engine_weights()}
-        engine_params = dict(trainer.engine.model.named_parameters())
+        names = {n for n, _ in trainer.backend.policy.engine_weights()}
+        engine_params = dict(trainer.backend.engine.model.named_parameters())
         assert names <= set(engine_params) and not any("lora" in n for n in names)
         # after the final sync the engine holds the merged LoRA weights
-        merged = dict(trainer.policy.engine_weights())
+        merged = dict(trainer.backend.policy.engine_weights())
         for n, t in merged.items():
             assert torch.allclose(engine_params[n], t, atol=1e-6), n
         q = "model.layers.0.self_attn.q_proj"
-        base_q = dict(trainer.policy.model.get_base_model().named_parameters())[f"{q}.base_layer.weight"]
+        base_q = dict(trainer.backend.policy.model.get_base_model().named_parameters())[f"{q}.base_layer.weight"]
         assert not torch.allclose(merged[f"{q}.weight"], base_q), "LoRA updates reach the engine merged"
     finally:
         trainer.close()

@@ -66,7 +66,7 @@ def test_same_local_weights_by_another_spelling(tmp_path, monkeypatch):
 
 def test_opt_out_warns_instead(caplog):
     groups = [_group("g0", temperature=0.6)]
-    with caplog.at_level(logging.WARNING, logger="oapl.offline"):
+    with caplog.at_level(logging.WARNING, logger="oapl.backends.offline"):
         check_sampling_provenance(groups, _cfg("offline.allow_sampling_mismatch=true"))
     assert "temperature=0.6" in caplog.text and "allowed by offline.allow_sampling_mismatch" in caplog.text
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oapl.data.rollouts import RolloutGroup
+from oapl.data.rollouts import RolloutGroup, group_from_rows
 from oapl.evaluation.passk import (
     default_ks,
     evaluate_groups,
@@ -34,7 +34,7 @@ def fixture_groups() -> list[RolloutGroup]:
     for line in FIXTURE.read_text().splitlines():
         row = json.loads(line)
         by_pid.setdefault(row["prompt_id"], []).append(row)
-    return [RolloutGroup.from_rows(rows) for rows in by_pid.values()]
+    return [group_from_rows(rows) for rows in by_pid.values()]
 
 
 def group(pid: str, rewards: list[float], benchmark: str = "b") -> RolloutGroup:

@@ -23,13 +23,13 @@ def test_embedded_model_converts_once_and_loads():
 def test_trainer_and_engine_agree_on_real_model_logprobs(tmp_path):
     """At lag 0 the trainer's log-probs of sampled tokens equal the engine's: the KL reference is right."""
     from oapl.config import load_config
-    from oapl.loop import Trainer
+    from oapl.loop import Run
 
     cfg = load_config("configs/arithmetic_cpu.yaml", [
         f"output_dir={tmp_path}", "engine.kind=transformers", "rollout.asynchronous=false", "steps=1",
         "rollout.prompts_per_step=2", "rollout.prompts_per_generate=2", "rollout.group_size=4",
         "eval.at_start=false", "eval.at_end=false", "logging.progress=false", "checkpoint.save_final=false"])
-    trainer = Trainer(cfg)
+    trainer = Run.for_config(cfg)
     try:
         trainer.train()
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from oapl.cli.main import main
 from oapl.data.rollouts import read_rollouts
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_cfg  # noqa: E402
 from conftest import write_prompts  # noqa: E402
 

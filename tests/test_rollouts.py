@@ -21,6 +21,8 @@ from oapl.data.rollouts import (
     RolloutSchemaError,
     RolloutWriter,
     filter_groups,
+    group_from_rows,
+    group_to_rows,
     groups_to_table,
     read_rollouts,
     write_rollouts,
@@ -66,7 +68,7 @@ def fixture_groups() -> list[RolloutGroup]:
     by_pid: dict[str, list[dict]] = {}
     for row in rows:
         by_pid.setdefault(row["prompt_id"], []).append(row)
-    return [RolloutGroup.from_rows(rs) for rs in by_pid.values()]
+    return [group_from_rows(rs) for rs in by_pid.values()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,13 +78,13 @@ def fixture_groups() -> list[RolloutGroup]:
 
 def test_to_rows_from_rows_roundtrip_any_order():
     g = make_group(7)
-    rows = g.to_rows()
+    rows = group_to_rows(g)
     assert len(rows) == g.n == 4
     assert [r["response_index"] for r in rows] == [0, 1, 2, 3]
     assert all(set(r) == set(COLUMNS) for r in rows)
     assert all(r["group_rewards"] == g.rewards for r in rows)
     assert json.loads(rows[0]["sampling"])["stop"] == ["\n\n"]
-    back = RolloutGroup.from_rows(list(reversed(rows)))
+    back = group_from_rows(list(reversed(rows)))
     assert back == normalised(g)
 
 
@@ -302,7 +304,7 @@ def _write_rows(path: Path, rows: list[dict], schema: pa.Schema | None = None) -
 
 
 def _rows(n_groups: int = 3) -> list[dict]:
-    return [r for i in range(n_groups) for r in make_group(i).to_rows()]
+    return [r for i in range(n_groups) for r in group_to_rows(make_group(i))]
 
 
 def test_missing_column_names_file_and_column(tmp_path):
@@ -388,18 +390,18 @@ def test_missing_path_and_empty_dir(tmp_path):
 
 
 def test_from_rows_type_errors_name_row_and_column():
-    rows = make_group(0).to_rows()
+    rows = group_to_rows(make_group(0))
     rows[2]["response_token_ids"] = [1, "2"]
     with pytest.raises(RolloutSchemaError, match="row 2, column 'response_token_ids': expected a "
                                                  "list of integers"):
-        RolloutGroup.from_rows(rows)
-    rows = make_group(0).to_rows()
+        group_from_rows(rows)
+    rows = group_to_rows(make_group(0))
     del rows[1]["task"]
     with pytest.raises(RolloutSchemaError, match="row 1, column 'task': missing column"):
-        RolloutGroup.from_rows(rows)
-    rows = make_group(0).to_rows() + make_group(1).to_rows()[:1]
+        group_from_rows(rows)
+    rows = group_to_rows(make_group(0)) + group_to_rows(make_group(1))[:1]
     with pytest.raises(RolloutSchemaError, match="rows of several prompts"):
-        RolloutGroup.from_rows(rows)
+        group_from_rows(rows)
 
 
 # ------------------------------------------------------------------------------------------------

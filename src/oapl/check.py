@@ -286,9 +286,9 @@ def format_plan(plan: dict[str, Any], indent: str = "  ") -> list[str]:
 
 
 def cmd_check(args) -> int:
-    from oapl.cli.main import _split_config
+    from oapl.cli.args import split_config
 
-    config, overrides = _split_config(args)
+    config, overrides = split_config(args)
     res = run_check(config, overrides, rows=args.rows, hub=not args.no_hub)
     if res.problems:
         for line in res.problems:

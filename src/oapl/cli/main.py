@@ -8,6 +8,7 @@ import sys
 import textwrap
 import traceback
 
+from oapl.cli.args import add_config_args, split_config
 from oapl.config import TrainConfig, describe_fields, load_config
 from oapl.errors import UserError, debug_enabled, user_message
 
@@ -21,22 +22,8 @@ def _fields_help(cls=TrainConfig) -> str:
     return "\n".join(lines)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (optional)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 rollout.sync_interval=10")
-
-
-def _split_config(args) -> tuple[str | None, list[str]]:
-    """Allow ``oapl train key=value`` with no YAML file."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
-
-
 def cmd_train(args) -> int:
-    config, overrides = _split_config(args)
+    config, overrides = split_config(args)
     resume = args.resume
     if config == "resume":  # `oapl train resume key=value`
         config, resume = None, True
@@ -94,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train with OAPL (or GRPO) and a lagged inference engine",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fields_help())
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir "
                    "(also: a bare `resume` word)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty output_dir (its "

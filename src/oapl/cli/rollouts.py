@@ -6,18 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from oapl.cli.args import add_config_args, split_config
+
 
 def _cfg(args):
-    from oapl.cli.main import _split_config
     from oapl.config import load_config
 
-    config, overrides = _split_config(args)
+    config, overrides = split_config(args)
     return load_config(config, overrides)
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (the same file `oapl train` takes)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
 
 
 def cmd_generate(args) -> int:
@@ -137,7 +133,7 @@ def cmd_two_stage(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample n scored responses per prompt into a rollout dataset (resumable)")
-    _config_args(p)
+    add_config_args(p, "YAML config (the same file `oapl train` takes)")
     p.add_argument("--out", required=True, help="output directory (Parquet shards; rerun to resume)")
     p.add_argument("--split", choices=["train", "eval"], default="train", help="which prompts")
     p.add_argument("--n", type=int, default=None, help="responses per prompt (default rollout.group_size)")
@@ -149,7 +145,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="Pass@k (unbiased estimator) of rollout datasets, or of a model on the held-out split")
-    _config_args(p)
+    add_config_args(p, "YAML config (the same file `oapl train` takes)")
     p.add_argument("--rollouts", nargs="*", help="rollout datasets to score (else: generate on the held-out split)")
     p.add_argument("--out", required=True, help="report prefix: writes PREFIX.json and PREFIX.csv")
     p.add_argument("--model", default=None, help="model to evaluate when generating")
@@ -173,7 +169,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("two-stage", help="the paper's offline two-stage recipe, end to end")
-    _config_args(p)
+    add_config_args(p, "YAML config (the same file `oapl train` takes)")
     p.add_argument("--stage2-prompts", type=int, default=4000, help="random prompts regenerated for stage 2")
     p.add_argument("--stage2-epochs", type=int, default=4)
     p.add_argument("--skip-base-eval", action="store_true")

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from oapl.errors import UserError
+from oapl.rollout.group import RolloutGroup, filter_groups, is_correct
 
 __all__ = [
     "COLUMNS",
@@ -51,6 +52,8 @@ __all__ = [
     "RolloutSchemaError",
     "RolloutWriter",
     "filter_groups",
+    "group_from_rows",
+    "group_to_rows",
     "groups_to_table",
     "is_correct",
     "read_rollouts",
@@ -176,118 +179,48 @@ def _same_float(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def is_correct(reward: float, threshold: float = 0.5) -> bool:
-    """A response counts as correct when ``reward >= threshold`` (NaN is never correct)."""
-    return not math.isnan(reward) and reward >= threshold
+def group_to_rows(group: RolloutGroup) -> list[dict[str, Any]]:
+    """``group`` as ``n`` row dicts with the columns of :data:`ROLLOUT_SCHEMA`."""
+    sampling = _dumps(group.sampling)
+    extra = _dumps(group.extra)
+    prompt_ids = list(group.prompt_token_ids)
+    group_rewards = list(group.rewards)
+    return [
+        {
+            "prompt_id": group.prompt_id,
+            "prompt": group.prompt,
+            "prompt_token_ids": prompt_ids,
+            "response_index": i,
+            "response": group.responses[i],
+            "response_token_ids": list(group.response_token_ids[i]),
+            "response_logprobs": list(group.response_logprobs[i]),
+            "reward": group.rewards[i],
+            "group_rewards": group_rewards,
+            "finish_reason": group.finish_reasons[i],
+            "weights_id": group.weights_id,
+            "version": group.version,
+            "sampling": sampling,
+            "task": group.task,
+            "benchmark": group.benchmark,
+            "extra": extra,
+        }
+        for i in range(group.n)
+    ]
 
+def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> RolloutGroup:
+    """Rebuild one group from its rows (any order).
 
-# --------------------------------------------------------------------------------------------
-# RolloutGroup
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RolloutGroup:
-    """The ``n`` responses sampled for one prompt.
-
-    List fields are indexed by response index ``0..n-1``; ``response_logprobs[i][t]`` is the engine
-    log-probability of ``response_token_ids[i][t]``. ``sampling`` and ``extra`` are JSON-able dicts
-    (``extra`` holds the dataset columns given to the reward function, e.g. the reference answer).
+    Raises :class:`RolloutSchemaError` (naming the row index in ``rows`` and the column) when a
+    column is missing or mistyped, when the rows belong to several prompts, disagree on a
+    group-level column (``group_rewards``, ``prompt``, ...), or the response indices are not
+    exactly ``0..n-1``.
     """
-
-    prompt_id: str
-    prompt: str
-    prompt_token_ids: list[int]
-    responses: list[str]
-    response_token_ids: list[list[int]]
-    response_logprobs: list[list[float]]
-    rewards: list[float]
-    finish_reasons: list[str]
-    weights_id: str
-    version: int
-    sampling: dict[str, Any] = field(default_factory=dict)
-    task: str = ""
-    benchmark: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prompt_id, str) or not self.prompt_id:
-            raise ValueError(f"prompt_id must be a non-empty string, got {self.prompt_id!r}")
-        n = len(self.responses)
-        if n == 0:
-            raise ValueError(f"group {self.prompt_id!r} has no responses")
-        for name in ("response_token_ids", "response_logprobs", "rewards", "finish_reasons"):
-            got = len(getattr(self, name))
-            if got != n:
-                raise ValueError(
-                    f"group {self.prompt_id!r}: {name} has {got} entries but there are {n} "
-                    f"responses"
-                )
-        for i, (ids, lps) in enumerate(zip(self.response_token_ids, self.response_logprobs)):
-            if len(ids) != len(lps):
-                raise ValueError(
-                    f"group {self.prompt_id!r}, response {i}: {len(ids)} response_token_ids but "
-                    f"{len(lps)} response_logprobs"
-                )
-        self.rewards = [float(r) for r in self.rewards]
-        self.version = operator.index(self.version)
-        if not isinstance(self.sampling, Mapping):
-            raise ValueError(f"group {self.prompt_id!r}: sampling must be a dict")
-        if not isinstance(self.extra, Mapping):
-            raise ValueError(f"group {self.prompt_id!r}: extra must be a dict")
-
-    @property
-    def n(self) -> int:
-        """Number of responses in the group."""
-        return len(self.responses)
-
-    def num_correct(self, threshold: float = 0.5) -> int:
-        """Number of responses with ``reward >= threshold``."""
-        return sum(is_correct(r, threshold) for r in self.rewards)
-
-    def to_rows(self) -> list[dict[str, Any]]:
-        """The group as ``n`` row dicts with the columns of :data:`ROLLOUT_SCHEMA`."""
-        sampling = _dumps(self.sampling)
-        extra = _dumps(self.extra)
-        prompt_ids = list(self.prompt_token_ids)
-        group_rewards = list(self.rewards)
-        return [
-            {
-                "prompt_id": self.prompt_id,
-                "prompt": self.prompt,
-                "prompt_token_ids": prompt_ids,
-                "response_index": i,
-                "response": self.responses[i],
-                "response_token_ids": list(self.response_token_ids[i]),
-                "response_logprobs": list(self.response_logprobs[i]),
-                "reward": self.rewards[i],
-                "group_rewards": group_rewards,
-                "finish_reason": self.finish_reasons[i],
-                "weights_id": self.weights_id,
-                "version": self.version,
-                "sampling": sampling,
-                "task": self.task,
-                "benchmark": self.benchmark,
-                "extra": extra,
-            }
-            for i in range(self.n)
-        ]
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> RolloutGroup:
-        """Rebuild one group from its rows (any order).
-
-        Raises :class:`RolloutSchemaError` (naming the row index in ``rows`` and the column) when a
-        column is missing or mistyped, when the rows belong to several prompts, disagree on a
-        group-level column (``group_rewards``, ``prompt``, ...), or the response indices are not
-        exactly ``0..n-1``.
-        """
-        rows = list(rows)
-        if not rows:
-            raise RolloutSchemaError("no rows given")
-        for i, row in enumerate(rows):
-            _check_row_types(row, row_number=i, file=None)
-        return _group_from_rows(rows, list(range(len(rows))), file=None)
+    rows = list(rows)
+    if not rows:
+        raise RolloutSchemaError("no rows given")
+    for i, row in enumerate(rows):
+        _check_row_types(row, row_number=i, file=None)
+    return _group_from_rows(rows, list(range(len(rows))), file=None)
 
 
 # scalar type checks for rows that did not come from a typed Arrow table
@@ -442,7 +375,7 @@ def _group_from_rows(
 
 def groups_to_table(groups: Iterable[RolloutGroup]) -> pa.Table:
     """Arrow table (schema :data:`ROLLOUT_SCHEMA`) with the rows of ``groups``."""
-    rows = [row for g in groups for row in g.to_rows()]
+    rows = [row for g in groups for row in group_to_rows(g)]
     return pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
 
 
@@ -797,47 +730,3 @@ def read_rollouts(
 # --------------------------------------------------------------------------------------------
 # Filtering
 # --------------------------------------------------------------------------------------------
-
-
-def filter_groups(
-    groups: Iterable[RolloutGroup],
-    min_correct: int = 1,
-    max_correct: int | None = None,
-    threshold: float = 0.5,
-    *,
-    drop_all_correct: bool = False,
-) -> tuple[list[RolloutGroup], dict[str, int]]:
-    """Keep the groups whose number of correct responses ``c`` satisfies the bounds.
-
-    A response is correct when ``reward >= threshold``. A group is kept iff
-    ``c >= min_correct``, and ``c <= max_correct`` when ``max_correct`` is given, and
-    ``c < n`` when ``drop_all_correct`` is set (``n`` varies per group, hence the flag). The
-    default ``min_correct=1`` drops all-wrong prompts, which give no learning signal to
-    group-relative objectives. Order is preserved.
-
-    Returns ``(kept, counts)`` with ``counts`` = ``total``, ``kept``, ``dropped``,
-    ``dropped_too_few`` (``c < min_correct``), ``dropped_too_many`` (above ``max_correct`` or
-    all-correct with ``drop_all_correct``), and, over all input groups, ``all_wrong`` and
-    ``all_correct``.
-    """
-    if min_correct < 0:
-        raise ValueError(f"min_correct must be >= 0, got {min_correct}")
-    if max_correct is not None and max_correct < min_correct:
-        raise ValueError(f"max_correct ({max_correct}) must be >= min_correct ({min_correct})")
-    kept: list[RolloutGroup] = []
-    counts = dict(total=0, kept=0, dropped=0, dropped_too_few=0, dropped_too_many=0,
-                  all_wrong=0, all_correct=0)
-    for g in groups:
-        c = g.num_correct(threshold)
-        counts["total"] += 1
-        counts["all_wrong"] += c == 0
-        counts["all_correct"] += c == g.n
-        if c < min_correct:
-            counts["dropped_too_few"] += 1
-        elif (max_correct is not None and c > max_correct) or (drop_all_correct and c == g.n):
-            counts["dropped_too_many"] += 1
-        else:
-            kept.append(g)
-    counts["kept"] = len(kept)
-    counts["dropped"] = counts["total"] - counts["kept"]
-    return kept, counts

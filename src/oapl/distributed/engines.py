@@ -111,11 +111,7 @@ class RemoteEngine:
 
     def __init__(self, pool: EnginePool, index: int) -> None:
         self.pool, self.index = pool, index
-        self._version = 0
-
-    @property
-    def version(self) -> int:
-        return self._version
+        self.version = 0  # the weight version this slot holds (set by the pool at every load)
 
     @property
     def max_model_len(self) -> int | None:
@@ -205,7 +201,7 @@ class EnginePool:
             for i, r in enumerate(refs):
                 try:
                     ray.get(r)
-                    self.engines[i]._version = version
+                    self.engines[i].version = version
                 except Exception as e:
                     if not is_actor_death(e):
                         raise
@@ -231,7 +227,7 @@ class EnginePool:
         refs += [a.receive_weights.remote(self._meta, version) for a in self.actors]
         self._wait_collective(refs, trainers)
         for e in self.engines:
-            e._version = version
+            e.version = version
 
     def _wait_collective(self, refs, trainers) -> None:
         try:
@@ -269,7 +265,7 @@ class EnginePool:
                 self.epoch += 1
                 try:
                     ray.get(self.actors[i].load_weights.remote(self.weights_ref, self.version))
-                    self.engines[i]._version = self.version
+                    self.engines[i].version = self.version
                     return
                 except Exception as e:
                     if not is_actor_death(e):
@@ -425,7 +421,7 @@ class RayRolloutWorker(RolloutWorker):
             while not self._stop.is_set():
                 groups = self.produce_or_restart()
                 if groups is not None:
-                    self._push(groups)
+                    self.push(groups)
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
@@ -462,7 +458,7 @@ class RolloutFleet:
             for w, f in zip(ws, futures):
                 groups = f.result()
                 if groups is not None:
-                    w._push(groups)
+                    w.push(groups)
 
     # -- asynchronous mode --------------------------------------------------------------------
     def start(self) -> None:
@@ -471,7 +467,7 @@ class RolloutFleet:
 
     def stop(self) -> None:
         for w in self.workers:
-            w._stop.set()
+            w.request_stop()
         self.buffer.close()
         for w in self.workers:
             w.stop()

@@ -344,11 +344,12 @@ class TrainerGroup:
         self.ckpt: str | None = None
         self.state: dict[str, Any] = {}
 
-    def setup(self, resume: bool) -> None:
+    def setup(self, resume: bool, run_dir: str | None = None) -> None:
         """Join the ranks into one process group and build the policies (from the latest
-        checkpoint when ``resume``); ``state`` is then the checkpoint's trainer state."""
+        checkpoint in ``run_dir`` when ``resume``); ``state`` is then the checkpoint's trainer state."""
         addr, port = self._get([self.actors[0].address.remote()])[0]
-        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(self.cfg.output_dir)])[0] if resume else None
+        run_dir = run_dir or self.cfg.output_dir
+        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(run_dir)])[0] if resume else None
         self.state = self.call("setup", addr, port, self.ckpt)[0] or {}
 
     def _get(self, refs: list) -> list:

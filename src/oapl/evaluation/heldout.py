@@ -8,7 +8,7 @@ from typing import Any
 from oapl.data.budget import check_prompt_budget, engine_max_model_len
 from oapl.engines.base import InferenceEngine, SamplingParams, sampling_dict
 from oapl.rewards.base import SafeReward
-from oapl.rollout.buffer import RolloutGroup
+from oapl.rollout.group import RolloutGroup, score_groups
 
 
 def generate_groups(engine: InferenceEngine, task, tokenizer, examples: list[dict[str, Any]],
@@ -34,22 +34,9 @@ def generate_groups(engine: InferenceEngine, task, tokenizer, examples: list[dic
             check_prompt_budget(len(i), params.max_tokens, limit, split=split, row=start + j,
                                 prompt_id=str(ex.get("prompt_id", start + j)), max_tokens_field=max_tokens_field)
         outputs = engine.generate(ids, params)
-        flat_p, flat_c, flat_ex = [], [], []
-        for t, ex, out in zip(texts, chunk, outputs):
-            for c in out.completions:
-                flat_p.append(t)
-                flat_c.append(c.text)
-                flat_ex.append(ex)
-        rewards = reward(flat_p, flat_c, **task.reward_kwargs(flat_ex))
-        for j, (t, i, ex, out) in enumerate(zip(texts, ids, chunk, outputs)):
-            comps = out.completions
-            groups.append(RolloutGroup(
-                prompt_id=str(ex.get("prompt_id", start + j)), prompt=t, prompt_token_ids=list(i),
-                response_token_ids=[c.token_ids for c in comps], response_logprobs=[c.logprobs for c in comps],
-                responses=[c.text for c in comps], rewards=rewards[j * params.n : (j + 1) * params.n],
-                finish_reasons=[c.finish_reason for c in comps], version=out.version, weights_id=weights_id,
-                sampling=sampling_dict(params), task=task.name, benchmark=str(ex.get("benchmark") or benchmark),
-                extra=ex))
+        groups.extend(score_groups(reward, task, list(zip(texts, ids)), chunk, outputs, n=params.n,
+                                   weights_id=weights_id, sampling=sampling_dict(params),
+                                   default_ids=range(start, start + len(chunk)), benchmark=benchmark))
     return groups
 
 
@@ -60,7 +47,7 @@ def passk_summary(groups: list[RolloutGroup], threshold: float = 0.5) -> dict[st
     for each and ``benchmark_mean/pass@k``, the unweighted mean over benchmarks (the paper's
     checkpoint-selection metric for math is the mean pass@1 over its benchmarks).
     """
-    from oapl.data.rollouts import is_correct
+    from oapl.rollout.group import is_correct
     from oapl.evaluation.passk import default_ks, pass_at_k
 
     if not groups:

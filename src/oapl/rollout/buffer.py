@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 
-from oapl.data.rollouts import RolloutGroup
+from oapl.rollout.group import RolloutGroup
 
 __all__ = ["BufferClosed", "RolloutBuffer", "RolloutGroup"]
 
@@ -24,11 +24,11 @@ class BufferClosed(RuntimeError):
 class RolloutBuffer:
     """Bounded, thread-safe FIFO of :class:`RolloutGroup` tagged with one weight version."""
 
-    def __init__(self, capacity: int, version: int = 0, max_staleness: int = 0) -> None:
+    def __init__(self, capacity: int, version: int = 0, max_staleness: int | None = 0) -> None:
         if capacity < 1:
             raise ValueError("buffer capacity must be >= 1")
-        if max_staleness < 0:
-            raise ValueError("max_staleness must be >= 0")
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0 (or None: any version, for stored data)")
         self.capacity = capacity
         self.max_staleness = max_staleness
         self._version = version
@@ -66,6 +66,8 @@ class RolloutBuffer:
                 self._cond.wait(remaining)
 
     def _fresh(self, version: int) -> bool:
+        if self.max_staleness is None:
+            return True
         return self._version - self.max_staleness <= version <= self._version
 
     def take(self, k: int, timeout: float | None = None) -> list[RolloutGroup]:

@@ -19,7 +19,8 @@ from typing import Any
 from oapl.data.budget import check_prompt_budget, engine_max_model_len
 from oapl.engines.base import InferenceEngine, SamplingParams, sampling_dict
 from oapl.rewards.base import SafeReward
-from oapl.rollout.buffer import BufferClosed, RolloutBuffer, RolloutGroup
+from oapl.rollout.buffer import BufferClosed, RolloutBuffer
+from oapl.rollout.group import RolloutGroup, score_groups
 
 log = logging.getLogger(__name__)
 
@@ -117,33 +118,20 @@ class RolloutWorker:
             outputs = self.engine.generate([ids for _, ids in prompts], self.sampling)
             gen_s = time.perf_counter() - t0
         examples = [self.task.train[i] for i in idxs]
-        flat_prompts, flat_completions, flat_examples = [], [], []
-        for (text, _), ex, out in zip(prompts, examples, outputs):
-            for c in out.completions:
-                flat_prompts.append(text)
-                flat_completions.append(c.text)
-                flat_examples.append(ex)
         t1 = time.perf_counter()
-        rewards = self.reward(flat_prompts, flat_completions, **self.task.reward_kwargs(flat_examples))
+        groups = score_groups(self.reward, self.task, prompts, examples, outputs, n=self.sampling.n,
+                              weights_id=self.weights_id, sampling=self.sampling_dict, default_ids=idxs,
+                              version=version)
         self.stats.reward_seconds += time.perf_counter() - t1
-        groups = []
-        g = self.sampling.n
-        for j, ((text, ids), ex, out) in enumerate(zip(prompts, examples, outputs)):
-            comps = out.completions
-            groups.append(RolloutGroup(
-                prompt_id=str(ex.get("prompt_id", idxs[j])), prompt=text, prompt_token_ids=list(ids),
-                response_token_ids=[c.token_ids for c in comps], response_logprobs=[c.logprobs for c in comps],
-                responses=[c.text for c in comps], rewards=rewards[j * g : (j + 1) * g],
-                finish_reasons=[c.finish_reason for c in comps], version=version, weights_id=self.weights_id, sampling=self.sampling_dict,
-                task=self.task.name, extra=ex))
         n_tok = sum(len(c.token_ids) for out in outputs for c in out.completions)
         self.stats.gen_tokens += n_tok
         self.stats.gen_seconds += gen_s
-        self.stats.responses += len(flat_completions)
+        self.stats.responses += sum(len(out.completions) for out in outputs)
         self.stats.truncated += sum(c.finish_reason == "length" for out in outputs for c in out.completions)
         return groups
 
-    def _push(self, groups: list[RolloutGroup]) -> None:
+    def push(self, groups: list[RolloutGroup]) -> None:
+        """Put generated groups into the buffer (stale ones are dropped and counted)."""
         for grp in groups:
             if self.buffer.put(grp):
                 self.stats.groups += 1
@@ -153,13 +141,13 @@ class RolloutWorker:
     def fill(self, k: int) -> None:
         """Synchronous mode: generate until the buffer holds at least ``k`` groups."""
         while len(self.buffer) < k:
-            self._push(self.produce())
+            self.push(self.produce())
 
     # -- background thread ------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._push(self.produce())
+                self.push(self.produce())
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
@@ -171,8 +159,12 @@ class RolloutWorker:
         self._thread = threading.Thread(target=self._run, name="oapl-rollout", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the background thread to stop after its current engine call (does not wait)."""
         self._stop.set()
+
+    def stop(self) -> None:
+        self.request_stop()
         self.buffer.close()
         if self._thread is not None:
             self._thread.join(timeout=600)
@@ -188,3 +180,24 @@ class RolloutWorker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
+
+    # -- stats, in the interface of a fleet of workers (oapl.distributed.engines.RolloutFleet) ----
+    def gen_counters(self) -> list[tuple[int, float]]:
+        return [(self.stats.gen_tokens, self.stats.gen_seconds)]
+
+    @staticmethod
+    def tokens_per_s(now: list[tuple[int, float]], start: list[tuple[int, float]]) -> float:
+        """Engine throughput: generated tokens per second of generation (summed over engines)."""
+        return sum((t - t0) / max(s - s0, 1e-9) for (t, s), (t0, s0) in zip(now, start))
+
+    @property
+    def reward_errors(self) -> int:
+        return self.reward.stats.errors
+
+    @property
+    def reward_error_samples(self) -> list[dict[str, Any]]:
+        return list(self.reward.stats.samples)
+
+    @property
+    def stale_dropped(self) -> int:
+        return self.stats.stale_dropped

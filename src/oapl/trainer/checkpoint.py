@@ -108,7 +108,5 @@ def prune_checkpoints(output_dir: str | Path, newest: Path, keep: int) -> list[P
     return doomed
 
 
-
-
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)

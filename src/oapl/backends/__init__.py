@@ -1,0 +1,93 @@
+"""Where Algorithm 1 runs: the :class:`Backend` protocol that :class:`oapl.loop.Run` drives.
+
+:class:`oapl.loop.Run` is the algorithm; a backend owns the trainer, the engine(s) and the rollout
+workers, and answers the few things the algorithm asks of them. Three implement it:
+
+* :class:`oapl.backends.local.LocalBackend` — one process: a :class:`~oapl.trainer.policy.Policy`, an in-process engine
+  (vLLM or transformers), one background :class:`~oapl.rollout.worker.RolloutWorker`;
+* :class:`oapl.distributed.backend.RayBackend` — trainer ranks (DDP/FSDP2) and N engine actors on Ray;
+* :class:`oapl.backends.offline.OfflineBackend` — stored rollout groups, no engine and no sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from oapl.config import TrainConfig
+from oapl.engines.base import InferenceEngine, SamplingParams
+from oapl.rollout.buffer import RolloutBuffer
+
+
+class Rollout(Protocol):
+    """The generator side of Algorithm 1 (a worker, a fleet of workers, or stored data)."""
+
+    failure: BaseException | None
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def fill(self, k: int) -> None: ...
+    def paused(self) -> contextlib.AbstractContextManager: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def gen_counters(self) -> list[tuple[int, float]]: ...
+
+
+class Backend(Protocol):
+    """What :class:`oapl.loop.Run` needs from where it runs."""
+
+    description: str          # progress-bar label
+    syncs: bool               # False: pi_inf is fixed for the whole run (offline)
+    background_rollout: bool  # the rollout may run in a background thread (rollout.asynchronous)
+    buffer_staleness: int | None  # versions a buffered group may lag (None: any, stored data)
+    task: Any                 # the task (prompts, reward, held-out split) or None
+    tokenizer: Any
+    checkpoint: Path | None   # the checkpoint restored by build(), if any
+    total_steps: int
+
+    def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
+        """Build the trainer (restored from the latest checkpoint when ``resume``) and the engines;
+        return the checkpoint's trainer state ({} when fresh). Must not write into ``run_dir``."""
+        ...
+
+    def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams) -> Rollout:
+        """The first sync (pi_inf <- pi as ``version``) and the rollout that fills ``buffer``."""
+        ...
+
+    def train_step(self, groups) -> dict[str, float]: ...
+
+    def publish(self, version: int) -> float:
+        """pi_inf <- pi: the trainer's weights to the engine(s) as ``version``; seconds taken."""
+        ...
+
+    def after_generation(self) -> None:
+        """Synchronous mode, after the batch was generated (e.g. put a vLLM engine to sleep)."""
+        ...
+
+    def evaluation_engine(self, synced: bool) -> contextlib.AbstractContextManager[InferenceEngine]:
+        """An engine holding the trainer's current weights (``synced``: the rollout engine does)."""
+        ...
+
+    def save(self, run_dir: Path, step: int, state: dict, config_yaml: str, keep: int) -> str: ...
+
+    def checkpoint_due(self, step: int) -> int | None:
+        """A checkpoint the backend itself needs after ``step`` (its ``keep``), else None."""
+        ...
+
+    def row_stats(self, rollout: Rollout, since) -> dict[str, Any]: ...
+    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]: ...
+    def summary(self, rollout: Rollout) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def rollout_row_stats(rollout, since) -> dict[str, Any]:
+    """Generation numbers of a metrics row (shared by the local and Ray backends)."""
+    return {"gen_tokens_per_s": rollout.tokens_per_s(rollout.gen_counters(), since),
+            "reward_errors": rollout.reward_errors, "stale_dropped": rollout.stale_dropped}
+
+
+def default_progress_fields(metrics: dict, row: dict) -> dict[str, Any]:
+    return {"reward": f"{metrics['reward_mean']:.3f}", "loss": f"{metrics['loss']:.4g}",
+            "v": row["weight_version"], "lag": row["lag"]}

@@ -1,0 +1,112 @@
+"""One process: the policy, an in-process engine (vLLM or transformers) and a background rollout worker."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from oapl.backends import default_progress_fields, rollout_row_stats
+from oapl.config import TrainConfig
+from oapl.engines.base import InferenceEngine, SamplingParams
+from oapl.rollout.buffer import RolloutBuffer
+
+
+class LocalBackend:
+    """One process: the policy, an in-process engine and a background rollout worker."""
+
+    description = "oapl train"
+    syncs = True
+    background_rollout = True
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.total_steps = cfg.steps
+        self.task = None
+        self.tokenizer = None
+        self.checkpoint: Path | None = None
+        self.policy = None
+        self.engine = None
+        self.worker = None
+
+    @property
+    def buffer_staleness(self) -> int:
+        return self.cfg.rollout.max_staleness
+
+    def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
+        from oapl.data.tasks import build_task
+        from oapl.engines.factory import engine_kind, make_engine
+        from oapl.trainer.checkpoint import latest_checkpoint
+        from oapl.trainer.policy import load_policy
+
+        cfg = self.cfg
+        self.checkpoint = latest_checkpoint(run_dir) if resume else None
+        self.task = build_task(cfg.task, cfg.seed)
+        self.policy, state = load_policy(cfg, cfg.steps, self.checkpoint)
+        self.tokenizer = self.policy.tokenizer
+        weights = str(self.checkpoint / "model") if self.checkpoint is not None else self.policy.model_path
+        in_memory = self.policy.hf_model() if engine_kind(cfg) == "transformers" else None
+        self.engine = make_engine(cfg, weights, self.tokenizer, hf_model=in_memory)
+        return state
+
+    def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams):
+        from oapl.rollout.worker import RolloutWorker
+
+        cfg = self.cfg
+        self.publish(version)
+        self.worker = RolloutWorker(self.engine, self.task, self.tokenizer, buffer, sampling, cfg.rollout.group_size,
+                                    cfg.rollout.prompts_per_generate, cfg.seed, weights_id=cfg.model.name)
+        return self.worker
+
+    def train_step(self, groups) -> dict[str, float]:
+        return self.policy.train_step(groups)
+
+    def publish(self, version: int) -> float:
+        seconds = self.engine.load_weights(self.policy.engine_weights(), version)
+        if self.cfg.algorithm.reference_logprobs == "recompute":
+            self.policy.snapshot_reference()
+        return seconds
+
+    def after_generation(self) -> None:
+        if self.cfg.engine.enable_sleep_mode and hasattr(self.engine, "sleep"):
+            self.engine.sleep()  # free GPU memory for the trainer; the engine wakes on next use
+
+    @contextlib.contextmanager
+    def evaluation_engine(self, synced: bool) -> Iterator[InferenceEngine]:
+        if synced:  # the engine holds the trainer's weights
+            yield self.engine
+            return
+        from oapl.engines.transformers_engine import TransformersEngine
+
+        model = self.policy.hf_model()  # score the trainer's current weights directly
+        was_training = model.training
+        model.eval()
+        try:
+            yield TransformersEngine(model, self.tokenizer, self.cfg.engine.max_batch_size, seed=self.cfg.seed + 17)
+        finally:
+            model.train(was_training)
+
+    def save(self, run_dir: Path, step: int, state: dict, config_yaml: str, keep: int) -> str:
+        from oapl.trainer.checkpoint import save_checkpoint
+
+        return str(save_checkpoint(run_dir, step, self.policy, state, config_yaml, keep=keep))
+
+    def checkpoint_due(self, step: int) -> int | None:
+        return None
+
+    def row_stats(self, rollout, since) -> dict[str, Any]:
+        return rollout_row_stats(rollout, since)
+
+    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]:
+        return default_progress_fields(metrics, row)
+
+    def summary(self, rollout) -> dict[str, Any]:
+        return {"reward_errors": rollout.reward_errors, "reward_error_samples": rollout.reward_error_samples}
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
