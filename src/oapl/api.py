@@ -1,0 +1,541 @@
+"""oapl's Python API, in the shape TRL users know.
+
+.. code-block:: python
+
+    from oapl import OAPLTrainer, OAPLConfig
+    from oapl.rewards import math_reward
+
+    trainer = OAPLTrainer(
+        model="Qwen/Qwen3-0.6B",                        # a name, a path, or a PreTrainedModel
+        reward_funcs=[math_reward],                     # callables or "module:function"
+        train_dataset=dataset,                          # datasets.Dataset, list of dicts, or a path
+        args=OAPLConfig(output_dir="runs/qwen", learning_rate=1e-6, num_generations=8),
+        callbacks=[print],                              # fn(row) for every metrics row
+    )
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model("models/qwen-oapl")
+
+:class:`OAPLTrainer` turns its arguments into one plain :class:`~oapl.config.TrainConfig` (in-memory
+data and rewards become markers, :mod:`oapl.data.memory`; a ``PreTrainedModel`` is saved once to a
+content-addressed folder under ``~/.cache/oapl``) and runs :func:`oapl.loop.train` with it: the same
+loop, engines, checkpoints and run directory as ``oapl train``.
+
+:func:`train` and :func:`load_config` are the same for a config written by hand or read from YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from oapl.config import ConfigError, TrainConfig
+from oapl.config import load_config as _load_config
+from oapl.errors import RunDirError, UserError
+from oapl.trl_config import OAPLConfig
+
+log = logging.getLogger("oapl")
+
+Callback = Callable[[dict[str, Any]], None]
+
+__all__ = ["OAPLTrainer", "OAPLConfig", "TrainOutput", "TrainerState", "train", "load_config"]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (optional) and ``key=value`` overrides, as ``oapl train``.
+
+    ``load_config("configs/arithmetic_cpu.yaml", ["optim.lr=2e-5", "steps=8"])``; errors are
+    :class:`~oapl.config.ConfigError` naming the field.
+    """
+    return _load_config(path, overrides)
+
+
+def train(config: TrainConfig | str | Path, resume: bool = False, overwrite: bool = False,
+          callbacks: Iterable[Callback] | None = None):
+    """Run one training job, as ``oapl train``: OAPL (or GRPO) online, or offline on stored rollouts.
+
+    ``config`` is a :class:`TrainConfig` / :class:`OAPLConfig` or a YAML path. ``resume`` continues
+    the run in ``output_dir`` from its latest checkpoint; ``overwrite`` replaces it (a non-empty
+    ``output_dir`` is refused otherwise). Each ``callbacks`` function receives every metrics row (a
+    dict: ``step``, ``loss``, ``reward_mean``, ..., or ``eval/pass@1`` rows) as it is logged.
+    Returns the run's :class:`~oapl.loop.RunResult` (``output_dir``, ``steps``, ``eval_before``,
+    ``eval_after``, ``last_metrics``).
+    """
+    _refuse_in_worker_bootstrap("oapl.train()")
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"oapl.train: config must be a TrainConfig, an OAPLConfig or a YAML path, not "
+                        f"{type(config).__name__}")
+    if isinstance(config, OAPLConfig):
+        overwrite = overwrite or config.overwrite_output_dir
+        config = _resolve_epochs(config, None)
+    return _run(config, resume=resume, overwrite=overwrite, callbacks=_check_callbacks(callbacks),
+                how_to=("resume=True", "overwrite=True"))
+
+
+class TrainOutput(NamedTuple):
+    """What :meth:`OAPLTrainer.train` returns (TRL's ``TrainOutput``)."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrainerState:
+    """``trainer.state``: the step reached and every metrics row logged (TRL's ``log_history``)."""
+
+    global_step: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class OAPLTrainer:
+    """Train a model with OAPL (or the GRPO baseline, ``OAPLConfig(algorithm="grpo")``), TRL-style.
+
+    Args:
+        model: a Hub name, a local path, ``embedded:smollm2-135m-instruct``, or a transformers
+            ``PreTrainedModel`` (saved once under ``~/.cache/oapl/in-memory`` so the trainer and the
+            engine can load it). ``None``: ``args.model.name``.
+        reward_funcs: a reward or a list of them: callables ``fn(prompts, completions, **columns) ->
+            list[float]`` (TRL's convention: every other dataset column arrives as a list; ``None``
+            means "does not apply") or ``"module:function"`` strings. ``None``: the task's own reward
+            (the built-in tasks); required with a ``train_dataset`` of the default task.
+        args: an :class:`OAPLConfig` (TRL names or oapl's nested fields) or a ``TrainConfig``.
+        train_dataset: a ``datasets.Dataset``, a list of dicts, or a path/Hub name, with a ``prompt``
+            column: a string, or TRL's conversational list of messages. ``None``: the task in ``args``
+            (by default the built-in arithmetic task).
+        eval_dataset: held-out prompts, the same kinds; evaluated before and after training and every
+            ``eval_steps`` (greedy pass@1 by default).
+        processing_class: the tokenizer (object or name/path), when not the model's own.
+        callbacks: functions ``fn(row: dict)`` called with every metrics row as it is logged.
+        peft_config: a ``peft.LoraConfig``: train LoRA adapters (``model.lora``).
+        reward_weights: weights of ``reward_funcs`` (also ``OAPLConfig(reward_weights=...)``).
+    """
+
+    def __init__(self, model: Any = None, reward_funcs: Any = None, args: TrainConfig | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None, *,
+                 callbacks: Iterable[Callback] | None = None, peft_config: Any = None,
+                 reward_weights: list[float] | None = None) -> None:
+        _refuse_in_worker_bootstrap("OAPLTrainer()")
+        from oapl.data import memory
+
+        if args is None:
+            args = OAPLConfig()
+        if not isinstance(args, TrainConfig):
+            raise TypeError(f"OAPLTrainer: args must be an OAPLConfig (or TrainConfig), not {type(args).__name__}; "
+                            "a TRL GRPOConfig converts with OAPLConfig(**{k: v for k, v in vars(cfg).items() "
+                            "if k in oapl.trl_config.TRL_FIELDS})")
+        extras = ({"num_train_epochs": args.num_train_epochs, "overwrite_output_dir": args.overwrite_output_dir}
+                  if isinstance(args, OAPLConfig) else {})
+        tree = args.model_dump(mode="json", exclude={"num_train_epochs", "overwrite_output_dir"})
+        if "steps" not in args.model_fields_set:
+            del tree["steps"]  # unset: num_train_epochs (if given) decides
+        m, task = tree["model"], tree["task"]
+        # -- model and tokenizer --------------------------------------------------------------------
+        if model is not None:
+            m["name"] = _model_source(model, processing_class)
+        if processing_class is not None:
+            m["tokenizer"] = (str(processing_class) if isinstance(processing_class, (str, os.PathLike))
+                              else m["name"] if not isinstance(model, (str, os.PathLike, type(None)))
+                              else _save_tokenizer(processing_class))
+        if peft_config is not None:
+            m["lora"] = _lora_fields(peft_config)
+        # -- data ------------------------------------------------------------------------------------
+        self._train_rows: int | None = None
+        if train_dataset is not None:
+            if task["name"] == "arithmetic":
+                task["name"] = "dataset"
+            task["dataset"] = self._source(train_dataset, "train_dataset")
+            if task["name"] == "code" and memory.is_marker(task["dataset"]):
+                raise UserError("train_dataset: task.name='code' reads DeepCoder-format data from a file or the Hub; "
+                                "for rows in memory keep the default task and pass reward_funcs=[oapl.rewards."
+                                "code_reward] with a 'tests' column")
+        if eval_dataset is not None:
+            if isinstance(eval_dataset, dict):
+                raise UserError("eval_dataset: one held-out dataset (a dict of several is not supported)")
+            if task["name"] == "arithmetic":
+                raise UserError("eval_dataset: the built-in arithmetic task has its own held-out split; pass a "
+                                "train_dataset too, or set task.num_eval")
+            task["eval_dataset"] = self._source(eval_dataset, "eval_dataset")
+            task["eval_benchmarks"] = []
+        # -- rewards ---------------------------------------------------------------------------------
+        if reward_funcs is not None:
+            funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+            if not funcs:
+                raise UserError("reward_funcs: an empty list; give at least one reward function")
+            task["reward"] = [memory.reward_spec(fn, f"reward_funcs[{i}]") for i, fn in enumerate(funcs)]
+        elif task["name"] == "dataset" and not task.get("reward"):
+            raise UserError("reward_funcs: required with a train_dataset: oapl.rewards.math_reward, "
+                            "oapl.rewards.code_reward, or your own fn(prompts, completions, **columns) -> list[float]")
+        if reward_weights is not None:
+            weights = [float(w) for w in reward_weights]
+            if task.get("reward_weights") not in (None, weights):
+                raise UserError(f"reward_weights={weights} and args.reward_weights={task['reward_weights']} differ; "
+                                "give one")
+            task["reward_weights"] = weights
+        try:
+            self.args = OAPLConfig(**tree, **extras)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("(in OAPLConfig)", "(in OAPLTrainer)")) from None
+        self.config = _resolve_epochs(self.args, self._train_rows)
+        self.callbacks = _check_callbacks(callbacks)
+        self.state = TrainerState()
+        self._result = None
+        from oapl.preflight import check_config
+
+        check_config(self.config)  # a wrong model or dataset name fails now, naming its field
+
+    def _source(self, data: Any, role: str) -> str:
+        from oapl.data import memory
+
+        if isinstance(data, (str, os.PathLike)):
+            return os.fspath(data)
+        marker = memory.register_rows(data, role)
+        if role == "train_dataset":
+            self._train_rows = int(marker.split(":n=", 1)[1].split(":", 1)[0])
+        return marker
+
+    # -- TRL's methods ---------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
+        """Train; ``resume_from_checkpoint=True`` continues the run in ``output_dir`` from its latest checkpoint.
+
+        Returns ``TrainOutput(global_step, training_loss, metrics)``; ``metrics`` holds the held-out
+        results after training (``eval_pass@1``, ...) and ``train_runtime``.
+        """
+        resume = self._resume_flag(resume_from_checkpoint)
+
+        def record(row: dict[str, Any]) -> None:
+            self.state.log_history.append(dict(row))
+            if "loss" in row:
+                self.state.global_step = int(row.get("step", self.state.global_step))
+
+        result = _run(self.config, resume=resume, overwrite=self.args.overwrite_output_dir,
+                      callbacks=[record, *self.callbacks],
+                      how_to=("train(resume_from_checkpoint=True)", "OAPLConfig(overwrite_output_dir=True)"))
+        self._result = result
+        self.state.global_step = result.steps
+        losses = [r["loss"] for r in self.state.log_history if isinstance(r.get("loss"), (int, float))]
+        metrics: dict[str, float] = {}
+        last = result.last_metrics or {}
+        if "elapsed_s" in last:
+            metrics["train_runtime"] = float(last["elapsed_s"])
+        for k, v in (result.eval_after or {}).items():
+            metrics[f"eval_{k}"] = v
+        return TrainOutput(result.steps, sum(losses) / len(losses) if losses else float("nan"), metrics)
+
+    def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out results of the current model (the trained one after :meth:`train`), keys ``eval_pass@1``, ...
+
+        ``eval_dataset`` (the same kinds as the trainer's) replaces the trainer's held-out prompts. Right
+        after :meth:`train`, with no ``eval_dataset``, this is the evaluation the run made at its end.
+        """
+        cfg = self.config
+        if eval_dataset is None and self._result is not None and self._result.eval_after:
+            summary = dict(self._result.eval_after)
+        else:
+            if eval_dataset is not None:
+                tree = cfg.model_dump(mode="json")
+                tree["task"]["eval_dataset"] = self._source(eval_dataset, "eval_dataset")
+                tree["task"]["eval_benchmarks"] = []
+                if tree["task"]["name"] == "arithmetic":
+                    raise UserError("eval_dataset: the built-in arithmetic task has its own held-out split")
+                cfg = TrainConfig.model_validate(tree)
+            summary = _evaluate(cfg, self._model_dir() if self._result is not None else None)
+        return {f"{metric_key_prefix}_{k.removeprefix('eval_')}" if metric_key_prefix else k: v
+                for k, v in summary.items()}
+
+    def save_model(self, output_dir: str | Path | None = None) -> str:
+        """Save the model (the trained one after :meth:`train`) and its tokenizer as a Hugging Face folder.
+
+        Default folder: ``args.output_dir`` (as TRL). With LoRA the folder holds the merged model and
+        the adapter in ``adapter/``. Returns the folder.
+        """
+        target = Path(output_dir or self.config.output_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        if self._result is not None:
+            src = self._model_dir()
+            shutil.copytree(src, target, dirs_exist_ok=True)
+            adapter = src.parent / "adapter"
+            if adapter.is_dir():
+                shutil.copytree(adapter, target / "adapter", dirs_exist_ok=True)
+        else:
+            from oapl.trainer.model import resolve_model_path
+
+            path = resolve_model_path(self.config.model.name)
+            if Path(path).is_dir():
+                shutil.copytree(path, target, dirs_exist_ok=True)
+            else:  # a Hub name: download and save
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                trc = self.config.model.trust_remote_code
+                AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trc).save_pretrained(target)
+                AutoTokenizer.from_pretrained(self.config.model.tokenizer or path,
+                                              trust_remote_code=trc).save_pretrained(target)
+        log.info("model saved to %s", target)
+        return str(target)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _model_dir(self) -> Path:
+        from oapl.trainer.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.config.output_dir)
+        if ckpt is None or not (ckpt / "model").is_dir():
+            raise UserError(f"output_dir: {self.config.output_dir} holds no checkpoint of the trained model "
+                            "(checkpoint.save_final was false); train with checkpoint={'save_final': True}")
+        return ckpt / "model"
+
+    def _resume_flag(self, resume_from_checkpoint: bool | str | None) -> bool:
+        if resume_from_checkpoint is None or isinstance(resume_from_checkpoint, bool):
+            return bool(resume_from_checkpoint)
+        from oapl.trainer.checkpoint import latest_checkpoint
+
+        wanted = Path(resume_from_checkpoint).resolve()
+        run = Path(self.config.output_dir).resolve()
+        latest = latest_checkpoint(run)
+        if wanted == run or (latest is not None and wanted == latest.resolve()):
+            return True
+        raise UserError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: oapl continues a run from the latest "
+                        f"checkpoint in its output_dir ({latest or 'none in ' + str(run)}); pass True")
+
+
+# -- shared pieces ---------------------------------------------------------------------------------
+def _refuse_in_worker_bootstrap(what: str) -> None:
+    """Fail at once inside a worker process that re-imports an unguarded script (see oapl.rewards.math)."""
+    from oapl.rewards.math import GUARD_HINT, bootstrapping
+
+    if bootstrapping():
+        raise RuntimeError(f"{what} ran while this process was starting as a multiprocessing worker, which "
+                           f"re-imports the main script: {GUARD_HINT}")
+
+
+def _check_callbacks(callbacks: Iterable[Callback] | None) -> list[Callback]:
+    out = list(callbacks or [])
+    for i, cb in enumerate(out):
+        if not callable(cb):
+            hint = (" (a transformers TrainerCallback: oapl calls plain functions; wrap its on_log, e.g. "
+                    "lambda row: cb.on_log(None, None, None, logs=row))" if hasattr(cb, "on_log") else "")
+            raise UserError(f"callbacks[{i}]: {type(cb).__name__} is not callable; a callback is fn(row: dict), "
+                            f"called with every metrics row{hint}")
+    return out
+
+
+def _resolve_epochs(cfg: TrainConfig, train_rows: int | None) -> TrainConfig:
+    """The plain ``TrainConfig``; ``num_train_epochs`` (when ``max_steps`` is unset) becomes ``steps``."""
+    epochs = getattr(cfg, "num_train_epochs", None)
+    explicit_steps = "steps" in cfg.model_fields_set
+    plain = cfg.to_train_config() if isinstance(cfg, OAPLConfig) else cfg
+    if epochs is None or explicit_steps:
+        return plain
+    n = train_rows
+    if n is None:
+        from oapl.data.tasks import build_task
+
+        n = len(build_task(plain.task, plain.seed).train)
+    elif plain.task.max_prompts:
+        n = min(n, plain.task.max_prompts)
+    steps = max(1, math.ceil(epochs * n / plain.rollout.prompts_per_step))
+    log.info("num_train_epochs=%g over %d training prompts, %d per step: %d steps", epochs, n,
+             plain.rollout.prompts_per_step, steps)
+    tree = plain.model_dump(mode="json")
+    tree["steps"] = steps
+    return TrainConfig.model_validate(tree)
+
+
+def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Callback], how_to: tuple[str, str]):
+    from oapl import loop
+    from oapl.preflight import check_config
+    from oapl.rundir import check_run_dir
+
+    if resume and overwrite:
+        raise UserError(f"{how_to[0]} continues the run in output_dir and {how_to[1]} replaces it: pass one")
+    try:
+        check_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite)  # before any slow loading
+    except RunDirError as e:
+        if "is not empty" not in str(e):
+            raise
+        raise RunDirError(str(e).split("; pass", 1)[0] + f"; pass {how_to[0]} to continue that run, {how_to[1]} "
+                          "to replace it, or another output_dir") from None
+    if resume:
+        _check_resume(cfg)
+    check_config(cfg)
+    try:
+        return loop.train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks)
+    except RuntimeError as e:
+        # "the rollout worker failed" because of the user's reward or data: raise what to fix
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from e
+        raise
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """Resuming a run whose data or rewards came from Python: the same ones, or refuse saying which differs."""
+    import yaml
+
+    from oapl.data import memory
+
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if not saved.exists():
+        return
+    old_tree = yaml.safe_load(saved.read_text()) or {}
+    new_tree = cfg.model_dump(mode="json")
+    old, new = memory.in_memory_fields(old_tree), memory.in_memory_fields(new_tree)
+    for dotted in sorted(set(old) | set(new)):
+        before, now = old.get(dotted), new.get(dotted)
+        if before == now:
+            if memory.marker_kind(now) == "reward":
+                log.warning("resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
+                            "function as in the first run", now, dotted)
+            continue
+        before = before or _dotted_value(old_tree, dotted)
+        now = now or _dotted_value(new_tree, dotted)
+        raise UserError(f"{dotted}: resuming {cfg.output_dir} with other data or rewards than it was trained with "
+                        f"(was {before!r} in {saved}, now {now!r}); pass the same ones (rows are compared by "
+                        "content), or start a new run")
+    if old:
+        log.info("resuming with the same in-memory data and rewards: %s", ", ".join(sorted(old)))
+
+
+def _dotted_value(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.replace("]", "").replace("[", ".").split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:
+    """Generate on the held-out prompts of ``cfg`` with the model in ``model_dir`` (default: model.name)."""
+    from oapl.data.tasks import build_task
+    from oapl.engines.base import SamplingParams
+    from oapl.engines.factory import make_engine
+    from oapl.evaluation.heldout import evaluate
+    from oapl.trainer.model import load_tokenizer, resolve_model_path
+
+    task = build_task(cfg.task, cfg.seed)
+    if not task.eval:
+        raise UserError("eval_dataset: there are no held-out prompts to evaluate on; pass eval_dataset= (to "
+                        "evaluate() or OAPLTrainer)")
+    path = str(model_dir) if model_dir is not None else resolve_model_path(cfg.model.name)
+    tok_path = resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer and model_dir is None else path
+    tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
+    e = cfg.eval
+    params = SamplingParams(e.temperature, e.top_p, e.max_tokens or cfg.sampling.max_tokens,
+                            tuple(cfg.sampling.stop), n=e.n)
+    engine = make_engine(cfg, path, tokenizer)
+    try:
+        summary, _ = evaluate(engine, task, tokenizer, params)
+    finally:
+        engine.close()
+        close = getattr(task.reward_fn, "close", None)
+        if callable(close):
+            close()
+    return summary
+
+
+# -- models and tokenizers given as objects -----------------------------------------------------------
+def _store_dir() -> Path:
+    from oapl.trainer.model import cache_dir
+
+    root = cache_dir() / "in-memory"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _content_addressed(tmp: Path, label: str) -> str:
+    """Move the saved folder ``tmp`` to ``<cache>/in-memory/<label>-<sha256 of its files>``; return that path."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(tmp)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[-48:].strip("-.") or "model"
+    target = tmp.parent / f"{safe}-{h.hexdigest()[:16]}"
+    if target.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return str(target)
+
+
+def _model_source(model: Any, processing_class: Any) -> str:
+    """``model.name`` for a name/path, or the folder an in-memory ``PreTrainedModel`` is saved to."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
+        raise UserError("model: a PEFT model; pass the base model and peft_config=LoraConfig(...) (oapl adds "
+                        "the adapters itself)")
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise UserError(f"model: expected a model name, a path or a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
+    tokenizer = processing_class if processing_class is not None and not isinstance(processing_class, (str, os.PathLike)) \
+        else None
+    source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if tokenizer is None:
+        tok_name = os.fspath(processing_class) if processing_class is not None else source
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tok_name) if tok_name else None
+        except Exception as e:  # noqa: BLE001 - said below
+            raise UserError(f"processing_class: the tokenizer of the in-memory model ({tok_name!r}) cannot be "
+                            f"loaded ({type(e).__name__}); pass processing_class=<tokenizer>") from e
+        if tokenizer is None:
+            raise UserError("processing_class: required with an in-memory model that has no name_or_path")
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=_store_dir()))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        path = _content_addressed(tmp, Path(str(source)).name or type(model).__name__)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("in-memory model saved to %s (model.name)", path)
+    return path
+
+
+def _save_tokenizer(tokenizer: Any) -> str:
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise UserError(f"processing_class: expected a tokenizer or its name/path, got {type(tokenizer).__name__}")
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=_store_dir()))
+    try:
+        tokenizer.save_pretrained(tmp)
+        return _content_addressed(tmp, "tokenizer-" + Path(str(getattr(tokenizer, "name_or_path", ""))).name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _lora_fields(peft_config: Any) -> dict[str, Any]:
+    """``model.lora`` from a ``peft.LoraConfig``; options oapl does not implement are refused."""
+    if type(peft_config).__name__ != "LoraConfig":
+        raise UserError(f"peft_config: {type(peft_config).__name__} is not supported; oapl trains LoRA adapters "
+                        "(peft.LoraConfig)")
+    unsupported = {k: getattr(peft_config, k, None) for k in ("modules_to_save", "use_dora", "use_rslora")
+                   if getattr(peft_config, k, None)}
+    if getattr(peft_config, "bias", "none") != "none":
+        unsupported["bias"] = peft_config.bias
+    if unsupported:
+        raise UserError(f"peft_config: {unsupported} not supported (oapl's LoRA: r, lora_alpha, lora_dropout, "
+                        "target_modules)")
+    targets = peft_config.target_modules
+    if targets is None:
+        targets = "all-linear"
+    elif not isinstance(targets, str):
+        targets = sorted(targets)
+    return {"enabled": True, "r": int(peft_config.r), "alpha": int(peft_config.lora_alpha),
+            "dropout": float(peft_config.lora_dropout), "target_modules": targets}
+

@@ -1,0 +1,496 @@
+"""``OAPLConfig``: oapl's :class:`~oapl.config.TrainConfig`, also spoken in TRL's ``GRPOConfig`` names.
+
+``OAPLConfig(learning_rate=1e-5, num_generations=8, max_completion_length=256, ...)`` sets the same
+nested fields as ``TrainConfig(optim={"lr": 1e-5}, rollout={"group_size": 8}, ...)``. Where TRL has
+the same concept the TRL name is accepted (:data:`TRL_FIELDS`, the table in
+docs/coming-from-trl.md is generated from it); every oapl field is also accepted nested
+(``optim={"lr": 1e-5}``) or dotted (``**{"algorithm.beta2": 1e-3}``). A TRL name whose value
+would change what oapl cannot do is refused with the reason (``beta=0.04``: oapl has no frozen
+reference model); at the value that means what oapl does anyway (``beta=0.0``) it is accepted. Any
+other name is refused with the nearest valid name.
+
+The result is a ``TrainConfig`` (a subclass): ``oapl.train`` and the CLI's ``config.yaml`` see only
+the nested fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from oapl.config import ConfigError, TrainConfig, _format_errors
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class TRLField:
+    """A TRL ``GRPOConfig`` (or ``AsyncGRPOConfig``) name and where it goes in oapl."""
+
+    name: str
+    target: str  # the oapl field(s), for the docs and error messages
+    note: str = ""
+
+
+#: Accepted TRL names, in the order of the docs table.
+TRL_FIELDS: dict[str, TRLField] = {f.name: f for f in [
+    TRLField("output_dir", "output_dir", "The run directory; a non-empty one is refused unless resuming "
+             "or `overwrite_output_dir=True`."),
+    TRLField("overwrite_output_dir", "(`oapl train --overwrite`)", "Replace the run in a non-empty `output_dir`."),
+    TRLField("seed", "seed"),
+    TRLField("max_steps", "steps", "Trainer steps (one optimiser step per batch, or `algorithm.mini_batches`)."),
+    TRLField("num_train_epochs", "steps", "`ceil(epochs x training prompts / prompts per step)`, counted by "
+             "`OAPLTrainer`; `max_steps` wins when both are set, as in TRL."),
+    TRLField("learning_rate", "optim.lr"),
+    TRLField("lr_scheduler_type", "optim.schedule", "`constant`, `constant_with_warmup` -> constant; `cosine`, "
+             "`cosine_with_min_lr` -> cosine. TRL's default `linear` has no oapl equivalent."),
+    TRLField("warmup_steps", "optim.warmup_steps", "A float in [0, 1) is a ratio: `optim.warmup_ratio`."),
+    TRLField("warmup_ratio", "optim.warmup_ratio"),
+    TRLField("weight_decay", "optim.weight_decay"),
+    TRLField("adam_beta1", "optim.betas[0]"),
+    TRLField("adam_beta2", "optim.betas[1]", "oapl's default is 0.95 (TRL: 0.999)."),
+    TRLField("adam_epsilon", "optim.eps"),
+    TRLField("max_grad_norm", "optim.max_grad_norm", "0 = no clipping."),
+    TRLField("per_device_train_batch_size", "optim.micro_batch_size, rollout.prompts_per_step",
+             "Completions per forward/backward. Completions per step = this x `gradient_accumulation_steps` "
+             "(must be a multiple of `num_generations`), so prompts per step = that / `num_generations`."),
+    TRLField("gradient_accumulation_steps", "rollout.prompts_per_step", "See `per_device_train_batch_size`."),
+    TRLField("generation_batch_size", "rollout.prompts_per_generate", "Completions per engine call / "
+             "`num_generations`."),
+    TRLField("num_generations", "rollout.group_size", "G, responses per prompt."),
+    TRLField("num_generations_eval", "eval.n", "Samples per held-out prompt (pass@k up to k = n)."),
+    TRLField("max_completion_length", "sampling.max_tokens"),
+    TRLField("temperature", "sampling.temperature"),
+    TRLField("top_p", "sampling.top_p", "Must stay 1.0 for OAPL (the trainer scores the full distribution)."),
+    TRLField("use_vllm", "engine.kind", "true -> vllm, false -> transformers (oapl's default `auto` uses vLLM "
+             "when installed)."),
+    TRLField("vllm_gpu_memory_utilization", "engine.gpu_memory_utilization"),
+    TRLField("vllm_max_model_length", "engine.max_model_len"),
+    TRLField("vllm_enable_sleep_mode", "engine.enable_sleep_mode", "Needs `rollout.asynchronous=false`."),
+    TRLField("weight_sync_steps", "rollout.sync_interval", "`AsyncGRPOConfig`'s name for L, the trainer steps "
+             "between weight syncs (the policy lag)."),
+    TRLField("max_staleness", "rollout.max_staleness", "`AsyncGRPOConfig`; must be 0 for OAPL (the buffer is "
+             "cleared at every sync), 1 gives GRPO's off-by-one asynchrony."),
+    TRLField("epsilon", "algorithm.clip_eps", "GRPO baseline only (OAPL has no clipping)."),
+    TRLField("scale_rewards", "algorithm.scale_advantages", "`group`/true -> true, `none`/false -> false (GRPO)."),
+    TRLField("vllm_importance_sampling_correction", "algorithm.is_cap", "false -> null (no correction; GRPO)."),
+    TRLField("vllm_importance_sampling_cap", "algorithm.is_cap", "The truncated-IS cap C (GRPO)."),
+    TRLField("reward_weights", "task.reward_weights"),
+    TRLField("eval_strategy", "eval.every, eval.at_start, eval.at_end", "`no` -> no held-out evaluation; "
+             "`steps` -> every `eval_steps`. oapl also evaluates before and after training by default."),
+    TRLField("eval_steps", "eval.every", "A float in [0, 1) is a share of `max_steps`."),
+    TRLField("eval_on_start", "eval.at_start"),
+    TRLField("save_strategy", "checkpoint.every", "`no` -> only the final checkpoint (which `save_model` and "
+             "`evaluate` read); `steps` -> every `save_steps`."),
+    TRLField("save_steps", "checkpoint.every", "A float in [0, 1) is a share of `max_steps`."),
+    TRLField("save_total_limit", "checkpoint.keep"),
+    TRLField("logging_steps", "logging.log_samples_every", "Every step's metrics row is written to "
+             "metrics.jsonl and passed to the callbacks regardless; with `log_completions` this sets how often "
+             "sample completions are written (samples.jsonl)."),
+    TRLField("log_completions", "logging.log_samples_every", "true -> every `logging_steps` (default 1), "
+             "false -> never."),
+    TRLField("report_to", "logging.tensorboard, logging.wandb", "`none`, `tensorboard`, `wandb`, `all`, or a list."),
+    TRLField("disable_tqdm", "logging.progress"),
+    TRLField("gradient_checkpointing", "model.gradient_checkpointing", "oapl's default is false (TRL: true)."),
+    TRLField("bf16", "model.compute_dtype", "true -> bfloat16 (over fp32 master weights), false -> float32."),
+    TRLField("torch_compile", "model.compile"),
+    TRLField("use_liger_kernel", "model.liger"),
+    TRLField("trust_remote_code", "model.trust_remote_code"),
+    TRLField("use_cpu", "model.device", "true -> cpu."),
+]}
+
+#: TRL names oapl accepts only at the value(s) that mean what oapl does anyway: (values, reason).
+TRL_NOOP: dict[str, tuple[tuple[Any, ...], str]] = {
+    "beta": ((0, 0.0, None), "TRL's KL penalty towards a frozen reference model; oapl has no reference model "
+             "(OAPL's KL is towards the lagged inference policy, algorithm.beta2, another quantity)"),
+    "num_iterations": ((1,), "every batch is used once; algorithm.mini_batches splits it into optimiser steps"),
+    "steps_per_generation": ((None,), "the engine generates asynchronously into a buffer; weight_sync_steps "
+                             "(rollout.sync_interval) sets how many steps use one engine version"),
+    "top_k": ((0, None, -1), "OAPL needs the log-probs of the distribution the engine sampled from: only "
+              "temperature (and top_p=1) are supported"),
+    "min_p": ((None, 0, 0.0), "only temperature (and top_p=1) are supported"),
+    "repetition_penalty": ((1, 1.0), "only temperature (and top_p=1) are supported"),
+    "generation_kwargs": ((None,), "only temperature (and top_p=1) are supported"),
+    "remove_unused_columns": ((False,), "oapl passes every dataset column to the reward functions"),
+    "shuffle_dataset": ((True,), "oapl always samples prompts in a seeded shuffled order"),
+    "mask_truncated_completions": ((False,), "truncated completions are trained on with their reward"),
+    "disable_dropout": ((False,), "oapl trains with the model's own dropout setting (0 for most LLMs)"),
+    "fp16": ((False, None), "use bf16=True (bfloat16 compute over fp32 master weights)"),
+    "vllm_mode": (("colocate",), "oapl runs its engines itself: in this process (distributed.backend=local) "
+                  "or as Ray actors (distributed.backend=ray); there is no vLLM server mode"),
+    "loss_type": ((), "oapl's objective is algorithm='oapl' (squared regression to V*, the default) or "
+                  "algorithm='grpo' (PPO clip with truncated importance sampling, the baseline)"),
+    "max_prompt_length": ((None,), "oapl never truncates a prompt; one that does not fit engine.max_model_len "
+                          "is refused, naming its row"),
+    "per_device_eval_batch_size": ((), "held-out prompts are generated in batches of engine.max_batch_size "
+                                   "sequences (transformers engine) or all at once (vLLM)"),
+}
+
+_EXTRA = ("num_train_epochs", "overwrite_output_dir")  # OAPLConfig's own fields (not written to config.yaml)
+
+
+def _leaf_fields(cls: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    out = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_leaf_fields(ann, f"{prefix}{name}."))
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _trl_argument_names() -> set[str]:
+    """Names of TRL's GRPOConfig / transformers' TrainingArguments (only when a name is unknown: slow import)."""
+    import dataclasses
+
+    names: set[str] = set()
+    for mod, cls in (("trl", "GRPOConfig"), ("transformers", "TrainingArguments")):
+        try:
+            import importlib
+
+            names |= {f.name for f in dataclasses.fields(getattr(importlib.import_module(mod), cls))}
+        except Exception:  # noqa: BLE001 - not installed / not importable: no such hint
+            continue
+    return names
+
+
+def suggest(name: str) -> str:
+    """``did you mean ...`` for an unknown ``OAPLConfig`` name (TRL names, oapl fields, dotted fields)."""
+    leaves = _leaf_fields()
+    by_leaf: dict[str, list[str]] = {}
+    for dotted in leaves:
+        by_leaf.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
+    trl_for = {f.target: f.name for f in TRL_FIELDS.values()}
+    if name in by_leaf:  # an oapl field given without its section: lr, group_size, beta2
+        dotted = by_leaf[name][0]
+        trl = trl_for.get(dotted)
+        return f"did you mean {trl!r} ({dotted})?" if trl else f"did you mean {dotted!r}?"
+    candidates = list(TRL_FIELDS) + list(TrainConfig.model_fields) + leaves + list(by_leaf)
+    near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if not near:
+        return ""
+    hit = near[0]
+    if hit in by_leaf and hit not in TRL_FIELDS and hit not in TrainConfig.model_fields:
+        hit = by_leaf[hit][0]
+    return f"did you mean {hit!r}?"
+
+
+def _unknown(name: str) -> ValueError:
+    if name in _trl_argument_names():
+        what, hint = "a TRL/transformers training argument with no oapl equivalent", ""
+    else:
+        what, hint = "an unknown field", suggest(name)
+    return ValueError(f"{name!r} is {what}" + (f"; {hint}" if hint else "") +
+                      " (oapl fields go nested, optim={'lr': 1e-5}, or dotted, **{'optim.lr': 1e-5}; "
+                      "the TRL names oapl maps are in docs/coming-from-trl.md)")
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """``value`` is ``allowed`` (``False`` is not ``0``; ``0`` is ``0.0``)."""
+    if value is allowed:
+        return True
+    if isinstance(value, bool) or isinstance(allowed, bool) or value is None or allowed is None:
+        return False
+    return value == allowed
+
+
+def _get(tree: dict, dotted: str, default: Any = _MISSING) -> Any:
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _set(tree: dict, dotted: str, value: Any, source: str, sources: dict[str, str]) -> None:
+    """Set ``dotted``; a different value set by another name (or given nested) is a conflict."""
+    current = _get(tree, dotted)
+    if current is not _MISSING and current != value:
+        other = sources.get(dotted, dotted)
+        raise ValueError(f"{source}={value!r} and {other} (={current!r}) both set {dotted}; give one")
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{key} is not a section (setting {dotted})")
+        node = child
+    node[keys[-1]] = value
+    sources.setdefault(dotted, source)
+
+
+def _default(dotted: str) -> Any:
+    node: Any = TrainConfig
+    parts = dotted.split(".")
+    for key in parts[:-1]:
+        node = node.model_fields[key].annotation
+    return node.model_fields[parts[-1]].get_default(call_default_factory=True)
+
+
+def _value(tree: dict, dotted: str) -> Any:
+    got = _get(tree, dotted)
+    return _default(dotted) if got is _MISSING else got
+
+
+def _int(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r})")
+    return int(value)
+
+
+def _steps_or_share(name: str, value: Any, tree: dict, given: dict) -> int:
+    """An interval in steps; a float in (0, 1) is a share of the run (TRL/transformers), needing max_steps."""
+    if isinstance(value, float) and 0 < value < 1:
+        steps = _get(tree, "steps")
+        if steps is _MISSING:
+            if given.get("num_train_epochs") is not None:
+                raise ValueError(f"{name}={value} is a share of the run, which is only known once "
+                                 f"num_train_epochs is counted; give max_steps, or {name} in steps")
+            steps = _default("steps")
+        return max(1, math.ceil(value * steps))
+    return _int(name, value)
+
+
+def _translate(data: dict[str, Any]) -> dict[str, Any]:
+    """The nested ``TrainConfig`` tree for ``OAPLConfig`` keyword arguments (TRL names, nested, dotted)."""
+    tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    given: dict[str, Any] = {}
+    leaves = set(_leaf_fields())
+    for key, value in data.items():
+        if key in TrainConfig.model_fields or key in _EXTRA:
+            if isinstance(value, BaseModel):
+                value = value.model_dump(exclude_unset=True)
+            if key == "algorithm" and isinstance(value, str):  # OAPLConfig(algorithm="grpo")
+                value = {"name": value}
+            if isinstance(value, dict) and isinstance(tree.get(key), dict):
+                for k, v in value.items():
+                    _set(tree, f"{key}.{k}", copy.deepcopy(v), f"{key}.{k}", sources)
+            else:
+                tree[key] = copy.deepcopy(value)
+                sources[key] = key
+        elif "." in key:
+            if key not in leaves and not any(d.startswith(key + ".") for d in leaves):
+                raise _unknown(key)
+            _set(tree, key, value, key, sources)
+        elif key in TRL_FIELDS:
+            given[key] = value
+        elif key in TRL_NOOP:
+            values, reason = TRL_NOOP[key]
+            if not any(_same(value, v) for v in values):
+                raise ValueError(f"{key}={value!r} is not supported: {reason}")
+        else:
+            raise _unknown(key)
+
+    def put(dotted: str, value: Any, source: str) -> None:
+        _set(tree, dotted, value, source, sources)
+
+    simple = {
+        "learning_rate": "optim.lr", "warmup_ratio": "optim.warmup_ratio",
+        "weight_decay": "optim.weight_decay", "adam_epsilon": "optim.eps", "num_generations": "rollout.group_size",
+        "num_generations_eval": "eval.n", "max_completion_length": "sampling.max_tokens",
+        "temperature": "sampling.temperature", "top_p": "sampling.top_p",
+        "vllm_gpu_memory_utilization": "engine.gpu_memory_utilization",
+        "vllm_max_model_length": "engine.max_model_len", "vllm_enable_sleep_mode": "engine.enable_sleep_mode",
+        "weight_sync_steps": "rollout.sync_interval", "max_staleness": "rollout.max_staleness",
+        "epsilon": "algorithm.clip_eps", "vllm_importance_sampling_cap": "algorithm.is_cap",
+        "reward_weights": "task.reward_weights", "eval_on_start": "eval.at_start",
+        "save_total_limit": "checkpoint.keep", "gradient_checkpointing": "model.gradient_checkpointing",
+        "torch_compile": "model.compile", "use_liger_kernel": "model.liger",
+        "trust_remote_code": "model.trust_remote_code",
+    }
+    for name, dotted in simple.items():
+        if name in given and not (name in ("save_total_limit", "num_generations_eval") and given[name] is None):
+            put(dotted, given[name], name)
+    # -- steps -----------------------------------------------------------------------------------
+    max_steps = given.get("max_steps")
+    if max_steps is not None and max_steps != -1:  # TRL's -1: "use num_train_epochs"
+        put("steps", _int("max_steps", max_steps, 1), "max_steps")
+    # -- optimiser -------------------------------------------------------------------------------
+    if "lr_scheduler_type" in given:
+        kind = str(getattr(given["lr_scheduler_type"], "value", given["lr_scheduler_type"]))
+        schedules = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine",
+                     "cosine_with_min_lr": "cosine"}
+        if kind not in schedules:
+            raise ValueError(f"lr_scheduler_type={kind!r} is not supported: oapl has constant "
+                             f"(constant, constant_with_warmup) and cosine (cosine, cosine_with_min_lr) schedules")
+        put("optim.schedule", schedules[kind], "lr_scheduler_type")
+    if "warmup_steps" in given:
+        w = given["warmup_steps"]
+        if isinstance(w, float) and 0 < w < 1:
+            put("optim.warmup_ratio", w, "warmup_steps")
+        else:
+            put("optim.warmup_steps", _int("warmup_steps", w), "warmup_steps")
+    if "adam_beta1" in given or "adam_beta2" in given:
+        b1, b2 = _value(tree, "optim.betas")
+        put("optim.betas", (float(given.get("adam_beta1", b1)), float(given.get("adam_beta2", b2))),
+            "adam_beta1/adam_beta2")
+    if "max_grad_norm" in given:
+        g = given["max_grad_norm"]
+        put("optim.max_grad_norm", None if g in (None, 0, 0.0) else g, "max_grad_norm")
+    # -- batch -----------------------------------------------------------------------------------
+    group = _value(tree, "rollout.group_size")
+    if "per_device_train_batch_size" in given or "gradient_accumulation_steps" in given:
+        per_device = _int("per_device_train_batch_size",
+                          given.get("per_device_train_batch_size", _value(tree, "optim.micro_batch_size")), 1)
+        accumulation = _int("gradient_accumulation_steps", given.get("gradient_accumulation_steps", 1), 1)
+        total = per_device * accumulation
+        if total % group:
+            raise ValueError(
+                f"OAPLConfig: per_device_train_batch_size x gradient_accumulation_steps = {per_device} x "
+                f"{accumulation} = {total} completions per step is not a multiple of num_generations = {group}: "
+                "a step takes whole groups of responses to one prompt (TRL requires the same)")
+        put("rollout.prompts_per_step", total // group, "per_device_train_batch_size x gradient_accumulation_steps")
+        if "per_device_train_batch_size" in given:
+            put("optim.micro_batch_size", per_device, "per_device_train_batch_size")
+    if given.get("generation_batch_size") is not None:
+        gen = _int("generation_batch_size", given["generation_batch_size"], 1)
+        if gen % group:
+            raise ValueError(f"generation_batch_size={gen} is not a multiple of num_generations = "
+                             f"{group} (the engine generates whole groups)")
+        put("rollout.prompts_per_generate", gen // group, "generation_batch_size")
+    # -- engine ----------------------------------------------------------------------------------
+    if "use_vllm" in given:
+        put("engine.kind", "vllm" if given["use_vllm"] else "transformers", "use_vllm")
+    if given.get("use_cpu"):
+        put("model.device", "cpu", "use_cpu")
+    if "bf16" in given and given["bf16"] is not None:
+        put("model.compute_dtype", "bfloat16" if given["bf16"] else "float32", "bf16")
+    # -- algorithm -------------------------------------------------------------------------------
+    if "scale_rewards" in given:
+        s = given["scale_rewards"]
+        if s in (True, "group"):
+            put("algorithm.scale_advantages", True, "scale_rewards")
+        elif s in (False, "none", None):
+            put("algorithm.scale_advantages", False, "scale_rewards")
+        else:
+            raise ValueError(f"scale_rewards={s!r} is not supported: advantages are scaled by their "
+                             "group's std ('group'/True) or not at all ('none'/False)")
+    if "vllm_importance_sampling_correction" in given and not given["vllm_importance_sampling_correction"]:
+        put("algorithm.is_cap", None, "vllm_importance_sampling_correction")
+    # -- evaluation, checkpoints, logging --------------------------------------------------------
+    strategy = given.get("eval_strategy")
+    strategy = None if strategy is None else str(getattr(strategy, "value", strategy))
+    if strategy == "no":
+        put("eval.every", 0, "eval_strategy")
+        if "eval_on_start" not in given:
+            put("eval.at_start", False, "eval_strategy")
+        put("eval.at_end", False, "eval_strategy")
+    elif strategy not in (None, "steps"):
+        raise ValueError(f"eval_strategy={strategy!r} is not supported: use 'steps' (with "
+                         "eval_steps) or 'no'; oapl has no epochs of a fixed dataset")
+    every = given.get("eval_steps")
+    if every is None and strategy == "steps":
+        every = given.get("logging_steps")  # transformers: eval_steps defaults to logging_steps
+    if every is not None and strategy != "no":
+        put("eval.every", _steps_or_share("eval_steps", every, tree, given), "eval_steps")
+    strategy = given.get("save_strategy")
+    strategy = None if strategy is None else str(getattr(strategy, "value", strategy))
+    if strategy == "no":
+        put("checkpoint.every", 0, "save_strategy")
+    elif strategy not in (None, "steps"):
+        raise ValueError(f"save_strategy={strategy!r} is not supported: use 'steps' (with "
+                         "save_steps) or 'no'")
+    if given.get("save_steps") is not None and strategy != "no":
+        put("checkpoint.every", _steps_or_share("save_steps", given["save_steps"], tree, given), "save_steps")
+    if "log_completions" in given or "logging_steps" in given:
+        every = given.get("logging_steps")
+        every = 1 if every is None else _steps_or_share("logging_steps", every, tree, given)
+        put("logging.log_samples_every", every if given.get("log_completions", True) else 0,
+            "log_completions" if "log_completions" in given else "logging_steps")
+    if "report_to" in given:
+        report = given["report_to"]
+        names = [] if report in (None, "none") else [report] if isinstance(report, str) else list(report)
+        if "all" in names:
+            names = ["tensorboard", "wandb"]
+        unknown = [n for n in names if n not in ("tensorboard", "wandb", "none")]
+        if unknown:
+            raise ValueError(f"report_to={report!r}: oapl reports to tensorboard and wandb (and "
+                             f"always metrics.jsonl), not {', '.join(map(repr, unknown))}")
+        put("logging.tensorboard", "tensorboard" in names, "report_to")
+        put("logging.wandb", "wandb" in names, "report_to")
+    if "disable_tqdm" in given and given["disable_tqdm"] is not None:
+        put("logging.progress", not given["disable_tqdm"], "disable_tqdm")
+    return tree
+
+
+def _rename(message: str, data: dict[str, Any]) -> str:
+    """Name the TRL argument the user gave next to the oapl field an error is about."""
+    for name in data:
+        field = TRL_FIELDS.get(name)
+        if field is None:
+            continue
+        for target in field.target.replace("[0]", "").replace("[1]", "").split(", "):
+            if f"{target}:" in message and f"({name})" not in message:
+                message = message.replace(f"{target}:", f"{name} ({target}):", 1)
+    return message
+
+
+class OAPLConfig(TrainConfig):
+    """oapl's configuration with TRL's ``GRPOConfig`` names (see the module docstring).
+
+    ``OAPLConfig(output_dir="runs/x", learning_rate=1e-5, num_generations=8, max_steps=100)`` is
+    ``TrainConfig`` with ``optim.lr``, ``rollout.group_size`` and ``steps`` set. Read the nested fields
+    (``cfg.optim.lr``) or the TRL names (``cfg.learning_rate``).
+    """
+
+    num_train_epochs: float | None = Field(None, gt=0, exclude=True, description=(
+        "Passes over the training prompts; OAPLTrainer turns it into steps (max_steps wins)."))
+    overwrite_output_dir: bool = Field(False, exclude=True, description=(
+        "Replace the run in a non-empty output_dir (oapl train --overwrite)."))
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(_rename(_format_errors(e, "OAPLConfig"), data)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_names(cls, data: Any) -> Any:
+        return _translate(dict(data)) if isinstance(data, dict) else data
+
+    def to_train_config(self) -> TrainConfig:
+        """The plain :class:`TrainConfig` (what is written to ``config.yaml``)."""
+        return TrainConfig.model_validate(self.model_dump(mode="json"))
+
+    # TRL names, read (and set) on the nested fields
+    learning_rate = property(lambda self: self.optim.lr, lambda self, v: setattr(self.optim, "lr", v))
+    num_generations = property(lambda self: self.rollout.group_size,
+                               lambda self, v: setattr(self.rollout, "group_size", v))
+    max_completion_length = property(lambda self: self.sampling.max_tokens,
+                                     lambda self, v: setattr(self.sampling, "max_tokens", v))
+    temperature = property(lambda self: self.sampling.temperature,
+                           lambda self, v: setattr(self.sampling, "temperature", v))
+    top_p = property(lambda self: self.sampling.top_p, lambda self, v: setattr(self.sampling, "top_p", v))
+    max_steps = property(lambda self: self.steps, lambda self, v: setattr(self, "steps", v))
+    weight_sync_steps = property(lambda self: self.rollout.sync_interval,
+                                 lambda self, v: setattr(self.rollout, "sync_interval", v))
+    per_device_train_batch_size = property(lambda self: self.optim.micro_batch_size)
+    gradient_accumulation_steps = property(
+        lambda self: max(1, self.rollout.prompts_per_step * self.rollout.group_size // self.optim.micro_batch_size))
+    reward_weights = property(lambda self: self.task.reward_weights,
+                              lambda self, v: setattr(self.task, "reward_weights", v))
+
+
+def docs_table() -> str:
+    """The markdown table "TRL GRPOConfig field -> oapl field" (docs/coming-from-trl.md)."""
+    lines = ["| TRL `GRPOConfig` field | oapl field | notes |", "|---|---|---|"]
+    for f in TRL_FIELDS.values():
+        target = ", ".join(f"`{t}`" if not t.startswith("(") else t for t in f.target.split(", "))
+        lines.append(f"| `{f.name}` | {target} | {f.note} |")
+    for name, (values, reason) in TRL_NOOP.items():
+        ok = ", ".join(f"`{v!r}`" for v in values)
+        accepted = f"accepted only as {ok}: " if values else "not supported: "
+        lines.append(f"| `{name}` | — | {accepted}{reason} |")
+    return "\n".join(lines)
+
+
+__all__ = ["OAPLConfig", "TRL_FIELDS", "TRL_NOOP", "docs_table", "suggest"]
