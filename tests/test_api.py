@@ -119,7 +119,7 @@ def test_docs_table_is_the_code_table():
     from trl.experimental.async_grpo import AsyncGRPOConfig
 
     real = {f.name for cls in (trl.GRPOConfig, AsyncGRPOConfig) for f in dataclasses.fields(cls)}
-    real.add("max_prompt_length")  # older GRPOConfig, A2POConfig
+    real |= {"max_prompt_length", "overwrite_output_dir", "warmup_ratio"}  # TRL < 1.0 / transformers < 5 scripts
     assert set(TRL_FIELDS) - real == set()
     assert set(TRL_NOOP) - real == set()
 
@@ -406,3 +406,22 @@ def test_in_memory_reward_specs():
             vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)))
     assert json.dumps(memory.in_memory_fields({"task": {"reward": [a, "x:y"], "dataset": "d.jsonl"}})) == \
         json.dumps({"task.reward[0]": a})
+
+
+def test_coming_from_trl_ports_a_grpo_script_by_changing_three_lines(tmp_path):
+    import difflib
+    import re
+
+    docs = (ROOT / "docs" / "coming-from-trl.md").read_text()
+    blocks = dict(re.findall(r"```python\n# (TRL|oapl)\n(.*?)```", docs, re.S))
+    trl_code, oapl_code = blocks["TRL"], blocks["oapl"]
+    changed = [ln for ln in difflib.ndiff(trl_code.splitlines(), oapl_code.splitlines()) if ln.startswith("+ ")]
+    assert len(changed) <= 3, changed
+    config = re.search(r"args=(OAPLConfig\(.*?\)),\n\s*\)", oapl_code, re.S).group(1)
+    cfg = eval(config, {"OAPLConfig": OAPLConfig})  # noqa: S307 - the docs' own code
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.optim.micro_batch_size) == (8, 8, 16)
+    assert (cfg.optim.lr, cfg.sampling.max_tokens, cfg.steps) == (1e-6, 1024, 200)
+    trl = pytest.importorskip("trl")
+    theirs = eval(re.search(r"args=(GRPOConfig\(.*?\)),\n\s*\)", trl_code, re.S).group(1),  # noqa: S307
+                  {"GRPOConfig": lambda **kw: trl.GRPOConfig(**kw, use_cpu=True, bf16=False)})  # no GPU here
+    assert theirs.per_device_train_batch_size * theirs.gradient_accumulation_steps == 64
