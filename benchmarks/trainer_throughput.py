@@ -8,8 +8,14 @@ prompt. Every layout sees the same sequences. Reported per layout:
 * step time (best of ``--steps`` after ``--warmup``), useful tokens/s (prompt + response tokens),
 * effective MFU = 6 N useful_tokens / time / peak, with ``peak`` the dense matmul rate measured on
   this device in the compute dtype at the start (``--peak-tflops`` overrides), N = parameters,
-* padding fraction (tokens computed that carry no sequence), peak memory (CUDA: allocator peak;
-  CPU: max RSS growth).
+* padding fraction (tokens computed that carry no sequence), peak memory during the step (CUDA:
+  allocator peak; CPU: resident-set growth over the step, sampled every 5 ms).
+
+Layouts: ``padded-global`` is the trainer before packing (every micro-batch right-padded to the
+longest sequence of the whole batch, rebuilt here by padding each micro-batch to the batch's longest);
+``padded`` pads each micro-batch to its own longest; ``packed`` packs each micro-batch into one row;
+``packed-budget`` packs token-budget micro-batches. Layouts are timed in turn, ``--steps`` rounds,
+and the best step of each is reported, so a machine shared with other work disturbs them alike.
 
 Modes: ``--device cpu`` (default) trains the embedded SmolLM2-135M in fp32 with lengths scaled to a
 512-token cap; ``--device cuda`` builds a random-init model from ``--config`` (default: the
@@ -51,15 +57,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--median", type=float, default=None, help="median response length (default cap*1500/8192)")
     p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of response lengths")
     p.add_argument("--truncated", type=int, default=3, help="responses cut at the cap")
-    p.add_argument("--layouts", default="padded,packed,packed-budget",
-                   help="comma list of padded, packed, packed-budget (token budget = --budget)")
+    p.add_argument("--layouts", default="padded-global,padded,packed,packed-budget",
+                   help="comma list of padded-global, padded, packed, packed-budget (token budget = --budget)")
     p.add_argument("--budget", type=int, default=None, help="max tokens per micro-batch (default: 2 x cap + prompt)")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch (padded/packed)")
     p.add_argument("--fixed", action="store_true", help="also run every response at the mean length")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
     p.add_argument("--compute-dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed rounds (best step per layout)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -135,7 +141,44 @@ def build(a, device: torch.device):
     return model, SimpleNamespace(pad_token_id=0), name, model.config.vocab_size, n_params
 
 
-def run_layout(a, model, tok, name: str, groups, layout: str, device: torch.device) -> dict:
+class MemorySampler:
+    """Peak memory of one step: CUDA allocator peak, or on CPU the resident-set growth (sampled)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def __enter__(self):
+        import threading
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, self._rss())
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.gib = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            self._stop.set()
+            self._t.join()
+            self.gib = (max(self.peak, self._rss()) - self.base) / 2**30
+
+
+def make_policy(a, model, tok, name: str, layout: str, device: torch.device):
     from oapl.config import load_config
     from oapl.trainer.policy import Policy
 
@@ -143,39 +186,31 @@ def run_layout(a, model, tok, name: str, groups, layout: str, device: torch.devi
             f"model.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
             f"model.compile={str(a.compile).lower()}", "model.logprob_chunk_size=1024",
             "optim.lr=1e-6", "algorithm.beta2=0.001", f"rollout.group_size={a.group_size}",
-            f"rollout.prompts_per_step={a.groups}", f"optim.packing={str(layout != 'padded').lower()}",
+            f"rollout.prompts_per_step={a.groups}", f"optim.packing={str(layout.startswith('packed')).lower()}",
             f"optim.micro_batch_size={a.micro_batch if layout != 'packed-budget' else 1024}"]
     if layout == "packed-budget":
         over.append(f"optim.max_tokens_per_micro_batch={a.budget}")
-    cfg = load_config(None, over)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    policy = Policy(cfg, total_steps=100, model=model, tokenizer=tok)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return Policy(load_config(None, over), total_steps=1000, model=model, tokenizer=tok)
+
+
+def step(policy, groups, layout: str, device: torch.device) -> tuple[float, dict, float]:
+    """One timed train step; ``padded-global`` pads every micro-batch to the batch's longest sequence."""
+    import oapl.trainer.step as step_mod
+
+    orig = step_mod.collate
+    if layout == "padded-global":
+        width = max(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
+        step_mod.collate = lambda seqs, packed, pad_token_id=0: orig(seqs, False, pad_token_id, pad_to=width)
     try:
-        for _ in range(a.warmup):
-            policy.train_step(groups)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, m = [], {}
-        for _ in range(a.steps):
-            sync(device)
+        sync(device)
+        with MemorySampler(device) as mem:
             t = time.perf_counter()
             m = policy.train_step(groups)
             sync(device)
-            times.append(time.perf_counter() - t)
-        peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20)
+            dt = time.perf_counter() - t
     finally:
-        policy.optimizer = None
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
-        model.zero_grad(set_to_none=True)
-    dt = min(times)
-    useful = sum(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
-    return {"layout": layout, "packing_active": policy.packing, "step_s": dt, "useful_tokens": useful,
-            "useful_tok_per_s": useful / dt, "padding_frac": m.get("padding_frac", float("nan")),
-            "peak_mem_gib": peak, "loss": m.get("loss")}
+        step_mod.collate = orig
+    return dt, m, mem.gib
 
 
 def main() -> None:
@@ -204,22 +239,36 @@ def main() -> None:
     print(f"responses: n={len(lens)} mean={sum(lens) / len(lens):.0f} cap={a.cap} prompt={a.prompt} "
           f"sorted={sorted(lens)}")
     results = []
-    header = f"{'batch':9s} {'layout':14s} {'step_s':>8s} {'useful_tok/s':>13s} {'eff_MFU':>8s} {'padding':>8s} {'peak_mem':>9s}"
-    print(header)
+    layouts = a.layouts.split(",")
+    print(f"{'batch':9s} {'layout':14s} {'step_s':>8s} {'useful_tok/s':>13s} {'eff_MFU':>8s} {'padding':>8s} "
+          f"{'peak_mem':>9s}")
     for bname, groups in batches.items():
-        for layout in a.layouts.split(","):
-            r = run_layout(a, model, tok, name, groups, layout, device)
-            r["batch"] = bname
-            r["eff_mfu"] = 6 * n_params * r["useful_tokens"] / r["step_s"] / (peak * 1e12)
+        useful = sum(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
+        policies = {lay: make_policy(a, model, tok, name, lay, device) for lay in layouts}
+        best: dict[str, tuple[float, dict, float]] = {}
+        for _ in range(a.warmup):
+            for lay in layouts:
+                step(policies[lay], groups, lay, device)
+        for _ in range(a.steps):  # layouts in turn: a busy machine slows them alike
+            for lay in layouts:
+                dt, m, gib = step(policies[lay], groups, lay, device)
+                if lay not in best or dt < best[lay][0]:
+                    best[lay] = (dt, m, max(gib, best.get(lay, (0, 0, 0.0))[2]))
+        for lay in layouts:
+            dt, m, gib = best[lay]
+            r = {"batch": bname, "layout": lay, "packing_active": policies[lay].packing, "step_s": dt,
+                 "useful_tokens": useful, "useful_tok_per_s": useful / dt, "padding_frac": m["padding_frac"],
+                 "peak_mem_gib": gib, "loss": m["loss"],
+                 "eff_mfu": 6 * n_params * useful / dt / (peak * 1e12)}
             results.append(r)
-            unit = "GiB" if cuda else "GiB rss"
-            print(f"{bname:9s} {layout:14s} {r['step_s']:8.3f} {r['useful_tok_per_s']:13.1f} {r['eff_mfu']:8.3f} "
-                  f"{r['padding_frac']:8.3f} {r['peak_mem_gib']:6.2f} {unit}", flush=True)
-    base = {r["batch"]: r for r in results if r["layout"] == "padded"}
+            print(f"{bname:9s} {lay:14s} {dt:8.3f} {r['useful_tok_per_s']:13.1f} {r['eff_mfu']:8.3f} "
+                  f"{r['padding_frac']:8.3f} {gib:6.2f} GiB", flush=True)
+        del policies
+    base = {r["batch"]: r for r in results if r["layout"] == layouts[0]}
     for r in results:
-        if r["layout"] != "padded" and r["batch"] in base:
+        if r["layout"] != layouts[0] and r["batch"] in base:
             print(f"{r['batch']} {r['layout']}: {r['useful_tok_per_s'] / base[r['batch']]['useful_tok_per_s']:.2f}x "
-                  f"the padded path's useful tokens/s")
+                  f"the {layouts[0]} path's useful tokens/s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "peak_tflops": peak, "n_params": n_params, "lengths": lens,

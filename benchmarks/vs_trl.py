@@ -117,7 +117,6 @@ def run_oapl(a, side: str) -> dict:
 
 def _profile_oapl(trainer, a) -> dict:
     """Split one on-demand oapl step into its phases, then the top operators of the trainer step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from oapl.rollout.buffer import RolloutBuffer

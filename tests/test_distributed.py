@@ -21,7 +21,6 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from oapl.config import load_config  # noqa: E402
 from conftest import tiny_config
 
 

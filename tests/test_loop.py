@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from oapl.config import load_config
 from conftest import tiny_config
 from oapl.loop import Run, train
 

@@ -436,7 +436,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    """Write ``cfg`` as YAML (atomically): what ``load_config(path)`` reads back."""
+    from oapl.atomic import atomic_write_text
+
+    atomic_write_text(path, config_yaml(cfg))
+
+
+def config_yaml(cfg: BaseModel) -> str:
+    """``cfg`` as YAML text (the form saved in run directories and checkpoints)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
 
 
 def describe_fields(cls: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:

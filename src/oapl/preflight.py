@@ -141,42 +141,58 @@ def _check_local(path: Path, name: str, field: str) -> None:
         raise ModelNotFoundError(f"{field}: {name} has no config.json, so it is not a Hugging Face model folder{hint}")
 
 
-def _check_hub_model(name: str, field: str, timeout_s: float) -> None:
+def _is_repo_id(name: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(name)
     except HFValidationError:
+        return False
+    return True
+
+
+def _hub_lookup(name: str, field: str, kind: str, timeout_s: float, error: type[Exception], *, not_found: str,
+                unreachable: str) -> None:
+    """Ask the Hub about model/dataset ``name`` (bounded by ``timeout_s``): gated, missing or unreachable
+    fail naming ``field``; unreachable but cached switches this process to offline mode."""
+    import huggingface_hub
+
+    info = huggingface_hub.model_info if kind == "model" else huggingface_hub.dataset_info
+    _, err, timed_out = _call_with_timeout(lambda: info(name, timeout=timeout_s - 1), timeout_s)
+    if err is None and not timed_out:
+        return
+    what = "" if kind == "model" else "dataset "
+    url = f"https://huggingface.co/{'' if kind == 'model' else 'datasets/'}{name}"
+    err_kind = type(err).__name__ if err is not None else ""
+    if err_kind == "GatedRepoError":
+        raise error(f"{field}: {what}{name!r} is gated on the Hugging Face Hub: accept its terms at {url} and log in "
+                    f"(`hf auth login` or HF_TOKEN)")
+    if err_kind == "RepositoryNotFoundError":
+        raise error(f"{field}: no {kind} {name!r} on the Hugging Face Hub ({not_found})")
+    if timed_out or _is_network_error(err):
+        why = f"no answer in {timeout_s:.0f} s" if timed_out else str(err).strip().splitlines()[0][:160]
+        if _cached(name, kind):
+            go_offline(f"the Hugging Face Hub is unreachable ({why}); {what}{name} is cached")
+            return
+        raise error(f"{field}: cannot download {what}{name!r}: the Hugging Face Hub is unreachable ({why}); "
+                    f"{unreachable}")
+    log.debug("%s: Hub lookup of %s failed (%r); leaving it to the loader", field, name, err)
+
+
+def _check_hub_model(name: str, field: str, timeout_s: float) -> None:
+    if not _is_repo_id(name):
         raise ModelNotFoundError(f"{field}: {name!r} is neither an existing local path nor a valid Hugging Face "
-                                 f"Hub name (org/name)") from None
+                                 f"Hub name (org/name)")
     if hub_offline():
         if not _cached(name):
             raise ModelNotFoundError(
                 f"{field}: {name!r} is not in the local Hugging Face cache and offline mode is on "
                 f"(HF_HUB_OFFLINE=1): download it first (`hf download {name}`) or use a local path")
         return
-    from huggingface_hub import model_info
-
-    _, err, timed_out = _call_with_timeout(lambda: model_info(name, timeout=timeout_s - 1), timeout_s)
-    if err is None and not timed_out:
-        return
-    kind = type(err).__name__ if err is not None else ""
-    if kind == "GatedRepoError":
-        raise ModelNotFoundError(f"{field}: {name!r} is gated on the Hugging Face Hub: accept its terms at "
-                                 f"https://huggingface.co/{name} and log in (`hf auth login` or HF_TOKEN)")
-    if kind == "RepositoryNotFoundError":
-        raise ModelNotFoundError(f"{field}: no model {name!r} on the Hugging Face Hub (check the spelling; a private "
-                                 f"model needs `hf auth login` or HF_TOKEN)")
-    if timed_out or _is_network_error(err):
-        why = f"no answer in {timeout_s:.0f} s" if timed_out else str(err).strip().splitlines()[0][:160]
-        if _cached(name):
-            go_offline(f"the Hugging Face Hub is unreachable ({why}); {name} is cached")
-            return
-        raise ModelNotFoundError(
-            f"{field}: cannot download {name!r}: the Hugging Face Hub is unreachable ({why}); use a local path "
-            f"({field}=/path/to/model), or download it where there is network (`hf download {name}`) and set "
-            f"HF_HUB_OFFLINE=1")
-    log.debug("%s: Hub lookup of %s failed (%r); leaving it to the loader", field, name, err)
+    _hub_lookup(name, field, "model", timeout_s, ModelNotFoundError,
+                not_found="check the spelling; a private model needs `hf auth login` or HF_TOKEN",
+                unreachable=f"use a local path ({field}=/path/to/model), or download it where there is network "
+                            f"(`hf download {name}`) and set HF_HUB_OFFLINE=1")
 
 
 def check_model(name: str | None, field: str = "model.name", timeout_s: float = HUB_TIMEOUT_S) -> None:
@@ -207,34 +223,13 @@ def check_dataset(source: str | None, field: str, timeout_s: float = HUB_TIMEOUT
         return
     if looks_like_path(source) or source.endswith((".jsonl", ".json", ".parquet", ".ndjson", ".csv")):
         raise UserError(f"{field}: dataset file {source} does not exist")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise UserError(f"{field}: {source!r} is neither an existing file nor a valid Hugging Face dataset "
-                        f"name") from None
+    if not _is_repo_id(source):
+        raise UserError(f"{field}: {source!r} is neither an existing file nor a valid Hugging Face dataset name")
     if hub_offline():
         return  # the datasets library reads its cache, and says so when the name is not there
-    from huggingface_hub import dataset_info
-
-    _, err, timed_out = _call_with_timeout(lambda: dataset_info(source, timeout=timeout_s - 1), timeout_s)
-    if err is None and not timed_out:
-        return
-    kind = type(err).__name__ if err is not None else ""
-    if kind == "GatedRepoError":
-        raise UserError(f"{field}: dataset {source!r} is gated on the Hugging Face Hub: accept its terms at "
-                        f"https://huggingface.co/datasets/{source} and log in (`hf auth login`)")
-    if kind == "RepositoryNotFoundError":
-        raise UserError(f"{field}: no dataset {source!r} on the Hugging Face Hub (check the spelling, or give a "
-                        f"local .jsonl/.parquet file)")
-    if timed_out or _is_network_error(err):
-        why = f"no answer in {timeout_s:.0f} s" if timed_out else str(err).strip().splitlines()[0][:160]
-        if _cached(source, "dataset"):
-            go_offline(f"the Hugging Face Hub is unreachable ({why}); dataset {source} is cached")
-            return
-        raise UserError(f"{field}: cannot download dataset {source!r}: the Hugging Face Hub is unreachable ({why}); "
-                        f"use a local .jsonl/.parquet file, or a cached copy with HF_HUB_OFFLINE=1")
+    _hub_lookup(source, field, "dataset", timeout_s, UserError,
+                not_found="check the spelling, or give a local .jsonl/.parquet file",
+                unreachable="use a local .jsonl/.parquet file, or a cached copy with HF_HUB_OFFLINE=1")
 
 
 def check_config(cfg, model: str | None = None) -> None:

@@ -12,11 +12,9 @@ workers, and answers the few things the algorithm asks of them. Three implement 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from oapl.config import TrainConfig
 from oapl.engines.base import InferenceEngine, SamplingParams
 from oapl.rollout.buffer import RolloutBuffer
 
@@ -82,12 +80,53 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def rollout_row_stats(rollout, since) -> dict[str, Any]:
-    """Generation numbers of a metrics row (shared by the local and Ray backends)."""
-    return {"gen_tokens_per_s": rollout.tokens_per_s(rollout.gen_counters(), since),
-            "reward_errors": rollout.reward_errors, "stale_dropped": rollout.stale_dropped}
+class OnlineBackend:
+    """What the backends with inference engines (local, Ray) share: the engines sample the task's
+    prompts into the buffer, the weights sync every L steps, nothing checkpoints on its own."""
 
+    syncs = True
+    background_rollout = True
 
-def default_progress_fields(metrics: dict, row: dict) -> dict[str, Any]:
-    return {"reward": f"{metrics['reward_mean']:.3f}", "loss": f"{metrics['loss']:.4g}",
-            "v": row["weight_version"], "lag": row["lag"]}
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.total_steps = cfg.steps
+        self.task = None
+        self.tokenizer = None
+        self.checkpoint: Path | None = None
+        self.rollout = None
+
+    @property
+    def buffer_staleness(self) -> int:
+        return self.cfg.rollout.max_staleness
+
+    def rollout_factory(self):
+        """``(class, engine)``: what generates (a worker over an engine, a fleet over a pool)."""
+        raise NotImplementedError
+
+    def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams):
+        self.publish(version)
+        cfg = self.cfg
+        cls, engine = self.rollout_factory()
+        self.rollout = cls(engine, self.task, self.tokenizer, buffer, sampling, cfg.rollout.group_size,
+                           cfg.rollout.prompts_per_generate, cfg.seed, weights_id=cfg.model.name)
+        return self.rollout
+
+    def publish(self, version: int) -> float:
+        raise NotImplementedError
+
+    def after_generation(self) -> None:
+        pass
+
+    def checkpoint_due(self, step: int) -> int | None:
+        return None
+
+    def row_stats(self, rollout, since) -> dict[str, Any]:
+        return {"gen_tokens_per_s": rollout.tokens_per_s(rollout.gen_counters(), since),
+                "reward_errors": rollout.reward_errors, "stale_dropped": rollout.stale_dropped}
+
+    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]:
+        return {"reward": f"{metrics['reward_mean']:.3f}", "loss": f"{metrics['loss']:.4g}",
+                "v": row["weight_version"], "lag": row["lag"]}
+
+    def summary(self, rollout) -> dict[str, Any]:
+        return {"reward_errors": rollout.reward_errors, "reward_error_samples": rollout.reward_error_samples}

@@ -7,32 +7,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from oapl.backends import default_progress_fields, rollout_row_stats
+from oapl.backends import OnlineBackend
 from oapl.config import TrainConfig
-from oapl.engines.base import InferenceEngine, SamplingParams
-from oapl.rollout.buffer import RolloutBuffer
+from oapl.engines.base import InferenceEngine
 
 
-class LocalBackend:
+class LocalBackend(OnlineBackend):
     """One process: the policy, an in-process engine and a background rollout worker."""
 
     description = "oapl train"
-    syncs = True
-    background_rollout = True
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-        self.total_steps = cfg.steps
-        self.task = None
-        self.tokenizer = None
-        self.checkpoint: Path | None = None
+        super().__init__(cfg)
         self.policy = None
         self.engine = None
-        self.worker = None
-
-    @property
-    def buffer_staleness(self) -> int:
-        return self.cfg.rollout.max_staleness
 
     def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
         from oapl.data.tasks import build_task
@@ -50,14 +38,10 @@ class LocalBackend:
         self.engine = make_engine(cfg, weights, self.tokenizer, hf_model=in_memory)
         return state
 
-    def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams):
+    def rollout_factory(self):
         from oapl.rollout.worker import RolloutWorker
 
-        cfg = self.cfg
-        self.publish(version)
-        self.worker = RolloutWorker(self.engine, self.task, self.tokenizer, buffer, sampling, cfg.rollout.group_size,
-                                    cfg.rollout.prompts_per_generate, cfg.seed, weights_id=cfg.model.name)
-        return self.worker
+        return RolloutWorker, self.engine
 
     def train_step(self, groups) -> dict[str, float]:
         return self.policy.train_step(groups)
@@ -92,21 +76,9 @@ class LocalBackend:
 
         return str(save_checkpoint(run_dir, step, self.policy, state, config_yaml, keep=keep))
 
-    def checkpoint_due(self, step: int) -> int | None:
-        return None
-
-    def row_stats(self, rollout, since) -> dict[str, Any]:
-        return rollout_row_stats(rollout, since)
-
-    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]:
-        return default_progress_fields(metrics, row)
-
-    def summary(self, rollout) -> dict[str, Any]:
-        return {"reward_errors": rollout.reward_errors, "reward_error_samples": rollout.reward_error_samples}
-
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
+        if self.rollout is not None:
+            self.rollout.stop()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -19,3 +19,17 @@ def split_config(args) -> tuple[str | None, list[str]]:
         overrides.insert(0, config)
         config = None
     return config, overrides
+
+
+def fields_help(cls, title: str = "configuration fields (YAML keys, or key=value overrides):") -> str:
+    """Every field of the config class ``cls`` with its default and description (``--help`` epilog)."""
+    import textwrap
+
+    from oapl.config import describe_fields
+
+    lines = [title]
+    for name, default, desc in describe_fields(cls):
+        lines.append(f"  {name} = {default}")
+        for part in textwrap.wrap(desc, 90):
+            lines.append(f"      {part}")
+    return "\n".join(lines)

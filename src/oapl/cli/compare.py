@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
+
+from oapl.cli.args import fields_help, split_config
 
 
-def _fields_help() -> str:
+def _study_help() -> str:
     from oapl.compare import CompareConfig
-    from oapl.config import describe_fields
 
-    lines = ["study fields (YAML keys, or key=value overrides; `base.*` takes any `oapl train` field):"]
-    for name, default, desc in describe_fields(CompareConfig):
-        lines.append(f"  {name} = {default}")
-        for part in textwrap.wrap(desc, 90):
-            lines.append(f"      {part}")
-    return "\n".join(lines)
+    return fields_help(CompareConfig, "study fields (YAML keys, or key=value overrides; `base.*` takes any "
+                                      "`oapl train` field):")
 
 
 def cmd_compare(args) -> int:
     from oapl.compare import command_line, load_compare_config, plan_runs, run_compare
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)
-        config = None
+    config, overrides = split_config(args)
     cc = load_compare_config(config, overrides)
     if args.dry_run:
         for r in plan_runs(cc, args.only):
@@ -50,7 +43,7 @@ def register(sub) -> None:
     """Add the ``compare`` subcommand to ``oapl``'s subparsers."""
     p = sub.add_parser("compare", help="OAPL vs GRPO+IS on the same task, seeds and sample budget, plus an "
                        "OAPL lag sweep; writes a Markdown + PNG report",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fields_help())
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_study_help())
     p.add_argument("config", nargs="?", help="study YAML (e.g. configs/compare_cpu.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base.steps=20 seeds=[0,1] "
                    "lag_sweep.intervals=[1,10]")

@@ -5,21 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import textwrap
 import traceback
 
-from oapl.cli.args import add_config_args, split_config
-from oapl.config import TrainConfig, describe_fields, load_config
+from oapl.cli.args import add_config_args, fields_help, split_config
+from oapl.config import TrainConfig, load_config
 from oapl.errors import UserError, debug_enabled, user_message
-
-
-def _fields_help(cls=TrainConfig) -> str:
-    lines = ["configuration fields (YAML keys, or key=value overrides):"]
-    for name, default, desc in describe_fields(cls):
-        lines.append(f"  {name} = {default}")
-        for part in textwrap.wrap(desc, 90):
-            lines.append(f"      {part}")
-    return "\n".join(lines)
 
 
 def cmd_train(args) -> int:
@@ -80,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OAPL_DEBUG=1); without it a mistake in the input is one line `oapl: <what>: <why>`")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train with OAPL (or GRPO) and a lagged inference engine",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fields_help())
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=fields_help(TrainConfig))
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir "
                    "(also: a bare `resume` word)")

@@ -27,11 +27,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import operator
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from oapl.atomic import atomic_write
 from oapl.errors import UserError
 from oapl.rollout.group import RolloutGroup, filter_groups, is_correct
 
@@ -379,33 +378,6 @@ def groups_to_table(groups: Iterable[RolloutGroup]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported (e.g. some network file systems)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, writer: Any) -> None:
-    """Write ``path`` atomically: ``writer(tmp_path)`` then fsync then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_rollouts(groups: Iterable[RolloutGroup], path: str | os.PathLike[str]) -> Path:
     """Write ``groups`` to one Parquet file atomically (e.g. a filtered copy of a dataset)."""
     path = Path(path)
@@ -417,7 +389,7 @@ def write_rollouts(groups: Iterable[RolloutGroup], path: str | os.PathLike[str])
         seen.add(g.prompt_id)
     table = groups_to_table(groups)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path
 
 
@@ -505,7 +477,7 @@ class RolloutWriter:
                 f"to a dataset of unknown provenance (use a new output directory)"
             )
         text = json.dumps(self.meta, indent=2, sort_keys=True) + "\n"
-        _atomic_write_bytes(meta_path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
 
     # -- API ---------------------------------------------------------------------------------
 
@@ -558,7 +530,7 @@ class RolloutWriter:
             return None
         table = pa.concat_tables(self._buffer)
         path = self.out_dir / f"part-{self._next_index:05d}.parquet"
-        _atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         self._next_index += 1
         self._buffer = []
         self._buffer_rows = 0

@@ -28,13 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from oapl.backends import default_progress_fields, rollout_row_stats
+from oapl.backends import OnlineBackend
 from oapl.config import TrainConfig
 from oapl.distributed.cluster import ensure_ray, require_ray
 from oapl.distributed.engines import EnginePool, PoolEngine, RankZeroEngine, RolloutFleet
 from oapl.distributed.trainer import TrainerGroup, parallel_mode
-from oapl.engines.base import SamplingParams
-from oapl.rollout.buffer import RolloutBuffer
 
 log = logging.getLogger(__name__)
 
@@ -77,32 +75,21 @@ def ray_session(cfg: TrainConfig) -> Iterator[None]:
             require_ray().shutdown()
 
 
-class RayBackend:
+class RayBackend(OnlineBackend):
     """W trainer ranks and N engine actors on Ray, driven from this process."""
 
     description = "oapl train (ray)"
-    syncs = True
-    background_rollout = True
 
     def __init__(self, cfg: TrainConfig) -> None:
         validate(cfg)
-        self.cfg = cfg
+        super().__init__(cfg)
         d = cfg.distributed
         self.transport = default_transport(cfg) if d.weight_transport == "auto" else d.weight_transport
         if self.transport not in TRANSPORTS:
             raise ValueError(f"distributed.weight_transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        self.total_steps = cfg.steps
-        self.task = None
-        self.tokenizer = None
-        self.checkpoint: Path | None = None
         self.trainers: TrainerGroup | None = None
         self.pool: EnginePool | None = None
-        self.fleet: RolloutFleet | None = None
         self._owns_ray = False
-
-    @property
-    def buffer_staleness(self) -> int:
-        return self.cfg.rollout.max_staleness
 
     def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
         from oapl.data.tasks import build_task
@@ -123,12 +110,8 @@ class RayBackend:
         self.pool.wait_ready()
         return self.trainers.state
 
-    def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams):
-        cfg = self.cfg
-        self.publish(version)
-        self.fleet = RolloutFleet(self.pool, self.task, self.tokenizer, buffer, sampling, cfg.rollout.group_size,
-                                  cfg.rollout.prompts_per_generate, cfg.seed, weights_id=cfg.model.name)
-        return self.fleet
+    def rollout_factory(self):
+        return RolloutFleet, self.pool
 
     def train_step(self, groups) -> dict[str, float]:
         metrics, _ = self.trainers.train_step(groups)
@@ -142,9 +125,6 @@ class RayBackend:
             self.trainers.call("snapshot_reference")
         return seconds
 
-    def after_generation(self) -> None:
-        pass
-
     @contextlib.contextmanager
     def evaluation_engine(self, synced: bool) -> Iterator:
         if synced:  # the engines hold the trainer's weights
@@ -157,23 +137,20 @@ class RayBackend:
     def save(self, run_dir: Path, step: int, state: dict, config_yaml: str, keep: int) -> str:
         return self.trainers.call("save_checkpoint", str(run_dir), step, state, config_yaml, keep)[0]
 
-    def checkpoint_due(self, step: int) -> int | None:
-        return None
-
     def row_stats(self, rollout, since) -> dict[str, Any]:
-        return {**rollout_row_stats(rollout, since), "num_engines": self.cfg.distributed.num_engines,
+        return {**super().row_stats(rollout, since), "num_engines": self.cfg.distributed.num_engines,
                 "engine_restarts": self.pool.total_restarts}
 
     def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]:
-        return {**default_progress_fields(metrics, row), "restarts": self.pool.total_restarts}
+        return {**super().progress_fields(metrics, row), "restarts": self.pool.total_restarts}
 
     def summary(self, rollout) -> dict[str, Any]:
-        return {"reward_errors": rollout.reward_errors, "reward_error_samples": rollout.reward_error_samples,
-                "num_engines": self.cfg.distributed.num_engines, "engine_restarts": self.pool.total_restarts}
+        return {**super().summary(rollout), "num_engines": self.cfg.distributed.num_engines,
+                "engine_restarts": self.pool.total_restarts}
 
     def close(self) -> None:
-        if self.fleet is not None:
-            self.fleet.stop()
+        if self.rollout is not None:
+            self.rollout.stop()
         if self.pool is not None:
             self.pool.close()
         if self.trainers is not None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from oapl.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,7 @@ def _truncate_jsonl(path: Path, step: int, drop_eval_only_at_step: bool) -> None
         if drop_eval_only_at_step and s == step and step > 0 and "loss" not in row:
             continue
         rows.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write("".join(r + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
 class MetricsLogger:

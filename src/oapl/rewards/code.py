@@ -37,14 +37,8 @@ from decimal import MAX_EMAX, MIN_EMIN, Decimal, InvalidOperation, localcontext
 from typing import Any, Callable, Sequence
 
 from oapl.rewards.base import completion_text
-from oapl.rewards.sandbox import (
-    ProgramJob,
-    ProgramResult,
-    SandboxConfig,
-    SandboxRunner,
-    SandboxUnavailableError,
-    TestRun,
-)
+from oapl.rewards.sandbox import (ProgramJob, ProgramResult, SandboxConfig, SandboxRunner, SandboxUnavailableError,
+                                  TestRun)
 
 logger = logging.getLogger(__name__)
 

@@ -141,8 +141,9 @@ class TokenBatch:
             extra=self.extra)
 
 
-def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0) -> TokenBatch:
-    """Lay out ``seqs`` for one forward pass (see the module docstring)."""
+def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: int | None = None) -> TokenBatch:
+    """Lay out ``seqs`` for one forward pass (see the module docstring); padded rows are at least
+    ``pad_to`` wide when given."""
     if not seqs:
         raise ValueError("collate needs at least one sequence")
     n = len(seqs)
@@ -150,7 +151,7 @@ def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0) -> TokenB
     ref = torch.zeros((n, r_max), dtype=torch.float32)
     rmask = torch.zeros((n, r_max), dtype=torch.float32)
     lens = [s.num_tokens for s in seqs]
-    width = max(lens)
+    width = max(lens) if pad_to is None or packed else max(max(lens), pad_to)
     tgt_index, tgt_ids, seq_idx, tok_idx = [], [], [], []
     if packed:
         total = sum(lens)

@@ -6,16 +6,16 @@ run killed mid-write never leaves a half checkpoint that ``resume`` would pick u
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from oapl.atomic import atomic_dir
 
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -62,11 +62,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def save_checkpoint(output_dir: str | Path, step: int, policy, trainer_state: dict[str, Any],
                     config_yaml: str, keep: int = 2) -> Path:
-    root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
-    try:
+    final = checkpoint_dir(output_dir) / f"step-{step:08d}"
+    with atomic_dir(final, prefix=f".tmp-step-{step:08d}-") as tmp:
         model = policy.hf_model()
         model.save_pretrained(tmp / "model", safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp / "model")
@@ -74,12 +71,6 @@ def save_checkpoint(output_dir: str | Path, step: int, policy, trainer_state: di
             policy.model.save_pretrained(tmp / "adapter")
         torch.save({**trainer_state, "policy": policy.state_dict(), "rng": rng_state()}, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     prune_checkpoints(output_dir, final, keep)
     return final
 

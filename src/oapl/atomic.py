@@ -1,0 +1,71 @@
+"""Atomic writes: a reader (or a resumed run) sees the old file/folder or the complete new one, never half.
+
+Everything is written beside its final name (same file system), flushed to disk, then renamed into
+place with :func:`os.replace`, which is atomic on POSIX; the directory entry is fsync'ed after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = ["atomic_dir", "atomic_write", "atomic_write_text", "fsync_dir"]
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory entry (after a rename) where the file system supports it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported (e.g. some network file systems)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:
+    """Write ``path`` atomically: ``writer(tmp_path)``, fsync, ``os.replace``. A failure leaves no temp file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str], prefix: str = ".tmp-") -> Iterator[Path]:
+    """Build a folder in a temporary sibling, then swap it in for ``final`` (replacing an old one).
+
+    If the block raises, ``final`` is untouched and the temporary folder is removed. A process killed
+    inside the block leaves a ``prefix*`` folder behind, which callers clean up by that prefix.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
