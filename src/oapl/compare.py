@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 from pydantic import Field, field_validator
 
-from oapl.config import ConfigError, TrainConfig, _Section, _set_dotted, load_config
+from oapl.config import ConfigError, TrainConfig, Section, set_dotted, load_config, save_config
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _default_algorithms() -> dict[str, dict[str, Any]]:
     }
 
 
-class LagSweepConfig(_Section):
+class LagSweepConfig(Section):
     enabled: bool = Field(True, description="Run the OAPL lag sweep.")
     intervals: list[int] = Field(default_factory=lambda: [1, 10, 50, 100],
                                  description="Sync intervals L (trainer steps between weight syncs).")
@@ -85,7 +85,7 @@ class LagSweepConfig(_Section):
         return sorted(dict.fromkeys(v))
 
 
-class CompareConfig(_Section):
+class CompareConfig(Section):
     """An ``oapl compare`` study."""
 
     output_dir: str = Field("runs/compare", description="One sub-directory per run (config, metrics, summary).")
@@ -128,7 +128,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():
         if "." in key:
-            _set_dotted(out, key, copy.deepcopy(value))
+            set_dotted(out, key, copy.deepcopy(value))
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
@@ -268,8 +268,7 @@ def run_compare(cc: CompareConfig, only: str = "all", force: bool = False, repor
 
     runs = plan_runs(cc, only)
     Path(cc.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cc.output_dir) / "compare.yaml").write_text(
-        yaml.safe_dump(json.loads(cc.model_dump_json()), sort_keys=False))
+    save_config(cc, Path(cc.output_dir) / "compare.yaml")
     if not report_only:
         done: set[str] = set()
         start_rows: dict[str, dict[str, Any]] = {}
@@ -439,7 +438,7 @@ def _setup_table(cfg: TrainConfig) -> list[str]:
 
 
 def _run_table(items: list[tuple[PlannedRun, dict[str, Any]]], kmax: int, sweep: bool) -> list[str]:
-    head = ["run", "seed", "steps", "samples", "syncs", "max lag", f"held-out pass@1 (start → end)",
+    head = ["run", "seed", "steps", "samples", "syncs", "max lag", "held-out pass@1 (start → end)",
             f"held-out pass@{kmax} (start → end)", "best pass@1", "train reward (first → last 10%)",
             "seq entropy (first → last 10%)", "token entropy (first → last 10%)",
             "response tokens (first → last 10%)", "KL to pi_inf (mean / max)", "minutes"]

@@ -24,11 +24,13 @@ class ConfigError(UserError):
 TASK_NAMES = ("arithmetic", "math", "code", "dataset")
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha.")
@@ -38,7 +40,7 @@ class LoraConfig(_Section):
     )
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = Field(
         "embedded:smollm2-135m-instruct",
         description="Hugging Face Hub name, local path, checkpoint dir, or `embedded:smollm2-135m-instruct` "
@@ -84,14 +86,14 @@ class ModelConfig(_Section):
         return data
 
 
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer scores with the same).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; keep 1.0 for training.")
     max_tokens: int = Field(256, ge=1, description="Maximum response tokens.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
 
 
-class EngineConfig(_Section):
+class EngineConfig(Section):
     kind: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="Inference engine: vllm when installed (auto), or the transformers fallback."
     )
@@ -104,7 +106,7 @@ class EngineConfig(_Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for vllm.LLM.")
 
 
-class TaskConfig(_Section):
+class TaskConfig(Section):
     name: str = Field(
         "arithmetic", description="arithmetic (built-in), math (boxed answers, math-verify), code, or "
         "dataset (any prompts file/Hub dataset with `reward`)."
@@ -183,7 +185,7 @@ class TaskConfig(_Section):
         return self
 
 
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     name: Literal["oapl", "grpo"] = Field("oapl", description="oapl, or the GRPO(+IS) baseline.")
     beta1: float = Field(1.0, gt=0, description="OAPL: temperature of the V* soft-max (Eq. 2).")
     beta2: float = Field(1e-3, gt=0, description="OAPL: KL strength towards pi_inf (Eq. 3).")
@@ -199,7 +201,7 @@ class AlgorithmConfig(_Section):
                               "clip acts from the second mini-batch on. One trainer step = one batch.")
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     group_size: int = Field(8, ge=1, description="G: responses per prompt.")
     prompts_per_step: int = Field(8, ge=1, description="Prompt groups per trainer step (batch = this x G).")
     sync_interval: int = Field(50, ge=1, description="L: trainer steps between weight syncs (policy lag).")
@@ -214,7 +216,7 @@ class RolloutConfig(_Section):
     )
 
 
-class OfflineConfig(_Section):
+class OfflineConfig(Section):
     data: str | None = Field(None, description="Rollout dataset (dir of Parquet shards or a file from "
                              "`oapl generate`): train offline on it, with no inference engine.")
     epochs: int = Field(1, ge=1, description="Passes over the offline data (no weight sync in between: "
@@ -229,7 +231,7 @@ class OfflineConfig(_Section):
         "would be of another distribution than the trainer scores).")
 
 
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     backend: Literal["local", "ray"] = Field("local", description="local: one process; ray: engines as "
                                              "Ray actors and trainer ranks placed by Ray.")
     ray_address: str | None = Field(None, description="Ray cluster address (null: start a local cluster; "
@@ -249,7 +251,7 @@ class DistributedConfig(_Section):
         "engines have GPUs, else the object store), object_store, collective.")
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW eps.")
@@ -269,7 +271,7 @@ class OptimConfig(_Section):
     fused: Literal["auto", "on", "off"] = Field("auto", description="Fused AdamW kernel (auto = on CUDA).")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     every: int = Field(0, ge=0, description="Evaluate on the held-out set every N steps (0 = only "
                        "before and after).")
     at_start: bool = Field(True, description="Evaluate before training.")
@@ -280,7 +282,7 @@ class EvalConfig(_Section):
     max_tokens: int | None = Field(None, ge=1, description="Eval max tokens (default: sampling.max_tokens).")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     progress: bool = Field(True, description="Show a progress bar.")
     tensorboard: bool = Field(False, description="Also write TensorBoard events (needs tensorboard).")
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs wandb).")
@@ -288,14 +290,14 @@ class LoggingConfig(_Section):
     log_samples_every: int = Field(0, ge=0, description="Write sample completions every N steps (0 = off).")
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end). Checkpoints "
                        "at sync boundaries (multiples of L) resume bit-exactly.")
     keep: int = Field(2, ge=1, description="Keep this many latest checkpoints.")
     save_final: bool = Field(True, description="Save a checkpoint when training ends.")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The whole run."""
 
     output_dir: str = Field("runs/oapl", description="Run directory: config, metrics.jsonl, checkpoints.")
@@ -376,7 +378,7 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -387,7 +389,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
@@ -426,13 +428,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), _parse_value(raw))
+        set_dotted(tree, key.strip(), _parse_value(raw))
     if overrides:
         source += " + overrides"
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source)) from None
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

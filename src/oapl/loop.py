@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import yaml
 
-from oapl.config import TrainConfig, save_config
+from oapl.atomic import atomic_write_text
+from oapl.config import TrainConfig, config_yaml, save_config
 from oapl.engines.base import SamplingParams
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
@@ -161,7 +162,7 @@ class Run:
                  "version_steps": self.version_steps, "eval_before": self.eval_before,
                  "checkpoints": self.checkpoints}
         path = str(self.backend.save(self.run_dir, self.step, state,
-                                     yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False),
+                                     config_yaml(self.cfg),
                                      keep or self.cfg.checkpoint.keep))
         self._last_checkpoint = self.step
         log.info("checkpoint written: %s", path)
@@ -247,7 +248,7 @@ class Run:
         summary = {"eval_before": self.eval_before, "eval_after": eval_after, "steps": self.step,
                    "samples_seen": self.samples_seen, **backend.summary(self.rollout),
                    "checkpoints": self.checkpoints}
-        (self.run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+        atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
         return RunResult(str(self.run_dir), self.step, self.eval_before, eval_after, last, summary)
 
     def _log_samples(self, groups) -> None:

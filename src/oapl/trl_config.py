@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from oapl.config import ConfigError, TrainConfig, _format_errors
+from oapl.config import ConfigError, TrainConfig, format_errors
 
 _MISSING = object()
 
@@ -450,7 +450,7 @@ class OAPLConfig(TrainConfig):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise ConfigError(_rename(_format_errors(e, "OAPLConfig"), data)) from None
+            raise ConfigError(_rename(format_errors(e, "OAPLConfig"), data)) from None
 
     @model_validator(mode="before")
     @classmethod
