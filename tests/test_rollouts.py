@@ -174,7 +174,7 @@ KILL_SCRIPT = textwrap.dedent(
                 if calls["n"] == 3:
                     os._exit(17)
             real_replace(src, dst)
-        rollouts.os.replace = dying_replace
+        os.replace = dying_replace  # the writer renames through oapl.atomic
     for i in range(n_groups):
         w.write(T.make_group(i))
     os._exit(17)  # killed: no close(), buffered groups are lost

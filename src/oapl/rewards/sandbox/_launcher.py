@@ -36,7 +36,6 @@ import platform
 import resource
 import select
 import signal
-import stat
 import struct
 import sys
 import time

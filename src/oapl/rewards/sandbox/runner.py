@@ -21,9 +21,7 @@ import json
 import logging
 import math
 import os
-import re
 import selectors
-import shutil
 import signal
 import struct
 import subprocess
@@ -32,336 +30,18 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
+
+from oapl.rewards.sandbox.host import (  # noqa: F401  (cleanup_stale_sandboxes*: re-exported for callers)
+    acquire_slot, cleanup_stale_sandboxes, cleanup_stale_sandboxes_once, create_cgroups, release_slot,
+    remove_cgroups, rmtree_quiet, sandbox_uid)
+from oapl.rewards.sandbox.types import (STATUSES, ProgramJob, ProgramResult, SandboxConfig,  # noqa: F401
+                                        SandboxUnavailableError, TestRun)
 
 logger = logging.getLogger(__name__)
 
 LAUNCHER = Path(__file__).with_name("_launcher.py")
-
-#: Statuses a test run can have (``ok`` = exited 0 in time within all limits).
-STATUSES = ("ok", "timeout", "runtime_error", "signal", "output_limit", "no_result",
-            "deadline", "harness_error")
-
-
-class SandboxUnavailableError(RuntimeError):
-    """Raised (fail-closed) when the required isolation cannot be set up."""
-
-
-@dataclass(frozen=True)
-class SandboxConfig:
-    """Limits and policy for running untrusted programs.
-
-    Attributes:
-        timeout_s: wall-clock (and CPU-time) limit per test case.
-        total_deadline_s: wall-clock limit for all test cases of one program.
-        memory_mb: address-space limit (``RLIMIT_AS``) of the program, in MiB.
-        max_output_bytes: stdout (and functional result) limit per test case.
-        max_processes: processes/threads the program may have (``RLIMIT_NPROC``).
-        workers: programs run in parallel (default: number of usable CPUs).
-        allow_no_netns: if namespaces cannot be created, run anyway with only
-            rlimits, a process group and (as root) a dedicated uid, i.e. WITHOUT
-            network, pid and file-system isolation.  Off by default: the
-            sandbox fails closed with :class:`SandboxUnavailableError`.
-        max_file_bytes: largest file the program may write (``RLIMIT_FSIZE``).
-        tmpfs_mb: size of the program's private in-memory ``/tmp`` (its cwd).
-        max_open_files: ``RLIMIT_NOFILE`` of the program.
-        isolation: ``"auto"`` (namespaces, else fail closed / degrade if
-            ``allow_no_netns``), ``"namespaces"`` (always required) or ``"none"``
-            (requires ``allow_no_netns=True``; for hosts where namespaces are
-            known to be forbidden).
-        uid_base: as root, each concurrently running program gets its own uid
-            ``uid_base + (pid mod 2**22) * 256 + slot`` (no such user exists).
-        python: interpreter that runs the programs (default: ``sys.executable``).
-        stop_on_error: stop a program at its first failing test case.
-        startup_grace_s: extra trainer-side slack on top of ``total_deadline_s``.
-    """
-
-    timeout_s: float = 6.0
-    total_deadline_s: float = 60.0
-    memory_mb: int = 1024
-    max_output_bytes: int = 4 << 20
-    max_processes: int = 16
-    workers: int = 0
-    allow_no_netns: bool = False
-    max_file_bytes: int = 16 << 20
-    tmpfs_mb: int = 64
-    max_open_files: int = 64
-    isolation: str = "auto"
-    uid_base: int = 1_000_000_000
-    python: str = ""
-    stop_on_error: bool = True
-    startup_grace_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.total_deadline_s <= 0:
-            raise ValueError("timeout_s and total_deadline_s must be positive")
-        if self.memory_mb < 64:
-            raise ValueError("memory_mb must be at least 64 (the interpreter needs it)")
-        if self.max_output_bytes < 1 or self.max_file_bytes < 0 or self.tmpfs_mb < 1:
-            raise ValueError("output/file/tmpfs limits must be positive")
-        if self.max_processes < 1 or self.max_open_files < 8:
-            raise ValueError("max_processes >= 1 and max_open_files >= 8 required")
-        if self.isolation not in ("auto", "namespaces", "none"):
-            raise ValueError("isolation must be 'auto', 'namespaces' or 'none'")
-        if self.isolation == "none" and not self.allow_no_netns:
-            raise ValueError("isolation='none' requires allow_no_netns=True")
-        if self.workers < 0:
-            raise ValueError("workers must be >= 0 (0 = number of CPUs)")
-        if not 0 < self.uid_base < 2**30:
-            raise ValueError("uid_base must be in (0, 2**30)")
-
-    @property
-    def n_workers(self) -> int:
-        """Effective number of parallel programs."""
-        if self.workers:
-            return self.workers
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - non-Linux
-            return max(1, os.cpu_count() or 1)
-
-
-@dataclass
-class TestRun:
-    """What one execution of the program on one test input produced."""
-
-    index: int
-    status: str
-    exit_code: int | None = None
-    cpu_s: float = 0.0
-    wall_s: float = 0.0
-    stdout: str = ""
-    result: str | None = None  # JSON of the return value (functional tests)
-    stderr_tail: str = ""
-
-
-@dataclass
-class ProgramJob:
-    """A program and the inputs to run it on.
-
-    ``inputs`` are stdin strings (``mode="stdin"``) or argument lists
-    (``mode="functional"``, calling ``func_name``).  ``check(run)`` is called in
-    the trainer for every finished test and decides whether it passed; the
-    program is stopped at the first failure.
-    """
-
-    code: str
-    mode: str
-    inputs: Sequence[Any]
-    func_name: str | None = None
-    check: Callable[[TestRun], bool] | None = None
-
-
-@dataclass
-class ProgramResult:
-    """Outcome of a :class:`ProgramJob`: ``passed`` iff every test ran and passed."""
-
-    passed: bool
-    runs: list[TestRun] = field(default_factory=list)
-    error: str | None = None
-    isolation: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- uid slots
-
-_slot_lock = threading.Lock()
-_slots_in_use: set[int] = set()
-
-
-def _acquire_slot() -> int:
-    with _slot_lock:
-        slot = 0
-        while slot in _slots_in_use:
-            slot += 1
-        _slots_in_use.add(slot)
-        return slot
-
-
-def _release_slot(slot: int) -> None:
-    with _slot_lock:
-        _slots_in_use.discard(slot)
-
-
-def sandbox_uid(config: SandboxConfig, slot: int) -> int:
-    """The dedicated uid of a concurrently running program (root only)."""
-    return config.uid_base + (os.getpid() % (1 << 22)) * 256 + (slot % 256)
-
-
-# --------------------------------------------------------------------------- cgroups
-
-_CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def _cgroup_limits(config: SandboxConfig) -> tuple[int, int]:
-    """(memory bytes, pids) for a whole sandbox: program + its tmpfs + launcher overhead."""
-    memory = (config.memory_mb + 2 * config.tmpfs_mb + 160) << 20
-    return memory, config.max_processes + 8
-
-
-def create_cgroups(config: SandboxConfig, name: str) -> list[str]:
-    """Create memory+pids cgroups for one sandbox (root only, best effort).
-
-    Returns the ``cgroup.procs`` files the launcher must join (empty when
-    cgroups are not writable here; rlimits and ``oom_score_adj`` still apply).
-    """
-    if os.geteuid() != 0 or not os.path.isdir(_CGROUP_ROOT):
-        return []
-    memory, pids = _cgroup_limits(config)
-    procs: list[str] = []
-    try:
-        if os.path.exists(os.path.join(_CGROUP_ROOT, "cgroup.controllers")):  # cgroup v2
-            with open(os.path.join(_CGROUP_ROOT, "cgroup.controllers")) as f:
-                available = f.read().split()
-            if "memory" not in available:
-                return []
-            try:
-                with open(os.path.join(_CGROUP_ROOT, "cgroup.subtree_control"), "w") as f:
-                    f.write("+memory" + (" +pids" if "pids" in available else ""))
-            except OSError:
-                pass
-            path = os.path.join(_CGROUP_ROOT, name)
-            os.makedirs(path, exist_ok=True)
-            _write(os.path.join(path, "memory.max"), str(memory))
-            _write(os.path.join(path, "memory.swap.max"), "0", optional=True)
-            _write(os.path.join(path, "pids.max"), str(pids), optional=True)
-            return [os.path.join(path, "cgroup.procs")]
-        mem_root = os.path.join(_CGROUP_ROOT, "memory")
-        if os.path.isdir(mem_root):  # cgroup v1
-            path = os.path.join(mem_root, name)
-            os.makedirs(path, exist_ok=True)
-            procs.append(os.path.join(path, "cgroup.procs"))
-            _write(os.path.join(path, "memory.limit_in_bytes"), str(memory))
-            _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(memory), optional=True)
-        pids_root = os.path.join(_CGROUP_ROOT, "pids")
-        if os.path.isdir(pids_root):
-            path = os.path.join(pids_root, name)
-            os.makedirs(path, exist_ok=True)
-            procs.append(os.path.join(path, "cgroup.procs"))
-            _write(os.path.join(path, "pids.max"), str(pids))
-    except OSError as exc:
-        logger.debug("cgroups unavailable for the sandbox: %s", exc)
-        remove_cgroups(procs)
-        return []
-    return procs
-
-
-def _write(path: str, value: str, optional: bool = False) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError:
-        if not optional:
-            raise
-
-
-def remove_cgroups(procs_files: list[str]) -> None:
-    """Remove sandbox cgroups once empty (retrying while exits are accounted)."""
-    for procs in procs_files:
-        path = os.path.dirname(procs)
-        for _ in range(100):
-            try:
-                os.rmdir(path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.01)
-        else:
-            logger.warning("could not remove sandbox cgroup %s", path)
-
-
-# --------------------------------------------------------------------------- leftovers of killed runs
-
-_STALE_NAME = re.compile(r"^oapl-sbx-(\d+)-")
-_CGROUP_DIRS = (_CGROUP_ROOT, os.path.join(_CGROUP_ROOT, "memory"), os.path.join(_CGROUP_ROOT, "pids"))
-_stale_cleaned = False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale_pid(name: str) -> int | None:
-    """The pid in a sandbox dir/cgroup name if that process is gone (never our own)."""
-    m = _STALE_NAME.match(name)
-    if m is None:
-        return None
-    pid = int(m.group(1))
-    return None if pid == os.getpid() or _pid_alive(pid) else pid
-
-
-def cleanup_stale_sandboxes(tmp_root: str | None = None, cgroup_dirs: Sequence[str] = _CGROUP_DIRS) -> list[str]:
-    """Remove sandbox temp dirs and cgroups left by killed processes; returns what was removed.
-
-    Sandboxes are named ``oapl-sbx-<pid>-...`` after the process that made them; only those of
-    processes that no longer exist (and, for directories, that belong to this user) are touched,
-    so concurrent runs are safe. Any process still in a stale cgroup is killed first.
-    """
-    removed: list[str] = []
-    root = tmp_root or tempfile.gettempdir()
-    try:
-        names = os.listdir(root)
-    except OSError:
-        names = []
-    for name in names:
-        path = os.path.join(root, name)
-        if _stale_pid(name) is None:
-            continue
-        try:
-            if os.lstat(path).st_uid != os.geteuid() or not os.path.isdir(path) or os.path.islink(path):
-                continue
-        except OSError:
-            continue
-        _rmtree(path)
-        if not os.path.exists(path):
-            removed.append(path)
-    for base in cgroup_dirs:
-        try:
-            names = os.listdir(base)
-        except OSError:
-            continue
-        for name in names:
-            path = os.path.join(base, name)
-            if _stale_pid(name) is None or not os.path.isdir(path):
-                continue
-            try:
-                with open(os.path.join(path, "cgroup.procs")) as f:
-                    for line in f:
-                        try:
-                            os.kill(int(line), signal.SIGKILL)
-                        except (ValueError, ProcessLookupError, PermissionError):
-                            pass
-            except OSError:
-                pass
-            remove_cgroups([os.path.join(path, "cgroup.procs")])
-            if not os.path.exists(path):
-                removed.append(path)
-    if removed:
-        logger.info("removed %d sandbox leftover(s) of killed runs: %s", len(removed), ", ".join(removed))
-    return removed
-
-
-def cleanup_stale_sandboxes_once() -> None:
-    """:func:`cleanup_stale_sandboxes` on the first call in this process."""
-    global _stale_cleaned
-    if not _stale_cleaned:
-        _stale_cleaned = True
-        try:
-            cleanup_stale_sandboxes()
-        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a run
-            logger.debug("sandbox leftover cleanup failed: %s", exc)
-
 
 # --------------------------------------------------------------------------- launching
 
@@ -371,19 +51,6 @@ def _launcher_env() -> dict[str, str]:
         "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
         "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
     }
-
-
-def _rmtree(path: str) -> None:
-    def onerror(func, p, _exc):  # read-only dirs left by a degraded-mode program
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            if not os.path.islink(p):
-                os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -407,7 +74,7 @@ def launch(
     program (the sandbox is killed immediately).  Never raises for anything
     the program does.
     """
-    slot = _acquire_slot()
+    slot = acquire_slot()
     tmp = tempfile.mkdtemp(prefix=f"oapl-sbx-{os.getpid()}-")  # the pid lets a later run clean up after a kill
     cgroups = create_cgroups(config, f"oapl-sbx-{os.getpid()}-{slot}")
     root_uid = os.geteuid() == 0
@@ -526,9 +193,9 @@ def launch(
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
-        _rmtree(tmp)
+        rmtree_quiet(tmp)
         remove_cgroups(cgroups)
-        _release_slot(slot)
+        release_slot(slot)
     if error and stderr_buf:
         error += " | launcher stderr: " + stderr_buf.decode("utf-8", "replace")[-2000:]
     return runs, ready, error, others
