@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from oapl.cli.main import main
 from oapl.data.rollouts import read_rollouts
@@ -145,3 +146,40 @@ def test_code_task_trains_end_to_end(tiny_model_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["reward_errors"] == 0  # random text scores 0 through the sandbox, it does not crash it
     assert rows[0]["reward_mean"] == 0.0
+
+
+def test_offline_lora_run_resumes_its_adapters(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    """Interrupted after epoch 1 and resumed, an offline LoRA run ends with the adapters of an
+    uninterrupted run: the checkpoint's adapters come back, not fresh ones."""
+    from safetensors.torch import load_file
+
+    from oapl.generate import generate_dataset
+    from oapl.offline import train_offline
+    from oapl.trainer.policy import Policy
+
+    gen = cfg_for(tiny_model_dir, prompts_file, tmp_path / "gen")
+    generate_dataset(gen, tmp_path / "data", n=8)
+    over = {"offline.data": str(tmp_path / "data"), "offline.epochs": 2, "offline.min_correct": 0,
+            "rollout.prompts_per_step": 2, "model.lora.enabled": True, "model.lora.r": 4, "optim.lr": 1e-2}
+    full = train_offline(cfg_for(tiny_model_dir, prompts_file, tmp_path / "full", **over))
+    per_epoch = full["steps"] // 2
+    real_step, calls = Policy.train_step, {"n": 0}
+
+    def interrupted(self, groups):
+        calls["n"] += 1
+        if calls["n"] == per_epoch + 1:  # the first step of epoch 2
+            raise KeyboardInterrupt
+        return real_step(self, groups)
+
+    monkeypatch.setattr(Policy, "train_step", interrupted)
+    cfg = cfg_for(tiny_model_dir, prompts_file, tmp_path / "resumed", **over)
+    with pytest.raises(KeyboardInterrupt):
+        train_offline(cfg)
+    monkeypatch.setattr(Policy, "train_step", real_step)
+    resumed = train_offline(cfg, resume=True)
+    assert resumed["steps"] == full["steps"]
+    a = load_file(str(Path(full["checkpoints"][-1]) / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed["checkpoints"][-1]) / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

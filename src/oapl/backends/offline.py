@@ -110,11 +110,12 @@ class StoredRollout:
         return []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
+        # nothing: the position is the trainer's step (a batch read but not trained on, e.g. when
+        # Ctrl-C lands inside the step, is read again on resume)
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "position" in state:
-            self.position = int(state["position"])
+        pass
 
 
 class OfflineBackend:
