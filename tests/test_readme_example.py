@@ -14,9 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The README promises about 3 minutes on an idle 2-core machine (and the issue at most 5); a CI machine
-#: shared with other jobs is slower, so the hard limit leaves room, and the time is printed.
-LIMIT_S = float(os.environ.get("OAPL_README_EXAMPLE_LIMIT_S", "900"))
+#: At most 5 minutes on CPU (issue 14); measured 3 min 44 s on a 2-core machine at load average 6-9.
+#: A slower machine can raise the limit with OAPL_README_EXAMPLE_LIMIT_S; the time is printed.
+LIMIT_S = float(os.environ.get("OAPL_README_EXAMPLE_LIMIT_S", "300"))
 
 
 def readme_example() -> str:
@@ -42,19 +42,22 @@ def test_readme_example_runs_and_learns(tmp_path):
     script.write_text(readme_example())
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=LIMIT_S, env=env)
+    try:
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=LIMIT_S, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the README example took more than {LIMIT_S:.0f} s; its output: {str(e.stdout)[-2000:]}")
     seconds = time.perf_counter() - t0
     print(f"README example: {seconds:.0f} s")
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
-    assert len(steps) == 6, proc.stdout  # the callback saw every step
+    assert len(steps) == 4, proc.stdout  # the callback saw every step
     run = tmp_path / "runs" / "readme"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
     assert len(evals) == 2, rows
     before, after = evals
-    assert after > before + 0.2, (before, after)  # seen: 0.06 -> 0.53
+    assert after > before + 0.15, (before, after)  # seen: 0.06 -> 0.34 (twice)
     assert f"'eval_pass@1': {after}" in proc.stdout  # trainer.evaluate() is the run's final evaluation
     assert (run / "model" / "model.safetensors").exists() and (run / "model" / "tokenizer.json").exists()
     config = (run / "config.yaml").read_text()
