@@ -298,3 +298,42 @@ def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_
         moved += int(((w1[n] - w0[n]) != 0)[nz].sum())
         total += int(nz.sum())
     assert total > 1000 and moved / total >= 0.99, moved / total
+
+
+def test_collective_sync_publishes_once_and_a_restarted_engine_waits(ray_cluster, tiny_model_dir, prompts_file,
+                                                                       tmp_path, monkeypatch):
+    """Collective transport, 2 engines in the background: a sync is one broadcast (no object-store copy
+    of the weights); an engine killed mid-window is restarted, idles until the next sync's broadcast
+    (it holds no synced weights before), and the run finishes with batches of one version each."""
+    from oapl.distributed.trainer import TrainerGroup
+    from oapl.loop import train
+
+    live = _capture_trainers(monkeypatch)
+    versions, killed, published = [], [], []
+    orig_step, orig_publish = TrainerGroup.train_step, TrainerGroup.publish_weights
+
+    def spy(self, groups, want_grads=False):
+        versions.append([g.version for g in groups])
+        if len(versions) == 3:  # mid-window
+            pid = live[0].pool.pids()[1]
+            _sigkill(pid)
+            killed.append(pid)
+        return orig_step(self, groups, want_grads)
+
+    def count_publish(self):
+        published.append(1)
+        return orig_publish(self)
+
+    monkeypatch.setattr(TrainerGroup, "train_step", spy)
+    monkeypatch.setattr(TrainerGroup, "publish_weights", count_publish)
+    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
+                   **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 2,
+                      "distributed.weight_transport": "collective", "distributed.max_engine_restarts": 2})
+    result = train(cfg)
+    assert killed and len(live) == 1 and result.steps == 8
+    assert published == []  # 4 syncs, every one a single broadcast
+    rows = read_rows(tmp_path / "run")
+    assert rows[-1]["engine_restarts"] == 1
+    for step, vs in enumerate(versions):
+        assert len(set(vs)) == 1 and vs[0] == step // 2, (step, vs)  # never mixed, always current
+    assert abs(rows[4]["log_ratio_mean"]) < 1e-3  # right after a sync the engines hold the trainer's weights

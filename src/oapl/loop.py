@@ -311,10 +311,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                     run.close()
 
 
-def _retryable(e: BaseException) -> bool:
+def _retryable(e: BaseException | None) -> bool:
+    """A trainer failure, also when it surfaced through a rollout worker (``raise ... from``)."""
     from oapl.distributed.cluster import TrainerFailure
 
-    return isinstance(e, TrainerFailure)
+    while e is not None:
+        if isinstance(e, TrainerFailure):
+            return True
+        e = e.__cause__
+    return False
 
 
 def backend_session(cfg: TrainConfig):
