@@ -425,3 +425,14 @@ def test_coming_from_trl_ports_a_grpo_script_by_changing_three_lines(tmp_path):
     theirs = eval(re.search(r"args=(GRPOConfig\(.*?\)),\n\s*\)", trl_code, re.S).group(1),  # noqa: S307
                   {"GRPOConfig": lambda **kw: trl.GRPOConfig(**kw, use_cpu=True, bf16=False)})  # no GPU here
     assert theirs.per_device_train_batch_size * theirs.gradient_accumulation_steps == 64
+
+
+def test_grpo_baseline_through_the_same_trainer(tiny_model_dir, tmp_path):
+    rows = []
+    trainer = OAPLTrainer(tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(),
+                          args=_args(tmp_path / "run", max_steps=2, algorithm="grpo", epsilon=0.3,
+                                     vllm_importance_sampling_cap=3.0), callbacks=[rows.append])
+    assert trainer.train().global_step == 2
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["algorithm"]
+    assert (saved["name"], saved["clip_eps"], saved["is_cap"]) == ("grpo", 0.3, 3.0)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]

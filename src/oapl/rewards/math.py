@@ -16,11 +16,13 @@ math-verify) costs only that completion: the others are rescored in a fresh pool
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import os
 import threading
+import weakref
 from typing import Any
 
 from oapl.rewards.base import RewardUnavailableError, completion_text
@@ -88,6 +90,7 @@ class MathVerifier:
         self.crashes = 0
         self._pool: cf.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        _live.add(self)
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         with self._lock:
@@ -170,6 +173,16 @@ def _kill(pool: cf.ProcessPoolExecutor) -> None:
     for proc in list((getattr(pool, "_processes", None) or {}).values()):
         proc.kill()
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+_live: weakref.WeakSet[MathVerifier] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop the worker pools before the interpreter tears its modules down (no noise at exit)."""
+    for verifier in list(_live):
+        verifier.close()
 
 
 _default: MathVerifier | None = None
