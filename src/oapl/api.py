@@ -132,8 +132,8 @@ class OAPLTrainer:
             args = OAPLConfig()
         if not isinstance(args, TrainConfig):
             raise TypeError(f"OAPLTrainer: args must be an OAPLConfig (or TrainConfig), not {type(args).__name__}; "
-                            "a TRL GRPOConfig converts with OAPLConfig(**{k: v for k, v in vars(cfg).items() "
-                            "if k in oapl.trl_config.TRL_FIELDS})")
+                            "for a TRL GRPOConfig write OAPLConfig(...) with the same arguments (the names oapl "
+                            "maps: docs/coming-from-trl.md)")
         extras = ({"num_train_epochs": args.num_train_epochs, "overwrite_output_dir": args.overwrite_output_dir}
                   if isinstance(args, OAPLConfig) else {})
         tree = args.model_dump(mode="json", exclude={"num_train_epochs", "overwrite_output_dir"})
