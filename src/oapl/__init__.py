@@ -11,8 +11,7 @@ They are imported on first use, so ``import oapl`` stays cheap (no torch).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from oapl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -27,16 +26,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name == "rewards":
-        return importlib.import_module("oapl.rewards")
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'oapl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {**_LAZY, "rewards": "oapl.rewards"}, __all__)

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from oapl.config import ConfigError, TrainConfig, format_errors
+from oapl.config import ConfigError, TrainConfig, format_errors, set_dotted
 
 _MISSING = object()
 
@@ -215,14 +215,7 @@ def _set(tree: dict, dotted: str, value: Any, source: str, sources: dict[str, st
     if current is not _MISSING and current != value:
         other = sources.get(dotted, dotted)
         raise ValueError(f"{source}={value!r} and {other} (={current!r}) both set {dotted}; give one")
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"{key} is not a section (setting {dotted})")
-        node = child
-    node[keys[-1]] = value
+    set_dotted(tree, dotted, value)  # a ConfigError (a ValueError) when a key on the way is not a section
     sources.setdefault(dotted, source)
 
 

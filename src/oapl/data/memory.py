@@ -151,9 +151,7 @@ def reward_spec(fn: Any, field: str = "reward_funcs") -> str:
     spec = _import_spec(fn)
     if spec is not None:
         return spec
-    from oapl.rewards.base import reward_name
-
-    base = re.sub(r"[^\w.+-]", "_", reward_name(fn)) or "reward"
+    base = re.sub(r"[^\w.+-]", "_", callable_name(fn)) or "reward"
     with _lock:
         for k in range(1, 10_000):
             marker = f"<in-memory:reward:{base}>" if k == 1 else f"<in-memory:reward:{base}#{k}>"
@@ -192,3 +190,11 @@ def in_memory_fields(tree: Mapping[str, Any]) -> dict[str, str]:
 
     walk(tree, "")
     return out
+
+
+def callable_name(fn: Any) -> str:
+    """A readable name of a callable (function, partial, callable object)."""
+    name = getattr(fn, "__name__", None)
+    if name is None and hasattr(fn, "func"):  # functools.partial
+        name = getattr(fn.func, "__name__", None)
+    return str(name or type(fn).__name__)

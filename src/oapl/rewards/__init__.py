@@ -13,8 +13,7 @@ imported on first use: ``import oapl.rewards`` loads neither math-verify nor the
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from oapl._lazy import lazy_exports
 
 __all__ = ["math_reward", "code_reward"]
 
@@ -27,14 +26,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'oapl.rewards' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)

@@ -217,10 +217,9 @@ def _fatal(e: BaseException) -> bool:
 
 def reward_name(fn: Any) -> str:
     """A readable name of a reward callable (function, partial, callable object)."""
-    name = getattr(fn, "__name__", None)
-    if name is None and hasattr(fn, "func"):  # functools.partial
-        name = getattr(fn.func, "__name__", None)
-    return str(name or type(fn).__name__)
+    from oapl.data.memory import callable_name
+
+    return callable_name(fn)
 
 
 class CombinedReward:
