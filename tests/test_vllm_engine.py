@@ -258,7 +258,7 @@ def test_weight_sync_matches_transformers_with_the_same_weights(base, tiny):
     assert _max_diff(new_scores, old_scores) > 0.05
 
 
-def test_weight_sync_prints_no_benign_failed_to_load_warning(base, tiny):
+def test_weight_sync_prints_no_benign_failed_to_load_warning(base, tiny, monkeypatch):
     """vLLM's reload warns "RotaryEmbedding: Failed to load weights" at every sync; it is filtered."""
     import logging
 
@@ -271,6 +271,13 @@ def test_weight_sync_prints_no_benign_failed_to_load_warning(base, tiny):
             seen.append(record.getMessage())
 
     logger = logging.getLogger(RELOAD_LOGGER)
+    # whatever earlier tests in this process did to logging (levels, disabled loggers, logging.disable),
+    # the reload logger must emit its WARNING here for the filter to see it
+    monkeypatch.setattr(logging.root.manager, "disable", 0)
+    for lg in (logger, logging.getLogger("vllm")):
+        monkeypatch.setattr(lg, "disabled", False)
+    old_level = logger.level
+    logger.setLevel(logging.WARNING)  # (also clears the loggers' cached enabled-for answers)
     handler = Capture(level=logging.DEBUG)
     logger.addHandler(handler)
     filt = install_vllm_filters()
@@ -279,6 +286,7 @@ def test_weight_sync_prints_no_benign_failed_to_load_warning(base, tiny):
         base.load_weights(tiny["state"].items(), 1)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(old_level)
     assert filt.dropped > dropped  # vLLM did print it, and the filter took it
     assert not [m for m in seen if "Failed to load weights" in m], seen
 
