@@ -107,12 +107,15 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     reps = 50 if device.type == "cuda" else 5
     for _ in range(3):
         x @ y
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        x @ y
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+    best = 0.0
+    for _ in range(5):  # the best of 5 trials: a busy machine only ever slows a trial down
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            x @ y
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e12)
+    return best
 
 
 def sync(device: torch.device) -> None:
