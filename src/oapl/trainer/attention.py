@@ -89,6 +89,12 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError("packed attention does not support attention dropout (set it to 0 for RL training)")
     max_len = int(kwargs.get("max_length_q") or 0)
     groups = query.shape[1] // key.shape[1]
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # RoPE in fp32 (cos/sin follow the fp32 residual stream) leaves q, k in fp32 and v in the
+        # autocast dtype; the varlen kernels are not autocast ops, so cast here as SDPA's autocast would
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     backend = _BACKEND["name"]
     if backend == "auto":
         backend = available_backends(query.device, query.dtype)[0]
