@@ -289,6 +289,12 @@ class EnginePool:
                 self.actors[i] = self._spawn(i)
                 self.epoch += 1
                 if not load or self.weights_ref is None:
+                    try:  # wait until its engine is built (a later liveness ping must not time out on it)
+                        ray.get(self.actors[i].ping.remote())
+                    except Exception as e:
+                        if not is_actor_death(e):
+                            raise
+                        continue
                     self.pending.add(i)
                     self.engines[i].version = -1
                     if load and len(self.pending) == self.n:
@@ -451,18 +457,21 @@ class RayRolloutWorker(RolloutWorker):
 
     def produce_or_restart(self) -> list | None:
         """One engine call; ``None`` when the actor died (restarted, in-flight groups dropped)."""
+        pending = self.engine.pool.is_pending(self.engine.index)
         try:
-            return self.produce()
+            if not pending:  # (checked first: a pending slot draws no prompts)
+                return self.produce()
         except EnginePending:
-            if self._stop.wait(0.05):  # idle until the next sync gives the slot its weights
-                raise BufferClosed("stopping") from None
-            return None
+            pending = True
         except EngineDied as e:
             if self._stop.is_set():
                 raise BufferClosed("stopping") from None
             with self.engine_lock:
                 self.engine.pool.restart(self.engine.index, e.actor)
             return None
+        if pending and self._stop.wait(0.05):  # idle until the next sync gives the slot its weights
+            raise BufferClosed("stopping")
+        return None
 
     def _run(self) -> None:
         try:
