@@ -119,7 +119,7 @@ class RayBackend(OnlineBackend):
 
     def publish(self, version: int) -> float:
         t0 = time.perf_counter()
-        self.pool.load(self.trainers, version)
+        self.pool.load(self.trainers.publish_weights(), version, trainers=self.trainers)
         seconds = time.perf_counter() - t0
         if self.cfg.algorithm.reference_logprobs == "recompute":
             self.trainers.call("snapshot_reference")

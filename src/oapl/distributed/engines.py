@@ -53,14 +53,6 @@ class EngineDied(RuntimeError):
         self.index, self.actor = index, actor
 
 
-class EnginePending(RuntimeError):
-    """The slot's actor was restarted and waits for the next weight sync (it holds no synced weights)."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__(f"engine actor {index} waits for the next weight sync")
-        self.index = index
-
-
 class EngineActor:
     """One inference engine in its own process (the body of a Ray actor)."""
 
@@ -127,8 +119,6 @@ class RemoteEngine:
         return self.pool.cfg.engine.max_model_len
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
-        if self.pool.is_pending(self.index):
-            raise EnginePending(self.index)
         ray = require_ray()
         actor = self.pool.actor(self.index)
         try:
@@ -164,12 +154,6 @@ class EnginePool:
         self.total_restarts = 0
         self.weights_ref = None
         self.version = 0
-        # Under the collective transport with >= 2 engines generating in the background, a sync is one
-        # broadcast and no object-store copy is made: an engine restarted mid-window waits, idle, for
-        # the next sync's broadcast while the others keep generating. With one engine, or synchronous
-        # generation, nothing else could generate until then, so the copy is kept for restarts.
-        self.lazy_copy = transport == "collective" and self.n >= 2 and cfg.rollout.asynchronous
-        self.pending: set[int] = set()  # restarted slots waiting for the next broadcast
         self._cfg_json = cfg.model_dump(mode="json")
         self._threads = actor_threads(cfg, d.engine_num_cpus)
         self._lock = threading.RLock()
@@ -199,24 +183,21 @@ class EnginePool:
         return self.actors[i]
 
     # -- weights ---------------------------------------------------------------------------------
-    def load(self, trainers, version: int) -> float:
+    def load(self, weights_ref, version: int, trainers=None) -> float:
         """Give every engine the trainer's weights as ``version``; callers hold every slot (paused).
 
-        Object store: rank 0 puts one CPU copy, each engine loads it, and it is kept as what a
-        restarted engine loads. Collective: one broadcast from rank 0 to every engine; the copy is
-        made too unless :attr:`lazy_copy` (then a sync moves the weights once).
+        ``weights_ref`` (the object-store copy) is kept as what a restarted engine loads. With the
+        collective transport and ``trainers``, the weights travel by broadcast instead.
         """
         import time
 
         t0 = time.perf_counter()
-        collective = self.transport == "collective"
-        self.weights_ref = None if (collective and self.lazy_copy) else trainers.publish_weights()
-        self.version = version
-        if collective:
+        self.weights_ref, self.version = weights_ref, version
+        if self.transport == "collective" and trainers is not None:
             self._broadcast(trainers, version)
         else:
             ray = require_ray()
-            refs = [a.load_weights.remote(self.weights_ref, version) for a in self.actors]
+            refs = [a.load_weights.remote(weights_ref, version) for a in self.actors]
             for i, r in enumerate(refs):
                 try:
                     ray.get(r)
@@ -230,8 +211,8 @@ class EnginePool:
     def _broadcast(self, trainers, version: int) -> None:
         actors = list(self.actors)
         for i, ok in enumerate(alive(actors)):
-            if not ok:  # a replacement joins the group and receives this broadcast
-                self.restart(i, actors[i], load=False)
+            if not ok:  # restarted engines load the new version from the object store, then join
+                self.restart(i, actors[i])
         if self._group_epoch != self.epoch:
             host, port = trainers.rank0("address")
             world = self.n + 1
@@ -247,8 +228,6 @@ class EnginePool:
         self._wait_collective(refs, trainers)
         for e in self.engines:
             e.version = version
-        with self._lock:
-            self.pending.clear()
 
     def _wait_collective(self, refs, trainers) -> None:
         try:
@@ -260,15 +239,11 @@ class EnginePool:
             # in it; resume the whole run from the latest checkpoint
             raise TrainerFailure(f"weight broadcast failed: {type(e).__name__}: {e}") from e
 
-    def restart(self, i: int, dead=None, load: bool = True) -> None:
-        """Replace slot ``i``'s actor and give it the latest synced weights and version.
+    def restart(self, i: int, dead=None) -> None:
+        """Replace slot ``i``'s actor and load the latest synced weights and version into it.
 
         ``dead``: the actor handle that was seen to fail; if the slot already has another actor
-        (someone else restarted it meanwhile), nothing is done. Without an object-store copy
-        (:attr:`lazy_copy`), or with ``load=False`` (a sync's broadcast follows), the new actor
-        holds no synced weights yet: the slot is *pending* and generates nothing until the next
-        broadcast. Every slot pending at once would stall the run: that is a :class:`TrainerFailure`
-        (the run resumes from its latest checkpoint).
+        (someone else restarted it meanwhile), nothing is done.
         """
         ray = require_ray()
         with self._lock:
@@ -288,21 +263,6 @@ class EnginePool:
                 kill_actor(self.actors[i])
                 self.actors[i] = self._spawn(i)
                 self.epoch += 1
-                if not load or self.weights_ref is None:
-                    try:  # wait until its engine is built (a later liveness ping must not time out on it)
-                        ray.get(self.actors[i].ping.remote())
-                    except Exception as e:
-                        if not is_actor_death(e):
-                            raise
-                        continue
-                    self.pending.add(i)
-                    self.engines[i].version = -1
-                    if load and len(self.pending) == self.n:
-                        raise TrainerFailure("every engine actor died within one sync window under the collective "
-                                             "weight transport; no synced weights are left to restart them from")
-                    log.warning("engine actor %d waits for the next weight sync (no object-store copy is kept "
-                                "under the collective transport)", i)
-                    return
                 try:
                     ray.get(self.actors[i].load_weights.remote(self.weights_ref, self.version))
                     self.engines[i].version = self.version
@@ -310,10 +270,6 @@ class EnginePool:
                 except Exception as e:
                     if not is_actor_death(e):
                         raise
-
-    def is_pending(self, i: int) -> bool:
-        with self._lock:
-            return i in self.pending
 
     def pids(self) -> list[int]:
         return require_ray().get([a.ping.remote() for a in self.actors])
@@ -347,15 +303,13 @@ class PoolEngine:
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         ray = require_ray()
         prompts = [list(p) for p in prompt_token_ids]
-        ready = [i for i in range(self.pool.n) if not self.pool.is_pending(i)]  # slots holding synced weights
-        if not ready:
-            raise EnginePending(-1)
-        k = max(1, min(len(ready), len(prompts)))
+        k = max(1, min(self.pool.n, len(prompts)))
         size = math.ceil(len(prompts) / k)
-        chunks = [(ready[j], prompts[j * size:(j + 1) * size]) for j in range(k) if prompts[j * size:(j + 1) * size]]
-        refs = [(i, self.pool.actor(i), self.pool.actor(i).generate.remote(c, params)) for i, c in chunks]
+        chunks = [(i, prompts[i * size:(i + 1) * size]) for i in range(k) if prompts[i * size:(i + 1) * size]]
+        actors = {i: self.pool.actor(i) for i, _ in chunks}
+        refs = [actors[i].generate.remote(c, params) for i, c in chunks]
         out: list[GenerationOutput] = []
-        for (_, c), (i, actor, ref) in zip(chunks, refs):
+        for (i, c), ref in zip(chunks, refs):
             while True:
                 try:
                     out.extend(ray.get(ref))
@@ -363,13 +317,9 @@ class PoolEngine:
                 except Exception as e:
                     if not is_actor_death(e):
                         raise
-                    self.pool.restart(i, actor)
-                    if self.pool.is_pending(i):  # restarted without weights: another slot takes the chunk
-                        i = next((j for j in range(self.pool.n) if not self.pool.is_pending(j)), None)
-                        if i is None:
-                            raise EnginePending(-1) from e
-                    actor = self.pool.actor(i)
-                    ref = actor.generate.remote(c, params)
+                    self.pool.restart(i, actors[i])
+                    actors[i] = self.pool.actor(i)
+                    ref = actors[i].generate.remote(c, params)
         return out
 
     def load_weights(self, weights: WeightIterator, version: int) -> float:
@@ -457,21 +407,14 @@ class RayRolloutWorker(RolloutWorker):
 
     def produce_or_restart(self) -> list | None:
         """One engine call; ``None`` when the actor died (restarted, in-flight groups dropped)."""
-        pending = self.engine.pool.is_pending(self.engine.index)
         try:
-            if not pending:  # (checked first: a pending slot draws no prompts)
-                return self.produce()
-        except EnginePending:
-            pending = True
+            return self.produce()
         except EngineDied as e:
             if self._stop.is_set():
                 raise BufferClosed("stopping") from None
             with self.engine_lock:
                 self.engine.pool.restart(self.engine.index, e.actor)
             return None
-        if pending and self._stop.wait(0.05):  # idle until the next sync gives the slot its weights
-            raise BufferClosed("stopping")
-        return None
 
     def _run(self) -> None:
         try:
@@ -508,8 +451,7 @@ class RolloutFleet:
             self._executor = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="oapl-fill")
         while len(self.buffer) < k:
             need = math.ceil((k - len(self.buffer)) / self.prompts_per_call)
-            ready = [w for w in self.workers if not self.pool.is_pending(w.engine.index)]
-            ws = ready[:min(need, len(ready))]
+            ws = self.workers[:min(need, len(self.workers))]
             for w in ws:
                 w.sampler.preset = self.sampler.next(self.prompts_per_call)
             futures = [self._executor.submit(w.produce_or_restart) for w in ws]
