@@ -11,6 +11,7 @@ workers, and answers the few things the algorithm asks of them. Three implement 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,7 +81,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class OnlineBackend:
+class OnlineBackend(abc.ABC):
     """What the backends with inference engines (local, Ray) share: the engines sample the task's
     prompts into the buffer, the weights sync every L steps, nothing checkpoints on its own."""
 
@@ -99,9 +100,9 @@ class OnlineBackend:
     def buffer_staleness(self) -> int:
         return self.cfg.rollout.max_staleness
 
+    @abc.abstractmethod
     def rollout_factory(self):
         """``(class, engine)``: what generates (a worker over an engine, a fleet over a pool)."""
-        raise NotImplementedError
 
     def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams):
         self.publish(version)
@@ -111,8 +112,9 @@ class OnlineBackend:
                            cfg.rollout.prompts_per_generate, cfg.seed, weights_id=cfg.model.name)
         return self.rollout
 
+    @abc.abstractmethod
     def publish(self, version: int) -> float:
-        raise NotImplementedError
+        """pi_inf <- pi: the trainer's weights to the engine(s) as ``version``; seconds taken."""
 
     def after_generation(self) -> None:
         pass
