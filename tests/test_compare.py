@@ -37,7 +37,9 @@ def study(tiny_model_dir, prompts_file, out, **over) -> CompareConfig:
             "eval": {"every": 2, "n": 2, "temperature": 1.0},
             "logging": {"progress": False}, "checkpoint": {"save_final": False},
         },
+        "seeds": [0], "checkpoint_every": 2,
         "lag_sweep": {"intervals": [1, 2], "steps": 4},
+        "final_eval": {"n": 4, "bootstrap_reps": 200},
     }
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**tree, **over}.items()], cls=CompareConfig)
 
@@ -52,8 +54,13 @@ def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, t
     assert l1.same_as is None and l1.cfg.rollout.sync_interval == 1
     g = grpo.cfg
     assert (g.algorithm.name, g.algorithm.is_cap, g.algorithm.clip_eps) == ("grpo", 2.0, 0.2)
+    assert g.algorithm.mini_batches == 2  # the paper's GRPO+IS: the PPO clip acts from the second mini-batch
     assert (g.rollout.sync_interval, g.rollout.max_staleness, g.rollout.asynchronous) == (1, 1, True)
-    assert grpo.label == "GRPO (IS cap 2, L=1, off-by-one async)" and oapl.label == "OAPL (L=2)"
+    assert grpo.label == "GRPO (IS cap 2, L=1, off-by-one async, 2 mini-batches)" and oapl.label == "OAPL (L=2)"
+    # resumable: checkpoints at sync boundaries, and a final one for the final evaluation
+    assert [r.cfg.checkpoint.every for r in runs] == [2, 2, 2, 2] and all(r.cfg.checkpoint.save_final for r in runs)
+    cc3 = study(tiny_model_dir, prompts_file, tmp_path, checkpoint_every=3, lag_sweep={"intervals": [2, 5], "steps": 10})
+    assert [r.cfg.checkpoint.every for r in plan_runs(cc3, only="lag")] == [4, 5]  # rounded up to multiples of L
     # the same sample budget for every run
     budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in runs}
     assert budgets == {16}
@@ -62,6 +69,14 @@ def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, t
     sweep = [r for r in plan_runs(cc2, only="lag")]
     assert {r.cfg.steps for r in sweep} == {200} and [r.lag for r in sweep] == [1, 10, 50, 100]
     assert all(r.group == "lag_sweep" for r in sweep)
+    # several seeds: every configuration once per seed; the beta2 sweep on seeds of its own
+    cc4 = study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1],
+                beta2_sweep={"enabled": True, "values": [0.1, 0.01], "seeds": [7]})
+    runs = plan_runs(cc4)
+    assert sorted({(r.name, r.seed) for r in runs if r.group == "algorithms"}) == [
+        ("grpo_is", 0), ("grpo_is", 1), ("oapl", 0), ("oapl", 1)]
+    b2 = [r for r in runs if r.group == "beta2_sweep"]
+    assert [(r.name, r.seed, r.cfg.algorithm.beta2) for r in b2] == [("oapl_b2_0.01", 7, 0.01), ("oapl_b2_0.1", 7, 0.1)]
 
 
 def test_plan_names_the_bad_run(tiny_model_dir, prompts_file, tmp_path):
@@ -92,51 +107,113 @@ def test_summarize_run_hand_made(tmp_path):
 
 
 def test_compare_end_to_end_report_and_resume(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    cc = study(tiny_model_dir, prompts_file, tmp_path)
+    cc = study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1],
+               beta2_sweep={"enabled": True, "values": [0.1], "seeds": [7]})
+    cc.base["checkpoint"] = {"save_final": False, "keep": 3}
     report = run_compare(cc, command="oapl compare study.yaml")
     text = report.read_text()
     img = tmp_path / "docs" / "img"
-    assert (img / "t_algorithms.png").stat().st_size > 10_000
-    assert (img / "t_lag_sweep.png").stat().st_size > 10_000
-    assert "](img/t_algorithms.png)" in text and "](img/t_lag_sweep.png)" in text  # relative links
-    for needle in ("oapl compare study.yaml", "OAPL (L=2)", "GRPO (IS cap 2, L=1, off-by-one async)",
-                   "OAPL L=1", "OAPL L=2", "pass@2", "Reused from the comparison", "Read-out"):
+    for png in ("t_algorithms.png", "t_lag_sweep.png", "t_passk.png", "t_lag_passk.png"):
+        assert (img / png).stat().st_size > 10_000, png
+        assert f"](img/{png})" in text  # relative links
+    for needle in ("oapl compare study.yaml", "OAPL (L=2)", "GRPO (IS cap 2, L=1, off-by-one async, 2 mini-batches)",
+                   "OAPL L=1", "OAPL L=2", "pass@4", "Reused from the comparison", "The paper's claims, tested",
+                   "base model (before training)", "Paired difference at every k", "How beta2 was chosen",
+                   "2 seeds x 3 prompts"):
         assert needle in text, needle
+    assert "Not run yet" not in text
+    claims = json.loads((tmp_path / "runs" / "claims.json").read_text())
+    assert [c["verdict"] for c in claims] and all(c["verdict"] for c in claims)
+    assert len(claims) == 4  # pass@1, pass@k at large k, entropy, stability at the largest L
     runs_dir = tmp_path / "runs"
     assert not (runs_dir / "oapl_L2").exists()  # the L=2 point is the OAPL comparison run
     for name in ("oapl", "grpo_is", "oapl_L1"):
-        rows = [json.loads(x) for x in (runs_dir / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
-        train_rows = [r for r in rows if "loss" in r]
-        assert len(train_rows) == 4 and train_rows[-1]["samples_seen"] == 16
-        evals = [r["step"] for r in rows if "eval/pass@1" in r]
-        assert evals == [0, 2, 4], (name, evals)
-    # the step-0 evaluation ran once and was shared
+        for seed in (0, 1):
+            rows = [json.loads(x) for x in (runs_dir / name / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+            train_rows = [r for r in rows if "loss" in r]
+            assert len(train_rows) == 4 and train_rows[-1]["samples_seen"] == 16
+            assert [r["step"] for r in rows if "eval/pass@1" in r] == [0, 2, 4], (name, seed)
+            res = json.loads((runs_dir / name / f"seed{seed}" / "final_eval" / "result.json").read_text())
+            assert res["n"] == 4 and res["prompt_ids"] == ["p0", "p1", "p2"] and len(res["token_entropy"]) == 3
+            assert all(0 <= c <= 4 for c in res["correct"])
+    base = json.loads((runs_dir / "_base_eval" / "result.json").read_text())
+    assert base["settings"]["checkpoint"] is None and base["n"] == 4
+    # the step-0 evaluation ran once per seed and was shared
     first = json.loads((runs_dir / "oapl" / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
     other = json.loads((runs_dir / "grpo_is" / "seed0" / "metrics.jsonl").read_text().splitlines()[0])
     assert other["eval/pass@1"] == first["eval/pass@1"] and "shared_from" in other
     grpo_rows = [json.loads(x) for x in (runs_dir / "grpo_is" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["lag"] <= 1 for r in grpo_rows if "loss" in r)
+    assert all("clip_frac" in r for r in grpo_rows if "loss" in r)
 
-    # a second invocation reuses every complete run and only rewrites the report
+    # a second invocation reuses every complete run and every final evaluation
     import oapl.loop
+    import oapl.trainer.policy
 
     def boom(*a, **k):
-        raise AssertionError("a complete run was retrained")
+        raise AssertionError("a complete run was retrained or re-evaluated")
 
     monkeypatch.setattr(oapl.loop, "train", boom)
+    monkeypatch.setattr(oapl.trainer.policy, "load_policy", boom)
     assert "oapl compare --second-call" in run_compare(cc, command="oapl compare --second-call").read_text()
+    monkeypatch.undo()
+
+    # an interrupted run resumes from its latest checkpoint (here: step 2 of 4) instead of starting over
+    from oapl.trainer.checkpoint import latest_checkpoint, list_checkpoints
+
+    victim = runs_dir / "oapl_L1" / "seed1"
+    import shutil
+
+    shutil.rmtree(latest_checkpoint(victim))
+    assert latest_checkpoint(victim).name.endswith("2")
+    (victim / "summary.yaml").unlink()
+    shutil.rmtree(victim / "final_eval")
+    lines = (victim / "metrics.jsonl").read_text().splitlines()
+    calls = []
+    real = oapl.loop.train
+
+    def spy(cfg, **kw):
+        calls.append((cfg.output_dir, kw))
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(oapl.loop, "train", spy)
+    run_compare(cc)
+    assert calls == [(str(victim), {"resume": True, "overwrite": False})]
+    rows = [json.loads(x) for x in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # steps 3-4 trained once more, not duplicated
+    assert (victim / "final_eval" / "result.json").exists() and len(list_checkpoints(victim)) >= 1
+    assert len(lines) >= 4
+
     # a changed configuration is not "complete"
+    monkeypatch.setattr(oapl.loop, "train", boom)
     cc2 = study(tiny_model_dir, prompts_file, tmp_path, lag_sweep={"intervals": [1], "steps": 4},
                 algorithms={"oapl": {"optim": {"lr": 2e-3}}})
     with pytest.raises(AssertionError, match="retrained"):
         run_compare(cc2)
 
 
+def test_quick_applies_its_section(tiny_model_dir, prompts_file, tmp_path):
+    from oapl.compare import load_compare_config
+    import yaml
+
+    cc = study(tiny_model_dir, prompts_file, tmp_path,
+               quick={"seeds": [0], "base": {"steps": 2}, "output_dir": str(tmp_path / "quick")})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cc.model_dump_json())))
+    q = load_compare_config(str(path), quick=True)
+    assert q.seeds == [0] and q.base["steps"] == 2 and q.output_dir == str(tmp_path / "quick")
+    assert q.base["model"]["name"] == tiny_model_dir  # the rest of base is kept
+    plain = study(tiny_model_dir, prompts_file, tmp_path)
+    path.write_text(yaml.safe_dump(json.loads(plain.model_dump_json())))
+    with pytest.raises(ConfigError, match="no `quick` section"):
+        load_compare_config(str(path), quick=True)
+
+
 def test_report_lists_missing_runs(tiny_model_dir, prompts_file, tmp_path):
     cc = study(tiny_model_dir, prompts_file, tmp_path)
     report = build_report(cc, plan_runs(cc), command="x")
     text = report.read_text()
-    assert "## Not run" in text and "OAPL L=1" in text
+    assert "## Not run yet" in text and "OAPL L=1" in text
 
 
 def test_cli_dry_run(tiny_model_dir, prompts_file, tmp_path, capsys):

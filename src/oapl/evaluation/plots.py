@@ -314,3 +314,39 @@ def plot_training(
         ax.grid(True, alpha=0.3)
     fig.suptitle(title or f"Training curves (x = {x})", fontsize=12)
     return _save(fig, out_png)
+
+
+def plot_bands(series: Mapping[str, tuple[Sequence[float], Sequence[Any]]], out_png: str | os.PathLike[str], *,
+               xlabel: str, ylabel: str, title: str | None = None, logx: bool = False, dpi: int = 100) -> Path:
+    """One panel: a line per label with its interval as a band.
+
+    ``series`` maps a label to ``(xs, intervals)``, each interval with ``mean``, ``lo`` and ``hi``
+    (e.g. :class:`oapl.evaluation.intervals.Interval`); a non-finite ``lo``/``hi`` draws no band.
+    """
+    if not series:
+        raise ValueError("plot_bands needs at least one series")
+    fig, axes = _new_figure(1, dpi)
+    ax = axes[0]
+    ticks: set[float] = set()
+    for i, (label, (xs, ivs)) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        ys = [iv.mean for iv in ivs]
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6, color=color, label=label)
+        band = [(x, iv.lo, iv.hi) for x, iv in zip(xs, ivs) if _finite(iv.lo) and _finite(iv.hi)]
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=color,
+                            alpha=0.15, linewidth=0)
+        ticks.update(xs)
+    if logx:
+        ax.set_xscale("log", base=2)
+        shown = sorted(t for t in ticks if t >= 1 and math.log2(t).is_integer()) or sorted(ticks)
+        ax.xaxis.set_major_locator(FixedLocator(shown))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v))}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return _save(fig, out_png)

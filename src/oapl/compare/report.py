@@ -1,0 +1,300 @@
+"""The study's Markdown report and figures, built from the run directories alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from oapl.compare.claims import ConfigResults, collect, judge_claims, paired
+from oapl.compare.plan import CompareConfig, PlannedRun, plan_runs
+from oapl.compare.runner import base_eval_dir, final_eval_settings
+from oapl.compare.summary import smoothed_metrics, summarize_run
+from oapl.config import TrainConfig
+from oapl.evaluation.intervals import Interval
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_report"]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ci(iv: Interval, digits: int = 3) -> str:
+    if not math.isfinite(iv.mean):
+        return "–"
+    if not math.isfinite(iv.lo):
+        return f"{iv.mean:.{digits}f}"
+    return f"{iv.mean:.{digits}f} ± {iv.half_width:.{digits}f}"
+
+
+def _machine() -> str:
+    import torch
+
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    try:
+        load = ", load average at report time {:.1f}".format(os.getloadavg()[0])
+    except OSError:
+        load = ""
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}){load}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def _setup_table(cfg: TrainConfig, cc: CompareConfig) -> list[str]:
+    s, r, o, m, e = cfg.sampling, cfg.rollout, cfg.optim, cfg.model, cfg.eval
+    lora = (f"LoRA r={m.lora.r}, alpha={m.lora.alpha} on `{m.lora.target_modules}`" if m.lora.enabled
+            else "all weights")
+    t = cfg.task
+    fields = {k: v for k, v in t.model_dump(mode="json", exclude_defaults=True).items() if k != "name"}
+    task = f"`{t.name}`" + (f" ({', '.join(f'{k}={v}' for k, v in fields.items())})" if fields else "")
+    rows = [
+        ("model", f"`{m.name}` ({lora}, weights {m.param_dtype}, compute {m.compute_dtype})"),
+        ("task", task),
+        ("batch", f"{r.prompts_per_step} prompts x G={r.group_size} = {r.prompts_per_step * r.group_size} "
+                  f"responses per trainer step"),
+        ("sampling", f"temperature {s.temperature}, top-p {s.top_p}, max {s.max_tokens} tokens"),
+        ("optimiser", f"AdamW lr {o.lr:g}, betas {tuple(o.betas)}, grad-norm clip {o.max_grad_norm}, "
+                      f"{o.schedule} schedule"),
+        ("OAPL", f"beta1 {cfg.algorithm.beta1:g}, beta2 {cfg.algorithm.beta2:g}, log pi_inf from "
+                 f"`{cfg.algorithm.reference_logprobs}`"),
+        ("in-run eval", f"every {e.every or '—'} steps, n={e.n} at temperature {e.temperature}"
+                        + ("" if e.at_start or e.at_end or e.every else " (off)")),
+        ("engine", f"`{cfg.engine.kind}`; threads {cfg.threads}"),
+    ]
+    if cc.final_eval.enabled:
+        fe = final_eval_settings(cc)
+        rows.append(("final eval", f"every run's final weights and the base model: n={fe['n']} samples per held-out "
+                                   f"prompt at temperature {fe['temperature'] or s.temperature}, top-p "
+                                   f"{fe['top_p'] or s.top_p}; entropy of the same weights on those samples"))
+    pipe = "\\|"
+    return ["| setting | value |", "| --- | --- |", *[f"| {a} | {b.replace('|', pipe)} |" for a, b in rows]]
+
+
+def _run_table(items: list[tuple[PlannedRun, dict[str, Any]]], kmax: int) -> list[str]:
+    head = ["run", "seed", "steps", "samples", "syncs", "max lag", f"final pass@1 / pass@{kmax}",
+            "token entropy (held-out)", "train reward (first → last 10%)", "seq entropy of pi_inf batch "
+            "(first → last 10%)", "response tokens (first → last 10%)", "KL to pi_inf (mean / max)",
+            "IS weight / clip frac", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for run, s in items:
+        fin = s.get("final") or {}
+        wall = s.get("wall_s") or s.get("train_elapsed_s")
+        cells = [run.label, str(run.seed), _fmt(s.get("steps")), _fmt(s.get("samples_seen")), _fmt(s.get("syncs")),
+                 _fmt(s.get("lag_max")),
+                 f"{_fmt(fin.get('pass@1'))} / {_fmt(fin.get(f'pass@{kmax}'))}" if fin else "–",
+                 _fmt(fin.get("token_entropy")),
+                 f"{_fmt(s.get('reward_mean_first'))} → {_fmt(s.get('reward_mean_last'))}",
+                 f"{_fmt(s.get('seq_entropy_first'), 2)} → {_fmt(s.get('seq_entropy_last'), 2)}",
+                 f"{_fmt(s.get('response_len_mean_first'), 1)} → {_fmt(s.get('response_len_mean_last'), 1)}",
+                 f"{_fmt(s.get('kl_mean'), 4)} / {_fmt(s.get('kl_max'), 4)}",
+                 (f"{_fmt(s.get('is_weight_mean_mean'))} / {_fmt(s.get('clip_frac_mean'))}"
+                  if "is_weight_mean_mean" in s else "–"),
+                 _fmt(wall / 60, 1) if wall else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _config_table(configs: list[ConfigResults], ks: list[int], base: dict[str, Any] | None) -> list[str]:
+    head = ["configuration", "seeds", *[f"pass@{k}" for k in ks], "token entropy", "seq entropy", "response tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    if base is not None:
+        b = ConfigResults("base", "base model (before training)", "base", seeds=[0], results=[base])
+        lines.append("| " + " | ".join([b.label, "–", *[_ci(b.over_seeds("pass@k", k)) for k in ks],
+                                        _ci(b.over_seeds("token_entropy")), _ci(b.over_seeds("seq_entropy"), 2),
+                                        _ci(b.over_seeds("response_tokens"), 1)]) + " |")
+    for c in configs:
+        lines.append("| " + " | ".join([c.label, str(len(c.seeds)), *[_ci(c.over_seeds("pass@k", k)) for k in ks],
+                                        _ci(c.over_seeds("token_entropy")), _ci(c.over_seeds("seq_entropy"), 2),
+                                        _ci(c.over_seeds("response_tokens"), 1)]) + " |")
+    return lines
+
+
+def _paired_table(a: ConfigResults, b: ConfigResults, ks: list[int], reps: int) -> list[str]:
+    lines = [f"| k | {a.label} − {b.label} (pass@k, points) | 95% CI | seeds x prompts |", "| --- | --- | --- | --- |"]
+    for k in ks:
+        iv, S, P = paired(a, b, "pass@k", k, reps)
+        lines.append(f"| {k} | {iv.mean * 100:+.1f} | {iv.lo * 100:+.1f} to {iv.hi * 100:+.1f} | {S} x {P} |")
+    return lines
+
+
+def _plot_training(cc: CompareConfig, items: list[tuple[PlannedRun, dict[str, Any]]], out_png: Path, title: str,
+                   extra_keys: tuple[str, ...] = ()) -> Path:
+    from oapl.evaluation.plots import plot_training
+
+    smooth_dir = Path(cc.output_dir) / "_curves"
+    files: dict[str, str] = {}
+    multi_seed = len({r.seed for r, _ in items}) > 1
+    for run, _ in items:
+        label = run.label + (f" s{run.seed}" if multi_seed else "")
+        dst = smooth_dir / run.name / f"seed{run.seed}.jsonl"
+        files[label] = str(smoothed_metrics(run.run_dir / "metrics.jsonl", dst, cc.smooth))
+    keys = ["reward_mean", "seq_entropy", "entropy", "kl", *extra_keys]
+    return plot_training(files, out_png, keys=keys, x="samples_seen",
+                         title=f"{title} (x = responses consumed; rolling mean of {cc.smooth} steps)")
+
+
+def _plot_passk(configs: list[ConfigResults], base: dict[str, Any] | None, out_png: Path, title: str) -> Path:
+    from oapl.evaluation.plots import plot_bands
+
+    series = {}
+    if base is not None:
+        b = ConfigResults("base", "base model", "base", seeds=[0], results=[base])
+        ks = list(range(1, b.n + 1))
+        series[b.label] = (ks, [b.over_seeds("pass@k", k) for k in ks])
+    for c in configs:
+        ks = list(range(1, c.n + 1))
+        series[f"{c.label} ({len(c.seeds)} seeds)"] = (ks, [c.over_seeds("pass@k", k) for k in ks])
+    return plot_bands(series, out_png, xlabel="k (samples)", ylabel="held-out pass@k", title=title, logx=True)
+
+
+def _load_final(run: PlannedRun) -> dict[str, Any] | None:
+    from oapl.evaluation.policy_eval import load_result
+
+    return load_result(run.run_dir / "final_eval")
+
+
+def _final_numbers(res: dict[str, Any] | None, kmax: int) -> dict[str, float]:
+    if res is None:
+        return {}
+    c = ConfigResults("x", "x", "x", seeds=[0], results=[res])
+    out = {"pass@1": c.over_seeds("pass@k", 1).mean}
+    if c.n >= kmax:
+        out[f"pass@{kmax}"] = c.over_seeds("pass@k", kmax).mean
+    if res.get("token_entropy") is not None:
+        out["token_entropy"] = c.over_seeds("token_entropy").mean
+    return out
+
+
+def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, command: str | None = None) -> Path:
+    """Write the Markdown report and its PNGs from the run directories; returns the report path."""
+    from oapl.evaluation.policy_eval import load_result
+
+    runs = runs if runs is not None else plan_runs(cc)
+    report = cc.report_path()
+    figdir = cc.figures_path()
+    figdir.mkdir(parents=True, exist_ok=True)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    base = load_result(base_eval_dir(cc)) if cc.final_eval.enabled else None
+    finals = {r.key: _load_final(r) for r in runs}
+    kmax = max([f["n"] for f in finals.values() if f] or [cc.final_eval.n])
+    summaries: dict[str, dict[str, Any]] = {}
+    present = []
+    for r in runs:
+        if not (r.run_dir / "metrics.jsonl").exists():
+            continue
+        s = summarize_run(r.run_dir)
+        s["final"] = _final_numbers(finals[r.key], kmax)
+        summaries[r.key] = s
+        present.append((r, s))
+    missing = [r for r in runs if r.key not in summaries]
+    unevaluated = [r for r in runs if r.key in summaries and cc.final_eval.enabled and finals[r.key] is None]
+    configs = collect(runs, lambda r: finals.get(r.key), lambda r: summaries.get(r.key, {}))
+    reps = cc.final_eval.bootstrap_reps
+
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, report.parent)
+
+    lines = [f"# {cc.title}", "", "Generated by `oapl compare` (`oapl.compare`). Re-create it with:", "", "```bash",
+             command or "oapl compare <config.yaml>", "```", "", f"Machine: {_machine()}.", ""]
+    if cc.notes:
+        lines += [cc.notes.strip(), ""]
+    if present:
+        lines += ["## Setup (shared by every run)", "", *_setup_table(present[0][0].cfg, cc), ""]
+        study_seeds = sorted({r.seed for r in runs if r.group != "beta2_sweep"})
+        lines += [f"Seeds: {', '.join(map(str, study_seeds))}. Every run of the comparison and the lag sweep "
+                  "trains on the same number of responses; the held-out split is fixed. Means are over seeds "
+                  "(each seed's mean over prompts) ± the half-width of a 95% Student-t interval; differences "
+                  "are paired per prompt and seed, with a two-level (seeds, prompts) bootstrap interval "
+                  f"({reps} replicates). \"token entropy\" is the trained policy's mean per-token entropy "
+                  "(nats, full vocabulary, sampling temperature) on its own held-out samples; \"seq entropy\" "
+                  "the Monte-Carlo sequence entropy E[-log pi(y|x)] of the same samples.", ""]
+    claims = judge_claims(configs, base, cc.margin, reps)
+    if claims:
+        lines += ["## The paper's claims, tested", "",
+                  "A claim is *reproduced* when its 95% interval lies entirely on the side the paper claims; "
+                  "*not reproduced* when it lies on the other side (or, for a claimed advantage, within "
+                  f"±{cc.margin * 100:g} points of zero); *inconclusive* otherwise.", "",
+                  "| claim | verdict | evidence |", "| --- | --- | --- |",
+                  *[f"| {c.text} | **{c.verdict}** | {c.evidence} |" for c in claims], ""]
+    algos = [(r, s) for r, s in present if r.group == "algorithms"]
+    if algos:
+        lines += ["## OAPL vs GRPO with importance sampling", ""]
+        cfgs = [c for c in configs.values() if c.group == "algorithms"]
+        if cfgs:
+            ks = sorted({1, 2, 4, 8, kmax} & set(range(1, kmax + 1)))
+            png = _plot_passk(cfgs, base, figdir / f"{cc.figure_prefix}_passk.png", "Held-out pass@k, final weights")
+            lines += [f"![held-out pass@k]({rel(png)})", "", *_config_table(cfgs, ks, base), ""]
+            oapl = next((c for c in cfgs if c.beta2 is not None), None)
+            grpo = next((c for c in cfgs if c.beta2 is None), None)
+            if oapl is not None and grpo is not None:
+                lines += ["Paired difference at every k:", "", *_paired_table(oapl, grpo, list(range(1, kmax + 1)),
+                                                                                 reps), ""]
+        png = _plot_training(cc, algos, figdir / f"{cc.figure_prefix}_algorithms.png", "OAPL vs GRPO+IS")
+        lines += [f"![training curves]({rel(png)})", "", *_run_table(algos, kmax), ""]
+        for r, _ in algos[:len(cc.algorithms)]:
+            a, ro = r.cfg.algorithm, r.cfg.rollout
+            if a.name == "grpo":
+                lines.append(f"- {r.label}: group-normalised advantages, PPO clip {a.clip_eps} with pi_old = the "
+                             f"trainer at the start of each batch, {a.mini_batches} optimiser step(s) per batch, "
+                             f"token-level truncated IS weight min(pi_old/pi_inf, {a.is_cap}); weight sync every "
+                             f"{ro.sync_interval} step(s), max_staleness={ro.max_staleness}, "
+                             f"asynchronous={ro.asynchronous}.")
+            else:
+                lines.append(f"- {r.label}: Eq. 3 squared regression against pi_inf (beta1 {a.beta1:g}, beta2 "
+                             f"{a.beta2:g}), buffer cleared at every sync, asynchronous={ro.asynchronous}.")
+        lines.append("")
+    sweep = [(r, s) for r, s in present if r.group == "lag_sweep"]
+    if sweep:
+        steps = sweep[0][0].cfg.steps
+        lags = sorted({r.lag for r, _ in sweep})
+        few = [L for L in lags if L <= 50 and steps // L < 4]
+        lines += ["## OAPL policy-lag sweep", "",
+                  f"OAPL with sync interval L in {{{', '.join(map(str, lags))}}}, {steps} trainer steps each (the "
+                  "engine gets the trainer's weights every L steps; `syncs` counts the mid-run ones)."
+                  + (f" L = {few} see fewer than 4 weight windows." if few else ""), ""]
+        cfgs = sorted((c for c in configs.values() if c.group == "lag_sweep"), key=lambda c: c.lag)
+        if cfgs:
+            ks = sorted({1, 4, kmax} & set(range(1, kmax + 1)))
+            png = _plot_passk(cfgs, base, figdir / f"{cc.figure_prefix}_lag_passk.png", "Lag sweep: held-out pass@k")
+            lines += [f"![lag sweep pass@k]({rel(png)})", "", *_config_table(cfgs, ks, base), ""]
+        png = _plot_training(cc, sweep, figdir / f"{cc.figure_prefix}_lag_sweep.png", "OAPL lag sweep",
+                             extra_keys=("lag",))
+        lines += [f"![lag sweep curves]({rel(png)})", "", *_run_table(sweep, kmax), ""]
+        reused = sorted({f"{r.label} = `{r.same_as}`" for r, _ in sweep if r.same_as})
+        if reused:
+            lines += ["Reused from the comparison above (identical configuration): " + ", ".join(reused) + ".", ""]
+    b2 = [(r, s) for r, s in present if r.group == "beta2_sweep"]
+    if b2:
+        cfgs = sorted((c for c in configs.values() if c.group == "beta2_sweep"), key=lambda c: c.beta2)
+        chosen = next((r.beta2 for r, _ in algos if r.beta2 is not None), None)
+        lines += ["## How beta2 was chosen", "",
+                  f"OAPL with beta2 in {{{', '.join(f'{c.beta2:g}' for c in cfgs)}}} on seed(s) "
+                  f"{', '.join(map(str, cc.beta2_sweep.seeds))}, which the comparison does not use. The study "
+                  f"uses beta2 = {_fmt(chosen, 4) if chosen is not None else '–'}.", ""]
+        if cfgs:
+            lines += [*_config_table(cfgs, sorted({1, kmax}), None), ""]
+        lines += [*_run_table(b2, kmax), ""]
+    if missing or unevaluated:
+        lines += ["## Not run yet", "", *[f"- {r.label} (seed {r.seed}): no metrics at `{r.run_dir}`" for r in missing],
+                  *[f"- {r.label} (seed {r.seed}): trained, not evaluated yet" for r in unevaluated], ""]
+    lines += ["## Files", "", f"Run directories (config, `metrics.jsonl`, checkpoints, `final_eval/` with the "
+              f"held-out samples as a rollout dataset and `result.json`): `{cc.output_dir}/`.", ""]
+    report.write_text("\n".join(lines))
+    Path(cc.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cc.output_dir) / "claims.json").write_text(json.dumps([c.__dict__ for c in claims], indent=1))
+    log.info("report written: %s", report)
+    return report
