@@ -13,8 +13,9 @@ placement group. Same configuration, metric rows (plus ``num_engines`` and ``eng
 checkpoints (a local run resumes a Ray run's checkpoint and vice versa) and resume rules as the
 local backend.
 
-Faults: a dead engine actor is restarted with the current weights and version and its in-flight
-groups are dropped (:class:`~oapl.distributed.engines.EnginePool`); a dead trainer rank stops the
+Faults: a dead engine actor is restarted with the current weights and version (or, under the
+collective transport with >= 2 engines in the background, waits for the next sync's broadcast) and
+its in-flight groups are dropped (:class:`~oapl.distributed.engines.EnginePool`); a dead trainer rank stops the
 attempt with :class:`~oapl.distributed.cluster.TrainerFailure` and :func:`oapl.loop.train` resumes
 the whole run from the latest checkpoint (``distributed.max_trainer_restarts``).
 """
@@ -119,7 +120,7 @@ class RayBackend(OnlineBackend):
 
     def publish(self, version: int) -> float:
         t0 = time.perf_counter()
-        self.pool.load(self.trainers.publish_weights(), version, trainers=self.trainers)
+        self.pool.load(self.trainers, version)
         seconds = time.perf_counter() - t0
         if self.cfg.algorithm.reference_logprobs == "recompute":
             self.trainers.call("snapshot_reference")

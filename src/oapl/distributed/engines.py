@@ -6,9 +6,10 @@
   ``InferenceEngine`` protocol, so :class:`oapl.rollout.worker.RolloutWorker` drives it unchanged
   (prompt sampling, scoring with ``SafeReward``, version tagging, pushing into the shared buffer).
 * :class:`EnginePool`: the N slots, their placement group, weight syncs and restarts. A slot whose
-  actor dies is restarted with the latest synced weights and version (the object-store copy), its
-  in-flight generation is dropped, and ``engine_restarts`` counts it; a slot that dies more than
-  ``distributed.max_engine_restarts`` times fails the run.
+  actor dies is restarted (its in-flight generation is dropped, ``engine_restarts`` counts it) with
+  the latest synced weights and version from the object-store copy, or, where no copy is kept (the
+  collective transport with >= 2 engines in the background), it is *pending*: idle until the next
+  sync's broadcast. A slot that dies more than ``distributed.max_engine_restarts`` times fails the run.
 * :class:`RolloutFleet`: one :class:`RayRolloutWorker` per slot sharing one prompt sampler and
   one buffer: background threads (``rollout.asynchronous``) or, synchronously, one round of
   parallel engine calls at a time in a deterministic order.
@@ -38,6 +39,15 @@ from oapl.rollout.worker import PromptSampler, RolloutWorker
 
 log = logging.getLogger(__name__)
 
+# A restarted actor builds its engine (loads the model) before it answers anything: restart() waits
+# for that, up to this long (a model load on a loaded machine can take minutes), so that no later
+# liveness ping can mistake a loading engine for a dead one.
+ENGINE_BUILD_TIMEOUT_S = 1200.0
+# The liveness ping before a collective sync. Every engine is idle then (the workers are paused and
+# every restart has waited for its actor's build): a dead actor fails at once, a live one answers in
+# milliseconds; the margin is for a heavily loaded machine.
+LIVENESS_TIMEOUT_S = 120.0
+
 
 def engine_seed(seed: int, index: int, restarts: int) -> int:
     """Slot 0 of a fresh run samples exactly as the local engine (``seed``); other slots and
@@ -51,6 +61,14 @@ class EngineDied(RuntimeError):
     def __init__(self, index: int, actor=None) -> None:
         super().__init__(f"engine actor {index} died")
         self.index, self.actor = index, actor
+
+
+class EnginePending(RuntimeError):
+    """The slot's actor was restarted and waits for the next weight sync (it holds no synced weights)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"engine actor {index} waits for the next weight sync")
+        self.index = index
 
 
 class EngineActor:
@@ -119,6 +137,8 @@ class RemoteEngine:
         return self.pool.cfg.engine.max_model_len
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
+        if self.pool.is_pending(self.index):
+            raise EnginePending(self.index)
         ray = require_ray()
         actor = self.pool.actor(self.index)
         try:
@@ -154,6 +174,13 @@ class EnginePool:
         self.total_restarts = 0
         self.weights_ref = None
         self.version = 0
+        # Under the collective transport with >= 2 engines generating in the background, a sync is one
+        # broadcast and no object-store copy is made: an engine restarted mid-window waits, idle, for
+        # the next sync's broadcast while the others keep generating. With one engine, or synchronous
+        # generation, nothing else could generate until then, so the copy is kept for restarts.
+        self.lazy_copy = transport == "collective" and self.n >= 2 and cfg.rollout.asynchronous
+        self.pending: set[int] = set()  # restarted slots waiting for the next broadcast (under _pending_lock)
+        self._pending_lock = threading.Lock()  # not _lock: a restart holds that while its actor builds
         self._cfg_json = cfg.model_dump(mode="json")
         self._threads = actor_threads(cfg, d.engine_num_cpus)
         self._lock = threading.RLock()
@@ -183,21 +210,24 @@ class EnginePool:
         return self.actors[i]
 
     # -- weights ---------------------------------------------------------------------------------
-    def load(self, weights_ref, version: int, trainers=None) -> float:
+    def load(self, trainers, version: int) -> float:
         """Give every engine the trainer's weights as ``version``; callers hold every slot (paused).
 
-        ``weights_ref`` (the object-store copy) is kept as what a restarted engine loads. With the
-        collective transport and ``trainers``, the weights travel by broadcast instead.
+        Object store: rank 0 puts one CPU copy, each engine loads it, and it is kept as what a
+        restarted engine loads. Collective: one broadcast from rank 0 to every engine; the copy is
+        made too unless :attr:`lazy_copy` (then a sync moves the weights once).
         """
         import time
 
         t0 = time.perf_counter()
-        self.weights_ref, self.version = weights_ref, version
-        if self.transport == "collective" and trainers is not None:
+        collective = self.transport == "collective"
+        self.weights_ref = None if (collective and self.lazy_copy) else trainers.publish_weights()
+        self.version = version
+        if collective:
             self._broadcast(trainers, version)
         else:
             ray = require_ray()
-            refs = [a.load_weights.remote(weights_ref, version) for a in self.actors]
+            refs = [a.load_weights.remote(self.weights_ref, version) for a in self.actors]
             for i, r in enumerate(refs):
                 try:
                     ray.get(r)
@@ -210,9 +240,9 @@ class EnginePool:
 
     def _broadcast(self, trainers, version: int) -> None:
         actors = list(self.actors)
-        for i, ok in enumerate(alive(actors)):
-            if not ok:  # restarted engines load the new version from the object store, then join
-                self.restart(i, actors[i])
+        for i, ok in enumerate(alive(actors, timeout_s=LIVENESS_TIMEOUT_S)):
+            if not ok:  # a replacement joins the group and receives this broadcast
+                self.restart(i, actors[i], load=False)
         if self._group_epoch != self.epoch:
             host, port = trainers.rank0("address")
             world = self.n + 1
@@ -228,6 +258,8 @@ class EnginePool:
         self._wait_collective(refs, trainers)
         for e in self.engines:
             e.version = version
+        with self._pending_lock:
+            self.pending.clear()
 
     def _wait_collective(self, refs, trainers) -> None:
         try:
@@ -239,11 +271,18 @@ class EnginePool:
             # in it; resume the whole run from the latest checkpoint
             raise TrainerFailure(f"weight broadcast failed: {type(e).__name__}: {e}") from e
 
-    def restart(self, i: int, dead=None) -> None:
-        """Replace slot ``i``'s actor and load the latest synced weights and version into it.
+    def restart(self, i: int, dead=None, load: bool = True) -> None:
+        """Replace slot ``i``'s actor and give it the latest synced weights and version.
 
         ``dead``: the actor handle that was seen to fail; if the slot already has another actor
-        (someone else restarted it meanwhile), nothing is done.
+        (someone else restarted it meanwhile), nothing is done. Without an object-store copy
+        (:attr:`lazy_copy`), or with ``load=False`` (a sync's broadcast follows), the new actor
+        holds no synced weights yet: the slot is *pending* and generates nothing until the next
+        broadcast. Every slot pending at once would stall the run: that is a :class:`TrainerFailure`
+        (the run resumes from its latest checkpoint). Either way this returns once the new actor has
+        built its engine (:data:`ENGINE_BUILD_TIMEOUT_S`), so that a liveness ping at the next sync
+        finds it answering; an actor that dies or does not finish building meanwhile is replaced again
+        (and counted).
         """
         ray = require_ray()
         with self._lock:
@@ -263,6 +302,20 @@ class EnginePool:
                 kill_actor(self.actors[i])
                 self.actors[i] = self._spawn(i)
                 self.epoch += 1
+                if not load or self.weights_ref is None:
+                    with self._pending_lock:
+                        self.pending.add(i)
+                        every = len(self.pending) == self.n
+                    self.engines[i].version = -1
+                    if load and every:
+                        raise TrainerFailure("every engine actor died within one sync window under the collective "
+                                             "weight transport; no synced weights are left to restart them from")
+                    if not self._built(i):
+                        continue
+                    if load:
+                        log.warning("engine actor %d waits for the next weight sync (no object-store copy is "
+                                    "kept under the collective transport)", i)
+                    return
                 try:
                     ray.get(self.actors[i].load_weights.remote(self.weights_ref, self.version))
                     self.engines[i].version = self.version
@@ -271,15 +324,42 @@ class EnginePool:
                     if not is_actor_death(e):
                         raise
 
+    def _built(self, i: int) -> bool:
+        """Wait until slot ``i``'s new actor has built its engine; False if it died or did not finish
+        within :data:`ENGINE_BUILD_TIMEOUT_S` (then it is to be replaced). Gives up when the pool closes."""
+        import time
+
+        ray = require_ray()
+        ref = self.actors[i].ping.remote()
+        deadline = time.monotonic() + ENGINE_BUILD_TIMEOUT_S
+        while not ray.wait([ref], timeout=1.0)[0]:
+            if self._closed:
+                raise BufferClosed("engine pool closed")
+            if time.monotonic() > deadline:
+                log.warning("engine actor %d did not build its engine within %.0f s: replacing it", i,
+                            ENGINE_BUILD_TIMEOUT_S)
+                return False
+        try:
+            ray.get(ref)
+            return True
+        except Exception as e:
+            if not is_actor_death(e):
+                raise
+            return False
+
+    def is_pending(self, i: int) -> bool:
+        with self._pending_lock:
+            return i in self.pending
+
     def pids(self) -> list[int]:
         return require_ray().get([a.ping.remote() for a in self.actors])
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-        for a in self.actors:
+        self._closed = True  # not under _lock: a restart waiting for its actor's build (holding it) gives up
+        with self._lock:  # no restart is in progress, and none will spawn an actor after this
+            actors, self.actors = list(self.actors), [None] * self.n
+        for a in actors:
             kill_actor(a)
-        self.actors = [None] * self.n
         remove_placement_group(self.pg)
         self.pg = None
         self.weights_ref = None
@@ -303,13 +383,15 @@ class PoolEngine:
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         ray = require_ray()
         prompts = [list(p) for p in prompt_token_ids]
-        k = max(1, min(self.pool.n, len(prompts)))
+        ready = [i for i in range(self.pool.n) if not self.pool.is_pending(i)]  # slots holding synced weights
+        if not ready:
+            raise EnginePending(-1)
+        k = max(1, min(len(ready), len(prompts)))
         size = math.ceil(len(prompts) / k)
-        chunks = [(i, prompts[i * size:(i + 1) * size]) for i in range(k) if prompts[i * size:(i + 1) * size]]
-        actors = {i: self.pool.actor(i) for i, _ in chunks}
-        refs = [actors[i].generate.remote(c, params) for i, c in chunks]
+        chunks = [(ready[j], prompts[j * size:(j + 1) * size]) for j in range(k) if prompts[j * size:(j + 1) * size]]
+        refs = [(i, self.pool.actor(i), self.pool.actor(i).generate.remote(c, params)) for i, c in chunks]
         out: list[GenerationOutput] = []
-        for (i, c), ref in zip(chunks, refs):
+        for (_, c), (i, actor, ref) in zip(chunks, refs):
             while True:
                 try:
                     out.extend(ray.get(ref))
@@ -317,9 +399,13 @@ class PoolEngine:
                 except Exception as e:
                     if not is_actor_death(e):
                         raise
-                    self.pool.restart(i, actors[i])
-                    actors[i] = self.pool.actor(i)
-                    ref = actors[i].generate.remote(c, params)
+                    self.pool.restart(i, actor)
+                    if self.pool.is_pending(i):  # restarted without weights: another slot takes the chunk
+                        i = next((j for j in range(self.pool.n) if not self.pool.is_pending(j)), None)
+                        if i is None:
+                            raise EnginePending(-1) from e
+                    actor = self.pool.actor(i)
+                    ref = actor.generate.remote(c, params)
         return out
 
     def load_weights(self, weights: WeightIterator, version: int) -> float:
@@ -407,14 +493,21 @@ class RayRolloutWorker(RolloutWorker):
 
     def produce_or_restart(self) -> list | None:
         """One engine call; ``None`` when the actor died (restarted, in-flight groups dropped)."""
+        pending = self.engine.pool.is_pending(self.engine.index)
         try:
-            return self.produce()
+            if not pending:  # (checked first: a pending slot draws no prompts)
+                return self.produce()
+        except EnginePending:
+            pending = True
         except EngineDied as e:
             if self._stop.is_set():
                 raise BufferClosed("stopping") from None
             with self.engine_lock:
                 self.engine.pool.restart(self.engine.index, e.actor)
             return None
+        if pending and self._stop.wait(0.05):  # idle until the next sync gives the slot its weights
+            raise BufferClosed("stopping")
+        return None
 
     def _run(self) -> None:
         try:
@@ -451,7 +544,10 @@ class RolloutFleet:
             self._executor = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="oapl-fill")
         while len(self.buffer) < k:
             need = math.ceil((k - len(self.buffer)) / self.prompts_per_call)
-            ws = self.workers[:min(need, len(self.workers))]
+            ready = [w for w in self.workers if not self.pool.is_pending(w.engine.index)]
+            if not ready:  # (not expected: synchronous generation keeps the object-store copy)
+                raise TrainerFailure("no engine actor holds the synced weights")
+            ws = ready[:min(need, len(ready))]
             for w in ws:
                 w.sampler.preset = self.sampler.next(self.prompts_per_call)
             futures = [self._executor.submit(w.produce_or_restart) for w in ws]
