@@ -6,7 +6,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -74,6 +74,11 @@ class FinalEvalConfig(Section):
     top_p: float | None = Field(None, gt=0, le=1, description="Default: base.sampling.top_p.")
     entropy: bool = Field(True, description="Score the samples with the same weights: token and sequence "
                           "entropy of the trained policy on held-out prompts.")
+    entropy_samples: int | None = Field(4, ge=1, description="Responses per prompt whose entropy is scored "
+                                        "(null = all n).")
+    engine: Literal["auto", "vllm", "transformers"] | None = Field(
+        None, description="Engine that samples the final evaluations (default: base.engine.kind); vllm is much "
+        "faster for n x prompts samples and gets an export of each run's final weights.")
     batch_prompts: int = Field(32, ge=1, description="Prompts per generate call.")
     bootstrap_reps: int = Field(10_000, ge=100, description="Bootstrap replicates of the paired intervals.")
 

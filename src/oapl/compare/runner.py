@@ -78,7 +78,8 @@ def _add_timing(run_dir: Path, seconds: float) -> None:
 def final_eval_settings(cc: CompareConfig) -> dict[str, Any]:
     fe = cc.final_eval
     return {"n": fe.n, "temperature": fe.temperature, "top_p": fe.top_p, "entropy": fe.entropy,
-            "batch_prompts": fe.batch_prompts, "max_prompts": fe.max_prompts}
+            "batch_prompts": fe.batch_prompts, "max_prompts": fe.max_prompts, "entropy_samples": fe.entropy_samples,
+            "engine": fe.engine}
 
 
 def base_eval_dir(cc: CompareConfig) -> Path:

@@ -51,20 +51,19 @@ def load_result(out_dir: str | Path, expect: dict[str, Any] | None = None) -> di
 def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | Path | None = None,
                     n: int = 16, temperature: float | None = None, top_p: float | None = None,
                     max_tokens: int | None = None, entropy: bool = True, seed: int | None = None,
-                    batch_prompts: int = 32, max_prompts: int | None = None) -> dict[str, Any]:
+                    batch_prompts: int = 32, max_prompts: int | None = None, entropy_samples: int | None = None,
+                    engine: str | None = None) -> dict[str, Any]:
     """Evaluate the weights of ``checkpoint`` (``None``: the configured base model) on the held-out split.
 
     Sampling defaults to the training distribution (``sampling.temperature``/``top_p``/``max_tokens``):
     Pass@k and entropy are then properties of the policy that was trained. ``seed`` seeds the sampler
-    (default ``cfg.seed``). Returns the ``result.json`` dict.
+    (default ``cfg.seed``). The entropy is scored on the first ``entropy_samples`` responses of every
+    prompt (default: all ``n``; it is a mean over tokens, and a few responses per prompt estimate it
+    well at a fraction of the cost). ``engine`` (``transformers``, ``vllm``, ``auto``; default
+    ``engine.kind``) samples the responses: vLLM gets an export of the weights. Returns the
+    ``result.json`` dict.
     """
-    from oapl.data.rollouts import read_rollouts
-    from oapl.data.tasks import build_task
     from oapl.engines.base import SamplingParams
-    from oapl.evaluation.entropy import policy_entropy
-    from oapl.generate import generate_dataset
-    from oapl.rollout.group import is_correct
-    from oapl.trainer.policy import load_policy
 
     out_dir = Path(out_dir)
     s = cfg.sampling
@@ -76,11 +75,33 @@ def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | 
     settings = {"checkpoint": str(checkpoint) if checkpoint else None, "n": n, "temperature": temperature,
                 "top_p": params.top_p, "max_tokens": params.max_tokens, "entropy": entropy,
                 "seed": cfg.seed if seed is None else seed, "max_prompts": max_prompts,
-                "model": cfg.model.name, "task": cfg.task.model_dump(mode="json")}
+                "model": cfg.model.name, "task": cfg.task.model_dump(mode="json"),
+                "entropy_samples": entropy_samples if entropy else None, "engine": engine}
     done = load_result(out_dir, settings)
     if done is not None:
         return done
     t0 = time.perf_counter()
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads:  # as a training run of this config would (oversubscribed OpenMP threads crawl)
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _evaluate(cfg, out_dir, checkpoint, params, settings, entropy, entropy_samples, engine,
+                         batch_prompts, max_prompts, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(cfg, out_dir, checkpoint, params, settings, entropy, entropy_samples, engine, batch_prompts,
+              max_prompts, t0) -> dict[str, Any]:
+    from oapl.data.rollouts import read_rollouts
+    from oapl.data.tasks import build_task
+    from oapl.evaluation.entropy import policy_entropy
+    from oapl.generate import generate_dataset
+    from oapl.rollout.group import is_correct
+    from oapl.trainer.policy import load_policy
+
     task = build_task(cfg.task, cfg.seed)
     if not task.eval:
         raise ValueError(f"task {task.name!r} has no held-out prompts (set task.eval_dataset)")
@@ -90,6 +111,8 @@ def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | 
     model.eval()
     rollouts = out_dir / "rollouts"
     _start_fresh_if_changed(out_dir, settings)
+    if engine is not None:
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"kind": engine})})
     engine = _engine(cfg, policy, model, out_dir, settings["seed"])
     try:
         generate_dataset(cfg, rollouts, split="eval", params=params, engine=engine, batch_prompts=batch_prompts,
@@ -104,12 +127,13 @@ def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | 
     ent: dict[str, dict[str, float]] = {}
     if entropy:
         t1 = time.perf_counter()
-        ent = policy_entropy(model, [groups[p] for p in order], params.temperature, packed=policy.packing,
+        scored = [_first(groups[p], entropy_samples) for p in order]
+        ent = policy_entropy(model, scored, params.temperature, packed=policy.packing,
                              pad_token_id=policy.pad_token_id, max_tokens=cfg.optim.max_tokens_per_micro_batch or 4096,
                              chunk_size=cfg.model.logprob_chunk_size, autocast=policy.precision.autocast())
         log.info("entropy of %d held-out groups: %.1f s", len(order), time.perf_counter() - t1)
     res = {
-        "version": EVAL_VERSION, "settings": settings, "prompt_ids": order, "n": n,
+        "version": EVAL_VERSION, "settings": settings, "prompt_ids": order, "n": params.n,
         "correct": [sum(is_correct(r) for r in groups[p].rewards) for p in order],
         "token_entropy": [ent[p]["token_entropy"] for p in order] if ent else None,
         "seq_entropy": [ent[p]["seq_entropy"] for p in order] if ent else None,
@@ -119,6 +143,17 @@ def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "result.json", json.dumps(res))
     return res
+
+
+def _first(group, k: int | None):
+    """The group with only its first ``k`` responses (all when ``k`` is None)."""
+    if k is None or k >= group.n:
+        return group
+    import dataclasses
+
+    return dataclasses.replace(group, responses=group.responses[:k], response_token_ids=group.response_token_ids[:k],
+                               response_logprobs=group.response_logprobs[:k], rewards=group.rewards[:k],
+                               finish_reasons=group.finish_reasons[:k])
 
 
 def _start_fresh_if_changed(out_dir: Path, settings: dict[str, Any]) -> None:
@@ -147,6 +182,11 @@ def _engine(cfg: TrainConfig, policy, model, out_dir: Path, seed: int):
     from oapl.engines.transformers_engine import TransformersEngine
 
     if engine_kind(cfg) == "vllm":
+        import shutil
+
         weights = policy.export(out_dir / "weights")
-        return make_engine(cfg.model_copy(update={"seed": seed}), str(weights), policy.tokenizer)
+        try:
+            return make_engine(cfg.model_copy(update={"seed": seed}), str(weights), policy.tokenizer)
+        finally:
+            shutil.rmtree(weights, ignore_errors=True)  # vLLM has read it: no copy of every run's weights stays
     return TransformersEngine(model, policy.tokenizer, cfg.engine.max_batch_size, seed=seed)
