@@ -21,7 +21,7 @@ class ConfigError(UserError):
 
 
 #: ``task.name`` values :func:`oapl.data.tasks.build_task` knows.
-TASK_NAMES = ("arithmetic", "math", "code", "dataset")
+TASK_NAMES = ("arithmetic", "math", "code", "dataset", "countdown")
 
 
 class Section(BaseModel):
@@ -108,8 +108,8 @@ class EngineConfig(Section):
 
 class TaskConfig(Section):
     name: str = Field(
-        "arithmetic", description="arithmetic (built-in), math (boxed answers, math-verify), code, or "
-        "dataset (any prompts file/Hub dataset with `reward`)."
+        "arithmetic", description="arithmetic (built-in), countdown (built-in: reach a target with given "
+        "numbers), math (boxed answers, math-verify), code, or dataset (any prompts file/Hub dataset with `reward`)."
     )
     dataset: str | None = Field(None, description="Local .jsonl/.parquet file or Hub dataset name.")
 
@@ -135,9 +135,11 @@ class TaskConfig(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Column mapping, e.g. {prompt: problem, answer: solution}."
     )
-    system_prompt: str | None = Field(None, description="System message for the chat template.")
+    system_prompt: str | None = Field(None, description="System message for the chat template (without the chat "
+                                      "template: the text before the user message); default: the task's.")
     prompt_template: str = Field("{prompt}", description="User message; `{prompt}` and other columns.")
-    chat_template: bool = Field(True, description="Apply the tokenizer's chat template.")
+    chat_template: bool | None = Field(None, description="Apply the tokenizer's chat template (default: yes, "
+                                       "except for countdown, whose few-shot prompt is plain text to continue).")
     reward: str | list[str] | None = Field(
         None, description="Reward as `module:function` (TRL convention: fn(prompts, completions, **columns) -> "
         "list[float]), or a list of them summed with task.reward_weights (a function may return None where it "
@@ -151,12 +153,20 @@ class TaskConfig(Section):
         "it a failing completion scores 0 and is counted in reward_errors. 1.0 = never stop.")
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
     max_eval_prompts: int | None = Field(None, ge=1, description="Use at most this many held-out prompts.")
-    # built-in arithmetic task
-    num_train: int = Field(20000, ge=1, description="arithmetic: number of generated training problems.")
-    num_eval: int = Field(200, ge=1, description="arithmetic: size of the fixed held-out split.")
+    # built-in generated tasks: arithmetic, countdown
+    num_train: int = Field(20000, ge=1, description="arithmetic, countdown: number of generated training problems.")
+    num_eval: int = Field(200, ge=1, description="arithmetic, countdown: size of the fixed held-out split (distinct "
+                          "problems, the same for every seed, none of them among the training problems).")
     max_operand: int = Field(20, ge=1, description="arithmetic: operands are drawn from 1..max_operand.")
     operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"],
                                                      description="arithmetic: operations used.")
+    countdown_numbers: int = Field(3, ge=2, le=6, description="countdown: how many numbers a problem gives; the "
+                                   "answer must use each exactly once.")
+    countdown_range: tuple[int, int] = Field((1, 9), description="countdown: [low, high], the range the numbers "
+                                             "are drawn from (1 <= low <= high).")
+    countdown_operations: list[Literal["+", "-", "*"]] = Field(
+        default_factory=lambda: ["+", "-", "*"], min_length=1, description="countdown: operations of the hidden "
+        "expression each target is made from (an answer may use any of + - * and parentheses).")
     reward_timeout_s: float = Field(5.0, gt=0, description="Per-completion timeout for verifiers.")
     thinking: Literal["auto", "required", "off"] = Field(
         "auto", description="What the reward sees of a thinking model's response: auto = when the response "
@@ -169,6 +179,14 @@ class TaskConfig(Section):
         default_factory=list, description="Named benchmarks (aime25, hmmt25_feb, hmmt25_nov, brumo25, ...) "
         "whose problems together form the held-out set, each row labelled with its benchmark (instead of "
         "eval_dataset).")
+
+    @field_validator("countdown_range")
+    @classmethod
+    def _countdown_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1 or low > high:
+            raise ValueError(f"[{low}, {high}] is not a range [low, high] with 1 <= low <= high")
+        return value
 
     @model_validator(mode="after")
     def _reward_weights_match(self) -> TaskConfig:

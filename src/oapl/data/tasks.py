@@ -1,7 +1,7 @@
 """Tasks: training prompts, a held-out split, and the reward that scores them.
 
-A task is data plus a verifier. Built in: ``arithmetic`` (generated problems, runs anywhere),
-``math`` (boxed answers checked by math-verify; DeepScaleR-style data), ``code`` (programs run on
+A task is data plus a verifier. Built in: ``arithmetic`` and ``countdown`` (generated problems, run
+anywhere), ``math`` (boxed answers checked by math-verify; DeepScaleR-style data), ``code`` (programs run on
 test cases in a sandbox), and ``dataset`` (any prompts with a user reward ``module:function``).
 """
 
@@ -16,6 +16,7 @@ from oapl.data.datasets import DatasetError, load_rows, map_columns
 from oapl.rewards.base import CombinedReward, RewardFn, load_reward
 
 ARITHMETIC_EVAL_SEED = 1_234_567  # fixed: the held-out split is the same for every run seed
+COUNTDOWN_EVAL_SEED = 7_654_321  # likewise for countdown
 
 
 @dataclass
@@ -137,6 +138,71 @@ def arithmetic_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[di
 
 
 ARITHMETIC_SYSTEM_PROMPT = "Answer with the number only."
+
+
+def _countdown_problem(rng: random.Random, count: int, low: int, high: int,
+                       ops: list[str]) -> tuple[tuple[int, ...], int] | None:
+    """Numbers (in the order shown) and a target made from all of them, or ``None`` if the target is < 1."""
+    from oapl.rewards.countdown import evaluate
+
+    nums = [rng.randint(low, high) for _ in range(count)]
+    expr = " ".join(f"{rng.choice(ops)} {n}" for n in nums[1:])
+    target = evaluate(f"{nums[0]} {expr}")  # the usual precedence: * before + and -
+    if target < 1:
+        return None
+    rng.shuffle(nums)
+    return tuple(nums), target
+
+
+def _countdown_row(prompt_id: str, nums: tuple[int, ...], target: int) -> dict[str, Any]:
+    return {"prompt_id": prompt_id, "prompt": f"Use {', '.join(map(str, nums))} to make {target}:",
+            "numbers": list(nums), "target": target}
+
+
+def countdown_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """Countdown problems: a fixed held-out split of ``task.num_eval`` distinct problems (seeded
+    independently of the run) and ``task.num_train`` training problems, none of them a held-out one.
+
+    A problem is ``task.countdown_numbers`` numbers drawn from ``task.countdown_range`` and a target
+    made by joining them with random ``task.countdown_operations`` (kept if it is at least 1), so every
+    problem has a solution. Two problems are the same when they have the same numbers (in any order)
+    and target.
+    """
+    count, (low, high), ops = cfg.countdown_numbers, cfg.countdown_range, list(cfg.countdown_operations)
+    where = (f"countdown_numbers={count}, countdown_range=[{low}, {high}] and countdown_operations={ops}")
+    rng = random.Random(COUNTDOWN_EVAL_SEED)
+    held: dict[tuple, dict] = {}
+    draws = 0
+    while len(held) < cfg.num_eval:
+        draws += 1
+        if draws > 10_000 + 200 * cfg.num_eval:
+            raise ValueError(f"task.num_eval={cfg.num_eval}: only {len(held)} distinct countdown problems found with "
+                             f"{where}; lower task.num_eval or widen task.countdown_range")
+        problem = _countdown_problem(rng, count, low, high, ops)
+        if problem is None:
+            continue
+        nums, target = problem
+        key = (tuple(sorted(nums)), target)
+        if key not in held:
+            held[key] = _countdown_row(f"eval-{','.join(map(str, nums))}={target}", nums, target)
+    rng = random.Random(seed)
+    train = []
+    misses = 0
+    while len(train) < cfg.num_train:
+        problem = _countdown_problem(rng, count, low, high, ops)
+        if problem is None or (tuple(sorted(problem[0])), problem[1]) in held:
+            misses += 1
+            if misses > 10_000:
+                raise ValueError(f"task.num_eval={cfg.num_eval} leaves (almost) no training problems: the held-out "
+                                 f"split takes nearly every countdown problem with {where}")
+            continue
+        misses = 0
+        train.append(_countdown_row(f"train-{len(train)}", *problem))
+    return train, list(held.values())
+
+
+#: Two worked examples: the default ``task.system_prompt`` of countdown, the text the problem continues.
+COUNTDOWN_SYSTEM_PROMPT = "Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 9, 2, 1 to make 6: 9 - 2 - 1 = 6"
 MATH_PROMPT_TEMPLATE = "{prompt}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
@@ -202,7 +268,16 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         system = ARITHMETIC_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
         return Task(name, train[: cfg.max_prompts] if cfg.max_prompts else train,
                     held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held, fn, ["answer"],
-                    system or None, cfg.prompt_template, cfg.chat_template)
+                    system or None, cfg.prompt_template, _chat(cfg))
+    if name == "countdown":
+        train, held = countdown_examples(cfg, seed)
+        from oapl.rewards.countdown import countdown_reward
+
+        fn = user_reward(cfg) or countdown_reward
+        system = COUNTDOWN_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
+        return Task(name, train[: cfg.max_prompts] if cfg.max_prompts else train,
+                    held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held, fn, ["numbers", "target"],
+                    system or None, cfg.prompt_template, _chat(cfg, default=False))
     if name == "code":
         return _code_task(cfg)
     if name in ("math", "dataset"):
@@ -226,15 +301,20 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
             fn = user_reward(cfg, conversational) or MathVerifier(timeout_s=cfg.reward_timeout_s)
             template = MATH_PROMPT_TEMPLATE if cfg.prompt_template == "{prompt}" else cfg.prompt_template
             columns = ["answer", "prompt"] if conversational and cfg.reward else ["answer"]
-            return Task(name, train, held, fn, columns, cfg.system_prompt, template, cfg.chat_template)
+            return Task(name, train, held, fn, columns, cfg.system_prompt, template, _chat(cfg))
         if not cfg.reward:
             raise ValueError("task.reward (module:function) is required for task.name='dataset'")
         columns = sorted({k for row in train[:1] for k in row} - {"prompt", "prompt_id"})
         if conversational:
             columns.append("prompt")  # TRL passes a conversational row's messages as `prompts`
         return Task(name, train, held, user_reward(cfg, conversational), columns, cfg.system_prompt,
-                    cfg.prompt_template, cfg.chat_template)
-    raise ValueError(f"task.name: unknown task {name!r}; use arithmetic, math, code or dataset")
+                    cfg.prompt_template, _chat(cfg))
+    raise ValueError(f"task.name: unknown task {name!r}; use arithmetic, countdown, math, code or dataset")
+
+
+def _chat(cfg: TaskConfig, default: bool = True) -> bool:
+    """``task.chat_template``, or the task's default when it is unset."""
+    return default if cfg.chat_template is None else cfg.chat_template
 
 
 def _code_rows(source: str, split: str, config: str | None, limit: int | None) -> list[dict[str, Any]]:
@@ -262,4 +342,4 @@ def _code_task(cfg: TaskConfig) -> Task:
             if cfg.eval_dataset else [])
     fn = user_reward(cfg) or code_reward
     return Task("code", train, held, fn, ["tests", "metadata"], cfg.system_prompt, cfg.prompt_template,
-                cfg.chat_template)
+                _chat(cfg))
