@@ -235,9 +235,20 @@ def test_cli_dry_run(tiny_model_dir, prompts_file, tmp_path, capsys):
 
 
 def test_shipped_cpu_config_plans():
-    cc = load_config(Path(__file__).parents[1] / "configs" / "compare_cpu.yaml", cls=CompareConfig)
+    from oapl.compare import load_compare_config
+
+    path = Path(__file__).parents[1] / "configs" / "compare_cpu.yaml"
+    cc = load_compare_config(str(path))
     runs = plan_runs(cc)
-    assert [r.lag for r in runs if r.group == "lag_sweep"] == [1, 10, 50, 100]
-    budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in runs}
-    assert len(budgets) == 1  # one sample budget for every run
-    assert sum(r.same_as is None for r in runs) == 5
+    study = [r for r in runs if r.group != "beta2_sweep"]
+    assert sorted({r.lag for r in study if r.group == "lag_sweep"}) == [1, 10, 50, 100]
+    budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in study}
+    assert len(budgets) == 1  # one sample budget for every run of the comparison and the sweep
+    assert sum(r.same_as is None for r in study) == 5 * len(cc.seeds) and len(cc.seeds) >= 3
+    assert all(r.cfg.steps // 50 >= 4 for r in study)  # >= 4 weight windows for every L <= 50
+    assert cc.final_eval.n >= 16 and runs[0].cfg.task.num_eval >= 128
+    b2 = [r for r in runs if r.group == "beta2_sweep"]
+    assert b2 and not {r.seed for r in b2} & set(cc.seeds)  # beta2 is not chosen on the study's seeds
+    assert cc.base["algorithm"]["beta2"] in [r.beta2 for r in b2]
+    quick = load_compare_config(str(path), quick=True)
+    assert len([r for r in plan_runs(quick) if r.same_as is None]) <= 8 and quick.output_dir != cc.output_dir
