@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from oapl.config import ConfigError, Section, TrainConfig, load_config, set_dotted
 
 __all__ = ["Beta2SweepConfig", "CompareConfig", "FinalEvalConfig", "LagSweepConfig", "PlannedRun",
-           "load_compare_config", "plan_runs"]
+           "base_eval_dir", "eval_seed", "final_eval_settings", "load_compare_config", "plan_runs"]
 
 
 def _default_algorithms() -> dict[str, dict[str, Any]]:
@@ -275,3 +275,20 @@ def _algo_label(cfg: TrainConfig) -> str:
     asyn = ", off-by-one async" if (r.asynchronous and r.max_staleness >= 1) else ""
     mb = f", {a.mini_batches} mini-batches" if a.mini_batches > 1 else ""
     return f"GRPO ({corr}, L={r.sync_interval}{asyn}{mb})"
+
+
+def final_eval_settings(cc: CompareConfig) -> dict[str, Any]:
+    fe = cc.final_eval
+    return {"n": fe.n, "temperature": fe.temperature, "top_p": fe.top_p, "entropy": fe.entropy,
+            "batch_prompts": fe.batch_prompts, "max_prompts": fe.max_prompts, "entropy_samples": fe.entropy_samples,
+            "engine": fe.engine}
+
+
+def base_eval_dir(cc: CompareConfig) -> Path:
+    return Path(cc.output_dir) / "_base_eval"
+
+
+def eval_seed(seed: int) -> int:
+    """The sampler seed of a seed's final evaluations: shared by every configuration of that seed
+    (common random numbers make the paired differences less noisy)."""
+    return 10_000 + seed

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from oapl.compare.claims import ConfigResults, collect, judge_claims, paired
-from oapl.compare.plan import CompareConfig, PlannedRun, plan_runs
-from oapl.compare.runner import base_eval_dir, final_eval_settings
+from oapl.compare.plan import CompareConfig, PlannedRun, base_eval_dir, final_eval_settings, plan_runs
 from oapl.compare.summary import smoothed_metrics, summarize_run
 from oapl.config import TrainConfig
 from oapl.evaluation.intervals import Interval

@@ -10,12 +10,13 @@ from typing import Any
 
 import yaml
 
-from oapl.compare.plan import CompareConfig, PlannedRun, comparable, plan_runs, start_eval_key
+from oapl.compare.plan import (CompareConfig, PlannedRun, base_eval_dir, comparable, eval_seed,
+                               final_eval_settings, plan_runs, start_eval_key)
 from oapl.config import TrainConfig, save_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["base_eval_dir", "final_eval_settings", "run_compare"]
+__all__ = ["completed", "resumable", "run_compare"]
 
 
 def _saved_config(run: PlannedRun) -> TrainConfig | None:
@@ -73,23 +74,6 @@ def _add_timing(run_dir: Path, seconds: float) -> None:
         except (ValueError, json.JSONDecodeError):
             prev = 0.0
     path.write_text(json.dumps({"wall_seconds": prev + seconds}))
-
-
-def final_eval_settings(cc: CompareConfig) -> dict[str, Any]:
-    fe = cc.final_eval
-    return {"n": fe.n, "temperature": fe.temperature, "top_p": fe.top_p, "entropy": fe.entropy,
-            "batch_prompts": fe.batch_prompts, "max_prompts": fe.max_prompts, "entropy_samples": fe.entropy_samples,
-            "engine": fe.engine}
-
-
-def base_eval_dir(cc: CompareConfig) -> Path:
-    return Path(cc.output_dir) / "_base_eval"
-
-
-def eval_seed(seed: int) -> int:
-    """The sampler seed of a seed's final evaluations: shared by every configuration of that seed
-    (common random numbers make the paired differences less noisy)."""
-    return 10_000 + seed
 
 
 def _final_eval(run: PlannedRun, cc: CompareConfig) -> None:
