@@ -125,6 +125,7 @@ def _solvable(numbers, target) -> bool:
 
 def test_countdown_split_is_fixed_disjoint_distinct_and_solvable():
     cfg = TaskConfig(name="countdown", num_train=400, num_eval=128)
+    assert cfg.countdown_operations == ["+", "*"] and cfg.countdown_range == (1, 9) and cfg.countdown_numbers == 3
     train_a, held_a = countdown_examples(cfg, seed=0)
     train_b, held_b = countdown_examples(cfg, seed=1)
     assert held_a == held_b  # the held-out split does not depend on the run seed
@@ -138,8 +139,8 @@ def test_countdown_split_is_fixed_disjoint_distinct_and_solvable():
         assert r["prompt"] == f"Use {', '.join(map(str, r['numbers']))} to make {r['target']}:"
         assert _solvable(r["numbers"], r["target"])
     # pinned: the split every study compares on (changing the generator changes it)
-    assert [r["prompt"] for r in held_a[:3]] == ["Use 3, 1, 1 to make 3:", "Use 4, 6, 8 to make 192:",
-                                                 "Use 9, 8, 1 to make 16:"]
+    assert [r["prompt"] for r in held_a[:3]] == ["Use 1, 3, 1 to make 5:", "Use 4, 2, 6 to make 48:",
+                                                 "Use 8, 8, 5 to make 21:"]
 
 
 def test_countdown_options_shape_the_problems():
@@ -177,13 +178,14 @@ def test_countdown_config_errors_name_the_field():
 def test_countdown_task_prompt_and_reward(char_tokenizer):
     task = build_task(TaskConfig(name="countdown", num_train=8, num_eval=4))
     ex = task.eval[0]
-    # plain text by default: the two worked examples, then the problem to continue
+    # plain text by default: the three worked examples, then the problem to continue
     assert task.chat_template is False and task.system_prompt == COUNTDOWN_SYSTEM_PROMPT
     assert task.render(ex, char_tokenizer) == (
-        "Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 9, 2, 1 to make 6: 9 - 2 - 1 = 6\nUse 3, 1, 1 to make 3:")
-    assert task.reward_kwargs([ex]) == {"numbers": [[3, 1, 1]], "target": [3]}
-    assert task.reward_fn(["p", "p"], [" 3 * 1 * 1 = 3", " 3 + 1 + 1 = 5"], **task.reward_kwargs([ex, ex])) == [1.0, 0.0]
+        "Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 2, 7, 6 to make 15: 2 + 7 + 6 = 15\n"
+        "Use 4, 2, 8 to make 20: 4 + 2 * 8 = 20\nUse 1, 3, 1 to make 5:")
+    assert task.reward_kwargs([ex]) == {"numbers": [[1, 3, 1]], "target": [5]}
+    assert task.reward_fn(["p", "p"], [" 1 + 3 + 1 = 5", " 1 * 3 + 1 = 5"], **task.reward_kwargs([ex, ex])) == [1.0, 0.0]
     chat = build_task(TaskConfig(name="countdown", num_train=8, num_eval=4, chat_template=True, system_prompt=""))
-    assert chat.system_prompt is None and chat.render(ex, char_tokenizer).startswith("<|im_start|>user\nUse 3, 1, 1")
+    assert chat.system_prompt is None and chat.render(ex, char_tokenizer).startswith("<|im_start|>user\nUse 1, 3, 1")
     # the other tasks keep the chat template by default
     assert build_task(TaskConfig(name="arithmetic", num_train=8, num_eval=4)).chat_template is True

@@ -165,7 +165,7 @@ class TaskConfig(Section):
     countdown_range: tuple[int, int] = Field((1, 9), description="countdown: [low, high], the range the numbers "
                                              "are drawn from (1 <= low <= high).")
     countdown_operations: list[Literal["+", "-", "*"]] = Field(
-        default_factory=lambda: ["+", "-", "*"], min_length=1, description="countdown: operations of the hidden "
+        default_factory=lambda: ["+", "*"], min_length=1, description="countdown: operations of the hidden "
         "expression each target is made from (an answer may use any of + - * and parentheses).")
     reward_timeout_s: float = Field(5.0, gt=0, description="Per-completion timeout for verifiers.")
     thinking: Literal["auto", "required", "off"] = Field(

@@ -201,8 +201,10 @@ def countdown_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dic
     return train, list(held.values())
 
 
-#: Two worked examples: the default ``task.system_prompt`` of countdown, the text the problem continues.
-COUNTDOWN_SYSTEM_PROMPT = "Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 9, 2, 1 to make 6: 9 - 2 - 1 = 6"
+#: Three worked examples (a * b + c, a + b + c, a + b * c): the default ``task.system_prompt`` of
+#: countdown, the text each problem continues.
+COUNTDOWN_SYSTEM_PROMPT = ("Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 2, 7, 6 to make 15: 2 + 7 + 6 = 15\n"
+                           "Use 4, 2, 8 to make 20: 4 + 2 * 8 = 20")
 MATH_PROMPT_TEMPLATE = "{prompt}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
