@@ -77,6 +77,12 @@ def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, t
         ("grpo_is", 0), ("grpo_is", 1), ("oapl", 0), ("oapl", 1)]
     b2 = [r for r in runs if r.group == "beta2_sweep"]
     assert [(r.name, r.seed, r.cfg.algorithm.beta2) for r in b2] == [("oapl_b2_0.01", 7, 0.01), ("oapl_b2_0.1", 7, 0.1)]
+    # a lag sweep on a subset of the seeds; its L=2 point is the algorithms' OAPL run of that seed
+    cc5 = study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1, 2], lag_sweep={"intervals": [1, 2], "steps": 4,
+                                                                                     "seeds": [1]})
+    sweep = [(r.name, r.seed, r.same_as) for r in plan_runs(cc5) if r.group == "lag_sweep"]
+    assert sweep == [("oapl_L1", 1, None), ("oapl_L2", 1, "oapl")]
+    assert len([r for r in plan_runs(cc5) if r.group == "algorithms"]) == 6
 
 
 def test_plan_names_the_bad_run(tiny_model_dir, prompts_file, tmp_path):
@@ -88,6 +94,8 @@ def test_plan_names_the_bad_run(tiny_model_dir, prompts_file, tmp_path):
         plan_runs(cc)
     with pytest.raises(ConfigError, match="unknown field"):
         study(tiny_model_dir, prompts_file, tmp_path, lag_sweeps={})
+    with pytest.raises(ConfigError, match=r"lag_sweep.seeds .*not in seeds: \[5\]"):
+        study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1], lag_sweep={"seeds": [5]})
 
 
 def test_summarize_run_hand_made(tmp_path):
@@ -244,7 +252,9 @@ def test_shipped_cpu_config_plans():
     assert sorted({r.lag for r in study if r.group == "lag_sweep"}) == [1, 10, 50, 100]
     budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in study}
     assert len(budgets) == 1  # one sample budget for every run of the comparison and the sweep
-    assert sum(r.same_as is None for r in study) == 5 * len(cc.seeds) and len(cc.seeds) >= 3
+    # 2 algorithms per seed; the lag sweep's L=1, 10, 100 on its seeds (its L=50 is the OAPL run)
+    assert sum(r.same_as is None for r in study) == 2 * len(cc.seeds) + 3 * len(cc.lag_sweep.seeds) and len(cc.seeds) >= 3
+    assert [r.same_as for r in study if r.lag == 50 and r.group == "lag_sweep"] == ["oapl"] * len(cc.lag_sweep.seeds)
     assert all(r.cfg.steps // 50 >= 4 for r in study)  # >= 4 weight windows for every L <= 50
     assert cc.final_eval.n >= 16 and runs[0].cfg.task.num_eval >= 128
     b2 = [r for r in runs if r.group == "beta2_sweep"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from oapl.config import ConfigError, Section, TrainConfig, load_config, set_dotted
 
@@ -33,6 +33,9 @@ class LagSweepConfig(Section):
     steps: int | None = Field(None, ge=1, description="Steps of every sweep run (default: max(base.steps, "
                               "min_syncs * max(intervals))).")
     min_syncs: int = Field(2, ge=1, description="Weight windows the largest L must see when `steps` is unset.")
+    seeds: list[int] | None = Field(None, description="Seeds of the sweep (default: the study's `seeds`). A "
+                                    "subset of them shares its L that equals an algorithm run's with that run; "
+                                    "fewer seeds make the sweep cheaper and its claim looser.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Nested overrides of `base` for "
                                       "the sweep runs (algorithm.name is forced to oapl).")
 
@@ -118,6 +121,14 @@ class CompareConfig(Section):
         if not v:
             raise ValueError("seeds must not be empty")
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _lag_seeds(self) -> CompareConfig:
+        extra = [s for s in (self.lag_sweep.seeds or []) if s not in self.seeds]
+        if self.lag_sweep.seeds is not None and (not self.lag_sweep.seeds or extra):
+            raise ValueError(f"lag_sweep.seeds must be a non-empty subset of seeds {self.seeds}; "
+                             f"{'not in seeds: ' + str(extra) if extra else 'got []'}")
+        return self
 
     def report_path(self) -> Path:
         return Path(self.report) if self.report else Path(self.output_dir) / "report.md"
@@ -234,7 +245,8 @@ def plan_runs(cc: CompareConfig, only: str = "all") -> list[PlannedRun]:
                                         beta2=cfg.algorithm.beta2 if cfg.algorithm.name == "oapl" else None))
         if only in ("all", "algorithms"):
             runs.extend(algo_runs)
-        if cc.lag_sweep.enabled and only in ("all", "lag"):
+        lag_seeds = cc.seeds if cc.lag_sweep.seeds is None else cc.lag_sweep.seeds
+        if cc.lag_sweep.enabled and only in ("all", "lag") and seed in lag_seeds:
             sweep_steps = cc.lag_sweep.steps or max(base_cfg.steps, cc.lag_sweep.min_syncs * max(cc.lag_sweep.intervals))
             for L in cc.lag_sweep.intervals:
                 name = f"oapl_L{L}"
