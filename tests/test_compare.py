@@ -255,7 +255,8 @@ def test_shipped_cpu_config_plans():
     # 2 algorithms per seed; the lag sweep's L=1, 10, 100 on its seeds (its L=50 is the OAPL run)
     assert sum(r.same_as is None for r in study) == 2 * len(cc.seeds) + 3 * len(cc.lag_sweep.seeds) and len(cc.seeds) >= 3
     assert [r.same_as for r in study if r.lag == 50 and r.group == "lag_sweep"] == ["oapl"] * len(cc.lag_sweep.seeds)
-    assert all(r.cfg.steps // 50 >= 4 for r in study)  # >= 4 weight windows for every L <= 50
+    assert all(r.cfg.steps // r.lag >= 4 for r in study if r.lag <= 50)  # >= 4 weight windows for every L <= 50
+    assert {r.cfg.steps * r.cfg.algorithm.mini_batches for r in runs if r.group == "algorithms"} == {200}  # optimiser steps
     assert cc.final_eval.n >= 16 and runs[0].cfg.task.num_eval >= 128
     b2 = [r for r in runs if r.group == "beta2_sweep"]
     assert b2 and not {r.seed for r in b2} & set(cc.seeds)  # beta2 is not chosen on the study's seeds

@@ -309,3 +309,10 @@ def test_mini_batches_need_enough_groups(tiny_model_dir, tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", f"model.name={tiny_model_dir}", "algorithm.mini_batches=3"])
     with pytest.raises(ValueError, match="algorithm.mini_batches=3 needs at least 3 prompt groups"):
         Policy(cfg, total_steps=1).train_step(_groups(n_groups=2))
+
+
+def test_mini_batches_above_prompts_per_step_are_refused_by_the_config(tiny_model_dir, tmp_path):
+    # refused when the config is read, not after the run has started (a mini-batch is whole groups)
+    with pytest.raises(ConfigError, match=r"algorithm.mini_batches=2 .*rollout.prompts_per_step=1"):
+        load_config(None, [f"output_dir={tmp_path}", f"model.name={tiny_model_dir}", "algorithm.name=grpo",
+                           "algorithm.mini_batches=2", "rollout.prompts_per_step=1"])

@@ -351,6 +351,11 @@ class TrainConfig(Section):
                 f"rollout.group_size={self.rollout.group_size}: {self.algorithm.name.upper()} needs at least 2 "
                 "responses per prompt; with 1 every gradient is exactly 0 (OAPL's V* of one sample is its own "
                 "reward, so r - V* = 0; GRPO's group-relative advantage is 0)")
+        if self.algorithm.mini_batches > self.rollout.prompts_per_step:
+            raise ValueError(
+                f"algorithm.mini_batches={self.algorithm.mini_batches} needs at least that many prompt groups per "
+                f"batch, but rollout.prompts_per_step={self.rollout.prompts_per_step}: a mini-batch is whole "
+                "groups (a group's advantages share its baseline); raise rollout.prompts_per_step")
         self._check_budgets_and_data()
         return self
 
