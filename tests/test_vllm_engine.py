@@ -479,7 +479,9 @@ def test_embedded_smollm2_generate_sync_and_timing():
         start = time.perf_counter()
         seconds = eng.load_weights(((n, p.detach()) for n, p in model.named_parameters()), 1)
         wall = time.perf_counter() - start
-        assert seconds < 2.0 and wall < 2.0, f"weight sync took {seconds:.2f}s ({wall:.2f}s wall)"
+        # in place: 0.3-0.9 s idle, 2.2 s seen with another training job on the 2 cores. The bound
+        # only has to tell an in-place copy from a rebuild (a vLLM start-up alone is 6-9 s here).
+        assert seconds < 5.0 and wall < 5.0, f"weight sync took {seconds:.2f}s ({wall:.2f}s wall)"
         after = eng.generate(prompts[:1], SamplingParams(temperature=1.0, max_tokens=16, n=2))[0]
         for c in after.completions:
             assert _max_diff(c.logprobs, _reference(model, prompts[0], c.token_ids)) < 2e-3
