@@ -164,7 +164,7 @@ def judge_claims(configs: dict[str, ConfigResults], base: dict[str, Any] | None,
                 verdict = "inconclusive"
             claims.append(Claim(f"OAPL >= GRPO+IS in held-out pass@1 at equal training samples ({oapl.label} vs "
                                 f"{grpo.label})", verdict,
-                                f"OAPL - GRPO+IS = {_pts(iv)}; {S} seeds x {P} prompts." + _needs(iv, S, margin)))
+                                f"OAPL - GRPO+IS = {_pts(iv)}; {S} seed{'s' if S != 1 else ''} x {P} prompts." + _needs(iv, S, margin)))
         kmax = min(oapl.n, grpo.n)
         if kmax > 1:
             iv, S, P = paired(oapl, grpo, "pass@k", kmax, reps)
@@ -173,7 +173,7 @@ def judge_claims(configs: dict[str, ConfigResults], base: dict[str, Any] | None,
                 claims.append(Claim(f"OAPL's pass@k is better than GRPO+IS's at large k (k = {kmax})",
                                     _advantage_verdict(iv, margin),
                                     f"pass@{kmax}: OAPL - GRPO+IS = {_pts(iv)} (pass@1: {iv1.mean * 100:+.1f} pts); "
-                                    f"{S} seeds x {P} prompts." + _needs(iv, S, margin)))
+                                    f"{S} seed{'s' if S != 1 else ''} x {P} prompts." + _needs(iv, S, margin)))
         if oapl.results[0].get("token_entropy") is not None and grpo.results[0].get("token_entropy") is not None:
             iv, S, P = paired(oapl, grpo, "token_entropy", None, reps)
             if S:
@@ -187,7 +187,7 @@ def judge_claims(configs: dict[str, ConfigResults], base: dict[str, Any] | None,
                 claims.append(Claim("OAPL keeps the policy's entropy where GRPO+IS reduces it (trained policy, "
                                     "held-out prompts, token entropy)",
                                     "reproduced" if side > 0 else "not reproduced" if side < 0 else "inconclusive",
-                                    f"OAPL - GRPO+IS = {_nats(iv)}; {S} seeds x {P} prompts." + extra))
+                                    f"OAPL - GRPO+IS = {_nats(iv)}; {S} seed{'s' if S != 1 else ''} x {P} prompts." + extra))
     sweep = sorted((c for c in configs.values() if c.group == "lag_sweep" and c.lag is not None), key=lambda c: c.lag)
     if sweep and base is not None:
         big = sweep[-1]
@@ -198,7 +198,7 @@ def judge_claims(configs: dict[str, ConfigResults], base: dict[str, Any] | None,
         side = iv.excludes_zero()
         verdict = ("not reproduced (diverged)" if diverged else "reproduced" if side > 0
                    else "not reproduced" if side < 0 else "inconclusive")
-        ev = f"L={big.lag} vs the base model: pass@1 {_pts(iv)}; {S} seeds x {P} prompts; no non-finite or " \
+        ev = f"L={big.lag} vs the base model: pass@1 {_pts(iv)}; {S} seed{'s' if S != 1 else ''} x {P} prompts; no non-finite or " \
              f"skipped steps" if not diverged else f"seeds {diverged} had skipped or non-finite steps"
         if len(sweep) > 1:
             small = sweep[0]

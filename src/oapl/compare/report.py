@@ -53,8 +53,12 @@ def _machine() -> str:
             f"torch {torch.__version__}")
 
 
-def _setup_table(cfg: TrainConfig, cc: CompareConfig) -> list[str]:
+def _setup_table(cfg: TrainConfig, cc: CompareConfig, runs: list[PlannedRun] = ()) -> list[str]:
     s, r, o, m, e = cfg.sampling, cfg.rollout, cfg.optim, cfg.model, cfg.eval
+    # runs whose batch differs from the first one's (e.g. GRPO+IS with 2 mini-batches of whole groups)
+    other = {f"{x.label}: {x.cfg.rollout.prompts_per_step} x {x.cfg.rollout.group_size} per step, {x.cfg.steps} steps"
+             for x in runs if (x.cfg.rollout.prompts_per_step, x.cfg.rollout.group_size)
+             != (r.prompts_per_step, r.group_size)}
     lora = (f"LoRA r={m.lora.r}, alpha={m.lora.alpha} on `{m.lora.target_modules}`" if m.lora.enabled
             else "all weights")
     t = cfg.task
@@ -64,7 +68,7 @@ def _setup_table(cfg: TrainConfig, cc: CompareConfig) -> list[str]:
         ("model", f"`{m.name}` ({lora}, weights {m.param_dtype}, compute {m.compute_dtype})"),
         ("task", task),
         ("batch", f"{r.prompts_per_step} prompts x G={r.group_size} = {r.prompts_per_step * r.group_size} "
-                  f"responses per trainer step"),
+                  f"responses per trainer step" + (f" ({'; '.join(sorted(other))})" if other else "")),
         ("sampling", f"temperature {s.temperature}, top-p {s.top_p}, max {s.max_tokens} tokens"),
         ("optimiser", f"AdamW lr {o.lr:g}, betas {tuple(o.betas)}, grad-norm clip {o.max_grad_norm}, "
                       f"{o.schedule} schedule"),
@@ -212,7 +216,7 @@ def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, comman
     if cc.notes:
         lines += [cc.notes.strip(), ""]
     if present:
-        lines += ["## Setup (shared by every run)", "", *_setup_table(present[0][0].cfg, cc), ""]
+        lines += ["## Setup (shared by every run)", "", *_setup_table(present[0][0].cfg, cc, [x for x, *_ in present]), ""]
         study_seeds = sorted({r.seed for r in runs if r.group != "beta2_sweep"})
         lines += [f"Seeds: {', '.join(map(str, study_seeds))}. Every run of the comparison and the lag sweep "
                   "trains on the same number of responses; the held-out split is fixed. Means are over seeds "
