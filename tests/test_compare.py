@@ -263,3 +263,27 @@ def test_shipped_cpu_config_plans():
     assert cc.base["algorithm"]["beta2"] in [r.beta2 for r in b2]
     quick = load_compare_config(str(path), quick=True)
     assert len([r for r in plan_runs(quick) if r.same_as is None]) <= 8 and quick.output_dir != cc.output_dir
+
+
+def test_invocations_side_by_side_skip_each_others_runs(tiny_model_dir, prompts_file, tmp_path, monkeypatch, caplog):
+    """A run locked by another invocation is skipped (not trained twice); a piece (--only) writes its own
+    report, so the study's report is only ever written whole."""
+    import oapl.loop
+    from oapl.compare import runner
+
+    cc = study(tiny_model_dir, prompts_file, tmp_path, lag_sweep={"enabled": False}, final_eval={"enabled": False})
+    trained = []
+    real = oapl.loop.train
+    monkeypatch.setattr(oapl.loop, "train", lambda cfg, **kw: (trained.append(cfg.output_dir), real(cfg, **kw))[1])
+    grpo = next(r for r in plan_runs(cc) if r.name == "grpo_is")
+    lock = Path(cc.output_dir) / ".locks" / (runner._lock_name(grpo) + ".lock")
+    with runner._lock(lock, wait=True) as held, caplog.at_level("INFO", logger="oapl.compare.runner"):
+        assert held  # another invocation is training grpo_is/seed0
+        report = run_compare(cc, only="algorithms")
+    assert trained == [str(Path(cc.output_dir) / "oapl" / "seed0")]
+    assert "grpo_is/seed0: in progress in another invocation, skipped" in caplog.text
+    assert report == Path(cc.output_dir) / "report_algorithms.md" and not cc.report_path().exists()
+    # the lock released (that invocation ended): the next invocation trains it, and reuses the other
+    trained.clear()
+    assert run_compare(cc) == cc.report_path() and cc.report_path().exists()
+    assert trained == [str(Path(cc.output_dir) / "grpo_is" / "seed0")]
