@@ -141,7 +141,9 @@ class MathVerifier:
         inner = max(1, int(self.timeout_s))
         try:
             futures = [pool.submit(_verify_one, t, g, inner) for t, g in zip(texts, golds)]
-        except (cf.process.BrokenProcessPool, RuntimeError):  # broken or shut down by another thread
+        # broken or shut down by another thread; OSError: a dead worker is being replaced while the pool
+        # is breaking (its pipe already closed: "handle is closed"), seen after a worker was killed
+        except (cf.process.BrokenProcessPool, RuntimeError, OSError):
             self._reset_pool(pool)
             return [None] * len(texts)
         out: list[float | None] = []
