@@ -14,7 +14,11 @@ prompt. Every layout sees the same sequences. Reported per layout:
 Layouts: ``padded-global`` is the trainer before packing (every micro-batch right-padded to the
 longest sequence of the whole batch, rebuilt here by padding each micro-batch to the batch's longest);
 ``padded`` pads each micro-batch to its own longest; ``packed`` packs each micro-batch into one row;
-``packed-budget`` packs token-budget micro-batches. Layouts are timed in turn, ``--steps`` rounds,
+``packed-budget`` packs token-budget micro-batches; ``shared`` runs each group's prompt once and its
+responses on its KV cache (``optim.share_prompts=on``; the other layouts run with it off). For
+``shared`` the effective MFU counts each distinct prompt once (what that layout must compute);
+``seq_tok/s`` counts every sequence's prompt + response tokens in every layout, so it compares
+layouts on the same work. Layouts are timed in turn, ``--steps`` rounds,
 and the best step of each is reported, so a machine shared with other work disturbs them alike.
 
 Modes: ``--device cpu`` (default) trains the embedded SmolLM2-135M in fp32 with lengths scaled to a
@@ -58,7 +62,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of response lengths")
     p.add_argument("--truncated", type=int, default=3, help="responses cut at the cap")
     p.add_argument("--layouts", default="padded-global,padded,packed,packed-budget",
-                   help="comma list of padded-global, padded, packed, packed-budget (token budget = --budget)")
+                   help="comma list of padded-global, padded, packed, packed-budget (token budget = --budget), "
+                   "shared (packed, prompts shared by their group)")
     p.add_argument("--budget", type=int, default=None, help="max tokens per micro-batch (default: 2 x cap + prompt)")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch (padded/packed)")
     p.add_argument("--fixed", action="store_true", help="also run every response at the mean length")
@@ -189,7 +194,9 @@ def make_policy(a, model, tok, name: str, layout: str, device: torch.device):
             f"model.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
             f"model.compile={str(a.compile).lower()}", "model.logprob_chunk_size=1024",
             "optim.lr=1e-6", "algorithm.beta2=0.001", f"rollout.group_size={a.group_size}",
-            f"rollout.prompts_per_step={a.groups}", f"optim.packing={str(layout.startswith('packed')).lower()}",
+            f"rollout.prompts_per_step={a.groups}",
+            f"optim.packing={str(layout.startswith('packed') or layout == 'shared').lower()}",
+            f"optim.share_prompts={'on' if layout == 'shared' else 'off'}",
             f"optim.micro_batch_size={a.micro_batch if layout != 'packed-budget' else 1024}"]
     if layout == "packed-budget":
         over.append(f"optim.max_tokens_per_micro_batch={a.budget}")
@@ -200,10 +207,13 @@ def step(policy, groups, layout: str, device: torch.device) -> tuple[float, dict
     """One timed train step; ``padded-global`` pads every micro-batch to the batch's longest sequence."""
     import oapl.trainer.step as step_mod
 
-    orig = step_mod.collate
+    orig = step_mod.collate_auto
     if layout == "padded-global":
+        from oapl.trainer.batching import collate
+
         width = max(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
-        step_mod.collate = lambda seqs, packed, pad_token_id=0: orig(seqs, False, pad_token_id, pad_to=width)
+        step_mod.collate_auto = lambda seqs, packed, pad_token_id=0, share=None: collate(
+            seqs, False, pad_token_id, pad_to=width)
     try:
         sync(device)
         with MemorySampler(device) as mem:
@@ -212,7 +222,7 @@ def step(policy, groups, layout: str, device: torch.device) -> tuple[float, dict
             sync(device)
             dt = time.perf_counter() - t
     finally:
-        step_mod.collate = orig
+        step_mod.collate_auto = orig
     return dt, m, mem.gib
 
 
@@ -243,10 +253,11 @@ def main() -> None:
           f"sorted={sorted(lens)}")
     results = []
     layouts = a.layouts.split(",")
-    print(f"{'batch':9s} {'layout':14s} {'step_s':>8s} {'useful_tok/s':>13s} {'eff_MFU':>8s} {'padding':>8s} "
+    print(f"{'batch':9s} {'layout':14s} {'step_s':>8s} {'seq_tok/s':>13s} {'eff_MFU':>8s} {'padding':>8s} "
           f"{'peak_mem':>9s}")
     for bname, groups in batches.items():
         useful = sum(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
+        distinct = sum(len(g.prompt_token_ids) + sum(map(len, g.response_token_ids)) for g in groups)
         policies = {lay: make_policy(a, model, tok, name, lay, device) for lay in layouts}
         best: dict[str, tuple[float, dict, float]] = {}
         for _ in range(a.warmup):
@@ -262,7 +273,7 @@ def main() -> None:
             r = {"batch": bname, "layout": lay, "packing_active": policies[lay].packing, "step_s": dt,
                  "useful_tokens": useful, "useful_tok_per_s": useful / dt, "padding_frac": m["padding_frac"],
                  "peak_mem_gib": gib, "loss": m["loss"],
-                 "eff_mfu": 6 * n_params * useful / dt / (peak * 1e12)}
+                 "eff_mfu": 6 * n_params * (distinct if lay == "shared" else useful) / dt / (peak * 1e12)}
             results.append(r)
             print(f"{bname:9s} {lay:14s} {dt:8.3f} {r['useful_tok_per_s']:13.1f} {r['eff_mfu']:8.3f} "
                   f"{r['padding_frac']:8.3f} {gib:6.2f} GiB", flush=True)

@@ -116,7 +116,9 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, 
     assert sorted(p["stats"]["seqs"] for p in parts) == [7, 8]
     assert list(m_ray) == list(m_local)  # same metric keys, same order
     for k in m_local:
-        if k in ("train_seconds", "train_tokens_per_s"):
+        # padding depends on which sequences share a micro-batch (a rank's share lays out differently:
+        # optim.share_prompts=auto shares a prompt where that is cheaper), the update does not
+        if k in ("train_seconds", "train_tokens_per_s", "padding_frac"):
             continue
         assert m_ray[k] == pytest.approx(m_local[k], rel=1e-4, abs=1e-6), k
     g_ray = parts[0]["grads"]

@@ -215,14 +215,17 @@ def _one_step(cfg, groups):
 
 
 @pytest.mark.parametrize("over", [
-    {"optim.packing": True, "optim.micro_batch_size": 16},
-    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 64},
+    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.share_prompts": "off"},
+    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 64,
+     "optim.share_prompts": "off"},
     {"optim.packing": False, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 100},
+    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.share_prompts": "on"},
+    {"optim.packing": False, "optim.micro_batch_size": 6, "optim.share_prompts": "on"},
 ])
 def test_train_step_same_loss_and_gradient_as_padded(tiny_model_dir, tmp_path, over):
     groups = _groups()
-    ref_m, ref_g, _ = _one_step(step_cfg(tiny_model_dir, tmp_path / "a", **{"optim.packing": False,
-                                                                          "optim.micro_batch_size": 16}), groups)
+    ref_m, ref_g, _ = _one_step(step_cfg(tiny_model_dir, tmp_path / "a", **{
+        "optim.packing": False, "optim.micro_batch_size": 16, "optim.share_prompts": "off"}), groups)
     m, g, policy = _one_step(step_cfg(tiny_model_dir, tmp_path / "b", **over), groups)
     assert policy.packing == over["optim.packing"]
     assert m["loss"] == pytest.approx(ref_m["loss"], rel=1e-5)
@@ -231,5 +234,113 @@ def test_train_step_same_loss_and_gradient_as_padded(tiny_model_dir, tmp_path, o
     for n in ref_g:
         scale = ref_g[n].abs().max().clamp(min=1e-8)
         assert ((g[n] - ref_g[n]).abs().max() / scale) < 1e-4, n
-    if over["optim.packing"]:
+    if over.get("optim.share_prompts") == "on":
+        # 4 groups x 4 responses: the micro-batch computes each prompt once
+        assert policy.share_prompts == "on" and m["padding_frac"] > 0.0
+    elif over["optim.packing"]:
         assert m["padding_frac"] == 0.0 and ref_m["padding_frac"] > 0.3
+
+
+# ------------------------------------------------------------------------------------------------
+# shared prompts: a group's prompt runs once, its responses share its KV cache
+# ------------------------------------------------------------------------------------------------
+
+
+def test_choose_layout_counts_tokens_by_hand():
+    from oapl.trainer.batching import Sequence, choose_layout, layout_tokens
+
+    # 4 responses of 3 tokens to one 10-token prompt: packed 4 x 13 = 52; shared 10 + 4 x 3 = 22
+    group = [Sequence(list(range(10)), [1, 2, 3], [0.0] * 3) for _ in range(4)]
+    assert layout_tokens(group, packed=True) == (52, 22)
+    assert choose_layout(group, packed=True, share_prompts="auto") == "shared"
+    assert choose_layout(group, packed=True, share_prompts="off") == "packed"
+    # 2 responses of 30 and 2 tokens to a 2-token prompt: packed 36; shared 2 + 2 x 30 = 62 (padding)
+    long = [Sequence([5, 6], list(range(30)), [0.0] * 30), Sequence([5, 6], [1, 2], [0.0] * 2)]
+    assert layout_tokens(long, packed=True) == (36, 62)
+    assert choose_layout(long, packed=True, share_prompts="auto") == "packed"
+    assert choose_layout(long, packed=True, share_prompts="on") == "shared"
+    # padded layout: 2 x 32 = 64 > 62
+    assert choose_layout(long, packed=False, share_prompts="auto") == "shared"
+    # no prompt repeats: nothing to share, whatever the mode
+    distinct = [Sequence([i, 7, 7, 7], [1], [0.0]) for i in range(3)]
+    assert choose_layout(distinct, packed=True, share_prompts="on") == "packed"
+
+
+def test_collate_shared_layout():
+    from oapl.trainer.batching import Sequence, collate_shared
+
+    a, b = [4, 5, 6], [7, 8]
+    seqs = [Sequence(a, [10, 11], [-1.0, -2.0]), Sequence(b, [12], [-3.0]), Sequence(a, [], [])]
+    t = collate_shared(seqs, pad_token_id=0)
+    assert t.shared and not t.packed
+    assert t.prefix_ids.tolist() == [[4, 5, 6], [7, 8, 0]]
+    assert t.prefix_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert t.prefix_last.tolist() == [2, 1] and t.prefix_index.tolist() == [0, 1, 0]
+    assert t.input_ids.tolist() == [[10, 11], [12, 0], [0, 0]]
+    assert t.position_ids.tolist() == [[3, 4], [2, 3], [3, 4]]  # each continues its own prompt
+    assert t.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 1, 0], [1, 1, 1, 0, 0]]
+    # hidden layout (n, 1 + R) = (3, 3): sequence 0's tokens at slots 0, 1; sequence 1's at 3
+    assert t.target_index.tolist() == [0, 1, 3] and t.target_ids.tolist() == [10, 11, 12]
+    assert t.ref_logprobs.tolist() == [[-1.0, -2.0], [-3.0, 0.0], [0.0, 0.0]]
+    assert t.num_tokens == 5 + 3 and t.computed_tokens == 6 + 6
+
+
+@pytest.mark.parametrize("variant", ["plain", "lora"])
+def test_shared_prompts_equal_packed_on_tiny_model(char_tokenizer, variant):
+    """Log-probs, entropies and gradients of the shared-prompt layout equal the packed layout's.
+
+    The two compute the same function: the same keys enter each softmax (the padded keys of the
+    shared layout get weight exactly 0), only the order of the sums differs. In fp32 (unit
+    roundoff 6e-8) over two layers of reductions of <= 32 terms the per-token log-probs agree to
+    ~1e-6; 1e-5 leaves a 10x margin, as in the packed-vs-padded test above.
+    """
+    from conftest import build_tiny_model
+
+    from oapl.objectives import oapl_loss
+    from oapl.trainer.attention import enable_varlen
+    from oapl.trainer.batching import Sequence, collate, collate_shared
+
+    vocab = len(char_tokenizer)
+    model = build_tiny_model(vocab, seed=3)
+    assert enable_varlen(model, "sdpa")
+    if variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (9, 4)]
+    seqs = []
+    for k in range(7):  # two groups interleaved, prompts of different lengths, one empty response
+        r = torch.randint(3, vocab, (0 if k == 3 else 1 + k * 2,), generator=g).tolist()
+        seqs.append(Sequence(prompts[k % 2], r, [-1.0] * len(r)))
+
+    def run(batch):
+        model.zero_grad(set_to_none=True)
+        lp, ent = token_logprobs(model, batch, temperature=0.8, chunk_size=5, with_entropy=True)
+        oapl_loss(lp, batch.ref_logprobs, batch.response_mask, torch.linspace(-1, 1, len(seqs)), beta2=0.5).backward()
+        return lp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    lp_a, ent_a, g_a = run(collate(seqs, packed=True))
+    shared = collate_shared(seqs)
+    lp_b, ent_b, g_b = run(shared)
+    assert shared.shared and shared.prefix_ids.shape[0] == 2
+    assert (lp_a - lp_b).abs().max() < 1e-5
+    assert (ent_a - ent_b).abs().max() < 1e-4
+    assert set(g_a) == set(g_b) and g_a
+    for n in g_a:
+        scale = g_a[n].abs().max().clamp(min=1e-6)
+        assert ((g_a[n] - g_b[n]).abs().max() / scale) < 1e-4, n
+
+
+def test_share_prompts_and_gradient_checkpointing(tiny_model_dir, tmp_path):
+    from oapl.trainer.policy import Policy
+
+    with pytest.raises(Exception, match="share_prompts=on needs model.gradient_checkpointing=false"):
+        step_cfg(tiny_model_dir, tmp_path, **{"optim.share_prompts": "on", "model.gradient_checkpointing": True})
+    cfg = step_cfg(tiny_model_dir, tmp_path, **{"optim.share_prompts": "auto", "model.gradient_checkpointing": True})
+    assert Policy(cfg, total_steps=1).share_prompts == "off"  # auto stands down; the step stays correct

@@ -286,7 +286,18 @@ class OptimConfig(Section):
         "fewest balanced micro-batches (a longer sequence gets its own). null = micro_batch_size sequences.")
     packing: bool = Field(True, description="Pack a micro-batch's sequences into one row (per-sequence "
                           "positions, attention never crosses sequences): no compute on padding.")
+    share_prompts: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run each distinct prompt of a micro-batch once and let its responses share its "
+        "KV cache (same log-probs and gradients). auto = when that computes fewer tokens than the packed/padded "
+        "layout (long prompts, short responses, e.g. few-shot tasks); needs model.gradient_checkpointing=false "
+        "(auto then stays off).")
     fused: Literal["auto", "on", "off"] = Field("auto", description="Fused AdamW kernel (auto = on CUDA).")
+
+    @field_validator("share_prompts", "fused", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EvalConfig(Section):
@@ -356,6 +367,9 @@ class TrainConfig(Section):
                 f"algorithm.mini_batches={self.algorithm.mini_batches} needs at least that many prompt groups per "
                 f"batch, but rollout.prompts_per_step={self.rollout.prompts_per_step}: a mini-batch is whole "
                 "groups (a group's advantages share its baseline); raise rollout.prompts_per_step")
+        if self.optim.share_prompts == "on" and self.model.gradient_checkpointing:
+            raise ValueError("optim.share_prompts=on needs model.gradient_checkpointing=false: the shared prompt's KV "
+                             "cache cannot be rebuilt by a recomputed layer; use optim.share_prompts=auto or off")
         self._check_budgets_and_data()
         return self
 

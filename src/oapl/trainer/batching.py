@@ -13,6 +13,14 @@ tokens, a tail at the 8-32K cap) is trained in micro-batches. Two decisions make
   attention in :mod:`oapl.trainer.attention` never crosses sequences and builds no ``T x T`` mask),
   so no FLOP is spent on padding; *padded* right-pads every sequence to the micro-batch's longest.
 
+A third layout, *shared prompt* (:func:`collate_shared`), serves the case where the prompt is most of
+the tokens (GRPO/OAPL groups: G responses of one prompt; few-shot prompts, short answers): each
+distinct prompt of the micro-batch runs once, its key/value cache is shared by the responses that
+follow it, and the responses run as one padded ``(n, R)`` block on top. The decoder then computes
+``U x P + n x R`` tokens instead of ``n x (P + R)``; gradients reach the prompt's activations from
+every response that attends to them, exactly as when each copy is recomputed.
+:func:`choose_layout` picks it when it computes fewer tokens than packing or padding would.
+
 Either way the model's output is brought back to one *response-aligned* layout, ``(n, R)`` with
 ``R`` the longest response of the micro-batch: row ``i`` holds the log-probs of response ``i``'s
 tokens, in order, then zeros (``response_mask`` says which). The objectives see the same tensors
@@ -116,11 +124,21 @@ class TokenBatch:
     ref_logprobs: torch.Tensor
     response_mask: torch.Tensor
     num_tokens: int = 0
+    prefix_ids: torch.Tensor | None = None
+    prefix_mask: torch.Tensor | None = None
+    prefix_last: torch.Tensor | None = None
+    prefix_index: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def packed(self) -> bool:
         return self.cu_seqlens is not None
+
+    @property
+    def shared(self) -> bool:
+        """Shared-prompt layout: ``prefix_ids`` ``(U, P)`` (right-padded, ``prefix_mask``) run first;
+        sequence ``i`` continues prompt ``prefix_index[i]``, whose last token is at ``prefix_last``."""
+        return self.prefix_ids is not None
 
     @property
     def num_sequences(self) -> int:
@@ -129,7 +147,7 @@ class TokenBatch:
     @property
     def computed_tokens(self) -> int:
         """Tokens the decoder runs on (useful + padding)."""
-        return self.input_ids.numel()
+        return self.input_ids.numel() + (self.prefix_ids.numel() if self.shared else 0)
 
     def to(self, device: torch.device | str) -> TokenBatch:
         def mv(t):
@@ -137,8 +155,8 @@ class TokenBatch:
 
         return TokenBatch(*(mv(getattr(self, f)) for f in (
             "input_ids", "position_ids", "attention_mask", "cu_seqlens", "max_seqlen", "target_index",
-            "target_ids", "seq_index", "tok_index", "ref_logprobs", "response_mask", "num_tokens")),
-            extra=self.extra)
+            "target_ids", "seq_index", "tok_index", "ref_logprobs", "response_mask", "num_tokens",
+            "prefix_ids", "prefix_mask", "prefix_last", "prefix_index")), extra=self.extra)
 
 
 def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: int | None = None) -> TokenBatch:
@@ -195,3 +213,107 @@ def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: i
 
     return TokenBatch(ids, pos, att, cu, width, cat(tgt_index), cat(tgt_ids), cat(seq_idx), cat(tok_idx),
                       ref, rmask, num_tokens=sum(lens))
+
+
+def _distinct_prompts(seqs: list[Sequence]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The distinct prompts of ``seqs`` in first-seen order, and each sequence's prompt's index."""
+    where: dict[tuple[int, ...], int] = {}
+    index = []
+    for s in seqs:
+        key = tuple(s.prompt_ids)
+        index.append(where.setdefault(key, len(where)))
+    return list(where), index
+
+
+def layout_tokens(seqs: list[Sequence], packed: bool) -> tuple[int, int]:
+    """Tokens the decoder computes for ``seqs`` laid out packed (or padded when not ``packed``) and
+    with shared prompts (:func:`collate_shared`)."""
+    lens = [s.num_tokens for s in seqs]
+    plain = sum(lens) if packed else len(seqs) * max(lens)
+    prompts, _ = _distinct_prompts(seqs)
+    shared = len(prompts) * max(len(p) for p in prompts) + len(seqs) * max(1, max(len(s.response_ids) for s in seqs))
+    return plain, shared
+
+
+def choose_layout(seqs: list[Sequence], packed: bool, share_prompts: str = "off") -> str:
+    """``"shared"``, ``"packed"`` or ``"padded"`` for one micro-batch.
+
+    ``share_prompts``: ``"off"`` never shares; ``"on"`` shares whenever a prompt repeats in the
+    micro-batch; ``"auto"`` shares when that computes fewer decoder tokens than the other layout
+    (prompts much longer than their responses, e.g. few-shot prompts with short answers).
+    """
+    plain = "packed" if packed else "padded"
+    if share_prompts == "off" or len(seqs) < 2:
+        return plain
+    prompts, _ = _distinct_prompts(seqs)
+    if len(prompts) == len(seqs):  # nothing repeats: nothing to share
+        return plain
+    if share_prompts == "on":
+        return "shared"
+    if share_prompts != "auto":
+        raise ValueError(f"optim.share_prompts: unknown value {share_prompts!r} (auto, on, off)")
+    plain_tokens, shared_tokens = layout_tokens(seqs, packed)
+    return "shared" if shared_tokens < plain_tokens else plain
+
+
+def collate_shared(seqs: list[Sequence], pad_token_id: int = 0) -> TokenBatch:
+    """Shared-prompt layout (see the module docstring): the ``U`` distinct prompts as ``prefix_ids``
+    ``(U, P)``, right-padded; the responses as ``input_ids`` ``(n, R)``, right-padded, with
+    ``position_ids`` continuing their prompt's and an ``attention_mask`` ``(n, P + R)`` over the
+    prompt's cache then the response.
+
+    The hidden states that predict response tokens are laid out ``(n, 1 + R)``: slot 0 is the last
+    prompt token's (it predicts response token 0), slot ``j + 1`` response token ``j``'s;
+    ``target_index`` indexes that layout.
+    """
+    if not seqs:
+        raise ValueError("collate needs at least one sequence")
+    prompts, index = _distinct_prompts(seqs)
+    for i, s in enumerate(seqs):
+        if not s.prompt_ids:
+            raise ValueError(f"sequence {i}: an empty prompt leaves its first response token unscored")
+    n, u = len(seqs), len(prompts)
+    p_max = max(len(p) for p in prompts)
+    r_max = max(1, max(len(s.response_ids) for s in seqs))
+    pre = torch.full((u, p_max), pad_token_id, dtype=torch.long)
+    pre_mask = torch.zeros((u, p_max), dtype=torch.long)
+    for k, p in enumerate(prompts):
+        pre[k, : len(p)] = torch.tensor(p, dtype=torch.long)
+        pre_mask[k, : len(p)] = 1
+    ids = torch.full((n, r_max), pad_token_id, dtype=torch.long)
+    pos = torch.zeros((n, r_max), dtype=torch.long)
+    att = torch.zeros((n, p_max + r_max), dtype=torch.long)
+    ref = torch.zeros((n, r_max), dtype=torch.float32)
+    rmask = torch.zeros((n, r_max), dtype=torch.float32)
+    tgt_index, tgt_ids, seq_idx, tok_idx = [], [], [], []
+    for i, s in enumerate(seqs):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        att[i, :p_max] = pre_mask[index[i]]
+        pos[i] = torch.arange(p, p + r_max)  # pad positions continue the count; they are masked
+        if r:
+            toks = torch.tensor(s.response_ids, dtype=torch.long)
+            ids[i, :r] = toks
+            att[i, p_max : p_max + r] = 1
+            tgt_index.append(torch.arange(i * (1 + r_max), i * (1 + r_max) + r))
+            tgt_ids.append(toks)
+            seq_idx.append(torch.full((r,), i, dtype=torch.long))
+            tok_idx.append(torch.arange(r))
+            ref[i, :r] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
+            rmask[i, :r] = 1.0
+
+    def cat(parts):
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    useful = sum(len(p) for p in prompts) + sum(len(s.response_ids) for s in seqs)
+    return TokenBatch(ids, pos, att, None, p_max + r_max, cat(tgt_index), cat(tgt_ids), cat(seq_idx), cat(tok_idx),
+                      ref, rmask, num_tokens=useful, prefix_ids=pre, prefix_mask=pre_mask,
+                      prefix_last=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
+                      prefix_index=torch.tensor(index, dtype=torch.long))
+
+
+def collate_auto(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, share_prompts: str = "off"
+                 ) -> TokenBatch:
+    """:func:`collate` or :func:`collate_shared`, as :func:`choose_layout` decides."""
+    if choose_layout(seqs, packed, share_prompts) == "shared":
+        return collate_shared(seqs, pad_token_id)
+    return collate(seqs, packed=packed, pad_token_id=pad_token_id)

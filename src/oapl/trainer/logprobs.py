@@ -51,6 +51,27 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.T
     return chosen, entropy
 
 
+def _shared_prompt_hidden(decoder, batch: TokenBatch, amp) -> torch.Tensor:
+    """Hidden states ``(n, 1 + R, H)`` of the shared-prompt layout (:func:`collate_shared`).
+
+    The distinct prompts run once with a KV cache; the cache is indexed out to the ``n`` sequences
+    (an autograd op: each response's gradient flows back into its prompt's keys and values) and
+    the responses run on top of it. Slot 0 is the hidden state of the prompt's last token.
+    """
+    with amp:
+        pre = decoder(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, use_cache=True)
+        cache = pre.past_key_values
+        if cache is None:
+            raise RuntimeError("the decoder returned no KV cache for the shared prompt (gradient checkpointing "
+                               "turns the cache off): set optim.share_prompts=off")
+        last = pre.last_hidden_state[torch.arange(batch.prefix_ids.shape[0], device=batch.prefix_ids.device),
+                                     batch.prefix_last]  # (U, H)
+        cache.batch_select_indices(batch.prefix_index)
+        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([last.index_select(0, batch.prefix_index).unsqueeze(1).to(out.dtype), out], dim=1)
+
+
 def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_size: int = 1024,
                    with_entropy: bool = False, autocast: contextlib.AbstractContextManager | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,7 +86,9 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_siz
         raise ValueError("log-probs need temperature > 0 (greedy data cannot be scored)")
     decoder, head = _decoder_and_head(model)
     amp = autocast if autocast is not None else contextlib.nullcontext()
-    if batch.packed:
+    if batch.shared:
+        hidden = _shared_prompt_hidden(decoder, batch, amp)
+    elif batch.packed:
         kwargs = {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
                   "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
         with amp, packed_forward():

@@ -49,6 +49,7 @@ class Policy:
             from oapl.trainer.attention import enable_varlen
 
             self.packing = enable_varlen(base, cfg.model.varlen_backend)
+        self.share_prompts = shared_prompt_mode(cfg, base)
         self.lora = cfg.model.lora.enabled
         if self.lora:
             from peft import LoraConfig, get_peft_model
@@ -150,6 +151,25 @@ class Policy:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def shared_prompt_mode(cfg: TrainConfig, model) -> str:
+    """``optim.share_prompts`` as this model can run it: ``off`` under gradient checkpointing (auto) or
+    for attention the shared KV cache is not known to serve (sliding windows, other kernels)."""
+    from oapl.trainer.attention import supports_packing
+
+    mode = cfg.optim.share_prompts
+    if mode == "off":
+        return mode
+    ok, why = supports_packing(model)
+    if cfg.model.gradient_checkpointing:
+        ok, why = False, "model.gradient_checkpointing=true"
+    if not ok:
+        if mode == "on":
+            raise ValueError(f"optim.share_prompts=on is not supported for this model ({why}); use auto or off")
+        log.info("shared-prompt micro-batches are off for this model (%s)", why)
+        return "off"
+    return mode
 
 
 def apply_liger(model, device: torch.device) -> None:

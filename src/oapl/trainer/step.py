@@ -8,7 +8,8 @@ A step takes one batch of prompt groups and runs in two halves:
    each rank a token-balanced share of every mini-batch, and plans each share's micro-batches
    (token budget or fixed count, :func:`oapl.trainer.batching.plan_micro_batches`). A rank receives
    only its :class:`RankWork`.
-2. :func:`run_step` (on every rank) runs the micro-batches: collate (packed or padded), fp32
+2. :func:`run_step` (on every rank) runs the micro-batches: collate (packed, padded or with shared
+   prompts, :func:`oapl.trainer.batching.choose_layout`), fp32
    log-probs under the compute dtype, the objective's loss, backward with exact accumulation (each
    micro-batch's loss is its share of the mini-batch mean: the denominator is the mini-batch's N),
    then clip, AdamW step on the fp32 masters, schedule step. With pi_old needed (GRPO with several
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oapl.trainer.batching import Sequence, balanced_partition, collate, plan_micro_batches
+from oapl.trainer.batching import Sequence, balanced_partition, collate_auto, plan_micro_batches
 from oapl.trainer.logprobs import token_logprobs
 from oapl.trainer.stats import StepStats, batch_metrics
 
@@ -148,7 +149,9 @@ def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False)
     def micro(mini: MiniWork, j: int):
         dummy = j >= len(mini.micro)
         idx = mini.micro[0] if dummy else mini.micro[j]
-        return dummy, idx, collate([mini.seqs[i] for i in idx], policy.packing, policy.pad_token_id).to(device)
+        batch = collate_auto([mini.seqs[i] for i in idx], policy.packing, policy.pad_token_id,
+                             getattr(policy, "share_prompts", "off"))
+        return dummy, idx, batch.to(device)
 
     def schedule(mini: MiniWork) -> int:
         return max(mini.num_micro, len(mini.micro)) if par.pad_micro else len(mini.micro)
