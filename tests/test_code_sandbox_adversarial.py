@@ -128,7 +128,10 @@ def test_hangs_time_out(runner, code):
     t0 = time.monotonic()
     reward, ev = score(runner, code)
     assert reward == 0.0 and ev.results[0].runs[0].status == "timeout"
-    assert time.monotonic() - t0 < CFG.timeout_s + 3
+    # cut by the sandbox, not left to hang: within the runner's own bound on one program (its total
+    # deadline plus the start-up grace). The per-case timeout itself is the status above; the wall
+    # time on top of it is process start-up, which on a loaded 2-core machine took 7.8 s for a 1 s case
+    assert time.monotonic() - t0 < CFG.total_deadline_s + CFG.startup_grace_s
 
 
 @requires_ns
