@@ -159,6 +159,34 @@ class TokenBatch:
             "prefix_ids", "prefix_mask", "prefix_last", "prefix_index")), extra=self.extra)
 
 
+class _Targets:
+    """Where the response tokens of a micro-batch are: the flat hidden-state positions that predict
+    them, the tokens, their ``(sequence, token)`` slots in the ``(n, R)`` outputs, and the engine's
+    log-probs laid out as those outputs."""
+
+    def __init__(self, n: int, r_max: int) -> None:
+        self.index, self.ids, self.seq, self.tok = [], [], [], []
+        self.ref = torch.zeros((n, r_max), dtype=torch.float32)
+        self.mask = torch.zeros((n, r_max), dtype=torch.float32)
+
+    def add(self, i: int, first: int, toks: torch.Tensor, ref_logprobs: list[float]) -> None:
+        """Sequence ``i``'s ``r`` response tokens, predicted at flat positions ``first .. first + r - 1``."""
+        r = toks.numel()
+        self.index.append(torch.arange(first, first + r))
+        self.ids.append(toks)
+        self.seq.append(torch.full((r,), i, dtype=torch.long))
+        self.tok.append(torch.arange(r))
+        self.ref[i, :r] = torch.tensor(ref_logprobs, dtype=torch.float32)
+        self.mask[i, :r] = 1.0
+
+    def fields(self) -> tuple:
+        """``target_index, target_ids, seq_index, tok_index, ref_logprobs, response_mask``."""
+        def cat(parts):
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+        return cat(self.index), cat(self.ids), cat(self.seq), cat(self.tok), self.ref, self.mask
+
+
 def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: int | None = None) -> TokenBatch:
     """Lay out ``seqs`` for one forward pass (see the module docstring); padded rows are at least
     ``pad_to`` wide when given."""
@@ -166,11 +194,9 @@ def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: i
         raise ValueError("collate needs at least one sequence")
     n = len(seqs)
     r_max = max(1, max(len(s.response_ids) for s in seqs))
-    ref = torch.zeros((n, r_max), dtype=torch.float32)
-    rmask = torch.zeros((n, r_max), dtype=torch.float32)
+    targets = _Targets(n, r_max)
     lens = [s.num_tokens for s in seqs]
     width = max(lens) if pad_to is None or packed else max(max(lens), pad_to)
-    tgt_index, tgt_ids, seq_idx, tok_idx = [], [], [], []
     if packed:
         total = sum(lens)
         ids = torch.empty((1, total), dtype=torch.long)
@@ -200,19 +226,9 @@ def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: i
             pos[i, :length] = torch.arange(length)
             att[i, :length] = 1
         if r:
-            # position p-1+j predicts response token j
-            tgt_index.append(torch.arange(base + p - 1, base + p - 1 + r))
-            tgt_ids.append(toks[p:])
-            seq_idx.append(torch.full((r,), i, dtype=torch.long))
-            tok_idx.append(torch.arange(r))
-            ref[i, :r] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
-            rmask[i, :r] = 1.0
+            targets.add(i, base + p - 1, toks[p:], s.ref_logprobs)  # position p-1+j predicts response token j
 
-    def cat(parts):
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-
-    return TokenBatch(ids, pos, att, cu, width, cat(tgt_index), cat(tgt_ids), cat(seq_idx), cat(tok_idx),
-                      ref, rmask, num_tokens=sum(lens))
+    return TokenBatch(ids, pos, att, cu, width, *targets.fields(), num_tokens=sum(lens))
 
 
 def _distinct_prompts(seqs: list[Sequence]) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -283,9 +299,7 @@ def collate_shared(seqs: list[Sequence], pad_token_id: int = 0) -> TokenBatch:
     ids = torch.full((n, r_max), pad_token_id, dtype=torch.long)
     pos = torch.zeros((n, r_max), dtype=torch.long)
     att = torch.zeros((n, p_max + r_max), dtype=torch.long)
-    ref = torch.zeros((n, r_max), dtype=torch.float32)
-    rmask = torch.zeros((n, r_max), dtype=torch.float32)
-    tgt_index, tgt_ids, seq_idx, tok_idx = [], [], [], []
+    targets = _Targets(n, r_max)
     for i, s in enumerate(seqs):
         p, r = len(s.prompt_ids), len(s.response_ids)
         att[i, :p_max] = pre_mask[index[i]]
@@ -294,19 +308,10 @@ def collate_shared(seqs: list[Sequence], pad_token_id: int = 0) -> TokenBatch:
             toks = torch.tensor(s.response_ids, dtype=torch.long)
             ids[i, :r] = toks
             att[i, p_max : p_max + r] = 1
-            tgt_index.append(torch.arange(i * (1 + r_max), i * (1 + r_max) + r))
-            tgt_ids.append(toks)
-            seq_idx.append(torch.full((r,), i, dtype=torch.long))
-            tok_idx.append(torch.arange(r))
-            ref[i, :r] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
-            rmask[i, :r] = 1.0
-
-    def cat(parts):
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            targets.add(i, i * (1 + r_max), toks, s.ref_logprobs)  # slot j of row i predicts token j
 
     useful = sum(len(p) for p in prompts) + sum(len(s.response_ids) for s in seqs)
-    return TokenBatch(ids, pos, att, None, p_max + r_max, cat(tgt_index), cat(tgt_ids), cat(seq_idx), cat(tok_idx),
-                      ref, rmask, num_tokens=useful, prefix_ids=pre, prefix_mask=pre_mask,
+    return TokenBatch(ids, pos, att, None, p_max + r_max, *targets.fields(), num_tokens=useful, prefix_ids=pre, prefix_mask=pre_mask,
                       prefix_last=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
                       prefix_index=torch.tensor(index, dtype=torch.long))
 
