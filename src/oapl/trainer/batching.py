@@ -311,7 +311,8 @@ def collate_shared(seqs: list[Sequence], pad_token_id: int = 0) -> TokenBatch:
             targets.add(i, i * (1 + r_max), toks, s.ref_logprobs)  # slot j of row i predicts token j
 
     useful = sum(len(p) for p in prompts) + sum(len(s.response_ids) for s in seqs)
-    return TokenBatch(ids, pos, att, None, p_max + r_max, *targets.fields(), num_tokens=useful, prefix_ids=pre, prefix_mask=pre_mask,
+    return TokenBatch(ids, pos, att, None, p_max + r_max, *targets.fields(), num_tokens=useful,
+                      prefix_ids=pre, prefix_mask=pre_mask,
                       prefix_last=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
                       prefix_index=torch.tensor(index, dtype=torch.long))
 

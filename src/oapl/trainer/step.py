@@ -150,7 +150,7 @@ def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False)
         dummy = j >= len(mini.micro)
         idx = mini.micro[0] if dummy else mini.micro[j]
         batch = collate_auto([mini.seqs[i] for i in idx], policy.packing, policy.pad_token_id,
-                             getattr(policy, "share_prompts", "off"))
+                             policy.share_prompts)
         return dummy, idx, batch.to(device)
 
     def schedule(mini: MiniWork) -> int:
