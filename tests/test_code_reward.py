@@ -373,6 +373,15 @@ def test_unprivileged_trainer_uses_a_user_namespace():
     setpriv = shutil.which("setpriv")
     if not python or not setpriv:
         pytest.skip("needs /usr/bin/python3 and setpriv to run as an unprivileged user")
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python]
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
+    # A checkout under a private folder (e.g. `mktemp -d`, mode 0700) is invisible to that user: then
+    # the import fails with ModuleNotFoundError, not "Permission denied", so ask the user first.
+    init = SRC / "oapl" / "__init__.py"
+    probe = subprocess.run(as_nobody + ["-c", f"import os, sys; sys.exit(0 if os.access({str(init)!r}, os.R_OK) else 3)"],
+                           capture_output=True, text=True, timeout=60, cwd="/", env=env)
+    if probe.returncode != 0:
+        pytest.skip(f"an unprivileged user cannot read {init} here (rc {probe.returncode}) {probe.stderr[-200:]}")
     script = (
         "import json, sys\n"
         f"sys.path.insert(0, {str(SRC)!r})\n"
@@ -395,11 +404,7 @@ def test_unprivileged_trainer_uses_a_user_namespace():
         "    except Exception as exc:\n"
         "        out['error'] = str(exc)\n"
         "print(json.dumps(out))\n")
-    proc = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python,
-                           "-c", script], capture_output=True, text=True, timeout=60, cwd="/",
-                          env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
-    if proc.returncode != 0 and "Permission denied" in proc.stderr:
-        pytest.skip(f"an unprivileged user cannot read the sources here: {proc.stderr[-300:]}")
+    proc = subprocess.run(as_nobody + ["-c", script], capture_output=True, text=True, timeout=60, cwd="/", env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     if not out["facts"]["ok"]:
