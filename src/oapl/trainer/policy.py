@@ -82,26 +82,38 @@ class Policy:
 
     # ----------------------------------------------------------------------------------------
     def engine_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Current weights under Hugging Face names (LoRA merged), cast to the engine's (compute) dtype."""
+        """Current weights under Hugging Face names (LoRA merged), cast to the engine's (compute) dtype.
+
+        With LoRA the merged weights are computed out of place (:mod:`oapl.trainer.lora_sync`), one
+        tensor at a time: the frozen base is never written, so it stays bit-identical over any
+        number of syncs.
+        """
         dtype = self.precision.engine_dtype
         if not self.lora:
             for name, p in self.model.named_parameters():
                 yield name, p.detach().to(dtype)
             return
-        self.model.merge_adapter()
-        try:
-            for name, p in self.model.get_base_model().named_parameters():
-                if "lora_" in name:
-                    continue
-                yield name.replace(".base_layer", ""), p.detach().to(dtype, copy=True)
-        finally:
-            self.model.unmerge_adapter()
+        from oapl.trainer.lora_sync import merged_weights
+
+        for name, t in merged_weights(self.model):
+            yield name, t.to(dtype, copy=True)
 
     def hf_model(self):
-        """A plain transformers model with the current weights (merged copy when LoRA is on)."""
+        """A plain transformers model with the current weights (merged copy when LoRA is on).
+
+        With LoRA: a copy of the model without the adapters (peft's ``unload``), whose weights are
+        then set to the out-of-place merge -- the same tensors the engine gets, in the base dtype.
+        """
         if not self.lora:
             return self.model
-        return copy.deepcopy(self.model).merge_and_unload()
+        from oapl.trainer.lora_sync import merged_weights
+
+        model = copy.deepcopy(self.model).unload()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in merged_weights(self.model):
+                params[name].copy_(t)
+        return model
 
     def export(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Save a Hugging Face model (+ tokenizer) in ``dtype`` (default ``model.export_dtype``)."""
@@ -124,7 +136,7 @@ class Policy:
 
     def snapshot_reference(self) -> None:
         """Freeze a copy of the current weights as pi_inf (``reference_logprobs: recompute``)."""
-        ref = copy.deepcopy(self.hf_model() if self.lora else self.model)
+        ref = self.hf_model() if self.lora else copy.deepcopy(self.model)  # hf_model: already a copy
         ref.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
