@@ -79,80 +79,48 @@ def _row_problems(task, split: str, rows: list[dict[str, Any]], field_name: str)
     return out
 
 
-def _model_shapes(cfg: TrainConfig, path: str) -> dict[str, Any] | None:
-    """Parameter count and KV-cache shape from the model's config (no weights loaded)."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
-        params = sum(p.numel() for p in model.parameters())
-    except Exception as e:  # noqa: BLE001 - the plan is best effort; the run itself would say more
-        log.debug("model shapes unavailable: %s", e)
-        return None
-    text = getattr(mcfg, "text_config", None) or mcfg
-    heads = getattr(text, "num_attention_heads", 1)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return {"params": params, "layers": text.num_hidden_layers, "hidden": text.hidden_size,
-            "vocab": text.vocab_size, "kv_bytes_per_token_bf16": 2 * text.num_hidden_layers * kv_heads * head_dim * 2,
-            "max_position_embeddings": getattr(text, "max_position_embeddings", None)}
+def _seq_len(cfg: TrainConfig, max_prompt: int, notes: list[str]) -> int:
+    """Longest training sequence: the tokenized prompts + sampling.max_tokens, else engine.max_model_len."""
+    if max_prompt:
+        return max_prompt + cfg.sampling.max_tokens
+    limit = cfg.engine.max_model_len
+    if limit:  # the room the token budgets leave for a prompt
+        room = limit - max(cfg.sampling.max_tokens, cfg.eval.max_tokens or 0)
+        notes.append(f"prompts not tokenized: the memory plan takes prompts of up to {room} tokens "
+                     f"(engine.max_model_len={limit} less the longest max_tokens)")
+        return min(limit, cfg.sampling.max_tokens + room)
+    return cfg.sampling.max_tokens
 
 
-def _memory(cfg: TrainConfig, shapes: dict[str, Any], max_prompt: int) -> dict[str, Any]:
-    """Per-GPU estimates (GB), from the shapes; see docs/paper-settings.md for the arithmetic."""
-    import torch
-
-    m, d = cfg.model, cfg.distributed
-    cuda = (m.device.startswith("cuda") or cfg.engine.kind == "vllm" or
-            (m.device == "auto" and torch.cuda.is_available()))
-    compute_bytes = 2 if (m.compute_dtype in ("bfloat16", "float16") or (m.compute_dtype == "auto" and cuda)) else 4
-    p = shapes["params"]
-    if m.lora.enabled:
-        state = p * compute_bytes  # frozen base; the adapters are small
-        state_note = f"LoRA: frozen base in {compute_bytes}-byte compute dtype"
-    elif m.param_dtype in ("bfloat16", "float16"):
-        state = p * 8
-        state_note = "pure 16-bit weights, gradients and AdamW state (8 B/parameter)"
-    else:
-        state = p * 16
-        state_note = "fp32 masters, gradients and AdamW state (16 B/parameter)"
-    shards = d.trainer_workers if (d.backend == "ray" and d.trainer_num_gpus >= 1) else 1
-    seq = max_prompt + cfg.sampling.max_tokens
-    tokens = cfg.optim.max_tokens_per_micro_batch or cfg.optim.micro_batch_size * seq
-    per_token = shapes["layers"] * shapes["hidden"] * compute_bytes if m.gradient_checkpointing else \
-        shapes["layers"] * shapes["hidden"] * compute_bytes * 16
-    logits = min(m.logprob_chunk_size, tokens) * shapes["vocab"] * 4 * 3
-    working = tokens * per_token + logits
-    out = {"trainer_state_gb": state / shards / GB, "trainer_state": state_note + (f", sharded over {shards} ranks"
-                                                                                  if shards > 1 else ""),
-           "trainer_working_set_gb": working / GB, "trainer_tokens_per_micro_batch": tokens}
-    kv = shapes["kv_bytes_per_token_bf16"]
-    limit = cfg.engine.max_model_len or shapes.get("max_position_embeddings")
-    out.update(engine_weights_gb=p * 2 / GB, kv_cache_kib_per_token=kv / 1024,
-               kv_cache_gb_per_full_sequence=(kv * limit / GB) if limit else None)
-    return out
-
-
-def _plan(cfg: TrainConfig, max_prompt: int, shapes: dict[str, Any] | None) -> dict[str, Any]:
+def _plan(cfg: TrainConfig, max_prompt: int, shape, hw=None, notes: list[str] | None = None
+          ) -> tuple[dict[str, Any], list[str]]:
+    """The run's plan and the lines saying what does not fit ``hw`` (see :mod:`oapl.memory_plan`)."""
     r, a = cfg.rollout, cfg.algorithm
     responses = r.prompts_per_step * r.group_size
+    offline = bool(cfg.offline.data)
     plan: dict[str, Any] = {
-        "mode": "offline" if cfg.offline.data else f"online ({cfg.distributed.backend} backend)",
+        "mode": "offline" if offline else f"online ({cfg.distributed.backend} backend)",
         "steps": cfg.steps, "prompts_per_step": r.prompts_per_step, "responses_per_step": responses,
         "mini_batches": a.mini_batches, "optimiser_steps": cfg.steps * a.mini_batches,
         "sync_interval": r.sync_interval, "syncs": (cfg.steps - 1) // r.sync_interval,
+        "optimiser_steps_per_sync_window": (
+            "no sync within an offline epoch (L = one epoch)" if offline else
+            f"{r.sync_interval * a.mini_batches} (L = {r.sync_interval} trainer steps x {a.mini_batches} "
+            f"mini-batch{'es' if a.mini_batches > 1 else ''})"),
         "samples_per_sync_window": r.sync_interval * responses, "samples_total": cfg.steps * responses,
         "longest_sampled_prompt_tokens": max_prompt,
         "generated_tokens_per_step_max": responses * cfg.sampling.max_tokens,
         "tokens_per_step_max": responses * (cfg.sampling.max_tokens + max_prompt),
     }
-    if shapes is not None:
-        plan["model_params"] = shapes["params"]
-        plan.update(_memory(cfg, shapes, max_prompt))
-    return plan
+    if shape is None:
+        return plan, []
+    from oapl.memory_plan import Hardware, plan_memory
+
+    plan["model_params"] = shape.params
+    memory, problems = plan_memory(cfg, shape, _seq_len(cfg, max_prompt, notes if notes is not None else []),
+                                   hw or Hardware(0, None, "detected"))
+    plan.update(memory)
+    return plan, problems
 
 
 def _is_compare_study(config: str | Path | None) -> bool:
@@ -168,24 +136,33 @@ def _is_compare_study(config: str | Path | None) -> bool:
 
 
 def run_check(config: str | Path | None, overrides: list[str] | None = None, *, rows: int = 8,
-              hub: bool = True) -> CheckResult:
+              hub: bool = True, gpus: int | None = None, gpu_memory: str | None = None) -> CheckResult:
     """Check a run before it starts; never raises for a problem in the input (it is listed).
 
-    An ``oapl compare`` study config (a YAML with a ``base`` section) is checked run by run: every
+    ``gpus`` / ``gpu_memory`` (``"80GiB"``): the GPUs to plan for (default: the devices present). An
+    ``oapl compare`` study config (a YAML with a ``base`` section) is checked run by run: every
     problem line starts with the run's name, and ``plan`` maps run names to their plans.
     """
-    if _is_compare_study(config):
-        return _check_study(config, overrides, rows=rows, hub=hub)
+    from oapl.errors import UserError
+    from oapl.memory_plan import detect_hardware
+
     res = CheckResult()
+    try:
+        hw = detect_hardware(gpus, gpu_memory)
+    except UserError as e:
+        res.problems.append(str(e))
+        return res
+    if _is_compare_study(config):
+        return _check_study(config, overrides, rows=rows, hub=hub, hw=hw)
     try:
         cfg: TrainConfig = load_config(config, overrides)
     except ConfigError as e:
         res.problems.extend(_config_problems(e))
         return res
-    return _check_run(cfg, res, rows=rows, hub=hub)
+    return _check_run(cfg, res, rows=rows, hub=hub, hw=hw)
 
 
-def _check_study(config: str | Path, overrides: list[str] | None, *, rows: int, hub: bool) -> CheckResult:
+def _check_study(config: str | Path, overrides: list[str] | None, *, rows: int, hub: bool, hw) -> CheckResult:
     from oapl.compare import CompareConfig, plan_runs
 
     res = CheckResult()
@@ -197,7 +174,7 @@ def _check_study(config: str | Path, overrides: list[str] | None, *, rows: int, 
         return res
     seen: dict[str, CheckResult] = {}
     for run in runs:
-        one = _check_run(run.cfg, CheckResult(), rows=rows, hub=hub)
+        one = _check_run(run.cfg, CheckResult(), rows=rows, hub=hub, hw=hw)
         res.problems += [f"{run.key}: {p}" for p in one.problems]
         res.plan[run.key] = one.plan
         seen[run.key] = one
@@ -205,7 +182,45 @@ def _check_study(config: str | Path, overrides: list[str] | None, *, rows: int, 
     return res
 
 
-def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool) -> CheckResult:
+def _tokenize_rows(cfg: TrainConfig, task, tokenizer, shape, res: CheckResult, rows: int) -> int:
+    """Check the first ``rows`` prompts of each split against the token budgets; the longest prompt."""
+    from oapl.data.budget import TokenBudgetError, check_prompt_budget
+
+    max_prompt = 0
+    limit = cfg.engine.max_model_len
+    if limit is None and cfg.engine.kind != "transformers" and shape is not None:
+        limit = shape.max_position_embeddings
+        res.notes.append(f"engine.max_model_len unset: vLLM uses the model's own limit ({limit}); "
+                         "prompts checked against it")
+    eval_tokens = cfg.eval.max_tokens or cfg.sampling.max_tokens
+    for split, examples, max_tokens, fname in (
+            ("train", task.train[:rows], cfg.sampling.max_tokens, "sampling.max_tokens"),
+            ("eval", task.eval[:rows], eval_tokens, "eval.max_tokens")):
+        for i, ex in enumerate(examples):
+            try:
+                n = len(tokenizer(task.render(ex, tokenizer), add_special_tokens=False).input_ids)
+                max_prompt = max(max_prompt, n)
+                check_prompt_budget(n, max_tokens, limit, split=split, row=i,
+                                    prompt_id=str(ex.get("prompt_id", i)), max_tokens_field=fname)
+            except TokenBudgetError as e:
+                res.problems.append(str(e))
+            except Exception as e:  # noqa: BLE001 - e.g. a prompt_template column the row lacks
+                res.problems.append(_message(e))
+    res.notes.append(f"tokenized the first {rows} rows of each split: longest prompt {max_prompt} tokens")
+    return max_prompt
+
+
+def _shape(cfg: TrainConfig, model_path: str | None, res: CheckResult):
+    from oapl.memory_plan import ShapeError, resolve_shape
+
+    try:
+        return resolve_shape(cfg.model.name, model_path, cfg.model.trust_remote_code)
+    except ShapeError as e:
+        res.problems.append(str(e))
+        return None
+
+
+def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=None) -> CheckResult:
     if hub:
         from oapl.preflight import check_config
 
@@ -214,7 +229,6 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool) -> C
         except Exception as e:  # noqa: BLE001
             res.problems.append(_message(e))
             return res  # nothing below can load what is not there
-    from oapl.data.budget import TokenBudgetError, check_prompt_budget
     from oapl.data.tasks import build_task
 
     try:
@@ -222,8 +236,7 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool) -> C
     except Exception as e:  # noqa: BLE001
         res.problems.append(_message(e))
         task = None
-    max_prompt = 0
-    shapes = None
+    max_prompt, model_path, shape = 0, None, None
     if task is not None:
         res.problems += _row_problems(task, "train", task.train[:rows], "task.dataset")
         res.problems += _row_problems(task, "eval", task.eval[:rows], "task.eval_dataset")
@@ -235,29 +248,12 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool) -> C
                                        cfg.model.trust_remote_code)
         except Exception as e:  # noqa: BLE001
             res.problems.append(f"model.name: cannot load the tokenizer of {cfg.model.name!r}: {_message(e)}")
-            tokenizer = model_path = None
+            tokenizer = None
         if tokenizer is not None:
-            shapes = _model_shapes(cfg, model_path)
-            limit = cfg.engine.max_model_len
-            if limit is None and cfg.engine.kind != "transformers" and shapes is not None:
-                limit = shapes.get("max_position_embeddings")
-                res.notes.append(f"engine.max_model_len unset: vLLM uses the model's own limit ({limit}); "
-                                 "prompts checked against it")
-            eval_tokens = cfg.eval.max_tokens or cfg.sampling.max_tokens
-            for split, examples, max_tokens, fname in (
-                    ("train", task.train[:rows], cfg.sampling.max_tokens, "sampling.max_tokens"),
-                    ("eval", task.eval[:rows], eval_tokens, "eval.max_tokens")):
-                for i, ex in enumerate(examples):
-                    try:
-                        n = len(tokenizer(task.render(ex, tokenizer), add_special_tokens=False).input_ids)
-                        max_prompt = max(max_prompt, n)
-                        check_prompt_budget(n, max_tokens, limit, split=split, row=i,
-                                            prompt_id=str(ex.get("prompt_id", i)), max_tokens_field=fname)
-                    except TokenBudgetError as e:
-                        res.problems.append(str(e))
-                    except Exception as e:  # noqa: BLE001 - e.g. a prompt_template column the row lacks
-                        res.problems.append(_message(e))
-            res.notes.append(f"tokenized the first {rows} rows of each split: longest prompt {max_prompt} tokens")
+            shape = _shape(cfg, model_path, res)
+            max_prompt = _tokenize_rows(cfg, task, tokenizer, shape, res, rows)
+    if shape is None and not any(p.startswith("model.name") for p in res.problems):
+        shape = _shape(cfg, model_path, res)  # the plan needs no tokenizer: the shipped shapes
     if cfg.offline.data:
         try:
             from oapl.data.rollouts import read_rollouts
@@ -266,14 +262,21 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool) -> C
             check_sampling_provenance(read_rollouts(cfg.offline.data, with_tokens=False), cfg)
         except Exception as e:  # noqa: BLE001
             res.problems.append(_message(e))
-    res.plan = _plan(cfg, max_prompt, shapes)
+    res.plan, memory_problems = _plan(cfg, max_prompt, shape, hw, res.notes)
+    res.problems += memory_problems
+    if shape is not None:
+        from oapl.preflight import check_environment
+
+        env, env_problems = check_environment(cfg, shape, res.plan, hw)
+        res.plan["environment"] = env
+        res.problems += env_problems
     return res
 
 
 def format_plan(plan: dict[str, Any], indent: str = "  ") -> list[str]:
     lines = []
     for key, value in plan.items():
-        if isinstance(value, dict):  # one plan per run of a compare study
+        if isinstance(value, dict):  # one plan per run of a compare study, or a part of the memory plan
             lines.append(f"{indent}{key}:")
             lines += format_plan(value, indent + "  ")
             continue
@@ -289,10 +292,14 @@ def cmd_check(args) -> int:
     from oapl.cli.args import split_config
 
     config, overrides = split_config(args)
-    res = run_check(config, overrides, rows=args.rows, hub=not args.no_hub)
+    res = run_check(config, overrides, rows=args.rows, hub=not args.no_hub, gpus=args.gpus,
+                    gpu_memory=args.gpu_memory)
     if res.problems:
         for line in res.problems:
             print(line)
+        if any(p.startswith(("GPU memory", "GPUs:", "disk:")) for p in res.problems):
+            print("the plan, which does not fit:")
+            print("\n".join(format_plan(res.plan)))
         return 2
     for note in res.notes:
         print(f"note: {note}")
@@ -307,4 +314,8 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--rows", type=int, default=8, help="rows of each split to check and tokenize (default 8)")
     p.add_argument("--no-hub", action="store_true", help="skip the Hugging Face Hub name lookups")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs to plan for (default: the devices present; none on a CPU-only machine)")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="memory of each GPU, e.g. 80GiB or 141GB (default: the first device's)")
     p.set_defaults(func=cmd_check)

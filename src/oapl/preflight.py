@@ -244,3 +244,76 @@ def check_config(cfg, model: str | None = None) -> None:
     if offline is not None and offline.data and not Path(offline.data).expanduser().exists():
         raise UserError(f"offline.data: rollout dataset {offline.data} does not exist (make one with "
                         f"`oapl generate ... --out {offline.data}`)")
+
+
+def _host_ram() -> tuple[float | None, float | None]:
+    """(total, available) bytes of host RAM: psutil if installed, else /proc/meminfo."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return float(vm.total), float(vm.available)
+    except ImportError:
+        pass
+    try:
+        info = {ln.split(":")[0]: float(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()}
+        return info.get("MemTotal"), info.get("MemAvailable")
+    except OSError:
+        return None, None
+
+
+def _vllm_status(cfg) -> str:
+    if cfg.engine.kind == "transformers":
+        return "not used (engine.kind=transformers)"
+    if importlib.util.find_spec("vllm") is None:
+        return "not installed" + (" (engine.kind=vllm needs it)" if cfg.engine.kind == "vllm" else
+                                  ": engine.kind=auto falls back to transformers")
+    from importlib.metadata import PackageNotFoundError, version
+
+    from oapl.engines.vllm_engine import vllm_import_error
+
+    try:
+        ver = version("vllm")
+    except PackageNotFoundError:
+        ver = "version unknown"
+    err = vllm_import_error()
+    return f"{ver}, imports" if err is None else f"{ver}, does not import: {err}"
+
+
+def check_environment(cfg, shape, plan: dict[str, Any], hw) -> tuple[dict[str, str], list[str]]:
+    """What this machine has, against the plan: GPUs, vLLM, free disk for ``checkpoint.keep`` checkpoints
+    (+1 while the next is written), host RAM. A shortfall is a problem here; when the plan is for other
+    hardware (``--gpus``/``--gpu-memory``), this machine's disk and RAM are reported, not enforced."""
+    import shutil
+
+    from oapl.memory_plan import GB, checkpoint_bytes, trainer_ranks
+
+    problems: list[str] = []
+    env: dict[str, str] = {}
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        env["gpus_here"] = (f"{n} x {torch.cuda.get_device_properties(0).total_memory / GB:.1f} GB "
+                            f"({torch.cuda.get_device_name(0)})" if n else "none")
+    except Exception as e:  # noqa: BLE001
+        env["gpus_here"] = f"unknown ({type(e).__name__})"
+    env["vllm"] = _vllm_status(cfg)
+    enforce = hw is None or hw.source == "detected"
+    if cfg.engine.kind == "vllm" and enforce and not env["vllm"].endswith("imports"):
+        problems.append(f"engine.kind=vllm: vLLM {env['vllm']}")
+    out = Path(cfg.output_dir).expanduser().resolve()
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    need = (cfg.checkpoint.keep + 1) * checkpoint_bytes(cfg, shape)
+    env["disk"] = (f"{free / GB:.1f} GB free at {where}; checkpoints need {need / GB:.1f} GB "
+                   f"({cfg.checkpoint.keep} kept + 1 being written)")
+    if free < need and enforce:
+        problems.append(f"disk: {cfg.output_dir} has {free / GB:.1f} GB free but checkpoint.keep={cfg.checkpoint.keep} "
+                        f"checkpoints need {need / GB:.1f} GB; lower checkpoint.keep or free disk")
+    total, available = _host_ram()
+    if total is not None:
+        host = plan.get("host_per_rank", "?")
+        env["host_ram"] = (f"{total / GB:.1f} GB total, {(available or 0) / GB:.1f} GB available; the plan's host "
+                           f"memory: {host} per rank x {trainer_ranks(cfg)} rank(s)")
+    return env, problems

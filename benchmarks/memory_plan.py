@@ -1,0 +1,125 @@
+"""The memory plan (``oapl.memory_plan``) against the measured peak of real CPU train steps.
+
+For each shape (tiny random-init Llamas of different width, depth and vocabulary, built with
+transformers' ``LlamaConfig``; no network), a fresh child process builds the model, wraps it in
+``oapl.trainer.policy.Policy`` (fp32 on CPU), and runs ``--steps`` train steps on synthetic rollout
+groups (one group of G responses per micro-batch, packed). Measured: the peak resident set of the
+steps (``VmHWM``, reset through ``/proc/self/clear_refs`` after the policy is built) less the resident
+set after the imports, before the model existed. Planned: ``oapl.memory_plan.trainer_rank(...)["total"]``
+for the same shape and settings on CPU (weights + gradients + AdamW + max(activations + logits,
+AdamW's temporaries)); the framework's own memory is the baseline subtracted from both.
+
+    python benchmarks/memory_plan.py                 # the default shapes, 2 steps each
+    python benchmarks/memory_plan.py --json /tmp/memory_plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+#: name: (hidden, layers, intermediate, heads, kv_heads, vocab, response tokens, gradient checkpointing, chunk)
+SHAPES = {
+    "h256-L4-V32k": (256, 4, 768, 4, 2, 32000, 480, False, 1024),
+    "h512-L8-V16k": (512, 8, 1536, 8, 4, 16000, 480, False, 1024),
+    "h384-L12-V49k-gc": (384, 12, 1024, 6, 2, 49152, 992, True, 512),
+    "h768-L6-V8k": (768, 6, 2048, 12, 4, 8000, 736, False, 1024),
+}
+GROUP, PROMPT = 4, 32
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _config(folder: str, spec):
+    from oapl.config import TrainConfig
+
+    hidden, layers, inter, heads, kv, vocab, resp, gc, chunk = spec
+    return TrainConfig.model_validate({
+        "output_dir": folder, "steps": 4,
+        "model": {"name": folder, "device": "cpu", "compute_dtype": "float32", "gradient_checkpointing": gc,
+                  "logprob_chunk_size": chunk},
+        "rollout": {"group_size": GROUP, "prompts_per_step": 1},
+        "optim": {"micro_batch_size": GROUP, "packing": True},
+        "sampling": {"max_tokens": resp}})
+
+
+def child(name: str, steps: int) -> dict:
+    """One shape in this process: build, step, measure; returns plan and measurement (bytes)."""
+    import types
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from oapl.memory_plan import shape_from_config, trainer_rank
+    from oapl.rollout.buffer import RolloutGroup
+    from oapl.trainer.policy import Policy
+
+    torch.set_num_threads(1)
+    base = _status("VmRSS")
+    spec = SHAPES[name]
+    hidden, layers, inter, heads, kv, vocab, resp, gc, chunk = spec
+    mcfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                       tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(mcfg)
+    with tempfile.TemporaryDirectory() as folder:
+        mcfg.save_pretrained(folder)
+        cfg = _config(folder, spec)
+        policy = Policy(cfg, total_steps=4, model=model, tokenizer=types.SimpleNamespace(pad_token_id=0))
+        gen = torch.Generator().manual_seed(0)
+        group = RolloutGroup(
+            prompt_id="p0", prompt="p", prompt_token_ids=torch.randint(3, vocab, (PROMPT,), generator=gen).tolist(),
+            responses=[""] * GROUP, response_token_ids=[torch.randint(3, vocab, (resp,), generator=gen).tolist()
+                                                        for _ in range(GROUP)],
+            response_logprobs=[[-10.0] * resp for _ in range(GROUP)], rewards=[1.0, 0.0] * (GROUP // 2),
+            finish_reasons=["length"] * GROUP, weights_id="synthetic", version=0)
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        for _ in range(steps):
+            policy.train_step([group])
+        peak = _status("VmHWM")
+    shape = shape_from_config(mcfg, "benchmark", params=sum(p.numel() for p in model.parameters()))
+    plan = trainer_rank(cfg, shape, PROMPT + resp, on_gpu=False)
+    return {"shape": name, "params": shape.params, "tokens": plan["tokens"], "checkpointing": gc,
+            "measured": peak - base, "planned": plan["total"],
+            "parts": {k: plan[k] for k in ("weights", "gradients", "optimizer", "activations", "logits",
+                                           "optimizer_temps")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.steps)))
+        return
+    rows = []
+    print("| shape | params | tokens / micro-batch | checkpointing | planned | measured | measured / planned |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for name in a.shapes:
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        mib = 1 << 20
+        print(f"| {name} | {r['params'] / 1e6:.1f} M | {r['tokens']:,} | {'on' if r['checkpointing'] else 'off'} | "
+              f"{r['planned'] / mib:,.0f} MiB | {r['measured'] / mib:,.0f} MiB | {r['measured'] / r['planned']:.2f} |",
+              flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

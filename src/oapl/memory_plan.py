@@ -1,0 +1,483 @@
+"""The memory plan of a run, per rank, from the model's architecture shapes (no weights loaded).
+
+``oapl check`` prints it and refuses a run whose plan does not fit the GPUs (``--gpus``,
+``--gpu-memory``). Every figure is arithmetic on the shapes below; ``benchmarks/memory_plan.py``
+compares it with the peak resident memory of real CPU train steps (docs/benchmarks.md).
+
+**Trainer state per rank** (``P`` parameters, ``N`` trainer ranks):
+
+* full fine-tuning, fp32 masters (``model.param_dtype: auto``): weights 4 B, gradients 4 B, AdamW
+  ``exp_avg`` + ``exp_avg_sq`` 8 B per parameter. One process and DDP keep all of it on every rank;
+  FSDP2 divides the three by ``N`` and adds the gathered units: the root (embeddings, final norm,
+  LM head; it stays gathered between forward and backward) and two decoder layers (the one in use
+  and the one prefetched), in the storage dtype (FSDP2 gathers the fp32 masters as they are and
+  computes under autocast), plus one layer's unsharded fp32 gradient before its reduce-scatter;
+* pure 16-bit storage (``param_dtype: bfloat16``): 2 + 2 + 4 B per parameter;
+* LoRA: the frozen base in the compute dtype (no gradients, no AdamW state) and the adapters
+  (``r x (in + out)`` per adapted linear) with fp32 weights, gradients and AdamW state (16 B).
+
+**Activations** of one packed micro-batch of ``T`` tokens: ``optim.max_tokens_per_micro_batch`` if set,
+else ``optim.micro_batch_size x`` (longest prompt + ``sampling.max_tokens``). Per token and decoder
+layer of a Llama/Qwen layer, with ``c`` the compute dtype's bytes and ``r`` the residual stream's
+(fp32 under autocast over fp32 masters, so ``r = 4``):
+
+* each of the two RMSNorms keeps its input (``r h``), the fp32 normalised value (``4 h``) and its
+  output (``r h``), plus the autocast copy the projections read (``c h``, only when ``c != r``):
+  ``2 (2r + 4 + [c != r] c) h`` -- 24 h in fp32, 28 h under bf16 autocast;
+* attention keeps the rotated queries and keys, the values and the output: ``c (2 q + 2 kv)``
+  (``q = heads x head_dim``, ``kv = kv_heads x head_dim``); Qwen3's q/k norms add ``(4 + 2c)(q + kv)``;
+* the SwiGLU MLP keeps gate, SiLU(gate), up and their product: ``4 c i`` (``i`` = intermediate).
+
+Without gradient checkpointing the decoder keeps ``layers x`` that (SmolLM2-135M in fp32: 43.5 KB per
+token and layer); backward adds ``BACKWARD_TEMPS`` of one layer's worth. With it, only each layer's
+input (``r h``) is kept, plus one layer's full activations while it is recomputed and its backward
+temporaries. Chunked log-probs (:mod:`oapl.trainer.logprobs`) add ``LOGIT_TEMPS`` fp32 tensors of
+``model.logprob_chunk_size x vocab`` (the logits, the log-sum-exp's exponentials, the softmax of the
+entropy and the logits' gradient in backward), plus one more in the compute dtype under bf16.
+
+**Engine** (vLLM): it takes ``engine.gpu_memory_utilization`` of its GPU; the weights in the compute
+dtype (2 B/parameter in bf16) and ``ENGINE_RUNTIME_BYTES`` of activations and CUDA graphs come out of
+that, the rest is KV cache at ``2 x layers x kv_heads x head_dim x 2 B`` per token. It must hold one
+full ``engine.max_model_len`` sequence or vLLM refuses to start.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from oapl.errors import UserError
+
+GB = 1e9
+GiB = 1 << 30
+BACKWARD_TEMPS = 1.0  # one layer's activations' worth of gradients alive during its backward
+LOGIT_TEMPS = 4  # fp32 chunk x vocab tensors alive at once in the chunked log-softmax (forward or backward)
+CUDA_CONTEXT_BYTES = 2.0 * GB  # CUDA context, cuBLAS/NCCL workspaces, allocator slack per GPU process
+ENGINE_RUNTIME_BYTES = 2.0 * GB  # vLLM's profiled activations, sampler and CUDA graphs
+HOST_BASELINE_BYTES = {"cpu": 0.6 * GB, "cuda": 3.0 * GB}  # a trainer process's own host memory
+
+
+class ShapeError(UserError):
+    """The architecture of ``model.name`` cannot be known here."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    params: int
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    max_position_embeddings: int | None = None
+    source: str = "table"
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden, self.q, self.kv
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        return attn + 3 * h * self.intermediate + 2 * h
+
+    def root_params(self) -> int:
+        """Embeddings, LM head (once if tied) and the final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+def count_params(shape: ModelShape) -> int:
+    """Distinct parameters of a Llama/Qwen2/Qwen3 decoder of this shape."""
+    return shape.layers * shape.layer_params() + shape.root_params()
+
+
+@functools.lru_cache(maxsize=1)
+def shapes_table() -> dict[str, ModelShape]:
+    """The shipped shapes (``oapl/configs/model_shapes.yaml``), by model name."""
+    from importlib.resources import files
+
+    import yaml
+
+    tree = yaml.safe_load((files("oapl") / "configs" / "model_shapes.yaml").read_text())
+    return {name: ModelShape(**row) for name, row in tree.items()}
+
+
+def shape_from_config(mcfg, source: str, params: int | None = None) -> ModelShape:
+    """A :class:`ModelShape` from a transformers config (``params`` counted by the caller, else by formula)."""
+    text = getattr(mcfg, "text_config", None) or mcfg
+    heads = text.num_attention_heads
+    shape = ModelShape(
+        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
+        tied=bool(getattr(mcfg, "tie_word_embeddings", False)), params=0,
+        qk_norm="qwen3" in str(getattr(text, "model_type", "")),
+        qkv_bias=bool(getattr(text, "attention_bias", False)) or getattr(text, "model_type", "") == "qwen2",
+        max_position_embeddings=getattr(text, "max_position_embeddings", None), source=source)
+    return ModelShape(**{**asdict(shape), "params": params or count_params(shape)})
+
+
+def _meta_params(mcfg, trust_remote_code: bool) -> int | None:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=trust_remote_code)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - the formula then counts them
+        return None
+
+
+def resolve_shape(name: str, path: str | None = None, trust_remote_code: bool = False,
+                  timeout_s: float | None = None) -> ModelShape:
+    """The shape of ``model.name``: the shipped table, else the config.json of ``path`` (a local folder, or a
+    Hub name read within ``timeout_s``). Raises :class:`ShapeError` naming ``model.name``."""
+    table = shapes_table()
+    if name in table:
+        return table[name]
+    from oapl.preflight import HUB_TIMEOUT_S, _call_with_timeout
+
+    target = path or name
+
+    def load():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+
+    mcfg, err, timed_out = _call_with_timeout(load, timeout_s or HUB_TIMEOUT_S)
+    if mcfg is None:
+        why = "no answer from the Hugging Face Hub" if timed_out else f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ShapeError(f"model.name: cannot plan the memory of {name!r}: its architecture is not in oapl's table "
+                         f"({', '.join(sorted(table))}) and its config.json cannot be read ({why[:200]}); give a "
+                         f"local folder with config.json, or check it where the Hub is reachable")
+    return shape_from_config(mcfg, source=f"config.json of {target}", params=_meta_params(mcfg, trust_remote_code))
+
+
+def parse_size(text: str, field: str = "--gpu-memory") -> float:
+    """``80GiB``, ``80GB``, ``141G``, ``80e9`` -> bytes; bad input names ``field``."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", str(text).lower())
+    if not m:
+        raise UserError(f"{field}: cannot read {text!r} as a memory size (e.g. 80GiB, 80GB, 141e9)")
+    unit = (m.group(2) or "b").rstrip("b") or "b"
+    power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+    base = 1024 if unit.endswith("i") else 1000
+    value = float(m.group(1)) * base ** power
+    if value <= 0:
+        raise UserError(f"{field}: {text!r} is not a positive size")
+    return value
+
+
+@dataclass
+class Hardware:
+    gpus: int
+    gpu_bytes: float | None
+    source: str  # "flags" or "detected"
+
+
+def detect_hardware(gpus: int | None = None, gpu_memory: str | None = None) -> Hardware:
+    """The GPUs to plan for: the flags, else the devices present (torch.cuda)."""
+    count, size = 0, None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            size = float(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 - no usable CUDA is no GPU
+        pass
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus: {gpus} is not a number of GPUs (at least 1)")
+    if gpu_memory is not None:
+        size = parse_size(gpu_memory)
+    elif gpus is not None and size is None:
+        raise UserError("--gpu-memory: no GPU here to read the memory of; give it, e.g. --gpu-memory 80GiB")
+    source = "flags" if (gpus is not None or gpu_memory is not None) else "detected"
+    return Hardware(gpus if gpus is not None else (count or (1 if gpu_memory else 0)), size, source)
+
+
+def compute_bytes(cfg, on_gpu: bool) -> int:
+    m = cfg.model
+    if m.compute_dtype in ("bfloat16", "float16", "bf16", "fp16"):
+        return 2
+    return 2 if (m.compute_dtype == "auto" and on_gpu) else 4
+
+
+def lora_params(cfg, shape: ModelShape) -> int:
+    """Adapter parameters: r x (in + out) per adapted linear of every layer (``all-linear``: all seven)."""
+    h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    linears = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    targets = cfg.model.lora.target_modules
+    names = list(linears) if targets == "all-linear" else [t for t in ([targets] if isinstance(targets, str)
+                                                                       else targets) if t in linears]
+    return shape.layers * sum(cfg.model.lora.r * sum(linears[n]) for n in names)
+
+
+# -- layout: which GPUs hold what ------------------------------------------------------------------
+def parallel_mode(cfg) -> str:
+    """``single``, ``ddp`` or ``fsdp``: ``distributed.parallel`` (auto = fsdp for full fine-tuning on GPUs)."""
+    d = cfg.distributed
+    if trainer_ranks(cfg) == 1:
+        return "single"
+    mode = getattr(d, "parallel", "auto")
+    if mode == "auto":
+        return "fsdp" if d.trainer_num_gpus > 0 and not cfg.model.lora.enabled else "ddp"
+    return mode
+
+
+def sequential(cfg) -> bool:
+    """The engine is never resident while the trainer trains: offline training (``offline.data``, or a config
+    with an ``offline`` section, which ``oapl two-stage`` fills in per stage), or vLLM's sleep mode."""
+    return bool(cfg.offline.data or cfg.offline.model_fields_set or cfg.engine.enable_sleep_mode)
+
+
+def trainer_ranks(cfg) -> int:
+    d = cfg.distributed
+    return d.trainer_workers if (d.backend == "ray" or sequential(cfg)) else 1
+
+
+def engine_gpus(cfg) -> int:
+    """GPUs of their own the engines take (0: the engine shares the trainer's first GPU)."""
+    d = cfg.distributed
+    if d.backend == "ray" and d.engine_num_gpus >= 1 and not sequential(cfg):
+        return math.ceil(d.num_engines * d.engine_num_gpus)
+    return 0
+
+
+def gpus_needed(cfg) -> int:
+    d = cfg.distributed
+    per_rank = max(1, math.ceil(d.trainer_num_gpus)) if (d.trainer_num_gpus or trainer_ranks(cfg) > 1) else 1
+    return engine_gpus(cfg) + trainer_ranks(cfg) * per_rank
+
+
+def engine_share(cfg) -> float:
+    """The share of its GPU vLLM takes (``engine.gpu_memory_utilization``; vLLM's default here: 0.5)."""
+    return cfg.engine.gpu_memory_utilization or 0.5
+
+
+# -- trainer ---------------------------------------------------------------------------------------
+def trainer_state(cfg, shape: ModelShape, cb: int, mode: str, ranks: int) -> dict[str, float]:
+    """Bytes per rank: weights, gradients, optimiser state, FSDP2's gathered units (see the module doc)."""
+    p = shape.params
+    if cfg.model.lora.enabled:
+        a = lora_params(cfg, shape)
+        return {"weights": p * cb + 4 * a, "gradients": 4 * a, "optimizer": 8 * a, "gathered": 0.0}
+    sb = 2 if cfg.model.param_dtype in ("bfloat16", "float16") else 4
+    shard = ranks if mode == "fsdp" else 1
+    out = {"weights": p * sb / shard, "gradients": p * sb / shard, "optimizer": p * 2 * sb / shard, "gathered": 0.0}
+    if mode == "fsdp":
+        out["gathered"] = (shape.root_params() + 2 * shape.layer_params()) * sb + shape.layer_params() * 4
+    return out
+
+
+def layer_activation_bytes(shape: ModelShape, cb: int, rb: int) -> float:
+    """Bytes one decoder layer keeps for backward, per token (module doc)."""
+    h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    norms = 2 * (2 * rb + 4 + (cb if cb != rb else 0)) * h
+    attn = cb * (2 * q + 2 * kv) + ((4 + 2 * cb) * (q + kv) if shape.qk_norm else 0)
+    return norms + attn + 4 * cb * i
+
+
+def micro_batch_tokens(cfg, seq_len: int) -> int:
+    return cfg.optim.max_tokens_per_micro_batch or cfg.optim.micro_batch_size * seq_len
+
+
+def activation_bytes(cfg, shape: ModelShape, tokens: int, cb: int, rb: int, checkpointing: bool) -> float:
+    layer = layer_activation_bytes(shape, cb, rb) * tokens
+    outside = (3 * rb + 4) * shape.hidden * tokens  # embeddings' output, final norm, the kept hidden states
+    if checkpointing:
+        return shape.layers * rb * shape.hidden * tokens + layer * (1 + BACKWARD_TEMPS) + outside
+    return shape.layers * layer + layer * BACKWARD_TEMPS + outside
+
+
+def logits_bytes(cfg, shape: ModelShape, tokens: int, cb: int) -> float:
+    chunk = min(cfg.model.logprob_chunk_size, tokens)
+    return chunk * shape.vocab * (4 * LOGIT_TEMPS + (cb if cb != 4 else 0))
+
+
+def optimizer_temps(cfg, shape: ModelShape, on_gpu: bool) -> float:
+    """AdamW's own temporaries: none fused (CUDA default); the single-tensor loop's two largest-tensor copies."""
+    fused = cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and on_gpu)
+    return 0.0 if fused or cfg.model.lora.enabled else 2 * 4 * shape.vocab * shape.hidden
+
+
+def trainer_rank(cfg, shape: ModelShape, seq_len: int, on_gpu: bool, *, ranks: int | None = None,
+                 checkpointing: bool | None = None, tokens: int | None = None, lora: bool | None = None) -> dict:
+    """Bytes of one trainer rank (the keyword arguments try a change: more ranks, checkpointing, a budget, LoRA)."""
+    if lora is not None and lora != cfg.model.lora.enabled:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"lora": cfg.model.lora.model_copy(update={"enabled": lora})})})
+    configured = trainer_ranks(cfg)
+    ranks = ranks or configured
+    if ranks == 1:
+        mode = "single"
+    elif ranks == configured:
+        mode = parallel_mode(cfg)
+    else:  # more ranks than configured: what shards full fine-tuning (LoRA replicates)
+        mode = "ddp" if cfg.model.lora.enabled else "fsdp"
+    cb = compute_bytes(cfg, on_gpu)
+    rb = cb if cfg.model.param_dtype in ("bfloat16", "float16") else 4
+    ckpt = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
+    tokens = tokens or micro_batch_tokens(cfg, seq_len)
+    out: dict[str, Any] = {"parallel": mode, "ranks": ranks, "tokens": tokens, "checkpointing": ckpt}
+    out.update(trainer_state(cfg, shape, cb, mode, ranks))
+    out["activations"] = activation_bytes(cfg, shape, tokens, cb, rb, ckpt)
+    out["logits"] = logits_bytes(cfg, shape, tokens, cb)
+    out["optimizer_temps"] = optimizer_temps(cfg, shape, on_gpu)
+    out["context"] = CUDA_CONTEXT_BYTES if on_gpu else 0.0
+    state = out["weights"] + out["gradients"] + out["optimizer"] + out["gathered"] + out["context"]
+    out["total"] = state + max(out["activations"] + out["logits"], out["optimizer_temps"])
+    return out
+
+
+# -- engine, host, disk ----------------------------------------------------------------------------
+def engine_memory(cfg, shape: ModelShape, gpu_bytes: float | None, seq_len: int) -> dict[str, Any]:
+    """Bytes of one engine: weights in the compute dtype and the KV cache (module doc)."""
+    kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
+    full = cfg.engine.max_model_len or seq_len
+    wanted = cfg.engine.extra.get("max_num_seqs") or cfg.rollout.prompts_per_generate * cfg.rollout.group_size
+    out: dict[str, Any] = {"weights": shape.params * 2, "kv_per_token": kv_token, "full_sequence_tokens": full,
+                           "concurrent_wanted": wanted, "kv_wanted": wanted * seq_len * kv_token}
+    if cfg.engine.kind == "transformers":
+        out["total"] = out["weights"] + cfg.engine.max_batch_size * seq_len * kv_token
+        return out
+    if gpu_bytes:
+        out["total"] = engine_share(cfg) * gpu_bytes
+        out["kv_pool"] = out["total"] - out["weights"] - ENGINE_RUNTIME_BYTES
+        out["sequences_at_once"] = max(0, int(out["kv_pool"] // (kv_token * full)))
+    return out
+
+
+def checkpoint_bytes(cfg, shape: ModelShape) -> float:
+    """One checkpoint on disk: fp32 masters + AdamW state (12 B/parameter; of the adapters under LoRA) and
+    the exported model in the export dtype (2 B/parameter); a sharded checkpoint splits the same total."""
+    trained = lora_params(cfg, shape) if cfg.model.lora.enabled else shape.params
+    return 12 * trained + 2 * shape.params
+
+
+def host_bytes(cfg, shape: ModelShape, mode: str, ranks: int, on_gpu: bool) -> float:
+    """Host memory of trainer rank 0: the process, the checkpoint it stages (its shard under FSDP2, the whole
+    state otherwise) and, online, the weights it hands the engines at a sync (bf16)."""
+    staged = (checkpoint_bytes(cfg, shape) - 2 * shape.params) / (ranks if mode == "fsdp" else 1)
+    sync = 0 if sequential(cfg) else 2 * shape.params
+    return HOST_BASELINE_BYTES["cuda" if on_gpu else "cpu"] + staged + sync
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+def fixes(cfg, shape: ModelShape, seq_len: int, budget: float, gpus: int) -> list[str]:
+    """The changes that would each make a trainer rank fit ``budget`` bytes, most faithful to the paper first."""
+    out = []
+    if not cfg.model.gradient_checkpointing and trainer_rank(cfg, shape, seq_len, True, checkpointing=True)["total"] <= budget:
+        out.append("model.gradient_checkpointing=true")
+    now = micro_batch_tokens(cfg, seq_len)
+    if now > seq_len:
+        fit = [t for t in range(seq_len, now, max(1, (now - seq_len) // 64))
+               if trainer_rank(cfg, shape, seq_len, True, tokens=t)["total"] <= budget]
+        if fit:
+            out.append(f"optim.max_tokens_per_micro_batch={fit[-1]} (a token budget; the longest sequence is "
+                       f"{seq_len} tokens)")
+    if not cfg.model.lora.enabled:
+        ckpt = cfg.model.gradient_checkpointing or None
+        for n in range(trainer_ranks(cfg) + 1, 257):
+            if trainer_rank(cfg, shape, seq_len, True, ranks=n, checkpointing=ckpt)["total"] <= budget:
+                where = "" if n + engine_gpus(cfg) <= gpus else f"; more GPUs than the {gpus} planned for"
+                out.append(f"distributed.trainer_workers={n} with distributed.trainer_num_gpus=1 (FSDP2 over {n} "
+                           f"GPUs{where})")
+                break
+        if trainer_rank(cfg, shape, seq_len, True, lora=True)["total"] <= budget:
+            out.append("model.lora.enabled=true (adapters over a frozen base: not the paper's full fine-tuning)")
+    return out
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.1f} GB"
+
+
+def describe_layout(cfg, hw: Hardware) -> str:
+    ranks, mode = trainer_ranks(cfg), parallel_mode(cfg)
+    what = {"single": "one trainer process", "ddp": f"DDP over {ranks} ranks", "fsdp": f"FSDP2 over {ranks} ranks"}
+    eng = engine_gpus(cfg)
+    if sequential(cfg):
+        engine = "the engine runs between training phases (offline), on the same GPUs"
+    elif eng:
+        engine = f"{cfg.distributed.num_engines} engine(s) on {eng} GPU(s) of their own"
+    else:
+        engine = f"the engine shares trainer GPU 0 (engine.gpu_memory_utilization={engine_share(cfg)})"
+    size = f" x {_gb(hw.gpu_bytes)}" if hw.gpu_bytes else ""
+    return f"{hw.gpus} GPU(s){size} ({hw.source}): {what[mode]} on {ranks if ranks > 1 else 1} GPU(s); {engine}"
+
+
+def on_gpu(cfg, hw: Hardware) -> bool:
+    m, d = cfg.model, cfg.distributed
+    return (m.device.startswith("cuda") or cfg.engine.kind == "vllm" or d.trainer_num_gpus > 0
+            or (m.device == "auto" and hw.gpus > 0))
+
+
+def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dict[str, Any], list[str]]:
+    """(plan lines, problems): the per-rank plan, and one line per thing that does not fit ``hw``."""
+    gpu = on_gpu(cfg, hw)
+    t = trainer_rank(cfg, shape, seq_len, gpu)
+    eng = engine_memory(cfg, shape, hw.gpu_bytes if gpu else None, seq_len)
+    colocated = gpu and not sequential(cfg) and engine_gpus(cfg) == 0
+    plan: dict[str, Any] = {"layout": describe_layout(cfg, hw) if gpu else "CPU: one process holds everything"}
+    plan["trainer_rank"] = {
+        "parallel": f"{t['parallel']} ({t['ranks']} rank{'s' if t['ranks'] > 1 else ''})",
+        "weights": _gb(t["weights"]), "gradients": _gb(t["gradients"]), "optimizer": _gb(t["optimizer"]),
+        **({"gathered_units": _gb(t["gathered"])} if t["gathered"] else {}),
+        "activations": f"{_gb(t['activations'])} ({t['tokens']:,} tokens per micro-batch, gradient checkpointing "
+                       f"{'on' if t['checkpointing'] else 'off'})",
+        "logits": f"{_gb(t['logits'])} (chunks of {min(cfg.model.logprob_chunk_size, t['tokens']):,} x "
+                  f"{shape.vocab:,} vocabulary)",
+        **({"cuda_context": _gb(t["context"])} if t["context"] else {}),
+        "total": _gb(t["total"])}
+    ranks = t["ranks"]
+    plan["host_per_rank"] = _gb(host_bytes(cfg, shape, t["parallel"], ranks, gpu))
+    plan["checkpoint_size"] = (f"{_gb(checkpoint_bytes(cfg, shape))} (x checkpoint.keep={cfg.checkpoint.keep}, "
+                               f"+1 while the next is written)")
+    e = {"weights": _gb(eng["weights"]), "kv_cache_per_token": f"{eng['kv_per_token'] / 1024:.0f} KiB",
+         "kv_cache_per_full_sequence": f"{_gb(eng['kv_per_token'] * eng['full_sequence_tokens'])} "
+                                      f"({eng['full_sequence_tokens']:,} tokens)",
+         "kv_cache_for_wanted": f"{_gb(eng['kv_wanted'])} ({eng['concurrent_wanted']:,} sequences of {seq_len:,})"}
+    if "kv_pool" in eng:
+        e.update(share=f"{_gb(eng['total'])} (engine.gpu_memory_utilization={engine_share(cfg)})",
+                 kv_cache_pool=_gb(max(0.0, eng["kv_pool"])), full_sequences_at_once=eng["sequences_at_once"])
+    plan["engine"] = e
+    plan["trainer_state_gb"] = (t["weights"] + t["gradients"] + t["optimizer"]) / GB
+    problems: list[str] = []
+    if not gpu or not hw.gpu_bytes:
+        return plan, problems
+    budget = hw.gpu_bytes - (eng.get("total", 0.0) if colocated else 0.0)
+    plan["trainer_rank"]["budget"] = _gb(budget) + (" (the GPU less the engine's share)" if colocated else "")
+    need = gpus_needed(cfg)
+    if need > hw.gpus:
+        problems.append(f"GPUs: the layout needs {need} GPUs ({engine_gpus(cfg)} for engines, {ranks} trainer "
+                        f"ranks) but {hw.gpus} are planned for; lower distributed.trainer_workers / num_engines")
+    if t["total"] > budget:
+        fix = fixes(cfg, shape, seq_len, budget, hw.gpus)
+        problems.append(
+            f"GPU memory: a trainer rank needs {_gb(t['total'])} (weights {_gb(t['weights'])}, gradients "
+            f"{_gb(t['gradients'])}, AdamW {_gb(t['optimizer'])}, activations {_gb(t['activations'])}, logits "
+            f"{_gb(t['logits'])}) but has {_gb(budget)} of its {_gb(hw.gpu_bytes)} GPU; "
+            + ("it fits with any of: " + "; ".join(fix) if fix else
+               "no single change fits it: shorten sampling.max_tokens or add GPUs"))
+    if "kv_pool" in eng and eng["sequences_at_once"] < 1:
+        problems.append(f"GPU memory: the engine's KV cache ({_gb(max(0.0, eng['kv_pool']))} after "
+                        f"{_gb(eng['weights'])} of weights) cannot hold one {eng['full_sequence_tokens']:,}-token "
+                        f"sequence ({_gb(eng['kv_per_token'] * eng['full_sequence_tokens'])}); raise "
+                        f"engine.gpu_memory_utilization or lower engine.max_model_len")
+    plan["fits"] = not problems
+    return plan, problems
