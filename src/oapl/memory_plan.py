@@ -21,9 +21,10 @@ else ``optim.micro_batch_size x`` (longest prompt + ``sampling.max_tokens``). Pe
 layer of a Llama/Qwen layer, with ``c`` the compute dtype's bytes and ``r`` the residual stream's
 (fp32 under autocast over fp32 masters, so ``r = 4``):
 
-* each of the two RMSNorms keeps its input (``r h``), the fp32 normalised value (``4 h``) and its
-  output (``r h``), plus the autocast copy the projections read (``c h``, only when ``c != r``):
-  ``2 (2r + 4 + [c != r] c) h`` -- 24 h in fp32, 28 h under bf16 autocast;
+* each of the two RMSNorms keeps the fp32 normalised value (``4 h``) and the projections' input (its
+  output, or the autocast copy of it: ``c h``); the second also its input, the residual after
+  attention (``r h``; the first one's is the layer input): ``(2 (4 + c) + r) h`` -- 20 h in fp32,
+  16 h under bf16 autocast;
 * attention keeps the rotated queries and keys, the values and the output: ``c (2 q + 2 kv)``
   (``q = heads x head_dim``, ``kv = kv_heads x head_dim``); Qwen3's q/k norms add ``(4 + 2c)(q + kv)``;
 * the SwiGLU MLP keeps gate, SiLU(gate), up and their product: ``4 c i`` (``i`` = intermediate).
@@ -33,7 +34,9 @@ token and layer); backward adds ``BACKWARD_TEMPS`` of one layer's worth. With it
 input (``r h``) is kept, plus one layer's full activations while it is recomputed and its backward
 temporaries. Chunked log-probs (:mod:`oapl.trainer.logprobs`) add ``LOGIT_TEMPS`` fp32 tensors of
 ``model.logprob_chunk_size x vocab`` (the logits, the log-sum-exp's exponentials, the softmax of the
-entropy and the logits' gradient in backward), plus one more in the compute dtype under bf16.
+entropy and the logits' gradient in backward), plus one more in the compute dtype under bf16. On
+CPU the transient part (activations and logits) is multiplied by ``CPU_HEAP``: glibc's heap keeps
+freed blocks, so the resident set exceeds the live tensors (fit to benchmarks/memory_plan.py).
 
 **Engine** (vLLM): it takes ``engine.gpu_memory_utilization`` of its GPU; the weights in the compute
 dtype (2 B/parameter in bf16) and ``ENGINE_RUNTIME_BYTES`` of activations and CUDA graphs come out of
@@ -52,8 +55,9 @@ from oapl.errors import UserError
 
 GB = 1e9
 GiB = 1 << 30
-BACKWARD_TEMPS = 1.0  # one layer's activations' worth of gradients alive during its backward
-LOGIT_TEMPS = 4  # fp32 chunk x vocab tensors alive at once in the chunked log-softmax (forward or backward)
+BACKWARD_TEMPS = 1.0  # one layer's worth of activation gradients alive during its backward
+CPU_HEAP = 1.2  # CPU: glibc's heap keeps freed blocks, so the resident set exceeds the live transient tensors
+LOGIT_TEMPS = 5  # fp32 chunk x vocab tensors alive at once: logits, logits / T, logsumexp's exp, softmax, its product
 CUDA_CONTEXT_BYTES = 2.0 * GB  # CUDA context, cuBLAS/NCCL workspaces, allocator slack per GPU process
 ENGINE_RUNTIME_BYTES = 2.0 * GB  # vLLM's profiled activations, sampler and CUDA graphs
 HOST_BASELINE_BYTES = {"cpu": 0.6 * GB, "cuda": 3.0 * GB}  # a trainer process's own host memory
@@ -287,7 +291,7 @@ def trainer_state(cfg, shape: ModelShape, cb: int, mode: str, ranks: int) -> dic
 def layer_activation_bytes(shape: ModelShape, cb: int, rb: int) -> float:
     """Bytes one decoder layer keeps for backward, per token (module doc)."""
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
-    norms = 2 * (2 * rb + 4 + (cb if cb != rb else 0)) * h
+    norms = (2 * (4 + cb) + rb) * h
     attn = cb * (2 * q + 2 * kv) + ((4 + 2 * cb) * (q + kv) if shape.qk_norm else 0)
     return norms + attn + 4 * cb * i
 
@@ -340,7 +344,8 @@ def trainer_rank(cfg, shape: ModelShape, seq_len: int, on_gpu: bool, *, ranks: i
     out["optimizer_temps"] = optimizer_temps(cfg, shape, on_gpu)
     out["context"] = CUDA_CONTEXT_BYTES if on_gpu else 0.0
     state = out["weights"] + out["gradients"] + out["optimizer"] + out["gathered"] + out["context"]
-    out["total"] = state + max(out["activations"] + out["logits"], out["optimizer_temps"])
+    transient = (out["activations"] + out["logits"]) * (1.0 if on_gpu else CPU_HEAP)
+    out["total"] = state + max(transient, out["optimizer_temps"])
     return out
 
 
