@@ -323,8 +323,7 @@ def trainer_rank(cfg, shape: ModelShape, seq_len: int, on_gpu: bool, *, ranks: i
                  checkpointing: bool | None = None, tokens: int | None = None, lora: bool | None = None) -> dict:
     """Bytes of one trainer rank (the keyword arguments try a change: more ranks, checkpointing, a budget, LoRA)."""
     if lora is not None and lora != cfg.model.lora.enabled:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"lora": cfg.model.lora.model_copy(update={"enabled": lora})})})
+        cfg = _with(cfg, "model", lora=cfg.model.lora.model_copy(update={"enabled": lora}))
     configured = trainer_ranks(cfg)
     ranks = ranks or configured
     if ranks == 1:
@@ -383,27 +382,41 @@ def host_bytes(cfg, shape: ModelShape, mode: str, ranks: int, on_gpu: bool) -> f
 
 
 # -- fitting ---------------------------------------------------------------------------------------
-def fixes(cfg, shape: ModelShape, seq_len: int, budget: float, gpus: int) -> list[str]:
-    """The changes that would each make a trainer rank fit ``budget`` bytes, most faithful to the paper first."""
+def _with(cfg, section: str, **values):
+    """``cfg`` with ``section``'s fields replaced (a what-if for :func:`fixes`)."""
+    part = getattr(cfg, section).model_copy(update=values)
+    return cfg.model_copy(update={section: part})
+
+
+def fixes(cfg, shape: ModelShape, seq_len: int, budget: float, gpus: int, ranks: int) -> list[str]:
+    """The changes that would each make a trainer rank (of ``ranks``) fit ``budget`` bytes, most faithful to the
+    paper first: gradient checkpointing, a token budget, a smaller log-prob chunk, more ranks, LoRA."""
     out = []
-    if not cfg.model.gradient_checkpointing and trainer_rank(cfg, shape, seq_len, True, checkpointing=True)["total"] <= budget:
+    ckpt_on = trainer_rank(cfg, shape, seq_len, True, ranks=ranks, checkpointing=True)["total"]
+    if not cfg.model.gradient_checkpointing and ckpt_on <= budget:
         out.append("model.gradient_checkpointing=true")
     now = micro_batch_tokens(cfg, seq_len)
     if now > seq_len:
         fit = [t for t in range(seq_len, now, max(1, (now - seq_len) // 64))
-               if trainer_rank(cfg, shape, seq_len, True, tokens=t)["total"] <= budget]
+               if trainer_rank(cfg, shape, seq_len, True, ranks=ranks, tokens=t)["total"] <= budget]
         if fit:
             out.append(f"optim.max_tokens_per_micro_batch={fit[-1]} (a token budget; the longest sequence is "
                        f"{seq_len} tokens)")
+    chunk = cfg.model.logprob_chunk_size
+    while chunk > 128 and trainer_rank(_with(cfg, "model", logprob_chunk_size=chunk // 2), shape, seq_len,
+                                       True, ranks=ranks)["total"] > budget:
+        chunk //= 2
+    if chunk > 128:
+        out.append(f"model.logprob_chunk_size={chunk // 2}")
     if not cfg.model.lora.enabled:
         ckpt = cfg.model.gradient_checkpointing or None
-        for n in range(trainer_ranks(cfg) + 1, 257):
+        for n in range(ranks + 1, 257):
             if trainer_rank(cfg, shape, seq_len, True, ranks=n, checkpointing=ckpt)["total"] <= budget:
                 where = "" if n + engine_gpus(cfg) <= gpus else f"; more GPUs than the {gpus} planned for"
                 out.append(f"distributed.trainer_workers={n} with distributed.trainer_num_gpus=1 (FSDP2 over {n} "
                            f"GPUs{where})")
                 break
-        if trainer_rank(cfg, shape, seq_len, True, lora=True)["total"] <= budget:
+        if trainer_rank(cfg, shape, seq_len, True, ranks=ranks, lora=True)["total"] <= budget:
             out.append("model.lora.enabled=true (adapters over a frozen base: not the paper's full fine-tuning)")
     return out
 
@@ -412,8 +425,7 @@ def _gb(x: float) -> str:
     return f"{x / GB:.1f} GB"
 
 
-def describe_layout(cfg, hw: Hardware) -> str:
-    ranks, mode = trainer_ranks(cfg), parallel_mode(cfg)
+def describe_layout(cfg, hw: Hardware, ranks: int, mode: str) -> str:
     what = {"single": "one trainer process", "ddp": f"DDP over {ranks} ranks", "fsdp": f"FSDP2 over {ranks} ranks"}
     eng = engine_gpus(cfg)
     if sequential(cfg):
@@ -423,7 +435,7 @@ def describe_layout(cfg, hw: Hardware) -> str:
     else:
         engine = f"the engine shares trainer GPU 0 (engine.gpu_memory_utilization={engine_share(cfg)})"
     size = f" x {_gb(hw.gpu_bytes)}" if hw.gpu_bytes else ""
-    return f"{hw.gpus} GPU(s){size} ({hw.source}): {what[mode]} on {ranks if ranks > 1 else 1} GPU(s); {engine}"
+    return f"{hw.gpus} GPU(s){size} ({hw.source}): {what[mode]} on {ranks} GPU(s); {engine}"
 
 
 def on_gpu(cfg, hw: Hardware) -> bool:
@@ -435,10 +447,14 @@ def on_gpu(cfg, hw: Hardware) -> bool:
 def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dict[str, Any], list[str]]:
     """(plan lines, problems): the per-rank plan, and one line per thing that does not fit ``hw``."""
     gpu = on_gpu(cfg, hw)
-    t = trainer_rank(cfg, shape, seq_len, gpu)
+    fewer = None  # the trainer ranks the GPUs planned for can hold, when fewer than configured
+    if gpu and hw.gpus and gpus_needed(cfg) > hw.gpus:
+        fewer = max(1, hw.gpus - engine_gpus(cfg))
+    t = trainer_rank(cfg, shape, seq_len, gpu, ranks=fewer)
     eng = engine_memory(cfg, shape, hw.gpu_bytes if gpu else None, seq_len)
     colocated = gpu and not sequential(cfg) and engine_gpus(cfg) == 0
-    plan: dict[str, Any] = {"layout": describe_layout(cfg, hw) if gpu else "CPU: one process holds everything"}
+    plan: dict[str, Any] = {"layout": describe_layout(cfg, hw, t["ranks"], t["parallel"]) if gpu else
+                            f"CPU: {t['parallel']} ({t['ranks']} process{'es' if t['ranks'] > 1 else ''})"}
     plan["trainer_rank"] = {
         "parallel": f"{t['parallel']} ({t['ranks']} rank{'s' if t['ranks'] > 1 else ''})",
         "weights": _gb(t["weights"]), "gradients": _gb(t["gradients"]), "optimizer": _gb(t["optimizer"]),
@@ -469,16 +485,16 @@ def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dic
     plan["trainer_rank"]["budget"] = _gb(budget) + (" (the GPU less the engine's share)" if colocated else "")
     need = gpus_needed(cfg)
     if need > hw.gpus:
-        problems.append(f"GPUs: the layout needs {need} GPUs ({engine_gpus(cfg)} for engines, {ranks} trainer "
-                        f"ranks) but {hw.gpus} are planned for; lower distributed.trainer_workers / num_engines")
+        problems.append(f"GPUs: the layout needs {need} GPUs ({engine_gpus(cfg)} for engines, {trainer_ranks(cfg)} "
+                        f"trainer ranks) but {hw.gpus} are planned for; planned with {ranks} trainer rank(s)")
     if t["total"] > budget:
-        fix = fixes(cfg, shape, seq_len, budget, hw.gpus)
+        fix = fixes(cfg, shape, seq_len, budget, hw.gpus, ranks)
         problems.append(
             f"GPU memory: a trainer rank needs {_gb(t['total'])} (weights {_gb(t['weights'])}, gradients "
             f"{_gb(t['gradients'])}, AdamW {_gb(t['optimizer'])}, activations {_gb(t['activations'])}, logits "
             f"{_gb(t['logits'])}) but has {_gb(budget)} of its {_gb(hw.gpu_bytes)} GPU; "
             + ("it fits with any of: " + "; ".join(fix) if fix else
-               "no single change fits it: shorten sampling.max_tokens or add GPUs"))
+               "no single change fits it: shorter sequences (sampling.max_tokens) or GPUs with more memory"))
     if "kv_pool" in eng and eng["sequences_at_once"] < 1:
         problems.append(f"GPU memory: the engine's KV cache ({_gb(max(0.0, eng['kv_pool']))} after "
                         f"{_gb(eng['weights'])} of weights) cannot hold one {eng['full_sequence_tokens']:,}-token "

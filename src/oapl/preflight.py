@@ -276,6 +276,8 @@ def _vllm_status(cfg) -> str:
         ver = version("vllm")
     except PackageNotFoundError:
         ver = "version unknown"
+    if cfg.engine.kind != "vllm":  # importing vLLM takes seconds: only when the config asks for it
+        return f"{ver}, installed (engine.kind=auto imports it at start-up, or falls back to transformers)"
     err = vllm_import_error()
     return f"{ver}, imports" if err is None else f"{ver}, does not import: {err}"
 
