@@ -472,7 +472,7 @@ def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dic
     e = {"weights": _gb(eng["weights"]), "kv_cache_per_token": f"{eng['kv_per_token'] / 1024:.0f} KiB",
          "kv_cache_per_full_sequence": f"{_gb(eng['kv_per_token'] * eng['full_sequence_tokens'])} "
                                       f"({eng['full_sequence_tokens']:,} tokens)",
-         "kv_cache_for_wanted": f"{_gb(eng['kv_wanted'])} ({eng['concurrent_wanted']:,} sequences of {seq_len:,})"}
+         "kv_cache_if_all_at_once": f"{_gb(eng['kv_wanted'])} ({eng['concurrent_wanted']:,} sequences of {seq_len:,})"}
     if "kv_pool" in eng:
         e.update(share=f"{_gb(eng['total'])} (engine.gpu_memory_utilization={engine_share(cfg)})",
                  kv_cache_pool=_gb(max(0.0, eng["kv_pool"])), full_sequences_at_once=eng["sequences_at_once"])
