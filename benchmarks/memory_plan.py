@@ -1,7 +1,7 @@
 """The memory plan (``oapl.memory_plan``) against the measured peak of real CPU train steps.
 
 For each shape (tiny random-init Llamas of different width, depth and vocabulary, built with
-transformers' ``LlamaConfig``; no network), a fresh child process builds the model, wraps it in
+transformers' ``LlamaConfig``; no network) and the embedded SmolLM2-135M, a fresh child process builds the model, wraps it in
 ``oapl.trainer.policy.Policy`` (fp32 on CPU), and runs ``--steps`` train steps on synthetic rollout
 groups (one group of G responses per micro-batch, packed). Measured: the peak resident set of the
 steps (``VmHWM``, reset through ``/proc/self/clear_refs`` after the policy is built) less the resident
@@ -28,6 +28,8 @@ SHAPES = {
     "h512-L8-V16k": (512, 8, 1536, 8, 4, 16000, 480, False, 1024),
     "h384-L12-V49k-gc": (384, 12, 1024, 6, 2, 49152, 992, True, 512),
     "h768-L6-V8k": (768, 6, 2048, 12, 4, 8000, 736, False, 1024),
+    # the real SmolLM2-135M-Instruct (embedded: no network), 30 layers, GQA 9/3 heads of 64
+    "smollm2-135m": (576, 30, 1536, 9, 3, 49152, 224, False, 1024),
 }
 GROUP, PROMPT = 4, 32
 
@@ -71,7 +73,15 @@ def child(name: str, steps: int) -> dict:
                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                        tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(mcfg)
+    if name == "smollm2-135m":
+        from oapl.trainer.model import load_causal_lm, resolve_model_path
+
+        model = load_causal_lm(resolve_model_path("embedded:smollm2-135m-instruct"), torch.float32,
+                               torch.device("cpu"))
+        mcfg = model.config
+        base = _status("VmRSS") - sum(p.numel() * 4 for p in model.parameters())  # loading's own mappings aside
+    else:
+        model = LlamaForCausalLM(mcfg)
     with tempfile.TemporaryDirectory() as folder:
         mcfg.save_pretrained(folder)
         cfg = _config(folder, spec)
