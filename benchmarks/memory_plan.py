@@ -105,15 +105,116 @@ def child(name: str, steps: int) -> dict:
                                            "optimizer_temps")}}
 
 
+def rank_child(name: str, steps: int, rank: int, world: int, parallel: str, folder: str, port: int) -> dict:
+    """One trainer rank of ``world`` (``oapl.distributed.trainer.TrainerRank`` over gloo, no Ray): its peak."""
+    import torch
+
+    from oapl.distributed.trainer import TrainerRank
+    from oapl.memory_plan import shape_from_config, trainer_rank
+    from oapl.objectives import build_objective
+    from oapl.trainer.step import plan_step
+
+    torch.set_num_threads(1)
+    base = _status("VmRSS")
+    cfg = _config(folder, SHAPES[name]).model_copy(deep=True)
+    cfg = cfg.model_validate({**cfg.model_dump(), "distributed": {"backend": "ray", "trainer_workers": world,
+                                                                  "parallel": parallel},
+                              "rollout": {"group_size": GROUP, "prompts_per_step": world}})
+    r = TrainerRank(cfg.model_dump(mode="json"), rank, world, 1)
+    r.setup("127.0.0.1", port, None)
+    works, _ = plan_step(_groups(name, world), build_objective(cfg.algorithm), cfg.optim, 1, world=world)
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(steps):
+        r.train_step(works[rank])
+    peak = _status("VmHWM")
+    model = r.policy.model
+    shape = shape_from_config(model.config, "benchmark", params=count_params_of(model.config))
+    plan = trainer_rank(cfg, shape, PROMPT + SHAPES[name][6], on_gpu=False)
+    return {"shape": name, "rank": rank, "world": world, "parallel": plan["parallel"], "measured": peak - base,
+            "planned": plan["total"], "tokens": plan["tokens"]}
+
+
+def count_params_of(mcfg) -> int:
+    from oapl.memory_plan import count_params, shape_from_config
+
+    return count_params(shape_from_config(mcfg, "benchmark", params=1))
+
+
+def _groups(name: str, n: int):
+    import torch
+
+    from oapl.rollout.buffer import RolloutGroup
+
+    vocab, resp = SHAPES[name][5], SHAPES[name][6]
+    gen = torch.Generator().manual_seed(0)
+    return [RolloutGroup(
+        prompt_id=f"p{i}", prompt="p", prompt_token_ids=torch.randint(3, vocab, (PROMPT,), generator=gen).tolist(),
+        responses=[""] * GROUP, response_token_ids=[torch.randint(3, vocab, (resp,), generator=gen).tolist()
+                                                    for _ in range(GROUP)],
+        response_logprobs=[[-10.0] * resp for _ in range(GROUP)], rewards=[1.0, 0.0] * (GROUP // 2),
+        finish_reasons=["length"] * GROUP, weights_id="synthetic", version=0) for i in range(n)]
+
+
+def ranks_table(shapes: list[str], steps: int, world: int, parallel: str) -> list[dict]:
+    """Each shape on ``world`` gloo ranks (fresh processes), saved as a model folder first."""
+    import socket
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from oapl.trainer.model import resolve_model_path
+
+    rows = []
+    for name in shapes:
+        hidden, layers, inter, heads, kv, vocab, *_ = SHAPES[name]
+        with tempfile.TemporaryDirectory() as folder:
+            torch.manual_seed(0)
+            LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                         num_hidden_layers=layers, num_attention_heads=heads,
+                                         num_key_value_heads=kv, max_position_embeddings=4096,
+                                         tie_word_embeddings=True)).save_pretrained(folder)
+            AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct")).save_pretrained(folder)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            procs = [subprocess.Popen([sys.executable, __file__, "--child", name, "--steps", str(steps), "--rank",
+                                       str(r), "--world", str(world), "--parallel", parallel, "--folder", folder,
+                                       "--port", str(port)], stdout=subprocess.PIPE, text=True)
+                     for r in range(world)]
+            for p in procs:
+                out, _ = p.communicate()
+                if p.returncode:
+                    raise RuntimeError(f"{name}: a rank failed ({p.returncode})")
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ranks", type=int, default=0, help="run each shape on this many gloo trainer ranks")
+    ap.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"], help="with --ranks")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    for hidden in ("--rank", "--world", "--port"):
+        ap.add_argument(hidden, type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.steps)))
+        print(json.dumps(rank_child(a.child, a.steps, a.rank, a.world, a.parallel, a.folder, a.port) if a.world
+                         else child(a.child, a.steps)))
+        return
+    if a.ranks:
+        mib = 1 << 20
+        print("| shape | ranks | rank | planned | measured | measured / planned |")
+        print("|---|---|---:|---:|---:|---:|")
+        rows = ranks_table([s for s in a.shapes if s != "smollm2-135m"], a.steps, a.ranks, a.parallel)
+        for r in rows:
+            print(f"| {r['shape']} | {r['parallel']} x {r['world']} | {r['rank']} | {r['planned'] / mib:,.0f} MiB | "
+                  f"{r['measured'] / mib:,.0f} MiB | {r['measured'] / r['planned']:.2f} |")
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=2))
         return
     rows = []
     print("| shape | params | tokens / micro-batch | checkpointing | planned | measured | measured / planned |")

@@ -121,3 +121,20 @@ def test_shipped_local_configs_pass(name, monkeypatch):
     assert res.ok, res.problems
     plans = res.plan.values() if name == "compare_cpu" else [res.plan]
     assert all(p["model_params"] == 134_515_008 for p in plans)  # SmolLM2-135M
+
+
+def test_gpu_flags_plan_per_rank_and_bad_sizes_name_the_flag(tmp_path, tiny_model_dir, prompts_file, capsys):
+    path = _yaml(tmp_path, tiny_model_dir, prompts_file)
+    res = run_check(path, gpus=1, gpu_memory="80GiB")
+    assert res.ok, res.problems
+    t = res.plan["trainer_rank"]
+    assert t["parallel"] == "single (1 rank)" and t["budget"].startswith("85.9 GB") and res.plan["fits"] is True
+    assert res.plan["optimiser_steps_per_sync_window"] == "10 (L = 5 trainer steps x 2 mini-batches)"
+    env = res.plan["environment"]
+    assert {"gpus_here", "vllm", "disk", "host_ram"} <= set(env) and "checkpoints need" in env["disk"]
+    assert run_check(path, gpu_memory="lots").problems == [
+        "--gpu-memory: cannot read 'lots' as a memory size (e.g. 80GiB, 80GB, 141e9)"]
+    # a GPU the model's state cannot fit: exit 2, naming memory and what would fit
+    assert main(["check", str(path), "--gpus", "1", "--gpu-memory", "100KB"]) == 2
+    out = capsys.readouterr().out
+    assert "GPU memory: a trainer rank needs" in out and "the plan, which does not fit:" in out
