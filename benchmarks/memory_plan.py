@@ -1,9 +1,9 @@
 """The memory plan (``oapl.memory_plan``) against the measured peak of real CPU train steps.
 
 For each shape (tiny random-init Llamas of different width, depth and vocabulary, built with
-transformers' ``LlamaConfig``; no network) and the embedded SmolLM2-135M, a fresh child process builds the model, wraps it in
-``oapl.trainer.policy.Policy`` (fp32 on CPU), and runs ``--steps`` train steps on synthetic rollout
-groups (one group of G responses per micro-batch, packed). Measured: the peak resident set of the
+transformers' ``LlamaConfig``; no network; and the embedded SmolLM2-135M), a fresh child process
+builds the model, wraps it in ``oapl.trainer.policy.Policy`` (fp32 on CPU), and runs ``--steps``
+train steps on synthetic rollout groups (one group of G responses per micro-batch, packed). Measured: the peak resident set of the
 steps (``VmHWM``, reset through ``/proc/self/clear_refs`` after the policy is built) less the resident
 set after the imports, before the model existed. Planned: ``oapl.memory_plan.trainer_rank(...)["total"]``
 for the same shape and settings on CPU (weights + gradients + AdamW + max(activations + logits,
@@ -11,6 +11,7 @@ AdamW's temporaries)); the framework's own memory is the baseline subtracted fro
 
     python benchmarks/memory_plan.py                 # the default shapes, 2 steps each
     python benchmarks/memory_plan.py --json /tmp/memory_plan.json
+    python benchmarks/memory_plan.py --ranks 2 --parallel fsdp   # each of 2 gloo trainer ranks (TrainerRank)
 """
 
 from __future__ import annotations

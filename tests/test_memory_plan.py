@@ -38,11 +38,12 @@ def test_state_per_rank_by_hand():
     one = trainer_rank(_cfg(), tiny, 16, True)
     assert (one["parallel"], one["weights"], one["gradients"], one["optimizer"]) == ("single", 4 * P, 4 * P, 8 * P)
     ddp = trainer_rank(_cfg(backend="ray", trainer_workers=2), tiny, 16, True)  # no GPUs per rank: DDP replicas
-    assert (ddp["parallel"], ddp["weights"], ddp["optimizer"], ddp["gathered"]) == ("ddp", 4 * P, 8 * P, 0)
+    # DDP's buckets: a second fp32 copy of the gradients
+    assert (ddp["parallel"], ddp["weights"], ddp["gradients"], ddp["optimizer"]) == ("ddp", 4 * P, 8 * P, 8 * P)
     fsdp = trainer_rank(_cfg(backend="ray", trainer_workers=8, trainer_num_gpus=1), tiny, 16, True)
     assert (fsdp["parallel"], fsdp["weights"], fsdp["gradients"], fsdp["optimizer"]) == ("fsdp", 10_896, 10_896, 21_792)
-    # gathered fp32: the root (3,232) and two layers (2 x 9,280), plus one layer's unsharded fp32 gradient
-    assert fsdp["gathered"] == (3_232 + 2 * 9_280) * 4 + 9_280 * 4 == 124_288
+    # gathered in fp32: the root (3,232) and its gradient, and 5 layers' worth (9,280 each) in flight
+    assert fsdp["gathered"] == max(2 * 3_232 + 5 * 9_280, 3 * 3_232) * 4 == 211_456
     lora_cfg = TrainConfig.model_validate({"model": {"name": "x", "device": "cuda", "lora": {"enabled": True, "r": 4}}})
     # r x (in + out) for q 64, k 48, v 48, o 64, gate 96, up 96, down 96 -> 4 x 512 per layer, 2 layers
     assert lora_params(lora_cfg, tiny) == 4_096
@@ -67,14 +68,18 @@ def test_code_config_refused_on_one_gpu_and_fits_on_eight():
     # one rank holds 16 B/parameter: 236 GB of state, refused naming memory and the fix
     assert problems[1].startswith("GPU memory: a trainer rank needs 299.3 GB (weights 59.1 GB, gradients 59.1 GB, "
                                   "AdamW 118.2 GB")
-    assert "distributed.trainer_workers=18 with distributed.trainer_num_gpus=1 (FSDP2 over 18 GPUs" in problems[1]
+    assert "distributed.trainer_workers=56 with distributed.trainer_num_gpus=1 (FSDP2 over 56 GPUs" in problems[1]
     assert plan["fits"] is False and "FSDP2" not in plan["layout"]
     plan, problems = plan_memory(cfg, shape, seq, Hardware(8, 141e9, "flags"))  # 8 x H200
     assert problems == [] and plan["fits"] and plan["trainer_rank"]["parallel"] == "fsdp (8 ranks)"
     assert plan["trainer_rank"]["optimizer"] == "14.8 GB"  # 8 B x 14.77e9 / 8
     # 8 x 80 GB: the state fits (30 GB per rank) but one 36K-token sequence's activations do not
     plan, problems = plan_memory(cfg, shape, seq, Hardware(8, 80 * GiB, "flags"))
-    assert len(problems) == 1 and "activations 54.1 GB" in problems[0]
+    assert len(problems) == 1 and "needs 111.2 GB" in problems[0] and "activations 54.1 GB" in problems[0]
+    # a longer sequence than any rank count can hold: no single change; says what a rank needs at best
+    cfg = load_config(CODE, ["sampling.max_tokens=60000"])
+    plan, problems = plan_memory(cfg, shape, 64_096, Hardware(8, 80 * GiB, "flags"))
+    assert "no single change fits it: even over" in problems[0] and "GPUs with at least" in problems[0]
 
 
 def test_cli_refuses_the_code_config_on_one_gpu(monkeypatch, capsys):
@@ -89,7 +94,7 @@ def test_cli_refuses_the_code_config_on_one_gpu(monkeypatch, capsys):
     monkeypatch.setattr("oapl.preflight._vllm_status", lambda cfg: "not checked (importing vLLM takes seconds)")
     assert main(["check", str(CODE), "--no-hub", "--gpus", "1", "--gpu-memory", "80GiB"]) == 2
     out = capsys.readouterr().out
-    assert "GPU memory: a trainer rank needs 299.3 GB" in out and "distributed.trainer_workers=18" in out
+    assert "GPU memory: a trainer rank needs 299.3 GB" in out and "distributed.trainer_workers=56" in out
     assert "the plan, which does not fit:" in out and "checkpoint_size:" in out
 
 

@@ -7,11 +7,11 @@ compares it with the peak resident memory of real CPU train steps (docs/benchmar
 **Trainer state per rank** (``P`` parameters, ``N`` trainer ranks):
 
 * full fine-tuning, fp32 masters (``model.param_dtype: auto``): weights 4 B, gradients 4 B, AdamW
-  ``exp_avg`` + ``exp_avg_sq`` 8 B per parameter. One process and DDP keep all of it on every rank;
-  FSDP2 divides the three by ``N`` and adds the gathered units: the root (embeddings, final norm,
-  LM head; it stays gathered between forward and backward) and two decoder layers (the one in use
-  and the one prefetched), in the storage dtype (FSDP2 gathers the fp32 masters as they are and
-  computes under autocast), plus one layer's unsharded fp32 gradient before its reduce-scatter;
+  ``exp_avg`` + ``exp_avg_sq`` 8 B per parameter. One process and DDP keep all of it on every rank
+  (DDP's gradient buckets add another 4 B); FSDP2 divides the three by ``N`` and adds the gathered
+  units (:func:`gathered_bytes`): the root (embeddings, final norm, LM head; it stays gathered
+  between forward and backward) and the decoder layers in flight, in the storage dtype (FSDP2
+  gathers the fp32 masters as they are and computes under autocast), with their unsharded gradients;
 * pure 16-bit storage (``param_dtype: bfloat16``): 2 + 2 + 4 B per parameter;
 * LoRA: the frozen base in the compute dtype (no gradients, no AdamW state) and the adapters
   (``r x (in + out)`` per adapted linear) with fp32 weights, gradients and AdamW state (16 B).
@@ -93,7 +93,8 @@ class ModelShape:
 
     def layer_params(self) -> int:
         h, q, kv = self.hidden, self.q, self.kv
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn += 2 * self.head_dim if self.qk_norm else 0
         return attn + 3 * h * self.intermediate + 2 * h
 
     def root_params(self) -> int:
@@ -283,9 +284,23 @@ def trainer_state(cfg, shape: ModelShape, cb: int, mode: str, ranks: int) -> dic
     sb = 2 if cfg.model.param_dtype in ("bfloat16", "float16") else 4
     shard = ranks if mode == "fsdp" else 1
     out = {"weights": p * sb / shard, "gradients": p * sb / shard, "optimizer": p * 2 * sb / shard, "gathered": 0.0}
+    if mode == "ddp":  # DDP's buckets hold a second copy of the gradients (gradient_as_bucket_view is off)
+        out["gradients"] *= 2
     if mode == "fsdp":
-        out["gathered"] = (shape.root_params() + 2 * shape.layer_params()) * sb + shape.layer_params() * 4
+        out["gathered"] = gathered_bytes(shape, sb)
     return out
+
+
+def gathered_bytes(shape: ModelShape, sb: int) -> float:
+    """FSDP2's unsharded units at the peak of backward, in the storage dtype (fp32 gradients).
+
+    The root's parameters stay gathered and its unsharded gradient lives through the whole backward
+    (the LM head's comes first); meanwhile the layer in backward holds its parameters, unsharded
+    gradient and reduce-scatter buffer, and the next one is being all-gathered (the flat output and
+    the parameters copied out of it): ``2 root + 5 layers``. At the end the root's own reduce-scatter
+    buffer joins: ``3 root``. The larger of the two."""
+    root, layer = shape.root_params() * sb, shape.layer_params() * sb
+    return max(2 * root + 5 * layer, 3 * root)
 
 
 def layer_activation_bytes(shape: ModelShape, cb: int, rb: int) -> float:
@@ -421,6 +436,15 @@ def fixes(cfg, shape: ModelShape, seq_len: int, budget: float, gpus: int, ranks:
     return out
 
 
+def _no_fix(cfg, shape: ModelShape, seq_len: int, ranks: int) -> str:
+    """What a rank needs at best (the most useful FSDP2 width up to 64 ranks), when no single change fits."""
+    best = min(range(max(ranks, 1), 65), key=lambda n: trainer_rank(cfg, shape, seq_len, True, ranks=n)["total"])
+    t = trainer_rank(cfg, shape, seq_len, True, ranks=best)
+    return (f"no single change fits it: even over {best} ranks a rank needs {_gb(t['total'])}, of which one "
+            f"micro-batch's activations {_gb(t['activations'])} and logits {_gb(t['logits'])} do not shrink with "
+            f"ranks: shorter sequences (sampling.max_tokens), or GPUs with at least {_gb(t['total'])}")
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:.1f} GB"
 
@@ -493,8 +517,7 @@ def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dic
             f"GPU memory: a trainer rank needs {_gb(t['total'])} (weights {_gb(t['weights'])}, gradients "
             f"{_gb(t['gradients'])}, AdamW {_gb(t['optimizer'])}, activations {_gb(t['activations'])}, logits "
             f"{_gb(t['logits'])}) but has {_gb(budget)} of its {_gb(hw.gpu_bytes)} GPU; "
-            + ("it fits with any of: " + "; ".join(fix) if fix else
-               "no single change fits it: shorter sequences (sampling.max_tokens) or GPUs with more memory"))
+            + ("it fits with any of: " + "; ".join(fix) if fix else _no_fix(cfg, shape, seq_len, ranks)))
     if "kv_pool" in eng and eng["sequences_at_once"] < 1:
         problems.append(f"GPU memory: the engine's KV cache ({_gb(max(0.0, eng['kv_pool']))} after "
                         f"{_gb(eng['weights'])} of weights) cannot hold one {eng['full_sequence_tokens']:,}-token "
