@@ -15,9 +15,14 @@ known before it starts is checked here, in this order, collecting one line per p
 5. offline data (``offline.data``) was sampled at the configured temperature / top-p by
    ``model.name``.
 
-Then the plan: steps, batch and mini-batches, syncs, samples per sync window, tokens per step, and
-an estimate of trainer and engine memory per GPU from the model's shapes. :func:`run_check` returns
-it all; the command prints the plan and exits 0, or prints one line per problem and exits 2.
+Then the plan: steps, batch and mini-batches, syncs, optimiser steps and samples per sync window,
+tokens per step, and the memory plan per rank (:mod:`oapl.memory_plan`: trainer weights, gradients,
+AdamW state, FSDP2's gathered units, activations, logits; host memory; checkpoint size; the engine's
+weights and KV cache) for the GPUs of ``--gpus N --gpu-memory SIZE`` (default: the devices present;
+none on a CPU-only machine, where a GPU config's plan is printed but not fitted), and the
+environment (:func:`oapl.preflight.check_environment`). A plan that does not fit is a problem line
+naming memory and the change that would make it fit. :func:`run_check` returns it all; the command
+prints the plan and exits 0, or prints one line per problem and exits 2.
 """
 
 from __future__ import annotations
