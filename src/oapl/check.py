@@ -233,7 +233,12 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=N
             check_config(cfg)
         except Exception as e:  # noqa: BLE001
             res.problems.append(_message(e))
-            return res  # nothing below can load what is not there
+            # nothing below can load what is not there; the memory plan of a shipped shape still can
+            from oapl.memory_plan import shapes_table
+
+            res.plan, memory_problems = _plan(cfg, 0, shapes_table().get(cfg.model.name), hw, res.notes)
+            res.problems += memory_problems
+            return res
     from oapl.data.tasks import build_task
 
     try:
