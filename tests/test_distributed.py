@@ -63,8 +63,10 @@ LOCAL_KEYS = ("step", "samples_seen", "loss", "skipped", "reward_mean", "reward_
               "gen_tokens_per_s", "reward_errors", "stale_dropped", "elapsed_s")
 
 
-def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    """Same batch: the 2-rank DDP step has the single-process loss, metrics, gradient and update."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, tmp_path, monkeypatch, parallel):
+    """Same batch: the 2-rank step (DDP replicas, or FSDP2 shards over gloo) has the single-process loss,
+    metrics, gradient and update."""
     from oapl.distributed.trainer import TrainerGroup
     from oapl.loop import Run
 
@@ -104,12 +106,12 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, 
         local.close()
 
     group = TrainerGroup(make_cfg(tiny_model_dir, prompts_file, tmp_path / "ray",
-                                  **{**over, "distributed.backend": "ray"}))
+                                  **{**over, "distributed.backend": "ray", "distributed.parallel": parallel}))
+    assert group.mode == parallel
     try:
         group.setup(resume=False)
         m_ray, parts = group.train_step(groups, want_grads=True)
-        p_ray = group.rank0("publish_weights")[0]
-        p_ray = ray.get(p_ray)
+        p_ray = ray.get(group.publish_weights())  # every rank takes part (FSDP2 all-gathers)
     finally:
         group.close()
     # 15 sequences: each rank received only its token-balanced share (7 + 8), not the whole batch

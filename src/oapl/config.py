@@ -256,7 +256,11 @@ class DistributedConfig(Section):
                                     "'auto': connect to the running one).")
     num_engines: int = Field(1, ge=1, description="Inference engine actors generating into the buffer.")
     trainer_workers: int = Field(1, ge=1, description="torch.distributed trainer ranks (DDP/gloo on CPU, "
-                                 "FSDP2/NCCL on GPU).")
+                                 "FSDP2/NCCL on GPU); offline runs too.")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How trainer ranks split the model: fsdp (FSDP2: weights, gradients and AdamW state "
+        "sharded over the ranks, sharded checkpoints), ddp (replicas), auto (fsdp for full fine-tuning on GPUs, "
+        "ddp for LoRA or CPU). fsdp also runs on CPU with gloo ranks.")
     engine_num_cpus: float = Field(1.0, ge=0, description="CPUs per engine actor.")
     engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor.")
     trainer_num_cpus: float = Field(1.0, ge=0, description="CPUs per trainer rank.")

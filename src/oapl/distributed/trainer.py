@@ -1,4 +1,5 @@
-"""The trainer as ``torch.distributed`` ranks placed by Ray: DDP (gloo) on CPU, FSDP2 (NCCL) on GPUs.
+"""The trainer as ``torch.distributed`` ranks placed by Ray: DDP replicas or FSDP2 shards, on GPUs (NCCL)
+or CPUs (gloo; FSDP2 too, which is how the test-suite runs it).
 
 The driver plans the step (:func:`oapl.trainer.step.plan_step`): advantages from whole groups, the
 mini-batches, and for every rank a token-balanced share of each mini-batch with its micro-batch
@@ -15,9 +16,13 @@ as many micro-batches as the busiest one (zero-weight extras), because every for
 A non-finite loss on any rank skips the step on every rank (the flag is all-reduced), so replicas
 never diverge. The ranks' metric partial sums are merged by :mod:`oapl.trainer.stats`.
 
-Precision: FSDP2 shards the fp32 master weights and computes with
-``MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)``; DDP keeps fp32 replicas
-and autocasts, as the single process does (:mod:`oapl.trainer.precision`).
+Precision, one path for 1 and N ranks: the fp32 masters are what FSDP2 all-gathers
+(``MixedPrecisionPolicy(param_dtype=None, reduce_dtype=float32)``) and the forward runs under the
+same autocast as the single process (bf16 matmuls, fp32 norms and residual stream); DDP keeps fp32
+replicas and autocasts likewise (:mod:`oapl.trainer.precision`, docs/training.md).
+
+Checkpoints: DDP rank 0 writes the one-process format; FSDP2 ranks write sharded checkpoints
+(:mod:`oapl.distributed.sharded`), each rank its own part. Either resumes at any world size.
 
 The model is called through :class:`LogProbModule` (whose ``forward`` is :func:`token_logprobs`)
 so that DDP's and FSDP2's forward hooks run: the chunked log-prob path calls the decoder and the LM
@@ -38,6 +43,7 @@ from oapl.config import TrainConfig
 from oapl.distributed.cluster import (TrainerFailure, actor_options, actor_threads, alive, bundle, free_port,
                                       get_fail_fast, kill_actor, make_placement_group, node_ip,
                                       remove_placement_group, require_ray)
+from oapl.distributed.sharded import full_tensor, load_policy_state, save_sharded_checkpoint
 from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
 from oapl.trainer.checkpoint import seed_everything
 from oapl.trainer.logprobs import TokenBatch, token_logprobs
@@ -47,8 +53,15 @@ log = logging.getLogger(__name__)
 
 
 def parallel_mode(cfg: TrainConfig) -> str:
-    """``fsdp`` on GPUs (full fine-tuning), ``ddp`` otherwise (CPU, or LoRA on GPUs)."""
-    return "fsdp" if cfg.distributed.trainer_num_gpus > 0 and not cfg.model.lora.enabled else "ddp"
+    """``distributed.parallel``; ``auto`` is ``fsdp`` on GPUs (full fine-tuning), ``ddp`` otherwise."""
+    mode = cfg.distributed.parallel
+    if mode == "auto":
+        return "fsdp" if cfg.distributed.trainer_num_gpus > 0 and not cfg.model.lora.enabled else "ddp"
+    if mode == "fsdp" and cfg.model.lora.enabled:
+        raise ValueError("distributed.parallel=fsdp with model.lora.enabled=true: LoRA trains on DDP replicas "
+                         "(the frozen base is stored in the compute dtype and the adapters are small, so "
+                         "sharding saves little); set distributed.parallel=ddp (or auto)")
+    return mode
 
 
 class LogProbModule(torch.nn.Module):
@@ -89,15 +102,12 @@ class RankParallel(Parallel):
         return float(flag.item()) == 0.0
 
     def grad_norm(self, params, max_norm: float) -> float:
-        return float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
-        return _full(t)
+        return full_tensor(t)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (a collective: every rank must call it in the same order)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class TrainerRank:
@@ -159,20 +169,27 @@ class TrainerRank:
         self.module = LogProbModule(policy.model, policy.temperature, cfg.model.logprob_chunk_size,
                                     policy.precision.autocast)
         if self.fsdp:
+            # every rank must call each FSDP2 unit the same number of times (each call all-gathers);
+            # the shared-prompt layout calls the decoder twice, so a rank choosing it while another
+            # packs would deadlock: FSDP2 ranks pack or pad
+            if cfg.optim.share_prompts == "on":
+                raise ValueError("optim.share_prompts=on is not supported with FSDP2 trainer ranks "
+                                 "(distributed.parallel=fsdp): set it to auto or off")
+            policy.share_prompts = "off"
             self._wrap_fsdp2()
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.module = DDP(self.module, device_ids=[0] if self.cuda else None, broadcast_buffers=False)
         if state:
-            if self.fsdp:
-                self._load_fsdp_policy_state(state["policy"])
+            if self.fsdp:  # either checkpoint format, resharded to this world size
+                load_policy_state(policy, state["policy"], ckpt)
             set_rng_state(state["rng"])
         if self.rank != 0:
             return None
         return {k: v for k, v in state.items() if k != "policy"}
 
-    # -- FSDP2 (GPU; not exercised by the CPU test-suite) ---------------------------------------
+    # -- FSDP2 ---------------------------------------------------------------------------------
     def _wrap_fsdp2(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -180,12 +197,11 @@ class TrainerRank:
         from oapl.trainer.optim import build_optimizer, build_scheduler
 
         cfg, policy = self.cfg, self.policy
-        # shards hold the fp32 masters; each forward all-gathers them cast to the compute dtype and
-        # gradients are reduce-scattered in fp32 (the AdamW state stays fp32 on the shards)
-        prec = policy.precision
-        mp = MixedPrecisionPolicy(param_dtype=prec.compute_dtype if prec.mixed else None,
-                                  reduce_dtype=torch.float32)
-        mesh = init_device_mesh("cuda", (self.world,))
+        # shards hold the fp32 masters; each forward all-gathers them as they are and computes under
+        # the single process's autocast (one precision path), gradients are reduce-scattered in fp32
+        # and the AdamW state stays fp32 on the shards
+        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        mesh = init_device_mesh("cuda" if self.cuda else "cpu", (self.world,))
         names = set(getattr(policy.model, "_no_split_modules", None) or [])
         layers = [m for m in policy.model.modules() if type(m).__name__ in names]
         if not layers:
@@ -199,33 +215,11 @@ class TrainerRank:
         policy.optimizer = build_optimizer(policy.model.parameters(), cfg.optim, policy.device)
         policy.scheduler = build_scheduler(policy.optimizer, cfg.optim, cfg.steps * cfg.algorithm.mini_batches)
 
-    def _fsdp_full_policy_state(self) -> dict[str, Any]:
-        """The optimiser state in the local (single-process) format: collective on every rank."""
-        osd = self.policy.optimizer.state_dict()
-        full_state = {pid: {k: (_full(v).cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-                      for pid, st in sorted(osd["state"].items())}
-        return {"optimizer": {"state": full_state, "param_groups": osd["param_groups"]},
-                "scheduler": self.policy.scheduler.state_dict()}
-
-    def _load_fsdp_policy_state(self, pstate: dict[str, Any]) -> None:
-        from torch.distributed.tensor import distribute_tensor
-
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        osd = pstate["optimizer"]
-        sharded = {}
-        for pid, st in osd["state"].items():
-            p = params[int(pid)]
-            sharded[pid] = {k: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-                                if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v)
-                            for k, v in st.items()}
-        self.policy.optimizer.load_state_dict({"state": sharded, "param_groups": osd["param_groups"]})
-        self.policy.scheduler.load_state_dict(pstate["scheduler"])
-
     # -- one optimiser step ------------------------------------------------------------------
     def _weights(self):
         """(name, full tensor) of the engine-facing weights; under FSDP2 every rank must iterate."""
         for name, t in self.policy.engine_weights():
-            yield name, _full(t)
+            yield name, full_tensor(t)
 
     def train_step(self, work: RankWork, want_grads: bool = False) -> dict[str, Any]:
         """Run this rank's share of one step (planned by the driver); returns its partial results."""
@@ -271,12 +265,8 @@ class TrainerRank:
             if self.rank != 0:
                 return None
             return str(save_checkpoint(run_dir, step, self.policy, state, config_yaml, keep=keep))
-        msd = {k: _full(v).detach().cpu() for k, v in self.policy.model.state_dict().items()}
-        pstate = self._fsdp_full_policy_state()
-        if self.rank != 0:
-            return None
-        return str(save_checkpoint(run_dir, step, _FullStateView(self.policy, msd, pstate), state, config_yaml,
-                                   keep=keep))
+        path = save_sharded_checkpoint(run_dir, step, self.policy, self.rank, self.world, state, config_yaml, keep)
+        return str(path) if path is not None else None
 
     # -- evaluation of the trainer's current weights (mid-window; DDP only) --------------------
     def begin_eval(self, seed: int) -> None:
@@ -298,28 +288,6 @@ class TrainerRank:
         self._eval_model.train(self._eval_was_training)
         self._eval_engine = None
         self._eval_model = None
-
-
-class _FullStateView:
-    """What ``save_checkpoint`` needs from a policy, for FSDP2 ranks: full state gathered on rank 0."""
-
-    lora = False
-
-    def __init__(self, policy, model_state: dict[str, torch.Tensor], policy_state: dict[str, Any]) -> None:
-        self.tokenizer = policy.tokenizer
-        self._model, self._msd, self._pstate = policy.model, model_state, policy_state
-
-    def hf_model(self):
-        view = self
-
-        class _Saver:
-            def save_pretrained(self, path, **kw):
-                view._model.save_pretrained(path, state_dict=view._msd, **kw)
-
-        return _Saver()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._pstate
 
 
 class TrainerGroup:

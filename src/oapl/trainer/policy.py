@@ -227,5 +227,7 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
                                     f"model.lora.enabled=false?)")
         set_peft_model_state_dict(policy.model, load_file(str(adapter)))
     if state and load_optimizer and "policy" in state:
-        policy.load_state_dict(state["policy"])
+        from oapl.distributed.sharded import load_policy_state
+
+        load_policy_state(policy, state["policy"], checkpoint)  # either format: one process or sharded
     return policy, state

@@ -1,0 +1,162 @@
+"""FSDP2 trainer ranks on CPU (gloo) and their sharded checkpoints (issue 23).
+
+A run saved by 2 FSDP2 ranks resumes in one process, and a one-process run resumes on 2 FSDP2
+ranks; in both directions the next step equals the uninterrupted run's within the bound that the
+1-vs-2-rank arithmetic allows (derived below from AdamW's update), which is far tighter than what a
+lost or misplaced optimiser state would give (an O(lr) change of almost every weight).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from test_distributed import make_cfg, ray_cluster  # noqa: E402,F401  (the module-scoped Ray cluster)
+from test_precision import _groups  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+LR = 1e-3
+RTOL, ATOL = 1e-4, 1e-7  # gradients of 1 and 2 ranks (tests/test_distributed.py::test_two_ranks_match_one_process)
+OVER = {"optim.micro_batch_size": 4, "optim.lr": LR, "optim.max_grad_norm": 1e9, "algorithm.beta2": 0.1}
+
+
+def fsdp_cfg(tiny_model_dir, prompts_file, out):
+    return make_cfg(tiny_model_dir, prompts_file, out, **OVER, **{"distributed.parallel": "fsdp",
+                                                                   "distributed.num_engines": 1})
+
+
+def local_cfg(tiny_model_dir, prompts_file, out):
+    return make_cfg(tiny_model_dir, prompts_file, out, **OVER, **{"distributed.backend": "local",
+                                                                   "distributed.trainer_workers": 1})
+
+
+def adam_bound(w, g, m, v, t: int, betas=(0.9, 0.95), eps=1e-8):
+    """How far AdamW's step ``t`` from state ``(m, v)`` can move when the gradient ``g`` is off by up to
+    ``d = RTOL |g| + ATOL`` (what 1 and 2 ranks differ by): the update ``u(g')`` is smooth in ``g'``,
+    so its largest change over ``[g - d, g + d]`` is taken on a grid of 9 points and doubled (the
+    grid's spacing is d/4 of a function whose curvature is bounded on that interval), plus fp32
+    rounding of the update (a few ulps of lr) and of ``w + u`` (one ulp of ``w`` on each side)."""
+    b1, b2 = betas
+    d = RTOL * g.abs() + ATOL
+
+    def update(gg):
+        mm, vv = b1 * m + (1 - b1) * gg, b2 * v + (1 - b2) * gg * gg
+        return LR * (mm / (1 - b1**t)) / ((vv / (1 - b2**t)).sqrt() + eps)
+
+    u0 = update(g)
+    worst = torch.stack([(update(g + k / 4 * d) - u0).abs() for k in range(-4, 5)]).amax(0)
+    return 2 * worst + 2 * w.abs() * 2.0**-23 + 8 * LR * 2.0**-23
+
+
+def local_step(policy, groups, monkeypatch):
+    """One single-process step; returns (grads, AdamW state before it, weights after) by HF name."""
+    named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
+    before = {n: {k: v.clone() for k, v in policy.optimizer.state[p].items()} for n, p in named
+              if p in policy.optimizer.state}
+    grads = {}
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        grads.update({n: p.grad.detach().clone() for n, p in named})
+        return orig(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    try:
+        policy.train_step(groups)
+    finally:
+        monkeypatch.undo()
+    return grads, before, {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+
+
+def fsdp_step(group, groups):
+    """One step on the FSDP2 ranks; returns (grads, weights after) gathered by HF name."""
+    _, parts = group.train_step(groups, want_grads=True)
+    return parts[0]["grads"], ray.get(group.publish_weights())
+
+
+def assert_same_step(g_ref, w_ref, g, w, state):
+    """The two runs' gradients agree to (RTOL, ATOL), and their weights after AdamW's step from the same
+    restored state to :func:`adam_bound`."""
+    assert set(g) == set(g_ref)
+    for n in g_ref:
+        assert torch.allclose(g[n], g_ref[n], rtol=RTOL, atol=ATOL), n
+    assert set(state) == set(g_ref)  # every parameter has a restored AdamW state
+    for n, st in state.items():
+        t = int(st["step"]) + 1
+        bound = adam_bound(w_ref[n], g_ref[n], st["exp_avg"], st["exp_avg_sq"], t)
+        diff = (w[n] - w_ref[n]).abs()
+        assert bool((diff <= bound).all()), (n, float((diff - bound).max()))
+
+
+def test_two_fsdp_ranks_save_shards_and_resume_in_one_process(ray_cluster, tiny_model_dir, prompts_file,
+                                                             tmp_path, monkeypatch):
+    from oapl.distributed.trainer import TrainerGroup
+    from oapl.trainer.policy import load_policy
+
+    run = tmp_path / "fsdp"
+    group = TrainerGroup(fsdp_cfg(tiny_model_dir, prompts_file, run))
+    try:
+        group.setup(resume=False)
+        group.train_step(_groups(0))
+        ckpt = Path(group.call("save_checkpoint", str(run), 1, {"step": 1}, "{}", 2)[0])
+        g_ref, w_ref = fsdp_step(group, _groups(1))  # the uninterrupted run's next step
+    finally:
+        group.close()
+    # each rank wrote its own part: its optimiser shards and the weights it owns
+    assert sorted(p.name for p in (ckpt / "optim").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    files = {p.name[:10] for p in (ckpt / "model").glob("model-r*.safetensors")}
+    assert files == {"model-r000", "model-r001"}
+    assert not list(ckpt.parent.glob(".tmp-step-*"))
+    # the folder is an ordinary Hugging Face model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt / "model")
+    assert next(hf.parameters()).dtype == torch.float32
+
+    policy, state = load_policy(local_cfg(tiny_model_dir, prompts_file, tmp_path / "one"), 6, ckpt)
+    assert state["step"] == 1 and state["world"] == 2
+    g, st, w = local_step(policy, _groups(1), monkeypatch)
+    assert_same_step(g_ref, w_ref, g, w, st)
+
+
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(ray_cluster, tiny_model_dir, prompts_file, tmp_path,
+                                                          monkeypatch):
+    from oapl.distributed.trainer import TrainerGroup
+    from oapl.trainer.checkpoint import save_checkpoint
+    from oapl.trainer.policy import Policy
+
+    run = tmp_path / "one"
+    policy = Policy(local_cfg(tiny_model_dir, prompts_file, run), total_steps=6)
+    policy.train_step(_groups(0))
+    save_checkpoint(run, 1, policy, {"step": 1}, "{}", keep=2)
+    g_ref, st, w_ref = local_step(policy, _groups(1), monkeypatch)  # the uninterrupted run's next step
+
+    group = TrainerGroup(fsdp_cfg(tiny_model_dir, prompts_file, tmp_path / "fsdp"))
+    try:
+        group.setup(resume=True, run_dir=str(run))
+        assert group.state["step"] == 1
+        g, w = fsdp_step(group, _groups(1))
+        # and the 2 ranks save it again, sharded, as step 2
+        ckpt = Path(group.call("save_checkpoint", str(run), 2, {"step": 2}, "{}", 2)[0])
+    finally:
+        group.close()
+    assert_same_step(g_ref, w_ref, g, w, st)
+    assert (ckpt / "optim" / ".metadata").exists() and (run / "checkpoints" / "step-00000001").exists()
+
+
+def test_fsdp_refuses_lora_and_shared_prompts_naming_the_field(tiny_model_dir, prompts_file, tmp_path):
+    from oapl.distributed.trainer import parallel_mode
+
+    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path, **{"distributed.parallel": "fsdp",
+                                                              "model.lora.enabled": True})
+    with pytest.raises(ValueError, match="distributed.parallel=fsdp with model.lora.enabled"):
+        parallel_mode(cfg)
+    auto = make_cfg(tiny_model_dir, prompts_file, tmp_path, **{"model.lora.enabled": True,
+                                                               "distributed.trainer_num_gpus": 1})
+    assert parallel_mode(auto) == "ddp"
