@@ -160,3 +160,34 @@ def test_fsdp_refuses_lora_and_shared_prompts_naming_the_field(tiny_model_dir, p
     auto = make_cfg(tiny_model_dir, prompts_file, tmp_path, **{"model.lora.enabled": True,
                                                                "distributed.trainer_num_gpus": 1})
     assert parallel_mode(auto) == "ddp"
+
+
+def test_offline_training_on_two_fsdp_ranks_follows_one_process(ray_cluster, tiny_model_dir, prompts_file,
+                                                                 tmp_path):
+    """``offline.data`` with ``distributed.backend: ray``: the same Run and train step on 2 FSDP2 ranks,
+    the one-process run's first step, and sharded end-of-epoch checkpoints."""
+    import json
+
+    from oapl.data.rollouts import read_rollouts
+    from oapl.generate import generate_dataset
+    from oapl.offline import train_offline
+
+    generate_dataset(make_cfg(tiny_model_dir, prompts_file, tmp_path / "gen", **{"distributed.backend": "local"}),
+                     tmp_path / "data", n=4)
+    assert len(read_rollouts(tmp_path / "data")) >= 4
+    off = {"offline.data": str(tmp_path / "data"), "offline.epochs": 2, "offline.min_correct": 0,
+           "offline.drop_all_correct": False, "rollout.prompts_per_step": 2, "rollout.group_size": 4,
+           "optim.micro_batch_size": 2, "optim.lr": 1e-3, "algorithm.beta2": 0.1}
+    one = train_offline(make_cfg(tiny_model_dir, prompts_file, tmp_path / "one",
+                                 **{**off, "distributed.backend": "local"}))
+    two = train_offline(make_cfg(tiny_model_dir, prompts_file, tmp_path / "two",
+                                 **{**off, "distributed.parallel": "fsdp"}))
+    assert two["steps"] == one["steps"] >= 4 and len(two["checkpoints"]) == 2
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+            for k in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["one"]]
+    for key in ("loss", "grad_norm", "reward_mean", "kl"):  # step 1: the same weights, summed in another order
+        assert rows["two"][0][key] == pytest.approx(rows["one"][0][key], rel=1e-4, abs=1e-6), key
+    assert all(r["loss"] == r["loss"] and r["skipped"] == 0 for r in rows["two"])  # finite, none skipped
+    for ckpt in two["checkpoints"]:
+        assert (Path(ckpt) / "optim" / ".metadata").exists() and (Path(ckpt) / "model" / "config.json").exists()

@@ -326,7 +326,7 @@ def backend_session(cfg: TrainConfig):
     """Process-wide resources shared by every attempt of a run (a Ray cluster it started)."""
     import contextlib
 
-    if cfg.distributed.backend != "ray" or cfg.offline.data:
+    if cfg.distributed.backend != "ray":
         return contextlib.nullcontext()
     from oapl.distributed.backend import ray_session
 

@@ -4,6 +4,11 @@ This is the paper's code experiment: the data was sampled once by a fixed policy
 inference policy"), V* comes from the stored group rewards, the KL reference is the stored engine
 log-probs (or a frozen copy of the sampling weights recomputing them), and the trainer makes several
 passes over it without any weight sync (L = the whole run).
+
+The trainer is this process's policy, or, with ``distributed.backend: ray``, W trainer ranks
+(``distributed.trainer_workers``; FSDP2 shards with ``distributed.parallel: fsdp``, the way a 14B model
+trains on one 8-GPU node): the same :class:`~oapl.distributed.trainer.TrainerGroup`, train step and
+(sharded) checkpoints as an online Ray run.
 """
 
 from __future__ import annotations
@@ -135,6 +140,8 @@ class OfflineBackend:
         self.task = None  # no held-out evaluation here: `oapl eval` the checkpoints
         self.checkpoint: Path | None = None
         self.policy = None
+        self.trainers = None  # W ranks (distributed.backend=ray) instead of self.policy
+        self._owns_ray = False
         self._resume_step = 0
         groups = read_rollouts(off.data)
         check_sampling_provenance(groups, cfg)  # before anything slow is loaded
@@ -154,19 +161,40 @@ class OfflineBackend:
         if self.checkpoint is not None and cfg.algorithm.reference_logprobs == "recompute":
             raise ValueError("resuming offline training with reference_logprobs=recompute needs the "
                              "sampling weights; restart the stage instead")
-        # the one restore path: fp32 masters (or LoRA adapters), optimiser and schedule
-        self.policy, state = load_policy(cfg, self.total_steps, self.checkpoint)
-        self.tokenizer = self.policy.tokenizer
+        if cfg.distributed.backend == "ray":
+            state = self._build_ranks(run_dir, resume)
+        else:  # the one restore path: fp32 masters (or LoRA adapters), optimiser and schedule
+            self.policy, state = load_policy(cfg, self.total_steps, self.checkpoint)
+            self.tokenizer = self.policy.tokenizer
         self._resume_step = int(state.get("step", 0))
         return state
 
+    def _build_ranks(self, run_dir: Path, resume: bool) -> dict[str, Any]:
+        """Start the W trainer ranks (which find and load the checkpoint themselves)."""
+        from oapl.distributed.cluster import ensure_ray
+        from oapl.distributed.trainer import TrainerGroup
+        from oapl.trainer.model import load_tokenizer, resolve_model_path
+
+        cfg = self.cfg
+        self._owns_ray = ensure_ray(cfg)  # a no-op inside the run's ray_session
+        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.tokenizer or cfg.model.name),
+                                        cfg.model.trust_remote_code)
+        self.trainers = TrainerGroup(cfg, total_steps=self.total_steps)
+        self.trainers.setup(resume, str(run_dir))
+        return self.trainers.state
+
     def start(self, version: int, buffer, sampling) -> StoredRollout:
-        if self.cfg.algorithm.reference_logprobs == "recompute":
-            self.policy.snapshot_reference()  # the frozen sampling weights = the model we start from
+        if self.cfg.algorithm.reference_logprobs == "recompute":  # the frozen sampling weights = the start
+            if self.trainers is not None:
+                self.trainers.call("snapshot_reference")
+            else:
+                self.policy.snapshot_reference()
         return StoredRollout(self.groups, self.cfg.rollout.prompts_per_step, self.cfg.seed, buffer,
                              position=self._resume_step)
 
     def train_step(self, groups) -> dict[str, float]:
+        if self.trainers is not None:
+            return self.trainers.train_step(groups)[0]
         return self.policy.train_step(groups)
 
     def publish(self, version: int) -> float:
@@ -179,8 +207,10 @@ class OfflineBackend:
         raise RuntimeError("offline runs do not evaluate; use `oapl eval` on their checkpoints")
 
     def save(self, run_dir: Path, step: int, state: dict, config_yaml: str, keep: int) -> str:
-        return str(save_checkpoint(run_dir, step, self.policy, {**state, "epoch": step / self.per_epoch},
-                                   config_yaml, keep=keep))
+        state = {**state, "epoch": step / self.per_epoch}
+        if self.trainers is not None:
+            return self.trainers.call("save_checkpoint", str(run_dir), step, state, config_yaml, keep)[0]
+        return str(save_checkpoint(run_dir, step, self.policy, state, config_yaml, keep=keep))
 
     def checkpoint_due(self, step: int) -> int | None:
         """An end-of-epoch checkpoint (every epoch, or the last), all of them kept."""
@@ -199,4 +229,11 @@ class OfflineBackend:
         return {"filter": self.filter_counts}
 
     def close(self) -> None:
-        pass
+        if self.trainers is not None:
+            self.trainers.close()
+            self.trainers = None
+        if self._owns_ray:
+            from oapl.distributed.cluster import require_ray
+
+            require_ray().shutdown()
+            self._owns_ray = False

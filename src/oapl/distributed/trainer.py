@@ -113,11 +113,12 @@ class RankParallel(Parallel):
 class TrainerRank:
     """One trainer rank (runs inside a Ray actor)."""
 
-    def __init__(self, cfg_json: dict, rank: int, world: int, threads: int) -> None:
+    def __init__(self, cfg_json: dict, rank: int, world: int, threads: int, total_steps: int | None = None) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
         cfg = TrainConfig.model_validate(cfg_json)
+        self.total_steps = total_steps or cfg.steps  # trainer steps of the schedule (offline: epochs x batches)
         self.cuda = cfg.distributed.trainer_num_gpus > 0 and torch.cuda.is_available()
         if cfg.distributed.trainer_num_gpus > 0 and not self.cuda:
             raise RuntimeError("distributed.trainer_num_gpus > 0 but this trainer actor sees no CUDA device")
@@ -164,7 +165,7 @@ class TrainerRank:
                              "(use reference_logprobs=engine)")
         seed_everything(cfg.seed)
         # FSDP2 loads its optimiser state after sharding (below); DDP like the single process
-        policy, state = load_policy(cfg, cfg.steps, ckpt, load_optimizer=not self.fsdp)
+        policy, state = load_policy(cfg, self.total_steps, ckpt, load_optimizer=not self.fsdp)
         self.policy = policy
         self.module = LogProbModule(policy.model, policy.temperature, cfg.model.logprob_chunk_size,
                                     policy.precision.autocast)
@@ -213,7 +214,7 @@ class TrainerRank:
         fully_shard(self.module, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
         # fully_shard replaced the parameters by DTensors: the optimiser must see the new ones
         policy.optimizer = build_optimizer(policy.model.parameters(), cfg.optim, policy.device)
-        policy.scheduler = build_scheduler(policy.optimizer, cfg.optim, cfg.steps * cfg.algorithm.mini_batches)
+        policy.scheduler = build_scheduler(policy.optimizer, cfg.optim, self.total_steps * cfg.algorithm.mini_batches)
 
     # -- one optimiser step ------------------------------------------------------------------
     def _weights(self):
@@ -293,8 +294,9 @@ class TrainerRank:
 class TrainerGroup:
     """Driver-side handle of the W trainer ranks (one placement group, PACK strategy)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        """Reserve the placement group and start the rank actors (returns before they are up)."""
+    def __init__(self, cfg: TrainConfig, total_steps: int | None = None) -> None:
+        """Reserve the placement group and start the rank actors (returns before they are up);
+        ``total_steps``: the schedule's trainer steps when not ``cfg.steps`` (offline runs)."""
         ray = require_ray()
         d = cfg.distributed
         self.cfg = cfg
@@ -308,7 +310,7 @@ class TrainerGroup:
         threads = actor_threads(cfg, d.trainer_num_cpus)
         cfg_json = cfg.model_dump(mode="json")
         self.actors = [cls.options(**actor_options(self.pg, r, d.trainer_num_cpus, d.trainer_num_gpus))
-                       .remote(cfg_json, r, self.world, threads) for r in range(self.world)]
+                       .remote(cfg_json, r, self.world, threads, total_steps) for r in range(self.world)]
         self.ckpt: str | None = None
         self.state: dict[str, Any] = {}
 
