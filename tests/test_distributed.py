@@ -272,17 +272,19 @@ def test_trainer_death_resumes_from_checkpoint(ray_cluster, tiny_model_dir, prom
     assert abs(rows[2]["log_ratio_mean"]) < 1e-3 and abs(rows[4]["log_ratio_mean"]) < 1e-3
 
 
-def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_dir, prompts_file, tmp_path):
-    """DDP ranks hold fp32 masters under bf16 autocast: one step at lr 1e-6 moves >= 99% of the weights
-    that received a gradient (stored in bf16 almost none would move: tests/test_precision.py)."""
-    from safetensors.torch import load_file
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_dir, prompts_file, tmp_path,
+                                                        parallel):
+    """DDP replicas and FSDP2 shards hold fp32 masters under bf16 autocast: one step at lr 1e-6 moves >= 99%
+    of the weights that received a gradient (stored in bf16 almost none would move: tests/test_precision.py)."""
     from test_precision import _groups
 
+    from oapl.distributed.sharded import iter_checkpoint_weights
     from oapl.distributed.trainer import TrainerGroup
 
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", **{
         "model.compute_dtype": "bfloat16", "optim.lr": 1e-6, "optim.max_grad_norm": None,
-        "algorithm.beta2": 0.1, "optim.micro_batch_size": 4})
+        "algorithm.beta2": 0.1, "optim.micro_batch_size": 4, "distributed.parallel": parallel})
     group = TrainerGroup(cfg)
     try:
         group.setup(resume=False)
@@ -292,8 +294,7 @@ def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_
         after = Path(group.call("save_checkpoint", run, 1, {"step": 1}, "{}", 5)[0])
     finally:
         group.close()
-    w0 = load_file(str(before / "model" / "model.safetensors"))
-    w1 = load_file(str(after / "model" / "model.safetensors"))
+    w0, w1 = dict(iter_checkpoint_weights(before / "model")), dict(iter_checkpoint_weights(after / "model"))
     grads = parts[0]["grads"]
     moved = total = 0
     for n, g in grads.items():

@@ -191,3 +191,72 @@ def test_offline_training_on_two_fsdp_ranks_follows_one_process(ray_cluster, tin
     assert all(r["loss"] == r["loss"] and r["skipped"] == 0 for r in rows["two"])  # finite, none skipped
     for ckpt in two["checkpoints"]:
         assert (Path(ckpt) / "optim" / ".metadata").exists() and (Path(ckpt) / "model" / "config.json").exists()
+
+
+MISMATCH = ("kl", "logprob_absdiff_mean", "logprob_absdiff_max", "log_ratio_mean", "log_ratio_std", "entropy")
+
+
+def test_one_precision_path_under_bf16(ray_cluster, tiny_model_dir, prompts_file, tmp_path):
+    """bf16 compute, one precision path: an FSDP2 rank computes a batch's log-probs bit for bit as one
+    process does (the fp32 masters are gathered and autocast decides what runs in bf16, as on one GPU),
+    so the trainer/engine mismatch metrics users read do not depend on the world size. FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=bf16)``, the old path, ran the norms and the residual stream in
+    bf16 as well: on this batch it moved kl by 5.6e-5 and log_ratio_std by 1.5e-4 (relative)."""
+    from oapl.distributed.trainer import TrainerGroup
+    from oapl.trainer.logprobs import sequence_batch, token_logprobs
+    from oapl.trainer.policy import Policy
+
+    over = {**OVER, "model.compute_dtype": "bfloat16", "optim.lr": 1e-6}
+    one = Policy(make_cfg(tiny_model_dir, prompts_file, tmp_path / "one", **over,
+                          **{"distributed.backend": "local", "distributed.trainer_workers": 1}), total_steps=6)
+    groups = _groups(2)
+    prompts = [g.prompt_token_ids for g in groups for _ in range(g.n)]
+    responses = [r for g in groups for r in g.response_token_ids]
+    refs = [lp for g in groups for lp in g.response_logprobs]
+    batch = sequence_batch(prompts, responses, refs, packed=one.packing)
+    with torch.no_grad():
+        lp1 = token_logprobs(one.model, batch, one.temperature, 16, autocast=one.precision.autocast())[0].float()
+    m1 = one.train_step(groups)
+    group = TrainerGroup(make_cfg(tiny_model_dir, prompts_file, tmp_path / "two", **over,
+                                  **{"distributed.parallel": "fsdp"}))
+    try:
+        group.setup(resume=False)
+        scored = group.call("score", batch)
+        m2, _ = group.train_step(groups)
+    finally:
+        group.close()
+    for lp2 in scored:  # every rank, the same batch: bit for bit
+        assert torch.equal(lp2, lp1)
+    # the step's metrics: each rank scores its own share in its own micro-batches, whose matmul shapes
+    # differ from the single process's; a CPU whose bf16 kernels round by row count may move a token's
+    # log-prob by bf16's unit roundoff (2**-8) of its size, so the means agree to that relative bound
+    for k in MISMATCH:
+        assert m2[k] == pytest.approx(m1[k], rel=2.0**-8, abs=1e-6), k
+
+
+def test_a_failed_sharded_save_leaves_the_previous_checkpoint_the_latest(tiny_model_dir, prompts_file, tmp_path,
+                                                                         monkeypatch):
+    """A save that dies after some of its files are written (here: the optimiser shards) leaves no
+    ``step-N`` and no temporary folder; the previous checkpoint is still the latest and loads. (A kill -9
+    inside the write leaves the ``.tmp-step-*`` folder, which is never taken for a checkpoint and is
+    removed when the run resumes: tests/test_kill_resume.py.)"""
+    import oapl.distributed.sharded as sharded
+    from oapl.trainer.checkpoint import latest_checkpoint
+    from oapl.trainer.policy import Policy, load_policy
+
+    cfg = local_cfg(tiny_model_dir, prompts_file, tmp_path / "run")
+    policy = Policy(cfg, total_steps=6)
+    policy.train_step(_groups(0))
+    first = sharded.save_sharded_checkpoint(tmp_path / "run", 1, policy, 0, 1, {"step": 1}, "{}", keep=2)
+    policy.train_step(_groups(1))
+
+    def dies(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(sharded, "save_optimizer", dies)
+    with pytest.raises(OSError, match="No space"):
+        sharded.save_sharded_checkpoint(tmp_path / "run", 2, policy, 0, 1, {"step": 2}, "{}", keep=2)
+    assert latest_checkpoint(tmp_path / "run") == first
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no step-2, no temporary folder
+    _, state = load_policy(cfg, 6, first)
+    assert state["step"] == 1

@@ -222,6 +222,12 @@ class TrainerRank:
         for name, t in self.policy.engine_weights():
             yield name, full_tensor(t)
 
+    def score(self, batch: TokenBatch) -> torch.Tensor:
+        """Log-probs ``(n, R)`` of ``batch`` under the current weights, no gradient (every FSDP2 rank must
+        call it: the forward all-gathers); what one process computes for the same batch, bit for bit."""
+        with torch.no_grad():
+            return self.module(batch, with_entropy=False)[0].float().cpu()
+
     def train_step(self, work: RankWork, want_grads: bool = False) -> dict[str, Any]:
         """Run this rank's share of one step (planned by the driver); returns its partial results."""
         return run_step(self.policy, work, RankParallel(self), capture_grads=want_grads)
