@@ -102,7 +102,7 @@ def host_intact():
     dirs_before = set(Path("/tmp").glob("oapl-sbx-*"))
     shm_before = shm_segments()
     yield
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 10  # a grace for reaping on a loaded machine, not a bound under test
     while sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_processes() == [], "a sandboxed process survived"
@@ -125,13 +125,14 @@ def host_intact():
     "import threading\nprint(42, flush=True)\nthreading.Event().wait()",
 ], ids=["busy-loop", "sleep", "sigstop-self", "block-forever"])
 def test_hangs_time_out(runner, code):
-    t0 = time.monotonic()
     reward, ev = score(runner, code)
-    assert reward == 0.0 and ev.results[0].runs[0].status == "timeout"
-    # cut by the sandbox, not left to hang: within the runner's own bound on one program (its total
-    # deadline plus the start-up grace). The per-case timeout itself is the status above; the wall
-    # time on top of it is process start-up, which on a loaded 2-core machine took 7.8 s for a 1 s case
-    assert time.monotonic() - t0 < CFG.total_deadline_s + CFG.startup_grace_s
+    (run,) = ev.results[0].runs
+    # cut by the sandbox's per-case limit: the launcher says "timeout" only when it stopped the case at
+    # timeout_s (a hang the limit missed would run into this file's pytest timeout instead), and the
+    # program did not end on its own but was killed; host_intact checks that no process of it is left
+    assert reward == 0.0 and run.status == "timeout"
+    assert run.exit_code is not None and run.exit_code < 0, run  # ended by a signal from the sandbox
+    assert run.stdout == ""  # the 42 printed before the hang does not count
 
 
 @requires_ns
@@ -180,11 +181,11 @@ def test_forked_memory_bomb_is_bounded_as_a_whole(runner):
 
 @requires_ns
 def test_huge_output_is_cut_off(runner):
-    t0 = time.monotonic()
     reward, ev = score(runner, "import sys\nprint(42)\nwhile True:\n    sys.stdout.write('x' * 65536)")
-    run = ev.results[0].runs[0]
+    (run,) = ev.results[0].runs
+    # stopped by the output cap, not by the 1 s timeout (that status would be "timeout"), and killed
     assert reward == 0.0 and run.status == "output_limit" and run.stdout == ""
-    assert time.monotonic() - t0 < 3
+    assert run.exit_code is not None and run.exit_code < 0, run
 
 
 @requires_ns
@@ -523,9 +524,12 @@ def test_reference_still_scores_one_after_attacks(runner):
 
 
 @requires_ns
-def test_adversarial_batch_in_parallel_scores_zero():
+def test_adversarial_batch_in_parallel_scores_zero(monkeypatch):
     """Many attacks in one reward call: all 0, honest answers 1, trainer unaffected."""
     reward_fn = make_code_reward(CFG)
+    results = []  # what the sandbox reported for each program of the reward call
+    run_many = reward_fn.runner.run_many
+    monkeypatch.setattr(reward_fn.runner, "run_many", lambda jobs: results.extend(run_many(jobs)) or results)
     attacks = [
         "while True:\n    pass",
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
@@ -535,11 +539,18 @@ def test_adversarial_batch_in_parallel_scores_zero():
     ]
     honest = "print(int(input()) * 2)"
     completions = [f"```python\n{c}\n```" for c in attacks + [honest]]
-    t0 = time.monotonic()
     scores = reward_fn(prompts=[""] * len(completions), completions=completions,
                        tests=[STDIN_TESTS] * len(completions))
     assert scores == [0.0] * len(attacks) + [1.0]
-    assert time.monotonic() - t0 < 10
+    # each attack was stopped by the limit aimed at it (one run each: a program stops at its first
+    # failure); host_intact checks that none of their processes is left
+    assert [len(r.runs) for r in results] == [1] * len(completions)
+    statuses = [r.runs[0].status for r in results]
+    assert statuses[0] == "timeout" and statuses[1] == "timeout", statuses  # busy loop, fork loop
+    assert statuses[2] in ("runtime_error", "signal"), statuses  # MemoryError, or killed by the cgroup
+    assert statuses[3] == "output_limit", statuses
+    assert statuses[4] == "runtime_error", statuses  # kill(-1) reached nothing; os._exit(1)
+    assert statuses[5] == "ok", statuses
 
 
 # --------------------------------------------------------------------------- opt-out mode
