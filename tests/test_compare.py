@@ -114,6 +114,7 @@ def test_summarize_run_hand_made(tmp_path):
     assert s["lag_max"] == 4 and s["syncs"] == 2
 
 
+@pytest.mark.slow  # a study end to end: 38-47 s on a loaded 2-core machine
 def test_compare_end_to_end_report_and_resume(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
     cc = study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1],
                beta2_sweep={"enabled": True, "values": [0.1], "seeds": [7]})

@@ -193,6 +193,7 @@ def test_off_by_one_staleness_is_used_and_corrected(tiny_model_dir, prompts_file
     assert all(r["logprob_absdiff_mean"] > 1e-3 and r["kl"] > 1e-6 for r in stale)
 
 
+@pytest.mark.slow  # trains the tiny model through the loop: up to ~30 s on a loaded 2-core machine
 def test_zero_staleness_drops_the_leftovers(tiny_model_dir, prompts_file, tmp_path):
     from oapl.loop import Run
 
@@ -236,6 +237,7 @@ def test_asynchronous_off_by_one_never_exceeds_one_version(tiny_model_dir, promp
     assert all(math.isfinite(r["loss"]) and r["is_weight_mean"] <= 2.0 + 1e-6 for r in rows)
 
 
+@pytest.mark.slow  # trains the tiny model through the loop: up to ~30 s on a loaded 2-core machine
 def test_plain_on_policy_grpo_without_correction(tiny_model_dir, prompts_file, tmp_path):
     from oapl.loop import train
 
@@ -249,6 +251,7 @@ def test_plain_on_policy_grpo_without_correction(tiny_model_dir, prompts_file, t
     assert all("baseline_mean" in r and "v_star_mean" not in r for r in rows)
 
 
+@pytest.mark.slow  # trains the tiny model through the loop: up to ~30 s on a loaded 2-core machine
 def test_grpo_learns_the_toy_task(tiny_model_dir, prompts_file, tmp_path):
     from oapl.loop import train
 
