@@ -66,19 +66,25 @@ def test_code_config_refused_on_one_gpu_and_fits_on_eight():
     plan, problems = plan_memory(cfg, shape, seq, Hardware(1, 80 * GiB, "flags"))
     assert problems[0].startswith("GPUs: the layout needs 8 GPUs")
     # one rank holds 16 B/parameter: 236 GB of state, refused naming memory and the fix
-    assert problems[1].startswith("GPU memory: a trainer rank needs 299.3 GB (weights 59.1 GB, gradients 59.1 GB, "
+    assert problems[1].startswith("GPU memory: a trainer rank needs 263.8 GB (weights 59.1 GB, gradients 59.1 GB, "
                                   "AdamW 118.2 GB")
-    assert "distributed.trainer_workers=56 with distributed.trainer_num_gpus=1 (FSDP2 over 56 GPUs" in problems[1]
+    assert "distributed.trainer_workers=6 with distributed.trainer_num_gpus=1 (FSDP2 over 6 GPUs" in problems[1]
     assert plan["fits"] is False and "FSDP2" not in plan["layout"]
     plan, problems = plan_memory(cfg, shape, seq, Hardware(8, 141e9, "flags"))  # 8 x H200
     assert problems == [] and plan["fits"] and plan["trainer_rank"]["parallel"] == "fsdp (8 ranks)"
     assert plan["trainer_rank"]["optimizer"] == "14.8 GB"  # 8 B x 14.77e9 / 8
-    # 8 x 80 GB: the state fits (30 GB per rank) but one 36K-token sequence's activations do not
+    # 8 x 80 GB: fits because the checkpointed layer inputs (35.5 GB of fp32 residual stream) are offloaded
     plan, problems = plan_memory(cfg, shape, seq, Hardware(8, 80 * GiB, "flags"))
+    assert problems == [] and plan["fits"] and plan["trainer_rank"]["total"] == "75.7 GB"
+    assert plan["trainer_rank"]["offloaded_to_host"] == "35.5 GB"  # 48 x 5,120 x 4 B x 36,096
+    # without the offload the state fits (30 GB per rank) but one 36K-token sequence's activations do not
+    no_off = load_config(CODE, ["model.activation_offload=false"])
+    plan, problems = plan_memory(no_off, shape, seq, Hardware(8, 80 * GiB, "flags"))
     assert len(problems) == 1 and "needs 111.2 GB" in problems[0] and "activations 54.1 GB" in problems[0]
+    assert "model.activation_offload=true (the 35.5 GB" in problems[0]
     # a longer sequence than any rank count can hold: no single change; says what a rank needs at best
-    cfg = load_config(CODE, ["sampling.max_tokens=60000"])
-    plan, problems = plan_memory(cfg, shape, 64_096, Hardware(8, 80 * GiB, "flags"))
+    cfg = load_config(CODE, ["sampling.max_tokens=120000", "engine.max_model_len=140000"])
+    plan, problems = plan_memory(cfg, shape, 124_096, Hardware(8, 80 * GiB, "flags"))
     assert "no single change fits it: even over" in problems[0] and "GPUs with at least" in problems[0]
 
 
@@ -94,7 +100,7 @@ def test_cli_refuses_the_code_config_on_one_gpu(monkeypatch, capsys):
     monkeypatch.setattr("oapl.preflight._vllm_status", lambda cfg: "not checked (importing vLLM takes seconds)")
     assert main(["check", str(CODE), "--no-hub", "--gpus", "1", "--gpu-memory", "80GiB"]) == 2
     out = capsys.readouterr().out
-    assert "GPU memory: a trainer rank needs 299.3 GB" in out and "distributed.trainer_workers=56" in out
+    assert "GPU memory: a trainer rank needs 263.8 GB" in out and "distributed.trainer_workers=6" in out
     assert "the plan, which does not fit:" in out and "checkpoint_size:" in out
 
 

@@ -175,3 +175,30 @@ def test_checkpoint_keeps_fp32_masters_and_export_is_compute_dtype(tiny_model_di
     exported = load_file(str(out / "model.safetensors"))
     assert {t.dtype for t in exported.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+
+
+def test_activation_offload_saves_tensors_through_the_host_hooks_and_changes_nothing(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """model.activation_offload: the forward's saved tensors go through save_on_cpu's pack hook (on CPU a
+    no-op copy, on CUDA a pinned host copy), and the step's gradients are bit for bit those without it."""
+    packed = {"n": 0}
+    real = torch.autograd.graph.save_on_cpu
+
+    class Counting(real):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def counted(t):
+                packed["n"] += 1
+                return pack(t)
+
+            self.pack_hook = counted
+
+    base = {"model.gradient_checkpointing": True, "optim.share_prompts": "off"}
+    g_plain, _, _, _ = _step(_cfg(tiny_model_dir, tmp_path / "a", **base), _groups())
+    assert packed["n"] == 0
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Counting)
+    g_off, _, _, _ = _step(_cfg(tiny_model_dir, tmp_path / "b", **base, **{"model.activation_offload": True}), _groups())
+    assert packed["n"] > 0
+    assert set(g_off) == set(g_plain) and all(torch.equal(g_off[n], g_plain[n]) for n in g_plain)

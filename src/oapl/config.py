@@ -65,6 +65,10 @@ class ModelConfig(Section):
                         "oapl[liger]`). Check the kl/logprob_absdiff metrics against an unfused run.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    activation_offload: bool = Field(
+        False, description="Keep the tensors saved for backward in host memory (torch.autograd.graph.save_on_cpu, "
+        "pinned on CUDA); with gradient_checkpointing these are the layer inputs (the fp32 residual stream, "
+        "4 B per token x hidden per layer). GPU memory for long traces, paid in PCIe copies.")
     trust_remote_code: bool = Field(False, description="Pass trust_remote_code to transformers.")
     logprob_chunk_size: int = Field(
         1024, ge=1, description="Tokens per chunk when computing log-probs (never a full-vocabulary "

@@ -323,6 +323,15 @@ def activation_bytes(cfg, shape: ModelShape, tokens: int, cb: int, rb: int, chec
     return shape.layers * layer + layer * BACKWARD_TEMPS + outside
 
 
+def offloaded_bytes(shape: ModelShape, tokens: int, cb: int, rb: int, checkpointing: bool) -> float:
+    """What ``model.activation_offload`` moves to host memory: the tensors the forward saves for backward,
+    i.e. the layer inputs under gradient checkpointing, else every layer's activations (on GPUs only: on
+    a CPU host and device memory are one)."""
+    if checkpointing:
+        return shape.layers * rb * shape.hidden * tokens
+    return shape.layers * layer_activation_bytes(shape, cb, rb) * tokens
+
+
 def logits_bytes(cfg, shape: ModelShape, tokens: int, cb: int) -> float:
     chunk = min(cfg.model.logprob_chunk_size, tokens)
     return chunk * shape.vocab * (4 * LOGIT_TEMPS + (cb if cb != 4 else 0))
@@ -335,8 +344,10 @@ def optimizer_temps(cfg, shape: ModelShape, on_gpu: bool) -> float:
 
 
 def trainer_rank(cfg, shape: ModelShape, seq_len: int, on_gpu: bool, *, ranks: int | None = None,
-                 checkpointing: bool | None = None, tokens: int | None = None, lora: bool | None = None) -> dict:
-    """Bytes of one trainer rank (the keyword arguments try a change: more ranks, checkpointing, a budget, LoRA)."""
+                 checkpointing: bool | None = None, tokens: int | None = None, lora: bool | None = None,
+                 offload: bool | None = None) -> dict:
+    """Bytes of one trainer rank (the keyword arguments try a change: more ranks, checkpointing, a budget, LoRA,
+    activation offload)."""
     if lora is not None and lora != cfg.model.lora.enabled:
         cfg = _with(cfg, "model", lora=cfg.model.lora.model_copy(update={"enabled": lora}))
     configured = trainer_ranks(cfg)
@@ -354,6 +365,9 @@ def trainer_rank(cfg, shape: ModelShape, seq_len: int, on_gpu: bool, *, ranks: i
     out: dict[str, Any] = {"parallel": mode, "ranks": ranks, "tokens": tokens, "checkpointing": ckpt}
     out.update(trainer_state(cfg, shape, cb, mode, ranks))
     out["activations"] = activation_bytes(cfg, shape, tokens, cb, rb, ckpt)
+    off = cfg.model.activation_offload if offload is None else offload
+    out["offloaded"] = offloaded_bytes(shape, tokens, cb, rb, ckpt) if (off and on_gpu) else 0.0
+    out["activations"] -= out["offloaded"]
     out["logits"] = logits_bytes(cfg, shape, tokens, cb)
     out["optimizer_temps"] = optimizer_temps(cfg, shape, on_gpu)
     out["context"] = CUDA_CONTEXT_BYTES if on_gpu else 0.0
@@ -410,6 +424,12 @@ def fixes(cfg, shape: ModelShape, seq_len: int, budget: float, gpus: int, ranks:
     ckpt_on = trainer_rank(cfg, shape, seq_len, True, ranks=ranks, checkpointing=True)["total"]
     if not cfg.model.gradient_checkpointing and ckpt_on <= budget:
         out.append("model.gradient_checkpointing=true")
+    if not cfg.model.activation_offload:
+        ckpt = cfg.model.gradient_checkpointing or None
+        t = trainer_rank(cfg, shape, seq_len, True, ranks=ranks, checkpointing=ckpt, offload=True)
+        if t["total"] <= budget:
+            out.append(f"model.activation_offload=true (the {_gb(t['offloaded'])} of tensors saved for backward "
+                       "in host memory)")
     now = micro_batch_tokens(cfg, seq_len)
     if now > seq_len:
         fit = [t for t in range(seq_len, now, max(1, (now - seq_len) // 64))
@@ -485,12 +505,13 @@ def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dic
         **({"gathered_units": _gb(t["gathered"])} if t["gathered"] else {}),
         "activations": f"{_gb(t['activations'])} ({t['tokens']:,} tokens per micro-batch, gradient checkpointing "
                        f"{'on' if t['checkpointing'] else 'off'})",
+        **({"offloaded_to_host": _gb(t["offloaded"])} if t["offloaded"] else {}),
         "logits": f"{_gb(t['logits'])} (chunks of {min(cfg.model.logprob_chunk_size, t['tokens']):,} x "
                   f"{shape.vocab:,} vocabulary)",
         **({"cuda_context": _gb(t["context"])} if t["context"] else {}),
         "total": _gb(t["total"])}
     ranks = t["ranks"]
-    plan["host_per_rank"] = _gb(host_bytes(cfg, shape, t["parallel"], ranks, gpu))
+    plan["host_per_rank"] = _gb(host_bytes(cfg, shape, t["parallel"], ranks, gpu) + t["offloaded"])
     plan["checkpoint_size"] = (f"{_gb(checkpoint_bytes(cfg, shape))} (x checkpoint.keep={cfg.checkpoint.keep}, "
                                f"+1 while the next is written)")
     e = {"weights": _gb(eng["weights"]), "kv_cache_per_token": f"{eng['kv_per_token'] / 1024:.0f} KiB",

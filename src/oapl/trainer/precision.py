@@ -60,6 +60,7 @@ class Precision:
     compute_dtype: torch.dtype
     export_dtype: torch.dtype
     lora: bool = False
+    offload: bool = False  # model.activation_offload: saved tensors to host memory during the forward
 
     @property
     def mixed(self) -> bool:
@@ -72,10 +73,15 @@ class Precision:
         return self.compute_dtype if self.lora else self.param_dtype
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast to the compute dtype where some weights (masters, LoRA adapters) are wider."""
-        if self.compute_dtype == torch.float32 or (self.param_dtype == self.compute_dtype and not self.lora):
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+        """The forward's context: autocast to the compute dtype where some weights (masters, LoRA adapters)
+        are wider, and with ``offload`` the saved tensors kept in host memory. Reusable: the log-prob
+        path enters it once for the decoder and once per LM-head chunk."""
+        amp: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if not (self.compute_dtype == torch.float32 or (self.param_dtype == self.compute_dtype and not self.lora)):
+            amp = torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+        if not self.offload:
+            return amp
+        return _Both(amp, torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
 
     @property
     def engine_dtype(self) -> torch.dtype:
@@ -96,7 +102,31 @@ def resolve_precision(model_cfg, device: torch.device) -> Precision:
     if compute == torch.float16 and param != torch.float16:
         raise ValueError("model.compute_dtype=float16 under fp32 storage needs loss scaling, which oapl does not do: "
                          "use model.compute_dtype=bfloat16")
-    return Precision(device, param, compute, export, lora=bool(model_cfg.lora.enabled))
+    return Precision(device, param, compute, export, lora=bool(model_cfg.lora.enabled),
+                     offload=bool(getattr(model_cfg, "activation_offload", False)))
+
+
+class _Both(contextlib.AbstractContextManager):
+    """Two reusable context managers entered together (``ExitStack`` cannot be re-entered)."""
+
+    def __init__(self, outer: contextlib.AbstractContextManager, inner: contextlib.AbstractContextManager) -> None:
+        self.outer, self.inner = outer, inner
+
+    def __enter__(self):
+        self.outer.__enter__()
+        try:
+            self.inner.__enter__()
+        except BaseException:
+            self.outer.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.inner.__exit__(*exc)
+        finally:
+            self.outer.__exit__(*exc)
+        return False
 
 
 def dropped_update_fraction(params, lr: float, dtype: torch.dtype, sample: int = 1_000_000) -> float:
