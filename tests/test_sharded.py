@@ -260,3 +260,33 @@ def test_a_failed_sharded_save_leaves_the_previous_checkpoint_the_latest(tiny_mo
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no step-2, no temporary folder
     _, state = load_policy(cfg, 6, first)
     assert state["step"] == 1
+
+
+def test_online_ray_run_on_two_fsdp_ranks_follows_the_local_run(ray_cluster, tiny_model_dir, prompts_file,
+                                                                tmp_path):
+    """1 engine actor + 2 FSDP2 ranks, synchronous: the weight syncs (every rank takes part in the
+    all-gathers), the held-out evaluations on the engine and the metric rows follow the local run, as the
+    DDP run does in tests/test_distributed.py; its sharded checkpoint resumes in the local backend."""
+    import json
+
+    from oapl.loop import train
+
+    over = {"steps": 4, "rollout.sync_interval": 2, "checkpoint.every": 2, "checkpoint.keep": 5,
+            "task.eval_dataset": str(prompts_file), "task.eval_split": "train", "task.max_eval_prompts": 6,
+            "eval.at_start": True, "eval.at_end": True}
+    train(make_cfg(tiny_model_dir, prompts_file, tmp_path / "local", **over, **{"distributed.backend": "local"}))
+    train(make_cfg(tiny_model_dir, prompts_file, tmp_path / "ray", **over,
+                   **{"distributed.num_engines": 1, "distributed.parallel": "fsdp"}))
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+            for k in ("local", "ray")}
+    assert [r["step"] for r in rows["ray"]] == [r["step"] for r in rows["local"]] == [0, 1, 2, 3, 4, 4]
+    for rl, rr in zip(rows["local"], rows["ray"]):
+        for k in ("loss", "reward_mean", "grad_norm", "kl", "weight_version", "lag", "eval/pass@1",
+                  "eval/reward_mean"):
+            if k in rl:
+                assert rr[k] == pytest.approx(rl[k], rel=1e-3, abs=1e-5), (rr["step"], k)
+    ckpt = tmp_path / "ray" / "checkpoints" / "step-00000002"  # (no final checkpoint in the tiny run)
+    assert (ckpt / "optim" / ".metadata").exists()
+    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "ray", **{**over, "steps": 6},
+                   **{"distributed.backend": "local"})
+    assert train(cfg, resume=True).steps == 6
