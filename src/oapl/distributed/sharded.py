@@ -81,8 +81,16 @@ def owners(sizes: list[int], world: int) -> list[int]:
 def layer_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the largest decoder layer (``_no_split_modules``) in ``dtype``: the export's file size."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    sizes = [sum(_nbytes(p, dtype) for p in m.parameters()) for m in model.modules() if type(m).__name__ in names]
+    # fully_shard swaps a module's class for a subclass (``FSDPLlamaDecoderLayer``): match the MRO
+    sizes = [sum(_nbytes(p, dtype) for p in m.parameters()) for m in model.modules()
+             if any(c.__name__ in names for c in type(m).__mro__)]
     return max(sizes, default=0)
+
+
+def _aliases(value: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``value`` shares memory with ``t`` (its local shard for a DTensor)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return value.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()
 
 
 def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, rank: int = 0, world: int = 1,
@@ -91,8 +99,10 @@ def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, rank: int = 0
 
     Each tensor is gathered in turn (``full_tensor``); its owner keeps it in ``dtype`` until its
     pending file reaches ``max_file_bytes`` (default: one decoder layer, or the largest tensor),
-    writes it and frees it; the other ranks drop it at once. So a rank holds at most one file's
-    tensors plus the one being gathered, beyond its own shards. Returns the weight map (rank 0).
+    writes it and frees it; the other ranks drop it at once. A rank writes its pending file before
+    gathering a tensor that would take it past the limit, so beyond its own shards it holds at most
+    one file's worth (its pending tensors plus the one being gathered, plus the collective's staging
+    copy of that one). Returns the weight map (rank 0).
     """
     from safetensors.torch import save_file
 
@@ -116,16 +126,19 @@ def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, rank: int = 0
         pending, pending_bytes = {}, 0
 
     for (name, t), owner, size in zip(items, own, sizes):
+        # write the pending file before the gather, not after: every rank holds the gathered tensor
+        # (and the collective's staging copy) for a moment, so pending + gathered stays within a file
+        if pending_bytes and pending_bytes + size > limit:
+            flush()
         full = full_tensor(t.detach())
         if owner != rank:
             del full
             continue
-        if pending_bytes and pending_bytes + size > limit:
-            flush()
         value = full.to("cpu", dtype if full.is_floating_point() else full.dtype)
-        pending[name] = value.clone() if value.data_ptr() == full.data_ptr() else value.contiguous()
+        # an all-gathered value is already a fresh tensor; copy only one that aliases the live parameter
+        pending[name] = value.clone() if _aliases(value, t) else value.contiguous()
         pending_bytes += size
-        del full
+        del full, value
     flush()
     maps = _gather_objects(weight_map, world)
     if rank != 0:
