@@ -53,6 +53,44 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def gather_to(t: torch.Tensor, owner: int, rank: int, world: int) -> torch.Tensor | None:
+    """The full value of ``t`` on rank ``owner``, ``None`` on the others (a collective for a DTensor).
+
+    A DTensor sharded by rows over a 1-D mesh (FSDP2's layout) is gathered point to point: the owner
+    allocates the one full buffer and every other rank sends its row shard straight into its slice,
+    so the owner holds one copy and the others none (``full_tensor`` all-gathers to every rank and,
+    over gloo, briefly holds two copies on each). Other layouts fall back to ``full_tensor``.
+    """
+    if not hasattr(t, "to_local"):
+        return t if rank == owner else None
+    from torch.distributed.tensor import Shard
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or world == 1:
+        full = t.full_tensor()
+        return full if rank == owner else None
+    import torch.distributed as dist
+
+    group = t.device_mesh.get_group()
+    local = t.to_local()
+    n, step = t.shape[0], -(-t.shape[0] // world)  # torch.chunk's rows per rank, as FSDP2 shards
+    rows = [(min(r * step, n), min((r + 1) * step, n)) for r in range(world)]
+    if local.shape[0] != rows[rank][1] - rows[rank][0]:
+        raise RuntimeError(f"unexpected FSDP2 shard of {tuple(t.shape)}: rank {rank} holds {local.shape[0]} rows")
+    if rank != owner:
+        if local.shape[0]:
+            dist.send(local.contiguous(), dst=dist.get_global_rank(group, owner), group=group)
+        return None
+    out = torch.empty(tuple(t.shape), dtype=local.dtype, device=local.device)
+    for r, (s, e) in enumerate(rows):
+        if e == s:
+            continue
+        if r == rank:
+            out[s:e].copy_(local)
+        else:
+            dist.recv(out[s:e], src=dist.get_global_rank(group, r), group=group)
+    return out
+
+
 def export_items(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """What a Hugging Face folder of ``model`` holds: parameters (tied ones once) and persistent buffers."""
     items = list(model.named_parameters())
@@ -97,12 +135,11 @@ def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, rank: int = 0
               dtype: torch.dtype = torch.float32, max_file_bytes: int | None = None) -> dict[str, str]:
     """Write ``model`` as a Hugging Face folder from its shards; a collective over the ``world`` ranks.
 
-    Each tensor is gathered in turn (``full_tensor``); its owner keeps it in ``dtype`` until its
-    pending file reaches ``max_file_bytes`` (default: one decoder layer, or the largest tensor),
-    writes it and frees it; the other ranks drop it at once. A rank writes its pending file before
-    gathering a tensor that would take it past the limit, so beyond its own shards it holds at most
-    one file's worth (its pending tensors plus the one being gathered, plus the collective's staging
-    copy of that one). Returns the weight map (rank 0).
+    Each tensor is gathered in turn to the one rank that owns it (:func:`gather_to`); the owner keeps
+    it in ``dtype`` until its pending file reaches ``max_file_bytes`` (default: one decoder layer, or
+    the largest tensor), writes it and frees it. A rank writes its pending file before gathering a
+    tensor that would take it past the limit, so beyond its own shards it holds at most one file's
+    worth: its pending tensors plus the one being gathered. Returns the weight map (rank 0).
     """
     from safetensors.torch import save_file
 
@@ -126,13 +163,11 @@ def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, rank: int = 0
         pending, pending_bytes = {}, 0
 
     for (name, t), owner, size in zip(items, own, sizes):
-        # write the pending file before the gather, not after: every rank holds the gathered tensor
-        # (and the collective's staging copy) for a moment, so pending + gathered stays within a file
-        if pending_bytes and pending_bytes + size > limit:
+        # write the pending file before the gather, not after, so pending + gathered stays within a file
+        if owner == rank and pending_bytes and pending_bytes + size > limit:
             flush()
-        full = full_tensor(t.detach())
-        if owner != rank:
-            del full
+        full = gather_to(t.detach(), owner, rank, world)
+        if full is None:
             continue
         value = full.to("cpu", dtype if full.is_floating_point() else full.dtype)
         # an all-gathered value is already a fresh tensor; copy only one that aliases the live parameter
