@@ -104,7 +104,8 @@ def test_offline_data_sampled_otherwise(tmp_path, tiny_model_dir, prompts_file, 
         in lines[0]
 
 
-@pytest.mark.parametrize("name", ["arithmetic_cpu", "two_stage_cpu", "code_cpu", "compare_cpu"])
+@pytest.mark.parametrize("name", ["arithmetic_cpu", "two_stage_cpu", "code_cpu",
+                                  pytest.param("compare_cpu", marks=pytest.mark.slow)])  # imports vLLM: 8 s
 def test_shipped_local_configs_pass(name, monkeypatch):
     """The shipped configs that need no Hub access pass (the GPU ones are validated in test_paper_configs)."""
     from pathlib import Path

@@ -266,6 +266,7 @@ def test_shipped_cpu_config_plans():
     assert len([r for r in plan_runs(quick) if r.same_as is None]) <= 8 and quick.output_dir != cc.output_dir
 
 
+@pytest.mark.slow  # two studies side by side: 10 s
 def test_invocations_side_by_side_skip_each_others_runs(tiny_model_dir, prompts_file, tmp_path, monkeypatch, caplog):
     """A run locked by another invocation is skipped (not trained twice); a piece (--only) writes its own
     report, so the study's report is only ever written whole."""

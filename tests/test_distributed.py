@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 from conftest import tiny_config
 
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # starts Ray
 
 
 @pytest.fixture(scope="module")

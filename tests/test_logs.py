@@ -28,6 +28,7 @@ def test_only_layers_without_weights_are_filtered():
     assert f.dropped == 3
 
 
+@pytest.mark.slow  # starts vLLM
 def test_vllm_logs_go_through_our_handler_at_warning():
     """As the `oapl` command sets it up: no INFO, warnings on stderr, nothing on vLLM's stdout handler."""
     pytest.importorskip("vllm")

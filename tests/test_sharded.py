@@ -94,6 +94,7 @@ def assert_same_step(g_ref, w_ref, g, w, state):
         assert bool((diff <= bound).all()), (n, float((diff - bound).max()))
 
 
+@pytest.mark.slow  # starts Ray
 def test_two_fsdp_ranks_save_shards_and_resume_in_one_process(ray_cluster, tiny_model_dir, prompts_file,
                                                              tmp_path, monkeypatch):
     from oapl.distributed.trainer import TrainerGroup
@@ -125,6 +126,7 @@ def test_two_fsdp_ranks_save_shards_and_resume_in_one_process(ray_cluster, tiny_
     assert_same_step(g_ref, w_ref, g, w, st)
 
 
+@pytest.mark.slow  # starts Ray
 def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(ray_cluster, tiny_model_dir, prompts_file, tmp_path,
                                                           monkeypatch):
     from oapl.distributed.trainer import TrainerGroup
@@ -162,6 +164,7 @@ def test_fsdp_refuses_lora_and_shared_prompts_naming_the_field(tiny_model_dir, p
     assert parallel_mode(auto) == "ddp"
 
 
+@pytest.mark.slow  # starts Ray
 def test_offline_training_on_two_fsdp_ranks_follows_one_process(ray_cluster, tiny_model_dir, prompts_file,
                                                                  tmp_path):
     """``offline.data`` with ``distributed.backend: ray``: the same Run and train step on 2 FSDP2 ranks,
@@ -196,6 +199,7 @@ def test_offline_training_on_two_fsdp_ranks_follows_one_process(ray_cluster, tin
 MISMATCH = ("kl", "logprob_absdiff_mean", "logprob_absdiff_max", "log_ratio_mean", "log_ratio_std", "entropy")
 
 
+@pytest.mark.slow  # starts Ray
 def test_one_precision_path_under_bf16(ray_cluster, tiny_model_dir, prompts_file, tmp_path):
     """bf16 compute, one precision path: an FSDP2 rank computes a batch's log-probs bit for bit as one
     process does (the fp32 masters are gathered and autocast decides what runs in bf16, as on one GPU),
@@ -262,6 +266,7 @@ def test_a_failed_sharded_save_leaves_the_previous_checkpoint_the_latest(tiny_mo
     assert state["step"] == 1
 
 
+@pytest.mark.slow  # starts Ray
 def test_online_ray_run_on_two_fsdp_ranks_follows_the_local_run(ray_cluster, tiny_model_dir, prompts_file,
                                                                 tmp_path):
     """1 engine actor + 2 FSDP2 ranks, synchronous: the weight syncs (every rank takes part in the

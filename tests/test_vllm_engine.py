@@ -21,7 +21,8 @@ from oapl.engines.base import InferenceEngine, SamplingParams
 from oapl.engines.transformers_engine import TransformersEngine, _top_p_filter
 from oapl.engines.vllm_engine import VLLMEngine, _RngState, vllm_available, vllm_import_error
 
-pytestmark = pytest.mark.skipif(not vllm_available(), reason=f"vLLM unusable: {vllm_import_error()}")
+pytestmark = [pytest.mark.skipif(not vllm_available(), reason=f"vLLM unusable: {vllm_import_error()}"),
+              pytest.mark.slow]  # starts vLLM
 
 EOS = 2
 TOL = 1e-4  # fp32 vLLM kernels vs fp32 transformers
