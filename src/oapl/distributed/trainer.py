@@ -43,7 +43,7 @@ from oapl.config import TrainConfig
 from oapl.distributed.cluster import (TrainerFailure, actor_options, actor_threads, alive, bundle, free_port,
                                       get_fail_fast, kill_actor, make_placement_group, node_ip,
                                       remove_placement_group, require_ray)
-from oapl.distributed.sharded import full_tensor, load_policy_state, save_sharded_checkpoint
+from oapl.distributed.sharded import full_tensor, gather_to, load_policy_state, save_sharded_checkpoint
 from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
 from oapl.trainer.checkpoint import seed_everything
 from oapl.trainer.logprobs import TokenBatch, token_logprobs
@@ -218,9 +218,10 @@ class TrainerRank:
 
     # -- one optimiser step ------------------------------------------------------------------
     def _weights(self):
-        """(name, full tensor) of the engine-facing weights; under FSDP2 every rank must iterate."""
+        """(name, full tensor) of the engine-facing weights on rank 0 (``None`` on the others); under
+        FSDP2 every rank must iterate: each tensor is gathered to rank 0 alone (:func:`gather_to`)."""
         for name, t in self.policy.engine_weights():
-            yield name, full_tensor(t)
+            yield name, gather_to(t, 0, self.rank, self.world)
 
     def score(self, batch: TokenBatch) -> torch.Tensor:
         """Log-probs ``(n, R)`` of ``batch`` under the current weights, no gradient (every FSDP2 rank must
