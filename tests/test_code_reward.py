@@ -543,10 +543,12 @@ def test_lcb_private_tests_never_unpickle_code(tmp_path):
 
 
 def test_runner_never_leaks_temp_dirs():
-    before = set(Path("/tmp").glob("oapl-sbx-*"))
+    from test_code_sandbox_adversarial import sandbox_dirs  # this run's folders (not another run's beside it)
+
+    before = sandbox_dirs()
     runner = SandboxRunner(CFG)
     runner.run(ProgramJob(code="open('f', 'w').write('x' * 100)\nprint(1)", mode="stdin", inputs=[""]))
-    assert set(Path("/tmp").glob("oapl-sbx-*")) <= before
+    assert sandbox_dirs() <= before
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,6 +88,33 @@ def sandbox_cgroups() -> list[str]:
     return found
 
 
+def _ancestors(pid: int) -> set[int]:
+    """The pids from ``pid`` up to init (empty when ``pid`` is not running)."""
+    chain: set[int] = set()
+    while pid > 1 and pid not in chain:
+        chain.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return chain
+
+
+def sandbox_dirs() -> set[Path]:
+    """``/tmp/oapl-sbx-<pid>-*`` folders, less those of a live process outside this test run (a second
+    test run or training beside this one): a folder of this process, of a child, or of a process that
+    has died counts."""
+    me = os.getpid()
+    out = set()
+    for p in Path("/tmp").glob("oapl-sbx-*"):
+        pid = p.name.split("-")[2]
+        if pid.isdigit() and int(pid) != me and _ancestors(int(pid)) and me not in _ancestors(int(pid)):
+            continue
+        out.add(p)
+    return out
+
+
 def shm_segments() -> int:
     try:
         with open("/proc/sysvipc/shm") as f:
@@ -99,14 +126,14 @@ def shm_segments() -> int:
 @pytest.fixture(autouse=True)
 def host_intact():
     env_before = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-    dirs_before = set(Path("/tmp").glob("oapl-sbx-*"))
+    dirs_before = sandbox_dirs()
     shm_before = shm_segments()
     yield
     deadline = time.monotonic() + 10  # a grace for reaping on a loaded machine, not a bound under test
     while sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_processes() == [], "a sandboxed process survived"
-    assert set(Path("/tmp").glob("oapl-sbx-*")) <= dirs_before, "sandbox temp dir left behind"
+    assert sandbox_dirs() <= dirs_before, "sandbox temp dir left behind"
     assert shm_segments() <= shm_before, "SysV shared memory leaked to the host"
     assert sandbox_cgroups() == [], "sandbox cgroup left behind"
     for canary in CANARIES:
