@@ -139,3 +139,15 @@ def test_gpu_flags_plan_per_rank_and_bad_sizes_name_the_flag(tmp_path, tiny_mode
     assert main(["check", str(path), "--gpus", "1", "--gpu-memory", "100KB"]) == 2
     out = capsys.readouterr().out
     assert "GPU memory: a trainer rank needs" in out and "the plan, which does not fit:" in out
+
+
+def test_what_the_trainer_ranks_refuse_is_a_problem_line(tmp_path, tiny_model_dir, prompts_file):
+    """A Ray config the trainer ranks would refuse at start-up (FSDP2 with LoRA) is refused here, naming
+    the fields, instead of being called ready."""
+    path = _yaml(tmp_path, tiny_model_dir, prompts_file, **{
+        "distributed.backend": "ray", "distributed.trainer_workers": 2, "distributed.parallel": "fsdp",
+        "model.lora": {"enabled": True}})
+    res = run_check(path, hub=False)
+    assert not res.ok
+    assert any(p.startswith("distributed.parallel=fsdp with model.lora.enabled=true") for p in res.problems), \
+        res.problems

@@ -264,6 +264,13 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=N
             max_prompt = _tokenize_rows(cfg, task, tokenizer, shape, res, rows)
     if shape is None and not any(p.startswith("model.name") for p in res.problems):
         shape = _shape(cfg, model_path, res)  # the plan needs no tokenizer: the shipped shapes
+    if cfg.distributed.backend == "ray":
+        from oapl.distributed.backend import validate
+
+        try:
+            validate(cfg)  # what the trainer ranks refuse at start-up (e.g. FSDP2 with LoRA)
+        except ValueError as e:
+            res.problems.append(_message(e))
     if cfg.offline.data:
         try:
             from oapl.data.rollouts import read_rollouts

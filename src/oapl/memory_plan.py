@@ -234,14 +234,16 @@ def lora_params(cfg, shape: ModelShape) -> int:
 
 # -- layout: which GPUs hold what ------------------------------------------------------------------
 def parallel_mode(cfg) -> str:
-    """``single``, ``ddp`` or ``fsdp``: ``distributed.parallel`` (auto = fsdp for full fine-tuning on GPUs)."""
-    d = cfg.distributed
+    """``single``, or how the trainer ranks split the model (:func:`oapl.distributed.trainer.parallel_mode`,
+    the one place that decides; a combination it refuses is planned as DDP and reported by ``oapl check``)."""
+    from oapl.distributed.trainer import parallel_mode as ranks_mode
+
     if trainer_ranks(cfg) == 1:
         return "single"
-    mode = getattr(d, "parallel", "auto")
-    if mode == "auto":
-        return "fsdp" if d.trainer_num_gpus > 0 and not cfg.model.lora.enabled else "ddp"
-    return mode
+    try:
+        return ranks_mode(cfg)
+    except ValueError:
+        return "ddp"
 
 
 def sequential(cfg) -> bool:

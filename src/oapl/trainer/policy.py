@@ -158,11 +158,8 @@ class Policy:
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Optimiser and schedule; restored by :func:`oapl.distributed.sharded.load_policy_state`."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def shared_prompt_mode(cfg: TrainConfig, model) -> str:

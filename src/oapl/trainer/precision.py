@@ -103,7 +103,7 @@ def resolve_precision(model_cfg, device: torch.device) -> Precision:
         raise ValueError("model.compute_dtype=float16 under fp32 storage needs loss scaling, which oapl does not do: "
                          "use model.compute_dtype=bfloat16")
     return Precision(device, param, compute, export, lora=bool(model_cfg.lora.enabled),
-                     offload=bool(getattr(model_cfg, "activation_offload", False)))
+                     offload=model_cfg.activation_offload)
 
 
 class _Both(contextlib.AbstractContextManager):
