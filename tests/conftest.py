@@ -99,3 +99,39 @@ def tiny_config(tiny_model_dir, prompts_file, out, **over):
     tree = {"output_dir": str(out), "model.name": tiny_model_dir, "task.dataset": str(prompts_file),
             **TINY_RUN, **over}
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in tree.items()])
+
+
+# ---- the fast lane's budget: an unmarked test over 5 s fails ---------------------------------------------
+# A test is "over" when both its wall time and its CPU time (this process and reaped children) exceed the
+# limit. Wall time alone fails by chance on a loaded 2-core machine; CPU time alone is inflated by idle
+# OpenMP threads spinning on an idle one. The smaller of the two is robust to both.
+DURATION_LIMIT_S = float(os.environ.get("OAPL_TEST_DURATION_LIMIT_S", "5"))
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _measured(item, phase: str):
+    import time
+
+    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    result = yield
+    wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+    if min(wall, cpu) > DURATION_LIMIT_S and item.get_closest_marker("slow") is None:
+        pytest.fail(f"unmarked test {phase} took {wall:.1f} s wall and {cpu:.1f} s CPU (limit "
+                    f"{DURATION_LIMIT_S:g} s): mark it @pytest.mark.slow or make it faster", pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _measured(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _measured(item, "call"))

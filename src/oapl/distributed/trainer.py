@@ -35,7 +35,7 @@ import contextlib
 import datetime
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,10 @@ from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
 from oapl.trainer.checkpoint import seed_everything
 from oapl.trainer.logprobs import TokenBatch, token_logprobs
 from oapl.trainer.step import Parallel, RankWork, plan_step, run_step
+
+if TYPE_CHECKING:
+    from oapl.engines.transformers_engine import TransformersEngine
+    from oapl.trainer.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,12 @@ class RankParallel(Parallel):
         return self.r.module(batch, with_entropy=with_entropy)
 
     def accumulate(self, last: bool):
-        return self.r.module.no_sync() if (not self.r.fsdp and not last) else contextlib.nullcontext()
+        if self.r.fsdp or last:
+            return contextlib.nullcontext()
+        from torch.nn.parallel import DistributedDataParallel
+
+        assert isinstance(self.r.module, DistributedDataParallel)
+        return self.r.module.no_sync()
 
     def all_finite(self, local: bool) -> bool:
         import torch.distributed as dist
@@ -126,10 +135,11 @@ class TrainerRank:
         self.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
         self.mode = parallel_mode(self.cfg)
         self.fsdp = self.mode == "fsdp"
-        self.policy = None
-        self.module = None
+        self.policy: Policy  # set by setup()
+        self.module: torch.nn.Module  # LogProbModule, wrapped by DDP or FSDP2 in setup()
         self.weight_group: WeightGroup | None = None
-        self._eval_engine = None
+        self._eval_engine: TransformersEngine | None = None
+        self._eval_model: torch.nn.Module | None = None
         self._eval_was_training = True
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -183,6 +193,7 @@ class TrainerRank:
 
             self.module = DDP(self.module, device_ids=[0] if self.cuda else None, broadcast_buffers=False)
         if state:
+            assert ckpt is not None  # a trainer state comes from a checkpoint
             if self.fsdp:  # either checkpoint format, resharded to this world size
                 load_policy_state(policy, state["policy"], ckpt)
             set_rng_state(state["rng"])
@@ -257,6 +268,8 @@ class TrainerRank:
     def broadcast_weights(self) -> int:
         it = self._weights()
         if self.rank == 0:
+            if self.weight_group is None:
+                raise RuntimeError("broadcast_weights before join_weight_group")
             return self.weight_group.send_all(it)
         for _ in it:
             pass
@@ -293,7 +306,8 @@ class TrainerRank:
         return self._eval_engine.generate(prompts, params)
 
     def end_eval(self) -> None:
-        self._eval_model.train(self._eval_was_training)
+        if self._eval_model is not None:
+            self._eval_model.train(self._eval_was_training)
         self._eval_engine = None
         self._eval_model = None
 

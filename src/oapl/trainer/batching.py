@@ -30,6 +30,7 @@ whatever the layout, so the loss is the same function of the same numbers.
 from __future__ import annotations
 
 import heapq
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -147,16 +148,14 @@ class TokenBatch:
     @property
     def computed_tokens(self) -> int:
         """Tokens the decoder runs on (useful + padding)."""
-        return self.input_ids.numel() + (self.prefix_ids.numel() if self.shared else 0)
+        return self.input_ids.numel() + (self.prefix_ids.numel() if self.prefix_ids is not None else 0)
 
     def to(self, device: torch.device | str) -> TokenBatch:
         def mv(t):
             return t.to(device, non_blocking=True) if torch.is_tensor(t) else t
 
-        return TokenBatch(*(mv(getattr(self, f)) for f in (
-            "input_ids", "position_ids", "attention_mask", "cu_seqlens", "max_seqlen", "target_index",
-            "target_ids", "seq_index", "tok_index", "ref_logprobs", "response_mask", "num_tokens",
-            "prefix_ids", "prefix_mask", "prefix_last", "prefix_index")), extra=self.extra)
+        return dataclasses.replace(self, **{f.name: mv(getattr(self, f.name))
+                                            for f in dataclasses.fields(self) if f.name != "extra"})
 
 
 class _Targets:
@@ -165,7 +164,10 @@ class _Targets:
     log-probs laid out as those outputs."""
 
     def __init__(self, n: int, r_max: int) -> None:
-        self.index, self.ids, self.seq, self.tok = [], [], [], []
+        self.index: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.seq: list[torch.Tensor] = []
+        self.tok: list[torch.Tensor] = []
         self.ref = torch.zeros((n, r_max), dtype=torch.float32)
         self.mask = torch.zeros((n, r_max), dtype=torch.float32)
 
@@ -179,7 +181,7 @@ class _Targets:
         self.ref[i, :r] = torch.tensor(ref_logprobs, dtype=torch.float32)
         self.mask[i, :r] = 1.0
 
-    def fields(self) -> tuple:
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``target_index, target_ids, seq_index, tok_index, ref_logprobs, response_mask``."""
         def cat(parts):
             return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
@@ -202,12 +204,12 @@ def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: i
         ids = torch.empty((1, total), dtype=torch.long)
         pos = torch.empty((1, total), dtype=torch.long)
         cu = torch.zeros(n + 1, dtype=torch.int32)
-        att = None
+        att = torch.empty(0, dtype=torch.long)  # packed: no mask (cu_seqlens bounds the sequences)
     else:
         ids = torch.full((n, width), pad_token_id, dtype=torch.long)
         pos = torch.zeros((n, width), dtype=torch.long)
         att = torch.zeros((n, width), dtype=torch.long)
-        cu = None
+        cu = torch.empty(0, dtype=torch.int32)  # padded: no sequence boundaries
     offset = 0
     for i, s in enumerate(seqs):
         toks = torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long)
@@ -228,7 +230,8 @@ def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: i
         if r:
             targets.add(i, base + p - 1, toks[p:], s.ref_logprobs)  # position p-1+j predicts response token j
 
-    return TokenBatch(ids, pos, att, cu, width, *targets.fields(), num_tokens=sum(lens))
+    return TokenBatch(ids, pos, None if packed else att, cu if packed else None, width, *targets.fields(),
+                      num_tokens=sum(lens))
 
 
 def _distinct_prompts(seqs: list[Sequence]) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -293,9 +296,9 @@ def collate_shared(seqs: list[Sequence], pad_token_id: int = 0) -> TokenBatch:
     r_max = max(1, max(len(s.response_ids) for s in seqs))
     pre = torch.full((u, p_max), pad_token_id, dtype=torch.long)
     pre_mask = torch.zeros((u, p_max), dtype=torch.long)
-    for k, p in enumerate(prompts):
-        pre[k, : len(p)] = torch.tensor(p, dtype=torch.long)
-        pre_mask[k, : len(p)] = 1
+    for k, prompt in enumerate(prompts):
+        pre[k, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        pre_mask[k, : len(prompt)] = 1
     ids = torch.full((n, r_max), pad_token_id, dtype=torch.long)
     pos = torch.zeros((n, r_max), dtype=torch.long)
     att = torch.zeros((n, p_max + r_max), dtype=torch.long)
