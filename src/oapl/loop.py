@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from oapl.atomic import atomic_write_text
+from oapl.backends import Backend
 from oapl.config import TrainConfig, config_yaml, save_config
 from oapl.engines.base import SamplingParams
 from oapl.evaluation.heldout import evaluate
@@ -60,7 +61,7 @@ class Run:
     first sync. ``callbacks`` receive every metrics row as it is logged.
     """
 
-    def __init__(self, cfg: TrainConfig, backend, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: TrainConfig, backend: Backend, resume: bool = False, overwrite: bool = False,
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.backend = cfg, backend
         self.callbacks = list(callbacks or [])
@@ -268,7 +269,7 @@ def _fmt(summary: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("pass@") or k == "reward_mean")
 
 
-def make_backend(cfg: TrainConfig):
+def make_backend(cfg: TrainConfig) -> Backend:
     """The backend for ``cfg``: the one place where it is chosen."""
     if cfg.offline.data:
         from oapl.backends.offline import OfflineBackend

@@ -14,10 +14,23 @@ from __future__ import annotations
 import abc
 import contextlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from oapl.engines.base import InferenceEngine, SamplingParams
 from oapl.rollout.buffer import RolloutBuffer
+
+if TYPE_CHECKING:
+    from oapl.config import TrainConfig
+    from oapl.data.tasks import Task
+
+T = TypeVar("T")
+
+
+def built(value: T | None, what: str) -> T:
+    """``value``, which :meth:`Backend.build` (or ``start``) sets; a clear error if it has not run."""
+    if value is None:
+        raise RuntimeError(f"{what} is used before the backend was built")
+    return value
 
 
 class Rollout(Protocol):
@@ -34,17 +47,46 @@ class Rollout(Protocol):
     def gen_counters(self) -> list[tuple[int, float]]: ...
 
 
+@runtime_checkable
+class GeneratingRollout(Rollout, Protocol):
+    """A rollout whose engines generate (local worker, Ray fleet): what the online backends' metrics read."""
+
+    @property
+    def reward_errors(self) -> int: ...
+    @property
+    def reward_error_samples(self) -> list[dict[str, Any]]: ...
+    @property
+    def stale_dropped(self) -> int: ...
+    @staticmethod
+    def tokens_per_s(now: list[tuple[int, float]], start: list[tuple[int, float]]) -> float: ...
+
+
+def generating(rollout: Rollout) -> GeneratingRollout:
+    if not isinstance(rollout, GeneratingRollout):
+        raise TypeError(f"{type(rollout).__name__} does not generate (no reward/staleness counters)")
+    return rollout
+
+
 class Backend(Protocol):
     """What :class:`oapl.loop.Run` needs from where it runs."""
 
-    description: str          # progress-bar label
-    syncs: bool               # False: pi_inf is fixed for the whole run (offline)
-    background_rollout: bool  # the rollout may run in a background thread (rollout.asynchronous)
-    buffer_staleness: int | None  # versions a buffered group may lag (None: any, stored data)
-    task: Any                 # the task (prompts, reward, held-out split) or None
-    tokenizer: Any
-    checkpoint: Path | None   # the checkpoint restored by build(), if any
-    total_steps: int
+    # what Run reads (read-only here: a backend may use a class attribute, an attribute or a property)
+    @property
+    def description(self) -> str: ...         # progress-bar label
+    @property
+    def syncs(self) -> bool: ...              # False: pi_inf is fixed for the whole run (offline)
+    @property
+    def background_rollout(self) -> bool: ...  # the rollout may run in a background thread (rollout.asynchronous)
+    @property
+    def buffer_staleness(self) -> int | None: ...  # versions a buffered group may lag (None: any, stored data)
+    @property
+    def task(self) -> Task | None: ...        # the task (prompts, reward, held-out split); None offline
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def checkpoint(self) -> Path | None: ...  # the checkpoint restored by build(), if any
+    @property
+    def total_steps(self) -> int: ...
 
     def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
         """Build the trainer (restored from the latest checkpoint when ``resume``) and the engines;
@@ -55,7 +97,7 @@ class Backend(Protocol):
         """The first sync (pi_inf <- pi as ``version``) and the rollout that fills ``buffer``."""
         ...
 
-    def train_step(self, groups) -> dict[str, float]: ...
+    def train_step(self, groups: list[Any]) -> dict[str, float]: ...
 
     def publish(self, version: int) -> float:
         """pi_inf <- pi: the trainer's weights to the engine(s) as ``version``; seconds taken."""
@@ -75,8 +117,8 @@ class Backend(Protocol):
         """A checkpoint the backend itself needs after ``step`` (its ``keep``), else None."""
         ...
 
-    def row_stats(self, rollout: Rollout, since) -> dict[str, Any]: ...
-    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]: ...
+    def row_stats(self, rollout: Rollout, since: list[tuple[int, float]]) -> dict[str, Any]: ...
+    def progress_fields(self, metrics: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]: ...
     def summary(self, rollout: Rollout) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -88,13 +130,13 @@ class OnlineBackend(abc.ABC):
     syncs = True
     background_rollout = True
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.total_steps = cfg.steps
-        self.task = None
-        self.tokenizer = None
+        self.task: Task | None = None
+        self.tokenizer: Any = None
         self.checkpoint: Path | None = None
-        self.rollout = None
+        self.rollout: GeneratingRollout | None = None
 
     @property
     def buffer_staleness(self) -> int:
@@ -104,7 +146,7 @@ class OnlineBackend(abc.ABC):
     def rollout_factory(self):
         """``(class, engine)``: what generates (a worker over an engine, a fleet over a pool)."""
 
-    def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams):
+    def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams) -> GeneratingRollout:
         self.publish(version)
         cfg = self.cfg
         cls, engine = self.rollout_factory()
@@ -122,13 +164,15 @@ class OnlineBackend(abc.ABC):
     def checkpoint_due(self, step: int) -> int | None:
         return None
 
-    def row_stats(self, rollout, since) -> dict[str, Any]:
-        return {"gen_tokens_per_s": rollout.tokens_per_s(rollout.gen_counters(), since),
-                "reward_errors": rollout.reward_errors, "stale_dropped": rollout.stale_dropped}
+    def row_stats(self, rollout: Rollout, since: list[tuple[int, float]]) -> dict[str, Any]:
+        r = generating(rollout)
+        return {"gen_tokens_per_s": r.tokens_per_s(r.gen_counters(), since),
+                "reward_errors": r.reward_errors, "stale_dropped": r.stale_dropped}
 
-    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]:
+    def progress_fields(self, metrics: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         return {"reward": f"{metrics['reward_mean']:.3f}", "loss": f"{metrics['loss']:.4g}",
                 "v": row["weight_version"], "lag": row["lag"]}
 
-    def summary(self, rollout) -> dict[str, Any]:
-        return {"reward_errors": rollout.reward_errors, "reward_error_samples": rollout.reward_error_samples}
+    def summary(self, rollout: Rollout) -> dict[str, Any]:
+        r = generating(rollout)
+        return {"reward_errors": r.reward_errors, "reward_error_samples": r.reward_error_samples}

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from oapl.backends import OnlineBackend
+from oapl.backends import OnlineBackend, built
 from oapl.config import TrainConfig
 from oapl.engines.base import InferenceEngine
+
+if TYPE_CHECKING:
+    from oapl.trainer.policy import Policy
 
 
 class LocalBackend(OnlineBackend):
@@ -19,8 +22,8 @@ class LocalBackend(OnlineBackend):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        self.policy = None
-        self.engine = None
+        self.policy: Policy | None = None
+        self.engine: InferenceEngine | None = None
 
     def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
         from oapl.data.tasks import build_task
@@ -31,10 +34,11 @@ class LocalBackend(OnlineBackend):
         cfg = self.cfg
         self.checkpoint = latest_checkpoint(run_dir) if resume else None
         self.task = build_task(cfg.task, cfg.seed)
-        self.policy, state = load_policy(cfg, cfg.steps, self.checkpoint)
-        self.tokenizer = self.policy.tokenizer
-        weights = str(self.checkpoint / "model") if self.checkpoint is not None else self.policy.model_path
-        in_memory = self.policy.hf_model() if engine_kind(cfg) == "transformers" else None
+        policy, state = load_policy(cfg, cfg.steps, self.checkpoint)
+        self.policy = policy
+        self.tokenizer = policy.tokenizer
+        weights = str(self.checkpoint / "model") if self.checkpoint is not None else policy.model_path
+        in_memory = policy.hf_model() if engine_kind(cfg) == "transformers" else None
         self.engine = make_engine(cfg, weights, self.tokenizer, hf_model=in_memory)
         return state
 
@@ -43,27 +47,29 @@ class LocalBackend(OnlineBackend):
 
         return RolloutWorker, self.engine
 
-    def train_step(self, groups) -> dict[str, float]:
-        return self.policy.train_step(groups)
+    def train_step(self, groups: list[Any]) -> dict[str, float]:
+        return built(self.policy, "the policy").train_step(groups)
 
     def publish(self, version: int) -> float:
-        seconds = self.engine.load_weights(self.policy.engine_weights(), version)
+        policy = built(self.policy, "the policy")
+        seconds = built(self.engine, "the engine").load_weights(policy.engine_weights(), version)
         if self.cfg.algorithm.reference_logprobs == "recompute":
-            self.policy.snapshot_reference()
+            policy.snapshot_reference()
         return seconds
 
     def after_generation(self) -> None:
-        if self.cfg.engine.enable_sleep_mode and hasattr(self.engine, "sleep"):
-            self.engine.sleep()  # free GPU memory for the trainer; the engine wakes on next use
+        sleep = getattr(self.engine, "sleep", None)  # vLLM's
+        if self.cfg.engine.enable_sleep_mode and sleep is not None:
+            sleep()  # free GPU memory for the trainer; the engine wakes on next use
 
     @contextlib.contextmanager
     def evaluation_engine(self, synced: bool) -> Iterator[InferenceEngine]:
         if synced:  # the engine holds the trainer's weights
-            yield self.engine
+            yield built(self.engine, "the engine")
             return
         from oapl.engines.transformers_engine import TransformersEngine
 
-        model = self.policy.hf_model()  # score the trainer's current weights directly
+        model = built(self.policy, "the policy").hf_model()  # score the trainer's current weights directly
         was_training = model.training
         model.eval()
         try:
@@ -74,7 +80,7 @@ class LocalBackend(OnlineBackend):
     def save(self, run_dir: Path, step: int, state: dict, config_yaml: str, keep: int) -> str:
         from oapl.trainer.checkpoint import save_checkpoint
 
-        return str(save_checkpoint(run_dir, step, self.policy, state, config_yaml, keep=keep))
+        return str(save_checkpoint(run_dir, step, built(self.policy, "the policy"), state, config_yaml, keep=keep))
 
     def close(self) -> None:
         if self.rollout is not None:

@@ -19,12 +19,17 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from oapl.backends import Rollout, built
 from oapl.config import TrainConfig
 from oapl.data.rollouts import RolloutGroup, filter_groups, read_rollouts
 from oapl.trainer.checkpoint import latest_checkpoint, save_checkpoint
 from oapl.trainer.policy import load_policy
+
+if TYPE_CHECKING:
+    from oapl.distributed.trainer import TrainerGroup
+    from oapl.trainer.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,7 @@ def check_sampling_provenance(groups: list[RolloutGroup], cfg: TrainConfig) -> N
 class StoredRollout:
     """The rollout of an offline run: stored groups, a seeded shuffle per epoch, one batch per fill."""
 
-    failure = None
+    failure: BaseException | None = None  # stored data never fails in the background
 
     def __init__(self, groups: list[RolloutGroup], per_step: int, seed: int, buffer, position: int = 0) -> None:
         self.groups, self.per_step, self.seed, self.buffer = groups, per_step, seed, buffer
@@ -139,8 +144,8 @@ class OfflineBackend:
         self.cfg = cfg
         self.task = None  # no held-out evaluation here: `oapl eval` the checkpoints
         self.checkpoint: Path | None = None
-        self.policy = None
-        self.trainers = None  # W ranks (distributed.backend=ray) instead of self.policy
+        self.policy: Policy | None = None
+        self.trainers: TrainerGroup | None = None  # W ranks (distributed.backend=ray) instead of self.policy
         self._owns_ray = False
         self._resume_step = 0
         groups = read_rollouts(off.data)
@@ -164,8 +169,8 @@ class OfflineBackend:
         if cfg.distributed.backend == "ray":
             state = self._build_ranks(run_dir, resume)
         else:  # the one restore path: fp32 masters (or LoRA adapters), optimiser and schedule
-            self.policy, state = load_policy(cfg, self.total_steps, self.checkpoint)
-            self.tokenizer = self.policy.tokenizer
+            policy, state = load_policy(cfg, self.total_steps, self.checkpoint)
+            self.policy, self.tokenizer = policy, policy.tokenizer
         self._resume_step = int(state.get("step", 0))
         return state
 
@@ -179,23 +184,23 @@ class OfflineBackend:
         self._owns_ray = ensure_ray(cfg)  # a no-op inside the run's ray_session
         self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.tokenizer or cfg.model.name),
                                         cfg.model.trust_remote_code)
-        self.trainers = TrainerGroup(cfg, total_steps=self.total_steps)
-        self.trainers.setup(resume, str(run_dir))
-        return self.trainers.state
+        self.trainers = trainers = TrainerGroup(cfg, total_steps=self.total_steps)
+        trainers.setup(resume, str(run_dir))
+        return trainers.state
 
     def start(self, version: int, buffer, sampling) -> StoredRollout:
         if self.cfg.algorithm.reference_logprobs == "recompute":  # the frozen sampling weights = the start
             if self.trainers is not None:
                 self.trainers.call("snapshot_reference")
             else:
-                self.policy.snapshot_reference()
+                built(self.policy, "the policy").snapshot_reference()
         return StoredRollout(self.groups, self.cfg.rollout.prompts_per_step, self.cfg.seed, buffer,
                              position=self._resume_step)
 
     def train_step(self, groups) -> dict[str, float]:
         if self.trainers is not None:
             return self.trainers.train_step(groups)[0]
-        return self.policy.train_step(groups)
+        return built(self.policy, "the policy").train_step(groups)
 
     def publish(self, version: int) -> float:
         raise RuntimeError("offline training never syncs: pi_inf is the policy that sampled the data")
@@ -210,7 +215,7 @@ class OfflineBackend:
         state = {**state, "epoch": step / self.per_epoch}
         if self.trainers is not None:
             return self.trainers.call("save_checkpoint", str(run_dir), step, state, config_yaml, keep)[0]
-        return str(save_checkpoint(run_dir, step, self.policy, state, config_yaml, keep=keep))
+        return str(save_checkpoint(run_dir, step, built(self.policy, "the policy"), state, config_yaml, keep=keep))
 
     def checkpoint_due(self, step: int) -> int | None:
         """An end-of-epoch checkpoint (every epoch, or the last), all of them kept."""
@@ -219,13 +224,14 @@ class OfflineBackend:
             return off.epochs + 1
         return None
 
-    def row_stats(self, rollout: StoredRollout, since) -> dict[str, Any]:
+    def row_stats(self, rollout: Rollout, since: list[tuple[int, float]]) -> dict[str, Any]:
+        assert isinstance(rollout, StoredRollout)
         return {"epoch": rollout.epoch_progress}
 
-    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]:
+    def progress_fields(self, metrics: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         return {"epoch": int(row["epoch"] + 0.999), "loss": f"{metrics['loss']:.4g}"}
 
-    def summary(self, rollout) -> dict[str, Any]:
+    def summary(self, rollout: Rollout) -> dict[str, Any]:
         return {"filter": self.filter_counts}
 
     def close(self) -> None:

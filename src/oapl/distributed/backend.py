@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from oapl.backends import OnlineBackend
+from oapl.backends import OnlineBackend, Rollout, built
 from oapl.config import TrainConfig
 from oapl.distributed.cluster import ensure_ray, require_ray
 from oapl.distributed.engines import EnginePool, PoolEngine, RankZeroEngine, RolloutFleet
@@ -114,40 +114,45 @@ class RayBackend(OnlineBackend):
     def rollout_factory(self):
         return RolloutFleet, self.pool
 
-    def train_step(self, groups) -> dict[str, float]:
-        metrics, _ = self.trainers.train_step(groups)
+    def train_step(self, groups: list[Any]) -> dict[str, float]:
+        metrics, _ = built(self.trainers, "the trainer ranks").train_step(groups)
         return metrics
 
     def publish(self, version: int) -> float:
+        trainers = built(self.trainers, "the trainer ranks")
         t0 = time.perf_counter()
-        self.pool.load(self.trainers, version)
+        built(self.pool, "the engine pool").load(trainers, version)
         seconds = time.perf_counter() - t0
         if self.cfg.algorithm.reference_logprobs == "recompute":
-            self.trainers.call("snapshot_reference")
+            trainers.call("snapshot_reference")
         return seconds
 
     @contextlib.contextmanager
     def evaluation_engine(self, synced: bool) -> Iterator:
         if synced:  # the engines hold the trainer's weights
-            yield PoolEngine(self.pool)
+            yield PoolEngine(built(self.pool, "the engine pool"))
             return
-        engine = RankZeroEngine(self.trainers, self.cfg.seed + 17)  # rank 0's current weights
+        engine = RankZeroEngine(built(self.trainers, "the trainer ranks"), self.cfg.seed + 17)  # rank 0's current weights
         with engine.session():
             yield engine
 
     def save(self, run_dir: Path, step: int, state: dict, config_yaml: str, keep: int) -> str:
-        return self.trainers.call("save_checkpoint", str(run_dir), step, state, config_yaml, keep)[0]
+        return built(self.trainers, "the trainer ranks").call("save_checkpoint", str(run_dir), step, state,
+                                                              config_yaml, keep)[0]
 
-    def row_stats(self, rollout, since) -> dict[str, Any]:
+    def row_stats(self, rollout: Rollout, since: list[tuple[int, float]]) -> dict[str, Any]:
         return {**super().row_stats(rollout, since), "num_engines": self.cfg.distributed.num_engines,
-                "engine_restarts": self.pool.total_restarts}
+                "engine_restarts": self._restarts()}
 
-    def progress_fields(self, metrics: dict, row: dict) -> dict[str, Any]:
-        return {**super().progress_fields(metrics, row), "restarts": self.pool.total_restarts}
+    def progress_fields(self, metrics: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+        return {**super().progress_fields(metrics, row), "restarts": self._restarts()}
 
-    def summary(self, rollout) -> dict[str, Any]:
+    def summary(self, rollout: Rollout) -> dict[str, Any]:
         return {**super().summary(rollout), "num_engines": self.cfg.distributed.num_engines,
-                "engine_restarts": self.pool.total_restarts}
+                "engine_restarts": self._restarts()}
+
+    def _restarts(self) -> int:
+        return built(self.pool, "the engine pool").total_restarts
 
     def close(self) -> None:
         if self.rollout is not None:

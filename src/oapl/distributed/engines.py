@@ -111,6 +111,8 @@ class EngineActor:
         self.group = WeightGroup(host, port, rank, world, backend, epoch)
 
     def receive_weights(self, meta: list[tuple[str, list[int], str]], version: int) -> float:
+        if self.group is None:
+            raise RuntimeError("receive_weights before join_weight_group")
         it = self.group.receive_all(meta)
         try:
             return self.engine.load_weights(it, version)
@@ -401,9 +403,10 @@ class PoolEngine:
                         raise
                     self.pool.restart(i, actor)
                     if self.pool.is_pending(i):  # restarted without weights: another slot takes the chunk
-                        i = next((j for j in range(self.pool.n) if not self.pool.is_pending(j)), None)
-                        if i is None:
+                        free = next((j for j in range(self.pool.n) if not self.pool.is_pending(j)), None)
+                        if free is None:
                             raise EnginePending(-1) from e
+                        i = free
                     actor = self.pool.actor(i)
                     ref = actor.generate.remote(c, params)
         return out
@@ -489,11 +492,13 @@ class RayRolloutWorker(RolloutWorker):
 
     def __init__(self, engine: RemoteEngine, shared: SharedSampler, *args, **kwargs) -> None:
         super().__init__(engine, *args, **kwargs)
-        self.sampler = _SlotSampler(shared)
+        self.slot = engine  # the same engine, typed: its pool and slot index
+        self.slot_sampler = _SlotSampler(shared)
+        self.sampler = self.slot_sampler
 
     def produce_or_restart(self) -> list | None:
         """One engine call; ``None`` when the actor died (restarted, in-flight groups dropped)."""
-        pending = self.engine.pool.is_pending(self.engine.index)
+        pending = self.slot.pool.is_pending(self.slot.index)
         try:
             if not pending:  # (checked first: a pending slot draws no prompts)
                 return self.produce()
@@ -503,7 +508,7 @@ class RayRolloutWorker(RolloutWorker):
             if self._stop.is_set():
                 raise BufferClosed("stopping") from None
             with self.engine_lock:
-                self.engine.pool.restart(self.engine.index, e.actor)
+                self.slot.pool.restart(self.slot.index, e.actor)
             return None
         if pending and self._stop.wait(0.05):  # idle until the next sync gives the slot its weights
             raise BufferClosed("stopping")
@@ -518,7 +523,7 @@ class RayRolloutWorker(RolloutWorker):
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
-            log.exception("rollout worker for engine %d failed", self.engine.index)
+            log.exception("rollout worker for engine %d failed", self.slot.index)
             self.failure = e
             self.buffer.close()
 
@@ -544,12 +549,12 @@ class RolloutFleet:
             self._executor = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="oapl-fill")
         while len(self.buffer) < k:
             need = math.ceil((k - len(self.buffer)) / self.prompts_per_call)
-            ready = [w for w in self.workers if not self.pool.is_pending(w.engine.index)]
+            ready = [w for w in self.workers if not self.pool.is_pending(w.slot.index)]
             if not ready:  # (not expected: synchronous generation keeps the object-store copy)
                 raise TrainerFailure("no engine actor holds the synced weights")
             ws = ready[:min(need, len(ready))]
             for w in ws:
-                w.sampler.preset = self.sampler.next(self.prompts_per_call)
+                w.slot_sampler.preset = self.sampler.next(self.prompts_per_call)
             futures = [self._executor.submit(w.produce_or_restart) for w in ws]
             for w, f in zip(ws, futures):
                 groups = f.result()

@@ -17,7 +17,8 @@ longer holds once it has stepped).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -34,9 +35,10 @@ class WeightGroup:
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world, self.backend, self.epoch = rank, world, backend, epoch
         # rank 0 hosts the rendezvous store; the others connect to it (retrying until it is up)
-        self._store = dist.TCPStore(host, port, world_size=world, is_master=rank == 0, timeout=timeout,
+        self._store: Any = dist.TCPStore(host, port, world_size=world, is_master=rank == 0, timeout=timeout,
                                     wait_for_workers=False)
         store = dist.PrefixStore(f"oapl-weights-{epoch}", self._store)
+        self.pg: Any  # a ProcessGroupNCCL or ProcessGroupGloo (both have .broadcast)
         if backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
@@ -92,6 +94,6 @@ def weight_meta(weights: Iterator[tuple[str, torch.Tensor]]) -> list[tuple[str, 
     return [(n, list(t.shape), str(t.dtype).replace("torch.", "")) for n, t in weights]
 
 
-def cpu_state(weights: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def cpu_state(weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """An owned CPU copy (what goes into the object store)."""
     return {n: t.detach().to("cpu", copy=True) for n, t in weights}

@@ -152,7 +152,7 @@ class VLLMEngine:
         self._asleep: set[str] = set()  # memory tags released by sleep() and not woken yet
         self._weights_discarded = False  # slept at level 2 and no load_weights() since
         self._weights_invalid = False  # a load_weights() failed part-way and none succeeded since
-        self._llm = None
+        self._llm: Any = None  # vllm.LLM once built (Any: vLLM is an optional dependency)
 
         kwargs: dict[str, Any] = dict(llm_kwargs)
         for reserved in ("model", "logprobs_mode"):
@@ -543,7 +543,7 @@ class _RngState:
     and Python's ``random``."""
 
     def __init__(self, cpu: torch.Tensor, cuda: torch.Tensor | None, cuda_index: int | None,
-                 np_state: tuple, py_state: tuple) -> None:
+                 np_state: Any, py_state: tuple) -> None:
         self.cpu, self.cuda, self.cuda_index = cpu, cuda, cuda_index
         self.np_state, self.py_state = np_state, py_state
 

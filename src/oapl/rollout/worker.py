@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from oapl.data.budget import check_prompt_budget, engine_max_model_len
 from oapl.engines.base import InferenceEngine, SamplingParams, sampling_dict
@@ -23,6 +23,14 @@ from oapl.rollout.buffer import BufferClosed, RolloutBuffer
 from oapl.rollout.group import RolloutGroup, score_groups
 
 log = logging.getLogger(__name__)
+
+
+class Sampler(Protocol):
+    """Where a worker's prompts come from: a :class:`PromptSampler`, or a view of one shared by workers."""
+
+    def next(self, k: int) -> list[int]: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
 
 
 class PromptSampler:
@@ -86,7 +94,7 @@ class RolloutWorker:
         self.prompts_per_call = prompts_per_call
         self.weights_id = weights_id
         self.sampling_dict = sampling_dict(self.sampling)
-        self.sampler = PromptSampler(len(task.train), seed)
+        self.sampler: Sampler = PromptSampler(len(task.train), seed)
         self.reward = SafeReward(task.reward_fn)
         self.stats = WorkerStats()
         self.engine_lock = threading.Lock()

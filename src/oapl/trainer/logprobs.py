@@ -59,6 +59,7 @@ def _shared_prompt_hidden(decoder, batch: TokenBatch, amp) -> torch.Tensor:
     (an autograd op: each response's gradient flows back into its prompt's keys and values) and
     the responses run on top of it. Slot 0 is the hidden state of the prompt's last token.
     """
+    assert batch.prefix_ids is not None and batch.prefix_last is not None, "not a shared-prompt batch"
     with amp:
         pre = decoder(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, use_cache=True)
         cache = pre.past_key_values

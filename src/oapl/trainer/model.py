@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,7 +54,7 @@ def resolve_model_path(name: str) -> str:
 
     log.info("converting %s from %s (once; cached in %s)", name, source / gguf_file, target)
     tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
     # the GGUF weights are dequantised to fp32 on load; drop the quantiser so the model saves plainly
     model.hf_quantizer = None
     model.is_quantized = False
@@ -83,5 +84,5 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device)

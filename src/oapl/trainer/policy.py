@@ -226,5 +226,6 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
     if state and load_optimizer and "policy" in state:
         from oapl.distributed.sharded import load_policy_state
 
+        assert checkpoint is not None  # a trainer state comes from a checkpoint
         load_policy_state(policy, state["policy"], checkpoint)  # either format: one process or sharded
     return policy, state

@@ -52,8 +52,8 @@ class StepStats:
         self.micro_batches += 1
         self.useful_tokens += int(useful_tokens)
         self.computed_tokens += int(computed_tokens)
-        for k, v in objective_stats.items():
-            v = float(v)
+        for k, t in objective_stats.items():
+            v = float(t)
             self.objective[k] = max(self.objective.get(k, v), v) if k.endswith("_max") else self.objective.get(k, 0.0) + v
         logp, ref, mask = logp.detach().float().cpu(), ref.detach().float().cpu(), mask.float().cpu()
         d = (logp - ref)[mask.bool()].double()
