@@ -406,10 +406,13 @@ def judge_claims(configs: dict[str, ConfigResults], base: dict[str, Any] | None,
         for a in arms:
             up, down, mid, ivs = sharpening(a, base)
             k = max(ivs)
-            verdict = (NOT_REPRODUCED if down else REPRODUCED if len(up) == len(ivs) else INCONCLUSIVE)
-            why = (f"below the base model at k = {_ranges(down)}" if down else
-                   "above the base model at every k" if verdict == REPRODUCED else
-                   f"no k below the base model; undecided at k = {_ranges(mid)}")
+            per_k = {j: verdict_advantage(iv, margin)[0] for j, iv in ivs.items()}
+            failed = [j for j, v in per_k.items() if v == NOT_REPRODUCED]
+            verdict = (NOT_REPRODUCED if failed else REPRODUCED if all(v == REPRODUCED for v in per_k.values())
+                       else INCONCLUSIVE)
+            why = (f"not reproduced at k = {_ranges(failed)} (below 0, or upper bound below the margin)" if failed
+                   else "above 0 at every k" if verdict == REPRODUCED
+                   else f"above 0 at k = {_ranges(up)}; undecided at k = {_ranges(mid)}")
             rows.append(Row(f"{a.label} − base model", verdict,
                             f"pass@1 {_pts(ivs[1])}, pass@{k} {_pts(ivs[k])}; {_size(len(a.seeds), len(base['correct']))}. "
                             f"{why[0].upper()}{why[1:]}.", acted.get(a.name, "–")))
