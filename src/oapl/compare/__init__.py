@@ -17,7 +17,9 @@ inference engine. This package reruns those comparisons with the library's own t
   invocations as needed. Then every final policy (and the base model, once) is evaluated on the
   held-out prompts with ``n`` samples each, per prompt (:mod:`oapl.evaluation.policy_eval`).
 * :mod:`~oapl.compare.claims` — means over seeds with t-intervals, paired per-prompt differences
-  with a two-level bootstrap (:mod:`oapl.evaluation.intervals`), and a verdict per claim.
+  with an interval over seeds (the experimental unit), every arm against the base model, whether
+  GRPO+IS's correction acted, and a verdict per claim by the rules the study's ``claims`` section
+  declares before it runs.
 * :mod:`~oapl.compare.report` — the Markdown report and its figures.
 """
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from oapl.compare.plan import (Beta2SweepConfig, CompareConfig, FinalEvalConfig, LagSweepConfig, PlannedRun,
+from oapl.compare.plan import (Beta2SweepConfig, ClaimsConfig, CompareConfig, FinalEvalConfig, LagSweepConfig, PlannedRun,
                                load_compare_config, plan_runs)
 from oapl.compare.report import build_report
 from oapl.compare.runner import run_compare
@@ -34,6 +36,7 @@ from oapl.compare.summary import summarize_run
 
 __all__ = [
     "Beta2SweepConfig",
+    "ClaimsConfig",
     "CompareConfig",
     "FinalEvalConfig",
     "LagSweepConfig",

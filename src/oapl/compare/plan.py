@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from oapl.config import ConfigError, Section, TrainConfig, load_config, set_dotted
 
-__all__ = ["Beta2SweepConfig", "CompareConfig", "FinalEvalConfig", "LagSweepConfig", "PlannedRun",
+__all__ = ["Beta2SweepConfig", "ClaimsConfig", "CompareConfig", "FinalEvalConfig", "LagSweepConfig", "PlannedRun",
            "base_eval_dir", "eval_seed", "final_eval_settings", "load_compare_config", "plan_runs"]
 
 
@@ -56,6 +56,8 @@ class Beta2SweepConfig(Section):
     steps: int | None = Field(None, ge=1, description="Steps of every sweep run (default: base.steps).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Nested overrides of `base` for the "
                                       "sweep runs (algorithm.name is forced to oapl).")
+    note: str | None = Field(None, description="How the study's beta2 relates to this sweep (fixed beforehand, "
+                             "or chosen by a stated rule on the sweep's seeds); printed in the report.")
 
     @field_validator("values")
     @classmethod
@@ -83,7 +85,23 @@ class FinalEvalConfig(Section):
         None, description="Engine that samples the final evaluations (default: base.engine.kind); vllm is much "
         "faster for n x prompts samples and gets an export of each run's final weights.")
     batch_prompts: int = Field(32, ge=1, description="Prompts per generate call.")
-    bootstrap_reps: int = Field(10_000, ge=100, description="Bootstrap replicates of the paired intervals.")
+
+
+class ClaimsConfig(Section):
+    """The verdict thresholds, declared with the study before it runs (docs/compare.md, "Verdict rules")."""
+
+    non_inferiority_margin: float | None = Field(
+        None, gt=0, description="Declare the claim 'OAPL's pass@1 is at most this much below GRPO+IS's' "
+        "(0.03 = 3 points); null = no non-inferiority claim. Declared before the study, never chosen after.")
+    keeps_entropy: float = Field(0.10, gt=0, lt=1, description="An arm 'keeps the entropy' when its token (and "
+                                 "sequence) entropy falls by less than this fraction of the base model's (its "
+                                 "95% interval's lower bound above -keeps_entropy x base); 'reduces' it when "
+                                 "the upper bound is below that.")
+    clip_acted: float = Field(0.001, gt=0, description="GRPO's PPO clip acted in an arm when its clip "
+                              "fraction (mean over steps and seeds) exceeds this.")
+    is_acted: float = Field(0.02, gt=0, description="GRPO's importance weight acted in an arm when its p1 or "
+                            "p99 over tokens (mean over steps and seeds) is more than this away from 1, or its "
+                            "mean is.")
 
 
 class CompareConfig(Section):
@@ -104,13 +122,16 @@ class CompareConfig(Section):
                                   "interrupted study resumes every run from its latest checkpoint. 0 = only at "
                                   "the end.")
     base: dict[str, Any] = Field(default_factory=dict, description="The shared `oapl train` configuration.")
-    algorithms: dict[str, dict[str, Any]] = Field(default_factory=_default_algorithms,
-                                                  description="Head-to-head runs: name -> nested overrides of base.")
+    algorithms: dict[str, dict[str, Any] | None] = Field(
+        default_factory=_default_algorithms, description="Head-to-head runs: name -> nested overrides of base "
+        "(null leaves the run out, e.g. in the `quick` section).")
     lag_sweep: LagSweepConfig = Field(default_factory=LagSweepConfig)
     beta2_sweep: Beta2SweepConfig = Field(default_factory=Beta2SweepConfig)
     final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
-    margin: float = Field(0.05, gt=0, description="A claim is settled when its 95% interval is at most this "
-                          "wide on each side (0.05 = 5 points of pass@k).")
+    margin: float = Field(0.05, gt=0, description="The smallest advantage that matters (0.05 = 5 points of "
+                          "pass@k): a claimed advantage whose 95% interval's upper bound is below it is not "
+                          "reproduced; the report says how many seeds would narrow an interval to it.")
+    claims: ClaimsConfig = Field(default_factory=ClaimsConfig)
     quick: dict[str, Any] = Field(default_factory=dict, description="Overrides of this study applied by "
                                   "`oapl compare --quick` (fewer seeds, steps, prompts).")
     notes: str | None = Field(None, description="Free text copied into the report.")
@@ -234,6 +255,8 @@ def plan_runs(cc: CompareConfig, only: str = "all") -> list[PlannedRun]:
     for seed in cc.seeds:
         algo_runs: list[PlannedRun] = []
         for name, over in cc.algorithms.items():
+            if over is None:  # left out (e.g. by the quick section)
+                continue
             if "/" in name or not name:
                 raise ConfigError(f"algorithms: bad run name {name!r}")
             run_dir = out_root / f"{name}" / f"seed{seed}"
@@ -284,9 +307,14 @@ def _algo_label(cfg: TrainConfig) -> str:
     if a.name == "oapl":
         return f"OAPL (L={r.sync_interval})"
     corr = f"IS cap {a.is_cap:g}" if a.is_cap is not None else "no IS"
-    asyn = ", off-by-one async" if (r.asynchronous and r.max_staleness >= 1) else ""
+    asyn = ""
+    if r.asynchronous and r.max_staleness == 1:
+        asyn = ", off-by-one async"
+    elif r.asynchronous and r.max_staleness > 1:
+        asyn = f", async, max staleness {r.max_staleness}"
     mb = f", {a.mini_batches} mini-batches" if a.mini_batches > 1 else ""
-    return f"GRPO ({corr}, L={r.sync_interval}{asyn}{mb})"
+    near = ", near on-policy" if r.sync_interval == 1 and r.max_staleness <= 1 else ""
+    return f"GRPO ({corr}, L={r.sync_interval}{near}{asyn}{mb})"
 
 
 def final_eval_settings(cc: CompareConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -10,7 +11,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from oapl.compare.claims import ConfigResults, collect, judge_claims, paired
+from oapl.compare.claims import (LEGEND, ConfigResults, collect, contradicted, correction_acted,
+                                 judge_claims, paired, sharpening_sentence)
 from oapl.compare.plan import CompareConfig, PlannedRun, base_eval_dir, final_eval_settings, plan_runs
 from oapl.compare.summary import smoothed_metrics, summarize_run
 from oapl.config import TrainConfig
@@ -91,7 +93,7 @@ def _run_table(items: list[tuple[PlannedRun, dict[str, Any]]], kmax: int) -> lis
     head = ["run", "seed", "steps", "samples", "syncs", "max lag", f"final pass@1 / pass@{kmax}",
             "token entropy (held-out)", "train reward (first → last 10%)", "seq entropy of pi_inf batch "
             "(first → last 10%)", "response tokens (first → last 10%)", "KL to pi_inf (mean / max)",
-            "IS weight / clip frac", "minutes"]
+            "IS weight mean / p1 / p99", "clip frac", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for run, s in items:
         fin = s.get("final") or {}
@@ -104,8 +106,9 @@ def _run_table(items: list[tuple[PlannedRun, dict[str, Any]]], kmax: int) -> lis
                  f"{_fmt(s.get('seq_entropy_first'), 2)} → {_fmt(s.get('seq_entropy_last'), 2)}",
                  f"{_fmt(s.get('response_len_mean_first'), 1)} → {_fmt(s.get('response_len_mean_last'), 1)}",
                  f"{_fmt(s.get('kl_mean'), 4)} / {_fmt(s.get('kl_max'), 4)}",
-                 (f"{_fmt(s.get('is_weight_mean_mean'))} / {_fmt(s.get('clip_frac_mean'))}"
-                  if "is_weight_mean_mean" in s else "–"),
+                 (f"{_fmt(s.get('is_weight_mean_mean'))} / {_fmt(s.get('is_weight_p1_mean'))} / "
+                  f"{_fmt(s.get('is_weight_p99_mean'))}" if "is_weight_mean_mean" in s else "–"),
+                 _fmt(s.get("clip_frac_mean")),
                  _fmt(wall / 60, 1) if wall else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -126,11 +129,48 @@ def _config_table(configs: list[ConfigResults], ks: list[int], base: dict[str, A
     return lines
 
 
-def _paired_table(a: ConfigResults, b: ConfigResults, ks: list[int], reps: int) -> list[str]:
-    lines = [f"| k | {a.label} − {b.label} (pass@k, points) | 95% CI | seeds x prompts |", "| --- | --- | --- | --- |"]
+def _iv_pts(iv: Interval) -> str:
+    if not math.isfinite(iv.mean):
+        return "–"
+    if not math.isfinite(iv.lo):
+        return f"{iv.mean * 100:+.1f}"
+    return f"{iv.mean * 100:+.1f} ({iv.lo * 100:+.1f} to {iv.hi * 100:+.1f})"
+
+
+def _diff_table(pairs: list[tuple[str, ConfigResults, ConfigResults | dict[str, Any]]], ks: list[int],
+                base: dict[str, Any] | None = None) -> list[str]:
+    """Rows k, one column per pair: pass@k difference in points with its 95% interval; then the entropies."""
+    head = ["k", *(["base model"] if base is not None else []), *[name for name, _, _ in pairs]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    b = ConfigResults("base", "base", "base", seeds=[0], results=[base]) if base is not None else None
     for k in ks:
-        iv, S, P = paired(a, b, "pass@k", k, reps)
-        lines.append(f"| {k} | {iv.mean * 100:+.1f} | {iv.lo * 100:+.1f} to {iv.hi * 100:+.1f} | {S} x {P} |")
+        cells = [str(k), *([_fmt(b.over_seeds("pass@k", k).mean)] if b is not None else [])]
+        cells += [_iv_pts(paired(x, y, "pass@k", k)[0]) for _, x, y in pairs]
+        lines.append("| " + " | ".join(cells) + " |")
+    for metric, what in (("token_entropy", "token entropy (nats)"), ("seq_entropy", "seq entropy (nats)")):
+        ivs = [paired(x, y, metric)[0] for _, x, y in pairs]
+        if all(not math.isfinite(iv.mean) for iv in ivs):
+            continue
+        cells = [what, *([_fmt(b.over_seeds(metric).mean)] if b is not None else [])]
+        cells += ["–" if not math.isfinite(iv.mean) else f"{iv.mean:+.3f} ({iv.lo:+.3f} to {iv.hi:+.3f})"
+                  if math.isfinite(iv.lo) else f"{iv.mean:+.3f}" for iv in ivs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _acted_table(grpos: list[ConfigResults], cc: CompareConfig) -> list[str]:
+    head = ["GRPO+IS arm", "seeds", "max lag", "KL to the engine (mean)", "IS weight mean", "IS p1", "IS p99",
+            "clip fraction", "IS acted", "clip acted"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for g in grpos:
+        a = correction_acted(g, cc.claims.clip_acted, cc.claims.is_acted)
+
+        def yn(v):
+            return "not recorded" if v is None else "**yes**" if v else "no"
+
+        lines.append("| " + " | ".join([g.label, str(len(g.seeds)), _fmt(a["lag_max"]), _fmt(a["kl"], 4),
+                                        _fmt(a["is_mean"]), _fmt(a["is_p1"]), _fmt(a["is_p99"]),
+                                        _fmt(a["clip_frac"]), yn(a["is"]), yn(a["clip"])]) + " |")
     return lines
 
 
@@ -206,7 +246,6 @@ def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, comman
     missing = [r for r in runs if r.key not in summaries]
     unevaluated = [r for r in runs if r.key in summaries and cc.final_eval.enabled and finals[r.key] is None]
     configs = collect(runs, lambda r: finals.get(r.key), lambda r: summaries.get(r.key, {}))
-    reps = cc.final_eval.bootstrap_reps
 
     def rel(p: Path) -> str:
         return os.path.relpath(p, report.parent)
@@ -220,19 +259,31 @@ def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, comman
         study_seeds = sorted({r.seed for r in runs if r.group != "beta2_sweep"})
         lines += [f"Seeds: {', '.join(map(str, study_seeds))}. Every run of the comparison and the lag sweep "
                   "trains on the same number of responses; the held-out split is fixed. Means are over seeds "
-                  "(each seed's mean over prompts) ± the half-width of a 95% Student-t interval; differences "
-                  "are paired per prompt and seed, with a two-level (seeds, prompts) bootstrap interval "
-                  f"({reps} replicates). \"token entropy\" is the trained policy's mean per-token entropy "
+                  "(each seed's mean over prompts) ± the half-width of a 95% Student-t interval over seeds; "
+                  "differences are paired per prompt and seed, and their 95% interval is the t-interval over "
+                  "the per-seed mean differences, widened by any prompt effect that all seeds share (the base "
+                  "model's single evaluation is one); with one seed it rests on the prompts alone. "
+                  "\"token entropy\" is the trained policy's mean per-token entropy "
                   "(nats, full vocabulary, sampling temperature) on its own held-out samples; \"seq entropy\" "
                   "the Monte-Carlo sequence entropy E[-log pi(y|x)] of the same samples.", ""]
-    claims = judge_claims(configs, base, cc.margin, reps)
+    cl = cc.claims
+    claims = judge_claims(configs, base, cc.margin, cl.non_inferiority_margin, cl.keeps_entropy, cl.clip_acted,
+                          cl.is_acted)
     if claims:
+        ni = f"{cl.non_inferiority_margin * 100:g} pts" if cl.non_inferiority_margin is not None else "none declared"
         lines += ["## The paper's claims, tested", "",
-                  "A claim is *reproduced* when its 95% interval lies entirely on the side the paper claims; "
-                  "*not reproduced* when it lies on the other side (or, for a claimed advantage, within "
-                  f"±{cc.margin * 100:g} points of zero); *inconclusive* otherwise.", "",
-                  "| claim | verdict | evidence |", "| --- | --- | --- |",
-                  *[f"| {c.text} | **{c.verdict}** | {c.evidence} |" for c in claims], ""]
+                  LEGEND.format(margin=f"{cc.margin * 100:g} pts of pass@k; for entropy {cl.keeps_entropy:g} x the "
+                                "base model's", ni=ni, keep=f"{cl.keeps_entropy:.0%}"), "",
+                  "| claim | comparison | verdict | evidence | GRPO+IS correction in that arm |",
+                  "| --- | --- | --- | --- | --- |"]
+        for c in claims:
+            for i, r in enumerate(c.rows):
+                lines.append(f"| {c.text if i == 0 else '〃'} | {r.comparison} | **{r.verdict}** | {r.evidence} | "
+                             f"{r.acted} |")
+        bad = contradicted(claims)
+        lines += ["", "**Contradicted by this miniature:** " + (
+            "; ".join(f"\"{c.text}\" ({', '.join(r.comparison for r in rows)})" for c, rows in bad) + "."
+            if bad else "none of the claims tested here."), ""]
     algos = [(r, s) for r, s in present if r.group == "algorithms"]
     if algos:
         lines += ["## OAPL vs GRPO with importance sampling", ""]
@@ -241,14 +292,31 @@ def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, comman
             ks = sorted({1, 2, 4, 8, kmax} & set(range(1, kmax + 1)))
             png = _plot_passk(cfgs, base, figdir / f"{cc.figure_prefix}_passk.png", "Held-out pass@k, final weights")
             lines += [f"![held-out pass@k]({rel(png)})", "", *_config_table(cfgs, ks, base), ""]
-            oapl = next((c for c in cfgs if c.beta2 is not None), None)
-            grpo = next((c for c in cfgs if c.beta2 is None), None)
-            if oapl is not None and grpo is not None:
-                lines += ["Paired difference at every k:", "", *_paired_table(oapl, grpo, list(range(1, kmax + 1)),
-                                                                                 reps), ""]
+            oapls = [c for c in cfgs if c.beta2 is not None]
+            grpos = sorted((c for c in cfgs if c.beta2 is None), key=lambda c: c.lag or 0)
+            allk = list(range(1, kmax + 1))
+            if oapls and grpos:
+                o = oapls[0]
+                lines += ["Paired differences, OAPL minus each GRPO+IS arm (pass@k in points; entropy in nats; 95% "
+                          "interval in brackets):", "",
+                          *_diff_table([(f"{o.label} − {g.label}", o, g) for g in grpos], allk), ""]
+            if base is not None:
+                lines += ["### Every arm against the base model", "",
+                          "Each arm minus the base model (pass@k in points, entropy in nats; 95% interval in "
+                          "brackets). RL that only sharpens the policy gains at small k and loses at large k.", "",
+                          *_diff_table([(f"{c.label} − base", c, base) for c in [*oapls, *grpos]], allk, base), "",
+                          *[f"- {sharpening_sentence(c, base)}" for c in [*oapls, *grpos]], ""]
+            if grpos:
+                cl = cc.claims
+                lines += ["### Did GRPO+IS's correction act?", "",
+                          f"Declared rule (`claims` in the config): the importance weight acted when its mean, p1 "
+                          f"or p99 over tokens (mean over steps and seeds) is more than {cl.is_acted:g} from 1; the "
+                          f"PPO clip acted when the clip fraction exceeds {cl.clip_acted:g}. The weight is "
+                          "min(pi_old/pi_inf, cap) per token; its p1/p99 are read from a histogram of log w in bins "
+                          "of 0.01 (about 1% of w).", "", *_acted_table(grpos, cc), ""]
         png = _plot_training(cc, algos, figdir / f"{cc.figure_prefix}_algorithms.png", "OAPL vs GRPO+IS")
         lines += [f"![training curves]({rel(png)})", "", *_run_table(algos, kmax), ""]
-        for r, _ in algos[:len(cc.algorithms)]:
+        for r, _ in algos[:sum(v is not None for v in cc.algorithms.values())]:
             a, ro = r.cfg.algorithm, r.cfg.rollout
             if a.name == "grpo":
                 lines.append(f"- {r.label}: group-normalised advantages, PPO clip {a.clip_eps} with pi_old = the "
@@ -284,10 +352,19 @@ def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, comman
     if b2:
         cfgs = sorted((c for c in configs.values() if c.group == "beta2_sweep"), key=lambda c: c.beta2)
         chosen = next((r.beta2 for r, _ in algos if r.beta2 is not None), None)
-        lines += ["## How beta2 was chosen", "",
+        best = []
+        for what, metric, k in (("pass@1", "pass@k", 1), (f"pass@{kmax}", "pass@k", kmax),
+                                ("token entropy", "token_entropy", None)):
+            vals = [(c.over_seeds(metric, k).mean, c.beta2) for c in cfgs]
+            vals = [v for v in vals if math.isfinite(v[0])]
+            if vals:
+                best.append(f"{what} {max(vals)[1]:g}")
+        lines += ["## beta2 sweep", "",
                   f"OAPL with beta2 in {{{', '.join(f'{c.beta2:g}' for c in cfgs)}}} on seed(s) "
                   f"{', '.join(map(str, cc.beta2_sweep.seeds))}, which the comparison does not use. The study "
-                  f"uses beta2 = {_fmt(chosen, 4) if chosen is not None else '–'}.", ""]
+                  f"uses beta2 = {_fmt(chosen, 4) if chosen is not None else '–'}."
+                  + (f" Highest on these seeds: {', '.join(best)}." if best else "")
+                  + (f" {cc.beta2_sweep.note.strip()}" if cc.beta2_sweep.note else ""), ""]
         if cfgs:
             lines += [*_config_table(cfgs, sorted({1, kmax}), None), ""]
         lines += [*_run_table(b2, kmax), ""]
@@ -298,6 +375,8 @@ def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, comman
               f"held-out samples as a rollout dataset and `result.json`): `{cc.output_dir}/`.", ""]
     report.write_text("\n".join(lines))
     Path(cc.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cc.output_dir) / "claims.json").write_text(json.dumps([c.__dict__ for c in claims], indent=1))
+    (Path(cc.output_dir) / "claims.json").write_text(json.dumps(
+        [{"text": c.text, "verdict": c.verdict, "rows": [dataclasses.asdict(r) for r in c.rows]} for c in claims],
+        indent=1))
     log.info("report written: %s", report)
     return report

@@ -42,7 +42,7 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         out["pass1_before"], out["pass1_after"] = first.get("eval/pass@1"), last.get("eval/pass@1")
         out["passk_before"], out["passk_after"] = first.get(f"eval/pass@{kmax}"), last.get(f"eval/pass@{kmax}")
         out["pass1_best"] = max(r.get("eval/pass@1", -1.0) for r in eval_rows)
-    for key in ("reward_mean", "seq_entropy", "entropy", "kl", "is_weight_mean", "clip_frac",
+    for key in ("reward_mean", "seq_entropy", "entropy", "kl", "is_weight_mean", "is_weight_p1", "is_weight_p99", "clip_frac",
                 "response_len_mean", "logprob_absdiff_mean"):
         vals = [r.get(key) for r in train_rows if r.get(key) is not None]
         if not vals:

@@ -5,7 +5,39 @@ Pure tensor functions; shapes: ``N`` sequences, ``T`` tokens, groups of ``G`` re
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+# The IS weights' p1 / p99 come from a histogram of log w (bins of width IS_LOGW_BIN centred on 0, so w = 1
+# falls in the centre bin; clamped to +-IS_LOGW_BINS bins): counts add over micro-batches and ranks like the
+# other ``*_sum`` statistics, and a quantile is read back to ~1% of w.
+IS_LOGW_BIN = 0.01
+IS_LOGW_BINS = 300
+IS_HIST_PREFIX = "is_logw_bin"
+
+
+def is_weight_histogram(w: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Counts of the masked weights ``w`` per log-bin, as ``{"is_logw_bin<k>": count}`` (non-empty bins)."""
+    lw = torch.log(w.detach().double().clamp(min=1e-300))[mask.bool()]
+    k = torch.round(lw / IS_LOGW_BIN).clamp(-IS_LOGW_BINS, IS_LOGW_BINS).long()
+    bins, counts = torch.unique(k, return_counts=True)
+    return {f"{IS_HIST_PREFIX}{int(b):+d}": c.to(torch.float64) for b, c in zip(bins, counts)}
+
+
+def is_weight_quantile(stats: dict[str, float], q: float) -> float | None:
+    """The ``q`` quantile of the weights counted by :func:`is_weight_histogram` (summed over micro-batches),
+    as the centre ``exp(k * IS_LOGW_BIN)`` of its bin; None without counts."""
+    hist = sorted((int(k[len(IS_HIST_PREFIX):]), float(v)) for k, v in stats.items() if k.startswith(IS_HIST_PREFIX))
+    total = sum(c for _, c in hist)
+    if total <= 0:
+        return None
+    cum = 0.0
+    for k, c in hist:
+        cum += c
+        if cum >= q * total:
+            return math.exp(k * IS_LOGW_BIN)
+    return math.exp(hist[-1][0] * IS_LOGW_BIN)
 
 
 def group_normalized_advantage(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
@@ -119,4 +151,7 @@ class GRPOObjective:
                      "ratio_sum": (ratio * m).sum(),
                      "ratio_max": (ratio * m).max() if m.numel() else ratio.new_zeros(()),
                      "tokens": tokens}
+            if inf is not None:  # the truncated weight min(pi_old/pi_inf, C) the loss applied, per token
+                w = torch.exp(old.double() - inf.double()).clamp(max=self.is_cap)
+                stats.update(is_weight_histogram(w, m))
         return loss, stats

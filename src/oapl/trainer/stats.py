@@ -126,6 +126,11 @@ def metrics_row(batch: dict[str, float], stats: StepStats, *, finite: bool, grad
         row["is_weight_mean"] = ob.get("is_weight_sum", 0.0) / t
         row["ratio_mean"] = ob.get("ratio_sum", 0.0) / t
         row["ratio_max"] = ob.get("ratio_max", 0.0)
+        from oapl.objectives.grpo import is_weight_quantile
+
+        p1, p99 = is_weight_quantile(ob, 0.01), is_weight_quantile(ob, 0.99)
+        if p1 is not None:  # token quantiles of the truncated IS weight (to ~1%)
+            row["is_weight_p1"], row["is_weight_p99"] = p1, p99
     if stats.seqs:
         if stats.tokens == 0:
             row.update({"kl": 0.0, "logprob_absdiff_mean": 0.0, "logprob_absdiff_max": 0.0,
