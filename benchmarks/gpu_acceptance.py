@@ -404,12 +404,17 @@ def pick_budget(b: Bench) -> int:
 
     m = b.mode
     want = 2 * m.cap + m.prompt
+    b.micro = m.micro
     if not b.cuda:
         return want
     total = torch.cuda.get_device_properties(b.device).total_memory
     cfg = b.cfg(**{"optim.max_tokens_per_micro_batch": want, "optim.micro_batch_size": 1024})
     shape = b.shape()
     t = want
+    b.micro = m.micro
+    while b.micro > 1 and trainer_rank(cfg, shape, m.cap + m.prompt, True,
+                                       tokens=b.micro * (m.cap + m.prompt))["total"] > 0.9 * total:
+        b.micro //= 2  # packed/padded/reference configs: sequences per micro-batch the plan fits
     while t > m.cap + m.prompt and trainer_rank(cfg, shape, m.cap + m.prompt, True, tokens=t)["total"] > 0.9 * total:
         t -= 512
     return max(t, m.cap + m.prompt)
@@ -484,20 +489,28 @@ def uncompile(model) -> None:
 def memory_check(b: Bench, rep: Report, cfg, measured_gib: float) -> None:
     from oapl.memory_plan import trainer_rank
 
+    from oapl.trainer.batching import plan_micro_batches
+
     m = b.mode
-    plan = trainer_rank(cfg, b.shape(), m.cap + m.prompt, b.cuda)
+    o = cfg.optim
+    largest = max(sum(b.seq_lens[i] for i in mb)
+                  for mb in plan_micro_batches(b.seq_lens, o.max_tokens_per_micro_batch, o.micro_batch_size))
+    at_budget = trainer_rank(cfg, b.shape(), m.cap + m.prompt, b.cuda)
+    plan = trainer_rank(cfg, b.shape(), m.cap + m.prompt, b.cuda, tokens=largest)  # the micro-batch that ran
     planned = plan["total"] - plan["context"]  # the allocator does not see the CUDA context
     measured = measured_gib * 2**30
     ratio = measured / planned
     ok = 1 / MEMORY_BAND <= ratio <= MEMORY_BAND
     what = "torch.cuda.max_memory_allocated" if b.cuda else "peak resident set - resident set before the model"
     rep.add("memory", "PASS" if ok else "FAIL",
-            f"{what} {measured / 2**30:.3f} GiB vs plan {planned / 2**30:.3f} GiB: ratio {ratio:.2f} "
+            f"{what} {measured / 2**30:.3f} GiB vs plan {planned / 2**30:.3f} GiB for its largest micro-batch "
+            f"({largest:,} tokens): ratio {ratio:.2f} "
             f"(band {1 / MEMORY_BAND:.2f}-{MEMORY_BAND:.2f})", measured_gib=measured / 2**30,
             planned_gib=planned / 2**30, ratio=ratio, peak_gib=measured / 2**30,
             plan_gib={k: plan[k] / 2**30 for k in ("weights", "gradients", "optimizer", "gathered", "activations",
                                                     "offloaded", "logits", "optimizer_temps", "context", "total")},
-            tokens_per_micro_batch=plan["tokens"])
+            tokens_largest_micro_batch=largest, token_budget=o.max_tokens_per_micro_batch,
+            planned_at_budget_gib=(at_budget["total"] - at_budget["context"]) / 2**30)
 
 
 def check_update_share(b: Bench, rep: Report) -> None:
@@ -584,7 +597,10 @@ def check_fsdp2(b: Bench, rep: Report) -> None:
 
     folder = b.tmp / "fsdp-model"
     save_dtype = torch.bfloat16 if b.cuda else torch.float32  # halves the write at 1.7B; both sides load this file
-    b.model.save_pretrained(folder, state_dict={k: v.detach().to(save_dtype) for k, v in b.model.state_dict().items()})
+    cast: dict[int, torch.Tensor] = {}  # tied tensors (embeddings = LM head) stay one tensor
+    state = {k: cast.setdefault(v.data_ptr(), v.detach().to(save_dtype)) for k, v in b.model.state_dict().items()}
+    b.model.save_pretrained(folder, state_dict=state)
+    del state, cast
     save_tokenizer(folder)
     over = {"model.name": str(folder), "optim.share_prompts": "off", "optim.micro_batch_size": 4,
             "distributed.parallel": "fsdp", "distributed.trainer_workers": 1,
@@ -722,8 +738,7 @@ def reference_step(b: Bench, rep: Report, micro: int) -> None:
         step_row(b, rep, "reference", times, ms, warm_s, peak, micro_batch=micro,
                  config="plain HF forward (padded, full logits) + cross-entropy log-probs + torch.optim.AdamW")
     finally:
-        opt.state.clear()
-        del opt
+        opt.state.clear()  # the AdamW moments (2 x 4 B/parameter) go now, not when the closure does
         model.zero_grad(set_to_none=True)
         if prev_impl:
             model.set_attn_implementation(prev_impl)
@@ -737,20 +752,22 @@ def throughput(b: Bench, rep: Report, first_only: bool = False) -> None:
         run_config(b, rep, "packed+budget", budget, measure_memory=first_only)
         if first_only:
             return
-    run_config(b, rep, "packed", {})
-    run_config(b, rep, "padded", {"optim.packing": False})
-    micro = b.mode.micro
+    run_config(b, rep, "packed", {"optim.micro_batch_size": b.micro})
+    run_config(b, rep, "padded", {"optim.packing": False, "optim.micro_batch_size": b.micro})
+    micro = b.micro
     while True:
+        oom = None
         try:
             reference_step(b, rep, micro)
             break
         except torch.OutOfMemoryError as e:
-            b.release(None)
-            if micro == 1:
-                rep.add("step:reference", "FAIL", f"out of memory at 1 sequence per micro-batch: {str(e)[:160]}")
-                break
-            micro //= 2
-            print(f"reference: out of memory; retrying with {micro} sequence(s) per micro-batch", flush=True)
+            oom = str(e).splitlines()[0][:160]
+        b.release(None)  # outside the handler: the traceback's frames (and their logits) are gone
+        if micro == 1:
+            rep.add("step:reference", "FAIL", f"out of memory at 1 sequence per micro-batch: {oom}")
+            break
+        micro //= 2  # full logits (B x T x V) are what a plain step pays for; halve and say so in the row
+        print(f"reference: out of memory; retrying with {micro} sequence(s) per micro-batch", flush=True)
     run_config(b, rep, "fused-off", {**budget, "optim.fused": "off"})
     compile_skip = None
     if not b.cuda and not b.a.cpu_compile:
