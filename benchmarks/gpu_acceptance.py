@@ -303,7 +303,8 @@ def warm_framework(hf_config, device: torch.device) -> None:
     from oapl.trainer.batching import Sequence, collate
     from oapl.trainer.logprobs import token_logprobs
 
-    small = hf_config.__class__.from_dict({**hf_config.to_dict(), "hidden_size": 32, "intermediate_size": 64,
+    base = {k: v for k, v in hf_config.to_dict().items() if k not in ("layer_types", "transformers_version")}
+    small = hf_config.__class__.from_dict({**base, "hidden_size": 32, "intermediate_size": 64,
                                            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                                            "head_dim": 16, "vocab_size": 256})
     with torch.device(device):

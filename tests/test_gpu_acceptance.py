@@ -81,6 +81,36 @@ def test_shipped_configs_are_qwen3_and_the_big_one_is_the_table_shape(ga):
     assert count_params(shape_from_config(big, "test")) == shapes_table()["Qwen/Qwen3-1.7B"].params
 
 
+@pytest.mark.parametrize("gpu_bytes", [150e9, 85e9])  # an H200 (141 GB) and an H100 (80 GB) as torch reports them
+def test_token_budget_and_micro_batch_are_what_the_memory_plan_fits(ga, tmp_path, monkeypatch, gpu_bytes):
+    """CUDA mode sizes its micro-batches from oapl.memory_plan: 2 capped sequences when they fit in 90 % of
+    the GPU (the H200), else fewer tokens and one sequence per micro-batch (the H100)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from oapl.memory_plan import count_params, shape_from_config, trainer_rank
+
+    d = json.loads((ROOT / "benchmarks" / "configs" / "qwen3-1.7b.json").read_text())
+    hf = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
+    b = object.__new__(ga.Bench)
+    b.device, b.cuda, b.mode, b.tmp, b.model_dir = torch.device("cuda"), True, SimpleNamespace(**ga.MODES["cuda"]), \
+        tmp_path, tmp_path
+    b.model = SimpleNamespace(config=hf)
+    b.n_params = count_params(shape_from_config(hf, "test"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=gpu_bytes))
+    budget = ga.pick_budget(b)
+    seq = b.mode.cap + b.mode.prompt
+    cfg = b.cfg(**{"optim.max_tokens_per_micro_batch": budget, "optim.micro_batch_size": 1024})
+    planned = trainer_rank(cfg, b.shape(), seq, True, tokens=budget)["total"]
+    assert planned <= 0.9 * gpu_bytes
+    if gpu_bytes > 100e9:
+        assert budget == 2 * seq - b.mode.prompt and b.micro == 2  # two capped responses + one prompt
+    else:
+        assert seq <= budget < 2 * seq - b.mode.prompt and b.micro == 1
+        assert trainer_rank(cfg, b.shape(), seq, True, tokens=budget + 512)["total"] > 0.9 * gpu_bytes
+
+
 @pytest.mark.slow
 def test_cpu_mode_passes_with_every_field(tmp_path):
     """The whole CPU mode in a fresh process (~1 min on 2 busy cores): every check PASS or SKIP."""
