@@ -455,6 +455,8 @@ def run_config(b: Bench, rep: Report, name: str, over: dict, needs: str | None =
     timed steps; on CUDA the allocator's peak, on CPU the resident set's."""
     if needs:
         return rep.add(f"step:{name}", "SKIP", needs)
+    if late(b):
+        return rep.add(f"step:{name}", "SKIP", late(b))
     policy = None
     try:
         if b.cuda:
@@ -478,6 +480,15 @@ def run_config(b: Bench, rep: Report, name: str, over: dict, needs: str | None =
         b.release(policy)
         del policy
         uncompile(b.model)
+
+
+def late(b: Bench) -> str | None:
+    """Why a step config is not started: the run is within 30 s of ``--time-limit-s`` (CUDA default 450 s, so
+    that the command ends within 8 minutes with what it measured)."""
+    limit = b.a.time_limit_s
+    if limit and time.perf_counter() - b.t_start > limit - 30:
+        return f"time limit: {time.perf_counter() - b.t_start:.0f} s of --time-limit-s {limit:g} spent"
+    return None
 
 
 def uncompile(model) -> None:
@@ -756,7 +767,7 @@ def throughput(b: Bench, rep: Report, first_only: bool = False) -> None:
     run_config(b, rep, "packed", {"optim.micro_batch_size": b.micro})
     run_config(b, rep, "padded", {"optim.packing": False, "optim.micro_batch_size": b.micro})
     micro = b.micro
-    while True:
+    while not late(b):
         oom = None
         try:
             reference_step(b, rep, micro)
@@ -769,6 +780,8 @@ def throughput(b: Bench, rep: Report, first_only: bool = False) -> None:
             break
         micro //= 2  # full logits (B x T x V) are what a plain step pays for; halve and say so in the row
         print(f"reference: out of memory; retrying with {micro} sequence(s) per micro-batch", flush=True)
+    else:
+        rep.add("step:reference", "SKIP", late(b))
     run_config(b, rep, "fused-off", {**budget, "optim.fused": "off"})
     compile_skip = None
     if not b.cuda and not b.a.cpu_compile:
@@ -811,6 +824,10 @@ def parse(argv=None):
     p.add_argument("--mfu-bar", type=float, default=MFU_BAR)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU, torch's on CUDA)")
     p.add_argument("--cpu-compile", action="store_true", help="CPU: run the compile configs too (minutes)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per config (default 1)")
+    p.add_argument("--timed", type=int, default=None, help="timed steps per config, the best one counts (default 2)")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="start no step config past this many seconds less 30 (default 450 on CUDA, none on CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -835,7 +852,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     compute = torch.bfloat16 if a.device == "cuda" else torch.float32
     peak = a.peak_tflops or matmul_tflops(torch.device(a.device), compute)
+    if a.time_limit_s is None:
+        a.time_limit_s = 450.0 if a.device == "cuda" else 0.0
     b = Bench(a)
+    b.t_start = t0
+    b.mode.warmup = a.warmup if a.warmup is not None else b.mode.warmup
+    b.mode.timed = max(1, a.timed) if a.timed is not None else b.mode.timed
     b.peak = peak
     b.budget = pick_budget(b)
     meta = {"device": a.device, "device_name": torch.cuda.get_device_name(0) if b.cuda else "cpu",

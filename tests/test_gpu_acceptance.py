@@ -111,6 +111,16 @@ def test_token_budget_and_micro_batch_are_what_the_memory_plan_fits(ga, tmp_path
         assert trainer_rank(cfg, b.shape(), seq, True, tokens=budget + 512)["total"] > 0.9 * gpu_bytes
 
 
+def test_time_limit_stops_starting_configs(ga):
+    import time
+    from types import SimpleNamespace
+
+    now = time.perf_counter()
+    assert ga.late(SimpleNamespace(a=SimpleNamespace(time_limit_s=100.0), t_start=now)) is None
+    assert "time limit" in ga.late(SimpleNamespace(a=SimpleNamespace(time_limit_s=100.0), t_start=now - 71))
+    assert ga.late(SimpleNamespace(a=SimpleNamespace(time_limit_s=0.0), t_start=now - 1e6)) is None  # no limit
+
+
 @pytest.mark.slow
 def test_cpu_mode_passes_with_every_field(tmp_path):
     """The whole CPU mode in a fresh process (~1 min on 2 busy cores): every check PASS or SKIP."""
