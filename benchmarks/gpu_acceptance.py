@@ -604,6 +604,7 @@ def check_fsdp2(b: Bench, rep: Report) -> None:
 
     from oapl.distributed.sharded import full_tensor
     from oapl.distributed.trainer import TrainerRank
+    from oapl.objectives import build_objective
     from oapl.trainer.policy import Policy
     from oapl.trainer.step import Parallel, plan_step, run_step
 
@@ -619,8 +620,7 @@ def check_fsdp2(b: Bench, rep: Report) -> None:
             "distributed.trainer_num_gpus": 1 if b.cuda else 0, "rollout.prompts_per_step": len(b.short),
             "rollout.group_size": b.short[0].n}
     cfg = b.cfg(**over)
-    works, _ = plan_step(b.short, __import__("oapl.objectives", fromlist=["build_objective"]).build_objective(
-        cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches, world=1)
+    works, _ = plan_step(b.short, build_objective(cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches, world=1)
 
     def side(out, named):
         return {"loss": out["stats"]["loss"], "grad_norm": out["grad_norm"], "grads": out["grads"],
