@@ -1,8 +1,9 @@
 """In-sandbox side of the oapl code sandbox (stdlib only, run as a script).
 
 This file is executed by :mod:`oapl.rewards.sandbox.runner` as
-``python -s -P -B _launcher.py SPEC_PATH`` in a fresh session (its own process
-group) with a clean environment.  It is *trusted* code: it sets up isolation
+``python [-s] -P -B -c BOOTSTRAP SOURCE_FD SPEC_FD`` (its source and the JSON spec
+come on inherited file descriptors, so no host path is in its command line) in a
+fresh session (its own process group) with a clean environment.  It is *trusted* code: it sets up isolation
 and then runs the untrusted program once per test case, each time in a fresh
 forked process that has dropped every privilege.
 
@@ -15,7 +16,7 @@ Process tree (namespace mode)::
                          namespace with a fresh tmpfs /tmp, rlimits, no
                          privileges, clean env) ─ runs the untrusted code
 
-Protocol: the launcher reads a JSON spec from ``SPEC_PATH`` (then deletes it)
+Protocol: the launcher reads a JSON spec from ``SPEC_FD``
 and writes length-prefixed (4-byte big-endian) JSON frames to fd 1:
 
 * ``{"type": "ready", ...isolation facts...}`` once, or
@@ -43,6 +44,7 @@ import time
 # --------------------------------------------------------------------------- constants
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -57,6 +59,7 @@ MS_REMOUNT = 32
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
+MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
@@ -281,16 +284,50 @@ def _bind_readonly(src: str, dst: str) -> None:
         mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _python_paths() -> list[str]:
-    """Directories the interpreter needs: prefixes and site-packages (real paths)."""
+def _home_dir() -> str | None:
+    try:
+        import pwd
+        return os.path.realpath(pwd.getpwuid(os.geteuid()).pw_dir)
+    except (ImportError, KeyError, OSError):
+        return None
+
+
+def _python_paths(workdir: str | None = None) -> list[str]:
+    """What the interpreter imports from: prefixes, every site-packages, and the ``sys.path`` entries
+    that ``.pth`` files add (editable installs), as both the given and the real paths.
+
+    Left out: an entry that is ``/``, the home directory or a folder above it or above the sandbox's
+    own folder (a ``.pth`` naming such a folder would expose the host wholesale), and a folder holding
+    the trainer's own ``oapl`` package (the project's source in an editable install).
+    """
+    import site
+
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))}
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    try:
+        paths.update(site.getsitepackages())
+    except AttributeError:  # pragma: no cover - very old virtualenv's site.py
+        pass
+    if site.ENABLE_USER_SITE:
+        paths.add(site.getusersitepackages())
+    home = _home_dir()
     for p in sys.path:
-        if p and os.path.isdir(p) and os.path.basename(p) in ("site-packages", "dist-packages"):
+        if not p or not os.path.exists(p):
+            continue
+        real = os.path.realpath(p)
+        if os.path.basename(p) in ("site-packages", "dist-packages") or any(
+                real == q or real.startswith(q.rstrip("/") + "/") for q in prefixes):
+            paths.add(p)
+            continue
+        broad = real == "/" or any(x is not None and (x == real or x.startswith(real.rstrip("/") + "/"))
+                                   for x in (home, workdir and os.path.realpath(workdir)))
+        trainer_src = os.path.isfile(os.path.join(real, "oapl", "rewards", "sandbox", "_launcher.py"))
+        if not broad and not trainer_src:
             paths.add(p)
     out = set()
     for p in paths:
-        if p and os.path.isdir(p):
+        if p and os.path.exists(p):
             out.add(os.path.realpath(p))
             out.add(os.path.abspath(p))
     return sorted(out)
@@ -298,36 +335,73 @@ def _python_paths() -> list[str]:
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
+# Folders every test case gets a fresh tmpfs on: Python paths under them are exposed again in there.
+PER_TEST_TMPFS = ("/tmp", "/dev/shm")
+STAGE = "/.oapl-stage"  # empty mount points where a test's fresh tmpfs is prepared before it moves in place
 
 
-def build_root(new_root: str, tmpfs_bytes: int, facts: dict) -> None:
+def _symlinked_ancestor(path: str) -> str | None:
+    """The first component of ``path`` (itself included) that is a symlink on the host, if any."""
+    cur = ""
+    for part in path.strip("/").split("/"):
+        cur += "/" + part
+        if os.path.islink(cur):
+            return cur
+    return None
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None = None) -> None:
     """Create a minimal read-only root in ``new_root`` and pivot into it.
 
-    Exposed read-only: system dirs, the Python installation.  Everything else
-    (home directories, /root, the project, /tmp, /sys, host /proc) is absent.
+    Exposed read-only: system dirs, the Python installation (wherever it lives).  Everything else
+    (home directories, /root, the project, /tmp, /sys, host /proc) is absent.  Python paths under
+    ``/tmp`` or ``/dev/shm`` are recorded in ``state["per_test"]`` so that every test case's fresh
+    tmpfs shows them again (see :func:`_private_tmpfs`).
     """
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,nr_inodes=4096,mode=755")
     exposed: list[str] = []
+    per_test: list[tuple[str, str, str]] = []  # (kind "bind"|"link", path, symlink target)
 
     def covered(path: str) -> bool:
-        return any(path == e or path.startswith(e.rstrip("/") + "/") for e in exposed)
+        return any(_under(path, e) for e in exposed)
 
-    for path in list(SYSTEM_DIRS) + _python_paths():
-        if covered(path) or not os.path.lexists(path):
+    def add_link(link: str) -> None:
+        dst = new_root + link
+        if not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(os.readlink(link), dst)
+            if any(_under(link, t) for t in PER_TEST_TMPFS):
+                per_test.append(("link", link, os.readlink(link)))
+
+    for path in list(SYSTEM_DIRS) + _python_paths(new_root):
+        if covered(path) or not os.path.lexists(path) or any(_under(path, t) for t in ("/proc", "/sys")):
+            continue
+        link = _symlinked_ancestor(path)
+        if link is not None:
+            # Recreate the link itself; its target's real path is in the list and is mounted on its
+            # own (never mount through a link: that would land on the host's side of it).
+            add_link(link)
             continue
         dst = new_root + path
-        if os.path.islink(path):
-            if not os.path.lexists(dst):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.symlink(os.readlink(path), dst)
+        if os.path.isdir(path):
+            os.makedirs(dst, exist_ok=True)
+        elif os.path.isfile(path):  # e.g. a zip on sys.path
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "a").close()
+        else:
             continue
-        if not os.path.isdir(path):
-            continue
-        os.makedirs(dst, exist_ok=True)
         _bind_readonly(path, dst)
         exposed.append(path)
+        if any(_under(path, t) for t in PER_TEST_TMPFS):
+            per_test.append(("bind", path, ""))
     facts["exposed"] = exposed
+    if state is not None:
+        state["per_test"] = per_test
 
     dev = new_root + "/dev"
     os.makedirs(dev, exist_ok=True)
@@ -342,7 +416,10 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict) -> None:
     os.makedirs(new_root + "/tmp", exist_ok=True)
     os.chmod(new_root + "/tmp", 0o1777)
     os.makedirs(new_root + "/var", exist_ok=True)
-    os.symlink("/tmp", new_root + "/var/tmp")
+    if not os.path.lexists(new_root + "/var/tmp"):  # a Python under /var/tmp keeps its real folder
+        os.symlink("/tmp", new_root + "/var/tmp")
+    for top in PER_TEST_TMPFS:
+        os.makedirs(new_root + STAGE + top, exist_ok=True)
     os.makedirs(new_root + "/proc", exist_ok=True)
     try:
         mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -360,6 +437,32 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict) -> None:
         facts["fs"] = "chroot"
     os.chdir("/")
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _private_tmpfs(top: str, opts: str, flags: int, per_test: list) -> None:
+    """Mount a fresh tmpfs on ``top`` (in this test's mount namespace) that still shows the Python
+    paths living under ``top``: it is prepared on a staging mount point, the paths are bound into it
+    read-only (while the old ``top`` still shows them), then the whole tree moves onto ``top``."""
+    mine = [e for e in per_test if _under(e[1], top)]
+    if not mine:
+        mount("tmpfs", top, "tmpfs", flags, opts)
+        return
+    stage = STAGE + top
+    mount("tmpfs", stage, "tmpfs", flags, opts)
+    for kind, path, target in mine:
+        dst = stage + path[len(top):]
+        if kind == "link":
+            if not os.path.lexists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.symlink(target, dst)
+            continue
+        if os.path.isdir(path):
+            os.makedirs(dst, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "a").close()
+        _bind_readonly(path, dst)
+    mount(stage, top, None, MS_MOVE)
 
 
 # --------------------------------------------------------------------------- test process
@@ -488,9 +591,10 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
             # message queues, POSIX mqueues) per test case: nothing one test makes reaches the next
             unshare(CLONE_NEWNS | CLONE_NEWIPC)
             opts = f"size={int(spec['tmpfs_bytes'])},nr_inodes=4096,mode=1777"
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
-            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                  f"size={int(spec['tmpfs_bytes'])},nr_inodes=256,mode=1777")
+            per_test = spec.get("_per_test") or []
+            _private_tmpfs("/tmp", opts, MS_NOSUID | MS_NODEV, per_test)
+            _private_tmpfs("/dev/shm", f"size={int(spec['tmpfs_bytes'])},nr_inodes=256,mode=1777",
+                           MS_NOSUID | MS_NODEV | MS_NOEXEC, per_test)
             workdir = "/tmp"
         else:
             workdir = fds["workdir"]
@@ -816,7 +920,8 @@ def init_main(spec: dict, state: dict) -> None:
     facts = {"type": "ready", "netns": True, "pidns": os.getpid() == 1, "mountns": True,
              "userns": bool(spec.get("userns")), "uid_drop": not spec.get("userns"),
              "mode": "namespaces", "cgroups": spec.get("_cgroups", []),
-             "ipcns": "per test", "no_userns": "seccomp" if _SECCOMP_ARCH else "unsupported arch"}
+             "ipcns": "per test", "no_userns": "seccomp" if _SECCOMP_ARCH else "unsupported arch",
+             "cgroupns": bool(spec.get("_cgroupns"))}
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     prctl(PR_SET_DUMPABLE, 0)
     # pid 1 only receives in-namespace signals it has a handler for: drop
@@ -825,7 +930,8 @@ def init_main(spec: dict, state: dict) -> None:
     os.umask(0o022)
     state["pidns"] = os.getpid() == 1
     try:
-        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts)
+        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts, state)
+        spec["_per_test"] = state.get("per_test", [])
     except OSError as exc:
         send(state["out_fd"], {"type": "ready", "error": f"file-system isolation failed: {exc}"})
         os._exit(3)
@@ -867,10 +973,11 @@ def main() -> None:
     nul = os.open(os.devnull, os.O_RDWR)
     os.dup2(nul, 1)  # stray prints from trusted code must not corrupt the frame stream
     os.close(nul)
-    spec_path = sys.argv[1]
-    with open(spec_path, "rb") as f:
+    # The trainer passes the spec on an open file (see runner.launch): no path of the host shows in
+    # this process's command line, which every process of the sandbox inherits (/proc/*/cmdline).
+    with os.fdopen(int(sys.argv[-1]), "rb") as f:
         spec = json.loads(f.read())
-    os.unlink(spec_path)
+    sys.argv[:] = ["oapl-sandbox"]
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     joined = []
     for procs in spec.get("cgroup_procs") or ():
@@ -907,6 +1014,11 @@ def main() -> None:
                     f.write(f"0 {uid} 1")
                 with open("/proc/self/gid_map", "w") as f:
                     f.write(f"0 {gid} 1")
+            try:  # /proc/self/cgroup then shows "/" instead of the trainer's cgroup names (and pid)
+                unshare(CLONE_NEWCGROUP)
+                spec["_cgroupns"] = True
+            except OSError:  # kernels before 4.6
+                spec["_cgroupns"] = False
         except OSError as exc:
             send(out_fd, {"type": "ready", "error": f"cannot create namespaces "
                           f"(user={userns}, net, pid, mount): {exc}"})

@@ -53,6 +53,50 @@ def _launcher_env() -> dict[str, str]:
     }
 
 
+# The launcher runs from its source on an inherited descriptor, with the spec on another: the command
+# line every sandboxed process inherits (/proc/<pid>/cmdline) then names no file of the host.
+BOOTSTRAP = ("import os, sys\n"
+             "with os.fdopen(int(sys.argv[1]), 'rb') as _f:\n"
+             "    _code = compile(_f.read(), 'oapl-sandbox-launcher', 'exec')\n"
+             "exec(_code)\n")
+_source_cache: list[bytes] = []
+
+
+def _launcher_source() -> bytes:
+    if not _source_cache:
+        _source_cache.append(LAUNCHER.read_bytes())
+    return _source_cache[0]
+
+
+def _data_fd(data: bytes, tmp: str) -> int:
+    """A read-only-at-offset-0 descriptor holding ``data`` (a memfd, or an unlinked file in ``tmp``)."""
+    try:
+        fd = os.memfd_create("oapl-sandbox", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd, path = tempfile.mkstemp(dir=tmp)
+        os.unlink(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _site_flags(python: str) -> list[str]:
+    """``-s`` (no user site-packages) unless the trainer's own interpreter imports from one, so that
+    a program sees the packages the trainer sees (``pip install --user`` included)."""
+    import site
+
+    same = os.path.realpath(python) == os.path.realpath(sys.executable)
+    user_site = getattr(site, "ENABLE_USER_SITE", False) and same and any(
+        os.path.realpath(p) == os.path.realpath(site.getusersitepackages()) for p in sys.path if p)
+    return [] if user_site else ["-s"]
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher's process group (launcher + init => whole pid namespace)."""
     try:
@@ -93,10 +137,7 @@ def launch(
         "cgroup_procs": cgroups,
     }
     spec.update(extra_spec or {})
-    spec_path = os.path.join(tmp, "spec.json")
-    fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(spec, f)
+    fds: list[int] = []
 
     runs: list[TestRun] = []
     ready: dict = {}
@@ -107,11 +148,17 @@ def launch(
     proc: subprocess.Popen | None = None
     done = False
     try:
+        fds.append(_data_fd(_launcher_source(), tmp))
+        fds.append(_data_fd(json.dumps(spec).encode("utf-8"), tmp))
+        python = config.python or sys.executable
         proc = subprocess.Popen(
-            [config.python or sys.executable, "-s", "-P", "-B", str(LAUNCHER), spec_path],
+            [python, *_site_flags(python), "-P", "-B", "-c", BOOTSTRAP, *map(str, fds)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_launcher_env(), cwd="/", start_new_session=True, close_fds=True,
+            env=_launcher_env(), cwd="/", start_new_session=True, close_fds=True, pass_fds=fds,
         )
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
         deadline = time.monotonic() + config.total_deadline_s + config.startup_grace_s
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -174,6 +221,8 @@ def launch(
     except OSError as exc:
         error = f"launch failed: {exc}"
     finally:
+        for fd in fds:
+            os.close(fd)
         if proc is not None:
             # Never reap the launcher before killing its group: while it is
             # unreaped its pid (= process group id) cannot be reused.
