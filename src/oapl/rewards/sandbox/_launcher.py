@@ -512,6 +512,10 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
     dumps, write, close, run_exitfuncs = json.dumps, write_all, os.close, atexit._run_exitfuncs
     atexit._clear()
     random.seed(0)  # deterministic "random" programs
+    # Entries the sandbox does not show (e.g. the trainer's own source from an editable install)
+    # name host folders and cannot be imported from anyway.
+    sys.path[:] = [p for p in sys.path if p and os.path.exists(p)]
+    sys.path_importer_cache.clear()
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(
         io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict")
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(
