@@ -205,3 +205,45 @@ def test_proc_shows_no_host_paths_with_python_under_tmp(tmp_venv, tmp_path):
     needles = _host_needles([str(tmp_path)], python_paths)
     checked, hits = _scan(str(tmp_venv["python"]), needles)
     assert checked > 200 and hits == []
+
+
+@requires_ns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_unprivileged_trainer_with_a_venv_under_tmp(tmp_path_factory):
+    """The user-namespace path (non-root trainer): a venv under /tmp, direct and through a symlink."""
+    python3, setpriv = shutil.which("python3", path="/usr/bin:/bin"), shutil.which("setpriv")
+    src = Path(oapl.__file__).resolve().parents[1]
+    if not python3 or not setpriv:
+        pytest.skip("needs /usr/bin/python3 and setpriv to run as an unprivileged user")
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
+    if subprocess.run(as_nobody + [python3, "-c", f"import os, sys; sys.exit(not os.access({str(src / 'oapl')!r}, os.R_OK))"],
+                      env=env, cwd="/", timeout=60).returncode != 0:
+        pytest.skip(f"an unprivileged user cannot read {src} here")
+    root = Path(tempfile.mkdtemp(prefix="oapl-tmpvenv-", dir="/tmp"))
+    try:
+        subprocess.run([python3, "-m", "venv", "--without-pip", str(root / "venv")], check=True, capture_output=True,
+                       timeout=120)
+        python = root / "venv" / "bin" / "python"
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+        Path(site, "oapl_tmp_mod.py").write_text("ANSWER = 42\n")
+        (root / "link").symlink_to("venv")
+        subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+        script = (f"import sys\nsys.path.insert(0, {str(src)!r})\n"
+                  "from oapl.rewards.sandbox.runner import SandboxConfig, SandboxRunner, ProgramJob\n"
+                  "try:\n    SandboxRunner(SandboxConfig()).isolation_mode()\n"
+                  "except Exception:\n    print('UNAVAILABLE'); sys.exit(0)\n"
+                  f"for py in ({str(python)!r}, {str(root / 'link' / 'bin' / 'python')!r}):\n"
+                  "    res = SandboxRunner(SandboxConfig(timeout_s=10, python=py)).run(ProgramJob(\n"
+                  "        code='import oapl_tmp_mod\\nprint(oapl_tmp_mod.ANSWER)', mode='stdin', inputs=['', '']))\n"
+                  "    print(res.isolation.get('userns'), [(r.status, r.stdout.strip()) for r in res.runs], res.error)\n")
+        proc = subprocess.run(as_nobody + [python3, "-c", script], capture_output=True, text=True, timeout=120,
+                              cwd="/", env=env)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.strip().splitlines()
+        if lines == ["UNAVAILABLE"]:
+            pytest.skip("no user namespace for the unprivileged user here")
+        assert lines == ["True [('ok', '42'), ('ok', '42')] None"] * 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
