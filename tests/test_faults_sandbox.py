@@ -79,8 +79,10 @@ def tmp_venv():
 
 
 NUMPY_PROGRAM = (
-    "import numpy as np, sys\n"
-    "assert np.__file__.startswith({venv!r}), np.__file__  # numpy of the venv under /tmp\n"
+    "import numpy as np, os, sys\n"
+    "assert np.__file__.startswith(sys.prefix), np.__file__  # numpy of the venv\n"
+    "# ... which is the one under /tmp: its host path still resolves inside this test's private /tmp\n"
+    "assert os.path.realpath({venv!r}) == os.path.realpath(sys.prefix), (sys.prefix, os.listdir('/tmp'))\n"
     "n = int(input())\n"
     "print(int(np.arange(n).sum()))\n"
 )
@@ -104,8 +106,7 @@ def test_numpy_program_scores_one_from_a_venv_under_tmp(tmp_venv):
 @requires_ns
 def test_numpy_from_a_venv_under_tmp_reached_through_a_symlink(tmp_venv):
     tests = [{"input": "4\n", "output": "6\n", "testtype": "stdin"}]
-    # np.__file__ then starts with the link's path or the venv's: accept the common root
-    code = NUMPY_PROGRAM.format(venv=str(tmp_venv["root"]))
+    code = NUMPY_PROGRAM.format(venv=str(tmp_venv["root"] / "link"))
     assert _reward(tmp_venv["link_python"], code, tests) == 1.0
 
 
@@ -159,6 +160,7 @@ for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
             check(f"/proc/{{pid}}/{{name}}", os.readlink(f"/proc/{{pid}}/{{name}}").encode())
         except OSError:
             pass
+needles = {trainer_needles!r}  # sys.path names Python's own folders, never the trainer's
 check("sys.path", repr(sys.path).encode())
 print("CHECKED", checked)
 for h in hits:
@@ -166,43 +168,59 @@ for h in hits:
 '''
 
 
-def _host_needles(extra: list[str], python_paths: list[str]) -> list[str]:
-    """Host paths a program must not learn: the trainer's package folder, its temp folders and pid,
-    the test's secret folder, and the home directory unless Python itself lives under it."""
+def _host_needles(extra: list[str], python_paths: list[str], strong: bool) -> list[str]:
+    """Host paths a program must not learn from /proc: the trainer's package folder, its temp folders
+    and pid, the test's secret folder; and, where Python is mounted on overlays and re-executed from
+    them (``strong``), also Python's own host paths and the home directory.  Otherwise (a bind-mount
+    fallback) those may show, and the home directory only counts when Python does not live in it."""
     needles = [str(Path(oapl.__file__).resolve().parent), str(Path(oapl.__file__).parent.parent),
                os.path.join(tempfile.gettempdir(), "oapl-sbx"), f"oapl-sbx-{os.getpid()}", *extra]
     home = os.path.expanduser("~")
-    if home not in ("", "/") and not any(p == home or p.startswith(home.rstrip("/") + "/") for p in python_paths):
+    if strong:
+        needles += python_paths
+    if home not in ("", "/") and (strong or not any(p == home or p.startswith(home.rstrip("/") + "/")
+                                                   for p in python_paths)):
         needles.append(home)
-    return needles
+    return sorted(set(needles))
 
 
 def _scan(python: str, needles: list[str]) -> tuple[int, list[str]]:
     runner = SandboxRunner(SandboxConfig(python=python, **CFG))
-    res = runner.run(ProgramJob(code=PROC_SCAN.format(needles=needles), mode="stdin", inputs=[""]))
+    trainer = [str(Path(oapl.__file__).resolve().parent), str(Path(oapl.__file__).parent.parent)]
+    code = PROC_SCAN.format(needles=needles, trainer_needles=trainer)
+    res = runner.run(ProgramJob(code=code, mode="stdin", inputs=[""]))
     assert res.runs and res.runs[0].status == "ok", (res.error, res.runs and res.runs[0].stderr_tail)
     lines = res.runs[0].stdout.splitlines()
     checked = int(lines[0].split()[1])
     return checked, [ln for ln in lines[1:] if ln.startswith("HIT")]
 
 
+def _strong(python: str) -> bool:
+    facts = SandboxRunner(SandboxConfig(python=python, **CFG)).run(
+        ProgramJob(code="print(1)", mode="stdin", inputs=[""])).isolation
+    return facts.get("python_mounts") == "overlay" and facts.get("interpreter") == "re-executed"
+
+
 @requires_ns
 def test_proc_shows_no_host_paths(tmp_path):
     secret = tmp_path / "run-dir-secret"
     secret.mkdir()
-    python_paths = [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)] + [sys.prefix, sys.base_prefix]
-    needles = _host_needles([str(secret), str(tmp_path)], python_paths)
-    assert not any(n in p for n in needles for p in python_paths), "a needle is part of Python's own path"
+    python_paths = sorted({sys.prefix, sys.base_prefix, os.path.realpath(sys.prefix),
+                           os.path.realpath(sys.base_prefix), os.path.dirname(sys.executable)})
+    strong = _strong(sys.executable)
+    needles = _host_needles([str(secret), str(tmp_path)], python_paths, strong)
     checked, hits = _scan(sys.executable, needles)
-    assert checked > 200  # the scan really read /proc (cmdline, mountinfo, mounts, cgroup, environ, ...)
+    assert checked > 200  # the scan really read /proc (cmdline, mountinfo, mounts, cgroup, environ, maps, ...)
     assert hits == []
+    if strong:  # mountinfo shows the sandbox's own mount points only
+        assert any(n in needles for n in python_paths)
 
 
 @requires_ns
 def test_proc_shows_no_host_paths_with_python_under_tmp(tmp_venv, tmp_path):
-    venv = str(tmp_venv["venv"])
-    python_paths = [venv, str(tmp_venv["root"]), sys.base_prefix, os.path.realpath(sys.base_prefix)]
-    needles = _host_needles([str(tmp_path)], python_paths)
+    python_paths = [str(tmp_venv["venv"]), str(tmp_venv["root"]), sys.base_prefix, os.path.realpath(sys.base_prefix)]
+    strong = _strong(str(tmp_venv["python"]))
+    needles = _host_needles([str(tmp_path)], python_paths, strong)
     checked, hits = _scan(str(tmp_venv["python"]), needles)
     assert checked > 200 and hits == []
 
@@ -236,14 +254,45 @@ def test_unprivileged_trainer_with_a_venv_under_tmp(tmp_path_factory):
                   "except Exception:\n    print('UNAVAILABLE'); sys.exit(0)\n"
                   f"for py in ({str(python)!r}, {str(root / 'link' / 'bin' / 'python')!r}):\n"
                   "    res = SandboxRunner(SandboxConfig(timeout_s=10, python=py)).run(ProgramJob(\n"
-                  "        code='import oapl_tmp_mod\\nprint(oapl_tmp_mod.ANSWER)', mode='stdin', inputs=['', '']))\n"
-                  "    print(res.isolation.get('userns'), [(r.status, r.stdout.strip()) for r in res.runs], res.error)\n")
+                  "        code=CODE, mode='stdin', inputs=['', '']))\n"
+                  "    f = res.isolation\n"
+                  "    print(f.get('userns'), [(r.status, r.stdout.strip()) for r in res.runs], res.error,\n"
+                  "          f.get('python_mounts') == 'overlay' and f.get('interpreter') == 're-executed')\n")
+        code = ("import oapl_tmp_mod, os\nblob = os.readlink('/proc/self/exe').encode()\n"
+                "for p in ('/proc/self/mountinfo', '/proc/1/cmdline', '/proc/self/maps', '/proc/self/environ'):\n"
+                "    blob += open(p, 'rb').read()\n"
+                f"print(oapl_tmp_mod.ANSWER, {str(root).encode()!r} in blob)\n")
+        script = script.replace("for py in", f"CODE = {code!r}\nfor py in", 1)
         proc = subprocess.run(as_nobody + [python3, "-c", script], capture_output=True, text=True, timeout=120,
                               cwd="/", env=env)
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.strip().splitlines()
         if lines == ["UNAVAILABLE"]:
             pytest.skip("no user namespace for the unprivileged user here")
-        assert lines == ["True [('ok', '42'), ('ok', '42')] None"] * 2
+        # the venv's host path shows nowhere in /proc where Python sits on overlays (else: bind fallback)
+        assert lines in (["True [('ok', '42 False'), ('ok', '42 False')] None True"] * 2,
+                         ["True [('ok', '42 True'), ('ok', '42 True')] None False"] * 2), lines
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@requires_ns
+@pytest.mark.parametrize("fallback", ["_test_no_overlay", "_test_no_reexec"])
+def test_numpy_under_tmp_without_overlays_or_re_exec(tmp_venv, fallback):
+    """Where the kernel refuses overlays (bind mounts instead) or the interpreter cannot be started
+    again inside, programs still run from the venv under /tmp, and the trainer's paths stay hidden."""
+    from oapl.rewards.sandbox import runner as runner_mod
+
+    cfg = SandboxConfig(python=str(tmp_venv["python"]), **CFG)
+    SandboxRunner(cfg).isolation_mode()
+    code = NUMPY_PROGRAM.format(venv=str(tmp_venv["venv"])) + (
+        "blob = open('/proc/self/mountinfo').read() + open('/proc/1/cmdline').read()\n"
+        f"assert not any(n in blob for n in {[str(Path(oapl.__file__).parent), 'oapl-sbx']!r})\n")
+    job = ProgramJob(code=code, mode="stdin", inputs=["10\n", "3\n"])
+    runs, ready, error, _ = runner_mod.launch(cfg, job, "namespaces", extra_spec={fallback: True})
+    assert error is None and [(r.status, r.stdout) for r in runs] == [("ok", "45\n"), ("ok", "3\n")], \
+        (error, runs)
+    if fallback == "_test_no_overlay":
+        assert ready["python_mounts"] == "bind" and ready["interpreter"] == "re-executed"
+    else:
+        assert ready["python_mounts"] == "overlay" and ready["interpreter"] == "inherited"

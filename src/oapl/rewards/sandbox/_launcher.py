@@ -1,7 +1,7 @@
 """In-sandbox side of the oapl code sandbox (stdlib only, run as a script).
 
 This file is executed by :mod:`oapl.rewards.sandbox.runner` as
-``python [-s] -P -B -c BOOTSTRAP SOURCE_FD SPEC_FD`` (its source and the JSON spec
+``python [-s] -P -B -c BOOTSTRAP SOURCE_FD SPEC_FD`` (its source or code and the JSON spec
 come on inherited file descriptors, so no host path is in its command line) in a
 fresh session (its own process group) with a clean environment.  It is *trusted* code: it sets up isolation
 and then runs the untrusted program once per test case, each time in a fresh
@@ -33,7 +33,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import resource
 import select
 import signal
@@ -75,14 +74,15 @@ PR_SET_NO_NEW_PRIVS = 38
 # SECBIT_NOROOT | _LOCKED | SECBIT_NO_SETUID_FIXUP | _LOCKED | SECBIT_KEEP_CAPS_LOCKED
 SECURE_BITS_ALL_LOCKED = 0x2F
 
-_PIVOT_ROOT_NR = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.machine())
+_MACHINE = os.uname().machine
+_PIVOT_ROOT_NR = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(_MACHINE)
 
 # seccomp: (AUDIT_ARCH_*, unshare, clone, clone3) syscall numbers of the architectures we filter on.
 _SECCOMP_ARCH = {
     "x86_64": (0xC000003E, 272, 56, 435),
     "aarch64": (0xC00000B7, 97, 220, 435),
     "riscv64": (0xC00000F3, 97, 220, 435),
-}.get(platform.machine())
+}.get(_MACHINE)
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 
@@ -228,7 +228,7 @@ def no_user_namespaces_filter() -> list[tuple[int, int, int, int]]:
 def forbid_user_namespaces() -> None:
     """Install :func:`no_user_namespaces_filter` (needs no_new_privs); raises OSError if it cannot."""
     if _SECCOMP_ARCH is None:
-        raise OSError(38, f"seccomp filter: unsupported architecture {platform.machine()}")
+        raise OSError(38, f"seccomp filter: unsupported architecture {_MACHINE}")
     prog = no_user_namespaces_filter()
     arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
@@ -335,9 +335,10 @@ def _python_paths(workdir: str | None = None) -> list[str]:
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
-# Folders every test case gets a fresh tmpfs on: Python paths under them are exposed again in there.
+# Folders every test case gets a fresh tmpfs on: Python paths under them are linked again in there.
 PER_TEST_TMPFS = ("/tmp", "/dev/shm")
-STAGE = "/.oapl-stage"  # empty mount points where a test's fresh tmpfs is prepared before it moves in place
+# Where the Python installation is mounted inside the sandbox; its host paths become symlinks to here.
+NEUTRAL = "/.oapl-python"
 
 
 def _symlinked_ancestor(path: str) -> str | None:
@@ -354,52 +355,135 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None = None) -> None:
+def _unescape_mountinfo(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _host_mount_points() -> list[str]:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return sorted({_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4})
+    except OSError:
+        return []
+
+
+class _Mounter:
+    """Mounts host folders read-only into the new root.
+
+    A folder is mounted as a one-layer read-only overlay where the kernel allows it: its mountinfo
+    line then reads ``/ <mount point> ... overlay overlay ro,lowerdir=l:e`` (the layers are named
+    relative to a staging folder), so neither the folder's host path nor the host's devices and
+    file-system options show in ``/proc/*/mountinfo``. Mounts below the folder are mirrored the same
+    way. Where overlays are unavailable (old kernels, some file systems) it falls back to a
+    recursive read-only bind mount.
+    """
+
+    def __init__(self, new_root: str, overlay: bool = True):
+        self.overlay = overlay
+        self.stage = new_root + NEUTRAL + "/.stage"
+        os.makedirs(self.stage + "/l", exist_ok=True)
+        os.makedirs(self.stage + "/e", exist_ok=True)
+        self.host_mounts = _host_mount_points()
+        self.kinds: set[str] = set()
+
+    def _overlay(self, src: str, dst: str) -> None:
+        mount(src, self.stage + "/l", None, MS_BIND)
+        try:
+            os.chdir(self.stage)
+            mount("overlay", dst, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, "lowerdir=l:e")
+        finally:
+            umount2(self.stage + "/l", MNT_DETACH)
+
+    def mount_dir(self, src: str, dst: str, skip_file_submounts: bool = False) -> None:
+        subs = [m for m in self.host_mounts if m != src and _under(m, src)]
+        try:
+            if not self.overlay:
+                raise OSError(19, "overlays disabled")
+            self._overlay(src, dst)
+            for m in subs:
+                target = dst + m[len(src):]
+                if os.path.isdir(m) and os.path.isdir(target):
+                    self._overlay(m, target)
+                elif os.path.isfile(m) and os.path.isfile(target) and not skip_file_submounts:
+                    _bind_readonly(m, target)
+            self.kinds.add("overlay")
+        except OSError:
+            try:  # undo a partial overlay tree, then bind the whole tree
+                umount2(dst, MNT_DETACH)
+            except OSError:
+                pass
+            _bind_readonly(src, dst)
+            self.kinds.add("bind")
+
+
+def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None = None,
+               overlay: bool = True) -> None:
     """Create a minimal read-only root in ``new_root`` and pivot into it.
 
-    Exposed read-only: system dirs, the Python installation (wherever it lives).  Everything else
-    (home directories, /root, the project, /tmp, /sys, host /proc) is absent.  Python paths under
-    ``/tmp`` or ``/dev/shm`` are recorded in ``state["per_test"]`` so that every test case's fresh
-    tmpfs shows them again (see :func:`_private_tmpfs`).
+    Exposed read-only: system dirs, and the Python installation wherever it lives (prefixes,
+    site-packages, ``.pth`` folders).  The latter are mounted under ``/.oapl-python/<i>`` and their
+    host paths are symlinks to there, so everything Python resolves still works, while ``/proc``
+    (mountinfo, the executable and mapped files of a re-executed interpreter) shows neutral paths.
+    Everything else (home directories, /root, the project, /tmp, /sys, host /proc) is absent.
+    Python paths under ``/tmp`` or ``/dev/shm`` are recorded in ``state["per_test"]`` so that every
+    test case's fresh tmpfs links them again (see :func:`_private_tmpfs`).
     """
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,nr_inodes=4096,mode=755")
+    mounter = _Mounter(new_root, overlay)
     exposed: list[str] = []
-    per_test: list[tuple[str, str, str]] = []  # (kind "bind"|"link", path, symlink target)
+    per_test: list[tuple[str, str]] = []  # (symlink path, target) to recreate in a per-test tmpfs
 
     def covered(path: str) -> bool:
         return any(_under(path, e) for e in exposed)
 
-    def add_link(link: str) -> None:
+    def add_link(link: str, target: str) -> None:
         dst = new_root + link
         if not os.path.lexists(dst):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.symlink(os.readlink(link), dst)
-            if any(_under(link, t) for t in PER_TEST_TMPFS):
-                per_test.append(("link", link, os.readlink(link)))
+            os.symlink(target, dst)
+        if any(_under(link, t) for t in PER_TEST_TMPFS):
+            per_test.append((link, target))
 
-    for path in list(SYSTEM_DIRS) + _python_paths(new_root):
-        if covered(path) or not os.path.lexists(path) or any(_under(path, t) for t in ("/proc", "/sys")):
+    for path in SYSTEM_DIRS:
+        if not os.path.lexists(path):
+            continue
+        if os.path.islink(path):
+            add_link(path, os.readlink(path))
+        elif os.path.isdir(path):
+            os.makedirs(new_root + path, exist_ok=True)
+            mounter.mount_dir(path, new_root + path, skip_file_submounts=path == "/etc")
+            exposed.append(path)
+    n = 0
+    for path in _python_paths(new_root):
+        if covered(path) or not os.path.lexists(path) or any(_under(path, t) for t in ("/proc", "/sys", "/dev/pts")):
             continue
         link = _symlinked_ancestor(path)
         if link is not None:
-            # Recreate the link itself; its target's real path is in the list and is mounted on its
-            # own (never mount through a link: that would land on the host's side of it).
-            add_link(link)
+            # Recreate the link itself; its target's real path is in the list and gets mounted on
+            # its own (never mount through a link: that would land on the host's side of it).
+            add_link(link, os.readlink(link))
             continue
-        dst = new_root + path
-        if os.path.isdir(path):
-            os.makedirs(dst, exist_ok=True)
-        elif os.path.isfile(path):  # e.g. a zip on sys.path
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            open(dst, "a").close()
-        else:
+        if not os.path.isdir(path):  # e.g. a zip on sys.path outside the prefixes: not exposed
             continue
-        _bind_readonly(path, dst)
+        neutral = f"{NEUTRAL}/{n}"
+        n += 1
+        os.makedirs(new_root + neutral)
+        mounter.mount_dir(path, new_root + neutral)
+        add_link(path, neutral)
         exposed.append(path)
-        if any(_under(path, t) for t in PER_TEST_TMPFS):
-            per_test.append(("bind", path, ""))
+    # (the staging folders stay: removing "e", a layer of every overlay, would keep the root file
+    # system from being remounted read-only)
     facts["exposed"] = exposed
+    facts["python_mounts"] = "+".join(sorted(mounter.kinds))
     if state is not None:
         state["per_test"] = per_test
 
@@ -416,10 +500,8 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None 
     os.makedirs(new_root + "/tmp", exist_ok=True)
     os.chmod(new_root + "/tmp", 0o1777)
     os.makedirs(new_root + "/var", exist_ok=True)
-    if not os.path.lexists(new_root + "/var/tmp"):  # a Python under /var/tmp keeps its real folder
+    if not os.path.lexists(new_root + "/var/tmp"):  # a Python under /var/tmp keeps its link there
         os.symlink("/tmp", new_root + "/var/tmp")
-    for top in PER_TEST_TMPFS:
-        os.makedirs(new_root + STAGE + top, exist_ok=True)
     os.makedirs(new_root + "/proc", exist_ok=True)
     try:
         mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -440,29 +522,14 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None 
 
 
 def _private_tmpfs(top: str, opts: str, flags: int, per_test: list) -> None:
-    """Mount a fresh tmpfs on ``top`` (in this test's mount namespace) that still shows the Python
-    paths living under ``top``: it is prepared on a staging mount point, the paths are bound into it
-    read-only (while the old ``top`` still shows them), then the whole tree moves onto ``top``."""
-    mine = [e for e in per_test if _under(e[1], top)]
-    if not mine:
-        mount("tmpfs", top, "tmpfs", flags, opts)
-        return
-    stage = STAGE + top
-    mount("tmpfs", stage, "tmpfs", flags, opts)
-    for kind, path, target in mine:
-        dst = stage + path[len(top):]
-        if kind == "link":
-            if not os.path.lexists(dst):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.symlink(target, dst)
-            continue
-        if os.path.isdir(path):
-            os.makedirs(dst, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            open(dst, "a").close()
-        _bind_readonly(path, dst)
-    mount(stage, top, None, MS_MOVE)
+    """Mount a fresh tmpfs on ``top`` (in this test's mount namespace) holding the symlinks of the
+    Python paths that live under ``top`` (their targets are mounted outside it)."""
+    mount("tmpfs", top, "tmpfs", flags, opts)
+    for link, target in per_test:
+        if _under(link, top) and link != top:
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            if not os.path.lexists(link):
+                os.symlink(target, link)
 
 
 # --------------------------------------------------------------------------- test process
@@ -934,11 +1001,97 @@ def init_main(spec: dict, state: dict) -> None:
     os.umask(0o022)
     state["pidns"] = os.getpid() == 1
     try:
-        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts, state)
+        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts, state,
+                   overlay=not spec.get("_test_no_overlay"))
         spec["_per_test"] = state.get("per_test", [])
     except OSError as exc:
         send(state["out_fd"], {"type": "ready", "error": f"file-system isolation failed: {exc}"})
         os._exit(3)
+    _reexec(spec, state, facts)  # returns only where the interpreter cannot be started afresh
+    _preload(PRELOAD)
+    init_serve(spec, state, facts)
+
+
+def _preload(names) -> None:
+    """Import the modules every test process needs (LCB_IMPORT_HEADER), so that forks inherit them."""
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
+def _reexec(spec: dict, state: dict, facts: dict) -> None:
+    """Replace this init by a fresh interpreter started from the sandbox's own view of Python.
+
+    The interpreter in memory was loaded from its host path, which ``/proc/<pid>/exe``, ``maps`` and
+    ``cmdline`` of every process forked from it would show.  Started again from the neutral mount
+    (``/.oapl-python/<i>/bin/python``; its host path is a symlink in here, so a venv's
+    ``pyvenv.cfg`` and the libraries' RPATHs still resolve) those show neutral paths only.  The
+    launcher's source and the state travel on inherited descriptors.
+    """
+    exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+    target = os.path.join(os.path.realpath(exe_dir), os.path.basename(sys.executable))
+    bootstrap = _bootstrap_code()
+    src_fd = spec.get("_source_fd")
+    code = globals().get("_c")  # the code object runner.BOOTSTRAP ran: the new init skips compiling
+    if src_fd is not None and isinstance(code, type(_reexec.__code__)):
+        import marshal
+
+        src_fd = os.memfd_create("oapl-sandbox-code", 0)
+        write_all(src_fd, b"\0" + marshal.dumps(code))
+    if (not _under(target, NEUTRAL) or bootstrap is None or src_fd is None or not os.access(target, os.X_OK)
+            or spec.get("_test_no_reexec")):
+        facts["interpreter"] = "inherited"
+        return
+    facts["interpreter"] = "re-executed"
+    payload = json.dumps({"_phase": "init", "spec": spec, "state": state, "facts": facts}).encode("utf-8")
+    fd = os.memfd_create("oapl-sandbox-init", 0)
+    write_all(fd, payload)
+    os.lseek(fd, 0, os.SEEK_SET)
+    for keep in (fd, src_fd, state["out_fd"]):
+        os.set_inheritable(keep, True)
+    args = [target] + (["-s"] if sys.flags.no_user_site else []) + ["-P", "-B", "-c", bootstrap,
+                                                                    str(src_fd), str(fd)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(target, args, dict(os.environ))
+    except OSError as exc:
+        os.close(fd)
+        facts["interpreter"] = f"inherited ({exc})"
+
+
+def _bootstrap_code() -> str | None:
+    """The ``-c`` code this launcher was started with (see runner.BOOTSTRAP)."""
+    argv = getattr(sys, "orig_argv", [])
+    try:
+        return argv[argv.index("-c") + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def init_resume(payload: dict) -> None:
+    """Entry of the re-executed init (see :func:`_reexec`): serve the tests, never return."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_DUMPABLE, 0)  # exec made this process dumpable again
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    spec, state, facts = payload["spec"], payload["state"], payload["facts"]
+    state["per_test"] = [tuple(e) for e in state.get("per_test", [])]
+    spec["_per_test"] = state["per_test"]
+    _preload(PRELOAD)
+    try:
+        init_serve(spec, state, facts)
+    except BaseException as exc:  # report, never hang the trainer
+        try:
+            send(state["out_fd"], {"type": "error", "error": repr(exc)})
+        except OSError:
+            pass
+        os._exit(4)
+    os._exit(0)
+
+
+def init_serve(spec: dict, state: dict, facts: dict) -> None:
     send(state["out_fd"], facts)
     if spec.get("probe"):
         facts_net = {"interfaces": [n for _, n in socket_if_names()]}
@@ -973,15 +1126,19 @@ def _readable_by(uid: int | None, path: str) -> bool:
 
 
 def main() -> None:
-    out_fd = os.dup(1)
-    nul = os.open(os.devnull, os.O_RDWR)
-    os.dup2(nul, 1)  # stray prints from trusted code must not corrupt the frame stream
-    os.close(nul)
     # The trainer passes the spec on an open file (see runner.launch): no path of the host shows in
     # this process's command line, which every process of the sandbox inherits (/proc/*/cmdline).
     with os.fdopen(int(sys.argv[-1]), "rb") as f:
         spec = json.loads(f.read())
+    source_fd = int(sys.argv[-2]) if len(sys.argv) >= 3 else None
     sys.argv[:] = ["oapl-sandbox"]
+    if spec.get("_phase") == "init":
+        init_resume(spec)
+    spec["_source_fd"] = source_fd
+    out_fd = os.dup(1)
+    nul = os.open(os.devnull, os.O_RDWR)
+    os.dup2(nul, 1)  # stray prints from trusted code must not corrupt the frame stream
+    os.close(nul)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     joined = []
     for procs in spec.get("cgroup_procs") or ():
@@ -992,11 +1149,8 @@ def main() -> None:
         except OSError:
             pass
     spec["_cgroups"] = joined
-    for name in PRELOAD + (PRELOAD_DEGRADED if spec["isolation"] != "namespaces" else ()):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
+    if spec["isolation"] != "namespaces":  # (with namespaces, the sandbox's init preloads them)
+        _preload(PRELOAD + PRELOAD_DEGRADED)
     state = {"out_fd": out_fd, "start": time.monotonic(), "uid": spec.get("uid"),
              "trainer_uid": int(spec.get("trainer_uid", os.getuid())),
              "workdir": spec["workdir"], "ns": spec["isolation"] == "namespaces", "pidns": False}

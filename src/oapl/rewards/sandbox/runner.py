@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import marshal
 import math
 import os
 import selectors
@@ -55,17 +56,27 @@ def _launcher_env() -> dict[str, str]:
 
 # The launcher runs from its source on an inherited descriptor, with the spec on another: the command
 # line every sandboxed process inherits (/proc/<pid>/cmdline) then names no file of the host.
-BOOTSTRAP = ("import os, sys\n"
-             "with os.fdopen(int(sys.argv[1]), 'rb') as _f:\n"
-             "    _code = compile(_f.read(), 'oapl-sandbox-launcher', 'exec')\n"
-             "exec(_code)\n")
-_source_cache: list[bytes] = []
+# The source stays open (from offset 0) for the sandbox's init, which starts this code again.
+# The descriptor holds the source, or b"\0" + the marshalled code object when the launcher runs on
+# this very interpreter binary (no compiling per program).
+BOOTSTRAP = ("import os, sys, marshal\n"
+             "_f = os.fdopen(int(sys.argv[1]), 'rb', closefd=False)\n"
+             "_f.seek(0)\n"
+             "_b = _f.read()\n"
+             "_c = marshal.loads(_b[1:]) if _b[:1] == b'\\0' else compile(_b, 'oapl-sandbox-launcher', 'exec')\n"
+             "del _b\n"
+             "exec(_c)\n")
+_source_cache: dict[bool, bytes] = {}
 
 
-def _launcher_source() -> bytes:
-    if not _source_cache:
-        _source_cache.append(LAUNCHER.read_bytes())
-    return _source_cache[0]
+def _launcher_source(python: str) -> bytes:
+    same = os.path.realpath(python) == os.path.realpath(sys.executable)
+    if same not in _source_cache:
+        source = LAUNCHER.read_bytes()
+        if same:
+            source = b"\0" + marshal.dumps(compile(source, "oapl-sandbox-launcher", "exec"))
+        _source_cache[same] = source
+    return _source_cache[same]
 
 
 def _data_fd(data: bytes, tmp: str) -> int:
@@ -148,9 +159,9 @@ def launch(
     proc: subprocess.Popen | None = None
     done = False
     try:
-        fds.append(_data_fd(_launcher_source(), tmp))
-        fds.append(_data_fd(json.dumps(spec).encode("utf-8"), tmp))
         python = config.python or sys.executable
+        fds.append(_data_fd(_launcher_source(python), tmp))
+        fds.append(_data_fd(json.dumps(spec).encode("utf-8"), tmp))
         proc = subprocess.Popen(
             [python, *_site_flags(python), "-P", "-B", "-c", BOOTSTRAP, *map(str, fds)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
