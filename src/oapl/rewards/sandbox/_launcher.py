@@ -337,6 +337,8 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 DEVICES = ("null", "zero", "full", "random", "urandom")
 # Folders every test case gets a fresh tmpfs on: Python paths under them are linked again in there.
 PER_TEST_TMPFS = ("/tmp", "/dev/shm")
+# Host-wide /proc files the sandbox reads as empty (as container runtimes mask them).
+PROC_MASKED = ("cmdline", "kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms")
 # Where the Python installation is mounted inside the sandbox; its host paths become symlinks to here.
 NEUTRAL = "/.oapl-python"
 
@@ -506,6 +508,11 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None 
     try:
         mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         facts["proc"] = "private"
+        for name in PROC_MASKED:  # host-wide files (the kernel's boot line can name host paths)
+            try:
+                mount("/dev/null", f"{new_root}/proc/{name}", None, MS_BIND)
+            except OSError:
+                pass
     except OSError as exc:  # e.g. masked /proc in some containers: go without /proc
         facts["proc"] = f"absent ({exc})"
 
