@@ -9,9 +9,11 @@ forked process that has dropped every privilege.
 
 Process tree (namespace mode)::
 
-    trainer ─ launcher L (new session; unshares user?/net/pid/mount/ipc/uts)
+    trainer ─ launcher L (new session; unshares user?/net/pid/mount/ipc/uts/cgroup)
                  └─ init P1 (pid 1 of the new pid namespace; builds the
-                    read-only file-system view, pivot_root)
+                    read-only file-system view, pivot_root, then re-executes
+                    the interpreter from /.oapl-python/<i> so that /proc
+                    names no host path; see _reexec)
                       └─ test process T_i (own process group, own mount
                          namespace with a fresh tmpfs /tmp, rlimits, no
                          privileges, clean env) ─ runs the untrusted code
