@@ -6,7 +6,8 @@
 * Nothing a program can read under ``/proc`` names the trainer's source, its temporary folders, its
   pid, the test's own folder or (when Python does not live there) the home directory.
 
-Run: ``python -m pytest tests/test_faults_sandbox.py -q`` (builds a small venv; marked slow).
+Run: ``python -m pytest tests/test_faults_sandbox.py -q -m "slow or not slow"`` (the tests that build a
+small venv under /tmp are marked slow).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import oapl
 from oapl.rewards.code import make_code_reward
 from oapl.rewards.sandbox import ProgramJob, SandboxConfig, SandboxRunner, probe_namespaces
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 CFG = dict(timeout_s=20.0, total_deadline_s=60.0, memory_mb=1024, max_output_bytes=1 << 20, workers=1)
 
@@ -93,6 +94,7 @@ def _reward(python: Path, code: str, tests: list[dict]) -> float:
     return reward(prompts=["p"], completions=[f"```python\n{code}\n```"], tests=[tests])[0]
 
 
+@pytest.mark.slow
 @requires_ns
 def test_numpy_program_scores_one_from_a_venv_under_tmp(tmp_venv):
     tests = [{"input": "10\n", "output": "45\n", "testtype": "stdin"},
@@ -103,6 +105,7 @@ def test_numpy_program_scores_one_from_a_venv_under_tmp(tmp_venv):
     assert _reward(tmp_venv["python"], code, [{"input": "10\n", "output": "46\n", "testtype": "stdin"}]) == 0.0
 
 
+@pytest.mark.slow
 @requires_ns
 def test_numpy_from_a_venv_under_tmp_reached_through_a_symlink(tmp_venv):
     tests = [{"input": "4\n", "output": "6\n", "testtype": "stdin"}]
@@ -110,6 +113,7 @@ def test_numpy_from_a_venv_under_tmp_reached_through_a_symlink(tmp_venv):
     assert _reward(tmp_venv["link_python"], code, tests) == 1.0
 
 
+@pytest.mark.slow
 @requires_ns
 def test_pth_folders_are_importable_and_python_paths_read_only(tmp_venv):
     targets = [str(tmp_venv["editable"] / "x"), str(tmp_venv["site"] / "x"), str(tmp_venv["venv"] / "x")]
@@ -220,6 +224,7 @@ def test_proc_shows_no_host_paths(tmp_path):
         assert any(n in needles for n in python_paths)
 
 
+@pytest.mark.slow
 @requires_ns
 def test_proc_shows_no_host_paths_with_python_under_tmp(tmp_venv, tmp_path):
     python_paths = [str(tmp_venv["venv"]), str(tmp_venv["root"]), sys.base_prefix, os.path.realpath(sys.base_prefix)]
@@ -229,6 +234,7 @@ def test_proc_shows_no_host_paths_with_python_under_tmp(tmp_venv, tmp_path):
     assert checked > 200 and hits == []
 
 
+@pytest.mark.slow
 @requires_ns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
 def test_unprivileged_trainer_with_a_venv_under_tmp(tmp_path_factory):
@@ -280,6 +286,7 @@ def test_unprivileged_trainer_with_a_venv_under_tmp(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 @requires_ns
 @pytest.mark.parametrize("fallback", ["_test_no_overlay", "_test_no_reexec"])
 def test_numpy_under_tmp_without_overlays_or_re_exec(tmp_venv, fallback):
@@ -300,3 +307,28 @@ def test_numpy_under_tmp_without_overlays_or_re_exec(tmp_venv, fallback):
         assert ready["python_mounts"] == "bind" and ready["interpreter"] == "re-executed"
     else:
         assert ready["python_mounts"] == "overlay" and ready["interpreter"] == "inherited"
+
+
+
+def test_python_paths_leave_out_broad_folders_and_the_trainer_source(monkeypatch, tmp_path):
+    """.pth folders are exposed, except /, the home directory or a folder above it or above the
+    sandbox's own folder, and a folder holding the trainer's oapl package."""
+    from oapl.rewards.sandbox import _launcher
+
+    home = tmp_path / "home" / "user"
+    (home / "proj" / "src").mkdir(parents=True)
+    lib = tmp_path / "libs"
+    lib.mkdir()
+    trainer_src = tmp_path / "checkout" / "src"
+    (trainer_src / "oapl" / "rewards" / "sandbox").mkdir(parents=True)
+    (trainer_src / "oapl" / "rewards" / "sandbox" / "_launcher.py").write_text("")
+    workdir = tmp_path / "sbx" / "oapl-sbx-1-x"
+    workdir.mkdir(parents=True)
+    monkeypatch.setattr(_launcher, "_home_dir", lambda: str(home))
+    monkeypatch.setattr(sys, "path", ["/", str(home), str(home.parent), str(home / "proj" / "src"), str(lib),
+                                      str(trainer_src), str(tmp_path / "sbx"), str(tmp_path / "missing")])
+    got = set(_launcher._python_paths(str(workdir)))
+    assert {str(home / "proj" / "src"), str(lib)} <= got
+    assert not got & {"/", str(home), str(home.parent), str(trainer_src), str(tmp_path / "sbx"),
+                      str(tmp_path / "missing")}
+    assert os.path.realpath(sys.prefix) in got  # the interpreter's own prefix is always there
