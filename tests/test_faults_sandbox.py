@@ -288,7 +288,7 @@ def test_unprivileged_trainer_with_a_venv_under_tmp(tmp_path_factory):
 
 @pytest.mark.slow
 @requires_ns
-@pytest.mark.parametrize("fallback", ["_test_no_overlay", "_test_no_reexec"])
+@pytest.mark.parametrize("fallback", ["_test_no_overlay", "no_reexec"])
 def test_numpy_under_tmp_without_overlays_or_re_exec(tmp_venv, fallback):
     """Where the kernel refuses overlays (bind mounts instead) or the interpreter cannot be started
     again inside, programs still run from the venv under /tmp, and the trainer's paths stay hidden."""
@@ -332,3 +332,22 @@ def test_python_paths_leave_out_broad_folders_and_the_trainer_source(monkeypatch
     assert not got & {"/", str(home), str(home.parent), str(trainer_src), str(tmp_path / "sbx"),
                       str(tmp_path / "missing")}
     assert os.path.realpath(sys.prefix) in got  # the interpreter's own prefix is always there
+
+
+
+@requires_ns
+def test_an_interpreter_that_cannot_restart_inside_falls_back(monkeypatch, caplog):
+    """If the re-executed init dies (an interpreter that cannot start from the sandbox's view), the
+    probe notices, and that interpreter's sandboxes keep the launched one: programs still score."""
+    from oapl.rewards.sandbox import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "_NO_REEXEC", set())
+    cfg = SandboxConfig(**CFG)
+    with caplog.at_level("WARNING", logger="oapl.rewards.sandbox.runner"):
+        facts = probe_namespaces(cfg, _extra_spec={"_test_break_reexec": True})
+    assert facts["ok"] and facts["interpreter"] == "inherited", facts
+    assert runner_mod._NO_REEXEC == {sys.executable}
+    assert "could not be started again inside the sandbox" in caplog.text
+    runs, ready, error, _ = runner_mod.launch(cfg, ProgramJob(code="print(int(input()) * 2)", mode="stdin",
+                                                              inputs=["21\n"]), "namespaces")
+    assert error is None and runs[0].stdout == "42\n" and ready["interpreter"] == "inherited"

@@ -1043,31 +1043,38 @@ def _reexec(spec: dict, state: dict, facts: dict) -> None:
     target = os.path.join(os.path.realpath(exe_dir), os.path.basename(sys.executable))
     bootstrap = _bootstrap_code()
     src_fd = spec.get("_source_fd")
-    code = globals().get("_c")  # the code object runner.BOOTSTRAP ran: the new init skips compiling
-    if src_fd is not None and isinstance(code, type(_reexec.__code__)):
-        import marshal
-
-        src_fd = os.memfd_create("oapl-sandbox-code", 0)
-        write_all(src_fd, b"\0" + marshal.dumps(code))
     if (not _under(target, NEUTRAL) or bootstrap is None or src_fd is None or not os.access(target, os.X_OK)
-            or spec.get("_test_no_reexec")):
+            or spec.get("no_reexec")):
         facts["interpreter"] = "inherited"
         return
-    facts["interpreter"] = "re-executed"
-    payload = json.dumps({"_phase": "init", "spec": spec, "state": state, "facts": facts}).encode("utf-8")
-    fd = os.memfd_create("oapl-sandbox-init", 0)
-    write_all(fd, payload)
-    os.lseek(fd, 0, os.SEEK_SET)
-    for keep in (fd, src_fd, state["out_fd"]):
-        os.set_inheritable(keep, True)
-    args = [target] + (["-s"] if sys.flags.no_user_site else []) + ["-P", "-B", "-c", bootstrap,
-                                                                    str(src_fd), str(fd)]
-    sys.stdout.flush()
-    sys.stderr.flush()
+    opened: list[int] = []
     try:
+        code = globals().get("_c")  # the code object runner.BOOTSTRAP ran: the new init skips compiling
+        if isinstance(code, type(_reexec.__code__)):
+            import marshal
+
+            src_fd = os.memfd_create("oapl-sandbox-code", 0)
+            opened.append(src_fd)
+            write_all(src_fd, b"\0" + marshal.dumps(code))
+        facts["interpreter"] = "re-executed"
+        payload = json.dumps({"_phase": "init", "spec": spec, "state": state, "facts": facts}).encode("utf-8")
+        fd = os.memfd_create("oapl-sandbox-init", 0)
+        opened.append(fd)
+        write_all(fd, payload)
+        os.lseek(fd, 0, os.SEEK_SET)
+        for keep in (fd, src_fd, state["out_fd"]):
+            os.set_inheritable(keep, True)
+        args = [target] + (["-s"] if sys.flags.no_user_site else []) + ["-P", "-B", "-c", bootstrap,
+                                                                        str(src_fd), str(fd)]
+        if spec.get("_test_break_reexec"):
+            args[args.index("-c") + 1] = "raise SystemExit(5)"
+        send(state["out_fd"], {"type": "reexec"})  # if the new init dies now, the trainer knows why
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.execve(target, args, dict(os.environ))
-    except OSError as exc:
-        os.close(fd)
+    except (OSError, ValueError) as exc:  # carry on in this interpreter
+        for fd in opened:
+            os.close(fd)
         facts["interpreter"] = f"inherited ({exc})"
 
 

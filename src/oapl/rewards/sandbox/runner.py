@@ -147,6 +147,8 @@ def launch(
         "trainer_uid": os.getuid(), "stop_on_error": config.stop_on_error,
         "cgroup_procs": cgroups,
     }
+    if (config.python or sys.executable) in _NO_REEXEC:
+        spec["no_reexec"] = True
     spec.update(extra_spec or {})
     fds: list[int] = []
 
@@ -279,26 +281,41 @@ def _to_run(frame: dict) -> TestRun:
 
 _probe_lock = threading.Lock()
 _PROBE_CACHE: dict[tuple, dict] = {}
+_NO_REEXEC: set[str] = set()  # interpreters that cannot be re-executed inside the sandbox
 
 
-def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False) -> dict:
+def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False,
+                     _extra_spec: dict | None = None) -> dict:
     """Check (once per interpreter/uid) that namespace isolation works here.
 
     Runs a tiny program in a namespace sandbox and returns the launcher's
     isolation facts plus ``ok``/``error``.  ``ok`` requires that the sandbox
-    sees no network interface other than loopback.
+    sees no network interface other than loopback.  If the interpreter cannot
+    be started again inside the sandbox (see ``_launcher._reexec``), that
+    interpreter's sandboxes keep the one they were launched with from then on
+    (``/proc`` then shows its host paths; a warning says so).
     """
-    key = (config.python or sys.executable, os.geteuid(), _simulate_failure)
+    python = config.python or sys.executable
+    key = (python, os.geteuid(), _simulate_failure, json.dumps(_extra_spec, sort_keys=True))
     with _probe_lock:
         if key in _PROBE_CACHE:
             return _PROBE_CACHE[key]
         probe_cfg = SandboxConfig(timeout_s=10, total_deadline_s=20, python=config.python,
                                   uid_base=config.uid_base)
         job = ProgramJob(code="print(6 * 7)", mode="stdin", inputs=[""])
-        extra = {"probe": True}
+        extra = {"probe": True, **(_extra_spec or {})}
         if _simulate_failure:
             extra["_test_fail_unshare"] = True
         runs, ready, error, others = launch(probe_cfg, job, "namespaces", extra_spec=extra)
+        if error is not None and not ready and any(f.get("type") == "reexec" for f in others):
+            first = error
+            extra["no_reexec"] = True
+            runs, ready, error, others = launch(probe_cfg, job, "namespaces", extra_spec=extra)
+            if error is None:
+                _NO_REEXEC.add(python)
+                logger.warning("oapl code sandbox: %s could not be started again inside the sandbox (%s); "
+                               "programs run in the interpreter the sandbox was launched with, so /proc "
+                               "inside shows its host paths", python, first[:300])
         interfaces = next((f.get("interfaces") for f in others if f.get("type") == "probe"), None)
         facts = dict(ready)
         facts.pop("type", None)
