@@ -331,7 +331,14 @@ def test_python_paths_leave_out_broad_folders_and_the_trainer_source(monkeypatch
     assert {str(home / "proj" / "src"), str(lib)} <= got
     assert not got & {"/", str(home), str(home.parent), str(trainer_src), str(tmp_path / "sbx"),
                       str(tmp_path / "missing")}
-    assert os.path.realpath(sys.prefix) in got  # the interpreter's own prefix is always there
+    assert os.path.realpath(sys.prefix) in got  # the interpreter's own prefix is there ...
+    monkeypatch.setattr(_launcher, "_home_dir", lambda: os.path.realpath(sys.prefix))
+    got = set(_launcher._python_paths(str(workdir)))
+    assert os.path.realpath(sys.prefix) not in got  # ... unless it is the home directory itself
+    import site
+
+    site_dirs = site.getsitepackages()
+    assert site_dirs and all(os.path.realpath(p) in got for p in site_dirs)  # then only its parts
 
 
 

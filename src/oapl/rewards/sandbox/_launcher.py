@@ -298,9 +298,11 @@ def _python_paths(workdir: str | None = None) -> list[str]:
     """What the interpreter imports from: prefixes, every site-packages, and the ``sys.path`` entries
     that ``.pth`` files add (editable installs), as both the given and the real paths.
 
-    Left out: an entry that is ``/``, the home directory or a folder above it or above the sandbox's
-    own folder (a ``.pth`` naming such a folder would expose the host wholesale), and a folder holding
-    the trainer's own ``oapl`` package (the project's source in an editable install).
+    Left out: any folder that is ``/``, the home directory or a folder above it or above the
+    sandbox's own folder (a ``.pth`` naming such a folder, or a Python installed with
+    ``--prefix=$HOME``, would otherwise expose the host wholesale; their ``lib/pythonX.Y`` and
+    site-packages still are exposed), and a ``.pth`` folder holding the trainer's own ``oapl``
+    package (the project's source in an editable install).
     """
     import site
 
@@ -314,6 +316,11 @@ def _python_paths(workdir: str | None = None) -> list[str]:
     if site.ENABLE_USER_SITE:
         paths.add(site.getusersitepackages())
     home = _home_dir()
+    guarded = [x for x in (home, workdir and os.path.realpath(workdir)) if x]
+
+    def broad(real: str) -> bool:
+        return real == "/" or any(x == real or x.startswith(real.rstrip("/") + "/") for x in guarded)
+
     for p in sys.path:
         if not p or not os.path.exists(p):
             continue
@@ -321,17 +328,14 @@ def _python_paths(workdir: str | None = None) -> list[str]:
         if os.path.basename(p) in ("site-packages", "dist-packages") or any(
                 real == q or real.startswith(q.rstrip("/") + "/") for q in prefixes):
             paths.add(p)
-            continue
-        broad = real == "/" or any(x is not None and (x == real or x.startswith(real.rstrip("/") + "/"))
-                                   for x in (home, workdir and os.path.realpath(workdir)))
-        trainer_src = os.path.isfile(os.path.join(real, "oapl", "rewards", "sandbox", "_launcher.py"))
-        if not broad and not trainer_src:
+        elif not os.path.isfile(os.path.join(real, "oapl", "rewards", "sandbox", "_launcher.py")):
             paths.add(p)
     out = set()
     for p in paths:
         if p and os.path.exists(p):
-            out.add(os.path.realpath(p))
-            out.add(os.path.abspath(p))
+            for q in (os.path.realpath(p), os.path.abspath(p)):
+                if not broad(os.path.realpath(q)):
+                    out.add(q)
     return sorted(out)
 
 
