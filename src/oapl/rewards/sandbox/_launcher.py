@@ -1,21 +1,24 @@
 """In-sandbox side of the oapl code sandbox (stdlib only, run as a script).
 
 This file is executed by :mod:`oapl.rewards.sandbox.runner` as
-``python -s -P -B _launcher.py SPEC_PATH`` in a fresh session (its own process
-group) with a clean environment.  It is *trusted* code: it sets up isolation
+``python [-s] -P -B -c BOOTSTRAP SOURCE_FD SPEC_FD`` (its source or code and the JSON spec
+come on inherited file descriptors, so no host path is in its command line) in a
+fresh session (its own process group) with a clean environment.  It is *trusted* code: it sets up isolation
 and then runs the untrusted program once per test case, each time in a fresh
 forked process that has dropped every privilege.
 
 Process tree (namespace mode)::
 
-    trainer ─ launcher L (new session; unshares user?/net/pid/mount/ipc/uts)
+    trainer ─ launcher L (new session; unshares user?/net/pid/mount/ipc/uts/cgroup)
                  └─ init P1 (pid 1 of the new pid namespace; builds the
-                    read-only file-system view, pivot_root)
+                    read-only file-system view, pivot_root, then re-executes
+                    the interpreter from /.oapl-python/<i> so that /proc
+                    names no host path; see _reexec)
                       └─ test process T_i (own process group, own mount
                          namespace with a fresh tmpfs /tmp, rlimits, no
                          privileges, clean env) ─ runs the untrusted code
 
-Protocol: the launcher reads a JSON spec from ``SPEC_PATH`` (then deletes it)
+Protocol: the launcher reads a JSON spec from ``SPEC_FD``
 and writes length-prefixed (4-byte big-endian) JSON frames to fd 1:
 
 * ``{"type": "ready", ...isolation facts...}`` once, or
@@ -32,7 +35,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import resource
 import select
 import signal
@@ -43,6 +45,7 @@ import time
 # --------------------------------------------------------------------------- constants
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -57,6 +60,7 @@ MS_REMOUNT = 32
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
+MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
@@ -72,14 +76,15 @@ PR_SET_NO_NEW_PRIVS = 38
 # SECBIT_NOROOT | _LOCKED | SECBIT_NO_SETUID_FIXUP | _LOCKED | SECBIT_KEEP_CAPS_LOCKED
 SECURE_BITS_ALL_LOCKED = 0x2F
 
-_PIVOT_ROOT_NR = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(platform.machine())
+_MACHINE = os.uname().machine
+_PIVOT_ROOT_NR = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(_MACHINE)
 
 # seccomp: (AUDIT_ARCH_*, unshare, clone, clone3) syscall numbers of the architectures we filter on.
 _SECCOMP_ARCH = {
     "x86_64": (0xC000003E, 272, 56, 435),
     "aarch64": (0xC00000B7, 97, 220, 435),
     "riscv64": (0xC00000F3, 97, 220, 435),
-}.get(platform.machine())
+}.get(_MACHINE)
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 
@@ -225,7 +230,7 @@ def no_user_namespaces_filter() -> list[tuple[int, int, int, int]]:
 def forbid_user_namespaces() -> None:
     """Install :func:`no_user_namespaces_filter` (needs no_new_privs); raises OSError if it cannot."""
     if _SECCOMP_ARCH is None:
-        raise OSError(38, f"seccomp filter: unsupported architecture {platform.machine()}")
+        raise OSError(38, f"seccomp filter: unsupported architecture {_MACHINE}")
     prog = no_user_namespaces_filter()
     arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
@@ -281,53 +286,214 @@ def _bind_readonly(src: str, dst: str) -> None:
         mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _python_paths() -> list[str]:
-    """Directories the interpreter needs: prefixes and site-packages (real paths)."""
+def _home_dir() -> str | None:
+    try:
+        import pwd
+        return os.path.realpath(pwd.getpwuid(os.geteuid()).pw_dir)
+    except (ImportError, KeyError, OSError):
+        return None
+
+
+def _python_paths(workdir: str | None = None) -> list[str]:
+    """What the interpreter imports from: prefixes, every site-packages, and the ``sys.path`` entries
+    that ``.pth`` files add (editable installs), as both the given and the real paths.
+
+    Left out: any folder that is ``/``, the home directory or a folder above it or above the
+    sandbox's own folder (a ``.pth`` naming such a folder, or a Python installed with
+    ``--prefix=$HOME``, would otherwise expose the host wholesale; their ``lib/pythonX.Y`` and
+    site-packages still are exposed), and a ``.pth`` folder holding the trainer's own ``oapl``
+    package (the project's source in an editable install).
+    """
+    import site
+
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))}
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    try:
+        paths.update(site.getsitepackages())
+    except AttributeError:  # pragma: no cover - very old virtualenv's site.py
+        pass
+    if site.ENABLE_USER_SITE:
+        paths.add(site.getusersitepackages())
+    home = _home_dir()
+    guarded = [x for x in (home, workdir and os.path.realpath(workdir)) if x]
+
+    def broad(real: str) -> bool:
+        return real == "/" or any(x == real or x.startswith(real.rstrip("/") + "/") for x in guarded)
+
     for p in sys.path:
-        if p and os.path.isdir(p) and os.path.basename(p) in ("site-packages", "dist-packages"):
+        if not p or not os.path.exists(p):
+            continue
+        real = os.path.realpath(p)
+        if os.path.basename(p) in ("site-packages", "dist-packages") or any(
+                real == q or real.startswith(q.rstrip("/") + "/") for q in prefixes):
+            paths.add(p)
+        elif not os.path.isfile(os.path.join(real, "oapl", "rewards", "sandbox", "_launcher.py")):
             paths.add(p)
     out = set()
     for p in paths:
-        if p and os.path.isdir(p):
-            out.add(os.path.realpath(p))
-            out.add(os.path.abspath(p))
+        if p and os.path.exists(p):
+            for q in (os.path.realpath(p), os.path.abspath(p)):
+                if not broad(os.path.realpath(q)):
+                    out.add(q)
     return sorted(out)
 
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
+# Folders every test case gets a fresh tmpfs on: Python paths under them are linked again in there.
+PER_TEST_TMPFS = ("/tmp", "/dev/shm")
+# Host-wide /proc files the sandbox reads as empty (as container runtimes mask them).
+PROC_MASKED = ("cmdline", "kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms")
+# Where the Python installation is mounted inside the sandbox; its host paths become symlinks to here.
+NEUTRAL = "/.oapl-python"
 
 
-def build_root(new_root: str, tmpfs_bytes: int, facts: dict) -> None:
+def _symlinked_ancestor(path: str) -> str | None:
+    """The first component of ``path`` (itself included) that is a symlink on the host, if any."""
+    cur = ""
+    for part in path.strip("/").split("/"):
+        cur += "/" + part
+        if os.path.islink(cur):
+            return cur
+    return None
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _host_mount_points() -> list[str]:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return sorted({_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4})
+    except OSError:
+        return []
+
+
+class _Mounter:
+    """Mounts host folders read-only into the new root.
+
+    A folder is mounted as a one-layer read-only overlay where the kernel allows it: its mountinfo
+    line then reads ``/ <mount point> ... overlay overlay ro,lowerdir=l:e`` (the layers are named
+    relative to a staging folder), so neither the folder's host path nor the host's devices and
+    file-system options show in ``/proc/*/mountinfo``. Mounts below the folder are mirrored the same
+    way. Where overlays are unavailable (old kernels, some file systems) it falls back to a
+    recursive read-only bind mount.
+    """
+
+    def __init__(self, new_root: str, overlay: bool = True):
+        self.overlay = overlay
+        self.stage = new_root + NEUTRAL + "/.stage"
+        os.makedirs(self.stage + "/l", exist_ok=True)
+        os.makedirs(self.stage + "/e", exist_ok=True)
+        self.host_mounts = _host_mount_points()
+        self.kinds: set[str] = set()
+
+    def _overlay(self, src: str, dst: str) -> None:
+        mount(src, self.stage + "/l", None, MS_BIND)
+        try:
+            os.chdir(self.stage)
+            mount("overlay", dst, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, "lowerdir=l:e")
+        finally:
+            umount2(self.stage + "/l", MNT_DETACH)
+
+    def mount_dir(self, src: str, dst: str, skip_file_submounts: bool = False) -> None:
+        subs = [m for m in self.host_mounts if m != src and _under(m, src)]
+        try:
+            if not self.overlay:
+                raise OSError(19, "overlays disabled")
+            self._overlay(src, dst)
+            for m in subs:
+                target = dst + m[len(src):]
+                if os.path.isdir(m) and os.path.isdir(target):
+                    self._overlay(m, target)
+                elif os.path.isfile(m) and os.path.isfile(target) and not skip_file_submounts:
+                    _bind_readonly(m, target)
+            self.kinds.add("overlay")
+        except OSError:
+            try:  # undo a partial overlay tree, then bind the whole tree
+                umount2(dst, MNT_DETACH)
+            except OSError:
+                pass
+            _bind_readonly(src, dst)
+            self.kinds.add("bind")
+
+
+def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None = None,
+               overlay: bool = True) -> None:
     """Create a minimal read-only root in ``new_root`` and pivot into it.
 
-    Exposed read-only: system dirs, the Python installation.  Everything else
-    (home directories, /root, the project, /tmp, /sys, host /proc) is absent.
+    Exposed read-only: system dirs, and the Python installation wherever it lives (prefixes,
+    site-packages, ``.pth`` folders).  The latter are mounted under ``/.oapl-python/<i>`` and their
+    host paths are symlinks to there, so everything Python resolves still works, while ``/proc``
+    (mountinfo, the executable and mapped files of a re-executed interpreter) shows neutral paths.
+    Everything else (home directories, /root, the project, /tmp, /sys, host /proc) is absent.
+    Python paths under ``/tmp`` or ``/dev/shm`` are recorded in ``state["per_test"]`` so that every
+    test case's fresh tmpfs links them again (see :func:`_private_tmpfs`).
     """
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,nr_inodes=4096,mode=755")
+    mounter = _Mounter(new_root, overlay)
     exposed: list[str] = []
+    per_test: list[tuple[str, str]] = []  # (symlink path, target) to recreate in a per-test tmpfs
 
     def covered(path: str) -> bool:
-        return any(path == e or path.startswith(e.rstrip("/") + "/") for e in exposed)
+        return any(_under(path, e) for e in exposed)
 
-    for path in list(SYSTEM_DIRS) + _python_paths():
-        if covered(path) or not os.path.lexists(path):
+    def add_link(link: str, target: str) -> None:
+        dst = new_root + link
+        if not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(target, dst)
+        if any(_under(link, t) for t in PER_TEST_TMPFS):
+            per_test.append((link, target))
+
+    for path in SYSTEM_DIRS:
+        if not os.path.lexists(path):
             continue
-        dst = new_root + path
         if os.path.islink(path):
-            if not os.path.lexists(dst):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.symlink(os.readlink(path), dst)
+            add_link(path, os.readlink(path))
+        elif os.path.isdir(path):
+            os.makedirs(new_root + path, exist_ok=True)
+            mounter.mount_dir(path, new_root + path, skip_file_submounts=path == "/etc")
+            exposed.append(path)
+    n = 0
+    for path in _python_paths(new_root):
+        if covered(path) or not os.path.lexists(path) or any(_under(path, t) for t in ("/proc", "/sys", "/dev/pts")):
             continue
-        if not os.path.isdir(path):
+        link = _symlinked_ancestor(path)
+        if link is not None:
+            # Recreate the link itself; its target's real path is in the list and gets mounted on
+            # its own (never mount through a link: that would land on the host's side of it).
+            add_link(link, os.readlink(link))
             continue
-        os.makedirs(dst, exist_ok=True)
-        _bind_readonly(path, dst)
+        if not os.path.isdir(path):  # e.g. a zip on sys.path outside the prefixes: not exposed
+            continue
+        neutral = f"{NEUTRAL}/{n}"
+        n += 1
+        os.makedirs(new_root + neutral)
+        mounter.mount_dir(path, new_root + neutral)
+        add_link(path, neutral)
         exposed.append(path)
+    # (the staging folders stay: removing "e", a layer of every overlay, would keep the root file
+    # system from being remounted read-only)
     facts["exposed"] = exposed
+    facts["python_mounts"] = "+".join(sorted(mounter.kinds))
+    if state is not None:
+        state["per_test"] = per_test
 
     dev = new_root + "/dev"
     os.makedirs(dev, exist_ok=True)
@@ -342,11 +508,17 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict) -> None:
     os.makedirs(new_root + "/tmp", exist_ok=True)
     os.chmod(new_root + "/tmp", 0o1777)
     os.makedirs(new_root + "/var", exist_ok=True)
-    os.symlink("/tmp", new_root + "/var/tmp")
+    if not os.path.lexists(new_root + "/var/tmp"):  # a Python under /var/tmp keeps its link there
+        os.symlink("/tmp", new_root + "/var/tmp")
     os.makedirs(new_root + "/proc", exist_ok=True)
     try:
         mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         facts["proc"] = "private"
+        for name in PROC_MASKED:  # host-wide files (the kernel's boot line can name host paths)
+            try:
+                mount("/dev/null", f"{new_root}/proc/{name}", None, MS_BIND)
+            except OSError:
+                pass
     except OSError as exc:  # e.g. masked /proc in some containers: go without /proc
         facts["proc"] = f"absent ({exc})"
 
@@ -360,6 +532,17 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict) -> None:
         facts["fs"] = "chroot"
     os.chdir("/")
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _private_tmpfs(top: str, opts: str, flags: int, per_test: list) -> None:
+    """Mount a fresh tmpfs on ``top`` (in this test's mount namespace) holding the symlinks of the
+    Python paths that live under ``top`` (their targets are mounted outside it)."""
+    mount("tmpfs", top, "tmpfs", flags, opts)
+    for link, target in per_test:
+        if _under(link, top) and link != top:
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            if not os.path.lexists(link):
+                os.symlink(target, link)
 
 
 # --------------------------------------------------------------------------- test process
@@ -409,6 +592,10 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
     dumps, write, close, run_exitfuncs = json.dumps, write_all, os.close, atexit._run_exitfuncs
     atexit._clear()
     random.seed(0)  # deterministic "random" programs
+    # Entries the sandbox does not show (e.g. the trainer's own source from an editable install)
+    # name host folders and cannot be imported from anyway.
+    sys.path[:] = [p for p in sys.path if p and os.path.exists(p)]
+    sys.path_importer_cache.clear()
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(
         io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict")
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(
@@ -488,9 +675,10 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
             # message queues, POSIX mqueues) per test case: nothing one test makes reaches the next
             unshare(CLONE_NEWNS | CLONE_NEWIPC)
             opts = f"size={int(spec['tmpfs_bytes'])},nr_inodes=4096,mode=1777"
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
-            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                  f"size={int(spec['tmpfs_bytes'])},nr_inodes=256,mode=1777")
+            per_test = spec.get("_per_test") or []
+            _private_tmpfs("/tmp", opts, MS_NOSUID | MS_NODEV, per_test)
+            _private_tmpfs("/dev/shm", f"size={int(spec['tmpfs_bytes'])},nr_inodes=256,mode=1777",
+                           MS_NOSUID | MS_NODEV | MS_NOEXEC, per_test)
             workdir = "/tmp"
         else:
             workdir = fds["workdir"]
@@ -816,7 +1004,8 @@ def init_main(spec: dict, state: dict) -> None:
     facts = {"type": "ready", "netns": True, "pidns": os.getpid() == 1, "mountns": True,
              "userns": bool(spec.get("userns")), "uid_drop": not spec.get("userns"),
              "mode": "namespaces", "cgroups": spec.get("_cgroups", []),
-             "ipcns": "per test", "no_userns": "seccomp" if _SECCOMP_ARCH else "unsupported arch"}
+             "ipcns": "per test", "no_userns": "seccomp" if _SECCOMP_ARCH else "unsupported arch",
+             "cgroupns": bool(spec.get("_cgroupns"))}
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     prctl(PR_SET_DUMPABLE, 0)
     # pid 1 only receives in-namespace signals it has a handler for: drop
@@ -825,10 +1014,104 @@ def init_main(spec: dict, state: dict) -> None:
     os.umask(0o022)
     state["pidns"] = os.getpid() == 1
     try:
-        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts)
+        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts, state,
+                   overlay=not spec.get("_test_no_overlay"))
+        spec["_per_test"] = state.get("per_test", [])
     except OSError as exc:
         send(state["out_fd"], {"type": "ready", "error": f"file-system isolation failed: {exc}"})
         os._exit(3)
+    _reexec(spec, state, facts)  # returns only where the interpreter cannot be started afresh
+    _preload(PRELOAD)
+    init_serve(spec, state, facts)
+
+
+def _preload(names) -> None:
+    """Import the modules every test process needs (LCB_IMPORT_HEADER), so that forks inherit them."""
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
+def _reexec(spec: dict, state: dict, facts: dict) -> None:
+    """Replace this init by a fresh interpreter started from the sandbox's own view of Python.
+
+    The interpreter in memory was loaded from its host path, which ``/proc/<pid>/exe``, ``maps`` and
+    ``cmdline`` of every process forked from it would show.  Started again from the neutral mount
+    (``/.oapl-python/<i>/bin/python``; its host path is a symlink in here, so a venv's
+    ``pyvenv.cfg`` and the libraries' RPATHs still resolve) those show neutral paths only.  The
+    launcher's source and the state travel on inherited descriptors.
+    """
+    exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+    target = os.path.join(os.path.realpath(exe_dir), os.path.basename(sys.executable))
+    bootstrap = _bootstrap_code()
+    src_fd = spec.get("_source_fd")
+    if (not _under(target, NEUTRAL) or bootstrap is None or src_fd is None or not os.access(target, os.X_OK)
+            or spec.get("no_reexec")):
+        facts["interpreter"] = "inherited"
+        return
+    opened: list[int] = []
+    try:
+        code = globals().get("_c")  # the code object runner.BOOTSTRAP ran: the new init skips compiling
+        if isinstance(code, type(_reexec.__code__)):
+            import marshal
+
+            src_fd = os.memfd_create("oapl-sandbox-code", 0)
+            opened.append(src_fd)
+            write_all(src_fd, b"\0" + marshal.dumps(code))
+        facts["interpreter"] = "re-executed"
+        payload = json.dumps({"_phase": "init", "spec": spec, "state": state, "facts": facts}).encode("utf-8")
+        fd = os.memfd_create("oapl-sandbox-init", 0)
+        opened.append(fd)
+        write_all(fd, payload)
+        os.lseek(fd, 0, os.SEEK_SET)
+        for keep in (fd, src_fd, state["out_fd"]):
+            os.set_inheritable(keep, True)
+        args = [target] + (["-s"] if sys.flags.no_user_site else []) + ["-P", "-B", "-c", bootstrap,
+                                                                        str(src_fd), str(fd)]
+        if spec.get("_test_break_reexec"):
+            args[args.index("-c") + 1] = "raise SystemExit(5)"
+        send(state["out_fd"], {"type": "reexec"})  # if the new init dies now, the trainer knows why
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(target, args, dict(os.environ))
+    except (OSError, ValueError) as exc:  # carry on in this interpreter
+        for fd in opened:
+            os.close(fd)
+        facts["interpreter"] = f"inherited ({exc})"
+
+
+def _bootstrap_code() -> str | None:
+    """The ``-c`` code this launcher was started with (see runner.BOOTSTRAP)."""
+    argv = getattr(sys, "orig_argv", [])
+    try:
+        return argv[argv.index("-c") + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def init_resume(payload: dict) -> None:
+    """Entry of the re-executed init (see :func:`_reexec`): serve the tests, never return."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_DUMPABLE, 0)  # exec made this process dumpable again
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    spec, state, facts = payload["spec"], payload["state"], payload["facts"]
+    state["per_test"] = [tuple(e) for e in state.get("per_test", [])]
+    spec["_per_test"] = state["per_test"]
+    _preload(PRELOAD)
+    try:
+        init_serve(spec, state, facts)
+    except BaseException as exc:  # report, never hang the trainer
+        try:
+            send(state["out_fd"], {"type": "error", "error": repr(exc)})
+        except OSError:
+            pass
+        os._exit(4)
+    os._exit(0)
+
+
+def init_serve(spec: dict, state: dict, facts: dict) -> None:
     send(state["out_fd"], facts)
     if spec.get("probe"):
         facts_net = {"interfaces": [n for _, n in socket_if_names()]}
@@ -863,14 +1146,19 @@ def _readable_by(uid: int | None, path: str) -> bool:
 
 
 def main() -> None:
+    # The trainer passes the spec on an open file (see runner.launch): no path of the host shows in
+    # this process's command line, which every process of the sandbox inherits (/proc/*/cmdline).
+    with os.fdopen(int(sys.argv[-1]), "rb") as f:
+        spec = json.loads(f.read())
+    source_fd = int(sys.argv[-2]) if len(sys.argv) >= 3 else None
+    sys.argv[:] = ["oapl-sandbox"]
+    if spec.get("_phase") == "init":
+        init_resume(spec)
+    spec["_source_fd"] = source_fd
     out_fd = os.dup(1)
     nul = os.open(os.devnull, os.O_RDWR)
     os.dup2(nul, 1)  # stray prints from trusted code must not corrupt the frame stream
     os.close(nul)
-    spec_path = sys.argv[1]
-    with open(spec_path, "rb") as f:
-        spec = json.loads(f.read())
-    os.unlink(spec_path)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     joined = []
     for procs in spec.get("cgroup_procs") or ():
@@ -881,11 +1169,8 @@ def main() -> None:
         except OSError:
             pass
     spec["_cgroups"] = joined
-    for name in PRELOAD + (PRELOAD_DEGRADED if spec["isolation"] != "namespaces" else ()):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
+    if spec["isolation"] != "namespaces":  # (with namespaces, the sandbox's init preloads them)
+        _preload(PRELOAD + PRELOAD_DEGRADED)
     state = {"out_fd": out_fd, "start": time.monotonic(), "uid": spec.get("uid"),
              "trainer_uid": int(spec.get("trainer_uid", os.getuid())),
              "workdir": spec["workdir"], "ns": spec["isolation"] == "namespaces", "pidns": False}
@@ -907,6 +1192,11 @@ def main() -> None:
                     f.write(f"0 {uid} 1")
                 with open("/proc/self/gid_map", "w") as f:
                     f.write(f"0 {gid} 1")
+            try:  # /proc/self/cgroup then shows "/" instead of the trainer's cgroup names (and pid)
+                unshare(CLONE_NEWCGROUP)
+                spec["_cgroupns"] = True
+            except OSError:  # kernels before 4.6
+                spec["_cgroupns"] = False
         except OSError as exc:
             send(out_fd, {"type": "ready", "error": f"cannot create namespaces "
                           f"(user={userns}, net, pid, mount): {exc}"})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import marshal
 import math
 import os
 import selectors
@@ -51,6 +52,60 @@ def _launcher_env() -> dict[str, str]:
         "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
         "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
     }
+
+
+# The launcher runs from its source on an inherited descriptor, with the spec on another: the command
+# line every sandboxed process inherits (/proc/<pid>/cmdline) then names no file of the host.
+# The source stays open (from offset 0) for the sandbox's init, which starts this code again.
+# The descriptor holds the source, or b"\0" + the marshalled code object when the launcher runs on
+# this very interpreter binary (no compiling per program).
+BOOTSTRAP = ("import os, sys, marshal\n"
+             "_f = os.fdopen(int(sys.argv[1]), 'rb', closefd=False)\n"
+             "_f.seek(0)\n"
+             "_b = _f.read()\n"
+             "_c = marshal.loads(_b[1:]) if _b[:1] == b'\\0' else compile(_b, 'oapl-sandbox-launcher', 'exec')\n"
+             "del _b\n"
+             "exec(_c)\n")
+_source_cache: dict[bool, bytes] = {}
+
+
+def _launcher_source(python: str) -> bytes:
+    same = os.path.realpath(python) == os.path.realpath(sys.executable)
+    if same not in _source_cache:
+        source = LAUNCHER.read_bytes()
+        if same:
+            source = b"\0" + marshal.dumps(compile(source, "oapl-sandbox-launcher", "exec"))
+        _source_cache[same] = source
+    return _source_cache[same]
+
+
+def _data_fd(data: bytes, tmp: str) -> int:
+    """A read-only-at-offset-0 descriptor holding ``data`` (a memfd, or an unlinked file in ``tmp``)."""
+    try:
+        fd = os.memfd_create("oapl-sandbox", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd, path = tempfile.mkstemp(dir=tmp)
+        os.unlink(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _site_flags(python: str) -> list[str]:
+    """``-s`` (no user site-packages) unless the trainer's own interpreter imports from one, so that
+    a program sees the packages the trainer sees (``pip install --user`` included)."""
+    import site
+
+    same = os.path.realpath(python) == os.path.realpath(sys.executable)
+    user_site = getattr(site, "ENABLE_USER_SITE", False) and same and any(
+        os.path.realpath(p) == os.path.realpath(site.getusersitepackages()) for p in sys.path if p)
+    return [] if user_site else ["-s"]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -92,11 +147,10 @@ def launch(
         "trainer_uid": os.getuid(), "stop_on_error": config.stop_on_error,
         "cgroup_procs": cgroups,
     }
+    if (config.python or sys.executable) in _NO_REEXEC:
+        spec["no_reexec"] = True
     spec.update(extra_spec or {})
-    spec_path = os.path.join(tmp, "spec.json")
-    fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(spec, f)
+    fds: list[int] = []
 
     runs: list[TestRun] = []
     ready: dict = {}
@@ -107,11 +161,17 @@ def launch(
     proc: subprocess.Popen | None = None
     done = False
     try:
+        python = config.python or sys.executable
+        fds.append(_data_fd(_launcher_source(python), tmp))
+        fds.append(_data_fd(json.dumps(spec).encode("utf-8"), tmp))
         proc = subprocess.Popen(
-            [config.python or sys.executable, "-s", "-P", "-B", str(LAUNCHER), spec_path],
+            [python, *_site_flags(python), "-P", "-B", "-c", BOOTSTRAP, *map(str, fds)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_launcher_env(), cwd="/", start_new_session=True, close_fds=True,
+            env=_launcher_env(), cwd="/", start_new_session=True, close_fds=True, pass_fds=fds,
         )
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
         deadline = time.monotonic() + config.total_deadline_s + config.startup_grace_s
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -174,6 +234,8 @@ def launch(
     except OSError as exc:
         error = f"launch failed: {exc}"
     finally:
+        for fd in fds:
+            os.close(fd)
         if proc is not None:
             # Never reap the launcher before killing its group: while it is
             # unreaped its pid (= process group id) cannot be reused.
@@ -219,26 +281,41 @@ def _to_run(frame: dict) -> TestRun:
 
 _probe_lock = threading.Lock()
 _PROBE_CACHE: dict[tuple, dict] = {}
+_NO_REEXEC: set[str] = set()  # interpreters that cannot be re-executed inside the sandbox
 
 
-def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False) -> dict:
+def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False,
+                     _extra_spec: dict | None = None) -> dict:
     """Check (once per interpreter/uid) that namespace isolation works here.
 
     Runs a tiny program in a namespace sandbox and returns the launcher's
     isolation facts plus ``ok``/``error``.  ``ok`` requires that the sandbox
-    sees no network interface other than loopback.
+    sees no network interface other than loopback.  If the interpreter cannot
+    be started again inside the sandbox (see ``_launcher._reexec``), that
+    interpreter's sandboxes keep the one they were launched with from then on
+    (``/proc`` then shows its host paths; a warning says so).
     """
-    key = (config.python or sys.executable, os.geteuid(), _simulate_failure)
+    python = config.python or sys.executable
+    key = (python, os.geteuid(), _simulate_failure, json.dumps(_extra_spec, sort_keys=True))
     with _probe_lock:
         if key in _PROBE_CACHE:
             return _PROBE_CACHE[key]
         probe_cfg = SandboxConfig(timeout_s=10, total_deadline_s=20, python=config.python,
                                   uid_base=config.uid_base)
         job = ProgramJob(code="print(6 * 7)", mode="stdin", inputs=[""])
-        extra = {"probe": True}
+        extra = {"probe": True, **(_extra_spec or {})}
         if _simulate_failure:
             extra["_test_fail_unshare"] = True
         runs, ready, error, others = launch(probe_cfg, job, "namespaces", extra_spec=extra)
+        if error is not None and not ready and any(f.get("type") == "reexec" for f in others):
+            first = error
+            extra["no_reexec"] = True
+            runs, ready, error, others = launch(probe_cfg, job, "namespaces", extra_spec=extra)
+            if error is None:
+                _NO_REEXEC.add(python)
+                logger.warning("oapl code sandbox: %s could not be started again inside the sandbox (%s); "
+                               "programs run in the interpreter the sandbox was launched with, so /proc "
+                               "inside shows its host paths", python, first[:300])
         interfaces = next((f.get("interfaces") for f in others if f.get("type") == "probe"), None)
         facts = dict(ready)
         facts.pop("type", None)
