@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -143,7 +144,7 @@ class OnlineBackend(abc.ABC):
         return self.cfg.rollout.max_staleness
 
     @abc.abstractmethod
-    def rollout_factory(self):
+    def rollout_factory(self) -> tuple[Callable[..., GeneratingRollout], Any]:
         """``(class, engine)``: what generates (a worker over an engine, a fleet over a pool)."""
 
     def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams) -> GeneratingRollout:

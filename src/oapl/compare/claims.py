@@ -86,6 +86,8 @@ class ConfigResults:
     def over_seeds(self, metric: str, k: int | None = None) -> Interval:
         """Mean over prompts per seed, then mean +- t-interval over seeds."""
         if metric == "pass@k":
+            if k is None:
+                raise ValueError("metric pass@k needs k")
             per_seed = self.matrix("pass@k", [k]).mean(axis=1)[:, 0]
         else:
             m = self.matrix(metric)
@@ -180,6 +182,8 @@ def paired(a: ConfigResults, b: ConfigResults | dict[str, Any], metric: str, k: 
     if not common:
         return Interval(math.nan, math.nan, math.nan, 0), 0, 0
     if metric == "pass@k":
+        if k is None:
+            raise ValueError("metric pass@k needs k")
         ma = passk_matrix(np.array([a.results[i]["correct"] for i in ia]), a.n, [k])[..., 0]
         mb = passk_matrix(np.array([b_cfg.results[j]["correct"] for j in ib]), b_cfg.n, [k])[..., 0]
     else:
@@ -284,10 +288,10 @@ def correction_acted(cfg: ConfigResults, clip_acted: float, is_acted: float) -> 
     """GRPO's importance weights and PPO clip in one arm (means over steps, then over seeds), and whether
     each acted by the declared rule."""
     def mean(key: str) -> float | None:
-        vals = [s.get(key) for s in cfg.summaries if s.get(key) is not None and math.isfinite(float(s.get(key)))]
+        vals = [float(v) for s in cfg.summaries if (v := s.get(key)) is not None and math.isfinite(float(v))]
         return float(np.mean(vals)) if vals else None
 
-    out = {"clip_frac": mean("clip_frac_mean"), "is_mean": mean("is_weight_mean_mean"),
+    out: dict[str, Any] = {"clip_frac": mean("clip_frac_mean"), "is_mean": mean("is_weight_mean_mean"),
            "is_p1": mean("is_weight_p1_mean"), "is_p99": mean("is_weight_p99_mean"), "kl": mean("kl_mean"),
            "lag_max": max((s.get("lag_max") or 0 for s in cfg.summaries), default=None)}
     out["clip"] = None if out["clip_frac"] is None else out["clip_frac"] > clip_acted
@@ -446,7 +450,8 @@ def judge_claims(configs: dict[str, ConfigResults], base: dict[str, Any] | None,
             if rows:
                 claims.append(Claim(f"OAPL keeps the policy's {what} (falls by less than {keeps_entropy:.0%} of the "
                                     "base model's) where GRPO+IS reduces it", rows))
-    sweep = sorted((c for c in configs.values() if c.group == "lag_sweep" and c.lag is not None), key=lambda c: c.lag)
+    sweep = sorted((c for c in configs.values() if c.group == "lag_sweep" and c.lag is not None),
+                   key=lambda c: c.lag or 0)
     if sweep and base is not None:
         big = sweep[-1]
         iv, S, P = paired(big, base, "pass@k", 1)

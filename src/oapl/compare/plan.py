@@ -16,7 +16,7 @@ __all__ = ["Beta2SweepConfig", "ClaimsConfig", "CompareConfig", "FinalEvalConfig
            "base_eval_dir", "eval_seed", "final_eval_settings", "load_compare_config", "plan_runs"]
 
 
-def _default_algorithms() -> dict[str, dict[str, Any]]:
+def _default_algorithms() -> dict[str, dict[str, Any] | None]:
     return {
         "oapl": {"algorithm": {"name": "oapl"}},
         "grpo_is": {

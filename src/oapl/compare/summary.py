@@ -44,14 +44,14 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         out["pass1_best"] = max(r.get("eval/pass@1", -1.0) for r in eval_rows)
     for key in ("reward_mean", "seq_entropy", "entropy", "kl", "is_weight_mean", "is_weight_p1", "is_weight_p99", "clip_frac",
                 "response_len_mean", "logprob_absdiff_mean"):
-        vals = [r.get(key) for r in train_rows if r.get(key) is not None]
+        vals: list[float] = [v for r in train_rows if (v := r.get(key)) is not None]
         if not vals:
             continue
-        out[f"{key}_first"] = _mean([r.get(key) for r in _head(train_rows) if r.get(key) is not None])
-        out[f"{key}_last"] = _mean([r.get(key) for r in _tail(train_rows) if r.get(key) is not None])
+        out[f"{key}_first"] = _mean([v for r in _head(train_rows) if (v := r.get(key)) is not None])
+        out[f"{key}_last"] = _mean([v for r in _tail(train_rows) if (v := r.get(key)) is not None])
         out[f"{key}_mean"] = _mean(vals)
         out[f"{key}_max"] = max(v for v in vals if math.isfinite(v)) if any(math.isfinite(v) for v in vals) else math.nan
-    lags = [r.get("lag") for r in train_rows if r.get("lag") is not None]
+    lags: list[int] = [lag for r in train_rows if (lag := r.get("lag")) is not None]
     out["lag_max"] = max(lags) if lags else None
     out["syncs"] = sum(1 for r in train_rows if "synced_to_version" in r)
     out["skipped_steps"] = int(sum(r.get("skipped", 0.0) or 0.0 for r in train_rows))

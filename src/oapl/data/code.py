@@ -238,7 +238,7 @@ def decode_lcb_private_tests(raw: Any) -> list[dict]:
     try:
         blob = zlib.decompress(base64.b64decode(raw.encode("ascii")))
         try:
-            value: Any = json.loads(blob)
+            value = json.loads(blob)
         except ValueError:
             value = _StringsOnlyUnpickler(io.BytesIO(blob)).load()
             if isinstance(value, (bytes, bytearray)):

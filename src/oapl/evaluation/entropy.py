@@ -59,6 +59,7 @@ def policy_entropy(model, groups: Iterable[RolloutGroup], temperature: float, *,
         for plan in plan_micro_batches([s.num_tokens for s in seqs], max_tokens, None):
             batch = collate([seqs[i] for i in plan], packed=packed, pad_token_id=pad_token_id).to(device)
             lp, ent = token_logprobs(model, batch, temperature, chunk_size, with_entropy=True, autocast=autocast)
+            assert ent is not None  # with_entropy=True
             mask = batch.response_mask
             ent_rows = (ent * mask).sum(-1).tolist()
             nll_rows = (-(lp * mask)).sum(-1).tolist()

@@ -7,12 +7,15 @@ the loss of a micro-batch, and never switches on the name itself.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from oapl.objectives.grpo import GRPOObjective, group_normalized_advantage, grpo_loss
 from oapl.objectives.oapl import OAPLObjective, optimal_advantage, optimal_value, oapl_loss, sequence_log_ratio
+
+if TYPE_CHECKING:
+    from oapl.config import AlgorithmConfig
 
 
 class Objective(Protocol):
@@ -39,7 +42,7 @@ class Objective(Protocol):
         ...
 
 
-def build_objective(algo) -> Objective:
+def build_objective(algo: AlgorithmConfig) -> Objective:
     """The objective for ``cfg.algorithm``."""
     if algo.name == "oapl":
         return OAPLObjective(beta1=algo.beta1, beta2=algo.beta2)

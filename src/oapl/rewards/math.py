@@ -127,7 +127,7 @@ class MathVerifier:
         golds = [str(a) for a in answer]
         out = self._score(texts, golds)
         for i in [i for i, v in enumerate(out) if v is None]:  # their worker died: rescore each alone
-            value = self._score([texts[i]], [golds[i]])[0]
+            value: float | None = self._score([texts[i]], [golds[i]])[0]
             if value is None:
                 self.crashes += 1
                 log.warning("math-verify's worker process died on completion %r; scored 0", texts[i][:120])

@@ -110,7 +110,7 @@ def score_groups(reward, task, prompts: Sequence[tuple[str, Sequence[int]]], exa
             response_logprobs=[c.logprobs for c in comps], rewards=list(rewards[j * n : (j + 1) * n]),
             finish_reasons=[c.finish_reason for c in comps], weights_id=weights_id,
             version=out.version if version is None else version, sampling=sampling, task=task.name,
-            benchmark=str(ex.get("benchmark") or benchmark), extra=ex))
+            benchmark=str(ex.get("benchmark") or benchmark), extra=dict(ex)))
     return groups
 
 

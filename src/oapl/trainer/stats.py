@@ -129,7 +129,7 @@ def metrics_row(batch: dict[str, float], stats: StepStats, *, finite: bool, grad
         from oapl.objectives.grpo import is_weight_quantile
 
         p1, p99 = is_weight_quantile(ob, 0.01), is_weight_quantile(ob, 0.99)
-        if p1 is not None:  # token quantiles of the truncated IS weight (to ~1%)
+        if p1 is not None and p99 is not None:  # token quantiles of the truncated IS weight (to ~1%)
             row["is_weight_p1"], row["is_weight_p99"] = p1, p99
     if stats.seqs:
         if stats.tokens == 0:

@@ -243,7 +243,7 @@ def _check_row_types(row: Mapping[str, Any], *, row_number: int, file: str | Non
 
 
 def _group_from_rows(
-    rows: list[Mapping[str, Any]], row_numbers: list[int], *, file: str | None
+    rows: Sequence[Mapping[str, Any]], row_numbers: list[int], *, file: str | None
 ) -> RolloutGroup:
     """Assemble one group; ``row_numbers[j]`` is the position of ``rows[j]`` for error messages."""
     first, first_row = rows[0], row_numbers[0]
