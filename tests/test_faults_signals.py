@@ -453,6 +453,6 @@ def test_a_real_signal_to_a_real_run_then_resume(sig, code, tiny_model_dir, prom
                     f"{out / 'checkpoints' / f'step-{done[-1]:08d}'}; continue with --resume")
     assert checkpoints(out) == [f"step-{done[-1]:08d}"]
     # --resume continues from it to the end
-    proc = _start(cfg_path, tmp_path / "resume.log", "--resume", "steps=" + str(len(done) + 2))
+    proc = _start(cfg_path, tmp_path / "resume.log", "steps=" + str(len(done) + 2), "--resume")
     assert proc.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert steps_logged(out) == list(range(1, len(done) + 3))
