@@ -47,9 +47,14 @@ def toy_path(monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
 
 
-def wait_for_signal() -> None:
-    """Let the main thread run the handler of a signal this process sent itself (it runs between bytecodes)."""
-    for _ in range(10_000):
+def send_self(sig: int) -> None:
+    """Signal this process and return once the main thread has run the handler (between bytecodes),
+    which raises, holds or ignores it."""
+    before = signals._STATE.received
+    os.kill(os.getpid(), sig)
+    end = time.monotonic() + 30
+    while signals._STATE.received == before:
+        assert time.monotonic() < end, "the signal handler did not run"
         time.sleep(0.001)
 
 
@@ -60,6 +65,9 @@ def train_args(tiny_model_dir, prompts_file, out, *extra):
             "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.prompts_per_generate=2",
             "rollout.asynchronous=false", "sampling.max_tokens=4", "eval.at_start=false", "eval.at_end=false",
             "logging.progress=false", "checkpoint.save_final=false", "threads=1", *extra]
+
+
+SMALL = {"rollout.group_size": 2, "rollout.prompts_per_step": 2, "rollout.prompts_per_generate": 2, "threads": 1}
 
 
 def oapl_lines(err: str) -> list[str]:
@@ -84,14 +92,12 @@ def checkpoints(run: Path) -> list[str]:
 def test_sigterm_and_sigusr1_raise_an_interrupt_with_their_exit_code():
     with signals.handle_stop_signals():
         with pytest.raises(signals.Interrupted) as e:
-            os.kill(os.getpid(), signal.SIGTERM)
-            wait_for_signal()
+            send_self(signal.SIGTERM)
         assert isinstance(e.value, KeyboardInterrupt)  # the run's one interrupt path handles it
         assert (e.value.signum, e.value.exit_code, signals.exit_code(e.value)) == (signal.SIGTERM, 143, 143)
     with signals.handle_stop_signals():
         with pytest.raises(signals.Interrupted) as e:
-            os.kill(os.getpid(), signal.SIGUSR1)
-            wait_for_signal()
+            send_self(signal.SIGUSR1)
         assert e.value.exit_code == 138
         # Ray re-raises a signal's exception from inside ray.get as a plain KeyboardInterrupt
         assert signals.exit_code(KeyboardInterrupt()) == 138 and signals.signal_name(KeyboardInterrupt()) == "SIGUSR1"
@@ -103,20 +109,16 @@ def test_a_signal_inside_a_deferred_block_takes_effect_when_it_ends():
     with signals.handle_stop_signals():
         with pytest.raises(signals.Interrupted) as e:
             with signals.deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                wait_for_signal()  # not raised here: the block is finished first
+                send_self(signal.SIGTERM)  # not raised here: the block is finished first
                 with signals.deferred():  # nested: still held
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                    wait_for_signal()
+                    send_self(signal.SIGUSR1)
                 done.append("whole")
         assert done == ["whole"] and e.value.signum == signal.SIGTERM  # the first signal decides
         # a stop is under way: a repeated SIGTERM (a launcher signalling twice) is ignored ...
-        os.kill(os.getpid(), signal.SIGTERM)
-        wait_for_signal()
+        send_self(signal.SIGTERM)
         # ... and Ctrl-C again stops at once
         with pytest.raises(signals.Interrupted) as again:
-            os.kill(os.getpid(), signal.SIGINT)
-            wait_for_signal()
+            send_self(signal.SIGINT)
         assert again.value.exit_code == 130
 
 
@@ -129,8 +131,7 @@ def test_handlers_replaced_by_a_library_are_reclaimed_and_restored_at_the_end():
         signal.signal(signal.SIGTERM, ray_like)
         signals.reclaim()
         with pytest.raises(signals.Interrupted):
-            os.kill(os.getpid(), signal.SIGTERM)
-            wait_for_signal()
+            send_self(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
     # library use (replace=False) leaves a handler the program set alone
     signal.signal(signal.SIGUSR1, ray_like)
@@ -182,7 +183,7 @@ def test_shipped_configs_checkpoint_by_wall_clock_time():
 def test_a_run_checkpoints_when_the_minutes_have_passed(tiny_model_dir, prompts_file, tmp_path):
     from conftest import tiny_config
 
-    cfg = tiny_config(tiny_model_dir, prompts_file, tmp_path / "r", **{"checkpoint.every_minutes": 2.5})
+    cfg = tiny_config(tiny_model_dir, prompts_file, tmp_path / "r", **SMALL, **{"checkpoint.every_minutes": 2.5})
     clock = FakeClock()
     run = Run(cfg, make_backend(cfg), callbacks=[lambda row: setattr(clock, "t", clock.t + 60.0)])
     try:
@@ -219,7 +220,7 @@ def test_a_rollout_worker_that_died_after_the_last_batch_fails_the_run_with_a_ch
         tiny_model_dir, prompts_file, tmp_path):
     from conftest import tiny_config
 
-    cfg = tiny_config(tiny_model_dir, prompts_file, tmp_path / "r", steps=3)
+    cfg = tiny_config(tiny_model_dir, prompts_file, tmp_path / "r", **SMALL, steps=3)
     run = Run(cfg, make_backend(cfg))
 
     def dies_at_the_last_step(row):
@@ -265,8 +266,7 @@ def test_a_dead_rollout_worker_exits_non_zero(capsys, monkeypatch, tmp_path, tin
 
 
 def _signal_self(sig=signal.SIGTERM):
-    os.kill(os.getpid(), sig)
-    wait_for_signal()
+    send_self(sig)
 
 
 def test_sigterm_during_model_loading(capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path):

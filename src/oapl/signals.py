@@ -51,6 +51,7 @@ class _State:
         self.pending: int | None = None         # a signal received inside deferred(), not yet raised
         self.stopping: int | None = None        # the signal whose stop is under way
         self.checkpoint: str | None = None      # the checkpoint written on the way out
+        self.received = 0                       # signals handled (raised, held or ignored)
 
 
 _STATE = _State()
@@ -62,6 +63,7 @@ def _name(signum: int) -> str:
 
 def _handler(signum: int, frame) -> None:
     s = _STATE
+    s.received += 1
     if s.stopping is not None:
         if signum == signal.SIGINT:  # Ctrl-C again: the user wants out now
             raise Interrupted(signum)
