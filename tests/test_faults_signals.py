@@ -194,6 +194,34 @@ def test_a_run_checkpoints_when_the_minutes_have_passed(tiny_model_dir, prompts_
     assert checkpoints(tmp_path / "r") == ["step-00000003"]
 
 
+def test_wall_clock_checkpoints_never_prune_an_offline_runs_epoch_checkpoints(tiny_model_dir, tmp_path):
+    from oapl.data.rollouts import RolloutGroup, write_rollouts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rollouts([RolloutGroup(prompt_id=f"g{i}", prompt="p", prompt_token_ids=[5, 6], responses=["a", "b"],
+                                 response_token_ids=[[7, 2], [8, 2]], response_logprobs=[[-0.1, -0.2], [-0.3, -0.1]],
+                                 rewards=[1.0, 0.0], finish_reasons=["stop", "stop"], weights_id=tiny_model_dir,
+                                 version=0, sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 8})
+                    for i in range(4)], data / "part-00000.parquet")
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"offline.data={data}", "offline.epochs=3",
+                             f"output_dir={tmp_path / 'r'}", "rollout.group_size=2", "rollout.prompts_per_step=2",
+                             "logging.progress=false", "threads=1", "checkpoint.every_minutes=1",
+                             "checkpoint.keep=2"])
+    clock = FakeClock()
+    run = Run(cfg, make_backend(cfg), callbacks=[lambda row: setattr(clock, "t", clock.t + 61.0)])
+    try:
+        run.checkpoint_clock = CheckpointClock(1, clock)
+        written, checkpoint = [], run.checkpoint
+        run.checkpoint = lambda keep=None: written.append(run.step) or checkpoint(keep)
+        run.train()  # 2 steps an epoch; a clock checkpoint after steps 1, 3, 5, each superseded by its epoch's
+    finally:
+        run.close()
+    assert written == [1, 2, 3, 4, 5, 6]
+    assert checkpoints(tmp_path / "r") == ["step-00000002", "step-00000004", "step-00000006"]
+    assert run.checkpoints == [str(tmp_path / "r" / "checkpoints" / f"step-0000000{s}") for s in (2, 4, 6)]
+
+
 # --------------------------------------------------------------------------- runs that cannot learn
 
 

@@ -91,7 +91,8 @@ class ModelConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer scores with the same).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer scores with the same); "
+                               "0 (greedy: G identical responses, nothing to learn) is refused for training.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; keep 1.0 for training.")
     max_tokens: int = Field(256, ge=1, description="Maximum response tokens.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
