@@ -457,14 +457,20 @@ def _wait_for(proc: subprocess.Popen, cond, limit: float = 300) -> None:
         time.sleep(0.005)
 
 
+RAY = ("distributed.backend=ray", "distributed.num_engines=1", "distributed.trainer_workers=1")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
-def test_a_real_signal_to_a_real_run_then_resume(sig, code, tiny_model_dir, prompts_file, tmp_path):
+@pytest.mark.parametrize("sig, code, backend", [(signal.SIGTERM, 143, ()), (signal.SIGUSR1, 138, ()),
+                                                (signal.SIGTERM, 143, RAY)], ids=["SIGTERM", "SIGUSR1", "ray"])
+def test_a_real_signal_to_a_real_run_then_resume(sig, code, backend, tiny_model_dir, prompts_file, tmp_path):
+    if backend:
+        pytest.importorskip("ray")  # ray.init sets its own SIGTERM handler: ours is put back
     out = tmp_path / "run"
     steps = 40  # far more than are done before the signal is sent
     tree = load_config(None, train_args(tiny_model_dir, prompts_file, out, f"steps={steps}",
-                                        "rollout.asynchronous=true")[1:]).model_dump(mode="json")
+                                        "rollout.asynchronous=true", *backend)[1:]).model_dump(mode="json")
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
     log = tmp_path / "stderr.log"

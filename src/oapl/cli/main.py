@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     installed = signals.install()
     try:
         return _main(argv)
+    except KeyboardInterrupt as e:  # before the command started (parsing the arguments, setting up logs)
+        print(f"oapl: interrupted ({signals.signal_name(e)}); nothing had started", file=sys.stderr)
+        return signals.exit_code(e)
     finally:
         if installed:
             signals.restore()
