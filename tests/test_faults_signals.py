@@ -141,6 +141,14 @@ def test_handlers_replaced_by_a_library_are_reclaimed_and_restored_at_the_end():
             assert signal.getsignal(signal.SIGTERM) is not before  # the default one is ours
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    # an ignored signal stays ignored (a shell's background job ignores Ctrl-C)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals.handle_stop_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not before
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --------------------------------------------------------------------------- the wall-clock cadence

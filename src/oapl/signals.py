@@ -145,8 +145,9 @@ def install(replace: bool = True) -> bool:
         return False
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     defaults = {signal.SIGINT: signal.default_int_handler}
-    ours = [sig for sig in STOP_SIGNALS
-            if replace or previous[sig] in (signal.SIG_DFL, defaults.get(sig, signal.SIG_DFL))]
+    # an ignored signal stays ignored (a shell's background job ignores Ctrl-C: `oapl train ... &`)
+    ours = [sig for sig in STOP_SIGNALS if previous[sig] is not signal.SIG_IGN
+            and (replace or previous[sig] in (signal.SIG_DFL, defaults.get(sig, signal.SIG_DFL)))]
     if not ours:
         return False
     s.__init__()
