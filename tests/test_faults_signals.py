@@ -373,6 +373,33 @@ def test_sigusr1_during_evaluation_checkpoints_the_steps_trained(capsys, monkeyp
     assert "checkpoint written" in oapl_lines(err)[0]
 
 
+def test_sigterm_during_the_final_evaluation_then_resume_finishes_the_run(capsys, monkeypatch, tmp_path,
+                                                                         tiny_model_dir, prompts_file, toy_path):
+    import oapl.loop
+
+    real = oapl.loop.Run.evaluate
+    evals = []
+
+    def evaluate(self):
+        evals.append(self.step)
+        if len(evals) == 1:
+            _signal_self()
+        return real(self)
+
+    monkeypatch.setattr(oapl.loop.Run, "evaluate", evaluate)
+    out = tmp_path / "r"
+    args = train_args(tiny_model_dir, prompts_file, out, "eval.at_end=true", "task.eval_dataset=" + str(prompts_file),
+                      "task.eval_split=train", "task.max_eval_prompts=2")
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 143, err
+    assert evals == [4] and checkpoints(out) == ["step-00000004"] and not (out / "summary.yaml").exists()
+    assert main([*args, "--resume"]) == 0  # nothing left to train: the evaluation, then the summary
+    assert evals == [4, 4] and (out / "summary.yaml").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4] and "eval/reward_mean" in rows[-1]
+
+
 def test_a_second_sigterm_during_the_checkpoint_write_is_ignored(capsys, monkeypatch, tmp_path, tiny_model_dir,
                                                                 prompts_file, toy_path):
     from oapl.backends.local import LocalBackend
