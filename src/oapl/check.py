@@ -135,7 +135,7 @@ def _is_compare_study(config: str | Path | None) -> bool:
 
     try:
         tree = yaml.safe_load(Path(config).read_text())
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):  # load_config says what is wrong with the file
         return False
     return isinstance(tree, dict) and "base" in tree
 

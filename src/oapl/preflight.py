@@ -139,6 +139,9 @@ def _check_local(path: Path, name: str, field: str) -> None:
         elif (path / "adapter_config.json").exists():
             hint = " (a LoRA adapter: give the base model and model.lora.enabled=true)"
         raise ModelNotFoundError(f"{field}: {name} has no config.json, so it is not a Hugging Face model folder{hint}")
+    from oapl.trainer.model import check_model_files
+
+    check_model_files(path, field)  # a damaged config.json or truncated safetensors: named now, not mid-load
 
 
 def _is_repo_id(name: str) -> bool:
@@ -234,6 +237,9 @@ def check_dataset(source: str | None, field: str, timeout_s: float = HUB_TIMEOUT
 
 def check_config(cfg, model: str | None = None) -> None:
     """The model and dataset names of a run (``model``: a ``--model`` flag overriding ``model.name``)."""
+    from oapl.trainer.model import pick_device
+
+    pick_device(cfg.model.device)  # model.device=cuda on a machine without one: before anything loads
     check_model(model, "--model") if model else check_model(cfg.model.name, "model.name")
     check_model(cfg.model.tokenizer, "model.tokenizer")
     task = cfg.task

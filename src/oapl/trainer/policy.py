@@ -56,8 +56,13 @@ class Policy:
 
             lc = cfg.model.lora
             # peft keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype)
-            base = get_peft_model(base, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                   target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+            try:
+                base = get_peft_model(base, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                       target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+            except ValueError as e:
+                if "target" not in str(e).lower():
+                    raise
+                raise lora_targets_error(base, lc.target_modules, e) from e
         self.model = base
         if cfg.model.compile:
             self._compile_layers()
@@ -193,6 +198,22 @@ def apply_liger(model, device: torch.device) -> None:
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     log.info("liger-kernel: fused RMSNorm, SwiGLU and RoPE patched into %s", type(model).__name__)
+
+
+def lora_targets_error(model, targets, exc: BaseException):
+    """The :class:`~oapl.errors.UserError` for ``model.lora.target_modules`` that peft refused: what the
+    model's adaptable layers are called, so the field can be fixed."""
+    from oapl.errors import UserError
+
+    names: dict[str, None] = {}
+    for full, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__ == "Conv1D":
+            leaf = full.rsplit(".", 1)[-1]
+            if leaf != "lm_head":
+                names.setdefault(leaf, None)
+    first = " ".join(str(exc).split())[:200].rstrip(".")
+    return UserError(f"model.lora.target_modules={targets!r}: {first}; {type(model).__name__}'s linear layers are "
+                     f"named {', '.join(list(names)[:12])} (or use all-linear)")
 
 
 def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | None = None, model=None,
