@@ -103,6 +103,7 @@ class Run:
             self.version += 1
             self.sync_step = self.step
             self.version_steps[self.version] = self.step
+        self._check_prompt_budgets()  # a prompt too long for the engine: refused now, naming its row
         # everything is loaded: the run starts, and only now is anything in its directory changed
         begin_run(self.run_dir, resume=resume, overwrite=overwrite)
         save_config(cfg, self.run_dir / "config.yaml")
@@ -119,6 +120,19 @@ class Run:
         if state:
             self.rollout.load_state_dict(state.get("worker") or {})
             set_rng_state(state["rng"])
+
+    def _check_prompt_budgets(self) -> None:
+        """Every training (and, when the run evaluates, held-out) prompt plus its max_tokens fits the
+        engine's limit: tokenized once, in batches, and cached (:func:`oapl.data.budget.check_splits`)."""
+        from oapl.data.budget import check_splits, engine_max_model_len
+
+        cfg, backend = self.cfg, self.backend
+        task, tokenizer = getattr(backend, "task", None), getattr(backend, "tokenizer", None)
+        limit = cfg.engine.max_model_len or engine_max_model_len(getattr(backend, "engine", None))
+        if task is None or tokenizer is None or limit is None or not getattr(backend, "syncs", False):
+            return
+        e = cfg.eval
+        check_splits(cfg, task, tokenizer, limit, evaluate=e.at_start or e.at_end or e.every > 0)
 
     # -- the pieces of Algorithm 1 ---------------------------------------------------------------
     def sync(self) -> float:
