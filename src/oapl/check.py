@@ -228,6 +228,13 @@ def _shape(cfg: TrainConfig, model_path: str | None, res: CheckResult):
 
 
 def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=None) -> CheckResult:
+    if not hub:  # check_config checks it with the names
+        from oapl.trainer.model import pick_device
+
+        try:
+            pick_device(cfg.model.device)
+        except Exception as e:  # noqa: BLE001
+            res.problems.append(_message(e))
     if hub:
         from oapl.preflight import check_config
 

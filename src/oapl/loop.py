@@ -31,6 +31,7 @@ import yaml
 from oapl.atomic import atomic_write_text
 from oapl.config import TrainConfig, config_yaml, save_config
 from oapl.engines.base import SamplingParams
+from oapl.errors import DiskFullError
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
@@ -175,9 +176,13 @@ class Run:
                  "samples_seen": self.samples_seen, "worker": self.rollout.state_dict(),
                  "version_steps": self.version_steps, "eval_before": self.eval_before,
                  "checkpoints": self.checkpoints}
-        path = str(self.backend.save(self.run_dir, self.step, state,
-                                     config_yaml(self.cfg),
-                                     keep or self.cfg.checkpoint.keep))
+        try:
+            path = str(self.backend.save(self.run_dir, self.step, state,
+                                         config_yaml(self.cfg),
+                                         keep or self.cfg.checkpoint.keep))
+        except DiskFullError as e:  # say how much a checkpoint of this run takes
+            e.needed = e.needed or _checkpoint_bytes(getattr(self.backend, "policy", None))
+            raise
         self._last_checkpoint = self.step
         log.info("checkpoint written: %s", path)
         return path
@@ -276,6 +281,20 @@ class Run:
             self.metrics.close()
             self.metrics = None
         self.backend.close()
+
+
+def _checkpoint_bytes(policy) -> int | None:
+    """About what a checkpoint of ``policy`` takes on disk: its weights (stored and exported) and the
+    optimiser's state."""
+    if policy is None:
+        return None
+    try:
+        weights = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+        optim = sum(t.numel() * t.element_size() for st in policy.optimizer.state.values()
+                    for t in st.values() if torch.is_tensor(t))
+        return 2 * weights + optim
+    except Exception:  # noqa: BLE001 - an estimate only
+        return None
 
 
 def _fmt(summary: dict[str, float]) -> str:

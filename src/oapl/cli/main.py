@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
         message = user_message(e)
+        if message is None:  # a write that failed for want of space, where the writer did not name the file
+            from oapl.errors import disk_full_error
+
+            full = disk_full_error(e, getattr(args, "output_dir", None) or ".")
+            message = None if full is None else str(full)
         if message is None:
             raise
         if debug:
