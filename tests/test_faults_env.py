@@ -151,6 +151,10 @@ def test_truncated_safetensors_is_named(capsys, tmp_path, prompts_file, toy_path
     rc, err = run_cli(train_args(str(model), prompts_file, tmp_path / "r"), capsys)
     assert_one_line(rc, err, "model.name", str(weights), "is damaged", f"{int(len(data) * keep):,} bytes")
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing written
+    for hub in ([], ["--no-hub"]):  # oapl check finds it too, with or without the name lookups
+        assert main(["check", *train_args(str(model), prompts_file, tmp_path / "r")[1:], *hub]) == 2
+        out = capsys.readouterr().out
+        assert f"model.name: {weights} is damaged" in out, out
 
 
 def test_loader_failure_on_a_damaged_folder_names_the_file(tmp_path, tiny_model_dir):
@@ -196,6 +200,9 @@ def test_engine_extra_with_the_transformers_engine(capsys, tmp_path, prompts_fil
     rc, err = run_cli(train_args(tiny_model_dir, prompts_file, tmp_path / "r", "engine.extra={max_num_seqs: 4}"),
                       capsys)
     assert_one_line(rc, err, "engine.extra", "max_num_seqs", "transformers engine", "engine.kind=vllm")
+    assert main(["check", *train_args(tiny_model_dir, prompts_file, tmp_path / "r")[1:],
+                 "engine.extra={max_num_seqs: 4}", "--no-hub"]) == 2
+    assert "engine.extra=['max_num_seqs']: the transformers engine takes no extra arguments" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # imports vLLM (~8 s)
@@ -218,6 +225,11 @@ def test_lora_targets_that_match_nothing(capsys, tmp_path, prompts_file, toy_pat
                            "down_proj", "all-linear")
     assert "lm_head" not in line
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing written
+    # oapl check matches them on the meta device (no weights read), with peft's rule
+    argv = ["check", *train_args(tiny_model_dir, prompts_file, tmp_path / "r")[1:], "model.lora.enabled=true"]
+    assert main([*argv, "model.lora.target_modules=[qproj, vproj]", "--no-hub"]) == 2
+    assert "model.lora.target_modules=['qproj', 'vproj']: " in capsys.readouterr().out
+    assert main([*argv, "model.lora.target_modules=[q_proj, v_proj]", "--no-hub"]) == 0
 
 
 # --------------------------------------------------------------------------- disk full

@@ -217,6 +217,34 @@ def _tokenize_rows(cfg: TrainConfig, task, tokenizer, shape, res: CheckResult, r
     return max_prompt
 
 
+def _model_problems(cfg: TrainConfig, model_path: str | None) -> list[str]:
+    """What the trainer and engine refuse at start-up: damaged model files, ``engine.extra`` keys the
+    engine does not take, LoRA targets that match no module (on the meta device: no weights read)."""
+    out = []
+    if model_path is not None:
+        from oapl.trainer.model import check_model_files
+
+        try:
+            check_model_files(model_path)
+        except Exception as e:  # noqa: BLE001
+            out.append(_message(e))
+    if cfg.engine.extra:
+        from oapl.engines.factory import check_engine_extra, engine_kind
+
+        try:
+            check_engine_extra(engine_kind(cfg), cfg.engine.extra, cfg.engine.kind)
+        except Exception as e:  # noqa: BLE001
+            out.append(_message(e))
+    if cfg.model.lora.enabled and model_path is not None and not out:
+        from oapl.trainer.policy import check_lora_targets
+
+        try:
+            check_lora_targets(model_path, cfg.model.lora.target_modules, cfg.model.trust_remote_code)
+        except Exception as e:  # noqa: BLE001
+            out.append(_message(e))
+    return out
+
+
 def _shape(cfg: TrainConfig, model_path: str | None, res: CheckResult):
     from oapl.memory_plan import ShapeError, resolve_shape
 
@@ -271,6 +299,7 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=N
         if tokenizer is not None:
             shape = _shape(cfg, model_path, res)
             max_prompt = _tokenize_rows(cfg, task, tokenizer, shape, res, rows)
+            res.problems += _model_problems(cfg, model_path)
     if shape is None and not any(p.startswith("model.name") for p in res.problems):
         shape = _shape(cfg, model_path, res)  # the plan needs no tokenizer: the shipped shapes
     if cfg.distributed.backend == "ray":

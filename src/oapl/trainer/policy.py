@@ -216,6 +216,24 @@ def lora_targets_error(model, targets, exc: BaseException):
                      f"named {', '.join(list(names)[:12])} (or use all-linear)")
 
 
+def check_lora_targets(model_path: str, targets, trust_remote_code: bool = False) -> None:
+    """``model.lora.target_modules`` match a module of the model at ``model_path``, else the
+    :class:`~oapl.errors.UserError` of :func:`lora_targets_error`. The model is built on the meta
+    device (no weights read), and matched with peft's own rule."""
+    if targets == "all-linear":
+        return
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    lc = LoraConfig(target_modules=targets, task_type="CAUSAL_LM")
+    if not any(check_target_module_exists(lc, name) for name, _ in model.named_modules()):
+        raise lora_targets_error(model, targets, ValueError(f"Target modules {targets} not found in the base model"))
+
+
 def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | None = None, model=None,
                 load_optimizer: bool = True) -> tuple[Policy, dict[str, Any]]:
     """The policy of a run, fresh or restored from ``checkpoint``; also the checkpoint's trainer state.
