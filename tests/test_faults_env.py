@@ -277,6 +277,46 @@ def test_enospc_oserror_without_a_path_names_output_dir(capsys, monkeypatch, tmp
     assert_one_line(rc, err, "disk full", str(tmp_path / "run"), "free on")
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 kB tmpfs (a real ENOSPC), where this process may mount one (root); skipped otherwise."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("no mount here")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)  # lazy: a writer may hold a file
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_full_tmpfs_in_a_checkpoint_write(small_tmpfs, writer):
+    """The writers of a checkpoint on a real full file system: torch's zip writer says only "iostream
+    error" / "unexpected pos", safetensors "os error 28"; both are one DiskFullError naming the folder,
+    and the folder beside it is untouched."""
+    from safetensors.torch import save_file
+
+    from oapl.atomic import atomic_dir
+
+    ckpts = small_tmpfs / "checkpoints"
+    (ckpts / "step-1").mkdir(parents=True)
+    (ckpts / "step-1" / "w").write_bytes(b"x" * 20_000)
+    big = {"w": torch.zeros(40_000)}  # 160 kB
+    with pytest.raises(DiskFullError) as e:
+        with atomic_dir(ckpts / "step-2") as tmp:
+            torch.save(big, tmp / "state.pt") if writer == "torch.save" else save_file(big, str(tmp / "w.safetensors"))
+    msg = str(e.value)
+    assert msg.startswith(f"disk full: cannot write {ckpts / 'step-2'} (") and "it needs about 20.0 kB" in msg, msg
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-1"]  # no partial folder; the old one intact
+    assert (ckpts / "step-1" / "w").stat().st_size == 20_000
+
+
 @pytest.mark.slow  # a real training run in a subprocess (~15 s)
 def test_file_size_limit_during_a_checkpoint(tmp_path, tiny_model_dir, prompts_file):
     """A real write failure: RLIMIT_FSIZE below a checkpoint's size. One line, exit 2, the metrics kept,

@@ -64,7 +64,7 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object])
     except BaseException as e:
         written = _size_of(tmp)
         tmp.unlink(missing_ok=True)
-        full = disk_full_error(e, path, written=written) if isinstance(e, Exception) else None
+        full = disk_full_error(e, path, written=written, probe=True) if isinstance(e, Exception) else None
         if full is not None:  # one line naming the file and the space, not the writer's traceback
             raise full from e
         raise
@@ -95,7 +95,8 @@ def atomic_dir(final: str | os.PathLike[str], prefix: str = ".tmp-") -> Iterator
     except Exception as e:
         # disk full (or a quota, a file-size limit): one line naming the folder, the space there and what
         # a folder like it takes (the previous one beside it, e.g. the last checkpoint); it stays intact
-        full = disk_full_error(e, final, needed=_largest_sibling(final, prefix), written=_size_of(tmp))
+        full = disk_full_error(e, final, needed=_largest_sibling(final, prefix), written=_size_of(tmp),
+                               probe=True)
         if full is not None:
             raise full from e
         raise

@@ -91,15 +91,33 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
+#: a write that fails where less than this is free failed for want of space, whatever the writer says
+#: (torch's zip writer reports a full disk as "basic_ios::clear: iostream error" / "unexpected pos")
+NEARLY_FULL_BYTES = 1 << 20
+
+
 def disk_full_error(exc: BaseException, path: str | os.PathLike[str], needed: int | None = None,
-                    written: int | None = None) -> DiskFullError | None:
+                    written: int | None = None, probe: bool = False) -> DiskFullError | None:
     """The one-line :class:`DiskFullError` for ``exc`` when it is a write that failed for want of space
     at ``path`` (else ``None``): the free space there, the file-size limit when one applies, and
-    ``needed`` (an estimate of what the write needs) or ``written`` (what it had written)."""
+    ``needed`` (an estimate of what the write needs) or ``written`` (what it had written).
+
+    ``probe``: ``exc`` is known to come from writing ``path``; a failure whose text names no errno
+    counts as a full disk when less than :data:`NEARLY_FULL_BYTES` is free there."""
+    import shutil
+
     code = _disk_errno(exc)
+    if code is None and probe:
+        where = os.path.abspath(os.fsdecode(path))
+        while not os.path.exists(where) and os.path.dirname(where) != where:
+            where = os.path.dirname(where)
+        try:
+            if shutil.disk_usage(where).free < NEARLY_FULL_BYTES:
+                code = errno.ENOSPC
+        except OSError:
+            pass
     if code is None:
         return None
-    import shutil
 
     target = os.path.abspath(os.fsdecode(path))
     where = target
