@@ -400,15 +400,17 @@ def test_prompt_lengths_are_batched_and_cached(tmp_path, char_tokenizer, monkeyp
     rows = [{"prompt": "z" * (i % 7), "prompt_id": str(i)} for i in range(2500)]
     task = Task("t", train=rows, eval=[], reward_fn=lambda p, c, **k: [0.0] * len(c))
     calls = []
-    real = type(char_tokenizer).__call__
+    real = budget._batch_counter
 
-    def counting(self, text, *a, **k):
-        calls.append(len(text) if isinstance(text, list) else 1)
-        return real(self, text, *a, **k)
+    def counting(tokenizer):
+        count = real(tokenizer)
+        return lambda texts: calls.append(len(texts)) or count(texts)
 
-    monkeypatch.setattr(type(char_tokenizer), "__call__", counting)
+    monkeypatch.setattr(budget, "_batch_counter", counting)
     first = budget.prompt_lengths(task, rows, char_tokenizer)
-    assert first == [19 + i % 7 for i in range(2500)]
+    assert first == [19 + i % 7 for i in range(2500)]  # as the worker counts: tokenizer(text) per prompt
+    assert first[:50] == [len(char_tokenizer(task.render(r, char_tokenizer), add_special_tokens=False).input_ids)
+                          for r in rows[:50]]
     assert calls == [1024, 1024, 452]  # three batch calls
     cached = list((tmp_path / "oapl-cache" / "prompt_lengths").iterdir())
     assert len(cached) == 1
@@ -423,3 +425,21 @@ def test_prompt_lengths_are_batched_and_cached(tmp_path, char_tokenizer, monkeyp
     budget.prompt_lengths(task, [*rows[:-1], {"prompt": "changed", "prompt_id": "x"}], char_tokenizer)
     assert calls == [1024, 1024, 452]
     assert len(list((tmp_path / "oapl-cache" / "prompt_lengths").iterdir())) == 3
+
+
+def test_batch_counter_falls_back_when_the_backend_disagrees(char_tokenizer):
+    """A tokenizer that changes the text before its Rust backend sees it is counted its own way."""
+    from oapl.data.budget import _batch_counter
+
+    texts = ["ab", "abcd", "a"]
+    assert _batch_counter(char_tokenizer)(texts) == [2, 4, 1]
+
+    class Doubling:  # what the worker would count: every character twice
+        backend_tokenizer = char_tokenizer.backend_tokenizer
+
+        def __call__(self, texts, add_special_tokens=False):
+            return char_tokenizer([t * 2 for t in texts], add_special_tokens=add_special_tokens)
+
+    count = _batch_counter(Doubling())
+    assert count(texts) == [4, 8, 2]
+    assert count(["xyz"]) == [6]

@@ -95,11 +95,39 @@ def lengths_cache_dir() -> Path:
     return Path(os.environ.get("OAPL_CACHE", Path.home() / ".cache" / "oapl")) / "prompt_lengths"
 
 
+def _batch_counter(tokenizer):
+    """``texts -> token counts`` as ``tokenizer(text, add_special_tokens=False)`` counts them: the fast
+    tokenizer's Rust ``encode_batch_fast`` (no offsets: ~3x a ``tokenizer(texts)`` call) when it agrees
+    with the tokenizer on the first batch, else one ``tokenizer(texts)`` batch call."""
+    def batch_call(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None:
+        return batch_call
+    state = {"checked": False, "use": True}
+
+    def counter(texts: list[str]) -> list[int]:
+        if not state["use"]:
+            return batch_call(texts)
+        counts = [len(e.ids) for e in fast(texts, add_special_tokens=False)]
+        if not state["checked"]:  # the tokenizer may pre-process text itself: then count its way
+            state["checked"] = True
+            sample = texts[:16]
+            if counts[:len(sample)] != batch_call(sample):
+                state["use"] = False
+                return batch_call(texts)
+        return counts
+
+    return counter
+
+
 def prompt_lengths(task, rows: list[dict[str, Any]], tokenizer, *, cache: bool = True) -> list[int]:
     """Token count of every rendered prompt of ``rows`` (as the rollout worker tokenizes them).
 
     Rendered with ``task.render`` and tokenized :data:`TOKENIZE_BATCH` at a time (one batch call of a
-    fast tokenizer), then cached under :func:`lengths_cache_dir`, keyed by the rows, the tokenizer and
+    fast tokenizer: :func:`_batch_counter`), then cached under :func:`lengths_cache_dir`, keyed by the rows, the tokenizer and
     the template: a second run on the same data reads the counts back instead of tokenizing again.
     A cache that cannot be read or written is skipped (the counts are recomputed).
     """
@@ -115,9 +143,10 @@ def prompt_lengths(task, rows: list[dict[str, Any]], tokenizer, *, cache: bool =
         except (OSError, ValueError):
             pass
     lengths: list[int] = []
+    count = _batch_counter(tokenizer)
     for start in range(0, len(rows), TOKENIZE_BATCH):
         texts = [task.render(ex, tokenizer) for ex in rows[start:start + TOKENIZE_BATCH]]
-        lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+        lengths += count(texts)
     if path is not None:
         try:
             from oapl.atomic import atomic_write_text
