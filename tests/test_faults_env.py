@@ -157,6 +157,19 @@ def test_truncated_safetensors_is_named(capsys, tmp_path, prompts_file, toy_path
         assert f"model.name: {weights} is damaged" in out, out
 
 
+def test_model_folder_without_weights_or_with_an_unknown_model_type(capsys, tmp_path, prompts_file, toy_path,
+                                                                    tiny_model_dir):
+    model = _copy_model(tiny_model_dir, tmp_path)
+    (model / "model.safetensors").unlink()
+    rc, err = run_cli(train_args(str(model), prompts_file, tmp_path / "r"), capsys)
+    assert_one_line(rc, err, "model.name", str(model), "config.json but no weights")
+    other = _copy_model(tiny_model_dir, tmp_path, "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llamaa"}))
+    rc, err = run_cli(train_args(str(other), prompts_file, tmp_path / "r2"), capsys)
+    assert_one_line(rc, err, "model.name", str(other), "model_type 'llamaa'")
+
+
 def test_loader_failure_on_a_damaged_folder_names_the_file(tmp_path, tiny_model_dir):
     """Without the CLI's preflight (oapl.train, Ray ranks), the loader's failure is traced to the file."""
     from oapl.trainer.model import load_causal_lm, load_tokenizer

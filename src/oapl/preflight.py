@@ -141,7 +141,8 @@ def _check_local(path: Path, name: str, field: str) -> None:
         raise ModelNotFoundError(f"{field}: {name} has no config.json, so it is not a Hugging Face model folder{hint}")
     from oapl.trainer.model import check_model_files
 
-    check_model_files(path, field)  # a damaged config.json or truncated safetensors: named now, not mid-load
+    # a damaged config.json, truncated safetensors or no weights at all: named now, not mid-load
+    check_model_files(path, field, weights=field != "model.tokenizer")
 
 
 def _is_repo_id(name: str) -> bool:

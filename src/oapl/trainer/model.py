@@ -77,6 +77,8 @@ def pick_device(device: str = "auto", field: str = "model.device") -> torch.devi
     except RuntimeError as e:
         raise UserError(f"{field}={device!r}: not a device ({' '.join(str(e).split())}); use auto, cpu, cuda or "
                         f"cuda:N") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{field}={device}: Apple's MPS is not available here; use {field}=auto or cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = ("this torch is built without CUDA" if torch.version.cuda is None else
@@ -89,7 +91,10 @@ def pick_device(device: str = "auto", field: str = "model.device") -> torch.devi
     return dev
 
 
-def check_model_files(path: str | os.PathLike[str], field: str = "model.name") -> None:
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.msgpack", "*.h5")
+
+
+def check_model_files(path: str | os.PathLike[str], field: str = "model.name", weights: bool = True) -> None:
     """A local model folder's ``config.json`` parses and every ``*.safetensors`` file is whole.
 
     Cheap (JSON and safetensors headers only, the tensors are memory-mapped, not read). A damaged file
@@ -115,6 +120,9 @@ def check_model_files(path: str | os.PathLike[str], field: str = "model.name") -
         except json.JSONDecodeError as e:
             raise UserError(f"{field}: {f} is damaged: not valid JSON at line {e.lineno}, column {e.colno} "
                             f"({e.msg}); copy or download the model again") from None
+    if weights and (folder / "config.json").is_file() and not any(any(folder.glob(g)) for g in WEIGHT_FILES):
+        raise UserError(f"{field}: {folder} has a config.json but no weights (model.safetensors or pytorch_model.bin): "
+                        f"an incomplete download or copy?")
     from safetensors import safe_open
 
     for f in sorted(folder.glob("*.safetensors")):
@@ -127,14 +135,33 @@ def check_model_files(path: str | os.PathLike[str], field: str = "model.name") -
                             f"interrupted download or copy? copy or download the model again") from None
 
 
-def _local_fault(path: str, field: str, exc: BaseException) -> None:
-    """Re-raise a loader failure on a local folder as the damaged file it comes from, when it is one."""
+def _local_fault(path: str, field: str, exc: BaseException, weights: bool = True) -> None:
+    """Re-raise a loader failure as the user's to fix when it is: a damaged file of a local folder, a
+    ``model_type`` this transformers does not know, code the model needs ``trust_remote_code`` for."""
+    from oapl.errors import UserError
+
     if isinstance(exc, (ImportError, KeyboardInterrupt)):
         return
     try:
-        check_model_files(path, field)
+        check_model_files(path, field, weights=weights)
     except Exception as user:  # noqa: BLE001 - the UserError naming the damaged file
         raise user from exc
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (ValueError, KeyError)) and any(k in text for k in (
+            "Unrecognized model", "model_type", "model type", "does not recognize this architecture")):
+        import json
+
+        import transformers
+
+        try:
+            kind = repr(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
+        except (OSError, ValueError, AttributeError):
+            kind = "(see config.json)"
+        raise UserError(f"{field}: {path}: transformers {transformers.__version__} does not know model_type {kind} "
+                        f"(config.json); check its spelling, or upgrade transformers") from exc
+    if isinstance(exc, ValueError) and "trust_remote_code" in text:
+        raise UserError(f"{field}: {path} runs its own code (custom model classes): set "
+                        f"model.trust_remote_code=true if you trust it") from exc
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "model.name"):
@@ -143,7 +170,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "mod
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        _local_fault(path, field, e)
+        _local_fault(path, field, e, weights=False)
         raise
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
