@@ -231,6 +231,35 @@ def test_engine_extra_key_vllm_does_not_take():
         check_engine_extra("vllm", {"dtype": "float16"})
 
 
+@pytest.mark.slow  # imports vLLM (~8 s)
+def test_vllm_refusing_a_value_is_one_line(monkeypatch, tiny_model_dir):
+    """vLLM validates its arguments when it starts (a wrong type, a max_model_len above the model's):
+    a ValueError/TypeError there is the user's to fix, named as the engine's arguments."""
+    pytest.importorskip("vllm")
+    import vllm
+
+    from oapl.engines.vllm_engine import VLLMEngine, vllm_import_error
+
+    if vllm_import_error() is not None:
+        pytest.skip(vllm_import_error())
+
+    def refuse(model, **kwargs):
+        raise ValueError(f"max_num_seqs: Input should be a valid integer (got {kwargs['max_num_seqs']!r})")
+
+    monkeypatch.setattr(vllm, "LLM", refuse)
+    with pytest.raises(UserError, match=r"^engine: vLLM refused its arguments on .*: ValueError: max_num_seqs: Input "
+                                        r"should be a valid integer \(got 'four'\) \(vLLM arguments come from "
+                                        r"engine.extra.*'max_num_seqs': 'four'"):
+        VLLMEngine(tiny_model_dir, max_num_seqs="four")
+
+    def crash(model, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(vllm, "LLM", crash)  # anything else keeps its traceback
+    with pytest.raises(RuntimeError, match="vLLM failed to start"):
+        VLLMEngine(tiny_model_dir)
+
+
 def test_lora_targets_that_match_nothing(capsys, tmp_path, prompts_file, toy_path, tiny_model_dir):
     rc, err = run_cli(train_args(tiny_model_dir, prompts_file, tmp_path / "r", "model.lora.enabled=true",
                                  "model.lora.target_modules=[qproj, vproj]"), capsys)
