@@ -126,6 +126,9 @@ def test_non_utf8_and_invalid_json_datasets(tmp_path):
     bad.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
     with pytest.raises(DatasetError, match=r"not UTF-8 text: byte 0xff at byte offset 28 \(line 2\)"):
         load_rows(str(bad))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n')
+    assert load_rows(str(bom))[0] == [{"prompt": "a"}]
     arr = tmp_path / "d.json"
     arr.write_text('[{"prompt": "a"},\n {"prompt": }]')
     with pytest.raises(DatasetError, match=r"d.json: not valid JSON at line 2, column 13"):

@@ -18,7 +18,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
     if suffix in (".jsonl", ".ndjson", ".json"):
         data = path.read_bytes()
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             raise DatasetError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
