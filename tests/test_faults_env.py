@@ -488,3 +488,19 @@ def test_batch_counter_falls_back_when_the_backend_disagrees(char_tokenizer):
     count = _batch_counter(Doubling())
     assert count(texts) == [4, 8, 2]
     assert count(["xyz"]) == [6]
+
+
+def test_oapl_generate_checks_every_prompt_before_the_first_is_generated(tmp_path, tiny_model_dir, toy_path):
+    """`oapl generate` names row 20 of the split (not its row within a batch of prompts) and generates nothing."""
+    from oapl.data.budget import TokenBudgetError
+    from oapl.generate import generate_dataset
+    from test_token_budget import LimitedEngine
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_model_dir, _long_at_row_20(tmp_path), tmp_path / "r")
+    engine = LimitedEngine(64)
+    with pytest.raises(TokenBudgetError, match=rf"^train row 20 \(prompt_id 'p20'\): prompt of {ROW_20_TOKENS} "
+                                               r"tokens \+ sampling.max_tokens=6"):
+        generate_dataset(cfg, tmp_path / "data", n=2, batch_prompts=8, engine=engine)
+    assert engine.calls == 0
