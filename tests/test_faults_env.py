@@ -470,6 +470,12 @@ def test_prompt_lengths_are_batched_and_cached(tmp_path, char_tokenizer, monkeyp
     budget.prompt_lengths(task, [*rows[:-1], {"prompt": "changed", "prompt_id": "x"}], char_tokenizer)
     assert calls == [1024, 1024, 452]
     assert len(list((tmp_path / "oapl-cache" / "prompt_lengths").iterdir())) == 3
+    # a cache that cannot be written (here: a file where its folder should be) costs a recount, not the run
+    monkeypatch.setenv("OAPL_CACHE", str(tmp_path / "blocked"))
+    (tmp_path / "blocked").write_text("")
+    calls.clear()
+    assert budget.prompt_lengths(task, rows, char_tokenizer)[1] == 19 + 1 + 6 + 1 + 3 + 1 + 1 + 1
+    assert calls == [1024, 1024, 452]
 
 
 def test_batch_counter_falls_back_when_the_backend_disagrees(char_tokenizer):

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oapl.errors import UserError
+from oapl.errors import DiskFullError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def prompt_lengths(task, rows: list[dict[str, Any]], tokenizer, *, cache: bool =
 
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(lengths))
-        except OSError as e:  # a read-only or full cache: the counts are still right
+        except (OSError, DiskFullError) as e:  # a read-only or full cache: the counts are still right
             log.debug("prompt lengths not cached at %s: %s", path, e)
     return lengths
 
