@@ -296,6 +296,9 @@ def test_disk_full_at_a_writer_names_the_path_and_space(tmp_path):
     assert msg.startswith(f"disk full: cannot write {target} (") and "free on" in msg
     assert "100 B written before it failed" in msg
     assert list(target.parent.iterdir()) == []  # no temp file left behind
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(e.value))) == msg  # as a Ray trainer rank hands it over
     # a folder: the one beside it gives the space needed; safetensors' wording of the same fault
     (tmp_path / "ckpt" / "step-1").mkdir(parents=True)
     (tmp_path / "ckpt" / "step-1" / "w").write_bytes(b"x" * 2500)

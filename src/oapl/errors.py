@@ -50,6 +50,9 @@ class DiskFullError(UserError):
         super().__init__(what)
         self.what, self.target, self.where, self.needed, self.written = what, target, where, needed, written
 
+    def __reduce__(self):  # across processes (Ray trainer ranks) with all its fields
+        return type(self), (self.what, self.target, self.where, self.needed, self.written)
+
     def __str__(self) -> str:
         need = (f"; it needs about {_size(self.needed)}" if self.needed else
                 f"; {_size(self.written)} written before it failed" if self.written else "")
