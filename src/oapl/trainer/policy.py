@@ -212,7 +212,7 @@ def lora_targets_error(model, targets, exc: BaseException):
             if leaf != "lm_head":
                 names.setdefault(leaf, None)
     first = " ".join(str(exc).split())[:200].rstrip(".")
-    return UserError(f"model.lora.target_modules={targets!r}: {first}; {type(model).__name__}'s linear layers are "
+    return UserError(f"model.lora.target_modules={targets!r}: {first}; {type(model).__name__}'s adaptable layers are "
                      f"named {', '.join(list(names)[:12])} (or use all-linear)")
 
 
