@@ -462,6 +462,26 @@ def format_errors(err: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}): " + "; ".join(lines)
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; a file that is not UTF-8 or not YAML is a :class:`ConfigError` naming
+    the file and where (byte offset, or line and column)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line "
+                          f"{line}); save the file as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(str(what).split())}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls: type[BaseModel] = TrainConfig) -> Any:
     """Read YAML (optional) and apply ``a.b=value`` overrides, then validate."""
@@ -471,10 +491,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of fields")
         tree = loaded or {}

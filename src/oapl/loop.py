@@ -32,6 +32,7 @@ from oapl import signals
 from oapl.atomic import atomic_write_text
 from oapl.config import TrainConfig, config_yaml, save_config
 from oapl.engines.base import SamplingParams
+from oapl.errors import DiskFullError
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
@@ -126,6 +127,7 @@ class Run:
             self.sync_step = self.step
             self.version_steps[self.version] = self.step
         self._restored_step = self.step if self.ckpt is not None else None
+        self._check_prompt_budgets()  # a prompt too long for the engine: refused now, naming its row
         signals.reclaim()  # a library may have replaced the stop-signal handlers while loading
         # everything is loaded: the run starts, and only now is anything in its directory changed
         with signals.deferred():  # a stop signal never leaves the directory half replaced
@@ -144,6 +146,19 @@ class Run:
         if state:
             self.rollout.load_state_dict(state.get("worker") or {})
             set_rng_state(state["rng"])
+
+    def _check_prompt_budgets(self) -> None:
+        """Every training (and, when the run evaluates, held-out) prompt plus its max_tokens fits the
+        engine's limit: tokenized once, in batches, and cached (:func:`oapl.data.budget.check_splits`)."""
+        from oapl.data.budget import check_splits, engine_max_model_len
+
+        cfg, backend = self.cfg, self.backend
+        task, tokenizer = getattr(backend, "task", None), getattr(backend, "tokenizer", None)
+        limit = cfg.engine.max_model_len or engine_max_model_len(getattr(backend, "engine", None))
+        if task is None or tokenizer is None or limit is None or not getattr(backend, "syncs", False):
+            return
+        e = cfg.eval
+        check_splits(cfg, task, tokenizer, limit, evaluate=e.at_start or e.at_end or e.every > 0)
 
     # -- the pieces of Algorithm 1 ---------------------------------------------------------------
     def sync(self) -> float:
@@ -187,9 +202,13 @@ class Run:
                  "version_steps": self.version_steps, "eval_before": self.eval_before,
                  "checkpoints": self.checkpoints}
         with signals.deferred():  # a stop signal waits for the write (atomic either way)
-            path = str(self.backend.save(self.run_dir, self.step, state,
-                                         config_yaml(self.cfg),
-                                         keep or self.cfg.checkpoint.keep))
+            try:
+                path = str(self.backend.save(self.run_dir, self.step, state,
+                                             config_yaml(self.cfg),
+                                             keep or self.cfg.checkpoint.keep))
+            except DiskFullError as e:  # say how much a checkpoint of this run takes
+                e.needed = e.needed or _checkpoint_bytes(getattr(self.backend, "policy", None))
+                raise
             self._last_checkpoint, self._last_checkpoint_path = self.step, path
             self.checkpoint_clock.reset()
         log.info("checkpoint written: %s", path)
@@ -362,6 +381,20 @@ class Run:
             self.metrics.close()
             self.metrics = None
         self.backend.close()
+
+
+def _checkpoint_bytes(policy) -> int | None:
+    """About what a checkpoint of ``policy`` takes on disk: its weights (stored and exported) and the
+    optimiser's state."""
+    if policy is None:
+        return None
+    try:
+        weights = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+        optim = sum(t.numel() * t.element_size() for st in policy.optimizer.state.values()
+                    for t in st.values() if torch.is_tensor(t))
+        return 2 * weights + optim
+    except Exception:  # noqa: BLE001 - an estimate only
+        return None
 
 
 def _fmt(summary: dict[str, float]) -> str:

@@ -145,6 +145,11 @@ def _main(argv: list[str]) -> int:
         return signals.exit_code(e)  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1
     except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
         message = user_message(e)
+        if message is None:  # a write that failed for want of space, where the writer did not name the file
+            from oapl.errors import disk_full_error
+
+            full = disk_full_error(e, getattr(args, "output_dir", None) or ".")
+            message = None if full is None else str(full)
         if message is None:
             raise
         if debug:
