@@ -36,8 +36,14 @@ offline two-stage recipe), `configs/code_cpu.yaml` (code task).
 - **Kills.** A checkpoint is written to `checkpoints/.tmp-step-*` and renamed into place; a kill
   leaves no half checkpoint, and the `.tmp-step-*` leftovers (and the temp dirs and cgroups of the
   code sandbox of a killed run) are removed at the next start. `--resume` loses at most
-  `checkpoint.every` steps and rewrites `metrics.jsonl` without the steps it redoes
-  (`tests/test_kill_resume.py` kills a run 12 times, including inside checkpoint writes).
+  `checkpoint.every` steps (or `checkpoint.every_minutes` minutes, 10 by default) and rewrites
+  `metrics.jsonl` without the steps it redoes (`tests/test_kill_resume.py` kills a run 12 times,
+  including inside checkpoint writes).
+- **SIGTERM and SIGUSR1 are Ctrl-C.** `kill`, `timeout`, `docker stop`, Kubernetes and SLURM send
+  SIGTERM (SLURM's `--signal=USR1@90` sends SIGUSR1 90 s before its kill): the run writes a checkpoint
+  and exits with one line, `oapl: interrupted (SIGTERM); checkpoint written: <dir>; continue with
+  --resume`, and status 128 + the signal: 143 (SIGTERM), 138 (SIGUSR1), 130 (Ctrl-C). See
+  [training.md](training.md#stopping-and-resuming).
 - **One line per mistake.** A user error ends in `oapl: <what>: <why>` naming the field, file and
   row, with exit status 2: unknown `task.name` (the nearest is suggested), `rollout.group_size=1`
   (every gradient would be 0), a missing dataset file or column, a reward that cannot be imported,

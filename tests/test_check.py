@@ -44,9 +44,9 @@ def test_a_good_config_passes_with_its_plan(tmp_path, tiny_model_dir, prompts_fi
     # the tiny Llama: 99-token vocabulary x 32 (tied) + 2 layers x 9,280 + final norm 32
     assert p["model_params"] == 99 * 32 + 2 * 9280 + 32
     assert p["trainer_state_gb"] == pytest.approx(p["model_params"] * 16 / 1e9)  # fp32 masters + grads + AdamW
-    # the first 8 rendered prompts, one token per character or special token:
-    # "<|im_start|>" "user" "\n" "say 7" "<|im_end|>" "\n" "<|im_start|>" "assistant" "\n"
-    assert p["longest_sampled_prompt_tokens"] == 1 + 4 + 1 + 5 + 1 + 1 + 1 + 9 + 1
+    # every rendered prompt (40 rows), one token per character or special token; the longest:
+    # "<|im_start|>" "user" "\n" "say 39" "<|im_end|>" "\n" "<|im_start|>" "assistant" "\n"
+    assert p["longest_sampled_prompt_tokens"] == 1 + 4 + 1 + 6 + 1 + 1 + 1 + 9 + 1
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "is ready to run" in out and "samples_per_sync_window: 40" in out
@@ -62,13 +62,15 @@ def test_token_budget_defects(tmp_path, tiny_model_dir, prompts_file, capsys):
     path = _yaml(tmp_path, tiny_model_dir, prompts_file, **{"eval.max_tokens": 200})
     lines = _lines(capsys, ["check", str(path)])
     assert len(lines) == 1 and lines[0].startswith("eval.max_tokens=200 does not fit engine.max_model_len=200")
-    # prompts that cannot fit: one line per row and split, naming the row
+    # prompts that cannot fit: one line per split naming the first row, with how many more and the longest
+    # ("say 0".."say 9": 24 tokens, "say 10".."say 39": 25; 24 + 6 > 29, so all 40 rows)
     path = _yaml(tmp_path, tiny_model_dir, prompts_file, **{"engine.max_model_len": 29})
     lines = _lines(capsys, ["check", str(path), "--rows", "2"])
-    assert len(lines) == 4
+    assert len(lines) == 2
     assert lines[0].startswith("train row 0 (prompt_id 'p0'): prompt of 24 tokens + sampling.max_tokens=6 = 30 "
                                 "tokens > engine.max_model_len=29")
-    assert lines[2].startswith("eval row 0 (prompt_id 'p0'): prompt of 24 tokens + eval.max_tokens=6 = 30")
+    assert lines[0].endswith("(39 more train row(s) do not fit either; the longest is row 10 with 25 tokens)")
+    assert lines[1].startswith("eval row 0 (prompt_id 'p0'): prompt of 24 tokens + sampling.max_tokens=6 = 30")
 
 
 def test_top_p_and_missing_data_defects(tmp_path, tiny_model_dir, prompts_file, capsys):

@@ -13,7 +13,29 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from oapl.errors import disk_full_error
+
 __all__ = ["atomic_dir", "atomic_write", "atomic_write_text", "fsync_dir"]
+
+
+def _size_of(path: Path) -> int:
+    """Bytes under ``path`` (a file or a folder; 0 when gone)."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def _largest_sibling(final: Path, prefix: str) -> int | None:
+    """Size of the largest finished folder beside ``final`` (what writing another like it needs)."""
+    try:
+        sizes = [_size_of(p) for p in final.parent.iterdir()
+                 if p.is_dir() and p != final and not p.name.startswith((prefix, "."))]
+    except OSError:
+        return None
+    return max(sizes, default=0) or None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -39,8 +61,12 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object])
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = _size_of(tmp)
         tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, path, written=written, probe=True) if isinstance(e, Exception) else None
+        if full is not None:  # one line naming the file and the space, not the writer's traceback
+            raise full from e
         raise
     fsync_dir(path.parent)
     return path
@@ -66,6 +92,14 @@ def atomic_dir(final: str | os.PathLike[str], prefix: str = ".tmp-") -> Iterator
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)
+    except Exception as e:
+        # disk full (or a quota, a file-size limit): one line naming the folder, the space there and what
+        # a folder like it takes (the previous one beside it, e.g. the last checkpoint); it stays intact
+        full = disk_full_error(e, final, needed=_largest_sibling(final, prefix), written=_size_of(tmp),
+                               probe=True)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

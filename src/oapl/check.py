@@ -10,8 +10,9 @@ known before it starts is checked here, in this order, collecting one line per p
 3. the task builds (every row of every dataset has its columns; code tests parse), and the first
    ``rows`` rows of each split have what their reward needs (a math answer math-verify can parse, a
    code problem with tests);
-4. those rows, rendered with the chat template and tokenized, fit ``engine.max_model_len`` with
-   ``sampling.max_tokens`` (training) and ``eval.max_tokens`` (evaluation);
+4. every prompt of each split, rendered with the chat template and tokenized (in batches, cached: what
+   ``oapl train`` checks before it starts), fits ``engine.max_model_len`` with ``sampling.max_tokens``
+   (training) and ``eval.max_tokens`` (evaluation);
 5. offline data (``offline.data``) was sampled at the configured temperature / top-p by
    ``model.name``.
 
@@ -135,7 +136,7 @@ def _is_compare_study(config: str | Path | None) -> bool:
 
     try:
         tree = yaml.safe_load(Path(config).read_text())
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):  # load_config says what is wrong with the file
         return False
     return isinstance(tree, dict) and "base" in tree
 
@@ -188,8 +189,9 @@ def _check_study(config: str | Path, overrides: list[str] | None, *, rows: int, 
 
 
 def _tokenize_rows(cfg: TrainConfig, task, tokenizer, shape, res: CheckResult, rows: int) -> int:
-    """Check the first ``rows`` prompts of each split against the token budgets; the longest prompt."""
-    from oapl.data.budget import TokenBudgetError, check_prompt_budget
+    """Check every prompt of each split against the token budgets (tokenized in batches and cached, as
+    the run does before it starts: :func:`oapl.data.budget.split_problems`); the longest prompt."""
+    from oapl.data.budget import split_problems
 
     max_prompt = 0
     limit = cfg.engine.max_model_len
@@ -198,21 +200,49 @@ def _tokenize_rows(cfg: TrainConfig, task, tokenizer, shape, res: CheckResult, r
         res.notes.append(f"engine.max_model_len unset: vLLM uses the model's own limit ({limit}); "
                          "prompts checked against it")
     eval_tokens = cfg.eval.max_tokens or cfg.sampling.max_tokens
+    counted = []
     for split, examples, max_tokens, fname in (
-            ("train", task.train[:rows], cfg.sampling.max_tokens, "sampling.max_tokens"),
-            ("eval", task.eval[:rows], eval_tokens, "eval.max_tokens")):
-        for i, ex in enumerate(examples):
-            try:
-                n = len(tokenizer(task.render(ex, tokenizer), add_special_tokens=False).input_ids)
-                max_prompt = max(max_prompt, n)
-                check_prompt_budget(n, max_tokens, limit, split=split, row=i,
-                                    prompt_id=str(ex.get("prompt_id", i)), max_tokens_field=fname)
-            except TokenBudgetError as e:
-                res.problems.append(str(e))
-            except Exception as e:  # noqa: BLE001 - e.g. a prompt_template column the row lacks
-                res.problems.append(_message(e))
-    res.notes.append(f"tokenized the first {rows} rows of each split: longest prompt {max_prompt} tokens")
+            ("train", task.train, cfg.sampling.max_tokens, "sampling.max_tokens"),
+            ("eval", task.eval, eval_tokens, "eval.max_tokens" if cfg.eval.max_tokens else "sampling.max_tokens")):
+        try:
+            problems, longest = split_problems(task, examples, tokenizer, max_tokens, limit, split=split,
+                                               max_tokens_field=fname)
+        except Exception as e:  # noqa: BLE001 - e.g. a prompt_template column a row lacks
+            res.problems.append(_message(e))
+            continue
+        res.problems += problems
+        max_prompt = max(max_prompt, longest)
+        counted.append(f"{len(examples)} {split}")
+    res.notes.append(f"tokenized every prompt ({', '.join(counted) or 'none'}): longest prompt {max_prompt} tokens")
     return max_prompt
+
+
+def _model_problems(cfg: TrainConfig, model_path: str | None) -> list[str]:
+    """What the trainer and engine refuse at start-up: damaged model files, ``engine.extra`` keys the
+    engine does not take, LoRA targets that match no module (on the meta device: no weights read)."""
+    out = []
+    if model_path is not None:
+        from oapl.trainer.model import check_model_files
+
+        try:
+            check_model_files(model_path)
+        except Exception as e:  # noqa: BLE001
+            out.append(_message(e))
+    if cfg.engine.extra:
+        from oapl.engines.factory import check_engine_extra, engine_kind
+
+        try:
+            check_engine_extra(engine_kind(cfg), cfg.engine.extra, cfg.engine.kind)
+        except Exception as e:  # noqa: BLE001
+            out.append(_message(e))
+    if cfg.model.lora.enabled and model_path is not None and not out:
+        from oapl.trainer.policy import check_lora_targets
+
+        try:
+            check_lora_targets(model_path, cfg.model.lora.target_modules, cfg.model.trust_remote_code)
+        except Exception as e:  # noqa: BLE001
+            out.append(_message(e))
+    return out
 
 
 def _shape(cfg: TrainConfig, model_path: str | None, res: CheckResult):
@@ -226,6 +256,13 @@ def _shape(cfg: TrainConfig, model_path: str | None, res: CheckResult):
 
 
 def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=None) -> CheckResult:
+    if not hub:  # check_config checks it with the names
+        from oapl.trainer.model import pick_device
+
+        try:
+            pick_device(cfg.model.device)
+        except Exception as e:  # noqa: BLE001
+            res.problems.append(_message(e))
     if hub:
         from oapl.preflight import check_config
 
@@ -262,6 +299,7 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=N
         if tokenizer is not None:
             shape = _shape(cfg, model_path, res)
             max_prompt = _tokenize_rows(cfg, task, tokenizer, shape, res, rows)
+            res.problems += _model_problems(cfg, model_path)
     if shape is None and not any(p.startswith("model.name") for p in res.problems):
         shape = _shape(cfg, model_path, res)  # the plan needs no tokenizer: the shipped shapes
     if cfg.distributed.backend == "ray":
@@ -329,7 +367,8 @@ def register(sub) -> None:
     p = sub.add_parser("check", help="validate a config, open its datasets, check token budgets, print the plan")
     p.add_argument("config", nargs="?", help="YAML config (the same file `oapl train` takes)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.add_argument("--rows", type=int, default=8, help="rows of each split to check and tokenize (default 8)")
+    p.add_argument("--rows", type=int, default=8, help="rows of each split whose answers/tests are checked "
+                   "(default 8); every prompt is tokenized")
     p.add_argument("--no-hub", action="store_true", help="skip the Hugging Face Hub name lookups")
     p.add_argument("--gpus", type=int, default=None,
                    help="GPUs to plan for (default: the devices present; none on a CPU-only machine)")

@@ -91,7 +91,8 @@ class ModelConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer scores with the same).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer scores with the same); "
+                               "0 (greedy: G identical responses, nothing to learn) is refused for training.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; keep 1.0 for training.")
     max_tokens: int = Field(256, ge=1, description="Maximum response tokens.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
@@ -330,6 +331,9 @@ class LoggingConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end). Checkpoints "
                        "at sync boundaries (multiples of L) resume bit-exactly.")
+    every_minutes: float = Field(10.0, ge=0, description="Also checkpoint after the first step that ends this "
+                                 "many minutes (wall clock) after the last checkpoint (0 = off): a preempted or "
+                                 "killed run loses at most this much. Off sync boundaries, so not bit-exact.")
     keep: int = Field(2, ge=1, description="Keep this many latest checkpoints.")
     save_final: bool = Field(True, description="Save a checkpoint when training ends.")
 
@@ -370,6 +374,12 @@ class TrainConfig(Section):
                 f"rollout.group_size={self.rollout.group_size}: {self.algorithm.name.upper()} needs at least 2 "
                 "responses per prompt; with 1 every gradient is exactly 0 (OAPL's V* of one sample is its own "
                 "reward, so r - V* = 0; GRPO's group-relative advantage is 0)")
+        if self.sampling.temperature == 0:
+            raise ValueError(
+                f"sampling.temperature=0: {self.algorithm.name.upper()} needs sampled responses; greedy decoding "
+                "gives the G responses of a prompt the same text and reward, so every advantage is exactly 0 "
+                "and nothing is learned (as with rollout.group_size=1); use a temperature > 0 (1.0 samples "
+                "the policy itself). eval.temperature=0 (greedy evaluation) is fine")
         if self.algorithm.mini_batches > self.rollout.prompts_per_step:
             raise ValueError(
                 f"algorithm.mini_batches={self.algorithm.mini_batches} needs at least that many prompt groups per "
@@ -452,6 +462,26 @@ def format_errors(err: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}): " + "; ".join(lines)
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; a file that is not UTF-8 or not YAML is a :class:`ConfigError` naming
+    the file and where (byte offset, or line and column)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line "
+                          f"{line}); save the file as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(str(what).split())}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls: type[BaseModel] = TrainConfig) -> Any:
     """Read YAML (optional) and apply ``a.b=value`` overrides, then validate."""
@@ -461,10 +491,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of fields")
         tree = loaded or {}

@@ -65,6 +65,14 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
             own_engine = engine is None
             engine = engine or make_engine(cfg, model_path, tokenizer)
             try:
+                from oapl.data.budget import TokenBudgetError, engine_max_model_len, split_problems
+
+                # every prompt fits the engine, before the first is generated (rows of the selected split)
+                limit = cfg.engine.max_model_len or engine_max_model_len(engine)
+                problems, _ = split_problems(task, examples, tokenizer, params.max_tokens, limit, split=split,
+                                             max_tokens_field=max_tokens_field)
+                if problems:
+                    raise TokenBudgetError(problems[0])
                 for start in range(0, len(todo), batch_prompts):
                     chunk = todo[start : start + batch_prompts]
                     groups = generate_groups(engine, task, tokenizer, chunk, params, reward,

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 import yaml
 
+from oapl import signals
 from oapl.atomic import atomic_write_text
 from oapl.backends import Backend
 from oapl.config import TrainConfig, config_yaml, save_config
 from oapl.engines.base import SamplingParams
+from oapl.errors import DiskFullError
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
@@ -41,6 +43,26 @@ from oapl.trainer.checkpoint import seed_everything, set_rng_state
 log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
+
+
+class RolloutFailed(RuntimeError):
+    """The rollout worker died; the run stops (with a checkpoint of the steps trained) and exits non-zero."""
+
+
+class CheckpointClock:
+    """The wall-clock cadence ``checkpoint.every_minutes``: due once that long has passed since the
+    last checkpoint (or the start of training). ``clock`` is injectable (tests), in seconds."""
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = 60.0 * minutes
+        self.clock = clock
+        self.since = clock()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and self.clock() - self.since >= self.seconds
+
+    def reset(self) -> None:
+        self.since = self.clock()
 
 
 @dataclass
@@ -67,6 +89,7 @@ class Run:
         self.callbacks = list(callbacks or [])
         self.run_dir = Path(cfg.output_dir)
         self.metrics: MetricsLogger | None = None
+        self.checkpoint_clock = CheckpointClock(cfg.checkpoint.every_minutes)
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -104,13 +127,17 @@ class Run:
             self.version += 1
             self.sync_step = self.step
             self.version_steps[self.version] = self.step
+        self._restored_step = self.step if self.ckpt is not None else None
+        self._check_prompt_budgets()  # a prompt too long for the engine: refused now, naming its row
+        signals.reclaim()  # a library may have replaced the stop-signal handlers while loading
         # everything is loaded: the run starts, and only now is anything in its directory changed
-        begin_run(self.run_dir, resume=resume, overwrite=overwrite)
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
-                                     cfg.logging.wandb_project, cfg.model_dump(), resume=self.ckpt is not None)
-        if self.ckpt is not None:
-            self.metrics.truncate_after(self.step)
+        with signals.deferred():  # a stop signal never leaves the directory half replaced
+            begin_run(self.run_dir, resume=resume, overwrite=overwrite)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
+                                         cfg.logging.wandb_project, cfg.model_dump(), resume=self.ckpt is not None)
+            if self.ckpt is not None:
+                self.metrics.truncate_after(self.step)
         # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
         self.buffer = RolloutBuffer(max(cfg.rollout.buffer_groups, cfg.rollout.prompts_per_step), self.version,
                                     backend.buffer_staleness)
@@ -120,6 +147,19 @@ class Run:
         if state:
             self.rollout.load_state_dict(state.get("worker") or {})
             set_rng_state(state["rng"])
+
+    def _check_prompt_budgets(self) -> None:
+        """Every training (and, when the run evaluates, held-out) prompt plus its max_tokens fits the
+        engine's limit: tokenized once, in batches, and cached (:func:`oapl.data.budget.check_splits`)."""
+        from oapl.data.budget import check_splits, engine_max_model_len
+
+        cfg, backend = self.cfg, self.backend
+        task, tokenizer = getattr(backend, "task", None), getattr(backend, "tokenizer", None)
+        limit = cfg.engine.max_model_len or engine_max_model_len(getattr(backend, "engine", None))
+        if task is None or tokenizer is None or limit is None or not getattr(backend, "syncs", False):
+            return
+        e = cfg.eval
+        check_splits(cfg, task, tokenizer, limit, evaluate=e.at_start or e.at_end or e.every > 0)
 
     # -- the pieces of Algorithm 1 ---------------------------------------------------------------
     def sync(self) -> float:
@@ -141,7 +181,7 @@ class Run:
             return self.buffer.take(p)
         except BufferClosed:
             if self.rollout.failure is not None:
-                raise RuntimeError("the rollout worker failed") from self.rollout.failure
+                raise RolloutFailed("the rollout worker failed") from self.rollout.failure
             raise
 
     @property
@@ -162,10 +202,16 @@ class Run:
                  "samples_seen": self.samples_seen, "worker": self.rollout.state_dict(),
                  "version_steps": self.version_steps, "eval_before": self.eval_before,
                  "checkpoints": self.checkpoints}
-        path = str(self.backend.save(self.run_dir, self.step, state,
-                                     config_yaml(self.cfg),
-                                     keep or self.cfg.checkpoint.keep))
-        self._last_checkpoint = self.step
+        with signals.deferred():  # a stop signal waits for the write (atomic either way)
+            try:
+                path = str(self.backend.save(self.run_dir, self.step, state,
+                                             config_yaml(self.cfg),
+                                             keep or self.cfg.checkpoint.keep))
+            except DiskFullError as e:  # say how much a checkpoint of this run takes
+                e.needed = e.needed or _checkpoint_bytes(getattr(self.backend, "policy", None))
+                raise
+            self._last_checkpoint, self._last_checkpoint_path = self.step, path
+            self.checkpoint_clock.reset()
         log.info("checkpoint written: %s", path)
         return path
 
@@ -179,7 +225,12 @@ class Run:
         cfg, backend = self.cfg, self.backend
         L = cfg.rollout.sync_interval
         total = backend.total_steps
-        self._last_checkpoint = None
+        # the restored checkpoint is this step's: an interrupt before the next step need not rewrite it
+        self._last_checkpoint = self._restored_step
+        self._last_checkpoint_path = None if self.ckpt is None else str(self.ckpt)
+        # checkpoints of the cadence, where the backend keeps its own (pruned apart from those)
+        self._cadence = [] if self.ckpt is None or str(self.ckpt) in self.checkpoints else [str(self.ckpt)]
+        self.checkpoint_clock.reset()
         if self.eval_before is None and cfg.eval.at_start and self.can_evaluate:
             self.eval_before = self.evaluate()
             self._log({"step": self.step, "samples_seen": self.samples_seen,
@@ -190,67 +241,135 @@ class Run:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total, initial=self.step, desc=backend.description, dynamic_ncols=True)
-        if self.background:
+        if self.background and self.step < total:
             self.rollout.start()
         last: dict[str, Any] = {}
+        unlogged: dict[str, Any] | None = None  # a step trained and counted whose row is not logged yet
         t_start = time.perf_counter()
         gen0 = self.rollout.gen_counters()
         try:
             while self.step < total:
                 groups = self.sample_batch()
-                batch_version = min(g.version for g in groups)
-                metrics = backend.train_step(groups)
-                self.step += 1
-                self.samples_seen += sum(g.n for g in groups)
-                row: dict[str, Any] = {
-                    "step": self.step, "samples_seen": self.samples_seen, **metrics,
-                    "weight_version": batch_version,
-                    "lag": self.step - 1 - self.version_steps.get(batch_version, self.sync_step),
-                    **backend.row_stats(self.rollout, gen0),
-                    "elapsed_s": time.perf_counter() - t_start,
-                }
-                if backend.syncs and self.step % L == 0 and self.step < total:
-                    row["sync_seconds"] = self.sync()
-                    row["synced_to_version"] = self.version
+                # a stop signal inside a step takes effect once the step is trained, counted and synced
+                with signals.deferred():
+                    batch_version = min(g.version for g in groups)
+                    metrics = backend.train_step(groups)
+                    self.step += 1
+                    self.samples_seen += sum(g.n for g in groups)
+                    row: dict[str, Any] = {
+                        "step": self.step, "samples_seen": self.samples_seen, **metrics,
+                        "weight_version": batch_version,
+                        "lag": self.step - 1 - self.version_steps.get(batch_version, self.sync_step),
+                        **backend.row_stats(self.rollout, gen0),
+                        "elapsed_s": time.perf_counter() - t_start,
+                    }
+                    unlogged = row
+                    if backend.syncs and self.step % L == 0 and self.step < total:
+                        row["sync_seconds"] = self.sync()
+                        row["synced_to_version"] = self.version
                 if (cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total
-                        and self.can_evaluate):
+                        and self.can_evaluate):  # a stop signal here logs the row without it
                     row.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-                self._log(row)
-                if cfg.logging.log_samples_every and self.step % cfg.logging.log_samples_every == 0:
-                    self._log_samples(groups)
-                keep = backend.checkpoint_due(self.step)
-                if keep is not None:
-                    self.checkpoints.append(self.checkpoint(keep))
-                elif cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
-                    self.checkpoint()
+                with signals.deferred():
+                    self._log(row)
+                    unlogged = None
+                    if cfg.logging.log_samples_every and self.step % cfg.logging.log_samples_every == 0:
+                        self._log_samples(groups)
+                    keep = backend.checkpoint_due(self.step)
+                    if keep is not None:
+                        self.checkpoints.append(self.checkpoint(keep + len(self._cadence)))
+                        self._prune_cadence(0)  # superseded by a checkpoint the backend keeps
+                    elif cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
+                        self._save()
+                    elif self.checkpoint_clock.due() and self.step < total:
+                        log.info("checkpoint.every_minutes=%g since the last checkpoint: writing one",
+                                 cfg.checkpoint.every_minutes)
+                        self._save()
                 last = row
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(backend.progress_fields(metrics, row))
         except KeyboardInterrupt as interrupt:
-            log.warning("interrupted at step %d: writing a checkpoint", self.step)
-            self.rollout.stop()
-            interrupt.oapl_checkpoint = self.checkpoint()  # the CLI says which one, truthfully
+            self._stop_with_checkpoint(interrupt, unlogged)
             raise
+        except RolloutFailed as failed:
+            raise self._rollout_failed(failed.__cause__) from failed.__cause__
         finally:
             self.rollout.stop()
             if progress is not None:
                 progress.close()
-        eval_after = None
-        if backend.syncs and self.sync_step != self.step:
-            self.sync()  # the engine gets the final weights (for evaluation and for users)
-        if cfg.eval.at_end and self.can_evaluate:
-            eval_after = self.evaluate()
-            self._log({"step": self.step, "samples_seen": self.samples_seen,
-                       **{f"eval/{k}": v for k, v in eval_after.items()}})
-            log.info("held-out after training: %s", _fmt(eval_after))
-        if cfg.checkpoint.save_final and self._last_checkpoint != self.step:
-            self.checkpoint()
-        summary = {"eval_before": self.eval_before, "eval_after": eval_after, "steps": self.step,
-                   "samples_seen": self.samples_seen, **backend.summary(self.rollout),
-                   "checkpoints": self.checkpoints}
-        atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
+        try:
+            eval_after = None
+            if backend.syncs and self.sync_step != self.step:
+                with signals.deferred():
+                    self.sync()  # the engine gets the final weights (for evaluation and for users)
+            if self.rollout.failure is not None:  # it died after the trainer took its last batch
+                raise self._rollout_failed(self.rollout.failure) from self.rollout.failure
+            if cfg.eval.at_end and self.can_evaluate:
+                eval_after = self.evaluate()
+                with signals.deferred():
+                    self._log({"step": self.step, "samples_seen": self.samples_seen,
+                               **{f"eval/{k}": v for k, v in eval_after.items()}})
+                log.info("held-out after training: %s", _fmt(eval_after))
+            with signals.deferred():
+                if cfg.checkpoint.save_final and self._last_checkpoint != self.step:
+                    self._save()
+                summary = {"eval_before": self.eval_before, "eval_after": eval_after, "steps": self.step,
+                           "samples_seen": self.samples_seen, **backend.summary(self.rollout),
+                           "checkpoints": self.checkpoints}
+                atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
+        except KeyboardInterrupt as interrupt:
+            self._stop_with_checkpoint(interrupt, None)
+            raise
         return RunResult(str(self.run_dir), self.step, self.eval_before, eval_after, last, summary)
+
+    def _save(self) -> str:
+        """A checkpoint of the step or time cadence (or of an interrupt). Where the backend keeps checkpoints of
+        its own (offline: one per epoch) it never prunes those: it keeps ``checkpoint.keep`` of its kind."""
+        if not self.checkpoints and self.backend.syncs:
+            return self.checkpoint()
+        path = self.checkpoint(keep=1_000_000)
+        self._cadence.append(path)
+        self._prune_cadence(self.cfg.checkpoint.keep)
+        return path
+
+    def _prune_cadence(self, keep: int) -> None:
+        import shutil
+
+        doomed = self._cadence[:max(0, len(self._cadence) - keep)]
+        self._cadence = self._cadence[len(doomed):]
+        for path in doomed:
+            if path not in self.checkpoints and path != self._last_checkpoint_path:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _stop_with_checkpoint(self, interrupt: KeyboardInterrupt, unlogged: dict[str, Any] | None) -> None:
+        """Ctrl-C, SIGTERM, SIGUSR1: log the step in hand, write a checkpoint (unless this step has one)
+        and name it on the exception for the CLI. Repeated SIGTERM/SIGUSR1 are ignored from here on."""
+        signals.stopping(interrupt)
+        log.warning("%s at step %d: writing a checkpoint", signals.signal_name(interrupt), self.step)
+        self.buffer.close()  # the rollout worker ends at its next push; the checkpoint does not wait for it
+        if unlogged is not None:
+            self._log(unlogged)  # the step is trained and counted: its row goes with its checkpoint
+        if self._last_checkpoint == self.step and self._last_checkpoint_path:
+            path = self._last_checkpoint_path
+        else:
+            path = self._save()
+        interrupt.oapl_checkpoint = path  # the CLI says which one, truthfully
+        signals.note_checkpoint(path)
+
+    def _rollout_failed(self, cause: BaseException | None) -> RolloutFailed:
+        """A dead rollout worker ends the run non-zero, after a checkpoint of the steps trained (unless the
+        trainer itself failed: the Ray backend then resumes from the latest checkpoint)."""
+        if _retryable(cause):
+            return RolloutFailed("the rollout worker failed")
+        try:
+            if self._last_checkpoint != self.step:
+                self._save()
+            saved = f"checkpoint of step {self.step}: {self._last_checkpoint_path}"
+        except Exception as e:  # noqa: BLE001 - the worker's failure is the error to report
+            log.warning("could not write a checkpoint after the rollout worker failed: %s", e)
+            saved = "no checkpoint written"
+        return RolloutFailed(f"the rollout worker failed at step {self.step} ({saved})")
 
     def _log_samples(self, groups) -> None:
         with (self.run_dir / "samples.jsonl").open("a") as f:
@@ -263,6 +382,20 @@ class Run:
             self.metrics.close()
             self.metrics = None
         self.backend.close()
+
+
+def _checkpoint_bytes(policy) -> int | None:
+    """About what a checkpoint of ``policy`` takes on disk: its weights (stored and exported) and the
+    optimiser's state."""
+    if policy is None:
+        return None
+    try:
+        weights = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+        optim = sum(t.numel() * t.element_size() for st in policy.optimizer.state.values()
+                    for t in st.values() if torch.is_tensor(t))
+        return 2 * weights + optim
+    except Exception:  # noqa: BLE001 - an estimate only
+        return None
 
 
 def _fmt(summary: dict[str, float]) -> str:
@@ -294,7 +427,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     ``distributed.max_trainer_restarts`` times.
     """
     failures = 0
-    with backend_session(cfg):
+    # SIGTERM and SIGUSR1 stop the run as Ctrl-C does (unless the program handles them itself)
+    with signals.handle_stop_signals(replace=False), backend_session(cfg):
         while True:
             run = None
             try:

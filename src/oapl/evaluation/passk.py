@@ -255,10 +255,26 @@ def write_report(result: dict[str, Any], out_prefix: str | os.PathLike[str]) -> 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a JSON report written by :func:`write_report` (``null`` statistics become NaN)."""
-    data = json.loads(Path(path).read_text())
+    from oapl.errors import UserError
+
+    raw = Path(path).read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not a Pass@k report: not UTF-8 text (byte offset {e.start}, line {line})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg} (truncated? write "
+                        f"it again with `oapl eval --out`)") from None
     if not isinstance(data, dict) or "benchmarks" not in data or OVERALL not in data:
-        raise ValueError(f"{path} is not a Pass@k report (no 'benchmarks'/'overall' keys)")
-    for summary in [*data["benchmarks"].values(), data[OVERALL]]:
+        raise UserError(f"{path} is not a Pass@k report (no 'benchmarks'/'overall' keys)")
+    summaries = [*data["benchmarks"].values(), data[OVERALL]] if isinstance(data["benchmarks"], dict) else None
+    if summaries is None or not all(isinstance(s, dict) and isinstance(s.get("pass_at_k"), list) and
+                                    all(isinstance(r, dict) and "k" in r for r in s["pass_at_k"])
+                                    for s in summaries):
+        raise UserError(f"{path} is not a Pass@k report: a benchmark lacks its 'pass_at_k' list of {{k, mean, ...}} "
+                        f"rows")
+    for summary in summaries:
         for row in summary["pass_at_k"]:
             for key in ("mean", "std", "stderr", "macro_mean"):
                 if key in row and row[key] is None:

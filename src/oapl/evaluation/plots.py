@@ -208,22 +208,23 @@ def load_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a ``metrics.jsonl`` file (one JSON object per line).
 
     Blank lines are ignored; lines that are not a JSON object (e.g. a line truncated by a kill)
-    are skipped with a :class:`RuntimeWarning` naming the file and line. ``NaN``/``Infinity``
-    literals are accepted.
+    are skipped with a :class:`RuntimeWarning` naming the file and line; a file where no line is a
+    JSON object is a :class:`~oapl.errors.UserError` naming it. ``NaN``/``Infinity`` literals are
+    accepted.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
     rows = []
     bad = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            raw = raw.strip()
+            if not raw:
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
+                obj = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 bad.append(lineno)
                 continue
             if isinstance(obj, dict):
@@ -232,6 +233,10 @@ def load_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 bad.append(lineno)
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        if not rows:  # nothing to plot: not a metrics file, or one garbled throughout
+            from oapl.errors import UserError
+
+            raise UserError(f"{path}: not a metrics.jsonl file: no line is a JSON object (line(s) {shown} are not)")
         warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): {shown}", RuntimeWarning,
                       stacklevel=2)
     return rows

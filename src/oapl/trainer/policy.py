@@ -56,8 +56,13 @@ class Policy:
 
             lc = cfg.model.lora
             # peft keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype)
-            base = get_peft_model(base, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                   target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+            try:
+                base = get_peft_model(base, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                       target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+            except ValueError as e:
+                if "target" not in str(e).lower():
+                    raise
+                raise lora_targets_error(base, lc.target_modules, e) from e
         self.model = base
         if cfg.model.compile:
             self._compile_layers()
@@ -193,6 +198,40 @@ def apply_liger(model, device: torch.device) -> None:
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     log.info("liger-kernel: fused RMSNorm, SwiGLU and RoPE patched into %s", type(model).__name__)
+
+
+def lora_targets_error(model, targets, exc: BaseException):
+    """The :class:`~oapl.errors.UserError` for ``model.lora.target_modules`` that peft refused: what the
+    model's adaptable layers are called, so the field can be fixed."""
+    from oapl.errors import UserError
+
+    names: dict[str, None] = {}
+    for full, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__ == "Conv1D":
+            leaf = full.rsplit(".", 1)[-1]
+            if leaf != "lm_head":
+                names.setdefault(leaf, None)
+    first = " ".join(str(exc).split())[:200].rstrip(".")
+    return UserError(f"model.lora.target_modules={targets!r}: {first}; {type(model).__name__}'s adaptable layers are "
+                     f"named {', '.join(list(names)[:12])} (or use all-linear)")
+
+
+def check_lora_targets(model_path: str, targets, trust_remote_code: bool = False) -> None:
+    """``model.lora.target_modules`` match a module of the model at ``model_path``, else the
+    :class:`~oapl.errors.UserError` of :func:`lora_targets_error`. The model is built on the meta
+    device (no weights read), and matched with peft's own rule."""
+    if targets == "all-linear":
+        return
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    lc = LoraConfig(target_modules=targets, task_type="CAUSAL_LM")
+    if not any(check_target_module_exists(lc, name) for name, _ in model.named_modules()):
+        raise lora_targets_error(model, targets, ValueError(f"Target modules {targets} not found in the base model"))
 
 
 def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | None = None, model=None,
