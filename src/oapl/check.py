@@ -158,7 +158,7 @@ def run_check(config: str | Path | None, overrides: list[str] | None = None, *, 
     except UserError as e:
         res.problems.append(str(e))
         return res
-    if _is_compare_study(config):
+    if config is not None and _is_compare_study(config):
         return _check_study(config, overrides, rows=rows, hub=hub, hw=hw)
     try:
         cfg: TrainConfig = load_config(config, overrides)

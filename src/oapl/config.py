@@ -111,6 +111,9 @@ class EngineConfig(Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for vllm.LLM.")
 
 
+Operation = Literal["+", "-", "*"]
+
+
 class TaskConfig(Section):
     name: str = Field(
         "arithmetic", description="arithmetic (built-in), countdown (built-in: reach a target with given "
@@ -163,14 +166,14 @@ class TaskConfig(Section):
     num_eval: int = Field(200, ge=1, description="arithmetic, countdown: size of the fixed held-out split (distinct "
                           "problems, the same for every seed, none of them among the training problems).")
     max_operand: int = Field(20, ge=1, description="arithmetic: operands are drawn from 1..max_operand.")
-    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"],
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: list[Operation](["+"]),
                                                      description="arithmetic: operations used.")
     countdown_numbers: int = Field(3, ge=2, le=6, description="countdown: how many numbers a problem gives; the "
                                    "answer must use each exactly once.")
     countdown_range: tuple[int, int] = Field((1, 9), description="countdown: [low, high], the range the numbers "
                                              "are drawn from (1 <= low <= high).")
     countdown_operations: list[Literal["+", "-", "*"]] = Field(
-        default_factory=lambda: ["+", "*"], min_length=1, description="countdown: operations of the hidden "
+        default_factory=lambda: list[Operation](["+", "*"]), min_length=1, description="countdown: operations of the hidden "
         "expression each target is made from (an answer may use any of + - * and parentheses).")
     reward_timeout_s: float = Field(5.0, gt=0, description="Per-completion timeout for verifiers.")
     thinking: Literal["auto", "required", "off"] = Field(

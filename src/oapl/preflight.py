@@ -173,7 +173,7 @@ def _hub_lookup(name: str, field: str, kind: str, timeout_s: float, error: type[
                     f"(`hf auth login` or HF_TOKEN)")
     if err_kind == "RepositoryNotFoundError":
         raise error(f"{field}: no {kind} {name!r} on the Hugging Face Hub ({not_found})")
-    if timed_out or _is_network_error(err):
+    if timed_out or (err is not None and _is_network_error(err)):
         why = f"no answer in {timeout_s:.0f} s" if timed_out else str(err).strip().splitlines()[0][:160]
         if _cached(name, kind):
             go_offline(f"the Hugging Face Hub is unreachable ({why}); {what}{name} is cached")

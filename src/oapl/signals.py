@@ -21,6 +21,7 @@ import contextlib
 import logging
 import signal
 import threading
+from typing import Any
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ class Interrupted(KeyboardInterrupt):
 
 class _State:
     def __init__(self) -> None:
-        self.previous: dict[int, object] = {}  # our handlers are installed: the ones they replaced
+        self.reset()
+
+    def reset(self) -> None:
+        self.previous: dict[int, Any] = {}  # our handlers are installed: the ones they replaced
         self.depth = 0                          # nesting of deferred() blocks
         self.pending: int | None = None         # a signal received inside deferred(), not yet raised
         self.stopping: int | None = None        # the signal whose stop is under way
@@ -150,7 +154,7 @@ def install(replace: bool = True) -> bool:
             and (replace or previous[sig] in (signal.SIG_DFL, defaults.get(sig, signal.SIG_DFL)))]
     if not ours:
         return False
-    s.__init__()
+    s.reset()
     s.previous = {sig: previous[sig] for sig in ours}
     for sig in ours:
         signal.signal(sig, _handler)
@@ -164,7 +168,7 @@ def restore() -> None:
         return
     for sig, handler in s.previous.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    s.__init__()
+    s.reset()
 
 
 @contextlib.contextmanager

@@ -25,11 +25,11 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
                                f"(line {line})") from None
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
+        for lineno, text_line in enumerate(text.split("\n"), start=1):
+            if not text_line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(text_line)
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):

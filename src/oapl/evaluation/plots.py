@@ -253,7 +253,7 @@ def _series(rows: Sequence[Mapping[str, Any]], x: str, key: str) -> tuple[list[f
             continue
         present += 1
         xv, yv = row.get(x), row[key]
-        if _finite(xv) and _finite(yv):
+        if xv is not None and _finite(xv) and _finite(yv):
             pts.append((float(xv), float(yv)))
         else:
             skipped += 1

@@ -133,7 +133,7 @@ class MathVerifier:
                 log.warning("math-verify's worker process died on completion %r; scored 0", texts[i][:120])
                 value = 0.0
             out[i] = value
-        return [float(v) for v in out]
+        return [0.0 if v is None else float(v) for v in out]
 
     def _score(self, texts: list[str], golds: list[str]) -> list[float | None]:
         """Scores, ``None`` where the pool broke before the check finished (the pool is then replaced)."""
