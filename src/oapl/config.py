@@ -196,9 +196,9 @@ class TaskConfig(Section):
     def _reward_weights_match(self) -> TaskConfig:
         if self.reward_weights is not None:
             n = len(self.reward) if isinstance(self.reward, list) else (1 if self.reward else 0)
-            if n == 0:
-                raise ValueError("task.reward_weights needs task.reward (the functions they weigh)")
-            if len(self.reward_weights) != n:
+            # n == 0: the functions may come later (OAPLTrainer(reward_funcs=...), as TRL's reward_weights);
+            # a task built without any says so (oapl.data.tasks.user_reward)
+            if n and len(self.reward_weights) != n:
                 raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
                                  f"function(s) in task.reward")
         if isinstance(self.reward, list) and not self.reward:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -110,6 +111,8 @@ def _interrupted(args, exc: KeyboardInterrupt) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
+    if debug:
+        os.environ["OAPL_DEBUG"] = "1"  # the rollout worker's thread and engine processes see it too
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)
