@@ -331,6 +331,10 @@ class UserReward:
         """Refuse, in one line naming the argument, a function that cannot take what it will be passed."""
         if self.sig is None:
             return
+        if not self.positional and not self.takes("completions"):
+            raise RewardSignatureError(f"task.reward: {self.name}{self.sig} has no 'completions' parameter: TRL and "
+                                       "oapl call a reward as fn(prompts=..., completions=..., **columns); write it "
+                                       "as fn(prompts, completions, **kwargs)")
         args, kwargs = self.arguments(["p"], ["c"], columns, extra)
         try:
             self.sig.bind(*args, **kwargs)
@@ -464,11 +468,10 @@ class SafeReward:
         n = len(completions)
         try:
             out = self.fn(prompts, completions, **columns, **context)
-            parts = getattr(out, "parts", None)
+            parts, metrics = getattr(out, "parts", None), getattr(out, "metrics", None)
             out = list(out)
             if len(out) != n:
                 raise ValueError(f"returned {len(out)} rewards for {n} completions")
-            metrics = getattr(out, "metrics", None)
             values = [self._clean(v, p, c, i) for i, (v, p, c) in enumerate(zip(out, prompts, completions))]
             return Scores(values, parts or {self.name: list(values)}, metrics)
         except RewardTimeoutError as e:  # one hang: every completion of the call errs, none is retried
