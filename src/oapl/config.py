@@ -171,7 +171,8 @@ class TaskConfig(Section):
     countdown_operations: list[Literal["+", "-", "*"]] = Field(
         default_factory=lambda: ["+", "*"], min_length=1, description="countdown: operations of the hidden "
         "expression each target is made from (an answer may use any of + - * and parentheses).")
-    reward_timeout_s: float = Field(5.0, gt=0, description="Per-completion timeout for verifiers.")
+    reward_timeout_s: float = Field(5.0, gt=0, description="Seconds a reward may take: per call of a user reward "
+                                    "function (task.reward), per completion for the math and code verifiers.")
     thinking: Literal["auto", "required", "off"] = Field(
         "auto", description="What the reward sees of a thinking model's response: auto = when the response "
         "thinks (the prompt ends with the open tag, or the response has a tag) only the text after the last "

@@ -13,7 +13,7 @@ from typing import Any
 
 from oapl.config import TaskConfig
 from oapl.data.datasets import DatasetError, load_rows, map_columns
-from oapl.rewards.base import CombinedReward, RewardFn, load_reward
+from oapl.rewards.base import CombinedReward, RewardFn, load_reward, reward_name
 
 ARITHMETIC_EVAL_SEED = 1_234_567  # fixed: the held-out split is the same for every run seed
 COUNTDOWN_EVAL_SEED = 7_654_321  # likewise for countdown
@@ -76,7 +76,7 @@ class TaskReward:
     def __init__(self, fn: RewardFn, max_error_fraction: float) -> None:
         self.fn = fn
         self.max_error_fraction = max_error_fraction
-        self.__name__ = getattr(fn, "__name__", "reward")
+        self.__name__ = reward_name(fn)  # TRL's name: a function's __name__, else the class name
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         return self.fn(prompts, completions, **columns)

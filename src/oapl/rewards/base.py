@@ -75,8 +75,8 @@ class RewardTimeoutError(RuntimeError):
         self.name, self.timeout_s = name, timeout_s
 
 
-#: At most this many reward calls that timed out may still be running (a thread cannot be killed); the
-#: next timeout stops the run with a :class:`RewardUnavailableError`.
+#: When this many reward calls that timed out are still running at once (a thread cannot be killed),
+#: the run stops with a :class:`RewardUnavailableError`.
 MAX_HUNG_CALLS = 4
 
 _hung_lock = threading.Lock()
@@ -95,9 +95,9 @@ def call_with_deadline(fn: Callable[..., Any], args: tuple, kwargs: dict[str, An
     """``fn(*args, **kwargs)`` (awaited if it is a coroutine), or :class:`RewardTimeoutError` after ``timeout_s``.
 
     The call runs in a daemon thread of its own; the caller waits at most ``timeout_s``. A thread
-    cannot be killed, so a call that times out is abandoned and keeps running: at most
-    :data:`MAX_HUNG_CALLS` of them may be alive at once, and the timeout that would leave more stops
-    the run (:class:`RewardUnavailableError`), naming the function. Daemon threads never hold up the
+    cannot be killed, so a call that times out is abandoned and keeps running; the timeout that makes
+    :data:`MAX_HUNG_CALLS` of them alive at once stops the run (:class:`RewardUnavailableError`),
+    naming the function. Daemon threads never hold up the
     interpreter's exit. (A function stuck inside one C call that holds the GIL, such as a regular
     expression with catastrophic backtracking, stalls every thread until that call returns: no
     in-process timeout can cut it.) ``timeout_s=None`` calls ``fn`` in the caller's thread.
@@ -497,7 +497,7 @@ class SafeReward:
             except Exception as e:  # noqa: BLE001
                 if _fatal(e):
                     raise
-                self._record(_where(e), prompts[i], completions[i], e)
+                self._record(str(e) if isinstance(e, RewardTimeoutError) else _where(e), prompts[i], completions[i], e)
                 rewards.append(0.0)
                 each.append({})
         names = list(dict.fromkeys(k for d in each for k in d)) or [self.name]

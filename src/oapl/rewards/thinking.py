@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from oapl.rewards.base import RewardFn, Scores, split_context
+from oapl.rewards.base import RewardFn, Scores, reward_name, split_context
 
 THINKING_MODES = ("auto", "required", "off")
 DEFAULT_THINK_TAGS = ("<think>", "</think>")
@@ -76,7 +76,7 @@ class ThinkingAwareReward:
         self.fn = fn
         self.mode = mode
         self.tags = (tags[0], tags[1])
-        self.__name__ = getattr(fn, "__name__", "reward")
+        self.__name__ = reward_name(fn)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         columns, context = split_context(columns)  # trainer_state, ...: one object for the call, not sliced
