@@ -158,8 +158,14 @@ def test_trainer_with_in_memory_data_rewards_and_callbacks(tiny_model_dir, tmp_p
     assert trainer.state.log_history == rows
     assert out.training_loss == pytest.approx(sum(r["loss"] for r in steps) / 4)
     assert "eval_pass@1" in out.metrics
-    # one call per engine call (4 prompts x G=4) and per held-out batch (4 prompts x 1), columns aligned
-    assert {n for n, _, _ in seen_columns} == {16, 4}
+    # one test call on the first row before the model loads (1 completion), then one call per engine
+    # call (4 prompts x G=4) and per held-out batch (4 prompts x 1), columns aligned
+    assert seen_columns[0][0] == 1 and {n for n, _, _ in seen_columns[1:]} == {16, 4}
+    # TRL's per-function metrics; with no None and no failure the weighted sum of their means is the mean reward
+    for r in steps:
+        assert r["reward_mean"] == pytest.approx(r["rewards/sevens/mean"] + 0.5 * r["rewards/has_seven/mean"],
+                                                 rel=1e-9, abs=1e-12)
+        assert r["rewards/has_seven/std"] >= 0.0
     assert all(extra == f"x{answer}" for _, answer, extra in seen_columns)
     # config.yaml says where data and rewards came from
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["task"]
@@ -222,7 +228,8 @@ def test_conversational_dataset_reaches_rewards_as_messages(tiny_model_dir, tmp_
     trainer.train()
     assert got["prompt"][0] == system and got["prompt"][1]["role"] == "user"  # TRL: prompts are the messages
     assert isinstance(got["completion"], list) and got["completion"][0]["role"] == "assistant"
-    assert got["keys"] == []  # no `prompt` column as a keyword, as in TRL
+    # no `prompt` column as a keyword, as in TRL; TRL's other keywords are there
+    assert got["keys"] == ["completion_ids", "log_extra", "log_metric", "trainer_state"]
 
 
 def test_pretrained_model_object_and_tokenizer_object(tiny_model_dir, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from oapl.config import TaskConfig
 from oapl.data.datasets import DatasetError, load_rows, map_columns
 from oapl.data.tasks import arithmetic_examples, build_task
 from oapl.rewards.arithmetic import arithmetic_reward, extract_final_number
-from oapl.rewards.base import RewardErrorRateError, SafeReward, load_reward
+from oapl.rewards.base import RewardErrorRateError, RewardTypeError, SafeReward, load_reward
 from oapl.rewards.math import last_boxed, math_reward
 from oapl.rollout.buffer import RolloutBuffer, RolloutGroup
 
@@ -77,18 +77,21 @@ def test_safe_reward_scores_failures_zero_and_counts_them():
         for c in completions:
             if c == "boom":
                 raise ValueError("kaput")
-            out.append(float("inf") if c == "inf" else "x" if c == "str" else 1.0)
+            out.append(float("inf") if c == "inf" else float("nan") if c == "nan" else "1.0" if c == "str" else 1.0)
         return out
 
     r = SafeReward(bad, max_error_fraction=1.0)  # never stop: every failure scores 0 and is counted
-    assert r(["p"] * 4, ["ok", "boom", "inf", "str"]) == [1.0, 0.0, 0.0, 0.0]
+    assert r(["p"] * 4, ["ok", "boom", "inf", "nan"]) == [1.0, 0.0, 0.0, 0.0]
     assert r.stats.errors == 3
-    assert r.stats.samples[0]["completion"] in ("boom", "inf", "str")
+    assert r.stats.samples[0]["completion"] in ("boom", "inf", "nan")
     # by default (task.max_reward_error_fraction=0.5) more than half failing stops with the first error
     with pytest.raises(RewardErrorRateError, match=r"failed on 3 of 4 completions.*ValueError: kaput .*line \d+"):
-        SafeReward(bad)(["p"] * 4, ["ok", "boom", "inf", "str"])
+        SafeReward(bad)(["p"] * 4, ["ok", "boom", "inf", "nan"])
     # at most half failing goes on
     assert SafeReward(bad)(["p"] * 4, ["ok", "ok", "boom", "inf"]) == [1.0, 1.0, 0.0, 0.0]
+    # a string is not a number: refused at once, naming the function, even when failures are allowed
+    with pytest.raises(RewardTypeError, match=r"bad returned '1.0' \(str\) for completion 3"):
+        r(["p"] * 4, ["ok", "ok", "ok", "str"])
 
 
 def test_load_reward_errors():

@@ -19,7 +19,12 @@ def flaky(prompts, completions, **_):
 
 
 def interrupting(prompts, completions, **_):
-    """Simulates Ctrl-C on the third call."""
+    """Simulates Ctrl-C on the third scoring call of training (the one-completion check before training,
+    oapl.data.tasks.check_user_reward, does not count)."""
+    from oapl.data.tasks import PROBE_COMPLETION
+
+    if len(completions) == 1 and completions[0] == PROBE_COMPLETION:
+        return [0.0]
     interrupting.calls = getattr(interrupting, "calls", 0) + 1
     if interrupting.calls == 3:
         raise KeyboardInterrupt

@@ -175,7 +175,8 @@ class TaskConfig(Section):
     countdown_operations: list[Literal["+", "-", "*"]] = Field(
         default_factory=lambda: list[Operation](["+", "*"]), min_length=1, description="countdown: operations of the hidden "
         "expression each target is made from (an answer may use any of + - * and parentheses).")
-    reward_timeout_s: float = Field(5.0, gt=0, description="Per-completion timeout for verifiers.")
+    reward_timeout_s: float = Field(5.0, gt=0, description="Seconds a reward may take: per call of a user reward "
+                                    "function (task.reward), per completion for the math and code verifiers.")
     thinking: Literal["auto", "required", "off"] = Field(
         "auto", description="What the reward sees of a thinking model's response: auto = when the response "
         "thinks (the prompt ends with the open tag, or the response has a tag) only the text after the last "
@@ -200,9 +201,9 @@ class TaskConfig(Section):
     def _reward_weights_match(self) -> TaskConfig:
         if self.reward_weights is not None:
             n = len(self.reward) if isinstance(self.reward, list) else (1 if self.reward else 0)
-            if n == 0:
-                raise ValueError("task.reward_weights needs task.reward (the functions they weigh)")
-            if len(self.reward_weights) != n:
+            # n == 0: the functions may come later (OAPLTrainer(reward_funcs=...), as TRL's reward_weights);
+            # a task built without any says so (oapl.data.tasks.user_reward)
+            if n and len(self.reward_weights) != n:
                 raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
                                  f"function(s) in task.reward")
         if isinstance(self.reward, list) and not self.reward:

@@ -36,7 +36,9 @@ from oapl.engines.base import SamplingParams
 from oapl.errors import DiskFullError
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
+from oapl.rewards.base import reward_trainer_state
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
+from oapl.rollout.group import reward_metrics
 from oapl.rundir import begin_run, check_run_dir
 from oapl.trainer.checkpoint import seed_everything, set_rng_state
 
@@ -241,6 +243,9 @@ class Run:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total, initial=self.step, desc=backend.description, dynamic_ncols=True)
+        task = backend.task
+        if task is not None:  # TRL's trainer_state for the reward functions
+            task.trainer_state = reward_trainer_state(self.step, total)
         if self.background and self.step < total:
             self.rollout.start()
         last: dict[str, Any] = {}
@@ -255,9 +260,11 @@ class Run:
                     batch_version = min(g.version for g in groups)
                     metrics = backend.train_step(groups)
                     self.step += 1
+                    if task is not None:
+                        task.trainer_state.global_step = self.step
                     self.samples_seen += sum(g.n for g in groups)
                     row: dict[str, Any] = {
-                        "step": self.step, "samples_seen": self.samples_seen, **metrics,
+                        "step": self.step, "samples_seen": self.samples_seen, **reward_metrics(groups), **metrics,
                         "weight_version": batch_version,
                         "lag": self.step - 1 - self.version_steps.get(batch_version, self.sync_step),
                         **backend.row_stats(self.rollout, gen0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -129,6 +130,8 @@ def _main(argv: list[str]) -> int:
     from oapl import signals
 
     debug = debug_enabled(argv)
+    if debug:
+        os.environ["OAPL_DEBUG"] = "1"  # the rollout worker's thread and engine processes see it too
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)

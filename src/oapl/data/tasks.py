@@ -13,7 +13,7 @@ from typing import Any
 
 from oapl.config import TaskConfig
 from oapl.data.datasets import DatasetError, load_rows, map_columns
-from oapl.rewards.base import CombinedReward, RewardFn, load_reward
+from oapl.rewards.base import CombinedReward, RewardFn, load_reward, reward_name
 
 ARITHMETIC_EVAL_SEED = 1_234_567  # fixed: the held-out split is the same for every run seed
 COUNTDOWN_EVAL_SEED = 7_654_321  # likewise for countdown
@@ -29,6 +29,8 @@ class Task:
     system_prompt: str | None = None
     prompt_template: str = "{prompt}"
     chat_template: bool = True
+    #: passed to TRL-style rewards as ``trainer_state`` (``global_step`` kept current by the loop)
+    trainer_state: Any = None
 
     def messages(self, example: dict[str, Any]) -> list[dict[str, str]]:
         prompt = example.get("prompt")
@@ -74,9 +76,9 @@ class TaskReward:
     def __init__(self, fn: RewardFn, max_error_fraction: float) -> None:
         self.fn = fn
         self.max_error_fraction = max_error_fraction
-        self.__name__ = getattr(fn, "__name__", "reward")
+        self.__name__ = reward_name(fn)  # TRL's name: a function's __name__, else the class name
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         return self.fn(prompts, completions, **columns)
 
     def close(self) -> None:
@@ -86,20 +88,37 @@ class TaskReward:
 
 
 def user_reward(cfg: TaskConfig, conversational: bool = False) -> RewardFn | None:
-    """``task.reward`` loaded: one function, or several summed with ``task.reward_weights``; ``None`` if unset.
+    """``task.reward`` loaded: a :class:`~oapl.rewards.base.CombinedReward` of its functions, summed with
+    ``task.reward_weights``, each called as TRL calls it under ``task.reward_timeout_s``; ``None`` if unset.
 
-    A list, weights, or a conversational dataset give a :class:`~oapl.rewards.base.CombinedReward`
-    (TRL's semantics: ``None`` adds nothing; conversational prompts and completions as messages).
+    (TRL's semantics: ``None`` adds nothing; ``prompts`` are the rows' prompts; conversational
+    completions as messages.)
     """
     if cfg.reward is None:
+        if cfg.reward_weights is not None:
+            raise ValueError("task.reward_weights needs task.reward (the functions they weigh): pass reward_funcs "
+                             "or set task.reward")
         return None
     if isinstance(cfg.reward, list):
         fns = [load_reward(spec, f"task.reward[{i}]") for i, spec in enumerate(cfg.reward)]
     else:
         fns = [load_reward(cfg.reward)]
-    if isinstance(cfg.reward, list) or cfg.reward_weights is not None or conversational:
-        return CombinedReward(fns, cfg.reward_weights, conversational=conversational)
-    return fns[0]
+    return CombinedReward(fns, cfg.reward_weights, conversational=conversational, timeout_s=cfg.reward_timeout_s)
+
+
+def check_user_reward(task: Task) -> None:
+    """Call the task's user rewards once on its first training row, before anything heavy loads
+    (:meth:`~oapl.rewards.base.CombinedReward.check`): a wrong signature fails in seconds."""
+    fn = task.reward_fn
+    if not isinstance(fn, CombinedReward) or not task.train:
+        return
+    row = task.train[0]
+    fn.check([str(row.get("prompt", ""))], [PROBE_COMPLETION], **task.reward_kwargs([row]), completion_ids=[[]],
+             trainer_state=task.trainer_state)
+
+
+#: The completion of that test call: short, plain, like a real one.
+PROBE_COMPLETION = "The answer is 0."
 
 
 def _arithmetic_problem(rng: random.Random, max_operand: int, ops: list[str]) -> tuple[int, str, int]:
@@ -224,12 +243,24 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
     ``task.thinking`` is ``off``: a thinking model is scored on its final answer only.
     """
     task = _build_task(cfg, seed)
+    task.trainer_state = _trainer_state()
+    if isinstance(task.reward_fn, CombinedReward) and "prompt" not in task.reward_columns:
+        task.reward_columns.append("prompt")  # TRL passes the rows' prompts (not the rendered text) as `prompts`
+    check_user_reward(task)
     if cfg.thinking != "off":
         from oapl.rewards.thinking import ThinkingAwareReward
 
         task.reward_fn = ThinkingAwareReward(task.reward_fn, cfg.thinking, cfg.think_tags)
     task.reward_fn = TaskReward(task.reward_fn, cfg.max_reward_error_fraction)
     return task
+
+
+def _trainer_state() -> Any:
+    """What rewards get as ``trainer_state`` outside a training run (and in the check before it): the
+    fields of ``transformers.TrainerState`` they read, at step 0. The training loop puts a real one."""
+    import types
+
+    return types.SimpleNamespace(global_step=0, max_steps=0, epoch=0.0, log_history=[])
 
 
 def _benchmark_rows(cfg: TaskConfig, task_name: str) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from oapl.distributed.cluster import (EngineRestartsExhausted, TrainerFailure, a
 from oapl.distributed.weights import WeightGroup, cpu_state
 from oapl.engines.base import GenerationOutput, SamplingParams, WeightIterator
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
-from oapl.rollout.worker import PromptSampler, RolloutWorker
+from oapl.rollout.worker import PromptSampler, RolloutWorker, report_failure
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +523,7 @@ class RayRolloutWorker(RolloutWorker):
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
-            log.exception("rollout worker for engine %d failed", self.slot.index)
+            report_failure(e)
             self.failure = e
             self.buffer.close()
 

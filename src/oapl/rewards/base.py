@@ -1,22 +1,37 @@
 """Reward functions: TRL's calling convention, loaded as ``module:function``, run so a bad completion never stops a run.
 
-A reward function is ``fn(prompts: list[str], completions: list[str], **columns) -> list[float]``
-where every dataset column arrives as a list aligned with ``completions`` (TRL's ``reward_funcs``).
+A reward function is called as TRL's ``GRPOTrainer`` calls its ``reward_funcs``, by keyword:
+``fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns) -> list[float]``
+where every other dataset column arrives as a list aligned with ``completions``. ``prompts`` are the
+dataset's ``prompt`` values (a string, or a conversational list of messages) and, for a
+conversational dataset, every completion is ``[{"role": "assistant", "content": text}]``. A function
+that takes no ``completions`` parameter (``fn(p, c, **kw)``, oapl's earlier convention) gets prompts
+and completions by position. ``completion_ids``, ``trainer_state``, ``log_extra`` and ``log_metric``
+are passed only to a function that takes them (by name or through ``**kwargs``); a dataset column
+that the function does not take is an error, as in TRL (:class:`UserReward`).
+
+Every user reward runs under ``task.reward_timeout_s`` (:func:`call_with_deadline`): a call that does
+not return in time scores its completions as errors and the run goes on without it.
 
 A completion whose scoring fails scores 0 and is counted (:class:`SafeReward`). What is not the
 completion's fault stops the run instead, saying what to fix: a reward that cannot run at all
 (:class:`RewardUnavailableError`: its worker processes cannot start, the code sandbox cannot isolate
-programs), and a scoring call where more than ``task.max_reward_error_fraction`` of the rewards
-failed (:class:`RewardErrorRateError`, naming the first failure): a broken reward function would
-otherwise train the model on zeros.
+programs, too many of its calls hang), a reward that returns something other than numbers
+(:class:`RewardTypeError`), and a scoring call where more than ``task.max_reward_error_fraction`` of
+the rewards failed (:class:`RewardErrorRateError`, naming the first failure): a broken reward
+function would otherwise train the model on zeros.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
+import numbers
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +53,110 @@ class RewardUnavailableError(UserError):
 
 class RewardErrorRateError(UserError):
     """More than ``task.max_reward_error_fraction`` of one scoring call's rewards failed: stops the run."""
+
+
+class RewardTypeError(UserError):
+    """A reward returned something that is not a number (a string, a list): refused, naming the function."""
+
+
+class RewardSignatureError(UserError):
+    """A reward cannot be called with what TRL (and oapl) pass it: found before the model loads."""
+
+
+class RewardLengthError(ValueError):
+    """A reward returned a list whose length is not the number of completions."""
+
+
+class RewardTimeoutError(RuntimeError):
+    """One call of a reward did not return within ``task.reward_timeout_s``: its completions score as errors."""
+
+    def __init__(self, name: str, timeout_s: float) -> None:
+        super().__init__(f"{name} did not return within task.reward_timeout_s={timeout_s:g}s")
+        self.name, self.timeout_s = name, timeout_s
+
+
+#: When this many reward calls that timed out are still running at once (a thread cannot be killed),
+#: the run stops with a :class:`RewardUnavailableError`.
+MAX_HUNG_CALLS = 4
+
+_hung_lock = threading.Lock()
+_hung: list[tuple[threading.Thread, str]] = []
+
+
+def hung_calls() -> list[str]:
+    """Names of the reward functions whose timed-out calls are still running in this process."""
+    with _hung_lock:
+        _hung[:] = [(t, n) for t, n in _hung if t.is_alive()]
+        return [n for _, n in _hung]
+
+
+def call_with_deadline(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout_s: float | None,
+                       name: str) -> Any:
+    """``fn(*args, **kwargs)`` (awaited if it is a coroutine), or :class:`RewardTimeoutError` after ``timeout_s``.
+
+    The call runs in a daemon thread of its own; the caller waits at most ``timeout_s``. A thread
+    cannot be killed, so a call that times out is abandoned and keeps running; the timeout that makes
+    :data:`MAX_HUNG_CALLS` of them alive at once stops the run (:class:`RewardUnavailableError`),
+    naming the function. Daemon threads never hold up the
+    interpreter's exit. (A function stuck inside one C call that holds the GIL, such as a regular
+    expression with catastrophic backtracking, stalls every thread until that call returns: no
+    in-process timeout can cut it.) ``timeout_s=None`` calls ``fn`` in the caller's thread.
+    """
+    if timeout_s is None:
+        return _await(fn(*args, **kwargs))
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = _await(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, name=f"oapl-reward-{name}", daemon=True)
+    thread.start()
+    if not done.wait(timeout_s):
+        with _hung_lock:
+            _hung[:] = [(t, n) for t, n in _hung if t.is_alive()]
+            _hung.append((thread, name))
+            hung = [n for _, n in _hung]
+        if len(hung) >= MAX_HUNG_CALLS:
+            raise RewardUnavailableError(
+                f"task.reward: {name} did not return within task.reward_timeout_s={timeout_s:g}s, and {len(hung)} "
+                f"timed-out reward calls ({', '.join(sorted(set(hung)))}) are still running (a thread cannot be "
+                f"stopped); stopping the run. Fix the hang in {name}, or raise task.reward_timeout_s if it is "
+                "only slow")
+        raise RewardTimeoutError(name, timeout_s)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _await(result: Any) -> Any:
+    """The value of an ``async def`` reward (TRL runs those too), else ``result``."""
+    return asyncio.run(result) if inspect.iscoroutine(result) else result
+
+
+def check_number(value: Any, name: str, index: int) -> float | None:
+    """A reward value as a float (``None`` stays ``None``); anything but a number is refused.
+
+    Numbers are ``int``, ``float``, ``bool`` (1.0 / 0.0: TRL turns the returned list into a float
+    tensor, which does the same) and numeric scalars with ``__float__`` (NumPy, a 0-d tensor). A
+    string such as ``'1.0'``, a list or a dict raises :class:`RewardTypeError` naming ``name``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy ints and floats
+        return float(value)
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__float__") and getattr(value, "ndim", 0) == 0:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise RewardTypeError(f"task.reward: {name} returned {value!r} ({type(value).__name__}) for completion {index}; "
+                          "a reward must be a number (int, float or bool) or None where it does not apply")
 
 
 def completion_text(completion: Any) -> str:
@@ -107,6 +226,148 @@ def _where(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" + (f" ({last.filename}, line {last.lineno})" if last else "")
 
 
+#: What TRL passes besides ``prompts``, ``completions`` and the dataset's columns: passed to a function
+#: only when it takes them (by name or through ``**kwargs``). ``completion_ids`` is aligned with the
+#: completions; the others are one object for the whole call.
+OPTIONAL_KEYS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+CONTEXT_KEYS = ("trainer_state", "log_extra", "log_metric")
+
+
+class Scores(list):
+    """The rewards of one scoring call, and in ``parts`` each reward function's own values (TRL's
+    ``rewards_per_func``: ``{name: values}``, NaN where a function returned ``None`` or failed); in
+    ``metrics`` the values the functions logged with TRL's ``log_metric(name, value)``."""
+
+    def __init__(self, values: Any = (), parts: dict[str, list[float]] | None = None,
+                 metrics: dict[str, list[float]] | None = None) -> None:
+        super().__init__(values)
+        self.parts: dict[str, list[float]] = dict(parts or {})
+        self.metrics: dict[str, list[float]] = dict(metrics or {})
+
+
+def split_context(columns: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(columns, context)``: the per-call objects (``trainer_state``, ...) taken out of ``columns``."""
+    cols = dict(columns)
+    return cols, {k: cols.pop(k) for k in CONTEXT_KEYS if k in cols}
+
+
+def _signature(fn: Any) -> tuple[inspect.Signature | None, set[str], bool, int]:
+    """``(signature, named parameters, takes **kwargs, positional slots)``; ``None`` when not inspectable."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None, set(), True, 2
+    named, var_kw, slots = set(), False, 0
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            named.add(p.name)
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            slots += 1
+        elif p.kind == p.VAR_POSITIONAL:
+            slots += 2
+        elif p.kind == p.VAR_KEYWORD:
+            var_kw = True
+    return sig, named, var_kw, slots
+
+
+def _is_oapl_reward(fn: Any) -> bool:
+    """oapl's own rewards (math, code, arithmetic, countdown): they bound their own time per completion."""
+    while hasattr(fn, "func") and not hasattr(fn, "__code__"):  # functools.partial
+        fn = fn.func
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    if not isinstance(module, str) or module == "builtins":
+        module = type(fn).__module__
+    return module.startswith("oapl.rewards.")
+
+
+class UserReward:
+    """One reward function called as TRL's ``GRPOTrainer`` calls it, checked, and bounded in time.
+
+    * by keyword: ``prompts=``, ``completions=``, the dataset's columns, and ``completion_ids=``,
+      ``trainer_state=``, ``log_extra=``, ``log_metric=`` when the function takes them; a function
+      with no ``completions`` parameter but two positional ones gets prompts and completions by
+      position (oapl's earlier convention);
+    * under ``timeout_s`` (:func:`call_with_deadline`; oapl's own rewards bound themselves per completion);
+    * its values checked: one per completion, each a number or ``None`` (:func:`check_number`).
+    """
+
+    def __init__(self, fn: RewardFn, name: str | None = None, timeout_s: float | None = None) -> None:
+        self.fn = fn
+        self.name = name or reward_name(fn)
+        self.__name__ = self.name
+        self.own = _is_oapl_reward(fn)
+        self.timeout_s = None if self.own else timeout_s
+        self.sig, self.named, self.var_kw, slots = _signature(fn)
+        self.positional = self.sig is not None and "completions" not in self.named and slots >= 2
+
+    def takes(self, key: str) -> bool:
+        return self.var_kw or key in self.named
+
+    def arguments(self, prompts: Any, completions: Any, columns: dict[str, Any],
+                  extra: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """``(args, kwargs)`` of one call: ``columns`` always, the ``extra`` keys it takes."""
+        kwargs = {k: v for k, v in extra.items() if self.takes(k)}
+        kwargs.update(columns)
+        if self.positional:
+            return (prompts, completions), kwargs
+        if self.takes("prompts") or self.sig is None:
+            kwargs["prompts"] = prompts
+        kwargs["completions"] = completions
+        return (), kwargs
+
+    def __call__(self, prompts: Any, completions: Any, columns: dict[str, Any],
+                 extra: dict[str, Any]) -> list[float | None]:
+        args, kwargs = self.arguments(prompts, completions, columns, extra)
+        out = call_with_deadline(self.fn, args, kwargs, self.timeout_s, self.name)
+        if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__"):
+            raise RewardTypeError(f"task.reward: {self.name} returned {type(out).__name__} {str(out)[:60]!r}; a reward "
+                                  "function returns a list with one number (or None) per completion")
+        out = list(out)
+        if len(out) != len(completions):
+            raise RewardLengthError(f"{self.name} returned {len(out)} rewards for {len(completions)} completions")
+        return [check_number(v, self.name, i) for i, v in enumerate(out)]
+
+    def check_signature(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Refuse, in one line naming the argument, a function that cannot take what it will be passed."""
+        if self.sig is None:
+            return
+        if not self.positional and not self.takes("completions"):
+            raise RewardSignatureError(f"task.reward: {self.name}{self.sig} has no 'completions' parameter: TRL and "
+                                       "oapl call a reward as fn(prompts=..., completions=..., **columns); write it "
+                                       "as fn(prompts, completions, **kwargs)")
+        args, kwargs = self.arguments(["p"], ["c"], columns, extra)
+        try:
+            self.sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise RewardSignatureError(f"task.reward: {self.name}{self.sig} {_signature_problem(str(e), columns)}") from None
+
+    def close(self) -> None:
+        close = getattr(self.fn, "close", None)
+        if callable(close):
+            close()
+
+
+def _signature_problem(error: str, columns: dict[str, Any]) -> str:
+    """What is wrong, from ``Signature.bind``'s TypeError, in the words of TRL's convention."""
+    import re
+
+    passed = "prompts, completions, completion_ids, trainer_state" + "".join(f", {c}" for c in sorted(columns))
+    m = re.search(r"missing a required argument: '([^']+)'", error)
+    if m:
+        return (f"needs the argument {m.group(1)!r}, which is not passed: no dataset column is named {m.group(1)!r} "
+                f"(a reward is called with {passed}); rename the parameter, map a column to it with task.columns, "
+                "or give it a default")
+    m = re.search(r"unexpected keyword argument '([^']+)'", error)
+    if m:
+        what = "the dataset column" if m.group(1) in columns else "the argument"
+        return (f"does not take {what} {m.group(1)!r}: TRL and oapl pass every column by name; add **kwargs to "
+                "its parameters")
+    m = re.search(r"too many positional arguments", error)
+    if m:
+        return "takes fewer than two positional arguments; write it as fn(prompts, completions, **kwargs)"
+    return f"cannot be called as TRL calls a reward ({error}); write it as fn(prompts, completions, **kwargs)"
+
+
 @dataclass
 class RewardStats:
     errors: int = 0
@@ -119,15 +380,22 @@ class SafeReward:
     """Call a reward function so that a bad completion never stops training, and a broken reward does.
 
     The batch is scored in one call; if that raises, each completion is scored alone. A completion
-    whose scoring raises, returns a non-number or a non-finite value scores 0; the error is counted
-    and logged once with a sample. Two things stop the run instead:
+    whose scoring raises, returns NaN or inf, or is not scored within ``task.reward_timeout_s`` (a
+    timed-out batch call counts every completion of the call, and is not retried one by one) scores
+    0; the error is counted and logged once with a sample. These stop the run instead:
 
     * a :class:`RewardUnavailableError` (or the code sandbox's ``SandboxUnavailableError``) from the
-      reward: it cannot score anything here, and says what to do;
+      reward: it cannot score anything here (also: too many of its calls hang), and says what to do;
+    * a :class:`RewardTypeError`: the reward returned a string or another non-number;
     * a call where more than ``max_error_fraction`` of the completions errored: raises
       :class:`RewardErrorRateError` with the first error (``1.0`` never stops). The default is the
       wrapped function's ``max_error_fraction`` attribute (set by :func:`oapl.data.tasks.build_task`
       from ``task.max_reward_error_fraction``), else :data:`DEFAULT_MAX_ERROR_FRACTION`.
+
+    Returns :class:`Scores`: ``parts`` holds each reward function's values (NaN where it failed),
+    or the rewards themselves under this reward's name when the function does not report them.
+    ``trainer_state``, ``log_extra``, ``log_metric`` and ``completion_ids`` are passed on only when
+    the function takes them.
     """
 
     def __init__(self, fn: RewardFn, name: str | None = None, max_logged: int = 5,
@@ -141,82 +409,117 @@ class SafeReward:
         if not 0.0 <= float(max_error_fraction) <= 1.0:
             raise ValueError(f"task.max_reward_error_fraction must be in [0, 1], got {max_error_fraction}")
         self.max_error_fraction = float(max_error_fraction)
+        _, self._named, self._var_kw, _ = _signature(fn)
         self._first: tuple[str, str, BaseException | None] | None = None  # this call's first error
+        self._pending: list[tuple[Any, ...]] = []
 
-    def _record(self, err: str, prompt: str, completion: str, exc: BaseException | None = None) -> None:
-        self.stats.errors += 1
+    def _record(self, err: str, prompt: Any, completion: Any, exc: BaseException | None = None, count: int = 1) -> None:
+        self.stats.errors += count
         self.stats.last_error = err
         if self._first is None:
             self._first = (err, completion, exc)
         if len(self.stats.samples) < self.max_logged:
             self.stats.samples.append({"error": err, "prompt": str(prompt)[-300:],
                                        "completion": str(completion)[:300]})
-            log.warning("reward %s failed (%s) on completion %r; scored 0", self.name, err, str(completion)[:120])
+            what = f"on completion {str(completion)[:120]!r}" if count == 1 else f"on {count} completions"
+            self._pending.append(("reward %s failed (%s) %s; scored 0", self.name, err, what))
 
-    def _clean(self, value: Any, prompt: str, completion: str) -> float:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            self._record(f"returned non-number {value!r}", prompt, completion)
+    def _clean(self, value: Any, prompt: Any, completion: Any, index: int) -> float:
+        v = check_number(value, self.name, index)
+        if v is None:
+            self._record("returned None", prompt, completion)
             return 0.0
         if not math.isfinite(v):
             self._record(f"returned {v}", prompt, completion)
             return 0.0
         return v
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]:
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> Scores:
         self.stats.calls += 1
         n = len(completions)
-        for key, col in columns.items():
+        columns = {k: v for k, v in columns.items() if k not in OPTIONAL_KEYS or self._var_kw or k in self._named}
+        cols, context = split_context(columns)
+        for key, col in cols.items():
             if len(col) != n:
                 raise ValueError(f"reward column {key!r} has {len(col)} values for {n} completions")
         errors_before = self.stats.errors
         self._first = None
-        rewards = self._score(prompts, completions, columns)
+        self._pending = []  # warnings of this call: logged unless the call stops the run (said once, then)
+        rewards = self._score(prompts, completions, cols, context)
         failed = self.stats.errors - errors_before
         if failed and failed > self.max_error_fraction * n:
             err, completion, exc = self._first or ("?", "", None)
+            if isinstance(exc, RewardTimeoutError):
+                fix = (f"Fix the hang in {exc.name}, or raise task.reward_timeout_s if it is only slow (or set "
+                       "task.max_reward_error_fraction=1.0 to score such completions 0 and go on)")
+            else:
+                fix = ("Fix the reward function (a bug there would train the model on zeros), or set "
+                       "task.max_reward_error_fraction=1.0 to score failures 0 and go on")
             raise RewardErrorRateError(
                 f"task.reward: {self.name} failed on {failed} of {n} completions in one scoring call (more than "
                 f"task.max_reward_error_fraction={self.max_error_fraction:g}); the first: {err} on completion "
-                f"{str(completion)[:80]!r}. Fix the reward function (a bug there would train the model on "
-                f"zeros), or set task.max_reward_error_fraction=1.0 to score failures 0 and go on") from exc
+                f"{str(completion)[:80]!r}. {fix}") from exc
+        for args in self._pending:
+            log.warning(*args)
         return rewards
 
-    def _score(self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]) -> list[float]:
+    def _score(self, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]],
+               context: dict[str, Any]) -> Scores:
         n = len(completions)
         try:
-            out = self.fn(prompts, completions, **columns)
+            out = self.fn(prompts, completions, **columns, **context)
+            parts, metrics = getattr(out, "parts", None), getattr(out, "metrics", None)
             out = list(out)
             if len(out) != n:
                 raise ValueError(f"returned {len(out)} rewards for {n} completions")
-            return [self._clean(v, p, c) for v, p, c in zip(out, prompts, completions)]
+            values = [self._clean(v, p, c, i) for i, (v, p, c) in enumerate(zip(out, prompts, completions))]
+            return Scores(values, parts or {self.name: list(values)}, metrics)
+        except RewardTimeoutError as e:  # one hang: every completion of the call errs, none is retried
+            self._record(str(e), prompts[0] if prompts else "", completions[0] if completions else "", e, count=n)
+            return Scores([0.0] * n, {self.name: [math.nan] * n})
         except Exception as e:  # noqa: BLE001 - fall back to one-by-one to isolate the bad completion
             if _fatal(e):
                 raise
-        rewards = []
+        rewards: list[float] = []
+        each: list[dict[str, float]] = []  # each completion's parts ({} where it failed)
+        metrics: dict[str, list[float]] = {}
         for i in range(n):
             one = {k: [v[i]] for k, v in columns.items()}
             try:
-                res = list(self.fn([prompts[i]], [completions[i]], **one))
-                rewards.append(self._clean(res[0] if res else None, prompts[i], completions[i]))
+                res = self.fn([prompts[i]], [completions[i]], **one, **context)
+                res_parts = getattr(res, "parts", None)
+                for k, v in (getattr(res, "metrics", None) or {}).items():
+                    metrics.setdefault(k, []).extend(v)
+                res = list(res)
+                value = self._clean(res[0] if res else None, prompts[i], completions[i], i)
+                rewards.append(value)
+                each.append({k: float(v[0]) for k, v in res_parts.items()} if res_parts else {self.name: value})
             except Exception as e:  # noqa: BLE001
                 if _fatal(e):
                     raise
-                self._record(_where(e), prompts[i], completions[i], e)
+                self._record(str(e) if isinstance(e, RewardTimeoutError) else _where(e), prompts[i], completions[i], e)
                 rewards.append(0.0)
-        return rewards
+                each.append({})
+        names = list(dict.fromkeys(k for d in each for k in d)) or [self.name]
+        return Scores(rewards, {k: [d.get(k, math.nan) for d in each] for k in names}, metrics)
+
+
+def reward_trainer_state(step: int, max_steps: int) -> Any:
+    """The ``trainer_state`` TRL passes to rewards: a ``transformers.TrainerState`` at ``step``."""
+    from transformers import TrainerState
+
+    return TrainerState(global_step=step, max_steps=max_steps)
 
 
 def _fatal(e: BaseException) -> bool:
-    """Errors that are not about one completion: the reward cannot run here at all."""
-    if isinstance(e, (RewardUnavailableError, RewardErrorRateError)):
+    """Errors that are not about one completion: the reward cannot run here at all, or returns non-numbers."""
+    if isinstance(e, (RewardUnavailableError, RewardErrorRateError, RewardTypeError, RewardSignatureError)):
         return True
     return type(e).__name__ == "SandboxUnavailableError"  # oapl.rewards.sandbox, without importing it
 
 
 def reward_name(fn: Any) -> str:
-    """A readable name of a reward callable (function, partial, callable object)."""
+    """A readable name of a reward callable (function, partial, callable object), as TRL names it."""
     from oapl.data.memory import callable_name
 
     return callable_name(fn)
@@ -225,46 +528,95 @@ def reward_name(fn: Any) -> str:
 class CombinedReward:
     """Several TRL-style rewards summed with weights, as TRL's ``reward_funcs`` + ``reward_weights``.
 
-    A function may return ``None`` for a completion it does not apply to: it adds nothing there
-    (TRL's convention). With ``conversational``, each function receives what TRL passes for a
-    conversational dataset: ``prompts`` as the rows' message lists (the ``prompt`` column, which is
-    then not passed as a keyword) and every completion as ``[{"role": "assistant", "content": text}]``.
+    Each function is a :class:`UserReward`: called by keyword as TRL calls it, under ``timeout_s``,
+    its values checked. ``prompts`` are the dataset's ``prompt`` values when the ``prompt`` column is
+    passed (it is then not passed as a keyword), as in TRL; with ``conversational`` every completion
+    is ``[{"role": "assistant", "content": text}]``. A function may return ``None`` for a completion
+    it does not apply to: it adds nothing there (TRL's convention). Returns :class:`Scores` whose
+    ``parts`` are each function's values (NaN for ``None``), for TRL's ``rewards/<name>/mean``.
     """
 
-    def __init__(self, fns: list[RewardFn], weights: list[float] | None = None, conversational: bool = False) -> None:
+    def __init__(self, fns: list[RewardFn], weights: list[float] | None = None, conversational: bool = False,
+                 timeout_s: float | None = None) -> None:
         if not fns:
             raise ValueError("task.reward: no reward functions")
         if weights is not None and len(weights) != len(fns):
             raise ValueError(f"task.reward_weights has {len(weights)} weights for {len(fns)} reward functions")
-        self.fns = list(fns)
+        self.fns = [f if isinstance(f, UserReward) else UserReward(f, timeout_s=timeout_s) for f in fns]
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(fns)
         self.conversational = conversational
-        self.names = [reward_name(f) for f in self.fns]
+        self.names = []
+        for f in self.fns:  # TRL's names; a repeated one gets a suffix so its metrics stay apart
+            name, k = f.name, 2
+            while name in self.names:
+                name, k = f"{f.name}_{k}", k + 1
+            self.names.append(name)
         self.__name__ = "+".join(self.names)
 
-    def __call__(self, prompts: list[Any], completions: list[str], **columns: list[Any]) -> list[float]:
+    def _inputs(self, prompts: list[Any], completions: list[Any],
+                columns: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, Any]]:
+        cols, extra = split_context(columns)
+        if "completion_ids" in cols:
+            extra["completion_ids"] = cols.pop("completion_ids")
+        prompts = cols.pop("prompt", prompts)  # TRL: the dataset's prompts, not the rendered text
         if self.conversational:
-            columns = dict(columns)
-            prompts = columns.pop("prompt", prompts)
-            completions = [[{"role": "assistant", "content": c}] for c in completions]  # type: ignore[misc]
+            completions = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
+        return prompts, completions, cols, extra
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> Scores:
+        prompts, completions, cols, extra = self._inputs(prompts, completions, columns)
         n = len(completions)
         total = [0.0] * n
+        parts: dict[str, list[float]] = {}
+        logged: dict[str, list[float]] = {}
+
+        def log_metric(name: str, value: float) -> None:  # TRL's: a scalar averaged into the step's metrics
+            logged.setdefault(str(name), []).append(float(value))
+
+        def log_extra(column: str, values: list[Any]) -> None:  # TRL's completions-table columns: not kept
+            pass
+
+        extra = {"log_extra": log_extra, "log_metric": log_metric, **extra}
         for fn, name, weight in zip(self.fns, self.names, self.weights):
-            out = list(fn(prompts, completions, **columns))
-            if len(out) != n:
-                raise ValueError(f"reward {name} returned {len(out)} rewards for {n} completions")
+            out = fn(prompts, completions, cols, extra)
+            parts[name] = [math.nan if v is None else v for v in out]
             for i, v in enumerate(out):
-                if v is None:
-                    continue
-                try:
-                    value = float(v)
-                except (TypeError, ValueError):
-                    raise ValueError(f"reward {name} returned non-number {v!r}") from None
-                total[i] += weight * value
-        return total
+                if v is not None:
+                    total[i] += weight * v
+        return Scores(total, parts, logged)
+
+    def check(self, prompts: list[Any], completions: list[Any], **columns: Any) -> None:
+        """Call each function once (on one row, before the model loads) and refuse, in one line naming
+        the function and the argument, what would fail on every completion: a signature that cannot
+        take what is passed, a ``TypeError`` (e.g. string completions where it expects TRL's message
+        lists), a hang, or values that are not numbers. oapl's own rewards are only checked for their
+        signature."""
+        prompts, completions, cols, extra = self._inputs(prompts, completions, columns)
+        for fn in self.fns:
+            fn.check_signature(cols, extra)
+            if fn.own:
+                continue
+            try:
+                fn(prompts, completions, cols, extra)
+            except RewardTimeoutError as e:
+                raise RewardSignatureError(
+                    f"task.reward: {e} on one completion (a test call on the first training row, made before the "
+                    f"model loads); fix the hang, or raise task.reward_timeout_s if it is only slow") from None
+            except TypeError as e:
+                shape = ("message lists [{'role': 'assistant', 'content': ...}]" if self.conversational else
+                         "strings (the dataset's prompts are plain text; TRL passes message lists only for a "
+                         "conversational dataset)")
+                raise RewardSignatureError(
+                    f"task.reward: {fn.name} fails on the first training row (a test call with one short completion, "
+                    f"before the model loads): {_where(e)}; its completions are {shape}") from None
+            except RewardLengthError as e:
+                raise RewardSignatureError(f"task.reward: {e} (a test call on the first training row, before the "
+                                           "model loads); return one reward per completion") from None
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - may be about that completion only: scored as errors later
+                log.info("reward %s raised %s on a test call before training", fn.name, _where(e))
 
     def close(self) -> None:
         for fn in self.fns:
-            close = getattr(fn, "close", None)
-            if callable(close):
-                close()
+            fn.close()

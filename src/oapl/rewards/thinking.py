@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from oapl.rewards.base import RewardFn
+from oapl.rewards.base import RewardFn, Scores, reward_name, split_context
 
 THINKING_MODES = ("auto", "required", "off")
 DEFAULT_THINK_TAGS = ("<think>", "</think>")
@@ -76,21 +76,32 @@ class ThinkingAwareReward:
         self.fn = fn
         self.mode = mode
         self.tags = (tags[0], tags[1])
-        self.__name__ = getattr(fn, "__name__", "reward")
+        self.__name__ = reward_name(fn)
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        columns, context = split_context(columns)  # trainer_state, ...: one object for the call, not sliced
         answers = [final_answer(p, c, self.mode, self.tags) for p, c in zip(prompts, completions)]
         keep = [i for i, a in enumerate(answers) if a is not None]
         out = [0.0] * len(completions)
         if not keep:
             return out
-        scored = list(self.fn([prompts[i] for i in keep], [answers[i] for i in keep],
-                              **{k: [v[i] for i in keep] for k, v in columns.items()}))
+        scored = self.fn([prompts[i] for i in keep], [answers[i] for i in keep],
+                         **{k: [v[i] for i in keep] for k, v in columns.items()}, **context)
+        scored_out = scored
+        parts = getattr(scored, "parts", None)
+        scored = list(scored)
         if len(scored) != len(keep):
             raise ValueError(f"reward {self.__name__} returned {len(scored)} rewards for {len(keep)} completions")
         for i, value in zip(keep, scored):
             out[i] = value
-        return out
+        if not parts:
+            return Scores(out, None, getattr(scored_out, "metrics", None))
+        full = {}
+        for name, values in parts.items():  # a response cut off in its thinking scores 0 in every part too
+            full[name] = [0.0] * len(completions)
+            for i, value in zip(keep, values):
+                full[name][i] = value
+        return Scores(out, full, getattr(scored_out, "metrics", None))
 
     def close(self) -> None:
         close = getattr(self.fn, "close", None)

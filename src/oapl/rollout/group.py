@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RolloutGroup", "filter_groups", "is_correct", "score_groups"]
+__all__ = ["RolloutGroup", "filter_groups", "is_correct", "reward_metrics", "score_groups"]
 
 
 def is_correct(reward: float, threshold: float = 0.5) -> bool:
@@ -45,6 +45,12 @@ class RolloutGroup:
     task: str = ""
     benchmark: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: each reward function's own values (TRL's rewards_per_func), ``{name: [n values]}``; NaN where it
+    #: returned None or failed. Not stored in rollout files.
+    reward_parts: dict[str, list[float]] = field(default_factory=dict)
+    #: values the reward functions logged with TRL's ``log_metric`` during the call that scored this
+    #: group (kept on the first group of the call only, so each value counts once)
+    reward_logged: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_id, str) or not self.prompt_id:
@@ -94,13 +100,18 @@ def score_groups(reward, task, prompts: Sequence[tuple[str, Sequence[int]]], exa
     ``version`` defaults to the version each output reports. Used by the rollout worker (training
     groups) and by held-out evaluation alike.
     """
-    flat_p, flat_c, flat_ex = [], [], []
+    flat_p, flat_c, flat_ex, flat_ids = [], [], [], []
     for (text, _), ex, out in zip(prompts, examples, outputs):
         for c in out.completions:
             flat_p.append(text)
             flat_c.append(c.text)
             flat_ex.append(ex)
-    rewards = reward(flat_p, flat_c, **task.reward_kwargs(flat_ex))
+            flat_ids.append(list(c.token_ids))
+    context = {"completion_ids": flat_ids}  # TRL's keywords besides the columns (SafeReward passes what a reward takes)
+    if getattr(task, "trainer_state", None) is not None:
+        context["trainer_state"] = task.trainer_state
+    rewards = reward(flat_p, flat_c, **task.reward_kwargs(flat_ex), **context)
+    parts = getattr(rewards, "parts", None) or {}
     groups = []
     for j, ((text, ids), ex, out) in enumerate(zip(prompts, examples, outputs)):
         comps = out.completions
@@ -110,8 +121,32 @@ def score_groups(reward, task, prompts: Sequence[tuple[str, Sequence[int]]], exa
             response_logprobs=[c.logprobs for c in comps], rewards=list(rewards[j * n : (j + 1) * n]),
             finish_reasons=[c.finish_reason for c in comps], weights_id=weights_id,
             version=out.version if version is None else version, sampling=sampling, task=task.name,
-            benchmark=str(ex.get("benchmark") or benchmark), extra=dict(ex)))
+            benchmark=str(ex.get("benchmark") or benchmark), extra=dict(ex),
+            reward_parts={k: list(v[j * n : (j + 1) * n]) for k, v in parts.items()},
+            reward_logged=dict(getattr(rewards, "metrics", None) or {}) if j == 0 else {}))
     return groups
+
+
+def reward_metrics(groups: Iterable[RolloutGroup]) -> dict[str, float]:
+    """TRL's per-function metrics of a batch: ``rewards/<name>/mean`` and ``rewards/<name>/std`` over its
+    completions, ignoring NaN (a function's ``None`` or failure) as TRL's ``nanmean``/``nanstd`` (the
+    sample standard deviation, n - 1). A name with no value in the batch gets NaN. Values logged with
+    TRL's ``log_metric(name, value)`` appear under ``name``, averaged."""
+    values: dict[str, list[float]] = {}
+    logged: dict[str, list[float]] = {}
+    for g in groups:
+        for name, vals in g.reward_parts.items():
+            values.setdefault(name, []).extend(float(v) for v in vals)
+        for name, vals in g.reward_logged.items():
+            logged.setdefault(name, []).extend(float(v) for v in vals)
+    out: dict[str, float] = {name: sum(vals) / len(vals) for name, vals in logged.items() if vals}
+    for name, vals in values.items():
+        ok = [v for v in vals if not math.isnan(v)]
+        mean = sum(ok) / len(ok) if ok else math.nan
+        out[f"rewards/{name}/mean"] = mean
+        out[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1)) if len(ok) > 1
+                                      else math.nan)
+    return out
 
 
 def filter_groups(

@@ -79,6 +79,19 @@ class WorkerStats:
     errors: list[str] = field(default_factory=list)
 
 
+def report_failure(e: BaseException) -> None:
+    """Say once, in one line, why the rollout worker stopped; the traceback only with ``--debug``
+    (``OAPL_DEBUG``). A user error (a reward that fails on most completions, hangs, returns strings)
+    is not logged here at all: the trainer raises it, and the ``oapl`` command prints it on one line."""
+    from oapl.errors import UserError, debug_enabled
+
+    debug = debug_enabled()
+    if isinstance(e, UserError) and not debug:
+        return
+    log.error("rollout worker stopped: %s: %s", type(e).__name__, " ".join(str(e).split())[:500],
+              exc_info=e if debug else None)
+
+
 class RolloutWorker:
     """Fill a :class:`RolloutBuffer` with scored groups from an :class:`InferenceEngine`."""
 
@@ -159,7 +172,7 @@ class RolloutWorker:
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
-            log.exception("rollout worker failed")
+            report_failure(e)
             self.failure = e
             self.buffer.close()
 
