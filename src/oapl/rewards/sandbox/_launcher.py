@@ -596,11 +596,11 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
     # name host folders and cannot be imported from anyway.
     sys.path[:] = [p for p in sys.path if p and os.path.exists(p)]
     sys.path_importer_cache.clear()
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]  # the program's own stdio
         io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict")
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
         io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="strict")
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
         io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
         errors="backslashreplace", line_buffering=True)
     sys.argv = ["solution.py"]
@@ -627,6 +627,7 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
             if isinstance(prediction, tuple):
                 prediction = list(prediction)
             payload = dumps(prediction, allow_nan=True).encode("utf-8")
+            assert result_fd is not None  # functional programs get a result pipe
             write(result_fd, payload)
             close(result_fd)
     except SystemExit as exc:
@@ -734,7 +735,7 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
 
 def _children_of(pid: int) -> list[int]:
     """Child pids of ``pid`` (via /proc); used in no-namespace mode."""
-    out = []
+    out: list[int] = []
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -820,8 +821,10 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
     write_all(stdin_fd, data)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    res_r: int | None
+    res_w: int | None
     res_r, res_w = os.pipe() if functional else (None, None)
-    fds = {"stdin": stdin_fd, "out_w": out_w, "err_w": err_w, "res_w": res_w}
+    fds: dict = {"stdin": stdin_fd, "out_w": out_w, "err_w": err_w, "res_w": res_w}
     if not state["ns"]:
         wd = os.path.join(state["workdir"], f"t{index}")
         os.mkdir(wd, 0o700)
@@ -950,7 +953,7 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
             status = "runtime_error"
         elif cpu > timeout:
             status = "timeout"
-        elif functional and not bufs[res_r]:
+        elif res_r is not None and not bufs[res_r]:  # (a result pipe exists for functional programs)
             status = "no_result"
         else:
             status = "ok"
@@ -961,7 +964,7 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
                    if status == "ok" and not functional else ""),
         "stderr_tail": bytes(bufs[err_r][:4096]).decode("utf-8", "replace"),
     }
-    if functional:
+    if res_r is not None:  # functional
         frame["result"] = bytes(bufs[res_r]).decode("utf-8", "replace") if status == "ok" else None
     if not state["ns"]:
         _remove_tree(fds["workdir"])

@@ -174,6 +174,7 @@ def launch(
         fds.clear()
         deadline = time.monotonic() + config.total_deadline_s + config.startup_grace_s
         sel = selectors.DefaultSelector()
+        assert proc.stdout is not None and proc.stderr is not None  # stdout=stderr=PIPE
         sel.register(proc.stdout, selectors.EVENT_READ)
         sel.register(proc.stderr, selectors.EVENT_READ)
         buf = bytearray()
@@ -271,10 +272,14 @@ def _to_run(frame: dict) -> TestRun:
         exit_code=frame.get("exit_code") if isinstance(frame.get("exit_code"), int) else None,
         cpu_s=float(frame.get("cpu_s") or 0.0),
         wall_s=float(frame.get("wall_s") or 0.0),
-        stdout=frame.get("stdout") if isinstance(frame.get("stdout"), str) else "",
+        stdout=_text(frame.get("stdout")),
         result=frame.get("result") if isinstance(frame.get("result"), str) else None,
-        stderr_tail=frame.get("stderr_tail") if isinstance(frame.get("stderr_tail"), str) else "",
+        stderr_tail=_text(frame.get("stderr_tail")),
     )
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 # --------------------------------------------------------------------------- probing
