@@ -194,6 +194,8 @@ def load_reward(spec: str, field: str = "task.reward") -> RewardFn:
         if not path.exists():
             raise UserError(f"{field}: file {path} does not exist")
         spec_ = importlib.util.spec_from_file_location(path.stem, path)
+        if spec_ is None:
+            raise UserError(f"{field}: {path} is not a Python module")
         module = importlib.util.module_from_spec(spec_)
         try:
             spec_.loader.exec_module(module)  # type: ignore[union-attr]
@@ -401,7 +403,7 @@ class SafeReward:
     def __init__(self, fn: RewardFn, name: str | None = None, max_logged: int = 5,
                  max_error_fraction: float | None = None) -> None:
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "reward")
+        self.name: str = name or str(getattr(fn, "__name__", "reward"))
         self.stats = RewardStats()
         self.max_logged = max_logged
         if max_error_fraction is None:
@@ -482,14 +484,14 @@ class SafeReward:
                 raise
         rewards: list[float] = []
         each: list[dict[str, float]] = []  # each completion's parts ({} where it failed)
-        metrics: dict[str, list[float]] = {}
+        logged: dict[str, list[float]] = {}
         for i in range(n):
             one = {k: [v[i]] for k, v in columns.items()}
             try:
                 res = self.fn([prompts[i]], [completions[i]], **one, **context)
                 res_parts = getattr(res, "parts", None)
                 for k, v in (getattr(res, "metrics", None) or {}).items():
-                    metrics.setdefault(k, []).extend(v)
+                    logged.setdefault(k, []).extend(v)
                 res = list(res)
                 value = self._clean(res[0] if res else None, prompts[i], completions[i], i)
                 rewards.append(value)
@@ -501,7 +503,7 @@ class SafeReward:
                 rewards.append(0.0)
                 each.append({})
         names = list(dict.fromkeys(k for d in each for k in d)) or [self.name]
-        return Scores(rewards, {k: [d.get(k, math.nan) for d in each] for k in names}, metrics)
+        return Scores(rewards, {k: [d.get(k, math.nan) for d in each] for k in names}, logged)
 
 
 def reward_trainer_state(step: int, max_steps: int) -> Any:
@@ -545,7 +547,7 @@ class CombinedReward:
         self.fns = [f if isinstance(f, UserReward) else UserReward(f, timeout_s=timeout_s) for f in fns]
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(fns)
         self.conversational = conversational
-        self.names = []
+        self.names: list[str] = []
         for f in self.fns:  # TRL's names; a repeated one gets a suffix so its metrics stay apart
             name, k = f.name, 2
             while name in self.names:
