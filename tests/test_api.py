@@ -87,7 +87,7 @@ def test_oapl_config_maps_trl_names_onto_the_nested_fields():
     ({"beta": 0.04}, "beta=0.04 is not supported: TRL's KL penalty towards a frozen reference model"),
     ({"top_k": 50}, "top_k=50 is not supported"),
     ({"loss_type": "dr_grpo"}, "algorithm='grpo'"),
-    ({"lr_scheduler_type": "linear"}, "lr_scheduler_type='linear' is not supported"),
+    ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type='polynomial' is not supported"),
     ({"learning_rate": -1.0}, "learning_rate (optim.lr): Input should be greater than 0"),
     ({"num_generations": 3, "per_device_train_batch_size": 8}, "8 completions per step is not a multiple of "
                                                                "num_generations = 3"),
