@@ -155,7 +155,11 @@ def test_trainer_with_in_memory_data_rewards_and_callbacks(tiny_model_dir, tmp_p
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # every step's metrics row, as logged
     assert all("reward_mean" in r and "kl" in r for r in steps)
     assert any("eval/pass@1" in r for r in rows)
-    assert trainer.state.log_history == rows
+    assert all(r["reward"] == r["reward_mean"] and r["learning_rate"] == r["lr"] for r in steps)  # TRL's names too
+    # log_history as TRL's: every logging_steps (10, TRL's default: none in 4 steps), evaluations, the summary
+    history = trainer.state.log_history
+    assert [h["step"] for h in history if "eval_pass@1" in h] == [0, 4]
+    assert not any("loss" in h for h in history) and history[-1]["train_loss"] == out.training_loss
     assert out.training_loss == pytest.approx(sum(r["loss"] for r in steps) / 4)
     assert "eval_pass@1" in out.metrics
     # one call per engine call (4 prompts x G=4) and per held-out batch (4 prompts x 1), columns aligned

@@ -34,7 +34,7 @@ from oapl.engines.base import SamplingParams
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
-from oapl.rundir import begin_run, check_run_dir
+from oapl.rundir import begin_run, check_run_dir, mark_trained, refuse_multi_process_launch
 from oapl.trainer.checkpoint import seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Run:
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.backend = cfg, backend
         self.callbacks = list(callbacks or [])
+        self.stop_requested = False  # set by a callback (TrainerControl.should_training_stop): end after this step
         self.run_dir = Path(cfg.output_dir)
         self.metrics: MetricsLogger | None = None
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
@@ -166,6 +167,7 @@ class Run:
                                      keep or self.cfg.checkpoint.keep))
         self._last_checkpoint = self.step
         log.info("checkpoint written: %s", path)
+        self._event("save", path=path)
         return path
 
     def _log(self, row: dict[str, Any]) -> None:
@@ -173,12 +175,20 @@ class Run:
         for cb in self.callbacks:
             cb(row)
 
+    def _event(self, name: str, **kw: Any) -> None:
+        """``train_begin``, ``step_begin``, ``save``, ``train_end`` to callbacks with ``on_run_event(name, run)``."""
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_run_event", None)
+            if hook is not None:
+                hook(name, self, **kw)
+
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> RunResult:
         cfg, backend = self.cfg, self.backend
         L = cfg.rollout.sync_interval
         total = backend.total_steps
         self._last_checkpoint = None
+        self._event("train_begin")
         if self.eval_before is None and cfg.eval.at_start and self.can_evaluate:
             self.eval_before = self.evaluate()
             self._log({"step": self.step, "samples_seen": self.samples_seen,
@@ -195,11 +205,13 @@ class Run:
         t_start = time.perf_counter()
         gen0 = self.rollout.gen_counters()
         try:
-            while self.step < total:
+            while self.step < total and not self.stop_requested:
+                self._event("step_begin")
                 groups = self.sample_batch()
                 batch_version = min(g.version for g in groups)
                 metrics = backend.train_step(groups)
                 self.step += 1
+                mark_trained(self.run_dir)  # a step is trained: the run is never taken for a failed start
                 self.samples_seen += sum(g.n for g in groups)
                 row: dict[str, Any] = {
                     "step": self.step, "samples_seen": self.samples_seen, **metrics,
@@ -249,6 +261,7 @@ class Run:
                    "samples_seen": self.samples_seen, **backend.summary(self.rollout),
                    "checkpoints": self.checkpoints}
         atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
+        self._event("train_end")
         return RunResult(str(self.run_dir), self.step, self.eval_before, eval_after, last, summary)
 
     def _log_samples(self, groups) -> None:
@@ -292,6 +305,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     backend a trainer failure resumes the run from its latest checkpoint, up to
     ``distributed.max_trainer_restarts`` times.
     """
+    refuse_multi_process_launch()  # torchrun / accelerate launch: one line, not N copies of the job
     failures = 0
     with backend_session(cfg):
         while True:
