@@ -87,7 +87,7 @@ TRL_TABLE: dict[str, TRLField] = {f.name: f for f in [
     TRLField("gradient_accumulation_steps", "rollout.prompts_per_step", "See `per_device_train_batch_size`.",
              _Opt[int]),
     TRLField("generation_batch_size", "rollout.prompts_per_generate", "Completions per engine call / "
-             "`num_generations`.", _Opt[int]),
+             "`num_generations`. Unset: the completions of one step, as TRL.", _Opt[int]),
     TRLField("num_generations", "rollout.group_size", "G, responses per prompt (default 8, as TRL).", _Opt[int],
              simple=True),
     TRLField("num_generations_eval", "eval.n", "Samples per held-out prompt (pass@k up to k = n).", _Opt[int],
@@ -394,6 +394,10 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         put("rollout.prompts_per_step", total // group, "per_device_train_batch_size x gradient_accumulation_steps")
         if "per_device_train_batch_size" in given or micro is _MISSING:
             put("optim.micro_batch_size", per_device, "per_device_train_batch_size")
+    if (defaults and "generation_batch_size" not in given and _get(tree, "rollout.prompts_per_generate") is _MISSING
+            and _get(tree, "rollout.prompts_per_step") is not _MISSING):
+        # TRL: one generation batch per optimiser step (per_device_train_batch_size x gradient_accumulation_steps)
+        put("rollout.prompts_per_generate", _get(tree, "rollout.prompts_per_step"), "generation_batch_size")
     if given.get("generation_batch_size") is not None:
         gen = _int("generation_batch_size", given["generation_batch_size"], 1)
         if gen % group:
