@@ -351,11 +351,19 @@ def test_trl_script_ports_by_changing_at_most_three_lines():
 
 
 @pytest.mark.slow
-def test_the_ported_script_runs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PORT_OUTPUT_DIR": str(tmp_path / "run")}
+def test_the_ported_script_runs(tiny_model_dir, tmp_path):
+    # as on a machine without vLLM (the tiny model's head_dim=8 is not one vLLM's CPU kernels take):
+    # engine.kind=auto then generates with transformers, which is also what TRL's use_vllm=False does
+    hide = tmp_path / "no_vllm"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None\n")
+    env = {**os.environ, "PYTHONPATH": f"{hide}{os.pathsep}{ROOT / 'src'}", "PORT_OUTPUT_DIR": str(tmp_path / "run"),
+           "PORT_MODEL": tiny_model_dir}
     proc = subprocess.run([sys.executable, str(PORT / "oapl_script.py")], capture_output=True, text=True,
                           timeout=600, env=env, cwd=tmp_path)
-    if proc.returncode != 0 and "unexpected keyword argument" in proc.stderr + proc.stdout:
+    said = proc.stderr + proc.stdout
+    if proc.returncode != 0 and any(m in said for m in ("unexpected keyword argument", "positional argument",
+                                                         "multiple values for argument")):
         pytest.xfail("needs rewards branch (TRL's keyword calling of reward functions)")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DONE global_step=4" in proc.stdout, proc.stdout[-2000:]
