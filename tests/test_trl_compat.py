@@ -369,3 +369,19 @@ def test_the_ported_script_runs(tiny_model_dir, tmp_path):
     assert "DONE global_step=4" in proc.stdout, proc.stdout[-2000:]
     assert proc.stdout.count("LOG ") == 2  # logging_steps=2 over 4 steps
     assert "EVAL" in proc.stdout and "SAVE" in proc.stdout
+
+
+def test_oapl_train_takes_trainer_callbacks_too(tiny_model_dir, prompts_file, tmp_path):
+    import oapl
+    from conftest import tiny_config
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class StopAfterOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append((state.global_step, state.max_steps))
+            control.should_training_stop = True
+
+    result = oapl.train(tiny_config(tiny_model_dir, prompts_file, tmp_path / "run"), callbacks=[StopAfterOne()])
+    assert result.steps == 1 and seen == [(1, 6)]

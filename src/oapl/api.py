@@ -65,7 +65,8 @@ def train(config: TrainConfig | str | Path, resume: bool = False, overwrite: boo
     ``config`` is a :class:`TrainConfig` / :class:`OAPLConfig` or a YAML path. ``resume`` continues
     the run in ``output_dir`` from its latest checkpoint; ``overwrite`` replaces it (a non-empty
     ``output_dir`` is refused otherwise). Each ``callbacks`` function receives every metrics row (a
-    dict: ``step``, ``loss``, ``reward_mean``, ..., or ``eval/pass@1`` rows) as it is logged.
+    dict: ``step``, ``loss``, ``reward_mean``, ..., or ``eval/pass@1`` rows) as it is logged;
+    ``transformers.TrainerCallback`` objects get TRL's events (see :class:`OAPLTrainer`).
     Returns the run's :class:`~oapl.loop.RunResult` (``output_dir``, ``steps``, ``eval_before``,
     ``eval_after``, ``last_metrics``).
     """
@@ -697,6 +698,7 @@ class TRLCallbacks:
         if name == "train_begin":
             self.state.max_steps = run.backend.total_steps
             self._sync_state(run.step)
+            self.control.should_training_stop = False  # a new train() call
             self.event("on_train_begin")
         elif name == "step_begin":
             self.event("on_step_begin")
@@ -705,6 +707,13 @@ class TRLCallbacks:
             self.control.should_save = False
         elif name == "train_end":
             self.event("on_train_end")
+        self._maybe_stop()
+
+    def _maybe_stop(self) -> None:
+        if self.control.should_training_stop and self.run is not None and not self.run.stop_requested:
+            log.info("a callback set control.should_training_stop at step %d: the run ends after this step",
+                     self.state.global_step)
+            self.run.stop_requested = True
 
     def __call__(self, row: dict[str, Any]) -> None:
         view = _trl_view(row)
@@ -722,9 +731,7 @@ class TRLCallbacks:
             self._log(evals)
             self.event("on_evaluate", metrics=evals)
             self.control.should_evaluate = False
-        if self.control.should_training_stop and self.run is not None and not self.run.stop_requested:
-            log.info("a callback set control.should_training_stop at step %d: the run ends now", self.state.global_step)
-            self.run.stop_requested = True
+        self._maybe_stop()
 
     def _log(self, logs: dict[str, Any]) -> None:
         logs = dict(logs)

@@ -538,8 +538,8 @@ class OAPLConfig(TrainConfig):
         except ValueError as e:
             raise ConfigError(f"{e} (in OAPLConfig)") from None
         for dotted, leaf in _leaves(tree):
-            if dotted in context or dotted.split(".")[0] == "rollout" and dotted == "rollout.group_size":
-                continue
+            if dotted in ("steps", "rollout.group_size") and context:
+                continue  # context for the translation, not what is being set
             *path, last = dotted.split(".")
             node: Any = self
             for part in path:
