@@ -157,9 +157,9 @@ def refuse_multi_process_launch() -> None:
     if world > 1:
         rank = os.environ.get("RANK", "?")
         raise LaunchError(f"WORLD_SIZE={world} (rank {rank}): oapl was started as {world} processes (torchrun or "
-                        "accelerate launch), which would run the whole job once per process; start it once "
-                        "(python script.py / oapl train) and scale with distributed.backend=ray over the GPUs "
-                        "and nodes (docs/scaling.md)")
+                          "accelerate launch), which would run the whole job once per process; start it once "
+                          "(python script.py / oapl train) and scale with distributed.backend=ray over the GPUs "
+                          "and nodes (docs/scaling.md)")
 
 
 def cleanup_stale_sandboxes() -> None:
