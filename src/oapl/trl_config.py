@@ -125,7 +125,7 @@ TRL_TABLE: dict[str, TRLField] = {f.name: f for f in [
              "`evaluate` read); `steps` -> every `save_steps`.", _Opt[str]),
     TRLField("save_steps", "checkpoint.every", "A float in [0, 1) is a share of `max_steps`.", _Opt[float]),
     TRLField("save_total_limit", "checkpoint.keep", "", _Opt[int], simple=True),
-    TRLField("logging_steps", "(`on_log`, `trainer.state.log_history`)", "As TRL (default 10; a float in (0, 1) "
+    TRLField("logging_steps", "(`on_log` and `log_history`)", "As TRL (default 10; a float in (0, 1) "
              "is a share of `max_steps`): `TrainerCallback.on_log` and `log_history` get the mean of the last "
              "`logging_steps` steps. metrics.jsonl and plain-function callbacks still get every step.", _Opt[float]),
     TRLField("log_completions", "logging.log_samples_every", "true -> sample completions to samples.jsonl every "
