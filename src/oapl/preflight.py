@@ -132,6 +132,8 @@ def _check_local(path: Path, name: str, field: str) -> None:
         raise ModelNotFoundError(f"{field}: local path {name} does not exist{where}")
     if path.is_file():
         raise ModelNotFoundError(f"{field}: {name} is a file; give the folder holding config.json and the weights")
+    if field == "model.tokenizer" and path.is_dir() and (path / "tokenizer_config.json").exists():
+        return  # a tokenizer folder (processing_class=<tokenizer> is saved as one): no model config needed
     if not (path / "config.json").exists():
         hint = ""
         if (path / "model" / "config.json").exists():

@@ -7,6 +7,11 @@
 * :func:`begin_run` (once the model, data and engine are loaded, i.e. the run is known to start):
   with ``overwrite`` the previous run's files are deleted only now, so a run that fails at start-up
   leaves the old one as it was.
+* A failed start never blocks the same command: :func:`begin_run` marks a new run as starting
+  (``.oapl-starting``) and :func:`mark_trained` removes the mark once the first step is trained. A
+  directory that still has the mark and no checkpoint holds only what a start that failed wrote
+  (``config.yaml``, ``metrics.jsonl``, ...): :func:`check_run_dir` lets a new run start there and
+  :func:`begin_run` replaces those files. A run that has trained a step is never touched.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from oapl.errors import RunDirError
+from oapl.errors import RunDirError, UserError
+
+
+class LaunchError(UserError):
+    """oapl was started as several processes (torchrun, accelerate launch)."""
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,24 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "summary.yaml", "checkpoints", "tensorboard",
              "wandb", "compare_timing.json")
 TMP_CHECKPOINT_PREFIX = ".tmp-step-"
+#: Present from :func:`begin_run` of a new run until its first trained step (:func:`mark_trained`).
+STARTING_MARKER = ".oapl-starting"
+
+
+def failed_start(run_dir: str | Path) -> bool:
+    """``run_dir`` holds a start that failed before training a step (the mark, and no checkpoint)."""
+    path = Path(run_dir)
+    if not (path / STARTING_MARKER).is_file():
+        return False
+    return not [e for e in _entries(path / "checkpoints") if not e.startswith(TMP_CHECKPOINT_PREFIX)]
+
+
+def mark_trained(run_dir: str | Path) -> None:
+    """The run has trained a step: from now on it is a run to resume or overwrite, never a failed start."""
+    try:
+        (Path(run_dir) / STARTING_MARKER).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _entries(path: Path) -> list[str]:
@@ -82,7 +109,11 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"output_dir: {path} exists and is not a directory")
-    present = [e for e in _entries(path) if not e.startswith(".oapl-write-test-")]
+    present = [e for e in _entries(path) if not e.startswith(".oapl-write-test-") and e != STARTING_MARKER]
+    if present and failed_start(path):
+        log.info("%s holds a start that failed before training a step (%s): this run replaces it", path,
+                 ", ".join(e for e in present if e in RUN_FILES))
+        present = [e for e in present if e not in RUN_FILES]
     if present and not resume and not overwrite:
         shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
         raise RunDirError(
@@ -97,7 +128,8 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
 def begin_run(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
     """The run is starting: with ``overwrite`` (and no ``resume``) delete the previous run's files now."""
     path = Path(run_dir)
-    if overwrite and not resume:
+    leftover = failed_start(path)
+    if overwrite and not resume or leftover:
         removed = []
         for name in RUN_FILES:
             p = path / name
@@ -107,9 +139,27 @@ def begin_run(run_dir: str | Path, resume: bool = False, overwrite: bool = False
             elif p.exists() or p.is_symlink():
                 p.unlink()
                 removed.append(name)
-        if removed:
+        if removed and not leftover:
             log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), path)
+        elif removed:
+            log.info("removed what a failed start left in %s: %s", path, ", ".join(removed))
     path.mkdir(parents=True, exist_ok=True)
+    if not resume or leftover:  # a new run: a failure before its first step leaves a rerunnable directory
+        (path / STARTING_MARKER).touch()
+
+
+def refuse_multi_process_launch() -> None:
+    """``torchrun`` / ``accelerate launch`` with more than one process: refuse (never N copies of one job)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return
+    if world > 1:
+        rank = os.environ.get("RANK", "?")
+        raise LaunchError(f"WORLD_SIZE={world} (rank {rank}): oapl was started as {world} processes (torchrun or "
+                          "accelerate launch), which would run the whole job once per process; start it once "
+                          "(python script.py / oapl train) and scale with distributed.backend=ray over the GPUs "
+                          "and nodes (docs/scaling.md)")
 
 
 def cleanup_stale_sandboxes() -> None:
