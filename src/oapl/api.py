@@ -364,9 +364,7 @@ def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Cal
             raise
         raise RunDirError(str(e).split("; pass", 1)[0] + f"; pass {how_to[0]} to continue that run, {how_to[1]} "
                           "to replace it, or another output_dir") from None
-    if resume:
-        _check_resume(cfg)
-    check_config(cfg)
+    check_config(cfg)  # a resume that changes the run is refused by oapl.rundir.check_resume_config
     try:
         return loop.train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks)
     except RuntimeError as e:
@@ -374,46 +372,6 @@ def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Cal
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from e
         raise
-
-
-def _check_resume(cfg: TrainConfig) -> None:
-    """Resuming a run whose data or rewards came from Python: the same ones, or refuse saying which differs."""
-    import yaml
-
-    from oapl.data import memory
-
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if not saved.exists():
-        return
-    old_tree = yaml.safe_load(saved.read_text()) or {}
-    new_tree = cfg.model_dump(mode="json")
-    old, new = memory.in_memory_fields(old_tree), memory.in_memory_fields(new_tree)
-    for dotted in sorted(set(old) | set(new)):
-        before, now = old.get(dotted), new.get(dotted)
-        if before == now:
-            if memory.marker_kind(now) == "reward":
-                log.warning("resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
-                            "function as in the first run", now, dotted)
-            continue
-        before = before or _dotted_value(old_tree, dotted)
-        now = now or _dotted_value(new_tree, dotted)
-        raise UserError(f"{dotted}: resuming {cfg.output_dir} with other data or rewards than it was trained with "
-                        f"(was {before!r} in {saved}, now {now!r}); pass the same ones (rows are compared by "
-                        "content), or start a new run")
-    if old:
-        log.info("resuming with the same in-memory data and rewards: %s", ", ".join(sorted(old)))
-
-
-def _dotted_value(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.replace("]", "").replace("[", ".").split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node
 
 
 def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:

@@ -34,8 +34,8 @@ from oapl.engines.base import SamplingParams
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
-from oapl.rundir import begin_run, check_run_dir
-from oapl.trainer.checkpoint import seed_everything, set_rng_state
+from oapl.rundir import begin_run, check_resume_config, check_run_dir
+from oapl.trainer.checkpoint import list_checkpoints, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,15 @@ class Run:
     first sync. ``callbacks`` receive every metrics row as it is logged.
     """
 
-    def __init__(self, cfg: TrainConfig, backend, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: TrainConfig, backend, resume: bool | str = False, overwrite: bool = False,
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.backend = cfg, backend
         self.callbacks = list(callbacks or [])
         self.run_dir = Path(cfg.output_dir)
         self.metrics: MetricsLogger | None = None
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
+        if resume:
+            check_resume_config(cfg, self.run_dir)  # refuses a resume that changes the run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -247,7 +249,9 @@ class Run:
             self.checkpoint()
         summary = {"eval_before": self.eval_before, "eval_after": eval_after, "steps": self.step,
                    "samples_seen": self.samples_seen, **backend.summary(self.rollout),
-                   "checkpoints": self.checkpoints}
+                   "checkpoints": [str(p) for p in list_checkpoints(self.run_dir)]}  # those on disk now
+        if self.checkpoints:  # the backend's own (offline: one per epoch, all kept)
+            summary["epoch_checkpoints"] = self.checkpoints
         atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
         return RunResult(str(self.run_dir), self.step, self.eval_before, eval_after, last, summary)
 

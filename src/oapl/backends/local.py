@@ -25,11 +25,11 @@ class LocalBackend(OnlineBackend):
     def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
         from oapl.data.tasks import build_task
         from oapl.engines.factory import engine_kind, make_engine
-        from oapl.trainer.checkpoint import latest_checkpoint
+        from oapl.trainer.checkpoint import resume_checkpoint
         from oapl.trainer.policy import load_policy
 
         cfg = self.cfg
-        self.checkpoint = latest_checkpoint(run_dir) if resume else None
+        self.checkpoint = resume_checkpoint(run_dir, resume) if resume else None
         self.task = build_task(cfg.task, cfg.seed)
         self.policy, state = load_policy(cfg, cfg.steps, self.checkpoint)
         self.tokenizer = self.policy.tokenizer

@@ -139,10 +139,10 @@ class TrainerRank:
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
 
-    def find_checkpoint(self, run_dir: str) -> str | None:
-        from oapl.trainer.checkpoint import latest_checkpoint
+    def find_checkpoint(self, run_dir: str, wanted: bool | str = True) -> str | None:
+        from oapl.trainer.checkpoint import resume_checkpoint
 
-        p = latest_checkpoint(run_dir)
+        p = resume_checkpoint(run_dir, wanted)  # the newest intact one (or ``wanted``), damaged ones named
         return str(p) if p is not None else None
 
     def setup(self, master_addr: str, master_port: int, ckpt: str | None) -> dict[str, Any] | None:
@@ -321,12 +321,14 @@ class TrainerGroup:
         self.ckpt: str | None = None
         self.state: dict[str, Any] = {}
 
-    def setup(self, resume: bool, run_dir: str | None = None) -> None:
-        """Join the ranks into one process group and build the policies (from the latest
-        checkpoint in ``run_dir`` when ``resume``); ``state`` is then the checkpoint's trainer state."""
+    def setup(self, resume: bool | str, run_dir: str | None = None) -> None:
+        """Join the ranks into one process group and build the policies (from the newest intact
+        checkpoint in ``run_dir`` when ``resume``, or the checkpoint ``resume`` names); ``state`` is
+        then the checkpoint's trainer state."""
         addr, port = self._get([self.actors[0].address.remote()])[0]
         run_dir = run_dir or self.cfg.output_dir
-        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(run_dir)])[0] if resume else None
+        wanted = str(resume) if resume and not isinstance(resume, bool) else True
+        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(run_dir, wanted)])[0] if resume else None
         self.state = self.call("setup", addr, port, self.ckpt)[0] or {}
 
     def _get(self, refs: list) -> list:

@@ -210,6 +210,10 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
         ckpt = Path(checkpoint)
         state = load_trainer_state(ckpt)
         if not cfg.model.lora.enabled and model is None:
+            if not (ckpt / "model" / "config.json").is_file():  # a local folder, never a Hub name
+                from oapl.trainer.checkpoint import CheckpointError
+
+                raise CheckpointError(f"{ckpt}: damaged checkpoint (model/ is missing); resume from another one")
             dev = pick_device(cfg.model.device)
             model = load_causal_lm(str(ckpt / "model"), resolve_precision(cfg.model, dev).load_dtype, dev,
                                    cfg.model.trust_remote_code)
