@@ -328,3 +328,30 @@ def test_damaged_latest_checkpoint_planted_pickle_and_changed_config(_toy_reward
     (line,) = oapl_lines(capsys.readouterr().err)
     assert str(latest / "trainer_state.pt") in line and "pickled objects" in line
     assert not marker.exists()
+
+
+def test_sharded_layout_has_a_manifest_and_a_damaged_one_is_skipped(tiny_model_dir, prompts_file, tmp_path, caplog):
+    """The FSDP2 layout (written here by one rank): rank 0's manifest lists the optimiser shards too."""
+    from conftest import tiny_config
+    from test_precision import _groups
+
+    import oapl.distributed.sharded as sharded
+    from oapl.trainer.policy import Policy, load_policy
+
+    cfg = tiny_config(tiny_model_dir, prompts_file, tmp_path / "run", **{"task.reward": "toy_rewards:digit_fraction"})
+    policy = Policy(cfg, total_steps=6)
+    policy.train_step(_groups(0))
+    first = sharded.save_sharded_checkpoint(tmp_path / "run", 1, policy, 0, 1, {"step": 1}, "{}", keep=3)
+    policy.train_step(_groups(1))
+    second = sharded.save_sharded_checkpoint(tmp_path / "run", 2, policy, 0, 1, {"step": 2}, "{}", keep=3)
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["layout"] == "sharded/1"
+    assert {"optim/.metadata", "optim/__0_0.distcp", "trainer_state.json", "model/model.safetensors.index.json"} \
+        <= set(manifest["files"])
+    assert verify_checkpoint(second) is None
+    (second / "optim" / "__0_0.distcp").unlink()
+    with caplog.at_level(logging.WARNING, logger="oapl.trainer.checkpoint"):
+        assert resume_checkpoint(tmp_path / "run") == first
+    assert "skipping damaged checkpoint checkpoints/step-00000002: optim/__0_0.distcp is missing" in caplog.text
+    _, state = load_policy(cfg, 6, first)
+    assert state["step"] == 1 and state["world"] == 1
