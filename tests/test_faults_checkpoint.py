@@ -355,3 +355,45 @@ def test_sharded_layout_has_a_manifest_and_a_damaged_one_is_skipped(tiny_model_d
     assert "skipping damaged checkpoint checkpoints/step-00000002: optim/__0_0.distcp is missing" in caplog.text
     _, state = load_policy(cfg, 6, first)
     assert state["step"] == 1 and state["world"] == 1
+
+
+@pytest.mark.slow
+def test_trainer_resumes_from_any_kept_checkpoint_and_lora_saves_peft_layout(tiny_model_dir, tmp_path):
+    """``resume_from_checkpoint=<path>`` takes any kept checkpoint of the run (TRL's meaning); a LoRA
+    checkpoint holds peft's files at its root and ``save_model`` exports the merged model from it."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    from test_api import _args, _rows
+
+    from oapl.api import OAPLTrainer
+
+    def reward(prompts, completions, **kw):
+        return [float("7" in c) for c in completions]
+
+    out = tmp_path / "run"
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+    def trainer(steps):
+        return OAPLTrainer(tiny_model_dir, reward_funcs=reward, train_dataset=_rows(), peft_config=lora,
+                           args=_args(out, max_steps=steps, save_steps=1, save_total_limit=3, weight_sync_steps=1))
+
+    trainer(3).train()
+    kept = list_checkpoints(out)
+    assert [p.name for p in kept] == ["step-00000001", "step-00000002", "step-00000003"]
+    assert all((p / "adapter_config.json").is_file() and not (p / "model").exists() for p in kept)
+    third = load_file(str(kept[2] / "adapter_model.safetensors"))
+    again = trainer(3)
+    assert again.train(resume_from_checkpoint=str(kept[0])).global_step == 3
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(ln)]
+    assert steps == [1, 2, 3]  # the rows of steps 2-3 were written again, once
+    redone = load_file(str(kept[2] / "adapter_model.safetensors"))
+    assert set(redone) == set(third)
+    for k in third:  # the counters, data order and RNG came back: steps 2-3 are the same steps again
+        assert torch.equal(redone[k], third[k]), k
+    with pytest.raises(UserError, match=r"not a checkpoint of this run; kept ones in .*step-00000001, "
+                                         r"step-00000002, step-00000003"):
+        trainer(3).train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "step-00000001"))
+    saved = Path(again.save_model(tmp_path / "final"))
+    assert (saved / "model.safetensors").is_file() and (saved / "adapter" / "adapter_config.json").is_file()
+    assert (kept[2] / "model" / "config.json").is_file()  # exported once, on demand

@@ -79,12 +79,12 @@ class Run:
             raise
 
     @classmethod
-    def for_config(cls, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+    def for_config(cls, cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
                    callbacks: list[Callback] | None = None) -> Run:
         """The run of ``cfg`` on the backend :func:`make_backend` chooses for it."""
         return cls(cfg, make_backend(cfg), resume=resume, overwrite=overwrite, callbacks=callbacks)
 
-    def _start(self, resume: bool, overwrite: bool) -> None:
+    def _start(self, resume: bool | str, overwrite: bool) -> None:
         cfg, backend = self.cfg, self.backend
         state = backend.build(self.run_dir, resume)  # the trainer (restored) and the engines
         self.ckpt = backend.checkpoint
@@ -287,9 +287,10 @@ def make_backend(cfg: TrainConfig):
     return LocalBackend(cfg)
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
           callbacks: list[Callback] | None = None) -> RunResult:
-    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the latest checkpoint in ``output_dir``.
+    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the newest intact checkpoint in
+    ``output_dir`` (damaged newer ones are named and skipped), or from the kept checkpoint it names.
 
     A non-empty ``output_dir`` is refused (:class:`~oapl.errors.RunDirError`) unless ``resume`` or
     ``overwrite`` (replace the previous run, once this one has started) is given. Under the Ray

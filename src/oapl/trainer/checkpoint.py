@@ -2,9 +2,10 @@
 
 A checkpoint ``checkpoints/step-N/`` of one process::
 
-    model/                      the Hugging Face folder (safetensors, config, tokenizer); for a LoRA
-                                run the merged model
-    adapter/                    LoRA runs: the adapters in peft's layout
+    model/                      full fine-tuning: the Hugging Face folder (safetensors, config, tokenizer)
+    adapter_config.json,        LoRA: the adapters in peft's layout at the root (and the tokenizer), so
+    adapter_model.safetensors   ``PeftModel.from_pretrained(base, ckpt)`` loads them; the merged model
+                                is written to ``model/`` only on export (:func:`checkpoint_model`)
     trainer_state.json          everything that is not a tensor: step counters, the schedule, the
                                 optimiser's hyper-parameters, Python's RNG state, ...
     trainer_state.safetensors   every tensor of that state (AdamW moments, torch/NumPy RNG states),
@@ -333,7 +334,7 @@ def verify_checkpoint(ckpt: str | Path, full: bool = False) -> str | None:
 
 
 def _verify_legacy(ckpt: Path) -> str | None:
-    if not (ckpt / "model" / "config.json").is_file() and not (ckpt / "adapter").is_dir():
+    if not (ckpt / "model" / "config.json").is_file() and not (ckpt / "adapter").is_dir():  # (older LoRA layout)
         return "model/ is missing"
     try:
         with zipfile.ZipFile(ckpt / LEGACY_STATE) as z:
@@ -380,16 +381,52 @@ def resume_checkpoint(output_dir: str | Path, wanted: bool | str | Path = True) 
     return None
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_file(ckpt: str | Path) -> Path | None:
+    """A LoRA checkpoint's adapter weights (at the root; ``adapter/`` in older checkpoints), else ``None``."""
+    for p in (Path(ckpt) / ADAPTER_WEIGHTS, Path(ckpt) / "adapter" / ADAPTER_WEIGHTS):
+        if p.is_file():
+            return p
+    return None
+
+
+def checkpoint_model(ckpt: str | Path) -> Path:
+    """The checkpoint's model as a Hugging Face folder: ``model/``, written on first use for LoRA.
+
+    A LoRA checkpoint holds the adapters only; its merged model (the base from the checkpoint's
+    ``config.yaml`` with the adapters merged out of place, as every weight sync, in
+    ``model.export_dtype``) is exported into ``model/`` (atomically) the first time it is asked for.
+    """
+    ckpt = Path(ckpt)
+    model = ckpt / "model"
+    if (model / "config.json").is_file():
+        return model
+    if adapter_file(ckpt) is None:
+        raise CheckpointError(f"{ckpt}: damaged checkpoint (model/ is missing)")
+    from oapl.config import load_config
+    from oapl.trainer.policy import load_policy
+
+    cfg = load_config(str(ckpt / "config.yaml"), [])
+    policy, _ = load_policy(cfg, 1, ckpt, load_optimizer=False)
+    with atomic_dir(model, prefix=".tmp-model-") as tmp:
+        policy.export(tmp)
+    log.info("exported the merged LoRA model of %s to %s", ckpt.name, model)
+    return model
+
+
 # -- writing --------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, policy, trainer_state: dict[str, Any],
                     config_yaml: str, keep: int = 2) -> Path:
     final = checkpoint_dir(output_dir) / f"step-{step:08d}"
     with atomic_dir(final, prefix=f".tmp-step-{step:08d}-") as tmp:
-        model = policy.hf_model()
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        policy.tokenizer.save_pretrained(tmp / "model")
-        if policy.lora:
-            policy.model.save_pretrained(tmp / "adapter")
+        if policy.lora:  # peft's layout at the root: PeftModel.from_pretrained(base, ckpt); merged on export
+            policy.model.save_pretrained(tmp)
+            policy.tokenizer.save_pretrained(tmp)
+        else:
+            policy.model.save_pretrained(tmp / "model", safe_serialization=True)
+            policy.tokenizer.save_pretrained(tmp / "model")
         write_trainer_state(tmp, {**trainer_state, "policy": policy.state_dict(), "rng": rng_state()})
         (tmp / "config.yaml").write_text(config_yaml)
         write_manifest(tmp, step, "single")
@@ -411,8 +448,8 @@ def prune_checkpoints(output_dir: str | Path, newest: Path, keep: int) -> list[P
         (later if step_of(p) > newest_step else older).append(p)
     if later:
         log.warning(
-            "%s holds checkpoints of later steps than the one just written (%s): %s; they are not this "
-            "run's and are left in place", checkpoint_dir(output_dir), newest.name, ", ".join(p.name for p in later))
+            "%s holds checkpoints of later steps than the one just written (%s): %s; left in place (another "
+            "run's, or this run's from before it resumed an earlier checkpoint: replaced when the run gets there)", checkpoint_dir(output_dir), newest.name, ", ".join(p.name for p in later))
     doomed = older[: max(0, len(older) - (keep - 1))]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
