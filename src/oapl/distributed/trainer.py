@@ -45,6 +45,7 @@ from oapl.distributed.cluster import (TrainerFailure, actor_options, actor_threa
                                       remove_placement_group, require_ray)
 from oapl.distributed.sharded import full_tensor, gather_to, load_policy_state, save_sharded_checkpoint
 from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
+from oapl.errors import UserError
 from oapl.trainer.checkpoint import seed_everything
 from oapl.trainer.logprobs import TokenBatch, token_logprobs
 from oapl.trainer.step import Parallel, RankWork, plan_step, run_step
@@ -328,8 +329,12 @@ class TrainerGroup:
         addr, port = self._get([self.actors[0].address.remote()])[0]
         run_dir = run_dir or self.cfg.output_dir
         wanted = str(resume) if resume and not isinstance(resume, bool) else True
-        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(run_dir, wanted)])[0] if resume else None
-        self.state = self.call("setup", addr, port, self.ckpt)[0] or {}
+        try:
+            self.ckpt = self._get([self.actors[0].find_checkpoint.remote(run_dir, wanted)])[0] if resume else None
+            self.state = self.call("setup", addr, port, self.ckpt)[0] or {}
+        except UserError as e:  # a damaged or planted checkpoint, found by a rank: its one line, not Ray's
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, UserError) else e) from None
 
     def _get(self, refs: list) -> list:
         """``ray.get`` that fails fast: the first rank's error is raised without waiting for the
