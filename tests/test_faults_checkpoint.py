@@ -148,6 +148,8 @@ def test_manifest_lists_every_file_and_verifies(tmp_path):
     (lambda p: (p / "config.yaml").write_text("steps: 11\n"), "config.yaml does not match its checksum"),
     (lambda p: (p / "manifest.json").write_text("{half"), "manifest.json is unreadable"),
     (lambda p: (p / "manifest.json").unlink(), "no manifest.json"),
+    (lambda p: (p / "manifest.json").write_text(json.dumps({"files": {"../../x": {"size": 1}}})),
+     "manifest.json lists a path outside the checkpoint (../../x)"),
 ])
 def test_damage_is_named(tmp_path, damage, why):
     p = fake_checkpoint(tmp_path, 1)

@@ -310,6 +310,9 @@ def verify_checkpoint(ckpt: str | Path, full: bool = False) -> str | None:
             raise TypeError("files is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    outside = [rel for rel in files if Path(rel).is_absolute() or ".." in Path(rel).parts]
+    if outside:
+        return f"{MANIFEST} lists a path outside the checkpoint ({outside[0]})"
     missing_dirs = sorted({rel.split("/")[0] for rel in files if "/" in rel and not (ckpt / rel.split("/")[0]).is_dir()})
     if missing_dirs:
         return f"{missing_dirs[0]}/ is missing"
