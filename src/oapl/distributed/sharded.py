@@ -272,7 +272,7 @@ def read_dcp_metadata(path: str | Path):
                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
             if not ok:
                 raise CheckpointError(f"{file}: holds pickled objects ({module}.{name}) that could run code; "
-                                      "oapl does not load it. Delete this checkpoint and resume from another one")
+                                      "oapl does not load it: delete this checkpoint folder and resume from another one")
             return super().find_class(module, name)
 
     with file.open("rb") as f:

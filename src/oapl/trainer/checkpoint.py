@@ -235,8 +235,8 @@ def refuse_pickled_objects(path: Path, allowed: tuple[str, ...] = _LEGACY_NUMPY)
     bad = sorted(set(unsafe) - set(allowed))
     if bad:
         raise CheckpointError(f"{path}: holds pickled objects ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
-                              "that could run code; oapl does not load it. Delete this checkpoint (or the folder) "
-                              "and resume from another one")
+                              "that could run code; oapl does not load it: delete this checkpoint folder and resume "
+                              "from another one")
 
 
 def _load_legacy(path: Path) -> dict[str, Any]:
@@ -248,8 +248,8 @@ def _load_legacy(path: Path) -> dict[str, Any]:
         if "Unsupported global" in str(e) or type(e).__name__ == "UnpicklingError":
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
             raise CheckpointError(f"{path}: holds pickled objects ({found.group(1) if found else 'not plain data'}) "
-                                  "that could run code; oapl does not load it. Delete this checkpoint and resume "
-                                  "from another one") from None
+                                  "that could run code; oapl does not load it: delete this checkpoint folder and "
+                                  "resume from another one") from None
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               "resume from an earlier checkpoint") from None
 
