@@ -188,6 +188,21 @@ def test_resume_takes_the_newest_intact_checkpoint_and_names_the_skipped(tmp_pat
                        "skipping damaged checkpoint checkpoints/step-00000006: model/ is missing"]
 
 
+def test_old_format_checkpoints_are_checked_too(tmp_path, caplog):
+    """No manifest (an older oapl): model/ and a readable trainer_state.pt; a truncated one is skipped."""
+    for step in (2, 4):
+        p = tmp_path / "checkpoints" / f"step-{step:08d}"
+        (p / "model").mkdir(parents=True)
+        (p / "model" / "config.json").write_text("{}")
+        torch.save({"step": step, "rng": ck.rng_state()}, p / "trainer_state.pt")
+    latest = tmp_path / "checkpoints" / "step-00000004"
+    os.truncate(latest / "trainer_state.pt", (latest / "trainer_state.pt").stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="oapl.trainer.checkpoint"):
+        assert resume_checkpoint(tmp_path).name == "step-00000002"
+    assert "step-00000004: trainer_state.pt is damaged (truncated?)" in caplog.text
+    assert load_trainer_state(tmp_path / "checkpoints" / "step-00000002")["step"] == 2
+
+
 def test_every_checkpoint_damaged_is_refused_naming_each(tmp_path):
     for step in (1, 2):
         shutil.rmtree(fake_checkpoint(tmp_path, step) / "model")
