@@ -230,7 +230,8 @@ class OAPLTrainer:
 
     # -- TRL's methods ---------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
-        """Train; ``resume_from_checkpoint=True`` continues the run in ``output_dir`` from its latest checkpoint.
+        """Train; ``resume_from_checkpoint=True`` continues the run in ``output_dir`` from its newest intact
+        checkpoint, ``resume_from_checkpoint=<path>`` from any checkpoint it keeps.
 
         Returns ``TrainOutput(global_step, training_loss, metrics)``; ``metrics`` holds the held-out
         results after training (``eval_pass@1``, ...) and ``train_runtime``.
@@ -286,9 +287,13 @@ class OAPLTrainer:
         if self._result is not None:
             src = self._model_dir()
             shutil.copytree(src, target, dirs_exist_ok=True)
-            adapter = src.parent / "adapter"
-            if adapter.is_dir():
-                shutil.copytree(adapter, target / "adapter", dirs_exist_ok=True)
+            ckpt = src.parent
+            if (ckpt / "adapter_config.json").is_file():  # LoRA: peft's files at the checkpoint's root
+                (target / "adapter").mkdir(exist_ok=True)
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    shutil.copy2(ckpt / name, target / "adapter" / name)
+            elif (ckpt / "adapter").is_dir():  # an older checkpoint
+                shutil.copytree(ckpt / "adapter", target / "adapter", dirs_exist_ok=True)
         else:
             from oapl.trainer.model import resolve_model_path
 
@@ -332,26 +337,30 @@ class OAPLTrainer:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _model_dir(self) -> Path:
-        from oapl.trainer.checkpoint import latest_checkpoint
+        from oapl.trainer.checkpoint import adapter_file, checkpoint_model, latest_checkpoint
 
         ckpt = latest_checkpoint(self.config.output_dir)
-        if ckpt is None or not (ckpt / "model").is_dir():
+        if ckpt is None or not ((ckpt / "model").is_dir() or adapter_file(ckpt) is not None):
             raise UserError(f"output_dir: {self.config.output_dir} holds no checkpoint of the trained model "
                             "(checkpoint.save_final was false); train with checkpoint={'save_final': True}")
-        return ckpt / "model"
+        return checkpoint_model(ckpt)  # a LoRA checkpoint's merged model is exported here, once
 
-    def _resume_flag(self, resume_from_checkpoint: bool | str | None) -> bool:
+    def _resume_flag(self, resume_from_checkpoint: bool | str | None) -> bool | str:
+        """``True`` (the newest intact checkpoint) or the path of the kept checkpoint to resume from."""
         if resume_from_checkpoint is None or isinstance(resume_from_checkpoint, bool):
             return bool(resume_from_checkpoint)
-        from oapl.trainer.checkpoint import latest_checkpoint
+        from oapl.trainer.checkpoint import checkpoint_dir, list_checkpoints
 
         wanted = Path(resume_from_checkpoint).resolve()
         run = Path(self.config.output_dir).resolve()
-        latest = latest_checkpoint(run)
-        if wanted == run or (latest is not None and wanted == latest.resolve()):
+        if wanted == run:
             return True
-        raise UserError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: oapl continues a run from the latest "
-                        f"checkpoint in its output_dir ({latest or 'none in ' + str(run)}); pass True")
+        kept = list_checkpoints(run)
+        if wanted.parent == checkpoint_dir(run) and any(p.resolve() == wanted for p in kept):
+            return str(wanted)
+        raise UserError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: not a checkpoint of this run; "
+                        f"kept ones in {checkpoint_dir(run)}: {', '.join(p.name for p in kept) or 'none'} "
+                        "(or pass True for the newest intact one)")
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
@@ -400,7 +409,7 @@ def _resolve_epochs(cfg: TrainConfig, train_rows: int | None) -> TrainConfig:
     return TrainConfig.model_validate(tree)
 
 
-def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Callback], how_to: tuple[str, str]):
+def _run(cfg: TrainConfig, *, resume: bool | str, overwrite: bool, callbacks: list[Callback], how_to: tuple[str, str]):
     from oapl import loop
     from oapl.preflight import check_config
     from oapl.rundir import check_run_dir
@@ -414,9 +423,7 @@ def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Cal
             raise
         raise RunDirError(str(e).split("; pass", 1)[0] + f"; pass {how_to[0]} to continue that run, {how_to[1]} "
                           "to replace it, or another output_dir") from None
-    if resume:
-        _check_resume(cfg)
-    check_config(cfg)
+    check_config(cfg)  # a resume that changes the run is refused by oapl.rundir.check_resume_config
     try:
         return loop.train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks)
     except RuntimeError as e:
@@ -424,46 +431,6 @@ def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Cal
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from e
         raise
-
-
-def _check_resume(cfg: TrainConfig) -> None:
-    """Resuming a run whose data or rewards came from Python: the same ones, or refuse saying which differs."""
-    import yaml
-
-    from oapl.data import memory
-
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if not saved.exists():
-        return
-    old_tree = yaml.safe_load(saved.read_text()) or {}
-    new_tree = cfg.model_dump(mode="json")
-    old, new = memory.in_memory_fields(old_tree), memory.in_memory_fields(new_tree)
-    for dotted in sorted(set(old) | set(new)):
-        before, now = old.get(dotted), new.get(dotted)
-        if before == now:
-            if memory.marker_kind(now) == "reward":
-                log.warning("resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
-                            "function as in the first run", now, dotted)
-            continue
-        before = before or _dotted_value(old_tree, dotted)
-        now = now or _dotted_value(new_tree, dotted)
-        raise UserError(f"{dotted}: resuming {cfg.output_dir} with other data or rewards than it was trained with "
-                        f"(was {before!r} in {saved}, now {now!r}); pass the same ones (rows are compared by "
-                        "content), or start a new run")
-    if old:
-        log.info("resuming with the same in-memory data and rewards: %s", ", ".join(sorted(old)))
-
-
-def _dotted_value(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.replace("]", "").replace("[", ".").split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node
 
 
 def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:

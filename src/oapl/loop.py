@@ -38,8 +38,8 @@ from oapl.metrics import MetricsLogger
 from oapl.rewards.base import reward_trainer_state
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
 from oapl.rollout.group import reward_metrics
-from oapl.rundir import begin_run, check_run_dir, mark_trained, refuse_multi_process_launch
-from oapl.trainer.checkpoint import seed_everything, set_rng_state
+from oapl.rundir import begin_run, check_resume_config, check_run_dir, mark_trained, refuse_multi_process_launch
+from oapl.trainer.checkpoint import list_checkpoints, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Run:
     first sync. ``callbacks`` receive every metrics row as it is logged.
     """
 
-    def __init__(self, cfg: TrainConfig, backend, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: TrainConfig, backend, resume: bool | str = False, overwrite: bool = False,
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.backend = cfg, backend
         self.callbacks = list(callbacks or [])
@@ -93,6 +93,8 @@ class Run:
         self.metrics: MetricsLogger | None = None
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint.every_minutes)
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
+        if resume:
+            check_resume_config(cfg, self.run_dir)  # refuses a resume that changes the run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -103,12 +105,12 @@ class Run:
             raise
 
     @classmethod
-    def for_config(cls, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+    def for_config(cls, cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
                    callbacks: list[Callback] | None = None) -> Run:
         """The run of ``cfg`` on the backend :func:`make_backend` chooses for it."""
         return cls(cfg, make_backend(cfg), resume=resume, overwrite=overwrite, callbacks=callbacks)
 
-    def _start(self, resume: bool, overwrite: bool) -> None:
+    def _start(self, resume: bool | str, overwrite: bool) -> None:
         cfg, backend = self.cfg, self.backend
         state = backend.build(self.run_dir, resume)  # the trainer (restored) and the engines
         self.ckpt = backend.checkpoint
@@ -334,7 +336,9 @@ class Run:
                     self._save()
                 summary = {"eval_before": self.eval_before, "eval_after": eval_after, "steps": self.step,
                            "samples_seen": self.samples_seen, **backend.summary(self.rollout),
-                           "checkpoints": self.checkpoints}
+                           "checkpoints": [str(p) for p in list_checkpoints(self.run_dir)]}  # those on disk now
+                if self.checkpoints:  # the backend's own (offline: one per epoch, all kept)
+                    summary["epoch_checkpoints"] = self.checkpoints
                 atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
         except KeyboardInterrupt as interrupt:
             self._stop_with_checkpoint(interrupt, None)
@@ -436,9 +440,10 @@ def make_backend(cfg: TrainConfig):
     return LocalBackend(cfg)
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
           callbacks: list[Callback] | None = None) -> RunResult:
-    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the latest checkpoint in ``output_dir``.
+    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the newest intact checkpoint in
+    ``output_dir`` (damaged newer ones are named and skipped), or from the kept checkpoint it names.
 
     A non-empty ``output_dir`` is refused (:class:`~oapl.errors.RunDirError`) unless ``resume`` or
     ``overwrite`` (replace the previous run, once this one has started) is given. Under the Ray

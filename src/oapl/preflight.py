@@ -138,6 +138,9 @@ def _check_local(path: Path, name: str, field: str) -> None:
         hint = ""
         if (path / "model" / "config.json").exists():
             hint = f" (a checkpoint: use {path / 'model'})"
+        elif (path / "adapter_config.json").exists() and (path / "manifest.json").exists():
+            hint = (f" (an oapl LoRA checkpoint: export its merged model with python -c \"from "
+                    f"oapl.trainer.checkpoint import checkpoint_model as m; print(m('{path}'))\" and use that folder)")
         elif (path / "adapter_config.json").exists():
             hint = " (a LoRA adapter: give the base model and model.lora.enabled=true)"
         raise ModelNotFoundError(f"{field}: {name} has no config.json, so it is not a Hugging Face model folder{hint}")
