@@ -87,7 +87,7 @@ def test_oapl_config_maps_trl_names_onto_the_nested_fields():
     ({"beta": 0.04}, "beta=0.04 is not supported: TRL's KL penalty towards a frozen reference model"),
     ({"top_k": 50}, "top_k=50 is not supported"),
     ({"loss_type": "dr_grpo"}, "algorithm='grpo'"),
-    ({"lr_scheduler_type": "linear"}, "lr_scheduler_type='linear' is not supported"),
+    ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type='polynomial' is not supported"),
     ({"learning_rate": -1.0}, "learning_rate (optim.lr): Input should be greater than 0"),
     ({"num_generations": 3, "per_device_train_batch_size": 8}, "8 completions per step is not a multiple of "
                                                                "num_generations = 3"),
@@ -155,7 +155,11 @@ def test_trainer_with_in_memory_data_rewards_and_callbacks(tiny_model_dir, tmp_p
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # every step's metrics row, as logged
     assert all("reward_mean" in r and "kl" in r for r in steps)
     assert any("eval/pass@1" in r for r in rows)
-    assert trainer.state.log_history == rows
+    assert all(r["reward"] == r["reward_mean"] and r["learning_rate"] == r["lr"] for r in steps)  # TRL's names too
+    # log_history as TRL's: every logging_steps (10, TRL's default: none in 4 steps), evaluations, the summary
+    history = trainer.state.log_history
+    assert [h["step"] for h in history if "eval_pass@1" in h] == [0, 4]
+    assert not any("loss" in h for h in history) and history[-1]["train_loss"] == out.training_loss
     assert out.training_loss == pytest.approx(sum(r["loss"] for r in steps) / 4)
     assert "eval_pass@1" in out.metrics
     # one test call on the first row before the model loads (1 completion), then one call per engine
@@ -266,7 +270,7 @@ def test_trainer_argument_errors_name_the_argument(tiny_model_dir, tmp_path):
                     args=args).train()
     with pytest.raises(UserError, match=r"reward_funcs\[1\]: 'accuracy' is not of the form module:function"):
         OAPLTrainer(tiny_model_dir, reward_funcs=["toy_rewards:has_seven", "accuracy"], train_dataset=_rows(), args=args)
-    with pytest.raises(UserError, match=r"callbacks\[0\]: .* not callable"):
+    with pytest.raises(UserError, match=r"callbacks\[0\]: object is neither a transformers TrainerCallback nor a function"):
         OAPLTrainer(tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(), args=args,
                     callbacks=[object()])
 

@@ -68,7 +68,7 @@ def checkpoint_steps(run: Path) -> list[int]:
     if not root.exists():
         return []
     return sorted(int(p.name[5:]) for p in root.iterdir()
-                  if p.name.startswith("step-") and (p / "trainer_state.pt").exists())
+                  if p.name.startswith("step-") and (p / "manifest.json").exists())
 
 
 def tmp_writes(run: Path) -> list[str]:

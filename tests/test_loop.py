@@ -201,7 +201,17 @@ def test_lora_trains_syncs_merged_weights_and_resumes(tiny_model_dir, prompts_fi
         assert not torch.allclose(merged[f"{q}.weight"], base_q), "LoRA updates reach the engine merged"
     finally:
         trainer.close()
-    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "adapter").exists()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    # peft's layout at the checkpoint's root (as TRL's), no merged model until it is exported
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model").exists()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt)
+    lora_a = {n: p for n, p in loaded.named_parameters() if "lora_A" in n}
+    assert lora_a and torch.equal(lora_a[f"base_model.model.{q}.lora_A.default.weight"],
+                                  dict(trainer.backend.policy.model.named_parameters())
+                                  [f"base_model.model.{q}.lora_A.default.weight"])
     cfg2 = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=4, **over)
     result = train(cfg2, resume=True)
     assert result.steps == 4

@@ -178,8 +178,8 @@ def test_offline_lora_run_resumes_its_adapters(tiny_model_dir, prompts_file, tmp
     monkeypatch.setattr(Policy, "train_step", real_step)
     resumed = train_offline(cfg, resume=True)
     assert resumed["steps"] == full["steps"]
-    a = load_file(str(Path(full["checkpoints"][-1]) / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(Path(resumed["checkpoints"][-1]) / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(Path(full["checkpoints"][-1]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed["checkpoints"][-1]) / "adapter_model.safetensors"))
     assert set(a) == set(b) and a
     for k in a:
         assert torch.equal(a[k], b[k]), k

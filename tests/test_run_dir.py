@@ -145,7 +145,7 @@ def test_check_run_dir_writes_nothing_and_begin_run_overwrites_only_run_files(tm
     check_run_dir(run, overwrite=True)
     assert snapshot(run) == before  # the overwrite happens in begin_run, once the run starts
     begin_run(run, overwrite=True)
-    assert sorted(p.name for p in run.iterdir()) == ["mine.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [".oapl-starting", "mine.txt"]  # the new run is starting
     check_run_dir(tmp_path / "new" / "deeper")  # created when missing
     assert (tmp_path / "new" / "deeper").is_dir() and not any((tmp_path / "new" / "deeper").iterdir())
 

@@ -33,20 +33,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from oapl.config import ConfigError, TrainConfig
 from oapl.config import load_config as _load_config
 from oapl.errors import RunDirError, UserError
-from oapl.trl_config import OAPLConfig
+from oapl.rundir import refuse_multi_process_launch
+from oapl.trl_config import OAPLConfig, warn_if_never_synced
 
 log = logging.getLogger("oapl")
 
 Callback = Callable[[dict[str, Any]], None]
 
-__all__ = ["OAPLTrainer", "OAPLConfig", "TrainOutput", "TrainerState", "train", "load_config"]
+__all__ = ["OAPLTrainer", "OAPLConfig", "TrainOutput", "train", "load_config"]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -65,21 +65,38 @@ def train(config: TrainConfig | str | Path, resume: bool = False, overwrite: boo
     ``config`` is a :class:`TrainConfig` / :class:`OAPLConfig` or a YAML path. ``resume`` continues
     the run in ``output_dir`` from its latest checkpoint; ``overwrite`` replaces it (a non-empty
     ``output_dir`` is refused otherwise). Each ``callbacks`` function receives every metrics row (a
-    dict: ``step``, ``loss``, ``reward_mean``, ..., or ``eval/pass@1`` rows) as it is logged.
+    dict: ``step``, ``loss``, ``reward_mean``, ..., or ``eval/pass@1`` rows) as it is logged;
+    ``transformers.TrainerCallback`` objects get TRL's events (see :class:`OAPLTrainer`).
     Returns the run's :class:`~oapl.loop.RunResult` (``output_dir``, ``steps``, ``eval_before``,
     ``eval_after``, ``last_metrics``).
     """
     _refuse_in_worker_bootstrap("oapl.train()")
+    refuse_multi_process_launch()
     if isinstance(config, (str, Path)):
         config = load_config(config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"oapl.train: config must be a TrainConfig, an OAPLConfig or a YAML path, not "
                         f"{type(config).__name__}")
+    logging_steps = None
     if isinstance(config, OAPLConfig):
         overwrite = overwrite or config.overwrite_output_dir
+        logging_steps = config.logging_steps
         config = _resolve_epochs(config, None)
-    return _run(config, resume=resume, overwrite=overwrite, callbacks=_check_callbacks(callbacks),
-                how_to=("resume=True", "overwrite=True"))
+        warn_if_never_synced(config)
+    plain, trl = _check_callbacks(callbacks)
+    hooks: list[Any] = [_with_trl_names(cb) for cb in plain]
+    if trl:
+        adapter = TRLCallbacks(trl, config, _trainer_state(config, logging_steps), None)
+        adapter.event("on_init_end")
+        hooks.insert(0, adapter)
+    return _run(config, resume=resume, overwrite=overwrite, callbacks=hooks, how_to=("resume=True", "overwrite=True"))
+
+
+def _with_trl_names(cb: Callback) -> Callback:
+    def call(row: dict[str, Any]) -> None:
+        cb(with_trl_names(row))
+
+    return call
 
 
 class TrainOutput(NamedTuple):
@@ -90,12 +107,12 @@ class TrainOutput(NamedTuple):
     metrics: dict[str, float]
 
 
-@dataclass
-class TrainerState:
-    """``trainer.state``: the step reached and every metrics row logged (TRL's ``log_history``)."""
+def __getattr__(name: str) -> Any:
+    if name == "TrainerState":  # trainer.state is transformers' own (imported only when asked for)
+        from transformers import TrainerState
 
-    global_step: int = 0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
+        return TrainerState
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class OAPLTrainer:
@@ -116,7 +133,10 @@ class OAPLTrainer:
         eval_dataset: held-out prompts, the same kinds; evaluated before and after training and every
             ``eval_steps`` (greedy pass@1 by default).
         processing_class: the tokenizer (object or name/path), when not the model's own.
-        callbacks: functions ``fn(row: dict)`` called with every metrics row as it is logged.
+        callbacks: ``transformers.TrainerCallback`` objects (or classes), as in TRL: ``on_init_end``,
+            ``on_train_begin/end``, ``on_step_begin/end``, ``on_log`` (every ``logging_steps``), ``on_evaluate``,
+            ``on_save`` with a ``TrainerState`` and a ``TrainerControl`` (``should_training_stop`` ends the
+            run); or functions ``fn(row: dict)`` called with every metrics row as it is logged.
         peft_config: a ``peft.LoraConfig``: train LoRA adapters (``model.lora``).
         reward_weights: weights of ``reward_funcs`` (also ``OAPLConfig(reward_weights=...)``).
     """
@@ -126,6 +146,7 @@ class OAPLTrainer:
                  callbacks: Iterable[Callback] | None = None, peft_config: Any = None,
                  reward_weights: list[float] | None = None) -> None:
         _refuse_in_worker_bootstrap("OAPLTrainer()")
+        refuse_multi_process_launch()
         from oapl.data import memory
 
         if args is None:
@@ -134,9 +155,9 @@ class OAPLTrainer:
             raise TypeError(f"OAPLTrainer: args must be an OAPLConfig (or TrainConfig), not {type(args).__name__}; "
                             "for a TRL GRPOConfig write OAPLConfig(...) with the same arguments (the names oapl "
                             "maps: docs/coming-from-trl.md)")
-        extras = ({"num_train_epochs": args.num_train_epochs, "overwrite_output_dir": args.overwrite_output_dir}
-                  if isinstance(args, OAPLConfig) else {})
-        tree = args.model_dump(mode="json", exclude={"num_train_epochs", "overwrite_output_dir"})
+        extras = ({"num_train_epochs": args.num_train_epochs, "overwrite_output_dir": args.overwrite_output_dir,
+                   "logging_steps": args.logging_steps} if isinstance(args, OAPLConfig) else {})
+        tree = args.model_dump(mode="json", exclude={"num_train_epochs", "overwrite_output_dir", "logging_steps"})
         if "steps" not in args.model_fields_set:
             del tree["steps"]  # unset: num_train_epochs (if given) decides
         m, task = tree["model"], tree["task"]
@@ -148,7 +169,7 @@ class OAPLTrainer:
                               else m["name"] if not isinstance(model, (str, os.PathLike, type(None)))
                               else _save_tokenizer(processing_class))
         if peft_config is not None:
-            m["lora"] = _lora_fields(peft_config)
+            m["lora"] = _lora_fields(peft_config, m["name"], m.get("trust_remote_code", False))
         # -- data ------------------------------------------------------------------------------------
         self._train_rows: int | None = None
         if train_dataset is not None:
@@ -187,12 +208,15 @@ class OAPLTrainer:
         except ConfigError as e:
             raise ConfigError(str(e).replace("(in OAPLConfig)", "(in OAPLTrainer)")) from None
         self.config = _resolve_epochs(self.args, self._train_rows)
-        self.callbacks = _check_callbacks(callbacks)
-        self.state = TrainerState()
+        self.callbacks, trl_callbacks = _check_callbacks(callbacks)
+        self.state = _trainer_state(self.config, self.args.logging_steps)
+        self._trl = TRLCallbacks(trl_callbacks, self.args, self.state, self._train_rows)
         self._result = None
         from oapl.preflight import check_config
 
         check_config(self.config)  # a wrong model or dataset name fails now, naming its field
+        warn_if_never_synced(self.config)
+        self._trl.event("on_init_end")
 
     def _source(self, data: Any, role: str) -> str:
         from oapl.data import memory
@@ -206,31 +230,30 @@ class OAPLTrainer:
 
     # -- TRL's methods ---------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
-        """Train; ``resume_from_checkpoint=True`` continues the run in ``output_dir`` from its latest checkpoint.
+        """Train; ``resume_from_checkpoint=True`` continues the run in ``output_dir`` from its newest intact
+        checkpoint, ``resume_from_checkpoint=<path>`` from any checkpoint it keeps.
 
         Returns ``TrainOutput(global_step, training_loss, metrics)``; ``metrics`` holds the held-out
         results after training (``eval_pass@1``, ...) and ``train_runtime``.
         """
         resume = self._resume_flag(resume_from_checkpoint)
-
-        def record(row: dict[str, Any]) -> None:
-            self.state.log_history.append(dict(row))
-            if "loss" in row:
-                self.state.global_step = int(row.get("step", self.state.global_step))
-
+        self._trl.losses = []
         result = _run(self.config, resume=resume, overwrite=self.args.overwrite_output_dir,
-                      callbacks=[record, *self.callbacks],
+                      callbacks=[self._trl, *map(_with_trl_names, self.callbacks)],
                       how_to=("train(resume_from_checkpoint=True)", "OAPLConfig(overwrite_output_dir=True)"))
         self._result = result
         self.state.global_step = result.steps
-        losses = [r["loss"] for r in self.state.log_history if isinstance(r.get("loss"), (int, float))]
+        losses = self._trl.losses
+        training_loss = sum(losses) / len(losses) if losses else float("nan")
         metrics: dict[str, float] = {}
         last = result.last_metrics or {}
         if "elapsed_s" in last:
             metrics["train_runtime"] = float(last["elapsed_s"])
+        metrics["train_loss"] = training_loss
+        self.state.log_history.append({**metrics, "step": result.steps})
         for k, v in (result.eval_after or {}).items():
-            metrics[f"eval_{k}"] = v
-        return TrainOutput(result.steps, sum(losses) / len(losses) if losses else float("nan"), metrics)
+            metrics[f"eval_{k.removeprefix('eval_')}"] = v
+        return TrainOutput(result.steps, training_loss, metrics)
 
     def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Held-out results of the current model (the trained one after :meth:`train`), keys ``eval_pass@1``, ...
@@ -264,9 +287,13 @@ class OAPLTrainer:
         if self._result is not None:
             src = self._model_dir()
             shutil.copytree(src, target, dirs_exist_ok=True)
-            adapter = src.parent / "adapter"
-            if adapter.is_dir():
-                shutil.copytree(adapter, target / "adapter", dirs_exist_ok=True)
+            ckpt = src.parent
+            if (ckpt / "adapter_config.json").is_file():  # LoRA: peft's files at the checkpoint's root
+                (target / "adapter").mkdir(exist_ok=True)
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    shutil.copy2(ckpt / name, target / "adapter" / name)
+            elif (ckpt / "adapter").is_dir():  # an older checkpoint
+                shutil.copytree(ckpt / "adapter", target / "adapter", dirs_exist_ok=True)
         else:
             from oapl.trainer.model import resolve_model_path
 
@@ -283,28 +310,57 @@ class OAPLTrainer:
         log.info("model saved to %s", target)
         return str(target)
 
+    def push_to_hub(self, repo_id: str | None = None, commit_message: str = "End of training", *,
+                    private: bool | None = None, token: str | None = None, revision: str | None = None,
+                    **kwargs: Any) -> str:
+        """Upload the model (what :meth:`save_model` writes) to the Hub; returns the commit's URL.
+
+        ``repo_id``: default the name of ``output_dir`` under your account (TRL's default). Only the model
+        folder is uploaded, never the run's checkpoints. Offline, or without a token, it fails in one line.
+        """
+        from huggingface_hub import HfApi
+
+        repo_id = repo_id or kwargs.pop("hub_model_id", None) or Path(self.config.output_dir).resolve().name
+        with tempfile.TemporaryDirectory(prefix="oapl-push-") as tmp:
+            folder = self.save_model(tmp)
+            api = HfApi(token=token)
+            try:
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                         revision=revision)
+            except Exception as e:  # noqa: BLE001 - network, auth, offline: one line that says which
+                why = (str(e).strip().splitlines() or [""])[0][:300]
+                raise UserError(f"push_to_hub: cannot upload to the Hub repo {repo_id!r} ({type(e).__name__}: "
+                                f"{why}); check the network, HF_HUB_OFFLINE and `hf auth login`; the model is "
+                                f"in {self.config.output_dir} (save_model() writes it anywhere)") from e
+        return str(getattr(info, "commit_url", info))
+
     # -- helpers ---------------------------------------------------------------------------------
     def _model_dir(self) -> Path:
-        from oapl.trainer.checkpoint import latest_checkpoint
+        from oapl.trainer.checkpoint import adapter_file, checkpoint_model, latest_checkpoint
 
         ckpt = latest_checkpoint(self.config.output_dir)
-        if ckpt is None or not (ckpt / "model").is_dir():
+        if ckpt is None or not ((ckpt / "model").is_dir() or adapter_file(ckpt) is not None):
             raise UserError(f"output_dir: {self.config.output_dir} holds no checkpoint of the trained model "
                             "(checkpoint.save_final was false); train with checkpoint={'save_final': True}")
-        return ckpt / "model"
+        return checkpoint_model(ckpt)  # a LoRA checkpoint's merged model is exported here, once
 
-    def _resume_flag(self, resume_from_checkpoint: bool | str | None) -> bool:
+    def _resume_flag(self, resume_from_checkpoint: bool | str | None) -> bool | str:
+        """``True`` (the newest intact checkpoint) or the path of the kept checkpoint to resume from."""
         if resume_from_checkpoint is None or isinstance(resume_from_checkpoint, bool):
             return bool(resume_from_checkpoint)
-        from oapl.trainer.checkpoint import latest_checkpoint
+        from oapl.trainer.checkpoint import checkpoint_dir, list_checkpoints
 
         wanted = Path(resume_from_checkpoint).resolve()
         run = Path(self.config.output_dir).resolve()
-        latest = latest_checkpoint(run)
-        if wanted == run or (latest is not None and wanted == latest.resolve()):
+        if wanted == run:
             return True
-        raise UserError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: oapl continues a run from the latest "
-                        f"checkpoint in its output_dir ({latest or 'none in ' + str(run)}); pass True")
+        kept = list_checkpoints(run)
+        if wanted.parent == checkpoint_dir(run) and any(p.resolve() == wanted for p in kept):
+            return str(wanted)
+        raise UserError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: not a checkpoint of this run; "
+                        f"kept ones in {checkpoint_dir(run)}: {', '.join(p.name for p in kept) or 'none'} "
+                        "(or pass True for the newest intact one)")
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
@@ -317,15 +373,18 @@ def _refuse_in_worker_bootstrap(what: str) -> None:
                            f"re-imports the main script: {GUARD_HINT}")
 
 
-def _check_callbacks(callbacks: Iterable[Callback] | None) -> list[Callback]:
-    out = list(callbacks or [])
-    for i, cb in enumerate(out):
-        if not callable(cb):
-            hint = (" (a transformers TrainerCallback: oapl calls plain functions; wrap its on_log, e.g. "
-                    "lambda row: cb.on_log(None, None, None, logs=row))" if hasattr(cb, "on_log") else "")
-            raise UserError(f"callbacks[{i}]: {type(cb).__name__} is not callable; a callback is fn(row: dict), "
-                            f"called with every metrics row{hint}")
-    return out
+def _check_callbacks(callbacks: Iterable[Any] | None) -> tuple[list[Callback], list[Any]]:
+    """(plain functions, ``transformers.TrainerCallback`` objects or classes)."""
+    plain, trl = [], []
+    for i, cb in enumerate(list(callbacks or [])):
+        if _is_trainer_callback(cb):
+            trl.append(cb)
+        elif isinstance(cb, type) or not callable(cb):
+            raise UserError(f"callbacks[{i}]: {getattr(cb, '__name__', type(cb).__name__)} is neither a "
+                            "transformers TrainerCallback nor a function fn(row: dict) called with every metrics row")
+        else:
+            plain.append(cb)
+    return plain, trl
 
 
 def _resolve_epochs(cfg: TrainConfig, train_rows: int | None) -> TrainConfig:
@@ -350,7 +409,7 @@ def _resolve_epochs(cfg: TrainConfig, train_rows: int | None) -> TrainConfig:
     return TrainConfig.model_validate(tree)
 
 
-def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Callback], how_to: tuple[str, str]):
+def _run(cfg: TrainConfig, *, resume: bool | str, overwrite: bool, callbacks: list[Callback], how_to: tuple[str, str]):
     from oapl import loop
     from oapl.preflight import check_config
     from oapl.rundir import check_run_dir
@@ -364,9 +423,7 @@ def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Cal
             raise
         raise RunDirError(str(e).split("; pass", 1)[0] + f"; pass {how_to[0]} to continue that run, {how_to[1]} "
                           "to replace it, or another output_dir") from None
-    if resume:
-        _check_resume(cfg)
-    check_config(cfg)
+    check_config(cfg)  # a resume that changes the run is refused by oapl.rundir.check_resume_config
     try:
         return loop.train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks)
     except RuntimeError as e:
@@ -374,46 +431,6 @@ def _run(cfg: TrainConfig, *, resume: bool, overwrite: bool, callbacks: list[Cal
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from e
         raise
-
-
-def _check_resume(cfg: TrainConfig) -> None:
-    """Resuming a run whose data or rewards came from Python: the same ones, or refuse saying which differs."""
-    import yaml
-
-    from oapl.data import memory
-
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if not saved.exists():
-        return
-    old_tree = yaml.safe_load(saved.read_text()) or {}
-    new_tree = cfg.model_dump(mode="json")
-    old, new = memory.in_memory_fields(old_tree), memory.in_memory_fields(new_tree)
-    for dotted in sorted(set(old) | set(new)):
-        before, now = old.get(dotted), new.get(dotted)
-        if before == now:
-            if memory.marker_kind(now) == "reward":
-                log.warning("resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
-                            "function as in the first run", now, dotted)
-            continue
-        before = before or _dotted_value(old_tree, dotted)
-        now = now or _dotted_value(new_tree, dotted)
-        raise UserError(f"{dotted}: resuming {cfg.output_dir} with other data or rewards than it was trained with "
-                        f"(was {before!r} in {saved}, now {now!r}); pass the same ones (rows are compared by "
-                        "content), or start a new run")
-    if old:
-        log.info("resuming with the same in-memory data and rewards: %s", ", ".join(sorted(old)))
-
-
-def _dotted_value(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.replace("]", "").replace("[", ".").split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node
 
 
 def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:
@@ -519,23 +536,201 @@ def _save_tokenizer(tokenizer: Any) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _lora_fields(peft_config: Any) -> dict[str, Any]:
-    """``model.lora`` from a ``peft.LoraConfig``; options oapl does not implement are refused."""
-    if type(peft_config).__name__ != "LoraConfig":
+#: ``peft.LoraConfig`` fields oapl honours (the rest must keep peft's default, or are refused by name).
+_LORA_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules"}
+#: Fields that describe the adapter's bookkeeping, not the adapter: ignored.
+_LORA_IGNORED = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                 "peft_version"}
+
+
+def _lora_fields(peft_config: Any, model_name: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """``model.lora`` from a ``peft.LoraConfig``; a field set to anything but peft's default that oapl does not
+    implement is refused by name. ``target_modules=None``: peft's default modules for the model's architecture."""
+    import dataclasses
+
+    if type(peft_config).__name__ != "LoraConfig" or not dataclasses.is_dataclass(peft_config):
         raise UserError(f"peft_config: {type(peft_config).__name__} is not supported; oapl trains LoRA adapters "
                         "(peft.LoraConfig)")
-    unsupported = {k: getattr(peft_config, k, None) for k in ("modules_to_save", "use_dora", "use_rslora")
-                   if getattr(peft_config, k, None)}
-    if getattr(peft_config, "bias", "none") != "none":
-        unsupported["bias"] = peft_config.bias
-    if unsupported:
-        raise UserError(f"peft_config: {unsupported} not supported (oapl's LoRA: r, lora_alpha, lora_dropout, "
-                        "target_modules)")
+    default = type(peft_config)()
+    changed = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)
+               if f.name not in _LORA_HONOURED | _LORA_IGNORED
+               and getattr(peft_config, f.name) != getattr(default, f.name, None)}
+    if changed:
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
+        raise UserError(f"peft_config: {shown} not supported (oapl's LoRA: r, lora_alpha, lora_dropout, "
+                        "target_modules, with peft's defaults for the rest)")
     targets = peft_config.target_modules
     if targets is None:
-        targets = "all-linear"
+        targets = _peft_default_targets(model_name, trust_remote_code)
     elif not isinstance(targets, str):
         targets = sorted(targets)
     return {"enabled": True, "r": int(peft_config.r), "alpha": int(peft_config.lora_alpha),
             "dropout": float(peft_config.lora_dropout), "target_modules": targets}
 
+
+def _peft_default_targets(model_name: str | None, trust_remote_code: bool) -> list[str]:
+    """What peft adapts when ``target_modules`` is None: its table's modules for the model type."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+    from transformers import AutoConfig
+
+    from oapl.trainer.model import resolve_model_path
+
+    try:
+        model_type = AutoConfig.from_pretrained(resolve_model_path(model_name),
+                                                trust_remote_code=trust_remote_code).model_type
+    except Exception as e:  # noqa: BLE001 - said below
+        raise UserError(f"peft_config.target_modules: None means peft's default modules for the model's "
+                        f"architecture, but the config of {model_name!r} cannot be read ({type(e).__name__}); "
+                        "give target_modules") from e
+    if model_type not in MAPPING:
+        raise UserError(f"peft_config.target_modules: peft has no default modules for model type {model_type!r}; "
+                        "give target_modules (e.g. 'all-linear')")
+    return sorted(MAPPING[model_type])
+
+
+# -- TRL's callbacks and metric names ---------------------------------------------------------------
+#: oapl's metric names -> TRL's, in what TrainerCallbacks, ``trainer.state.log_history`` and plain callbacks see
+#: (plain callbacks and metrics.jsonl keep oapl's names too).
+TRL_METRIC_NAMES = {"reward_mean": "reward", "lr": "learning_rate", "response_len_mean": "completions/mean_length",
+                    "truncated_frac": "completions/clipped_ratio"}
+#: Row fields that are counters, not metrics: ``on_log`` gets their last value, not the window's mean.
+_COUNTERS = {"step", "samples_seen", "weight_version", "lag", "elapsed_s", "synced_to_version", "reward_errors",
+             "stale_dropped"}
+
+
+def with_trl_names(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` plus TRL's names of oapl's metrics (``reward``, ``learning_rate``, ``completions/mean_length``)."""
+    out = dict(row)
+    for ours, theirs in TRL_METRIC_NAMES.items():
+        if ours in row and theirs not in row:
+            out[theirs] = row[ours]
+    return out
+
+
+def _trl_view(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row as TRL logs it: TRL's names (not both), held-out results as ``eval_<metric>``."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k.startswith("eval/"):
+            out[f"eval_{k[5:].removeprefix('eval_')}"] = v
+        else:
+            out[TRL_METRIC_NAMES.get(k, k)] = v
+    return out
+
+
+def _is_trainer_callback(cb: Any) -> bool:
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(cb, TrainerCallback) or isinstance(cb, type) and issubclass(cb, TrainerCallback)
+
+
+class TRLCallbacks:
+    """``transformers.TrainerCallback`` objects driven by the run: a row callback with ``on_run_event``.
+
+    Events: ``on_init_end`` (by the trainer), ``on_train_begin``, ``on_step_begin``, ``on_step_end`` (each
+    step's row), ``on_log`` (every ``logging_steps`` steps: the mean of those steps' metrics, TRL's names;
+    and the held-out results), ``on_evaluate``, ``on_save`` (after a checkpoint), ``on_train_end``.
+    ``control.should_training_stop`` ends the run after the current step, as a run that reached
+    ``max_steps`` ends: final evaluation and checkpoint.
+    """
+
+    def __init__(self, callbacks: list[Any], args: Any, state: Any, train_rows: int | None) -> None:
+        from transformers import TrainerControl
+
+        self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks]
+        self.args, self.state, self.control = args, state, TrainerControl()
+        self.train_rows = train_rows
+        self.run: Any = None
+        self._window: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+
+    def event(self, name: str, **kwargs: Any) -> None:
+        kwargs.setdefault("processing_class", getattr(getattr(self.run, "backend", None), "tokenizer", None))
+        kwargs.setdefault("model", None)  # the model lives in the trainer (a process of its own under Ray)
+        for cb in self.callbacks:
+            result = getattr(cb, name)(self.args, self.state, self.control, **kwargs)
+            if result is not None:
+                self.control = result
+
+    def _sync_state(self, step: int) -> None:
+        self.state.global_step = step
+        if self.train_rows and self.run is not None:
+            p = self.run.cfg.rollout.prompts_per_step
+            self.state.epoch = step * p / self.train_rows
+
+    def on_run_event(self, name: str, run: Any, **kw: Any) -> None:
+        self.run = run
+        if name == "train_begin":
+            self.state.max_steps = run.backend.total_steps
+            self._sync_state(run.step)
+            self.control.should_training_stop = False  # a new train() call
+            self.event("on_train_begin")
+        elif name == "step_begin":
+            self.event("on_step_begin")
+        elif name == "save":
+            self.event("on_save", checkpoint=kw.get("path"))
+            self.control.should_save = False
+        elif name == "train_end":
+            self.event("on_train_end")
+        self._maybe_stop()
+
+    def _maybe_stop(self) -> None:
+        if self.control.should_training_stop and self.run is not None and not self.run.stop_requested:
+            log.info("a callback set control.should_training_stop at step %d: the run ends after this step",
+                     self.state.global_step)
+            self.run.stop_requested = True
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        view = _trl_view(row)
+        evals = {k: v for k, v in view.items() if k.startswith("eval_")}
+        if "loss" in row:
+            self._sync_state(int(row["step"]))
+            self.losses.append(float(row["loss"]))
+            self._window.append({k: v for k, v in view.items() if not k.startswith("eval_")})
+            self.event("on_step_end")
+            every = self.state.logging_steps
+            if every and (self.state.global_step % every == 0):
+                self._log(self._mean(self._window))
+                self._window = []
+        if evals:
+            self._log(evals)
+            self.event("on_evaluate", metrics=evals)
+            self.control.should_evaluate = False
+        self._maybe_stop()
+
+    def _log(self, logs: dict[str, Any]) -> None:
+        logs = dict(logs)
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.event("on_log", logs=logs)
+        self.control.should_log = False
+
+    @staticmethod
+    def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in rows[-1].items():
+            vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+            if k in _COUNTERS or k == "step" or len(vals) != len(rows):
+                out[k] = v
+            else:
+                out[k] = sum(vals) / len(vals)
+        out.pop("step", None)
+        return out
+
+
+def _trainer_state(cfg: TrainConfig, logging_steps: float | None):
+    from transformers import TrainerState
+
+    steps = cfg.steps
+
+    def share(x: float | int | None) -> int | None:
+        if x is None:
+            return None
+        return max(1, math.ceil(x * steps)) if isinstance(x, float) and x < 1 else int(x)
+
+    return TrainerState(max_steps=steps, logging_steps=share(logging_steps) or 10,
+                        eval_steps=cfg.eval.every or None, save_steps=cfg.checkpoint.every or None,
+                        train_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.group_size)

@@ -288,7 +288,9 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0, description="AdamW eps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Grad-norm clip (null = none).")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule.")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="LR schedule after the warm-up: constant, cosine (to min_lr_ratio) or linear (to 0, "
+        "TRL's default).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of steps (if > 0).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of lr.")

@@ -39,8 +39,8 @@ from oapl.metrics import MetricsLogger
 from oapl.rewards.base import reward_trainer_state
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
 from oapl.rollout.group import reward_metrics
-from oapl.rundir import begin_run, check_run_dir
-from oapl.trainer.checkpoint import seed_everything, set_rng_state
+from oapl.rundir import begin_run, check_resume_config, check_run_dir, mark_trained, refuse_multi_process_launch
+from oapl.trainer.checkpoint import list_checkpoints, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,17 @@ class Run:
     first sync. ``callbacks`` receive every metrics row as it is logged.
     """
 
-    def __init__(self, cfg: TrainConfig, backend: Backend, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: TrainConfig, backend: Backend, resume: bool | str = False, overwrite: bool = False,
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.backend = cfg, backend
         self.callbacks = list(callbacks or [])
+        self.stop_requested = False  # set by a callback (TrainerControl.should_training_stop): end after this step
         self.run_dir = Path(cfg.output_dir)
         self.metrics: MetricsLogger | None = None
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint.every_minutes)
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
+        if resume:
+            check_resume_config(cfg, self.run_dir)  # refuses a resume that changes the run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -103,12 +106,12 @@ class Run:
             raise
 
     @classmethod
-    def for_config(cls, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+    def for_config(cls, cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
                    callbacks: list[Callback] | None = None) -> Run:
         """The run of ``cfg`` on the backend :func:`make_backend` chooses for it."""
         return cls(cfg, make_backend(cfg), resume=resume, overwrite=overwrite, callbacks=callbacks)
 
-    def _start(self, resume: bool, overwrite: bool) -> None:
+    def _start(self, resume: bool | str, overwrite: bool) -> None:
         cfg, backend = self.cfg, self.backend
         state = backend.build(self.run_dir, resume)  # the trainer (restored) and the engines
         self.ckpt = backend.checkpoint
@@ -215,12 +218,20 @@ class Run:
             self._last_checkpoint, self._last_checkpoint_path = self.step, path
             self.checkpoint_clock.reset()
         log.info("checkpoint written: %s", path)
+        self._event("save", path=path)
         return path
 
     def _log(self, row: dict[str, Any]) -> None:
         self.metrics.log(row)
         for cb in self.callbacks:
             cb(row)
+
+    def _event(self, name: str, **kw: Any) -> None:
+        """``train_begin``, ``step_begin``, ``save``, ``train_end`` to callbacks with ``on_run_event(name, run)``."""
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_run_event", None)
+            if hook is not None:
+                hook(name, self, **kw)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> RunResult:
@@ -233,6 +244,7 @@ class Run:
         # checkpoints of the cadence, where the backend keeps its own (pruned apart from those)
         self._cadence = [] if self.ckpt is None or str(self.ckpt) in self.checkpoints else [str(self.ckpt)]
         self.checkpoint_clock.reset()
+        self._event("train_begin")
         if self.eval_before is None and cfg.eval.at_start and self.can_evaluate:
             self.eval_before = self.evaluate()
             self._log({"step": self.step, "samples_seen": self.samples_seen,
@@ -253,13 +265,15 @@ class Run:
         t_start = time.perf_counter()
         gen0 = self.rollout.gen_counters()
         try:
-            while self.step < total:
+            while self.step < total and not self.stop_requested:
+                self._event("step_begin")
                 groups = self.sample_batch()
                 # a stop signal inside a step takes effect once the step is trained, counted and synced
                 with signals.deferred():
                     batch_version = min(g.version for g in groups)
                     metrics = backend.train_step(groups)
                     self.step += 1
+                    mark_trained(self.run_dir)  # a step is trained: the run is never taken for a failed start
                     if task is not None:
                         task.trainer_state.global_step = self.step
                     self.samples_seen += sum(g.n for g in groups)
@@ -323,11 +337,14 @@ class Run:
                     self._save()
                 summary = {"eval_before": self.eval_before, "eval_after": eval_after, "steps": self.step,
                            "samples_seen": self.samples_seen, **backend.summary(self.rollout),
-                           "checkpoints": self.checkpoints}
+                           "checkpoints": [str(p) for p in list_checkpoints(self.run_dir)]}  # those on disk now
+                if self.checkpoints:  # the backend's own (offline: one per epoch, all kept)
+                    summary["epoch_checkpoints"] = self.checkpoints
                 atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
         except KeyboardInterrupt as interrupt:
             self._stop_with_checkpoint(interrupt, None)
             raise
+        self._event("train_end")
         return RunResult(str(self.run_dir), self.step, self.eval_before, eval_after, last, summary)
 
     def _save(self) -> str:
@@ -424,15 +441,17 @@ def make_backend(cfg: TrainConfig) -> Backend:
     return LocalBackend(cfg)
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
           callbacks: list[Callback] | None = None) -> RunResult:
-    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the latest checkpoint in ``output_dir``.
+    """Run Algorithm 1 with ``cfg``; ``resume`` continues from the newest intact checkpoint in
+    ``output_dir`` (damaged newer ones are named and skipped), or from the kept checkpoint it names.
 
     A non-empty ``output_dir`` is refused (:class:`~oapl.errors.RunDirError`) unless ``resume`` or
     ``overwrite`` (replace the previous run, once this one has started) is given. Under the Ray
     backend a trainer failure resumes the run from its latest checkpoint, up to
     ``distributed.max_trainer_restarts`` times.
     """
+    refuse_multi_process_launch()  # torchrun / accelerate launch: one line, not N copies of the job
     failures = 0
     # SIGTERM and SIGUSR1 stop the run as Ctrl-C does (unless the program handles them itself)
     with signals.handle_stop_signals(replace=False), backend_session(cfg):

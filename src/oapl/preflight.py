@@ -132,10 +132,15 @@ def _check_local(path: Path, name: str, field: str) -> None:
         raise ModelNotFoundError(f"{field}: local path {name} does not exist{where}")
     if path.is_file():
         raise ModelNotFoundError(f"{field}: {name} is a file; give the folder holding config.json and the weights")
+    if field == "model.tokenizer" and path.is_dir() and (path / "tokenizer_config.json").exists():
+        return  # a tokenizer folder (processing_class=<tokenizer> is saved as one): no model config needed
     if not (path / "config.json").exists():
         hint = ""
         if (path / "model" / "config.json").exists():
             hint = f" (a checkpoint: use {path / 'model'})"
+        elif (path / "adapter_config.json").exists() and (path / "manifest.json").exists():
+            hint = (f" (an oapl LoRA checkpoint: export its merged model with python -c \"from "
+                    f"oapl.trainer.checkpoint import checkpoint_model as m; print(m('{path}'))\" and use that folder)")
         elif (path / "adapter_config.json").exists():
             hint = " (a LoRA adapter: give the base model and model.lora.enabled=true)"
         raise ModelNotFoundError(f"{field}: {name} has no config.json, so it is not a Hugging Face model folder{hint}")

@@ -16,122 +16,176 @@ the nested fields.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
 from oapl.config import ConfigError, TrainConfig, format_errors, set_dotted
 
 _MISSING = object()
 
 
+class _Unset:
+    """The default of every ``HfArgumentParser`` argument of ``OAPLConfig``: not given on the command line."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+UNSET = _Unset()
+
+
 @dataclass(frozen=True)
 class TRLField:
-    """A TRL ``GRPOConfig`` (or ``AsyncGRPOConfig``) name and where it goes in oapl."""
+    """A TRL ``GRPOConfig`` (or ``AsyncGRPOConfig``) name: where it goes in oapl, or the only values accepted.
+
+    ``simple``: the value goes unchanged to ``target``. ``accepted``: a name with no oapl counterpart,
+    taken only at the value(s) that mean what oapl does anyway (``()``: at no value). ``type``: the
+    type ``HfArgumentParser`` / ``TrlParser`` parse it as.
+    """
 
     name: str
-    target: str  # the oapl field(s), for the docs and error messages
+    target: str  # the oapl field(s), for the docs and error messages ("" for an accepted-only name)
     note: str = ""
+    type: Any = str
+    simple: bool = False
+    accepted: tuple[Any, ...] | None = None
 
 
-#: Accepted TRL names, in the order of the docs table.
-TRL_FIELDS: dict[str, TRLField] = {f.name: f for f in [
+_Opt = Optional  # HfArgumentParser reads typing.Optional[X] (X | None in Python >= 3.10 too)
+
+#: Every TRL name ``OAPLConfig`` knows, in the order of the docs table: mapped, then accepted only at some values.
+TRL_TABLE: dict[str, TRLField] = {f.name: f for f in [
     TRLField("output_dir", "output_dir", "The run directory; a non-empty one is refused unless resuming "
-             "or `overwrite_output_dir=True`."),
-    TRLField("overwrite_output_dir", "(`oapl train --overwrite`)", "Replace the run in a non-empty `output_dir`."),
-    TRLField("seed", "seed"),
-    TRLField("max_steps", "steps", "Trainer steps (one optimiser step per batch, or `algorithm.mini_batches`)."),
+             "or `overwrite_output_dir=True` (a start that failed before training a step is replaced).", _Opt[str]),
+    TRLField("overwrite_output_dir", "(`oapl train --overwrite`)", "Replace the run in a non-empty `output_dir`.",
+             _Opt[bool]),
+    TRLField("seed", "seed", "", _Opt[int]),
+    TRLField("max_steps", "steps", "Trainer steps (one optimiser step per batch, or `algorithm.mini_batches`).",
+             _Opt[int]),
     TRLField("num_train_epochs", "steps", "`ceil(epochs x training prompts / prompts per step)`, counted by "
-             "`OAPLTrainer`; `max_steps` wins when both are set, as in TRL."),
-    TRLField("learning_rate", "optim.lr"),
-    TRLField("lr_scheduler_type", "optim.schedule", "`constant`, `constant_with_warmup` -> constant; `cosine`, "
-             "`cosine_with_min_lr` -> cosine. TRL's default `linear` has no oapl equivalent."),
-    TRLField("warmup_steps", "optim.warmup_steps", "A float in [0, 1) is a ratio: `optim.warmup_ratio`."),
-    TRLField("warmup_ratio", "optim.warmup_ratio"),
-    TRLField("weight_decay", "optim.weight_decay"),
-    TRLField("adam_beta1", "optim.betas[0]"),
-    TRLField("adam_beta2", "optim.betas[1]", "oapl's default is 0.95 (TRL: 0.999)."),
-    TRLField("adam_epsilon", "optim.eps"),
-    TRLField("max_grad_norm", "optim.max_grad_norm", "0 = no clipping."),
+             "`OAPLTrainer`; `max_steps` wins when both are set, as in TRL.", _Opt[float]),
+    TRLField("learning_rate", "optim.lr", "", _Opt[float], simple=True),
+    TRLField("lr_scheduler_type", "optim.schedule", "Unset: `linear` (decay to 0 after the warm-up), as TRL. "
+             "`constant`, `constant_with_warmup` -> constant; `cosine`, `cosine_with_min_lr` -> cosine.", _Opt[str]),
+    TRLField("warmup_steps", "optim.warmup_steps", "A float in [0, 1) is a ratio: `optim.warmup_ratio`.",
+             _Opt[float]),
+    TRLField("warmup_ratio", "optim.warmup_ratio", "", _Opt[float], simple=True),
+    TRLField("weight_decay", "optim.weight_decay", "", _Opt[float], simple=True),
+    TRLField("adam_beta1", "optim.betas[0]", "", _Opt[float]),
+    TRLField("adam_beta2", "optim.betas[1]", "oapl's default is 0.95 (TRL: 0.999).", _Opt[float]),
+    TRLField("adam_epsilon", "optim.eps", "", _Opt[float], simple=True),
+    TRLField("max_grad_norm", "optim.max_grad_norm", "0 = no clipping.", _Opt[float]),
     TRLField("per_device_train_batch_size", "optim.micro_batch_size, rollout.prompts_per_step",
              "Completions per forward/backward. Completions per step = this x `gradient_accumulation_steps` "
-             "(must be a multiple of `num_generations`), so prompts per step = that / `num_generations`."),
-    TRLField("gradient_accumulation_steps", "rollout.prompts_per_step", "See `per_device_train_batch_size`."),
+             "(must be a multiple of `num_generations`), so prompts per step = that / `num_generations`. "
+             "Unset: TRL's 8 x 1 = 8 completions per step (unless `rollout.prompts_per_step` is given).", _Opt[int]),
+    TRLField("gradient_accumulation_steps", "rollout.prompts_per_step", "See `per_device_train_batch_size`.",
+             _Opt[int]),
     TRLField("generation_batch_size", "rollout.prompts_per_generate", "Completions per engine call / "
-             "`num_generations`."),
-    TRLField("num_generations", "rollout.group_size", "G, responses per prompt."),
-    TRLField("num_generations_eval", "eval.n", "Samples per held-out prompt (pass@k up to k = n)."),
-    TRLField("max_completion_length", "sampling.max_tokens"),
-    TRLField("temperature", "sampling.temperature"),
-    TRLField("top_p", "sampling.top_p", "Must stay 1.0 for OAPL (the trainer scores the full distribution)."),
+             "`num_generations`. Unset: the completions of one step, as TRL.", _Opt[int]),
+    TRLField("num_generations", "rollout.group_size", "G, responses per prompt (default 8, as TRL).", _Opt[int],
+             simple=True),
+    TRLField("num_generations_eval", "eval.n", "Samples per held-out prompt (pass@k up to k = n).", _Opt[int],
+             simple=True),
+    TRLField("max_completion_length", "sampling.max_tokens", "", _Opt[int], simple=True),
+    TRLField("temperature", "sampling.temperature", "", _Opt[float], simple=True),
+    TRLField("top_p", "sampling.top_p", "Must stay 1.0 for OAPL (the trainer scores the full distribution).",
+             _Opt[float], simple=True),
     TRLField("use_vllm", "engine.kind", "true -> vllm, false -> transformers (oapl's default `auto` uses vLLM "
-             "when installed)."),
-    TRLField("vllm_gpu_memory_utilization", "engine.gpu_memory_utilization"),
-    TRLField("vllm_max_model_length", "engine.max_model_len"),
-    TRLField("vllm_enable_sleep_mode", "engine.enable_sleep_mode", "Needs `rollout.asynchronous=false`."),
+             "when installed).", _Opt[bool]),
+    TRLField("vllm_gpu_memory_utilization", "engine.gpu_memory_utilization", "", _Opt[float], simple=True),
+    TRLField("vllm_max_model_length", "engine.max_model_len", "", _Opt[int], simple=True),
+    TRLField("vllm_enable_sleep_mode", "engine.enable_sleep_mode", "Needs `rollout.asynchronous=false`.",
+             _Opt[bool], simple=True),
     TRLField("weight_sync_steps", "rollout.sync_interval", "`AsyncGRPOConfig`'s name for L, the trainer steps "
-             "between weight syncs (the policy lag)."),
+             "between weight syncs (the policy lag). oapl's default is 50 (TRL's: 1); see \"Choosing L and "
+             "beta2\" below. A run of `max_steps` <= L never syncs before its end: a warning says so.", _Opt[int],
+             simple=True),
     TRLField("max_staleness", "rollout.max_staleness", "`AsyncGRPOConfig`; must be 0 for OAPL (the buffer is "
-             "cleared at every sync), 1 gives GRPO's off-by-one asynchrony."),
-    TRLField("epsilon", "algorithm.clip_eps", "GRPO baseline only (OAPL has no clipping)."),
-    TRLField("scale_rewards", "algorithm.scale_advantages", "`group`/true -> true, `none`/false -> false (GRPO)."),
-    TRLField("vllm_importance_sampling_correction", "algorithm.is_cap", "false -> null (no correction; GRPO)."),
-    TRLField("vllm_importance_sampling_cap", "algorithm.is_cap", "The truncated-IS cap C (GRPO)."),
-    TRLField("reward_weights", "task.reward_weights"),
+             "cleared at every sync), 1 gives GRPO's off-by-one asynchrony.", _Opt[int], simple=True),
+    TRLField("epsilon", "algorithm.clip_eps", "GRPO baseline only (OAPL has no clipping).", _Opt[float],
+             simple=True),
+    TRLField("scale_rewards", "algorithm.scale_advantages", "`group`/true -> true, `none`/false -> false (GRPO).",
+             _Opt[str]),
+    TRLField("vllm_importance_sampling_correction", "algorithm.is_cap", "false -> null (no correction; GRPO).",
+             _Opt[bool]),
+    TRLField("vllm_importance_sampling_cap", "algorithm.is_cap", "The truncated-IS cap C (GRPO).", _Opt[float],
+             simple=True),
+    TRLField("reward_weights", "task.reward_weights", "", _Opt[list[float]], simple=True),
     TRLField("eval_strategy", "eval.every, eval.at_start, eval.at_end", "`no` -> no held-out evaluation; "
-             "`steps` -> every `eval_steps`. oapl also evaluates before and after training by default."),
-    TRLField("eval_steps", "eval.every", "A float in [0, 1) is a share of `max_steps`."),
-    TRLField("eval_on_start", "eval.at_start"),
+             "`steps` -> every `eval_steps`. oapl also evaluates before and after training by default.", _Opt[str]),
+    TRLField("eval_steps", "eval.every", "A float in [0, 1) is a share of `max_steps`.", _Opt[float]),
+    TRLField("eval_on_start", "eval.at_start", "", _Opt[bool], simple=True),
     TRLField("save_strategy", "checkpoint.every", "`no` -> only the final checkpoint (which `save_model` and "
-             "`evaluate` read); `steps` -> every `save_steps`."),
-    TRLField("save_steps", "checkpoint.every", "A float in [0, 1) is a share of `max_steps`."),
-    TRLField("save_total_limit", "checkpoint.keep"),
-    TRLField("logging_steps", "logging.log_samples_every", "Every step's metrics row is written to "
-             "metrics.jsonl and passed to the callbacks regardless; with `log_completions` this sets how often "
-             "sample completions are written (samples.jsonl)."),
-    TRLField("log_completions", "logging.log_samples_every", "true -> every `logging_steps` (default 1), "
-             "false -> never."),
-    TRLField("report_to", "logging.tensorboard, logging.wandb", "`none`, `tensorboard`, `wandb`, `all`, or a list."),
-    TRLField("disable_tqdm", "logging.progress"),
-    TRLField("gradient_checkpointing", "model.gradient_checkpointing", "oapl's default is false (TRL: true)."),
-    TRLField("bf16", "model.compute_dtype", "true -> bfloat16 (over fp32 master weights), false -> float32."),
-    TRLField("torch_compile", "model.compile"),
-    TRLField("use_liger_kernel", "model.liger"),
-    TRLField("trust_remote_code", "model.trust_remote_code"),
-    TRLField("use_cpu", "model.device", "true -> cpu."),
+             "`evaluate` read); `steps` -> every `save_steps`.", _Opt[str]),
+    TRLField("save_steps", "checkpoint.every", "A float in [0, 1) is a share of `max_steps`.", _Opt[float]),
+    TRLField("save_total_limit", "checkpoint.keep", "", _Opt[int], simple=True),
+    TRLField("logging_steps", "(`on_log` and `log_history`)", "As TRL (default 10; a float in (0, 1) "
+             "is a share of `max_steps`): `TrainerCallback.on_log` and `log_history` get the mean of the last "
+             "`logging_steps` steps. metrics.jsonl and plain-function callbacks still get every step.", _Opt[float]),
+    TRLField("log_completions", "logging.log_samples_every", "true -> sample completions to samples.jsonl every "
+             "`logging_steps`.", _Opt[bool]),
+    TRLField("report_to", "logging.tensorboard, logging.wandb", "`none`, `tensorboard`, `wandb`, `all`, or a list.",
+             _Opt[str]),
+    TRLField("disable_tqdm", "logging.progress", "", _Opt[bool]),
+    TRLField("gradient_checkpointing", "model.gradient_checkpointing", "oapl's default is false (TRL: true).",
+             _Opt[bool], simple=True),
+    TRLField("bf16", "model.compute_dtype", "true -> bfloat16 (over fp32 master weights), false -> float32.",
+             _Opt[bool]),
+    TRLField("torch_compile", "model.compile", "", _Opt[bool], simple=True),
+    TRLField("use_liger_kernel", "model.liger", "", _Opt[bool], simple=True),
+    TRLField("trust_remote_code", "model.trust_remote_code", "", _Opt[bool], simple=True),
+    TRLField("use_cpu", "model.device", "true -> cpu.", _Opt[bool]),
+    # -- accepted only at the value(s) that mean what oapl does anyway --------------------------------------
+    TRLField("beta", "", "TRL's KL penalty towards a frozen reference model; oapl has no reference model "
+             "(OAPL's KL is towards the lagged inference policy, algorithm.beta2, another quantity)", _Opt[float],
+             accepted=(0, 0.0, None)),
+    TRLField("num_iterations", "", "every batch is used once; algorithm.mini_batches splits it into optimiser "
+             "steps", _Opt[int], accepted=(1,)),
+    TRLField("steps_per_generation", "", "the engine generates asynchronously into a buffer; weight_sync_steps "
+             "(rollout.sync_interval) sets how many steps use one engine version", _Opt[int], accepted=(None,)),
+    TRLField("top_k", "", "OAPL needs the log-probs of the distribution the engine sampled from: only "
+             "temperature (and top_p=1) are supported", _Opt[int], accepted=(0, None, -1)),
+    TRLField("min_p", "", "only temperature (and top_p=1) are supported", _Opt[float], accepted=(None, 0, 0.0)),
+    TRLField("repetition_penalty", "", "only temperature (and top_p=1) are supported", _Opt[float],
+             accepted=(1, 1.0)),
+    TRLField("generation_kwargs", "", "only temperature (and top_p=1) are supported", _Opt[str], accepted=(None,)),
+    TRLField("remove_unused_columns", "", "oapl passes every dataset column to the reward functions", _Opt[bool],
+             accepted=(False,)),
+    TRLField("shuffle_dataset", "", "oapl always samples prompts in a seeded shuffled order", _Opt[bool],
+             accepted=(True,)),
+    TRLField("mask_truncated_completions", "", "truncated completions are trained on with their reward",
+             _Opt[bool], accepted=(False,)),
+    TRLField("disable_dropout", "", "oapl trains with the model's own dropout setting (0 for most LLMs)",
+             _Opt[bool], accepted=(False,)),
+    TRLField("fp16", "", "use bf16=True (bfloat16 compute over fp32 master weights)", _Opt[bool],
+             accepted=(False, None)),
+    TRLField("vllm_mode", "", "oapl runs its engines itself: in this process (distributed.backend=local) or as "
+             "Ray actors (distributed.backend=ray); there is no vLLM server mode", _Opt[str], accepted=("colocate",)),
+    TRLField("loss_type", "", "oapl's objective is algorithm='oapl' (squared regression to V*, the default) or "
+             "algorithm='grpo' (PPO clip with truncated importance sampling, the baseline)", _Opt[str], accepted=()),
+    TRLField("max_prompt_length", "", "oapl never truncates a prompt; one that does not fit engine.max_model_len "
+             "is refused, naming its row", _Opt[int], accepted=(None,)),
+    TRLField("per_device_eval_batch_size", "", "held-out prompts are generated in batches of "
+             "engine.max_batch_size sequences (transformers engine) or all at once (vLLM)", _Opt[int], accepted=()),
 ]}
 
+#: The TRL names oapl maps onto its fields.
+TRL_FIELDS: dict[str, TRLField] = {k: f for k, f in TRL_TABLE.items() if f.accepted is None}
 #: TRL names oapl accepts only at the value(s) that mean what oapl does anyway: (values, reason).
-TRL_NOOP: dict[str, tuple[tuple[Any, ...], str]] = {
-    "beta": ((0, 0.0, None), "TRL's KL penalty towards a frozen reference model; oapl has no reference model "
-             "(OAPL's KL is towards the lagged inference policy, algorithm.beta2, another quantity)"),
-    "num_iterations": ((1,), "every batch is used once; algorithm.mini_batches splits it into optimiser steps"),
-    "steps_per_generation": ((None,), "the engine generates asynchronously into a buffer; weight_sync_steps "
-                             "(rollout.sync_interval) sets how many steps use one engine version"),
-    "top_k": ((0, None, -1), "OAPL needs the log-probs of the distribution the engine sampled from: only "
-              "temperature (and top_p=1) are supported"),
-    "min_p": ((None, 0, 0.0), "only temperature (and top_p=1) are supported"),
-    "repetition_penalty": ((1, 1.0), "only temperature (and top_p=1) are supported"),
-    "generation_kwargs": ((None,), "only temperature (and top_p=1) are supported"),
-    "remove_unused_columns": ((False,), "oapl passes every dataset column to the reward functions"),
-    "shuffle_dataset": ((True,), "oapl always samples prompts in a seeded shuffled order"),
-    "mask_truncated_completions": ((False,), "truncated completions are trained on with their reward"),
-    "disable_dropout": ((False,), "oapl trains with the model's own dropout setting (0 for most LLMs)"),
-    "fp16": ((False, None), "use bf16=True (bfloat16 compute over fp32 master weights)"),
-    "vllm_mode": (("colocate",), "oapl runs its engines itself: in this process (distributed.backend=local) "
-                  "or as Ray actors (distributed.backend=ray); there is no vLLM server mode"),
-    "loss_type": ((), "oapl's objective is algorithm='oapl' (squared regression to V*, the default) or "
-                  "algorithm='grpo' (PPO clip with truncated importance sampling, the baseline)"),
-    "max_prompt_length": ((None,), "oapl never truncates a prompt; one that does not fit engine.max_model_len "
-                          "is refused, naming its row"),
-    "per_device_eval_batch_size": ((), "held-out prompts are generated in batches of engine.max_batch_size "
-                                   "sequences (transformers engine) or all at once (vLLM)"),
-}
+TRL_NOOP: dict[str, tuple[tuple[Any, ...], str]] = {k: (f.accepted, f.note) for k, f in TRL_TABLE.items()
+                                                    if f.accepted is not None}
 
-_EXTRA = ("num_train_epochs", "overwrite_output_dir")  # OAPLConfig's own fields (not written to config.yaml)
+#: TRL's defaults that ``OAPLConfig`` applies when neither the TRL name nor the oapl field is given.
+TRL_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear",
+                "logging_steps": 10}
+
+_EXTRA = ("num_train_epochs", "overwrite_output_dir", "logging_steps")  # OAPLConfig's own fields (not written to config.yaml)
 
 
 def _leaf_fields(cls: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
@@ -251,13 +305,15 @@ def _steps_or_share(name: str, value: Any, tree: dict, given: dict) -> int:
     return _int(name, value)
 
 
-def _translate(data: dict[str, Any]) -> dict[str, Any]:
+def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
     """The nested ``TrainConfig`` tree for ``OAPLConfig`` keyword arguments (TRL names, nested, dotted)."""
     tree: dict[str, Any] = {}
     sources: dict[str, str] = {}
     given: dict[str, Any] = {}
     leaves = set(_leaf_fields())
     for key, value in data.items():
+        if value is UNSET or value is None and key in TRL_TABLE:
+            continue  # TRL's "unset" (what HfArgumentParser passes for a name not on the command line)
         if key in TrainConfig.model_fields or key in _EXTRA:
             if isinstance(value, BaseModel):
                 value = value.model_dump(exclude_unset=True)
@@ -285,23 +341,12 @@ def _translate(data: dict[str, Any]) -> dict[str, Any]:
     def put(dotted: str, value: Any, source: str) -> None:
         _set(tree, dotted, value, source, sources)
 
-    simple = {
-        "learning_rate": "optim.lr", "warmup_ratio": "optim.warmup_ratio",
-        "weight_decay": "optim.weight_decay", "adam_epsilon": "optim.eps", "num_generations": "rollout.group_size",
-        "num_generations_eval": "eval.n", "max_completion_length": "sampling.max_tokens",
-        "temperature": "sampling.temperature", "top_p": "sampling.top_p",
-        "vllm_gpu_memory_utilization": "engine.gpu_memory_utilization",
-        "vllm_max_model_length": "engine.max_model_len", "vllm_enable_sleep_mode": "engine.enable_sleep_mode",
-        "weight_sync_steps": "rollout.sync_interval", "max_staleness": "rollout.max_staleness",
-        "epsilon": "algorithm.clip_eps", "vllm_importance_sampling_cap": "algorithm.is_cap",
-        "reward_weights": "task.reward_weights", "eval_on_start": "eval.at_start",
-        "save_total_limit": "checkpoint.keep", "gradient_checkpointing": "model.gradient_checkpointing",
-        "torch_compile": "model.compile", "use_liger_kernel": "model.liger",
-        "trust_remote_code": "model.trust_remote_code",
-    }
-    for name, dotted in simple.items():
-        if name in given and not (name in ("save_total_limit", "num_generations_eval") and given[name] is None):
-            put(dotted, given[name], name)
+    for name, f in TRL_FIELDS.items():
+        if f.simple and name in given:
+            put(f.target, given[name], name)
+    # -- TRL's defaults, where neither the TRL name nor the oapl field is given ------------------------
+    if defaults and "lr_scheduler_type" not in given and _get(tree, "optim.schedule") is _MISSING:
+        given["lr_scheduler_type"] = TRL_DEFAULTS["lr_scheduler_type"]
     # -- steps -----------------------------------------------------------------------------------
     max_steps = given.get("max_steps")
     if max_steps is not None and max_steps != -1:  # TRL's -1: "use num_train_epochs"
@@ -309,10 +354,10 @@ def _translate(data: dict[str, Any]) -> dict[str, Any]:
     # -- optimiser -------------------------------------------------------------------------------
     if "lr_scheduler_type" in given:
         kind = str(getattr(given["lr_scheduler_type"], "value", given["lr_scheduler_type"]))
-        schedules = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine",
-                     "cosine_with_min_lr": "cosine"}
+        schedules = {"linear": "linear", "constant": "constant", "constant_with_warmup": "constant",
+                     "cosine": "cosine", "cosine_with_min_lr": "cosine"}
         if kind not in schedules:
-            raise ValueError(f"lr_scheduler_type={kind!r} is not supported: oapl has constant "
+            raise ValueError(f"lr_scheduler_type={kind!r} is not supported: oapl has linear, constant "
                              f"(constant, constant_with_warmup) and cosine (cosine, cosine_with_min_lr) schedules")
         put("optim.schedule", schedules[kind], "lr_scheduler_type")
     if "warmup_steps" in given:
@@ -330,19 +375,29 @@ def _translate(data: dict[str, Any]) -> dict[str, Any]:
         put("optim.max_grad_norm", None if g in (None, 0, 0.0) else g, "max_grad_norm")
     # -- batch -----------------------------------------------------------------------------------
     group = _value(tree, "rollout.group_size")
-    if "per_device_train_batch_size" in given or "gradient_accumulation_steps" in given:
-        per_device = _int("per_device_train_batch_size",
-                          given.get("per_device_train_batch_size", _value(tree, "optim.micro_batch_size")), 1)
-        accumulation = _int("gradient_accumulation_steps", given.get("gradient_accumulation_steps", 1), 1)
+    batch_names = {"per_device_train_batch_size", "gradient_accumulation_steps"} & set(given)
+    if batch_names or defaults and _get(tree, "rollout.prompts_per_step") is _MISSING:
+        # unset: TRL's per_device_train_batch_size=8, gradient_accumulation_steps=1 (8 completions per step)
+        micro = _get(tree, "optim.micro_batch_size")
+        per_device = _int("per_device_train_batch_size", given.get(
+            "per_device_train_batch_size", micro if batch_names and micro is not _MISSING
+            else TRL_DEFAULTS["per_device_train_batch_size"]), 1)
+        accumulation = _int("gradient_accumulation_steps", given.get(
+            "gradient_accumulation_steps", TRL_DEFAULTS["gradient_accumulation_steps"]), 1)
         total = per_device * accumulation
         if total % group:
+            unset = "" if batch_names else " (TRL's defaults, as neither is given)"
             raise ValueError(
                 f"OAPLConfig: per_device_train_batch_size x gradient_accumulation_steps = {per_device} x "
-                f"{accumulation} = {total} completions per step is not a multiple of num_generations = {group}: "
-                "a step takes whole groups of responses to one prompt (TRL requires the same)")
+                f"{accumulation} = {total} completions per step{unset} is not a multiple of num_generations = "
+                f"{group}: a step takes whole groups of responses to one prompt (TRL requires the same)")
         put("rollout.prompts_per_step", total // group, "per_device_train_batch_size x gradient_accumulation_steps")
-        if "per_device_train_batch_size" in given:
+        if "per_device_train_batch_size" in given or micro is _MISSING:
             put("optim.micro_batch_size", per_device, "per_device_train_batch_size")
+    if (defaults and "generation_batch_size" not in given and _get(tree, "rollout.prompts_per_generate") is _MISSING
+            and _get(tree, "rollout.prompts_per_step") is not _MISSING):
+        # TRL: one generation batch per optimiser step (per_device_train_batch_size x gradient_accumulation_steps)
+        put("rollout.prompts_per_generate", _get(tree, "rollout.prompts_per_step"), "generation_batch_size")
     if given.get("generation_batch_size") is not None:
         gen = _int("generation_batch_size", given["generation_batch_size"], 1)
         if gen % group:
@@ -381,7 +436,7 @@ def _translate(data: dict[str, Any]) -> dict[str, Any]:
                          "eval_steps) or 'no'; oapl has no epochs of a fixed dataset")
     every = given.get("eval_steps")
     if every is None and strategy == "steps":
-        every = given.get("logging_steps")  # transformers: eval_steps defaults to logging_steps
+        every = tree.get("logging_steps", TRL_DEFAULTS["logging_steps"])  # transformers' default
     if every is not None and strategy != "no":
         put("eval.every", _steps_or_share("eval_steps", every, tree, given), "eval_steps")
     strategy = given.get("save_strategy")
@@ -393,11 +448,10 @@ def _translate(data: dict[str, Any]) -> dict[str, Any]:
                          "save_steps) or 'no'")
     if given.get("save_steps") is not None and strategy != "no":
         put("checkpoint.every", _steps_or_share("save_steps", given["save_steps"], tree, given), "save_steps")
-    if "log_completions" in given or "logging_steps" in given:
-        every = given.get("logging_steps")
-        every = 1 if every is None else _steps_or_share("logging_steps", every, tree, given)
-        put("logging.log_samples_every", every if given.get("log_completions", True) else 0,
-            "log_completions" if "log_completions" in given else "logging_steps")
+    if "log_completions" in given:
+        every = tree.get("logging_steps", TRL_DEFAULTS["logging_steps"])
+        every = _steps_or_share("logging_steps", every, tree, given)
+        put("logging.log_samples_every", every if given["log_completions"] else 0, "log_completions")
     if "report_to" in given:
         report = given["report_to"]
         names = [] if report in (None, "none") else [report] if isinstance(report, str) else list(report)
@@ -431,13 +485,18 @@ class OAPLConfig(TrainConfig):
 
     ``OAPLConfig(output_dir="runs/x", learning_rate=1e-5, num_generations=8, max_steps=100)`` is
     ``TrainConfig`` with ``optim.lr``, ``rollout.group_size`` and ``steps`` set. Read the nested fields
-    (``cfg.optim.lr``) or the TRL names (``cfg.learning_rate``).
+    (``cfg.optim.lr``) or the TRL names (``cfg.learning_rate``); setting a TRL name after construction
+    (``cfg.max_steps = 8``) means what it means at construction. ``HfArgumentParser(OAPLConfig)`` and
+    TRL's ``TrlParser`` parse it: every TRL name of :data:`TRL_TABLE`, and oapl's own fields dotted
+    (``--algorithm.beta2 0.05``).
     """
 
     num_train_epochs: float | None = Field(None, gt=0, exclude=True, description=(
         "Passes over the training prompts; OAPLTrainer turns it into steps (max_steps wins)."))
     overwrite_output_dir: bool = Field(False, exclude=True, description=(
         "Replace the run in a non-empty output_dir (oapl train --overwrite)."))
+    logging_steps: float = Field(TRL_DEFAULTS["logging_steps"], gt=0, exclude=True, description=(
+        "TrainerCallback.on_log and trainer.state.log_history every this many steps (TRL's logging_steps)."))
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -447,30 +506,161 @@ class OAPLConfig(TrainConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _trl_names(cls, data: Any) -> Any:
+    def _trl_names(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.field_name is not None:  # an assignment (cfg.seed = 3): pydantic passes the fields as they are
+            return data
         return _translate(dict(data)) if isinstance(data, dict) else data
 
     def to_train_config(self) -> TrainConfig:
         """The plain :class:`TrainConfig` (what is written to ``config.yaml``)."""
         return TrainConfig.model_validate(self.model_dump(mode="json"))
 
-    # TRL names, read (and set) on the nested fields
-    learning_rate = property(lambda self: self.optim.lr, lambda self, v: setattr(self.optim, "lr", v))
-    num_generations = property(lambda self: self.rollout.group_size,
-                               lambda self, v: setattr(self.rollout, "group_size", v))
-    max_completion_length = property(lambda self: self.sampling.max_tokens,
-                                     lambda self, v: setattr(self.sampling, "max_tokens", v))
-    temperature = property(lambda self: self.sampling.temperature,
-                           lambda self, v: setattr(self.sampling, "temperature", v))
-    top_p = property(lambda self: self.sampling.top_p, lambda self, v: setattr(self.sampling, "top_p", v))
-    max_steps = property(lambda self: self.steps, lambda self, v: setattr(self, "steps", v))
-    weight_sync_steps = property(lambda self: self.rollout.sync_interval,
-                                 lambda self, v: setattr(self.rollout, "sync_interval", v))
-    per_device_train_batch_size = property(lambda self: self.optim.micro_batch_size)
-    gradient_accumulation_steps = property(
-        lambda self: max(1, self.rollout.prompts_per_step * self.rollout.group_size // self.optim.micro_batch_size))
-    reward_weights = property(lambda self: self.task.reward_weights,
-                              lambda self, v: setattr(self.task, "reward_weights", v))
+    def __getattr__(self, name: str) -> Any:
+        if "." in name and not name.startswith("_"):  # a dotted oapl field (HfArgumentParser's names)
+            node: Any = self
+            for part in name.split("."):
+                node = getattr(node, part)
+            return node
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    def _set_trl(self, name: str, value: Any) -> None:
+        """``cfg.<TRL name> = value``: the construction's translation of that one name, applied to the fields."""
+        context: dict[str, Any] = {}
+        if name in ("per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size"):
+            context["rollout"] = {"group_size": self.rollout.group_size}
+            if name != "generation_batch_size":
+                context["per_device_train_batch_size"] = self.optim.micro_batch_size
+                context["gradient_accumulation_steps"] = _trl_get(self, "gradient_accumulation_steps")
+        if name in ("eval_steps", "save_steps", "logging_steps", "log_completions"):
+            context["steps"] = self.steps
+        try:
+            tree = _translate({**context, name: value}, defaults=False)
+        except ValueError as e:
+            raise ConfigError(f"{e} (in OAPLConfig)") from None
+        for dotted, leaf in _leaves(tree):
+            if dotted in ("steps", "rollout.group_size") and context:
+                continue  # context for the translation, not what is being set
+            *path, last = dotted.split(".")
+            node: Any = self
+            for part in path:
+                node = getattr(node, part)
+            setattr(node, last, leaf)
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and k in TrainConfig.model_fields:
+            out.extend(_leaves(v, f"{prefix}{k}."))
+        elif isinstance(v, dict) and prefix:
+            out.extend(_leaves(v, f"{prefix}{k}."))
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+#: How a TRL name reads back from the fields, where it is not its ``target`` unchanged.
+_READ: dict[str, Any] = {
+    "max_steps": lambda c: c.steps,
+    "lr_scheduler_type": lambda c: c.optim.schedule,
+    "warmup_steps": lambda c: c.optim.warmup_steps,
+    "adam_beta1": lambda c: c.optim.betas[0],
+    "adam_beta2": lambda c: c.optim.betas[1],
+    "max_grad_norm": lambda c: c.optim.max_grad_norm or 0.0,
+    "per_device_train_batch_size": lambda c: c.optim.micro_batch_size,
+    "gradient_accumulation_steps": lambda c: max(
+        1, c.rollout.prompts_per_step * c.rollout.group_size // c.optim.micro_batch_size),
+    "generation_batch_size": lambda c: c.rollout.prompts_per_generate * c.rollout.group_size,
+    "use_vllm": lambda c: c.engine.kind == "vllm",
+    "scale_rewards": lambda c: "group" if c.algorithm.scale_advantages else "none",
+    "vllm_importance_sampling_correction": lambda c: c.algorithm.is_cap is not None,
+    "eval_strategy": lambda c: "steps" if c.eval.every else "no",
+    "eval_steps": lambda c: c.eval.every or None,
+    "save_strategy": lambda c: "steps" if c.checkpoint.every else "no",
+    "save_steps": lambda c: c.checkpoint.every or None,
+    "log_completions": lambda c: c.logging.log_samples_every > 0,
+    "report_to": lambda c: [n for n in ("tensorboard", "wandb") if getattr(c.logging, n)] or "none",
+    "disable_tqdm": lambda c: not c.logging.progress,
+    "bf16": lambda c: c.model.compute_dtype == "bfloat16",
+    "use_cpu": lambda c: c.model.device == "cpu",
+}
+
+
+def _trl_get(cfg: OAPLConfig, name: str) -> Any:
+    f = TRL_TABLE[name]
+    if name in _READ:
+        return _READ[name](cfg)
+    if f.accepted is not None:
+        return f.accepted[0] if f.accepted else None
+    node: Any = cfg
+    for part in f.target.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _trl_property(name: str) -> property:
+    return property(lambda self: _trl_get(self, name), lambda self, v: self._set_trl(name, v),
+                    doc=f"TRL's ``{name}``: {TRL_TABLE[name].note or TRL_TABLE[name].target}")
+
+
+for _name in TRL_TABLE:
+    if _name not in OAPLConfig.model_fields:  # output_dir, seed, ...: the fields themselves
+        setattr(OAPLConfig, _name, _trl_property(_name))
+
+
+def _parser_fields() -> dict[str, dataclasses.Field]:
+    """``OAPLConfig``'s arguments as dataclass fields, for ``HfArgumentParser``/``TrlParser`` (default
+    :data:`UNSET`, so only what the command line gives reaches ``OAPLConfig``)."""
+    import types
+    import typing
+
+    out: dict[str, dataclasses.Field] = {}
+
+    def add(name: str, typ: Any, help_: str) -> None:
+        f = dataclasses.field(default=UNSET, metadata={"help": help_})
+        f.name, f.type = name, typ
+        f._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
+        out[name] = f
+
+    for f in TRL_TABLE.values():
+        note = f.note if f.accepted is None else f"accepted only as {f.accepted}: {f.note}"
+        add(f.name, f.type, (f"-> {f.target}. " if f.target else "") + note)
+    node_types: list[tuple[str, type[BaseModel]]] = [("", TrainConfig)]
+    while node_types:
+        prefix, cls = node_types.pop(0)
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                node_types.append((f"{prefix}{name}.", ann))
+                continue
+            dotted = f"{prefix}{name}"
+            if dotted in out or not prefix:
+                continue
+            args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(
+                ann, types.UnionType) or typing.get_origin(ann) is typing.Union else [ann]
+            if len(args) == 1 and args[0] in (int, float, str, bool):
+                add(dotted, Optional[args[0]], field.description or "")
+            elif len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
+                add(dotted, Optional[str], (field.description or "") + f" One of {typing.get_args(args[0])}.")
+    return out
+
+
+OAPLConfig.__dataclass_fields__ = _parser_fields()  # type: ignore[attr-defined]
+OAPLConfig.__annotations__.update({n: f.type for n, f in OAPLConfig.__dataclass_fields__.items()
+                                   if n not in OAPLConfig.__annotations__})
+
+
+def warn_if_never_synced(cfg: TrainConfig) -> bool:
+    """Warn when the run is too short for a weight sync (``steps <= L``): the sampler never changes."""
+    if cfg.offline.data or cfg.rollout.sync_interval < cfg.steps:
+        return False
+    import logging
+
+    logging.getLogger("oapl").warning(
+        "max_steps=%d <= weight_sync_steps=%d (L, rollout.sync_interval; oapl's default 50): the engine samples "
+        "with the initial weights for the whole run; set weight_sync_steps below max_steps (a few syncs per "
+        "run; docs/coming-from-trl.md, \"Choosing L and beta2\")", cfg.steps, cfg.rollout.sync_interval)
+    return True
 
 
 def docs_table() -> str:
@@ -486,4 +676,4 @@ def docs_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OAPLConfig", "TRL_FIELDS", "TRL_NOOP", "docs_table", "suggest"]
+__all__ = ["OAPLConfig", "TRL_DEFAULTS", "TRL_FIELDS", "TRL_NOOP", "TRL_TABLE", "docs_table", "suggest", "warn_if_never_synced"]

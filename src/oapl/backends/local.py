@@ -28,16 +28,19 @@ class LocalBackend(OnlineBackend):
     def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
         from oapl.data.tasks import build_task
         from oapl.engines.factory import engine_kind, make_engine
-        from oapl.trainer.checkpoint import latest_checkpoint
+        from oapl.trainer.checkpoint import resume_checkpoint
         from oapl.trainer.policy import load_policy
 
         cfg = self.cfg
-        self.checkpoint = latest_checkpoint(run_dir) if resume else None
+        self.checkpoint = resume_checkpoint(run_dir, resume) if resume else None
         self.task = build_task(cfg.task, cfg.seed)
         policy, state = load_policy(cfg, cfg.steps, self.checkpoint)
         self.policy = policy
         self.tokenizer = policy.tokenizer
-        weights = str(self.checkpoint / "model") if self.checkpoint is not None else policy.model_path
+        # a LoRA checkpoint has no merged model: the engine starts from the base and the first sync
+        # (Backend.start) sends it the trainer's weights
+        weights = (str(self.checkpoint / "model") if self.checkpoint is not None and not cfg.model.lora.enabled
+                   else policy.model_path)
         in_memory = policy.hf_model() if engine_kind(cfg) == "transformers" else None
         self.engine = make_engine(cfg, weights, self.tokenizer, hf_model=in_memory)
         return state

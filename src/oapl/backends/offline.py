@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from oapl.backends import Rollout, built
 from oapl.config import TrainConfig
 from oapl.data.rollouts import RolloutGroup, filter_groups, read_rollouts
-from oapl.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from oapl.trainer.checkpoint import resume_checkpoint, save_checkpoint
 from oapl.trainer.policy import load_policy
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class OfflineBackend:
 
     def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
-        self.checkpoint = latest_checkpoint(run_dir) if resume else None
+        self.checkpoint = resume_checkpoint(run_dir, resume) if resume else None
         if self.checkpoint is not None and cfg.algorithm.reference_logprobs == "recompute":
             raise ValueError("resuming offline training with reference_logprobs=recompute needs the "
                              "sampling weights; restart the stage instead")

@@ -9,8 +9,12 @@ A checkpoint ``checkpoints/step-N/`` written by W FSDP2 ranks::
                         that rank's file reaches about one decoder layer, then written and freed.
     optim/              ``torch.distributed.checkpoint`` of the AdamW state keyed by parameter name:
                         ``.metadata`` and one ``__R_0.distcp`` per rank, each holding that rank's shards.
-    trainer_state.pt    rank 0: step, schedule, RNG, counters; ``policy.optimizer_dcp = "optim"``.
+    trainer_state.json  rank 0: step, schedule, RNG, counters; ``policy.optimizer_dcp = "optim"``
+    trainer_state.safetensors   (with its tensors: JSON and safetensors, nothing pickled)
     config.yaml
+    manifest.json       rank 0, last, once every rank has written: each file's size and checksum
+                        (see :mod:`oapl.trainer.checkpoint`); DCP's pickled ``optim/.metadata`` is
+                        read by :func:`read_dcp_metadata`, which unpickles DCP's own classes only
 
 It is written into a ``.tmp-step-*`` sibling (named by rank 0, broadcast to the others) and renamed
 into place by rank 0 after every rank has finished, so a kill during the save leaves the previous
@@ -19,7 +23,7 @@ checkpoint the latest one. The ranks share one file system (one node, or a share
 Resume at any world size: the weights come from ``model/`` as for every checkpoint (so
 ``oapl eval``, ``save_model`` and the two-stage recipe read it unchanged) and DCP reshards the AdamW
 state to the new layout: FSDP2 shards of another world size, or whole tensors for one process or
-DDP replicas. A one-process checkpoint (the full optimiser state inside ``trainer_state.pt``) loads
+DDP replicas. A one-process checkpoint (the full optimiser state inside ``trainer_state.*``) loads
 into FSDP2 ranks by :func:`load_policy_state` as well, so runs move 1 -> N and N -> 1 ranks.
 """
 
@@ -238,8 +242,62 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
                                 "incomplete; resume from an earlier one")
     osd = get_optimizer_state_dict(model, optimizer)
     state = {"optim": osd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=_dist() is None)
+    read_dcp_metadata(path)  # refuses planted objects here, in one line (DCP would wrap the error)
+    dcp.load(state, storage_reader=_SafeReader(path), no_dist=_dist() is None)
     set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+#: What DCP's pickled ``.metadata`` may name: its own dataclasses, torch sizes, dtypes and layouts.
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset"),
+                ("builtins", "slice"), ("builtins", "complex")}
+
+
+def read_dcp_metadata(path: str | Path):
+    """DCP's ``.metadata`` unpickled with only the classes DCP writes there; anything else is refused.
+
+    ``torch.distributed.checkpoint`` reads it with plain ``pickle.load``, which would run code planted
+    in a checkpoint; this reader looks up no other global, so nothing can be called.
+    """
+    import pickle
+
+    from oapl.trainer.checkpoint import CheckpointError
+
+    file = Path(path) / ".metadata"
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            ok = (module.startswith("torch.distributed.checkpoint.") or (module, name) in _DCP_GLOBALS
+                  or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+            if not ok:
+                raise CheckpointError(f"{file}: holds pickled objects ({module}.{name}) that could run code; "
+                                      "oapl does not load it: delete this checkpoint folder and resume from another one")
+            return super().find_class(module, name)
+
+    with file.open("rb") as f:
+        try:
+            return Restricted(f).load()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: unreadable ({type(e).__name__}); resume from an earlier checkpoint") from None
+
+
+def _SafeReader(path: Path):
+    """A DCP ``FileSystemReader`` whose ``.metadata`` goes through :func:`read_dcp_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self):  # no **kwargs: DCP then never falls back to per-rank metadata files
+            metadata = read_dcp_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
 
 
 def policy_state_sharded(scheduler) -> dict[str, Any]:
@@ -282,18 +340,19 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, policy, rank: int, w
                             trainer_state: dict[str, Any], config_yaml: str, keep: int) -> Path | None:
     """Write ``checkpoints/step-N`` from W ranks (a collective); rank 0 returns its path."""
     from oapl.atomic import fsync_dir
-    from oapl.trainer.checkpoint import checkpoint_dir, prune_checkpoints, rng_state
+    from oapl.trainer.checkpoint import checkpoint_dir, prune_checkpoints, rng_state, write_manifest, write_trainer_state
 
     final = checkpoint_dir(run_dir) / f"step-{step:08d}"
     with _shared_tmp(final, rank, world) as tmp:
         export_hf(policy.model, policy.tokenizer, tmp / "model", rank, world, dtype=policy.precision.param_dtype)
         save_optimizer(policy.model, policy.optimizer, tmp / OPTIM_DIR)
         if rank == 0:
-            torch.save({**trainer_state, "policy": policy_state_sharded(policy.scheduler), "rng": rng_state(),
-                        "world": world}, tmp / "trainer_state.pt")
+            write_trainer_state(tmp, {**trainer_state, "policy": policy_state_sharded(policy.scheduler),
+                                      "rng": rng_state(), "world": world})
             (tmp / "config.yaml").write_text(config_yaml)
-        _barrier()  # every rank's files are on disk before the rename
+        _barrier()  # every rank's files are on disk before the manifest and the rename
         if rank == 0:
+            write_manifest(tmp, step, f"sharded/{world}")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

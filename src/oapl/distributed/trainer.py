@@ -45,6 +45,7 @@ from oapl.distributed.cluster import (TrainerFailure, actor_options, actor_threa
                                       remove_placement_group, require_ray)
 from oapl.distributed.sharded import full_tensor, gather_to, load_policy_state, save_sharded_checkpoint
 from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
+from oapl.errors import UserError
 from oapl.trainer.checkpoint import seed_everything
 from oapl.trainer.logprobs import TokenBatch, token_logprobs
 from oapl.trainer.step import Parallel, RankWork, plan_step, run_step
@@ -149,10 +150,10 @@ class TrainerRank:
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
 
-    def find_checkpoint(self, run_dir: str) -> str | None:
-        from oapl.trainer.checkpoint import latest_checkpoint
+    def find_checkpoint(self, run_dir: str, wanted: bool | str = True) -> str | None:
+        from oapl.trainer.checkpoint import resume_checkpoint
 
-        p = latest_checkpoint(run_dir)
+        p = resume_checkpoint(run_dir, wanted)  # the newest intact one (or ``wanted``), damaged ones named
         return str(p) if p is not None else None
 
     def setup(self, master_addr: str, master_port: int, ckpt: str | None) -> dict[str, Any] | None:
@@ -335,13 +336,19 @@ class TrainerGroup:
         self.ckpt: str | None = None
         self.state: dict[str, Any] = {}
 
-    def setup(self, resume: bool, run_dir: str | None = None) -> None:
-        """Join the ranks into one process group and build the policies (from the latest
-        checkpoint in ``run_dir`` when ``resume``); ``state`` is then the checkpoint's trainer state."""
+    def setup(self, resume: bool | str, run_dir: str | None = None) -> None:
+        """Join the ranks into one process group and build the policies (from the newest intact
+        checkpoint in ``run_dir`` when ``resume``, or the checkpoint ``resume`` names); ``state`` is
+        then the checkpoint's trainer state."""
         addr, port = self._get([self.actors[0].address.remote()])[0]
         run_dir = run_dir or self.cfg.output_dir
-        self.ckpt = self._get([self.actors[0].find_checkpoint.remote(run_dir)])[0] if resume else None
-        self.state = self.call("setup", addr, port, self.ckpt)[0] or {}
+        wanted = str(resume) if resume and not isinstance(resume, bool) else True
+        try:
+            self.ckpt = self._get([self.actors[0].find_checkpoint.remote(run_dir, wanted)])[0] if resume else None
+            self.state = self.call("setup", addr, port, self.ckpt)[0] or {}
+        except UserError as e:  # a damaged or planted checkpoint, found by a rank: its one line, not Ray's
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, UserError) else e) from None
 
     def _get(self, refs: list) -> list:
         """``ray.get`` that fails fast: the first rank's error is raised without waiting for the

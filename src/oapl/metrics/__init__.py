@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +20,41 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def _truncate_jsonl(path: Path, step: int, drop_eval_only_at_step: bool) -> None:
+def _truncate_jsonl(path: Path, step: int, drop_eval_only_at_step: bool) -> int:
+    """Keep the rows of ``path`` up to ``step``; lines that are not a JSON row go to ``<stem>.garbled.jsonl``.
+
+    Returns how many garbled lines were kept aside (appended there, before ``path`` is rewritten, so a
+    kill in between loses none).
+    """
     if not path.exists():
-        return
-    rows = []
-    for line in path.read_text().splitlines():
+        return 0
+    rows, garbled = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+            garbled.append(line)  # a line cut short by a kill, or damaged
+            continue
         s = row.get("step", 0)
-        if not isinstance(s, int) or s > step:
+        if s > step:
             continue
         if drop_eval_only_at_step and s == step and step > 0 and "loss" not in row:
             continue
         rows.append(line)
+    if garbled:
+        aside = path.with_name(f"{path.stem}.garbled.jsonl")
+        with aside.open("a") as f:
+            f.write("".join(g + "\n" for g in garbled))
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("%s: %d garbled line(s) (not a JSON row; e.g. cut short by a kill) kept aside in %s",
+                    path, len(garbled), aside)
     atomic_write_text(path, "".join(r + "\n" for r in rows))
+    return len(garbled)
 
 
 class MetricsLogger:

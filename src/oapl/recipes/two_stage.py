@@ -94,7 +94,7 @@ def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: i
     s1 = _stage_cfg(cfg, output_dir=str(root / "stage1"), **{"offline.data": str(root / "stage1_data"),
                                                             "offline.epochs": 1})
     report["stages"]["train1"] = train_offline(s1, resume=True)
-    stage1_model = report["stages"]["train1"]["checkpoints"][-1] + "/model"
+    stage1_model = _model(_epochs(report["stages"]["train1"])[-1])
 
     log.info("stage 2: generate with the stage-1 model on %d random prompts", stage2_prompts)
     report["stages"]["generate2"] = generate_dataset(cfg, root / "stage2_data", split="train", model=stage1_model,
@@ -106,7 +106,7 @@ def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: i
     report["stages"]["train2"] = train_offline(s2, resume=True)
 
     evals: dict[str, Any] = {}
-    stage2 = [(f"stage2-epoch{i + 1}", c + "/model") for i, c in enumerate(report["stages"]["train2"]["checkpoints"])]
+    stage2 = [(f"stage2-epoch{i + 1}", _model(c)) for i, c in enumerate(_epochs(report["stages"]["train2"]))]
     reference = ([("base", base)] if evaluate_base else []) + [("stage1", stage1_model)]
     for label, model in reference + stage2:
         log.info("evaluating %s (%s)", label, model)
@@ -132,3 +132,15 @@ def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: i
         log.warning("could not plot Pass@k: %s", e)
     (root / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _epochs(summary: dict[str, Any]) -> list[str]:
+    """The end-of-epoch checkpoints of an offline run's summary (``checkpoints`` lists every kept one)."""
+    return summary.get("epoch_checkpoints") or summary["checkpoints"]
+
+
+def _model(ckpt: str) -> str:
+    """A checkpoint's Hugging Face folder (a LoRA checkpoint's merged model is exported on first use)."""
+    from oapl.trainer.checkpoint import adapter_file, checkpoint_model
+
+    return str(checkpoint_model(ckpt)) if adapter_file(ckpt) is not None else ckpt + "/model"

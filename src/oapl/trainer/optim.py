@@ -1,4 +1,4 @@
-"""AdamW and learning-rate schedules (constant or cosine, both with linear warm-up)."""
+"""AdamW and learning-rate schedules (constant, cosine or linear decay, all with linear warm-up)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
         if cfg.schedule == "constant":
             return 1.0
         progress = min(1.0, (s - warmup) / max(1, total_steps - warmup))
+        if cfg.schedule == "linear":  # transformers' get_linear_schedule_with_warmup: 1 -> 0
+            return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn

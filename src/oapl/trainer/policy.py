@@ -239,7 +239,8 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
     """The policy of a run, fresh or restored from ``checkpoint``; also the checkpoint's trainer state.
 
     Restoring takes the fp32 master weights from ``checkpoint/model`` (or the LoRA adapters from
-    ``checkpoint/adapter`` over the configured base model), then the optimiser and schedule state.
+    ``checkpoint/adapter_model.safetensors`` over the configured base model), then the optimiser and
+    schedule state.
     The one restore path for the local loop, the Ray trainer ranks and offline training.
     """
     from oapl.trainer.checkpoint import load_trainer_state
@@ -249,6 +250,10 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
         ckpt = Path(checkpoint)
         state = load_trainer_state(ckpt)
         if not cfg.model.lora.enabled and model is None:
+            if not (ckpt / "model" / "config.json").is_file():  # a local folder, never a Hub name
+                from oapl.trainer.checkpoint import CheckpointError
+
+                raise CheckpointError(f"{ckpt}: damaged checkpoint (model/ is missing); resume from another one")
             dev = pick_device(cfg.model.device)
             model = load_causal_lm(str(ckpt / "model"), resolve_precision(cfg.model, dev).load_dtype, dev,
                                    cfg.model.trust_remote_code)
@@ -257,10 +262,12 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        adapter = Path(checkpoint) / "adapter" / "adapter_model.safetensors"
-        if not adapter.exists():
-            raise FileNotFoundError(f"{adapter}: the checkpoint has no LoRA adapters (was it written with "
-                                    f"model.lora.enabled=false?)")
+        from oapl.trainer.checkpoint import CheckpointError, adapter_file
+
+        adapter = adapter_file(checkpoint)
+        if adapter is None:
+            raise CheckpointError(f"{checkpoint}: the checkpoint has no LoRA adapters (adapter_model.safetensors; was it written "
+                                  f"with model.lora.enabled=false?)")
         set_peft_model_state_dict(policy.model, load_file(str(adapter)))
     if state and load_optimizer and "policy" in state:
         from oapl.distributed.sharded import load_policy_state
