@@ -13,6 +13,7 @@ from typing import Any
 
 from oapl.backends.offline import OfflineBackend, check_sampling_provenance
 from oapl.config import TrainConfig
+from oapl.config_views import is_offline
 
 __all__ = ["OfflineBackend", "check_sampling_provenance", "train_offline"]
 
@@ -24,6 +25,6 @@ def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = Fals
     """
     from oapl.loop import train
 
-    if not cfg.offline.data:
+    if not is_offline(cfg):
         raise ValueError("offline.data is required for offline training")
     return train(cfg, resume=resume, overwrite=overwrite).summary

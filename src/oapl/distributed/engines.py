@@ -77,8 +77,9 @@ class EngineActor:
     def __init__(self, cfg_json: dict, index: int, seed: int, threads: int) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(threads)
+        from oapl.config_views import load_config_tokenizer
         from oapl.engines.factory import make_engine
-        from oapl.trainer.model import load_tokenizer, resolve_model_path
+        from oapl.trainer.model import resolve_model_path
 
         cfg = TrainConfig.model_validate(cfg_json)
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs ("" when it has none)
@@ -86,8 +87,7 @@ class EngineActor:
         cfg = cfg.model_copy(update={"seed": seed,
                                      "model": cfg.model.model_copy(update={"device": str(self.device)})})
         path = resolve_model_path(cfg.model.name)
-        tok = load_tokenizer(resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else path,
-                             cfg.model.trust_remote_code)
+        tok = load_config_tokenizer(cfg)
         # the initial weights are the base model's; the trainer's arrive by load_weights right after
         self.engine = make_engine(cfg, path, tok)
         self.index = index
