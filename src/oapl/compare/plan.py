@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from oapl.config import ConfigError, Section, TrainConfig, load_config, set_dotted
+from oapl.config import ConfigError, Section, TrainConfig, load_config
+from oapl.config_views import set_dotted
 
 __all__ = ["Beta2SweepConfig", "ClaimsConfig", "CompareConfig", "FinalEvalConfig", "LagSweepConfig", "PlannedRun",
            "base_eval_dir", "eval_seed", "final_eval_settings", "load_compare_config", "plan_runs"]
