@@ -48,7 +48,7 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
     examples = select_examples(examples, max_prompts, subset, subset_seed)
     model_name = model or cfg.model.name
     model_path = resolve_model_path(model_name)
-    tokenizer = load_config_tokenizer(cfg, model_path)
+    tokenizer = load_config_tokenizer(cfg, model_path if model else None)
     max_tokens_field = "eval.max_tokens" if params is not None else "sampling.max_tokens"
     if params is None:
         params = sampling_params(cfg, n=n or cfg.rollout.group_size)
