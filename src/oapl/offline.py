@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from oapl.backends.offline import OfflineBackend, check_sampling_provenance
 from oapl.config import TrainConfig
 from oapl.config_views import is_offline
 
-__all__ = ["OfflineBackend", "check_sampling_provenance", "train_offline"]
+__all__ = ["train_offline"]
 
 
 def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

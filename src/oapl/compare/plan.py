@@ -205,11 +205,6 @@ class PlannedRun:
     def key(self) -> str:
         return f"{self.name}/seed{self.seed}"
 
-    @property
-    def config_name(self) -> str:
-        """The configuration, without the seed (what the report aggregates over seeds)."""
-        return self.name
-
 
 def _train_config(tree: dict[str, Any], where: str) -> TrainConfig:
     try:
