@@ -8,7 +8,8 @@ import pytest
 
 from oapl.config import load_config
 from oapl.data.rollouts import RolloutGroup, write_rollouts
-from oapl.offline import check_sampling_provenance, train_offline
+from oapl.backends.offline import check_sampling_provenance
+from oapl.offline import train_offline
 
 
 def _group(pid, temperature=1.0, top_p=1.0, weights_id="org/base", **sampling):

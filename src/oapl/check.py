@@ -312,7 +312,7 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=N
     if cfg.offline.data:
         try:
             from oapl.data.rollouts import read_rollouts
-            from oapl.offline import check_sampling_provenance
+            from oapl.backends.offline import check_sampling_provenance
 
             check_sampling_provenance(read_rollouts(cfg.offline.data, with_tokens=False), cfg)
         except Exception as e:  # noqa: BLE001

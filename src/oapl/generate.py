@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from oapl.config import TrainConfig
+from oapl.config_views import load_config_tokenizer, sampling_params
 from oapl.data.rollouts import RolloutWriter
 from oapl.data.tasks import build_task
 from oapl.engines.base import SamplingParams, sampling_dict
 from oapl.engines.factory import make_engine
 from oapl.evaluation.heldout import generate_groups
 from oapl.rewards.base import SafeReward
-from oapl.trainer.model import load_tokenizer, resolve_model_path
+from oapl.trainer.model import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,10 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
     examples = select_examples(examples, max_prompts, subset, subset_seed)
     model_name = model or cfg.model.name
     model_path = resolve_model_path(model_name)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    tokenizer = load_config_tokenizer(cfg, model_path if model else None)
     max_tokens_field = "eval.max_tokens" if params is not None else "sampling.max_tokens"
     if params is None:
-        s = cfg.sampling
-        params = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop), n=n or cfg.rollout.group_size)
+        params = sampling_params(cfg, n=n or cfg.rollout.group_size)
     reward = SafeReward(task.reward_fn)
     t0 = time.perf_counter()
     written = 0

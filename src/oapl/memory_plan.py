@@ -51,6 +51,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from oapl.config_views import is_offline
 from oapl.errors import UserError
 
 GB = 1e9
@@ -249,7 +250,7 @@ def parallel_mode(cfg) -> str:
 def sequential(cfg) -> bool:
     """The engine is never resident while the trainer trains: offline training (``offline.data``, or a config
     with an ``offline`` section, which ``oapl two-stage`` fills in per stage), or vLLM's sleep mode."""
-    return bool(cfg.offline.data or cfg.offline.model_fields_set or cfg.engine.enable_sleep_mode)
+    return is_offline(cfg) or bool(cfg.offline.model_fields_set or cfg.engine.enable_sleep_mode)
 
 
 def trainer_ranks(cfg) -> int:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from oapl.backends.offline import OfflineBackend, check_sampling_provenance
 from oapl.config import TrainConfig
+from oapl.config_views import is_offline
 
-__all__ = ["OfflineBackend", "check_sampling_provenance", "train_offline"]
+__all__ = ["train_offline"]
 
 
 def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -24,6 +24,6 @@ def train_offline(cfg: TrainConfig, resume: bool = False, overwrite: bool = Fals
     """
     from oapl.loop import train
 
-    if not cfg.offline.data:
+    if not is_offline(cfg):
         raise ValueError("offline.data is required for offline training")
     return train(cfg, resume=resume, overwrite=overwrite).summary

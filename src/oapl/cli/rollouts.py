@@ -39,8 +39,8 @@ def _require(paths: dict[str, str], what: str, flag: str) -> None:
 
 
 def cmd_eval(args) -> int:
+    from oapl.config_views import eval_sampling_params
     from oapl.data.rollouts import read_rollouts
-    from oapl.engines.base import SamplingParams
     from oapl.evaluation.passk import OVERALL, evaluate_groups, write_report
     from oapl.generate import generate_dataset
 
@@ -53,24 +53,20 @@ def cmd_eval(args) -> int:
         check_config(_cfg(args), model=args.model)  # before loading anything
     if args.benchmarks:  # named benchmarks, each generated on and scored
         from oapl.data.benchmarks import get_benchmark, task_overrides
-        from oapl.recipes.two_stage import _stage_cfg
+        from oapl.config_views import with_updates
 
         base = _cfg(args)
-        e = base.eval
-        params = SamplingParams(e.temperature, e.top_p, e.max_tokens or base.sampling.max_tokens,
-                                tuple(base.sampling.stop), n=args.n or e.n)
+        params = eval_sampling_params(base, n=args.n)
         for name in args.benchmarks.split(","):
             bench = get_benchmark(name.strip())
-            cfg = _stage_cfg(base, **task_overrides(bench))
+            cfg = with_updates(base, task_overrides(bench))
             data_dir = prefix.parent / f"{prefix.name}_rollouts" / bench.name
             generate_dataset(cfg, data_dir, split="eval", model=args.model, params=params,
                              max_prompts=args.max_prompts, benchmark=bench.name)
             sources.append(str(data_dir))
     if not sources:  # generate on the held-out split first
         cfg = _cfg(args)
-        e = cfg.eval
-        params = SamplingParams(e.temperature, e.top_p, e.max_tokens or cfg.sampling.max_tokens,
-                                tuple(cfg.sampling.stop), n=args.n or e.n)
+        params = eval_sampling_params(cfg, n=args.n)
         data_dir = prefix.parent / f"{prefix.name}_rollouts"
         generate_dataset(cfg, data_dir, split="eval", model=args.model, params=params,
                          max_prompts=args.max_prompts, benchmark=args.benchmark or cfg.task.name)

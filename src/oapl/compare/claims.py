@@ -382,94 +382,122 @@ def judge_claims(configs: dict[str, ConfigResults], base: dict[str, Any] | None,
     acted = {g.name: acted_text(correction_acted(g, clip_acted, is_acted)) for g in grpos}
     claims: list[Claim] = []
     if oapl is not None and grpos:
-        rows = []
-        for g in grpos:
-            iv, S, P = paired(oapl, g, "pass@k", 1)
-            rows.append(_row(verdict_advantage, iv, margin, f"{oapl.label} − {g.label}",
-                             f"pass@1 {_pts(iv)}; {_size(S, P)}." + _needs(iv, S, margin), acted[g.name]))
-        claims.append(Claim("OAPL outperforms GRPO+IS in held-out pass@1 at equal training samples", rows))
-        if non_inferiority_margin is not None:
-            rows = []
-            for g in grpos:
-                iv, S, P = paired(oapl, g, "pass@k", 1)
-                rows.append(_row(verdict_non_inferior, iv, non_inferiority_margin, f"{oapl.label} − {g.label}",
-                                 f"pass@1 {_pts(iv)}; {_size(S, P)}.", acted[g.name]))
-            claims.append(Claim(f"OAPL is non-inferior to GRPO+IS in held-out pass@1 (declared margin "
-                                f"{non_inferiority_margin * 100:g} pts)", rows))
-        kmax = min([oapl.n, *(g.n for g in grpos)])
-        if kmax > 1:
-            rows = []
-            for g in grpos:
-                iv, S, P = paired(oapl, g, "pass@k", kmax)
-                rows.append(_row(verdict_advantage, iv, margin, f"{oapl.label} − {g.label}",
-                                 f"pass@{kmax} {_pts(iv)}; {_size(S, P)}." + _needs(iv, S, margin), acted[g.name]))
-            claims.append(Claim(f"OAPL's pass@k is better than GRPO+IS's at large k (k = {kmax})", rows))
+        claims += _oapl_against_grpo(oapl, grpos, acted, margin, non_inferiority_margin)
     arms = [*oapls, *grpos]
     if base is not None and arms:
-        rows = []
-        for a in arms:
-            up, down, mid, ivs = sharpening(a, base)
-            k = max(ivs)
-            per_k = {j: verdict_advantage(iv, margin)[0] for j, iv in ivs.items()}
-            failed = [j for j, v in per_k.items() if v == NOT_REPRODUCED]
-            verdict = (NOT_REPRODUCED if failed else REPRODUCED if all(v == REPRODUCED for v in per_k.values())
-                       else INCONCLUSIVE)
-            why = (f"not reproduced at k = {_ranges(failed)} (below 0, or upper bound below the margin)" if failed
-                   else "above 0 at every k" if verdict == REPRODUCED
-                   else f"above 0 at k = {_ranges(up)}; undecided at k = {_ranges(mid)}")
-            rows.append(Row(f"{a.label} − base model", verdict,
-                            f"pass@1 {_pts(ivs[1])}, pass@{k} {_pts(ivs[k])}; {_size(len(a.seeds), len(base['correct']))}. "
-                            f"{why[0].upper()}{why[1:]}.", acted.get(a.name, "–")))
-        claims.append(Claim(f"RL improves pass@k over the base model at every k up to {max(ivs)} (not only "
-                            "sharpening pass@1)", rows))
-        for metric, what in (("token_entropy", "token entropy"), ("seq_entropy", "sequence entropy")):
-            if base.get(metric) is None:
-                continue
-            b = float(np.mean(base[metric]))
-            rows = []
-            for a in oapls:
-                iv, S, P = paired(a, base, metric, relative=True)
-                if S:
-                    rows.append(_row(verdict_non_inferior, iv, keeps_entropy, f"{a.label} vs base model",
-                                     f"{what} {a.over_seeds(metric).mean:.3f} vs {b:.3f}: {_pct(iv)}; {_size(S, P)}.",
-                                     unit="rel"))
-            for g in grpos:
-                iv, S, P = paired(g, base, metric, relative=True)
-                if S:
-                    rows.append(_row(verdict_reduces, iv, keeps_entropy, f"{g.label} vs base model (claimed: reduces)",
-                                     f"{what} {g.over_seeds(metric).mean:.3f} vs {b:.3f}: {_pct(iv)}; {_size(S, P)}.",
-                                     acted[g.name], unit="rel"))
-            if oapl is not None:
-                for g in grpos:
-                    iv, S, P = paired(oapl, g, metric)
-                    if S:
-                        rows.append(_row(verdict_advantage, iv, keeps_entropy * b, f"{oapl.label} − {g.label}",
-                                         f"{what} {iv.mean:+.3f} nats (95% CI {iv.lo:+.3f} to {iv.hi:+.3f}); "
-                                         f"{_size(S, P)}; margin {keeps_entropy:g} x base = {keeps_entropy * b:.3f}.",
-                                         acted[g.name], unit="nats"))
-            if rows:
-                claims.append(Claim(f"OAPL keeps the policy's {what} (falls by less than {keeps_entropy:.0%} of the "
-                                    "base model's) where GRPO+IS reduces it", rows))
+        claims.append(_better_than_base_at_every_k(arms, base, acted, margin))
+        claims += _entropy_kept(oapls, grpos, base, acted, keeps_entropy)
     sweep = sorted((c for c in configs.values() if c.group == "lag_sweep" and c.lag is not None),
                    key=lambda c: c.lag or 0)
     if sweep and base is not None:
-        big = sweep[-1]
-        iv, S, P = paired(big, base, "pass@k", 1)
-        diverged = [s for s, summ in zip(big.seeds, big.summaries)
-                    if summ.get("skipped_steps") or not all(math.isfinite(float(summ.get(k, 0.0) or 0.0))
-                                                             for k in ("kl_max", "reward_mean_last"))]
-        if diverged:
-            rows = [Row(f"OAPL L={big.lag}", NOT_REPRODUCED, f"Seeds {diverged} had skipped or non-finite steps.")]
-        else:
-            ev = (f"pass@1 {_pts(iv)} vs the base model; {_size(S, P)}; no non-finite or skipped steps"
-                  + (" (one seed: the interval ignores the training run's variance)" if S == 1 else "") + ".")
-            if len(sweep) > 1:
-                small = sweep[0]
-                iv2, _, _ = paired(big, small, "pass@k", 1)
-                ev += f" L={big.lag} − L={small.lag}: pass@1 {_pts(iv2)} (shown, not judged)."
-            rows = [_row(verdict_advantage, iv, margin, f"OAPL L={big.lag} − base model", ev)]
-        claims.append(Claim(f"OAPL trains stably with a large policy lag (L = {big.lag})", rows))
+        claims.append(_stable_with_a_large_lag(sweep, base, margin))
     return claims
+
+
+def _oapl_against_grpo(oapl: ConfigResults, grpos: list[ConfigResults], acted: dict[str, str], margin: float,
+                       non_inferiority_margin: float | None) -> list[Claim]:
+    """OAPL beats GRPO+IS at pass@1 (and, when a margin is declared, is non-inferior), and at large k."""
+    rows = []
+    for g in grpos:
+        iv, S, P = paired(oapl, g, "pass@k", 1)
+        rows.append(_row(verdict_advantage, iv, margin, f"{oapl.label} − {g.label}",
+                         f"pass@1 {_pts(iv)}; {_size(S, P)}." + _needs(iv, S, margin), acted[g.name]))
+    claims = [Claim("OAPL outperforms GRPO+IS in held-out pass@1 at equal training samples", rows)]
+    if non_inferiority_margin is not None:
+        rows = []
+        for g in grpos:
+            iv, S, P = paired(oapl, g, "pass@k", 1)
+            rows.append(_row(verdict_non_inferior, iv, non_inferiority_margin, f"{oapl.label} − {g.label}",
+                             f"pass@1 {_pts(iv)}; {_size(S, P)}.", acted[g.name]))
+        claims.append(Claim(f"OAPL is non-inferior to GRPO+IS in held-out pass@1 (declared margin "
+                            f"{non_inferiority_margin * 100:g} pts)", rows))
+    kmax = min([oapl.n, *(g.n for g in grpos)])
+    if kmax > 1:
+        rows = []
+        for g in grpos:
+            iv, S, P = paired(oapl, g, "pass@k", kmax)
+            rows.append(_row(verdict_advantage, iv, margin, f"{oapl.label} − {g.label}",
+                             f"pass@{kmax} {_pts(iv)}; {_size(S, P)}." + _needs(iv, S, margin), acted[g.name]))
+        claims.append(Claim(f"OAPL's pass@k is better than GRPO+IS's at large k (k = {kmax})", rows))
+    return claims
+
+
+def _better_than_base_at_every_k(arms: list[ConfigResults], base: dict[str, Any], acted: dict[str, str],
+                                 margin: float) -> Claim:
+    """Every arm beats the base model at every k (RL that only sharpens the policy loses at large k)."""
+    rows = []
+    for a in arms:
+        up, down, mid, ivs = sharpening(a, base)
+        k = max(ivs)
+        per_k = {j: verdict_advantage(iv, margin)[0] for j, iv in ivs.items()}
+        failed = [j for j, v in per_k.items() if v == NOT_REPRODUCED]
+        verdict = (NOT_REPRODUCED if failed else REPRODUCED if all(v == REPRODUCED for v in per_k.values())
+                   else INCONCLUSIVE)
+        why = (f"not reproduced at k = {_ranges(failed)} (below 0, or upper bound below the margin)" if failed
+               else "above 0 at every k" if verdict == REPRODUCED
+               else f"above 0 at k = {_ranges(up)}; undecided at k = {_ranges(mid)}")
+        rows.append(Row(f"{a.label} − base model", verdict,
+                        f"pass@1 {_pts(ivs[1])}, pass@{k} {_pts(ivs[k])}; {_size(len(a.seeds), len(base['correct']))}. "
+                        f"{why[0].upper()}{why[1:]}.", acted.get(a.name, "–")))
+    return Claim(f"RL improves pass@k over the base model at every k up to {max(ivs)} (not only "
+                 "sharpening pass@1)", rows)
+
+
+def _entropy_kept(oapls: list[ConfigResults], grpos: list[ConfigResults], base: dict[str, Any],
+                  acted: dict[str, str], keeps_entropy: float) -> list[Claim]:
+    """Per entropy the base evaluation has: OAPL keeps it (within ``keeps_entropy`` of the base
+    model's), GRPO+IS reduces it, and OAPL minus each GRPO+IS arm."""
+    oapl = oapls[0] if oapls else None
+    claims = []
+    for metric, what in (("token_entropy", "token entropy"), ("seq_entropy", "sequence entropy")):
+        if base.get(metric) is None:
+            continue
+        b = float(np.mean(base[metric]))
+        rows = []
+        for a in oapls:
+            iv, S, P = paired(a, base, metric, relative=True)
+            if S:
+                rows.append(_row(verdict_non_inferior, iv, keeps_entropy, f"{a.label} vs base model",
+                                 f"{what} {a.over_seeds(metric).mean:.3f} vs {b:.3f}: {_pct(iv)}; {_size(S, P)}.",
+                                 unit="rel"))
+        for g in grpos:
+            iv, S, P = paired(g, base, metric, relative=True)
+            if S:
+                rows.append(_row(verdict_reduces, iv, keeps_entropy, f"{g.label} vs base model (claimed: reduces)",
+                                 f"{what} {g.over_seeds(metric).mean:.3f} vs {b:.3f}: {_pct(iv)}; {_size(S, P)}.",
+                                 acted[g.name], unit="rel"))
+        if oapl is not None:
+            for g in grpos:
+                iv, S, P = paired(oapl, g, metric)
+                if S:
+                    rows.append(_row(verdict_advantage, iv, keeps_entropy * b, f"{oapl.label} − {g.label}",
+                                     f"{what} {iv.mean:+.3f} nats (95% CI {iv.lo:+.3f} to {iv.hi:+.3f}); "
+                                     f"{_size(S, P)}; margin {keeps_entropy:g} x base = {keeps_entropy * b:.3f}.",
+                                     acted[g.name], unit="nats"))
+        if rows:
+            claims.append(Claim(f"OAPL keeps the policy's {what} (falls by less than {keeps_entropy:.0%} of the "
+                                "base model's) where GRPO+IS reduces it", rows))
+    return claims
+
+
+def _stable_with_a_large_lag(sweep: list[ConfigResults], base: dict[str, Any], margin: float) -> Claim:
+    """The largest lag of the sweep trains without skipped or non-finite steps and beats the base model."""
+    big = sweep[-1]
+    iv, S, P = paired(big, base, "pass@k", 1)
+    diverged = [s for s, summ in zip(big.seeds, big.summaries)
+                if summ.get("skipped_steps") or not all(math.isfinite(float(summ.get(k, 0.0) or 0.0))
+                                                         for k in ("kl_max", "reward_mean_last"))]
+    if diverged:
+        rows = [Row(f"OAPL L={big.lag}", NOT_REPRODUCED, f"Seeds {diverged} had skipped or non-finite steps.")]
+    else:
+        ev = (f"pass@1 {_pts(iv)} vs the base model; {_size(S, P)}; no non-finite or skipped steps"
+              + (" (one seed: the interval ignores the training run's variance)" if S == 1 else "") + ".")
+        if len(sweep) > 1:
+            small = sweep[0]
+            iv2, _, _ = paired(big, small, "pass@k", 1)
+            ev += f" L={big.lag} − L={small.lag}: pass@1 {_pts(iv2)} (shown, not judged)."
+        rows = [_row(verdict_advantage, iv, margin, f"OAPL L={big.lag} − base model", ev)]
+    return Claim(f"OAPL trains stably with a large policy lag (L = {big.lag})", rows)
 
 
 def contradicted(claims: list[Claim]) -> list[tuple[Claim, list[Row]]]:

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from oapl.config import ConfigError, Section, TrainConfig, load_config, set_dotted
+from oapl.config import ConfigError, Section, TrainConfig, load_config
+from oapl.config_views import set_dotted
 
 __all__ = ["Beta2SweepConfig", "ClaimsConfig", "CompareConfig", "FinalEvalConfig", "LagSweepConfig", "PlannedRun",
            "base_eval_dir", "eval_seed", "final_eval_settings", "load_compare_config", "plan_runs"]
@@ -203,11 +204,6 @@ class PlannedRun:
     @property
     def key(self) -> str:
         return f"{self.name}/seed{self.seed}"
-
-    @property
-    def config_name(self) -> str:
-        """The configuration, without the seed (what the report aggregates over seeds)."""
-        return self.name
 
 
 def _train_config(tree: dict[str, Any], where: str) -> TrainConfig:

@@ -32,7 +32,8 @@ from typing import Any
 from oapl.backends import OnlineBackend, Rollout, built
 from oapl.config import TrainConfig
 from oapl.distributed.cluster import ensure_ray, require_ray
-from oapl.distributed.engines import EnginePool, PoolEngine, RankZeroEngine, RolloutFleet
+from oapl.distributed.engines import EnginePool, PoolEngine, RankZeroEngine
+from oapl.distributed.fleet import RolloutFleet
 from oapl.distributed.trainer import TrainerGroup, parallel_mode
 
 log = logging.getLogger(__name__)

@@ -38,11 +38,6 @@ def cpus_needed(cfg: TrainConfig) -> float:
     return d.num_engines * d.engine_num_cpus + d.trainer_workers * d.trainer_num_cpus
 
 
-def gpus_needed(cfg: TrainConfig) -> float:
-    d = cfg.distributed
-    return d.num_engines * d.engine_num_gpus + d.trainer_workers * d.trainer_num_gpus
-
-
 def ensure_ray(cfg: TrainConfig) -> bool:
     """Connect to ``distributed.ray_address`` or start a local cluster; True if this call started it.
 

@@ -1,4 +1,4 @@
-"""Inference engines as Ray actors, and the rollout workers that drive them from the driver.
+"""Inference engines as Ray actors, and their driver-side proxies.
 
 * :class:`EngineActor` (actor body): one :class:`~oapl.engines.base.InferenceEngine` built with
   :func:`oapl.engines.factory.make_engine` (vLLM or transformers) inside its own process.
@@ -10,9 +10,10 @@
   the latest synced weights and version from the object-store copy, or, where no copy is kept (the
   collective transport with >= 2 engines in the background), it is *pending*: idle until the next
   sync's broadcast. A slot that dies more than ``distributed.max_engine_restarts`` times fails the run.
-* :class:`RolloutFleet`: one :class:`RayRolloutWorker` per slot sharing one prompt sampler and
-  one buffer: background threads (``rollout.asynchronous``) or, synchronously, one round of
-  parallel engine calls at a time in a deterministic order.
+* :class:`PoolEngine` (the pool as one engine, for evaluation) and :class:`RankZeroEngine` (trainer
+  rank 0's current weights, for a mid-window evaluation).
+
+The rollout workers that drive the slots are in :mod:`oapl.distributed.fleet`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import torch
 
@@ -34,8 +33,7 @@ from oapl.distributed.cluster import (EngineRestartsExhausted, TrainerFailure, a
                                       remove_placement_group, require_ray)
 from oapl.distributed.weights import WeightGroup, cpu_state
 from oapl.engines.base import GenerationOutput, SamplingParams, WeightIterator
-from oapl.rollout.buffer import BufferClosed, RolloutBuffer
-from oapl.rollout.worker import PromptSampler, RolloutWorker, report_failure
+from oapl.rollout.buffer import BufferClosed
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +75,9 @@ class EngineActor:
     def __init__(self, cfg_json: dict, index: int, seed: int, threads: int) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(threads)
+        from oapl.config_views import load_config_tokenizer
         from oapl.engines.factory import make_engine
-        from oapl.trainer.model import load_tokenizer, resolve_model_path
+        from oapl.trainer.model import resolve_model_path
 
         cfg = TrainConfig.model_validate(cfg_json)
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs ("" when it has none)
@@ -86,8 +85,7 @@ class EngineActor:
         cfg = cfg.model_copy(update={"seed": seed,
                                      "model": cfg.model.model_copy(update={"device": str(self.device)})})
         path = resolve_model_path(cfg.model.name)
-        tok = load_tokenizer(resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else path,
-                             cfg.model.trust_remote_code)
+        tok = load_config_tokenizer(cfg)
         # the initial weights are the base model's; the trainer's arrive by load_weights right after
         self.engine = make_engine(cfg, path, tok)
         self.index = index
@@ -445,175 +443,3 @@ class RankZeroEngine:
 
     def close(self) -> None:
         pass
-
-
-class SharedSampler:
-    """One :class:`PromptSampler` shared by every slot (thread-safe; resumable like the local one)."""
-
-    def __init__(self, sampler: PromptSampler) -> None:
-        self._sampler = sampler
-        self._lock = threading.Lock()
-
-    def next(self, k: int) -> list[int]:
-        with self._lock:
-            return self._sampler.next(k)
-
-    def state_dict(self) -> dict[str, int]:
-        with self._lock:
-            return self._sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        with self._lock:
-            self._sampler.load_state_dict(state)
-
-
-class _SlotSampler:
-    """A slot's view of the shared sampler; in synchronous mode the driver presets its draw."""
-
-    def __init__(self, shared: SharedSampler) -> None:
-        self.shared = shared
-        self.preset: list[int] | None = None
-
-    def next(self, k: int) -> list[int]:
-        if self.preset is not None:
-            out, self.preset = self.preset, None
-            return out
-        return self.shared.next(k)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.shared.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.shared.load_state_dict(state)
-
-
-class RayRolloutWorker(RolloutWorker):
-    """A :class:`RolloutWorker` for one engine slot that survives the death of its actor."""
-
-    def __init__(self, engine: RemoteEngine, shared: SharedSampler, *args, **kwargs) -> None:
-        super().__init__(engine, *args, **kwargs)
-        self.slot = engine  # the same engine, typed: its pool and slot index
-        self.slot_sampler = _SlotSampler(shared)
-        self.sampler = self.slot_sampler
-
-    def produce_or_restart(self) -> list | None:
-        """One engine call; ``None`` when the actor died (restarted, in-flight groups dropped)."""
-        pending = self.slot.pool.is_pending(self.slot.index)
-        try:
-            if not pending:  # (checked first: a pending slot draws no prompts)
-                return self.produce()
-        except EnginePending:
-            pending = True
-        except EngineDied as e:
-            if self._stop.is_set():
-                raise BufferClosed("stopping") from None
-            with self.engine_lock:
-                self.slot.pool.restart(self.slot.index, e.actor)
-            return None
-        if pending and self._stop.wait(0.05):  # idle until the next sync gives the slot its weights
-            raise BufferClosed("stopping")
-        return None
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                groups = self.produce_or_restart()
-                if groups is not None:
-                    self.push(groups)
-        except BufferClosed:
-            pass
-        except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
-            report_failure(e)
-            self.failure = e
-            self.buffer.close()
-
-
-class RolloutFleet:
-    """The N rollout workers of an :class:`EnginePool`, filling one shared buffer."""
-
-    def __init__(self, pool: EnginePool, task, tokenizer, buffer: RolloutBuffer, sampling: SamplingParams,
-                 group_size: int, prompts_per_call: int, seed: int, weights_id: str = "") -> None:
-        self.pool, self.buffer = pool, buffer
-        self.prompts_per_call = prompts_per_call
-        self.sampler = SharedSampler(PromptSampler(len(task.train), seed))
-        self.workers = [RayRolloutWorker(engine, self.sampler, task, tokenizer, buffer, sampling, group_size,
-                                         prompts_per_call, seed, weights_id=weights_id)
-                        for engine in pool.engines]
-        self._executor: ThreadPoolExecutor | None = None
-
-    # -- synchronous mode --------------------------------------------------------------------
-    def fill(self, k: int) -> None:
-        """Generate until the buffer holds ``k`` groups: rounds of parallel calls on as many slots as
-        needed, prompts drawn and results pushed in slot order (deterministic)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="oapl-fill")
-        while len(self.buffer) < k:
-            need = math.ceil((k - len(self.buffer)) / self.prompts_per_call)
-            ready = [w for w in self.workers if not self.pool.is_pending(w.slot.index)]
-            if not ready:  # (not expected: synchronous generation keeps the object-store copy)
-                raise TrainerFailure("no engine actor holds the synced weights")
-            ws = ready[:min(need, len(ready))]
-            for w in ws:
-                w.slot_sampler.preset = self.sampler.next(self.prompts_per_call)
-            futures = [self._executor.submit(w.produce_or_restart) for w in ws]
-            for w, f in zip(ws, futures):
-                groups = f.result()
-                if groups is not None:
-                    w.push(groups)
-
-    # -- asynchronous mode --------------------------------------------------------------------
-    def start(self) -> None:
-        for w in self.workers:
-            w.start()
-
-    def stop(self) -> None:
-        for w in self.workers:
-            w.request_stop()
-        self.buffer.close()
-        for w in self.workers:
-            w.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for w in self.workers:
-                stack.enter_context(w.paused())
-            yield
-
-    @property
-    def failure(self) -> BaseException | None:
-        return next((w.failure for w in self.workers if w.failure is not None), None)
-
-    # -- stats ---------------------------------------------------------------------------------
-    def gen_counters(self) -> list[tuple[int, float]]:
-        return [(w.stats.gen_tokens, w.stats.gen_seconds) for w in self.workers]
-
-    @staticmethod
-    def tokens_per_s(now: list[tuple[int, float]], start: list[tuple[int, float]]) -> float:
-        """Engine throughput: the sum over slots of generated tokens per second of generation."""
-        return sum((t - t0) / max(s - s0, 1e-9) for (t, s), (t0, s0) in zip(now, start))
-
-    @property
-    def reward_errors(self) -> int:
-        return sum(w.reward.stats.errors for w in self.workers)
-
-    @property
-    def reward_error_samples(self) -> list[dict[str, Any]]:
-        return [s for w in self.workers for s in w.reward.stats.samples]
-
-    @property
-    def stale_dropped(self) -> int:
-        return sum(w.stats.stale_dropped for w in self.workers)
-
-    @property
-    def groups_generated(self) -> int:
-        return sum(w.stats.groups + w.stats.stale_dropped for w in self.workers)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])

@@ -95,6 +95,87 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _check_arguments(llm_kwargs: dict[str, Any], cpu_threads: int | None, sync_threads: int | None) -> None:
+    """Refuse what :class:`VLLMEngine` sets itself or cannot run (one in-process worker)."""
+    for reserved in ("model", "logprobs_mode"):
+        if reserved in llm_kwargs:
+            raise ValueError(f"VLLMEngine sets {reserved!r} itself; do not pass it in llm_kwargs")
+    for name, value in (("cpu_threads", cpu_threads), ("sync_threads", sync_threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if any(int(llm_kwargs.get(k, 1)) != 1 for k in ("tensor_parallel_size", "pipeline_parallel_size")):
+        raise ValueError(
+            "VLLMEngine runs one in-process vLLM worker (tensor_parallel_size=1, "
+            "pipeline_parallel_size=1); for bigger models run several engines (data parallel)"
+        )
+
+
+def _llm_kwargs(llm_kwargs: dict[str, Any], *, on_cpu: bool, seed: int, dtype: str,
+                gpu_memory_utilization: float | None, max_model_len: int | None, sleep: bool,
+                enforce_eager: bool | None) -> dict[str, Any]:
+    """The arguments of ``vllm.LLM``: the caller's, the platform's defaults for what it left unset
+    (see :class:`VLLMEngine`), and processed log-probs (those of the distribution sampled from)."""
+    kwargs = dict(llm_kwargs)
+    if on_cpu:
+        explicit_kv = ("kv_cache_memory_bytes" in kwargs or gpu_memory_utilization is not None
+                       or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != "")
+        if not explicit_kv:
+            kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = DEFAULT_CPU_MEMORY_UTILIZATION if on_cpu else DEFAULT_CUDA_MEMORY_UTILIZATION
+    if enforce_eager is None:
+        enforce_eager = on_cpu  # compilation takes minutes on CPU
+    kwargs.update(
+        seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
+    )
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if sleep:
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
+
+
+@contextlib.contextmanager
+def _starting_vllm(model_path: str, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Around the construction of ``vllm.LLM`` in this process.
+
+    vLLM re-seeds the global RNGs, disables torch.set_num_threads (CPU worker), changes the torch
+    thread count (CUDA worker) and gc.freeze()s the heap of the process it runs in: all of it is
+    undone for the caller. A failure to start is one ``RuntimeError`` that says what to check.
+    """
+    import vllm.envs
+
+    saved_rng = _RngState.capture()
+    saved_threads = torch.get_num_threads()
+    saved_set_num_threads = torch.set_num_threads
+    vllm.envs.disable_envs_cache()  # vLLM caches env vars once an engine is up
+    try:
+        with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+            yield
+    except Exception as exc:
+        if isinstance(exc, (ValueError, TypeError)):  # vLLM's argument/config validation: the user's to fix
+            from oapl.errors import UserError
+
+            first = " ".join(str(exc).split())[:400]
+            raise UserError(
+                f"engine: vLLM refused its arguments on {model_path}: {type(exc).__name__}: {first} (vLLM "
+                f"arguments come from engine.extra, engine.max_model_len, engine.gpu_memory_utilization; "
+                f"given: { {k: v for k, v in kwargs.items() if k != 'seed'} })") from exc
+        raise RuntimeError(
+            f"vLLM failed to start on {model_path!r} with {kwargs}: {type(exc).__name__}: {exc}. "
+            "On CPU check the head size (vLLM-CPU supports 32, 64, 80, 96, 112, 128, ...); for "
+            "memory errors lower max_model_len or change gpu_memory_utilization / "
+            "kv_cache_memory_bytes"
+        ) from exc
+    finally:
+        torch.set_num_threads = saved_set_num_threads
+        if torch.get_num_threads() != saved_threads:
+            torch.set_num_threads(saved_threads)
+        saved_rng.restore()
+        gc.unfreeze()
+
+
 class VLLMEngine:
     """Sample with vLLM from an HF checkpoint folder, in this process.
 
@@ -142,7 +223,6 @@ class VLLMEngine:
         if reason is not None:
             raise RuntimeError(f"VLLMEngine needs vLLM: {reason}; or use engine.kind=transformers")
         import vllm
-        import vllm.envs
         from vllm.platforms import current_platform
 
         self.model_path = model_path
@@ -154,82 +234,29 @@ class VLLMEngine:
         self._weights_invalid = False  # a load_weights() failed part-way and none succeeded since
         self._llm: Any = None  # vllm.LLM once built (Any: vLLM is an optional dependency)
 
-        kwargs: dict[str, Any] = dict(llm_kwargs)
-        for reserved in ("model", "logprobs_mode"):
-            if reserved in kwargs:
-                raise ValueError(f"VLLMEngine sets {reserved!r} itself; do not pass it in llm_kwargs")
-        if self.on_cpu:
-            if enable_sleep_mode:
-                log.debug("vLLM sleep mode is not supported on CPU; enable_sleep_mode ignored")
-            enable_sleep_mode = False
-            explicit_kv = ("kv_cache_memory_bytes" in kwargs or gpu_memory_utilization is not None
-                           or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != "")
-            if not explicit_kv:
-                kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
-            if gpu_memory_utilization is None:
-                gpu_memory_utilization = DEFAULT_CPU_MEMORY_UTILIZATION
-            if enforce_eager is None:
-                enforce_eager = True
-        else:
-            if gpu_memory_utilization is None:
-                gpu_memory_utilization = DEFAULT_CUDA_MEMORY_UTILIZATION
-            if enforce_eager is None:
-                enforce_eager = False
-        self.sleep_enabled = bool(enable_sleep_mode)
-        for name, value in (("cpu_threads", cpu_threads), ("sync_threads", sync_threads)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        _check_arguments(llm_kwargs, cpu_threads, sync_threads)
+        if self.on_cpu and enable_sleep_mode:
+            log.debug("vLLM sleep mode is not supported on CPU; enable_sleep_mode ignored")
+        self.sleep_enabled = bool(enable_sleep_mode) and not self.on_cpu
         self.cpu_threads = cpu_threads if self.on_cpu else None
         self.sync_threads = (sync_threads or 1) if self.on_cpu else None
-        if any(int(kwargs.get(k, 1)) != 1 for k in ("tensor_parallel_size", "pipeline_parallel_size")):
-            raise ValueError(
-                "VLLMEngine runs one in-process vLLM worker (tensor_parallel_size=1, "
-                "pipeline_parallel_size=1); for bigger models run several engines (data parallel)"
-            )
-        kwargs.update(
-            seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
-        )
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        if self.sleep_enabled:
-            kwargs["enable_sleep_mode"] = True
+        kwargs = _llm_kwargs(llm_kwargs, on_cpu=self.on_cpu, seed=seed, dtype=dtype,
+                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                             sleep=self.sleep_enabled, enforce_eager=enforce_eager)
         self.llm_kwargs = kwargs
 
-        # vLLM re-seeds the global RNGs, disables torch.set_num_threads (CPU worker), changes the
-        # torch thread count (CUDA worker) and gc.freeze()s the heap of the process it runs in:
-        # undo all of it for the caller.
-        saved_rng = _RngState.capture()
-        saved_threads = torch.get_num_threads()
-        saved_set_num_threads = torch.set_num_threads
         start = time.perf_counter()
-        vllm.envs.disable_envs_cache()  # vLLM caches env vars once an engine is up
-        try:
-            with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-                self._llm = vllm.LLM(model_path, **kwargs)
-        except Exception as exc:
-            if isinstance(exc, (ValueError, TypeError)):  # vLLM's argument/config validation: the user's to fix
-                from oapl.errors import UserError
-
-                first = " ".join(str(exc).split())[:400]
-                raise UserError(
-                    f"engine: vLLM refused its arguments on {model_path}: {type(exc).__name__}: {first} (vLLM "
-                    f"arguments come from engine.extra, engine.max_model_len, engine.gpu_memory_utilization; "
-                    f"given: { {k: v for k, v in kwargs.items() if k != 'seed'} })") from exc
-            raise RuntimeError(
-                f"vLLM failed to start on {model_path!r} with {kwargs}: {type(exc).__name__}: {exc}. "
-                "On CPU check the head size (vLLM-CPU supports 32, 64, 80, 96, 112, 128, ...); for "
-                "memory errors lower max_model_len or change gpu_memory_utilization / "
-                "kv_cache_memory_bytes"
-            ) from exc
-        finally:
-            torch.set_num_threads = saved_set_num_threads
-            if torch.get_num_threads() != saved_threads:
-                torch.set_num_threads(saved_threads)
-            saved_rng.restore()
-            gc.unfreeze()
+        with _starting_vllm(model_path, kwargs):
+            self._llm = vllm.LLM(model_path, **kwargs)
         self.startup_seconds = time.perf_counter() - start
         _OPEN_ENGINES.add(self)
+        self._adopt_llm()
+        log.info("vLLM engine up in %.1fs on %s (%s)", self.startup_seconds,
+                 "CPU" if self.on_cpu else "CUDA", {k: v for k, v in kwargs.items() if k != "seed"})
+
+    def _adopt_llm(self) -> None:
+        """Set up what comes from the running vLLM: its log filters, its tokenizer, the CUDA device
+        it runs on, and the engine's own sampling RNG (seeded for version 0)."""
         from oapl.logs import install_vllm_filters
 
         # drop the "<layer>: Failed to load weights" vLLM prints at every sync for layers without weights
@@ -239,8 +266,6 @@ class VLLMEngine:
         if not self.on_cpu and torch.cuda.is_available():
             self._cuda_index = torch.cuda.current_device()
         self._rng = _RngState.seeded(self._seed_for(0), self._cuda_index)
-        log.info("vLLM engine up in %.1fs on %s (%s)", self.startup_seconds,
-                 "CPU" if self.on_cpu else "CUDA", {k: v for k, v in kwargs.items() if k != "seed"})
 
     # -- protocol ----------------------------------------------------------------------------
     def _seed_for(self, version: int) -> int:

@@ -134,69 +134,76 @@ def plot_passk(
     """
     if not results:
         raise ValueError("plot_passk needs at least one result")
-    loaded: dict[str, Mapping[str, Any]] = {}
-    for label, res in results.items():
-        loaded[label] = load_report(res) if isinstance(res, (str, os.PathLike)) else res
+    loaded = {label: load_report(res) if isinstance(res, (str, os.PathLike)) else res
+              for label, res in results.items()}
     names: list[str] = []
     for res in loaded.values():
         for name in res["benchmarks"]:
             if name not in names:
                 names.append(name)
-    if benchmark is None:
-        panels = names + ([MEAN_PANEL] if len(names) > 1 else [])
-    else:
-        if benchmark not in names and benchmark not in (OVERALL, MEAN_PANEL):
-            raise ValueError(
-                f"benchmark {benchmark!r} is in none of the results; available: "
-                f"{names + [OVERALL, MEAN_PANEL]}"
-            )
-        panels = [benchmark]
-
+    panels = _passk_panels(names, benchmark)
     # runs are compared on the benchmarks they all have; a run's own macro mean when they agree
     common = [name for name in names if all(name in res["benchmarks"] for res in loaded.values())]
     mean_over = None if len(common) == len(names) or not common else common
 
     fig, axes = _new_figure(len(panels), dpi)
-    colors = [f"C{i % 10}" for i in range(len(loaded))]
     for ax, panel in zip(axes, panels):
-        all_ks: set[int] = set()
-        missing = []
-        for color, (label, res) in zip(colors, loaded.items()):
-            series = _passk_series(res, panel, mean_over)
-            if series is None or not series[0]:
-                missing.append(label)
-                continue
-            ks, ys, errs = series
-            all_ks.update(ks)
-            ax.plot(ks, ys, marker="o", markersize=3.5, linewidth=1.6, color=color, label=label)
-            if any(errs):
-                ax.fill_between(ks, [y - e for y, e in zip(ys, errs)],
-                                [y + e for y, e in zip(ys, errs)], color=color, alpha=0.15,
-                                linewidth=0)
-        heading = {MEAN_PANEL: "mean over benchmarks", OVERALL: "all prompts (pooled)"}.get(
-            panel, panel)
-        if panel == MEAN_PANEL and mean_over is not None:
-            heading += f"\n(common to all runs: {', '.join(mean_over)})"
-        elif missing:
-            heading += f"\n(no data: {', '.join(missing)})"
-        ax.set_title(heading, fontsize=10)
-        ax.set_xscale("log", base=2)
-        if all_ks:
-            ticks = sorted(all_ks)
-            ax.xaxis.set_major_locator(FixedLocator(ticks))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v))}"))
-            ax.xaxis.set_minor_locator(NullLocator())
-            lo, hi = ticks[0], ticks[-1]
-            ax.set_xlim(lo / 1.25, hi * 1.25)
-            ax.legend(fontsize=8, loc="lower right")
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("k (samples)")
-        ax.set_ylabel("pass@k")
-        ax.grid(True, which="major", alpha=0.3)
+        _draw_passk_panel(ax, panel, loaded, mean_over)
     fig.suptitle(title or "Pass@k", fontsize=12)
     return _save(fig, out_png)
+
+
+def _passk_panels(names: list[str], benchmark: str | None) -> list[str]:
+    """One panel per benchmark (and their mean when there are several), or the one asked for."""
+    if benchmark is None:
+        return names + ([MEAN_PANEL] if len(names) > 1 else [])
+    if benchmark not in names and benchmark not in (OVERALL, MEAN_PANEL):
+        raise ValueError(
+            f"benchmark {benchmark!r} is in none of the results; available: "
+            f"{names + [OVERALL, MEAN_PANEL]}"
+        )
+    return [benchmark]
+
+
+def _draw_passk_panel(ax, panel: str, loaded: Mapping[str, Mapping[str, Any]], mean_over: list[str] | None) -> None:
+    """The curves of every run on one panel, titled with the runs that have no data there."""
+    all_ks: set[int] = set()
+    missing = []
+    colors = [f"C{i % 10}" for i in range(len(loaded))]
+    for color, (label, res) in zip(colors, loaded.items()):
+        series = _passk_series(res, panel, mean_over)
+        if series is None or not series[0]:
+            missing.append(label)
+            continue
+        ks, ys, errs = series
+        all_ks.update(ks)
+        ax.plot(ks, ys, marker="o", markersize=3.5, linewidth=1.6, color=color, label=label)
+        if any(errs):
+            ax.fill_between(ks, [y - e for y, e in zip(ys, errs)],
+                            [y + e for y, e in zip(ys, errs)], color=color, alpha=0.15,
+                            linewidth=0)
+    heading = {MEAN_PANEL: "mean over benchmarks", OVERALL: "all prompts (pooled)"}.get(
+        panel, panel)
+    if panel == MEAN_PANEL and mean_over is not None:
+        heading += f"\n(common to all runs: {', '.join(mean_over)})"
+    elif missing:
+        heading += f"\n(no data: {', '.join(missing)})"
+    ax.set_title(heading, fontsize=10)
+    ax.set_xscale("log", base=2)
+    if all_ks:
+        ticks = sorted(all_ks)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v))}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        lo, hi = ticks[0], ticks[-1]
+        ax.set_xlim(lo / 1.25, hi * 1.25)
+        ax.legend(fontsize=8, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("k (samples)")
+    ax.set_ylabel("pass@k")
+    ax.grid(True, which="major", alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,15 +63,13 @@ def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | 
     ``engine.kind``) samples the responses: vLLM gets an export of the weights. Returns the
     ``result.json`` dict.
     """
-    from oapl.engines.base import SamplingParams
+    from oapl.config_views import sampling_params
 
     out_dir = Path(out_dir)
-    s = cfg.sampling
-    temperature = s.temperature if temperature is None else temperature
+    temperature = cfg.sampling.temperature if temperature is None else temperature
     if temperature <= 0:
         raise ValueError("evaluate_policy samples n responses per prompt: temperature must be > 0")
-    params = SamplingParams(temperature, s.top_p if top_p is None else top_p, max_tokens or s.max_tokens,
-                            tuple(s.stop), n=n)
+    params = sampling_params(cfg, n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     settings = {"checkpoint": str(checkpoint) if checkpoint else None, "n": n, "temperature": temperature,
                 "top_p": params.top_p, "max_tokens": params.max_tokens, "entropy": entropy,
                 "seed": cfg.seed if seed is None else seed, "max_prompts": max_prompts,

@@ -22,23 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from oapl.config import TrainConfig
-from oapl.engines.base import SamplingParams
+from oapl.config_views import eval_sampling_params, with_updates
 from oapl.evaluation.passk import OVERALL, evaluate_groups, write_report
 from oapl.generate import generate_dataset
 from oapl.offline import train_offline
 
 log = logging.getLogger(__name__)
-
-
-def _stage_cfg(cfg: TrainConfig, **updates: Any) -> TrainConfig:
-    data = cfg.model_dump()
-    for dotted, value in updates.items():
-        node = data
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    return TrainConfig.model_validate(data)
 
 
 def pass1(result: dict[str, Any]) -> float:
@@ -47,9 +36,8 @@ def pass1(result: dict[str, Any]) -> float:
 
 
 def _evaluate(cfg: TrainConfig, model: str, out: Path) -> dict[str, Any]:
-    e = cfg.eval
-    params = SamplingParams(e.temperature, e.top_p, e.max_tokens or cfg.sampling.max_tokens, tuple(cfg.sampling.stop), n=e.n)
-    generate_dataset(cfg, out / "rollouts", split="eval", model=model, params=params, benchmark=cfg.task.name)
+    generate_dataset(cfg, out / "rollouts", split="eval", model=model, params=eval_sampling_params(cfg),
+                     benchmark=cfg.task.name)
     from oapl.data.rollouts import read_rollouts
 
     result = evaluate_groups(read_rollouts(out / "rollouts", with_tokens=False))
@@ -91,17 +79,16 @@ def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: i
     log.info("stage 1: generate with the base model")
     report["stages"]["generate1"] = generate_dataset(cfg, root / "stage1_data", split="train")
     log.info("stage 1: train one epoch offline")
-    s1 = _stage_cfg(cfg, output_dir=str(root / "stage1"), **{"offline.data": str(root / "stage1_data"),
-                                                            "offline.epochs": 1})
+    s1 = with_updates(cfg, {"output_dir": str(root / "stage1"), "offline.data": str(root / "stage1_data"),
+                            "offline.epochs": 1})
     report["stages"]["train1"] = train_offline(s1, resume=True)
     stage1_model = _model(_epochs(report["stages"]["train1"])[-1])
 
     log.info("stage 2: generate with the stage-1 model on %d random prompts", stage2_prompts)
     report["stages"]["generate2"] = generate_dataset(cfg, root / "stage2_data", split="train", model=stage1_model,
                                                      subset=stage2_prompts, subset_seed=cfg.seed)
-    s2 = _stage_cfg(cfg, output_dir=str(root / "stage2"), **{"model.name": stage1_model,
-                                                            "offline.data": str(root / "stage2_data"),
-                                                            "offline.epochs": stage2_epochs})
+    s2 = with_updates(cfg, {"output_dir": str(root / "stage2"), "model.name": stage1_model,
+                            "offline.data": str(root / "stage2_data"), "offline.epochs": stage2_epochs})
     log.info("stage 2: train %d epochs", stage2_epochs)
     report["stages"]["train2"] = train_offline(s2, resume=True)
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from oapl.config import TrainConfig
+from oapl.config_views import load_config_tokenizer
 from oapl.objectives import build_objective
-from oapl.trainer.model import load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+from oapl.trainer.model import load_causal_lm, pick_device, resolve_model_path
 from oapl.trainer.optim import build_optimizer, build_scheduler
 from oapl.trainer.precision import resolve_precision, warn_if_updates_drop
 
@@ -33,9 +34,7 @@ class Policy:
         self.objective = build_objective(cfg.algorithm)
         self.temperature = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
         self.model_path = resolve_model_path(cfg.model.name)
-        self.tokenizer = tokenizer or load_tokenizer(
-            resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else self.model_path,
-            cfg.model.trust_remote_code)
+        self.tokenizer = tokenizer or load_config_tokenizer(cfg)
         base = model if model is not None else load_causal_lm(self.model_path, self.precision.load_dtype,
                                                               self.device, cfg.model.trust_remote_code)
         base = base.to(device=self.device, dtype=self.precision.load_dtype)

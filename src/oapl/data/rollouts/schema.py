@@ -246,86 +246,16 @@ def _group_from_rows(
     rows: Sequence[Mapping[str, Any]], row_numbers: list[int], *, file: str | None
 ) -> RolloutGroup:
     """Assemble one group; ``row_numbers[j]`` is the position of ``rows[j]`` for error messages."""
-    first, first_row = rows[0], row_numbers[0]
-    pid = first["prompt_id"]
-    for row, rn in zip(rows, row_numbers):
-        if row["prompt_id"] != pid:
-            raise RolloutSchemaError(
-                f"rows of several prompts given to one group ({pid!r} and {row['prompt_id']!r})",
-                file=file, row=rn, column="prompt_id",
-            )
-    # group-level columns must agree on every row
-    for col in _GROUP_COLUMNS:
-        ref = first[col]
-        for row, rn in zip(rows[1:], row_numbers[1:]):
-            value = row[col]
-            if col == "group_rewards":
-                same = len(value) == len(ref) and all(
-                    _same_float(float(a), float(b)) for a, b in zip(value, ref)
-                )
-            else:
-                same = value == ref
-            if not same:
-                raise RolloutSchemaError(
-                    f"prompt {pid!r}: rows disagree on {col} ({_short(value, 80)} here, "
-                    f"{_short(ref, 80)} on row {first_row})",
-                    file=file, row=rn, column=col,
-                )
-    # response indices must be exactly 0..n-1
-    by_index: dict[int, tuple[Mapping[str, Any], int]] = {}
-    for row, rn in zip(rows, row_numbers):
-        idx = int(row["response_index"])
-        if idx in by_index:
-            raise RolloutSchemaError(
-                f"prompt {pid!r}: duplicate response_index {idx} (also on row {by_index[idx][1]})",
-                file=file, row=rn, column="response_index",
-            )
-        by_index[idx] = (row, rn)
-    n = len(rows)
-    group_rewards = [float(r) for r in first["group_rewards"]]
-    expected_n = max(n, len(group_rewards))
-    missing = sorted(set(range(expected_n)) - set(by_index))
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise RolloutSchemaError(
-            f"prompt {pid!r}: missing response_index {shown} (group has {n} rows, group_rewards "
-            f"has {len(group_rewards)} entries; indices must be 0..n-1)",
-            file=file, row=first_row, column="response_index",
-        )
-    if len(group_rewards) != n:
-        raise RolloutSchemaError(
-            f"prompt {pid!r}: group_rewards has {len(group_rewards)} entries but the group has "
-            f"{n} rows", file=file, row=first_row, column="group_rewards",
-        )
-    ordered = [by_index[i] for i in range(n)]
+    located = list(zip(rows, row_numbers))
+    pid = _one_prompt(located, file)
+    _check_group_columns_agree(located, pid, file)
+    ordered, group_rewards = _responses_in_order(located, pid, file)
+    first, first_row = located[0]
     if not isinstance(pid, str) or not pid:
         raise RolloutSchemaError("prompt_id must be a non-empty string", file=file, row=first_row,
                                  column="prompt_id")
-    for i, (row, rn) in enumerate(ordered):
-        n_ids, n_lps = len(row["response_token_ids"]), len(row["response_logprobs"])
-        if n_ids != n_lps:
-            raise RolloutSchemaError(
-                f"prompt {pid!r}, response {i}: {n_lps} log-probs for {n_ids} response_token_ids",
-                file=file, row=rn, column="response_logprobs",
-            )
-        reward = float(row["reward"])
-        if not _same_float(reward, group_rewards[i]):
-            raise RolloutSchemaError(
-                f"prompt {pid!r}: reward {reward} of response {i} != group_rewards[{i}] = "
-                f"{group_rewards[i]}",
-                file=file, row=rn, column="reward",
-            )
-    for col in ("sampling", "extra"):
-        try:
-            decoded = json.loads(first[col])
-        except json.JSONDecodeError as e:
-            raise RolloutSchemaError(
-                f"not valid JSON ({e})", file=file, row=first_row, column=col
-            ) from None
-        if not isinstance(decoded, dict):
-            raise RolloutSchemaError(
-                "must be a JSON object", file=file, row=first_row, column=col
-            )
+    _check_responses(ordered, group_rewards, pid, file)
+    _check_json_objects(first, first_row, file)
     try:
         return RolloutGroup(
             prompt_id=pid,
@@ -345,6 +275,108 @@ def _group_from_rows(
         )
     except (ValueError, TypeError) as e:
         raise RolloutSchemaError(str(e), file=file, row=first_row) from None
+
+
+# A row with the position it is reported at.
+_Located = list[tuple[Mapping[str, Any], int]]
+
+
+def _one_prompt(located: _Located, file: str | None) -> Any:
+    """The prompt id all rows share."""
+    pid = located[0][0]["prompt_id"]
+    for row, rn in located:
+        if row["prompt_id"] != pid:
+            raise RolloutSchemaError(
+                f"rows of several prompts given to one group ({pid!r} and {row['prompt_id']!r})",
+                file=file, row=rn, column="prompt_id",
+            )
+    return pid
+
+
+def _check_group_columns_agree(located: _Located, pid: Any, file: str | None) -> None:
+    """Group-level columns (``prompt``, ``group_rewards``, ...) are the same on every row."""
+    (first, first_row), rest = located[0], located[1:]
+    for col in _GROUP_COLUMNS:
+        ref = first[col]
+        for row, rn in rest:
+            value = row[col]
+            if col == "group_rewards":
+                same = len(value) == len(ref) and all(
+                    _same_float(float(a), float(b)) for a, b in zip(value, ref)
+                )
+            else:
+                same = value == ref
+            if not same:
+                raise RolloutSchemaError(
+                    f"prompt {pid!r}: rows disagree on {col} ({_short(value, 80)} here, "
+                    f"{_short(ref, 80)} on row {first_row})",
+                    file=file, row=rn, column=col,
+                )
+
+
+def _responses_in_order(located: _Located, pid: Any, file: str | None) -> tuple[_Located, list[float]]:
+    """The rows by ``response_index``, which must be exactly ``0..n-1`` with one reward each in
+    ``group_rewards``; and those group rewards."""
+    first, first_row = located[0]
+    by_index: dict[int, tuple[Mapping[str, Any], int]] = {}
+    for row, rn in located:
+        idx = int(row["response_index"])
+        if idx in by_index:
+            raise RolloutSchemaError(
+                f"prompt {pid!r}: duplicate response_index {idx} (also on row {by_index[idx][1]})",
+                file=file, row=rn, column="response_index",
+            )
+        by_index[idx] = (row, rn)
+    n = len(located)
+    group_rewards = [float(r) for r in first["group_rewards"]]
+    expected_n = max(n, len(group_rewards))
+    missing = sorted(set(range(expected_n)) - set(by_index))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise RolloutSchemaError(
+            f"prompt {pid!r}: missing response_index {shown} (group has {n} rows, group_rewards "
+            f"has {len(group_rewards)} entries; indices must be 0..n-1)",
+            file=file, row=first_row, column="response_index",
+        )
+    if len(group_rewards) != n:
+        raise RolloutSchemaError(
+            f"prompt {pid!r}: group_rewards has {len(group_rewards)} entries but the group has "
+            f"{n} rows", file=file, row=first_row, column="group_rewards",
+        )
+    return [by_index[i] for i in range(n)], group_rewards
+
+
+def _check_responses(ordered: _Located, group_rewards: list[float], pid: Any, file: str | None) -> None:
+    """Each response has one log-prob per token, and its reward is its entry in ``group_rewards``."""
+    for i, (row, rn) in enumerate(ordered):
+        n_ids, n_lps = len(row["response_token_ids"]), len(row["response_logprobs"])
+        if n_ids != n_lps:
+            raise RolloutSchemaError(
+                f"prompt {pid!r}, response {i}: {n_lps} log-probs for {n_ids} response_token_ids",
+                file=file, row=rn, column="response_logprobs",
+            )
+        reward = float(row["reward"])
+        if not _same_float(reward, group_rewards[i]):
+            raise RolloutSchemaError(
+                f"prompt {pid!r}: reward {reward} of response {i} != group_rewards[{i}] = "
+                f"{group_rewards[i]}",
+                file=file, row=rn, column="reward",
+            )
+
+
+def _check_json_objects(first: Mapping[str, Any], first_row: int, file: str | None) -> None:
+    """``sampling`` and ``extra`` hold JSON objects."""
+    for col in ("sampling", "extra"):
+        try:
+            decoded = json.loads(first[col])
+        except json.JSONDecodeError as e:
+            raise RolloutSchemaError(
+                f"not valid JSON ({e})", file=file, row=first_row, column=col
+            ) from None
+        if not isinstance(decoded, dict):
+            raise RolloutSchemaError(
+                "must be a JSON object", file=file, row=first_row, column=col
+            )
 
 
 def _list_shards(directory: Path) -> list[tuple[int, Path]]:

@@ -165,10 +165,6 @@ class RolloutWriter:
         if self._buffer_rows >= self.shard_size:
             self.flush()
 
-    def write_many(self, groups: Iterable[RolloutGroup]) -> None:
-        for g in groups:
-            self.write(g)
-
     def flush(self) -> Path | None:
         """Write the buffered groups as one new shard; return its path (``None`` if empty)."""
         if not self._buffer:
@@ -186,10 +182,6 @@ class RolloutWriter:
         if not self._closed:
             self.flush()
             self._closed = True
-
-    @property
-    def num_shards(self) -> int:
-        return self._next_index
 
     def __enter__(self) -> RolloutWriter:
         return self
