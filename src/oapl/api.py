@@ -551,7 +551,8 @@ def _lora_fields(peft_config: Any, model_name: str | None = None, trust_remote_c
     if type(peft_config).__name__ != "LoraConfig" or not dataclasses.is_dataclass(peft_config):
         raise UserError(f"peft_config: {type(peft_config).__name__} is not supported; oapl trains LoRA adapters "
                         "(peft.LoraConfig)")
-    default = type(peft_config)()
+    lora: Any = peft_config  # a peft.LoraConfig
+    default = type(lora)()
     changed = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)
                if f.name not in _LORA_HONOURED | _LORA_IGNORED
                and getattr(peft_config, f.name) != getattr(default, f.name, None)}
@@ -559,13 +560,13 @@ def _lora_fields(peft_config: Any, model_name: str | None = None, trust_remote_c
         shown = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
         raise UserError(f"peft_config: {shown} not supported (oapl's LoRA: r, lora_alpha, lora_dropout, "
                         "target_modules, with peft's defaults for the rest)")
-    targets = peft_config.target_modules
+    targets = lora.target_modules
     if targets is None:
         targets = _peft_default_targets(model_name, trust_remote_code)
     elif not isinstance(targets, str):
         targets = sorted(targets)
-    return {"enabled": True, "r": int(peft_config.r), "alpha": int(peft_config.lora_alpha),
-            "dropout": float(peft_config.lora_dropout), "target_modules": targets}
+    return {"enabled": True, "r": int(lora.r), "alpha": int(lora.lora_alpha),
+            "dropout": float(lora.lora_dropout), "target_modules": targets}
 
 
 def _peft_default_targets(model_name: str | None, trust_remote_code: bool) -> list[str]:
@@ -575,6 +576,9 @@ def _peft_default_targets(model_name: str | None, trust_remote_code: bool) -> li
 
     from oapl.trainer.model import resolve_model_path
 
+    if model_name is None:
+        raise UserError("peft_config.target_modules: None means peft's default modules for the model's "
+                        "architecture, which needs the model: pass model=, or give target_modules")
     try:
         model_type = AutoConfig.from_pretrained(resolve_model_path(model_name),
                                                 trust_remote_code=trust_remote_code).model_type
@@ -731,6 +735,8 @@ def _trainer_state(cfg: TrainConfig, logging_steps: float | None):
             return None
         return max(1, math.ceil(x * steps)) if isinstance(x, float) and x < 1 else int(x)
 
+    # None: no evaluation / checkpoint cadence (transformers annotates these int, and reads None as "never")
     return TrainerState(max_steps=steps, logging_steps=share(logging_steps) or 10,
-                        eval_steps=cfg.eval.every or None, save_steps=cfg.checkpoint.every or None,
+                        eval_steps=cfg.eval.every or None,  # type: ignore[arg-type]
+                        save_steps=cfg.checkpoint.every or None,  # type: ignore[arg-type]
                         train_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.group_size)

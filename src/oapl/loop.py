@@ -92,6 +92,8 @@ class Run:
         self.stop_requested = False  # set by a callback (TrainerControl.should_training_stop): end after this step
         self.run_dir = Path(cfg.output_dir)
         self.metrics: MetricsLogger | None = None
+        self._last_checkpoint: int | None = None  # the step of the last checkpoint written (or restored)
+        self._last_checkpoint_path: str | None = None
         self.checkpoint_clock = CheckpointClock(cfg.checkpoint.every_minutes)
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # refuses to clobber a run
         if resume:
@@ -222,6 +224,7 @@ class Run:
         return path
 
     def _log(self, row: dict[str, Any]) -> None:
+        assert self.metrics is not None, "a row logged before the run started"
         self.metrics.log(row)
         for cb in self.callbacks:
             cb(row)
@@ -378,7 +381,7 @@ class Run:
             path = self._last_checkpoint_path
         else:
             path = self._save()
-        interrupt.oapl_checkpoint = path  # the CLI says which one, truthfully
+        interrupt.oapl_checkpoint = path  # type: ignore[attr-defined]  # the CLI says which one, truthfully
         signals.note_checkpoint(path)
 
     def _rollout_failed(self, cause: BaseException | None) -> RolloutFailed:

@@ -103,7 +103,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+def check_run_dir(run_dir: str | Path, resume: bool | str = False, overwrite: bool = False) -> None:
     """Refuse to start in ``run_dir`` when that could lose an earlier run's files.
 
     Raises :class:`~oapl.errors.RunDirError` naming ``output_dir`` and what to pass.
@@ -127,7 +127,7 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
     cleanup_stale_sandboxes()
 
 
-def begin_run(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+def begin_run(run_dir: str | Path, resume: bool | str = False, overwrite: bool = False) -> None:
     """The run is starting: with ``overwrite`` (and no ``resume``) delete the previous run's files now."""
     path = Path(run_dir)
     leftover = failed_start(path)
@@ -229,14 +229,14 @@ def check_resume_config(cfg, run_dir: str | Path | None = None) -> None:
     for dotted in sorted(set(old_mem) | set(new_mem)):
         before, now = old_mem.get(dotted), new_mem.get(dotted)
         if before == now:
-            if memory.marker_kind(now) == "reward":
+            if now is not None and memory.marker_kind(now) == "reward":
                 log.warning("resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
                             "function as in the first run", now, dotted)
             continue
-        before = before or _dotted_value(old_tree, dotted)
-        now = now or _dotted_value(new_tree, dotted)
+        was = before or _dotted_value(old_tree, dotted)
+        is_ = now or _dotted_value(new_tree, dotted)
         raise UserError(f"{dotted}: resuming {saved.parent} with other data or rewards than it was trained with "
-                        f"(was {before!r} in {saved}, now {now!r}); pass the same ones (rows are compared by "
+                        f"(was {was!r} in {saved}, now {is_!r}); pass the same ones (rows are compared by "
                         "content), or start a new run")
     old, new = _leaves(old_tree), _leaves(new_tree)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k != "output_dir"]

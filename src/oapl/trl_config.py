@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
@@ -182,7 +182,7 @@ TRL_NOOP: dict[str, tuple[tuple[Any, ...], str]] = {k: (f.accepted, f.note) for 
                                                     if f.accepted is not None}
 
 #: TRL's defaults that ``OAPLConfig`` applies when neither the TRL name nor the oapl field is given.
-TRL_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear",
+TRL_DEFAULTS: dict[str, Any] = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear",
                 "logging_steps": 10}
 
 _EXTRA = ("num_train_epochs", "overwrite_output_dir", "logging_steps")  # OAPLConfig's own fields (not written to config.yaml)
@@ -617,7 +617,7 @@ def _parser_fields() -> dict[str, dataclasses.Field]:
     out: dict[str, dataclasses.Field] = {}
 
     def add(name: str, typ: Any, help_: str) -> None:
-        f = dataclasses.field(default=UNSET, metadata={"help": help_})
+        f = cast(dataclasses.Field, dataclasses.field(default=UNSET, metadata={"help": help_}))
         f.name, f.type = name, typ
         f._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
         out[name] = f
@@ -645,9 +645,9 @@ def _parser_fields() -> dict[str, dataclasses.Field]:
     return out
 
 
-OAPLConfig.__dataclass_fields__ = _parser_fields()  # type: ignore[attr-defined]
-OAPLConfig.__annotations__.update({n: f.type for n, f in OAPLConfig.__dataclass_fields__.items()
-                                   if n not in OAPLConfig.__annotations__})
+_PARSER_FIELDS = _parser_fields()
+OAPLConfig.__dataclass_fields__ = _PARSER_FIELDS  # type: ignore[attr-defined]
+OAPLConfig.__annotations__.update({n: f.type for n, f in _PARSER_FIELDS.items() if n not in OAPLConfig.__annotations__})
 
 
 def warn_if_never_synced(cfg: TrainConfig) -> bool:

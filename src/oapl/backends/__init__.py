@@ -89,9 +89,10 @@ class Backend(Protocol):
     @property
     def total_steps(self) -> int: ...
 
-    def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
-        """Build the trainer (restored from the latest checkpoint when ``resume``) and the engines;
-        return the checkpoint's trainer state ({} when fresh). Must not write into ``run_dir``."""
+    def build(self, run_dir: Path, resume: bool | str) -> dict[str, Any]:
+        """Build the trainer and the engines, restored when ``resume`` from the newest intact checkpoint
+        (``True``) or from the checkpoint folder it names; return the checkpoint's trainer state ({} when
+        fresh). Must not write into ``run_dir``."""
         ...
 
     def start(self, version: int, buffer: RolloutBuffer, sampling: SamplingParams) -> Rollout:

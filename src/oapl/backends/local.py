@@ -25,7 +25,7 @@ class LocalBackend(OnlineBackend):
         self.policy: Policy | None = None
         self.engine: InferenceEngine | None = None
 
-    def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
+    def build(self, run_dir: Path, resume: bool | str) -> dict[str, Any]:
         from oapl.data.tasks import build_task
         from oapl.engines.factory import engine_kind, make_engine
         from oapl.trainer.checkpoint import resume_checkpoint

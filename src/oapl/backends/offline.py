@@ -160,7 +160,7 @@ class OfflineBackend:
         self.per_epoch = len(self.groups) // cfg.rollout.prompts_per_step
         self.total_steps = self.per_epoch * off.epochs
 
-    def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
+    def build(self, run_dir: Path, resume: bool | str) -> dict[str, Any]:
         cfg = self.cfg
         self.checkpoint = resume_checkpoint(run_dir, resume) if resume else None
         if self.checkpoint is not None and cfg.algorithm.reference_logprobs == "recompute":
@@ -174,7 +174,7 @@ class OfflineBackend:
         self._resume_step = int(state.get("step", 0))
         return state
 
-    def _build_ranks(self, run_dir: Path, resume: bool) -> dict[str, Any]:
+    def _build_ranks(self, run_dir: Path, resume: bool | str) -> dict[str, Any]:
         """Start the W trainer ranks (which find and load the checkpoint themselves)."""
         from oapl.distributed.cluster import ensure_ray
         from oapl.distributed.trainer import TrainerGroup

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from oapl.compare.claims import (LEGEND, ConfigResults, collect, contradicted, correction_acted,
@@ -55,7 +56,7 @@ def _machine() -> str:
             f"torch {torch.__version__}")
 
 
-def _setup_table(cfg: TrainConfig, cc: CompareConfig, runs: list[PlannedRun] = ()) -> list[str]:
+def _setup_table(cfg: TrainConfig, cc: CompareConfig, runs: Sequence[PlannedRun] = ()) -> list[str]:
     s, r, o, m, e = cfg.sampling, cfg.rollout, cfg.optim, cfg.model, cfg.eval
     # runs whose batch differs from the first one's (e.g. GRPO+IS with 2 mini-batches of whole groups)
     other = {f"{x.label}: {x.cfg.rollout.prompts_per_step} x {x.cfg.rollout.group_size} per step, {x.cfg.steps} steps"
@@ -405,13 +406,13 @@ def _lag_sweep_section(st: _Study) -> list[str]:
         return []
     kmax = st.kmax
     steps = sweep[0][0].cfg.steps
-    lags = sorted({r.lag for r, _ in sweep})
+    lags = sorted({r.lag for r, _ in sweep if r.lag is not None})
     few = [L for L in lags if L <= 50 and steps // L < 4]
     lines = ["## OAPL policy-lag sweep", "",
              f"OAPL with sync interval L in {{{', '.join(map(str, lags))}}}, {steps} trainer steps each (the "
              "engine gets the trainer's weights every L steps; `syncs` counts the mid-run ones)."
              + (f" L = {few} see fewer than 4 weight windows." if few else ""), ""]
-    cfgs = sorted(st.group_configs("lag_sweep"), key=lambda c: c.lag)
+    cfgs = sorted(st.group_configs("lag_sweep"), key=lambda c: c.lag or 0)
     if cfgs:
         ks = sorted({1, 4, kmax} & set(range(1, kmax + 1)))
         png = _plot_passk(cfgs, st.base, st.figure("lag_passk"), "Lag sweep: held-out pass@k")
@@ -429,7 +430,7 @@ def _beta2_section(st: _Study) -> list[str]:
     if not b2:
         return []
     cc, kmax = st.cc, st.kmax
-    cfgs = sorted(st.group_configs("beta2_sweep"), key=lambda c: c.beta2)
+    cfgs = sorted(st.group_configs("beta2_sweep"), key=lambda c: c.beta2 or 0.0)
     chosen = next((r.beta2 for r, _ in st.group("algorithms") if r.beta2 is not None), None)
     best = []
     for what, metric, k in (("pass@1", "pass@k", 1), (f"pass@{kmax}", "pass@k", kmax),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from oapl.config import TaskConfig
@@ -34,7 +35,7 @@ class Task:
 
     def messages(self, example: dict[str, Any]) -> list[dict[str, str]]:
         prompt = example.get("prompt")
-        if is_conversational(prompt):  # TRL's conversational format: the row's own messages
+        if prompt is not None and is_conversational(prompt):  # TRL's conversational format: the row's own messages
             msgs = [{"role": str(m["role"]), "content": m.get("content", "")} for m in prompt]
             if self.system_prompt is not None and msgs[0]["role"] != "system":
                 msgs.insert(0, {"role": "system", "content": self.system_prompt})
@@ -121,7 +122,7 @@ def check_user_reward(task: Task) -> None:
 PROBE_COMPLETION = "The answer is 0."
 
 
-def _arithmetic_problem(rng: random.Random, max_operand: int, ops: list[str]) -> tuple[int, str, int]:
+def _arithmetic_problem(rng: random.Random, max_operand: int, ops: Sequence[str]) -> tuple[int, str, int]:
     a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
     op = rng.choice(ops)
     return a, op, b
@@ -160,7 +161,7 @@ ARITHMETIC_SYSTEM_PROMPT = "Answer with the number only."
 
 
 def _countdown_problem(rng: random.Random, count: int, low: int, high: int,
-                       ops: list[str]) -> tuple[tuple[int, ...], int] | None:
+                       ops: Sequence[str]) -> tuple[tuple[int, ...], int] | None:
     """Numbers (in the order shown) and a target made from all of them, or ``None`` if the target is < 1."""
     from oapl.rewards.countdown import evaluate
 
@@ -205,7 +206,7 @@ def countdown_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dic
         if key not in held:
             held[key] = _countdown_row(f"eval-{','.join(map(str, nums))}={target}", nums, target)
     rng = random.Random(seed)
-    train = []
+    train: list[dict[str, Any]] = []
     misses = 0
     while len(train) < cfg.num_train:
         problem = _countdown_problem(rng, count, low, high, ops)
@@ -340,7 +341,9 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         columns = sorted({k for row in train[:1] for k in row} - {"prompt", "prompt_id"})
         if conversational:
             columns.append("prompt")  # TRL passes a conversational row's messages as `prompts`
-        return Task(name, train, held, user_reward(cfg, conversational), columns, cfg.system_prompt,
+        reward = user_reward(cfg, conversational)
+        assert reward is not None  # task.reward is set
+        return Task(name, train, held, reward, columns, cfg.system_prompt,
                     cfg.prompt_template, _chat(cfg))
     raise ValueError(f"task.name: unknown task {name!r}; use arithmetic, countdown, math, code or dataset")
 

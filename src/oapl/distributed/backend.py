@@ -96,7 +96,7 @@ class RayBackend(OnlineBackend):
         self.pool: EnginePool | None = None
         self._owns_ray = False
 
-    def build(self, run_dir: Path, resume: bool) -> dict[str, Any]:
+    def build(self, run_dir: Path, resume: bool | str) -> dict[str, Any]:
         from oapl.data.tasks import build_task
         from oapl.trainer.model import load_tokenizer, resolve_model_path
 

@@ -65,9 +65,10 @@ def gather_to(t: torch.Tensor, owner: int, rank: int, world: int) -> torch.Tenso
     so the owner holds one copy and the others none (``full_tensor`` all-gathers to every rank and,
     over gloo, briefly holds two copies on each). Other layouts fall back to ``full_tensor``.
     """
-    if not hasattr(t, "to_local"):
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
         return t if rank == owner else None
-    from torch.distributed.tensor import Shard
 
     if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or world == 1:
         full = t.full_tensor()
@@ -97,7 +98,7 @@ def gather_to(t: torch.Tensor, owner: int, rank: int, world: int) -> torch.Tenso
 
 def export_items(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """What a Hugging Face folder of ``model`` holds: parameters (tied ones once) and persistent buffers."""
-    items = list(model.named_parameters())
+    items: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     non_persistent = {f"{mod}.{b}" if mod else b for mod, m in model.named_modules()
                       for b in getattr(m, "_non_persistent_buffers_set", ())}
     items += [(n, b) for n, b in model.named_buffers() if n not in non_persistent]
@@ -201,7 +202,7 @@ def _gather_objects(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def _write_config(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
+def _write_config(model: Any, path: Path, dtype: torch.dtype) -> None:  # a transformers PreTrainedModel
     model.config.save_pretrained(path)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -321,7 +322,7 @@ def load_policy_state(policy, pstate: dict[str, Any], ckpt: str | Path) -> None:
         # the one-process format is keyed by parameter index (order of model.parameters()); name it
         names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
         full = pstate["optimizer"]
-        named = {"state": {names[int(i)]: st for i, st in full["state"].items()},
+        named: dict[str, Any] = {"state": {names[int(i)]: st for i, st in full["state"].items()},
                  "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in full["param_groups"]]}
         get_optimizer_state_dict(policy.model, policy.optimizer)  # initialise the states to load into
         set_optimizer_state_dict(policy.model, policy.optimizer, named,

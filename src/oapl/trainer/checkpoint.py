@@ -369,7 +369,7 @@ def resume_checkpoint(output_dir: str | Path, wanted: bool | str | Path = True) 
             raise CheckpointError(f"{ckpt}: damaged checkpoint ({why}); resume from another one")
         return ckpt
     found = list_checkpoints(output_dir)
-    skipped = []
+    skipped: list[str] = []
     for ckpt in reversed(found):
         why = verify_checkpoint(ckpt)
         if why is None:
@@ -444,7 +444,8 @@ def prune_checkpoints(output_dir: str | Path, newest: Path, keep: int) -> list[P
     checkpoints of later steps than ``newest`` (another run's) are left alone, with a warning.
     """
     newest_step = step_of(newest)
-    older, later = [], []
+    older: list[Path] = []
+    later: list[Path] = []
     for p in list_checkpoints(output_dir):
         if p.name == newest.name:
             continue
