@@ -133,14 +133,17 @@ def test_handlers_replaced_by_a_library_are_reclaimed_and_restored_at_the_end():
         with pytest.raises(signals.Interrupted):
             send_self(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
-    # library use (replace=False) leaves a handler the program set alone
+    # library use (replace=False) leaves a handler the program set alone, and takes a default one
+    # (SIGTERM is set to the default here: a Ray test earlier in this process leaves Ray's handler)
     signal.signal(signal.SIGUSR1, ray_like)
+    term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         with signals.handle_stop_signals(replace=False):
             assert signal.getsignal(signal.SIGUSR1) is ray_like
-            assert signal.getsignal(signal.SIGTERM) is not before  # the default one is ours
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the default one is ours
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, term)
     # an ignored signal stays ignored (a shell's background job ignores Ctrl-C)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
