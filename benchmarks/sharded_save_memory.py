@@ -130,7 +130,6 @@ def rank_main(rank: int, world: int, folder: str, out: str, port: int, threads: 
 
     # phase peaks: reset VmHWM at each boundary, read it at the next
     phases: dict[str, int] = {}
-    marks = {"t": time.time()}
 
     def boundary(name: str) -> None:
         phases[name] = _status("VmHWM")

@@ -12,7 +12,7 @@ import pytest
 # that subprocesses and other threads need, and inflate the CPU time the fast-lane budget below reads.
 # (Read once, when torch's OpenMP runtime starts: before the import.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)

@@ -11,7 +11,7 @@ import pytest
 from oapl.compare import CompareConfig, build_report, plan_runs, run_compare, summarize_run
 from oapl.config import ConfigError, load_config
 
-from conftest import write_prompts  # noqa: E402
+from conftest import write_prompts
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from conftest import tiny_config
+from conftest import tiny_config  # noqa: E402
 
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # starts Ray

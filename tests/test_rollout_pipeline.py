@@ -11,8 +11,8 @@ import torch
 from oapl.cli.main import main
 from oapl.data.rollouts import read_rollouts
 
-from test_loop import make_cfg  # noqa: E402
-from conftest import write_prompts  # noqa: E402
+from test_loop import make_cfg
+from conftest import write_prompts
 
 
 @pytest.fixture

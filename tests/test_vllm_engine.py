@@ -474,7 +474,7 @@ def test_embedded_smollm2_generate_sync_and_timing():
         assert _max_diff(c.logprobs, _reference(model, prompts[0], c.token_ids)) < 2e-3
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for _name, p in model.named_parameters():
                 if p.ndim == 2:  # includes the embedding, which SmolLM2 ties to the LM head
                     p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
         start = time.perf_counter()

@@ -34,7 +34,7 @@ class ModelNotFoundError(UserError):
 CONFIG_SECTIONS = ("model", "sampling", "engine", "task", "algorithm", "rollout", "optim", "eval",
                    "logging", "checkpoint", "distributed", "offline", "output_dir", "seed", "steps",
                    "threads", "base", "lag_sweep", "seeds")
-_FIELD_PREFIX = re.compile(r"^(%s)(\.[A-Za-z_][\w.]*)?[:\s=]" % "|".join(CONFIG_SECTIONS))
+_FIELD_PREFIX = re.compile(r"^(" + "|".join(CONFIG_SECTIONS) + r")(\.[A-Za-z_][\w.]*)?[:\s=]")
 
 #: errno values that mean "the user's file system input is wrong", not "oapl has a bug".
 _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,

@@ -639,9 +639,10 @@ def _parser_fields() -> dict[str, dataclasses.Field]:
             args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(
                 ann, types.UnionType) or typing.get_origin(ann) is typing.Union else [ann]
             if len(args) == 1 and args[0] in (int, float, str, bool):
-                add(dotted, Optional[args[0]], field.description or "")
+                add(dotted, Optional[args[0]], field.description or "")  # noqa: UP045 - a runtime type for argparse
             elif len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
-                add(dotted, Optional[str], (field.description or "") + f" One of {typing.get_args(args[0])}.")
+                help_ = (field.description or "") + f" One of {typing.get_args(args[0])}."
+                add(dotted, Optional[str], help_)  # noqa: UP045
     return out
 
 

@@ -160,7 +160,7 @@ class OnlineBackend(abc.ABC):
     def publish(self, version: int) -> float:
         """pi_inf <- pi: the trainer's weights to the engine(s) as ``version``; seconds taken."""
 
-    def after_generation(self) -> None:
+    def after_generation(self) -> None:  # noqa: B027 - a hook most backends leave empty
         pass
 
     def checkpoint_due(self, step: int) -> int | None:

@@ -49,7 +49,7 @@ def _machine() -> str:
     except OSError:
         cpu = platform.processor()
     try:
-        load = ", load average at report time {:.1f}".format(os.getloadavg()[0])
+        load = f", load average at report time {os.getloadavg()[0]:.1f}"
     except OSError:
         load = ""
     return (f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}){load}; Python {platform.python_version()}, "

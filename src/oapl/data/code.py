@@ -26,7 +26,8 @@ import os
 import pickle
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 from oapl.rewards.code import CodeTest, parse_tests
 
@@ -217,7 +218,7 @@ class _StringsOnlyUnpickler(pickle.Unpickler):
     cannot execute code.
     """
 
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+    def find_class(self, module: str, name: str):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from test data")
 
 

@@ -34,7 +34,8 @@ import logging
 import re
 from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MIN_EMIN, Decimal, InvalidOperation, localcontext
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from oapl.rewards.base import completion_text
 from oapl.rewards.sandbox import (ProgramJob, ProgramResult, SandboxConfig, SandboxRunner, SandboxUnavailableError,

@@ -117,7 +117,7 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return _varlen_sdpa(query, key, value, cu, scaling, groups), None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_causal_kwarg() -> dict:
     """``varlen_attn`` says "causal" as ``is_causal=True`` (torch 2.9-2.11) or ``window_size=(-1, 0)``."""
     import inspect

@@ -32,12 +32,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from oapl.rewards.sandbox.host import (  # noqa: F401  (cleanup_stale_sandboxes*: re-exported for callers)
     acquire_slot, cleanup_stale_sandboxes, cleanup_stale_sandboxes_once, create_cgroups, release_slot,
     remove_cgroups, rmtree_quiet, sandbox_uid)
-from oapl.rewards.sandbox.types import (STATUSES, ProgramJob, ProgramResult, SandboxConfig,  # noqa: F401
+from oapl.rewards.sandbox.types import (STATUSES, ProgramJob, ProgramResult, SandboxConfig,
                                         SandboxUnavailableError, TestRun)
 
 logger = logging.getLogger(__name__)

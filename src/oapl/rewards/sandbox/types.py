@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 #: Statuses a test run can have (``ok`` = exited 0 in time within all limits).
 STATUSES = ("ok", "timeout", "runtime_error", "signal", "output_limit", "no_result",
