@@ -6,6 +6,7 @@ import pytest
 
 from oapl.engines.vllm_engine import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CPU_MEMORY_UTILIZATION,
                                       DEFAULT_CUDA_MEMORY_UTILIZATION, _check_arguments, _llm_kwargs)
+from oapl.errors import UserError
 
 BASE = {"seed": 3, "dtype": "auto", "gpu_memory_utilization": None, "max_model_len": None, "sleep": False,
         "enforce_eager": None}
@@ -68,7 +69,12 @@ def test_accepted():
     _check_arguments({"tensor_parallel_size": 1, "max_num_seqs": 8}, 1, 2)
 
 
-def test_a_failed_start_is_one_error_and_the_process_state_is_restored(monkeypatch):
+@pytest.mark.parametrize("exc, error, match", [
+    (RuntimeError("boom"), RuntimeError, r"vLLM failed to start on 'm' with \{'seed': 1\}: RuntimeError: boom"),
+    # vLLM's own argument/config validation: the user's to fix, one line naming where the arguments come from
+    (ValueError("boom"), UserError, r"engine: vLLM refused its arguments on m: ValueError: boom .*engine.extra"),
+])
+def test_a_failed_start_is_one_error_and_the_process_state_is_restored(monkeypatch, exc, error, match):
     pytest.importorskip("vllm.envs")
     import os
 
@@ -82,12 +88,12 @@ def test_a_failed_start_is_one_error_and_the_process_state_is_restored(monkeypat
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    with pytest.raises(RuntimeError, match=r"vLLM failed to start on 'm' with \{'seed': 1\}: ValueError: boom"):
+    with pytest.raises(error, match=match):
         with _starting_vllm("m", {"seed": 1}):
             assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the engine core runs in this process
             torch.manual_seed(123)  # what vLLM does to the global RNG
             torch.set_num_threads = lambda n: None  # and to set_num_threads (CPU worker)
-            raise ValueError("boom")
+            raise exc
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     assert torch.equal(torch.rand(3), expected)
     assert torch.set_num_threads is original
