@@ -435,22 +435,19 @@ def _run(cfg: TrainConfig, *, resume: bool | str, overwrite: bool, callbacks: li
 
 def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:
     """Generate on the held-out prompts of ``cfg`` with the model in ``model_dir`` (default: model.name)."""
+    from oapl.config_views import eval_sampling_params, load_config_tokenizer
     from oapl.data.tasks import build_task
-    from oapl.engines.base import SamplingParams
     from oapl.engines.factory import make_engine
     from oapl.evaluation.heldout import evaluate
-    from oapl.trainer.model import load_tokenizer, resolve_model_path
+    from oapl.trainer.model import resolve_model_path
 
     task = build_task(cfg.task, cfg.seed)
     if not task.eval:
         raise UserError("eval_dataset: there are no held-out prompts to evaluate on; pass eval_dataset= (to "
                         "evaluate() or OAPLTrainer)")
     path = str(model_dir) if model_dir is not None else resolve_model_path(cfg.model.name)
-    tok_path = resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer and model_dir is None else path
-    tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
-    e = cfg.eval
-    params = SamplingParams(e.temperature, e.top_p, e.max_tokens or cfg.sampling.max_tokens,
-                            tuple(cfg.sampling.stop), n=e.n)
+    tokenizer = load_config_tokenizer(cfg, None if model_dir is None else str(model_dir))
+    params = eval_sampling_params(cfg)
     engine = make_engine(cfg, path, tokenizer)
     try:
         summary, _ = evaluate(engine, task, tokenizer, params)

@@ -24,7 +24,8 @@ from typing import Any, Optional, cast
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
-from oapl.config import ConfigError, TrainConfig, format_errors, set_dotted
+from oapl.config import ConfigError, TrainConfig, format_errors
+from oapl.config_views import get_dotted, set_dotted
 
 _MISSING = object()
 
@@ -254,18 +255,9 @@ def _same(value: Any, allowed: Any) -> bool:
     return value == allowed
 
 
-def _get(tree: dict, dotted: str, default: Any = _MISSING) -> Any:
-    node: Any = tree
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
 def _set(tree: dict, dotted: str, value: Any, source: str, sources: dict[str, str]) -> None:
     """Set ``dotted``; a different value set by another name (or given nested) is a conflict."""
-    current = _get(tree, dotted)
+    current = get_dotted(tree, dotted, _MISSING)
     if current is not _MISSING and current != value:
         other = sources.get(dotted, dotted)
         raise ValueError(f"{source}={value!r} and {other} (={current!r}) both set {dotted}; give one")
@@ -282,7 +274,7 @@ def _default(dotted: str) -> Any:
 
 
 def _value(tree: dict, dotted: str) -> Any:
-    got = _get(tree, dotted)
+    got = get_dotted(tree, dotted, _MISSING)
     return _default(dotted) if got is _MISSING else got
 
 
@@ -295,7 +287,7 @@ def _int(name: str, value: Any, minimum: int = 0) -> int:
 def _steps_or_share(name: str, value: Any, tree: dict, given: dict) -> int:
     """An interval in steps; a float in (0, 1) is a share of the run (TRL/transformers), needing max_steps."""
     if isinstance(value, float) and 0 < value < 1:
-        steps = _get(tree, "steps")
+        steps = get_dotted(tree, "steps", _MISSING)
         if steps is _MISSING:
             if given.get("num_train_epochs") is not None:
                 raise ValueError(f"{name}={value} is a share of the run, which is only known once "
@@ -345,7 +337,7 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         if f.simple and name in given:
             put(f.target, given[name], name)
     # -- TRL's defaults, where neither the TRL name nor the oapl field is given ------------------------
-    if defaults and "lr_scheduler_type" not in given and _get(tree, "optim.schedule") is _MISSING:
+    if defaults and "lr_scheduler_type" not in given and get_dotted(tree, "optim.schedule", _MISSING) is _MISSING:
         given["lr_scheduler_type"] = TRL_DEFAULTS["lr_scheduler_type"]
     # -- steps -----------------------------------------------------------------------------------
     max_steps = given.get("max_steps")
@@ -376,9 +368,9 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
     # -- batch -----------------------------------------------------------------------------------
     group = _value(tree, "rollout.group_size")
     batch_names = {"per_device_train_batch_size", "gradient_accumulation_steps"} & set(given)
-    if batch_names or defaults and _get(tree, "rollout.prompts_per_step") is _MISSING:
+    if batch_names or defaults and get_dotted(tree, "rollout.prompts_per_step", _MISSING) is _MISSING:
         # unset: TRL's per_device_train_batch_size=8, gradient_accumulation_steps=1 (8 completions per step)
-        micro = _get(tree, "optim.micro_batch_size")
+        micro = get_dotted(tree, "optim.micro_batch_size", _MISSING)
         per_device = _int("per_device_train_batch_size", given.get(
             "per_device_train_batch_size", micro if batch_names and micro is not _MISSING
             else TRL_DEFAULTS["per_device_train_batch_size"]), 1)
@@ -394,10 +386,10 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         put("rollout.prompts_per_step", total // group, "per_device_train_batch_size x gradient_accumulation_steps")
         if "per_device_train_batch_size" in given or micro is _MISSING:
             put("optim.micro_batch_size", per_device, "per_device_train_batch_size")
-    if (defaults and "generation_batch_size" not in given and _get(tree, "rollout.prompts_per_generate") is _MISSING
-            and _get(tree, "rollout.prompts_per_step") is not _MISSING):
+    if (defaults and "generation_batch_size" not in given and get_dotted(tree, "rollout.prompts_per_generate", _MISSING) is _MISSING
+            and get_dotted(tree, "rollout.prompts_per_step", _MISSING) is not _MISSING):
         # TRL: one generation batch per optimiser step (per_device_train_batch_size x gradient_accumulation_steps)
-        put("rollout.prompts_per_generate", _get(tree, "rollout.prompts_per_step"), "generation_batch_size")
+        put("rollout.prompts_per_generate", get_dotted(tree, "rollout.prompts_per_step", _MISSING), "generation_batch_size")
     if given.get("generation_batch_size") is not None:
         gen = _int("generation_batch_size", given["generation_batch_size"], 1)
         if gen % group:
