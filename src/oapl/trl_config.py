@@ -141,11 +141,47 @@ def _steps_or_share(name: str, value: Any, tree: dict, given: dict) -> int:
     return _int(name, value)
 
 
+class _Translation:
+    """The ``TrainConfig`` tree being built from ``OAPLConfig``'s arguments, with who set each field.
+
+    ``given``: the TRL names given (mapped ones, :data:`TRL_FIELDS`), for the steps below to translate.
+    """
+
+    def __init__(self) -> None:
+        self.tree: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        self.given: dict[str, Any] = {}
+
+    def put(self, dotted: str, value: Any, source: str) -> None:
+        _set(self.tree, dotted, value, source, self.sources)
+
+    def get(self, dotted: str) -> Any:
+        return get_dotted(self.tree, dotted, _MISSING)
+
+
 def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
-    """The nested ``TrainConfig`` tree for ``OAPLConfig`` keyword arguments (TRL names, nested, dotted)."""
-    tree: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    given: dict[str, Any] = {}
+    """The nested ``TrainConfig`` tree for ``OAPLConfig`` keyword arguments (TRL names, nested, dotted).
+
+    ``defaults``: apply TRL's defaults where neither the TRL name nor the oapl field is given (at
+    construction; not when one name is set on an existing config).
+    """
+    t = _sort_arguments(data)
+    for name, f in TRL_FIELDS.items():
+        if f.simple and name in t.given:
+            t.put(f.target, t.given[name], name)
+    _steps_and_optimiser(t, defaults)
+    _batch(t, defaults)
+    _engine_and_algorithm(t)
+    _evaluation_and_checkpoints(t)
+    _logging(t)
+    return t.tree
+
+
+def _sort_arguments(data: dict[str, Any]) -> _Translation:
+    """oapl fields (nested or dotted) into the tree; mapped TRL names into ``given``; accepted-only TRL
+    names checked; anything else refused with the nearest valid name."""
+    t = _Translation()
+    tree, sources = t.tree, t.sources
     leaves = set(_leaf_fields())
     for key, value in data.items():
         if value is UNSET or value is None and key in TRL_TABLE:
@@ -166,28 +202,25 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
                 raise _unknown(key)
             _set(tree, key, value, key, sources)
         elif key in TRL_FIELDS:
-            given[key] = value
+            t.given[key] = value
         elif key in TRL_NOOP:
             values, reason = TRL_NOOP[key]
             if not any(_same(value, v) for v in values):
                 raise ValueError(f"{key}={value!r} is not supported: {reason}")
         else:
             raise _unknown(key)
+    return t
 
-    def put(dotted: str, value: Any, source: str) -> None:
-        _set(tree, dotted, value, source, sources)
 
-    for name, f in TRL_FIELDS.items():
-        if f.simple and name in given:
-            put(f.target, given[name], name)
-    # -- TRL's defaults, where neither the TRL name nor the oapl field is given ------------------------
-    if defaults and "lr_scheduler_type" not in given and get_dotted(tree, "optim.schedule", _MISSING) is _MISSING:
+def _steps_and_optimiser(t: _Translation, defaults: bool) -> None:
+    """``max_steps``, the learning-rate schedule and warm-up, Adam's betas, gradient clipping."""
+    given, put = t.given, t.put
+    # TRL's default schedule, where neither the TRL name nor the oapl field is given
+    if defaults and "lr_scheduler_type" not in given and t.get("optim.schedule") is _MISSING:
         given["lr_scheduler_type"] = TRL_DEFAULTS["lr_scheduler_type"]
-    # -- steps -----------------------------------------------------------------------------------
     max_steps = given.get("max_steps")
     if max_steps is not None and max_steps != -1:  # TRL's -1: "use num_train_epochs"
         put("steps", _int("max_steps", max_steps, 1), "max_steps")
-    # -- optimiser -------------------------------------------------------------------------------
     if "lr_scheduler_type" in given:
         kind = str(getattr(given["lr_scheduler_type"], "value", given["lr_scheduler_type"]))
         schedules = {"linear": "linear", "constant": "constant", "constant_with_warmup": "constant",
@@ -203,18 +236,22 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         else:
             put("optim.warmup_steps", _int("warmup_steps", w), "warmup_steps")
     if "adam_beta1" in given or "adam_beta2" in given:
-        b1, b2 = _value(tree, "optim.betas")
+        b1, b2 = _value(t.tree, "optim.betas")
         put("optim.betas", (float(given.get("adam_beta1", b1)), float(given.get("adam_beta2", b2))),
             "adam_beta1/adam_beta2")
     if "max_grad_norm" in given:
         g = given["max_grad_norm"]
         put("optim.max_grad_norm", None if g in (None, 0, 0.0) else g, "max_grad_norm")
-    # -- batch -----------------------------------------------------------------------------------
-    group = _value(tree, "rollout.group_size")
+
+
+def _batch(t: _Translation, defaults: bool) -> None:
+    """Completions per step and per forward/backward, and per engine call, in whole groups of ``num_generations``."""
+    given, put = t.given, t.put
+    group = _value(t.tree, "rollout.group_size")
     batch_names = {"per_device_train_batch_size", "gradient_accumulation_steps"} & set(given)
-    if batch_names or defaults and get_dotted(tree, "rollout.prompts_per_step", _MISSING) is _MISSING:
+    if batch_names or defaults and t.get("rollout.prompts_per_step") is _MISSING:
         # unset: TRL's per_device_train_batch_size=8, gradient_accumulation_steps=1 (8 completions per step)
-        micro = get_dotted(tree, "optim.micro_batch_size", _MISSING)
+        micro = t.get("optim.micro_batch_size")
         per_device = _int("per_device_train_batch_size", given.get(
             "per_device_train_batch_size", micro if batch_names and micro is not _MISSING
             else TRL_DEFAULTS["per_device_train_batch_size"]), 1)
@@ -230,24 +267,27 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         put("rollout.prompts_per_step", total // group, "per_device_train_batch_size x gradient_accumulation_steps")
         if "per_device_train_batch_size" in given or micro is _MISSING:
             put("optim.micro_batch_size", per_device, "per_device_train_batch_size")
-    if (defaults and "generation_batch_size" not in given and get_dotted(tree, "rollout.prompts_per_generate", _MISSING) is _MISSING
-            and get_dotted(tree, "rollout.prompts_per_step", _MISSING) is not _MISSING):
+    if (defaults and "generation_batch_size" not in given and t.get("rollout.prompts_per_generate") is _MISSING
+            and t.get("rollout.prompts_per_step") is not _MISSING):
         # TRL: one generation batch per optimiser step (per_device_train_batch_size x gradient_accumulation_steps)
-        put("rollout.prompts_per_generate", get_dotted(tree, "rollout.prompts_per_step", _MISSING), "generation_batch_size")
+        put("rollout.prompts_per_generate", t.get("rollout.prompts_per_step"), "generation_batch_size")
     if given.get("generation_batch_size") is not None:
         gen = _int("generation_batch_size", given["generation_batch_size"], 1)
         if gen % group:
             raise ValueError(f"generation_batch_size={gen} is not a multiple of num_generations = "
                              f"{group} (the engine generates whole groups)")
         put("rollout.prompts_per_generate", gen // group, "generation_batch_size")
-    # -- engine ----------------------------------------------------------------------------------
+
+
+def _engine_and_algorithm(t: _Translation) -> None:
+    """``use_vllm``, ``use_cpu``, ``bf16``; ``scale_rewards`` and the importance-sampling correction (GRPO)."""
+    given, put = t.given, t.put
     if "use_vllm" in given:
         put("engine.kind", "vllm" if given["use_vllm"] else "transformers", "use_vllm")
     if given.get("use_cpu"):
         put("model.device", "cpu", "use_cpu")
     if "bf16" in given and given["bf16"] is not None:
         put("model.compute_dtype", "bfloat16" if given["bf16"] else "float32", "bf16")
-    # -- algorithm -------------------------------------------------------------------------------
     if "scale_rewards" in given:
         s = given["scale_rewards"]
         if s in (True, "group"):
@@ -259,9 +299,18 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
                              "group's std ('group'/True) or not at all ('none'/False)")
     if "vllm_importance_sampling_correction" in given and not given["vllm_importance_sampling_correction"]:
         put("algorithm.is_cap", None, "vllm_importance_sampling_correction")
-    # -- evaluation, checkpoints, logging --------------------------------------------------------
-    strategy = given.get("eval_strategy")
-    strategy = None if strategy is None else str(getattr(strategy, "value", strategy))
+
+
+def _strategy(given: dict[str, Any], name: str) -> str | None:
+    """An ``IntervalStrategy`` (or its string) as a string; ``None`` when not given."""
+    strategy = given.get(name)
+    return None if strategy is None else str(getattr(strategy, "value", strategy))
+
+
+def _evaluation_and_checkpoints(t: _Translation) -> None:
+    """``eval_strategy`` / ``eval_steps`` / ``eval_on_start`` and ``save_strategy`` / ``save_steps``."""
+    tree, given, put = t.tree, t.given, t.put
+    strategy = _strategy(given, "eval_strategy")
     if strategy == "no":
         put("eval.every", 0, "eval_strategy")
         if "eval_on_start" not in given:
@@ -275,8 +324,7 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         every = tree.get("logging_steps", TRL_DEFAULTS["logging_steps"])  # transformers' default
     if every is not None and strategy != "no":
         put("eval.every", _steps_or_share("eval_steps", every, tree, given), "eval_steps")
-    strategy = given.get("save_strategy")
-    strategy = None if strategy is None else str(getattr(strategy, "value", strategy))
+    strategy = _strategy(given, "save_strategy")
     if strategy == "no":
         put("checkpoint.every", 0, "save_strategy")
     elif strategy not in (None, "steps"):
@@ -284,6 +332,11 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
                          "save_steps) or 'no'")
     if given.get("save_steps") is not None and strategy != "no":
         put("checkpoint.every", _steps_or_share("save_steps", given["save_steps"], tree, given), "save_steps")
+
+
+def _logging(t: _Translation) -> None:
+    """``log_completions``, ``report_to``, ``disable_tqdm``."""
+    tree, given, put = t.tree, t.given, t.put
     if "log_completions" in given:
         every = tree.get("logging_steps", TRL_DEFAULTS["logging_steps"])
         every = _steps_or_share("logging_steps", every, tree, given)
@@ -301,7 +354,6 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         put("logging.wandb", "wandb" in names, "report_to")
     if "disable_tqdm" in given and given["disable_tqdm"] is not None:
         put("logging.progress", not given["disable_tqdm"], "disable_tqdm")
-    return tree
 
 
 def _rename(message: str, data: dict[str, Any]) -> str:
