@@ -140,8 +140,6 @@ class OAPLTrainer:
                  reward_weights: list[float] | None = None) -> None:
         _refuse_in_worker_bootstrap("OAPLTrainer()")
         refuse_multi_process_launch()
-        from oapl.data import memory
-
         if args is None:
             args = OAPLConfig()
         if not isinstance(args, TrainConfig):
@@ -154,17 +152,29 @@ class OAPLTrainer:
         if "steps" not in args.model_fields_set:
             del tree["steps"]  # unset: num_train_epochs (if given) decides
         m, task = tree["model"], tree["task"]
-        # -- model and tokenizer --------------------------------------------------------------------
-        if model is not None:
-            m["name"] = _model_source(model, processing_class)
-        if processing_class is not None:
-            m["tokenizer"] = (str(processing_class) if isinstance(processing_class, (str, os.PathLike))
-                              else m["name"] if not isinstance(model, (str, os.PathLike, type(None)))
-                              else _save_tokenizer(processing_class))
-        if peft_config is not None:
-            m["lora"] = lora_fields(peft_config, m["name"], m.get("trust_remote_code", False))
-        # -- data ------------------------------------------------------------------------------------
+        _model_fields(m, model, processing_class, peft_config)
         self._train_rows: int | None = None
+        self._data_fields(task, train_dataset, eval_dataset)
+        _reward_fields(task, reward_funcs, reward_weights)
+        try:
+            self.args = OAPLConfig(**tree, **extras)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("(in OAPLConfig)", "(in OAPLTrainer)")) from None
+        self.config = _resolve_epochs(self.args, self._train_rows)
+        self.callbacks, trl_callbacks = split_callbacks(callbacks)
+        self.state = trainer_state(self.config, self.args.logging_steps)
+        self._trl = TRLCallbacks(trl_callbacks, self.args, self.state, self._train_rows)
+        self._result = None
+        from oapl.preflight import check_config
+
+        check_config(self.config)  # a wrong model or dataset name fails now, naming its field
+        warn_if_never_synced(self.config)
+        self._trl.event("on_init_end")
+
+    def _data_fields(self, task: dict[str, Any], train_dataset: Any, eval_dataset: Any) -> None:
+        """``task.dataset`` / ``task.eval_dataset`` from the datasets given (rows in memory become markers)."""
+        from oapl.data import memory
+
         if train_dataset is not None:
             if task["name"] == "arithmetic":
                 task["name"] = "dataset"
@@ -181,35 +191,6 @@ class OAPLTrainer:
                                 "train_dataset too, or set task.num_eval")
             task["eval_dataset"] = self._source(eval_dataset, "eval_dataset")
             task["eval_benchmarks"] = []
-        # -- rewards ---------------------------------------------------------------------------------
-        if reward_funcs is not None:
-            funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-            if not funcs:
-                raise UserError("reward_funcs: an empty list; give at least one reward function")
-            task["reward"] = [memory.reward_spec(fn, f"reward_funcs[{i}]") for i, fn in enumerate(funcs)]
-        elif task["name"] == "dataset" and not task.get("reward"):
-            raise UserError("reward_funcs: required with a train_dataset: oapl.rewards.math_reward, "
-                            "oapl.rewards.code_reward, or your own fn(prompts, completions, **columns) -> list[float]")
-        if reward_weights is not None:
-            weights = [float(w) for w in reward_weights]
-            if task.get("reward_weights") not in (None, weights):
-                raise UserError(f"reward_weights={weights} and args.reward_weights={task['reward_weights']} differ; "
-                                "give one")
-            task["reward_weights"] = weights
-        try:
-            self.args = OAPLConfig(**tree, **extras)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("(in OAPLConfig)", "(in OAPLTrainer)")) from None
-        self.config = _resolve_epochs(self.args, self._train_rows)
-        self.callbacks, trl_callbacks = split_callbacks(callbacks)
-        self.state = trainer_state(self.config, self.args.logging_steps)
-        self._trl = TRLCallbacks(trl_callbacks, self.args, self.state, self._train_rows)
-        self._result = None
-        from oapl.preflight import check_config
-
-        check_config(self.config)  # a wrong model or dataset name fails now, naming its field
-        warn_if_never_synced(self.config)
-        self._trl.event("on_init_end")
 
     def _source(self, data: Any, role: str) -> str:
         from oapl.data import memory
@@ -436,6 +417,38 @@ def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:
         if callable(close):
             close()
     return summary
+
+
+def _model_fields(m: dict[str, Any], model: Any, processing_class: Any, peft_config: Any) -> None:
+    """``model.name`` / ``model.tokenizer`` / ``model.lora`` from the trainer's model, tokenizer and ``peft_config``."""
+    if model is not None:
+        m["name"] = _model_source(model, processing_class)
+    if processing_class is not None:
+        m["tokenizer"] = (str(processing_class) if isinstance(processing_class, (str, os.PathLike))
+                          else m["name"] if not isinstance(model, (str, os.PathLike, type(None)))
+                          else _save_tokenizer(processing_class))
+    if peft_config is not None:
+        m["lora"] = lora_fields(peft_config, m["name"], m.get("trust_remote_code", False))
+
+
+def _reward_fields(task: dict[str, Any], reward_funcs: Any, reward_weights: list[float] | None) -> None:
+    """``task.reward`` / ``task.reward_weights`` from the trainer's ``reward_funcs`` and ``reward_weights``."""
+    from oapl.data import memory
+
+    if reward_funcs is not None:
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise UserError("reward_funcs: an empty list; give at least one reward function")
+        task["reward"] = [memory.reward_spec(fn, f"reward_funcs[{i}]") for i, fn in enumerate(funcs)]
+    elif task["name"] == "dataset" and not task.get("reward"):
+        raise UserError("reward_funcs: required with a train_dataset: oapl.rewards.math_reward, "
+                        "oapl.rewards.code_reward, or your own fn(prompts, completions, **columns) -> list[float]")
+    if reward_weights is not None:
+        weights = [float(w) for w in reward_weights]
+        if task.get("reward_weights") not in (None, weights):
+            raise UserError(f"reward_weights={weights} and args.reward_weights={task['reward_weights']} differ; "
+                            "give one")
+        task["reward_weights"] = weights
 
 
 # -- models and tokenizers given as objects -----------------------------------------------------------
