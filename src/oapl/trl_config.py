@@ -405,10 +405,7 @@ class OAPLConfig(TrainConfig):
 
     def __getattr__(self, name: str) -> Any:
         if "." in name and not name.startswith("_"):  # a dotted oapl field (HfArgumentParser's names)
-            node: Any = self
-            for part in name.split("."):
-                node = getattr(node, part)
-            return node
+            return _attribute(self, name)
         return super().__getattr__(name)  # type: ignore[misc]
 
     def _set_trl(self, name: str, value: Any) -> None:
@@ -428,11 +425,8 @@ class OAPLConfig(TrainConfig):
         for dotted, leaf in _leaves(tree):
             if dotted in ("steps", "rollout.group_size") and context:
                 continue  # context for the translation, not what is being set
-            *path, last = dotted.split(".")
-            node: Any = self
-            for part in path:
-                node = getattr(node, part)
-            setattr(node, last, leaf)
+            section, _, last = dotted.rpartition(".")
+            setattr(_attribute(self, section) if section else self, last, leaf)
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -453,10 +447,14 @@ def _trl_get(cfg: OAPLConfig, name: str) -> Any:
         return TRL_READ[name](cfg)
     if f.accepted is not None:
         return f.accepted[0] if f.accepted else None
-    node: Any = cfg
-    for part in f.target.split("."):
-        node = getattr(node, part)
-    return node
+    return _attribute(cfg, f.target)
+
+
+def _attribute(obj: Any, dotted: str) -> Any:
+    """``obj.a.b.c`` for ``dotted`` = ``a.b.c`` (a field of a config's section)."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _trl_property(name: str) -> property:
