@@ -139,16 +139,16 @@ def test_a_run_too_short_to_sync_warns(caplog):
 
 def test_lora_targets_default_to_peft_and_dropped_fields_are_refused(tiny_model_dir):
     peft = pytest.importorskip("peft")
-    from oapl.api import _lora_fields
+    from oapl.trl_compat import lora_fields
 
     # target_modules=None: peft's own default for the architecture (Llama: q_proj, v_proj), not all-linear
-    assert _lora_fields(peft.LoraConfig(r=8), tiny_model_dir)["target_modules"] == ["q_proj", "v_proj"]
-    assert _lora_fields(peft.LoraConfig(r=8, target_modules="all-linear"), tiny_model_dir)["target_modules"] == \
+    assert lora_fields(peft.LoraConfig(r=8), tiny_model_dir)["target_modules"] == ["q_proj", "v_proj"]
+    assert lora_fields(peft.LoraConfig(r=8, target_modules="all-linear"), tiny_model_dir)["target_modules"] == \
         "all-linear"
     for kwargs in ({"layers_to_transform": [0]}, {"init_lora_weights": "gaussian"}, {"rank_pattern": {"q": 4}},
                    {"alpha_pattern": {"q": 4}}, {"use_rslora": True}, {"bias": "all"}):
         with pytest.raises(UserError, match=f"peft_config: {next(iter(kwargs))}="):
-            _lora_fields(peft.LoraConfig(r=8, target_modules=["q_proj"], **kwargs), tiny_model_dir)
+            lora_fields(peft.LoraConfig(r=8, target_modules=["q_proj"], **kwargs), tiny_model_dir)
 
 
 # -- callbacks, metrics and outputs ---------------------------------------------------------------------

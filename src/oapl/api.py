@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,11 +40,11 @@ from oapl.config import ConfigError, TrainConfig
 from oapl.config import load_config as _load_config
 from oapl.errors import RunDirError, UserError
 from oapl.rundir import refuse_multi_process_launch
+from oapl.trl_compat import (Callback, TRLCallbacks, lora_fields, split_callbacks, trainer_state,
+                              with_trl_names_callback)
 from oapl.trl_config import OAPLConfig, warn_if_never_synced
 
 log = logging.getLogger("oapl")
-
-Callback = Callable[[dict[str, Any]], None]
 
 __all__ = ["OAPLTrainer", "OAPLConfig", "TrainOutput", "train", "load_config"]
 
@@ -83,20 +83,13 @@ def train(config: TrainConfig | str | Path, resume: bool = False, overwrite: boo
         logging_steps = config.logging_steps
         config = _resolve_epochs(config, None)
         warn_if_never_synced(config)
-    plain, trl = _check_callbacks(callbacks)
-    hooks: list[Any] = [_with_trl_names(cb) for cb in plain]
+    plain, trl = split_callbacks(callbacks)
+    hooks: list[Any] = [with_trl_names_callback(cb) for cb in plain]
     if trl:
-        adapter = TRLCallbacks(trl, config, _trainer_state(config, logging_steps), None)
+        adapter = TRLCallbacks(trl, config, trainer_state(config, logging_steps), None)
         adapter.event("on_init_end")
         hooks.insert(0, adapter)
     return _run(config, resume=resume, overwrite=overwrite, callbacks=hooks, how_to=("resume=True", "overwrite=True"))
-
-
-def _with_trl_names(cb: Callback) -> Callback:
-    def call(row: dict[str, Any]) -> None:
-        cb(with_trl_names(row))
-
-    return call
 
 
 class TrainOutput(NamedTuple):
@@ -147,8 +140,6 @@ class OAPLTrainer:
                  reward_weights: list[float] | None = None) -> None:
         _refuse_in_worker_bootstrap("OAPLTrainer()")
         refuse_multi_process_launch()
-        from oapl.data import memory
-
         if args is None:
             args = OAPLConfig()
         if not isinstance(args, TrainConfig):
@@ -161,17 +152,29 @@ class OAPLTrainer:
         if "steps" not in args.model_fields_set:
             del tree["steps"]  # unset: num_train_epochs (if given) decides
         m, task = tree["model"], tree["task"]
-        # -- model and tokenizer --------------------------------------------------------------------
-        if model is not None:
-            m["name"] = _model_source(model, processing_class)
-        if processing_class is not None:
-            m["tokenizer"] = (str(processing_class) if isinstance(processing_class, (str, os.PathLike))
-                              else m["name"] if not isinstance(model, (str, os.PathLike, type(None)))
-                              else _save_tokenizer(processing_class))
-        if peft_config is not None:
-            m["lora"] = _lora_fields(peft_config, m["name"], m.get("trust_remote_code", False))
-        # -- data ------------------------------------------------------------------------------------
+        _model_fields(m, model, processing_class, peft_config)
         self._train_rows: int | None = None
+        self._data_fields(task, train_dataset, eval_dataset)
+        _reward_fields(task, reward_funcs, reward_weights)
+        try:
+            self.args = OAPLConfig(**tree, **extras)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("(in OAPLConfig)", "(in OAPLTrainer)")) from None
+        self.config = _resolve_epochs(self.args, self._train_rows)
+        self.callbacks, trl_callbacks = split_callbacks(callbacks)
+        self.state = trainer_state(self.config, self.args.logging_steps)
+        self._trl = TRLCallbacks(trl_callbacks, self.args, self.state, self._train_rows)
+        self._result = None
+        from oapl.preflight import check_config
+
+        check_config(self.config)  # a wrong model or dataset name fails now, naming its field
+        warn_if_never_synced(self.config)
+        self._trl.event("on_init_end")
+
+    def _data_fields(self, task: dict[str, Any], train_dataset: Any, eval_dataset: Any) -> None:
+        """``task.dataset`` / ``task.eval_dataset`` from the datasets given (rows in memory become markers)."""
+        from oapl.data import memory
+
         if train_dataset is not None:
             if task["name"] == "arithmetic":
                 task["name"] = "dataset"
@@ -188,35 +191,6 @@ class OAPLTrainer:
                                 "train_dataset too, or set task.num_eval")
             task["eval_dataset"] = self._source(eval_dataset, "eval_dataset")
             task["eval_benchmarks"] = []
-        # -- rewards ---------------------------------------------------------------------------------
-        if reward_funcs is not None:
-            funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-            if not funcs:
-                raise UserError("reward_funcs: an empty list; give at least one reward function")
-            task["reward"] = [memory.reward_spec(fn, f"reward_funcs[{i}]") for i, fn in enumerate(funcs)]
-        elif task["name"] == "dataset" and not task.get("reward"):
-            raise UserError("reward_funcs: required with a train_dataset: oapl.rewards.math_reward, "
-                            "oapl.rewards.code_reward, or your own fn(prompts, completions, **columns) -> list[float]")
-        if reward_weights is not None:
-            weights = [float(w) for w in reward_weights]
-            if task.get("reward_weights") not in (None, weights):
-                raise UserError(f"reward_weights={weights} and args.reward_weights={task['reward_weights']} differ; "
-                                "give one")
-            task["reward_weights"] = weights
-        try:
-            self.args = OAPLConfig(**tree, **extras)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("(in OAPLConfig)", "(in OAPLTrainer)")) from None
-        self.config = _resolve_epochs(self.args, self._train_rows)
-        self.callbacks, trl_callbacks = _check_callbacks(callbacks)
-        self.state = _trainer_state(self.config, self.args.logging_steps)
-        self._trl = TRLCallbacks(trl_callbacks, self.args, self.state, self._train_rows)
-        self._result = None
-        from oapl.preflight import check_config
-
-        check_config(self.config)  # a wrong model or dataset name fails now, naming its field
-        warn_if_never_synced(self.config)
-        self._trl.event("on_init_end")
 
     def _source(self, data: Any, role: str) -> str:
         from oapl.data import memory
@@ -239,7 +213,7 @@ class OAPLTrainer:
         resume = self._resume_flag(resume_from_checkpoint)
         self._trl.losses = []
         result = _run(self.config, resume=resume, overwrite=self.args.overwrite_output_dir,
-                      callbacks=[self._trl, *map(_with_trl_names, self.callbacks)],
+                      callbacks=[self._trl, *map(with_trl_names_callback, self.callbacks)],
                       how_to=("train(resume_from_checkpoint=True)", "OAPLConfig(overwrite_output_dir=True)"))
         self._result = result
         self.state.global_step = result.steps
@@ -373,20 +347,6 @@ def _refuse_in_worker_bootstrap(what: str) -> None:
                            f"re-imports the main script: {GUARD_HINT}")
 
 
-def _check_callbacks(callbacks: Iterable[Any] | None) -> tuple[list[Callback], list[Any]]:
-    """(plain functions, ``transformers.TrainerCallback`` objects or classes)."""
-    plain, trl = [], []
-    for i, cb in enumerate(list(callbacks or [])):
-        if _is_trainer_callback(cb):
-            trl.append(cb)
-        elif isinstance(cb, type) or not callable(cb):
-            raise UserError(f"callbacks[{i}]: {getattr(cb, '__name__', type(cb).__name__)} is neither a "
-                            "transformers TrainerCallback nor a function fn(row: dict) called with every metrics row")
-        else:
-            plain.append(cb)
-    return plain, trl
-
-
 def _resolve_epochs(cfg: TrainConfig, train_rows: int | None) -> TrainConfig:
     """The plain ``TrainConfig``; ``num_train_epochs`` (when ``max_steps`` is unset) becomes ``steps``."""
     epochs = getattr(cfg, "num_train_epochs", None)
@@ -435,22 +395,19 @@ def _run(cfg: TrainConfig, *, resume: bool | str, overwrite: bool, callbacks: li
 
 def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:
     """Generate on the held-out prompts of ``cfg`` with the model in ``model_dir`` (default: model.name)."""
+    from oapl.config_views import eval_sampling_params, load_config_tokenizer
     from oapl.data.tasks import build_task
-    from oapl.engines.base import SamplingParams
     from oapl.engines.factory import make_engine
     from oapl.evaluation.heldout import evaluate
-    from oapl.trainer.model import load_tokenizer, resolve_model_path
+    from oapl.trainer.model import resolve_model_path
 
     task = build_task(cfg.task, cfg.seed)
     if not task.eval:
         raise UserError("eval_dataset: there are no held-out prompts to evaluate on; pass eval_dataset= (to "
                         "evaluate() or OAPLTrainer)")
     path = str(model_dir) if model_dir is not None else resolve_model_path(cfg.model.name)
-    tok_path = resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer and model_dir is None else path
-    tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
-    e = cfg.eval
-    params = SamplingParams(e.temperature, e.top_p, e.max_tokens or cfg.sampling.max_tokens,
-                            tuple(cfg.sampling.stop), n=e.n)
+    tokenizer = load_config_tokenizer(cfg, None if model_dir is None else str(model_dir))
+    params = eval_sampling_params(cfg)
     engine = make_engine(cfg, path, tokenizer)
     try:
         summary, _ = evaluate(engine, task, tokenizer, params)
@@ -460,6 +417,38 @@ def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:
         if callable(close):
             close()
     return summary
+
+
+def _model_fields(m: dict[str, Any], model: Any, processing_class: Any, peft_config: Any) -> None:
+    """``model.name`` / ``model.tokenizer`` / ``model.lora`` from the trainer's model, tokenizer and ``peft_config``."""
+    if model is not None:
+        m["name"] = _model_source(model, processing_class)
+    if processing_class is not None:
+        m["tokenizer"] = (str(processing_class) if isinstance(processing_class, (str, os.PathLike))
+                          else m["name"] if not isinstance(model, (str, os.PathLike, type(None)))
+                          else _save_tokenizer(processing_class))
+    if peft_config is not None:
+        m["lora"] = lora_fields(peft_config, m["name"], m.get("trust_remote_code", False))
+
+
+def _reward_fields(task: dict[str, Any], reward_funcs: Any, reward_weights: list[float] | None) -> None:
+    """``task.reward`` / ``task.reward_weights`` from the trainer's ``reward_funcs`` and ``reward_weights``."""
+    from oapl.data import memory
+
+    if reward_funcs is not None:
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise UserError("reward_funcs: an empty list; give at least one reward function")
+        task["reward"] = [memory.reward_spec(fn, f"reward_funcs[{i}]") for i, fn in enumerate(funcs)]
+    elif task["name"] == "dataset" and not task.get("reward"):
+        raise UserError("reward_funcs: required with a train_dataset: oapl.rewards.math_reward, "
+                        "oapl.rewards.code_reward, or your own fn(prompts, completions, **columns) -> list[float]")
+    if reward_weights is not None:
+        weights = [float(w) for w in reward_weights]
+        if task.get("reward_weights") not in (None, weights):
+            raise UserError(f"reward_weights={weights} and args.reward_weights={task['reward_weights']} differ; "
+                            "give one")
+        task["reward_weights"] = weights
 
 
 # -- models and tokenizers given as objects -----------------------------------------------------------
@@ -534,209 +523,3 @@ def _save_tokenizer(tokenizer: Any) -> str:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-#: ``peft.LoraConfig`` fields oapl honours (the rest must keep peft's default, or are refused by name).
-_LORA_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules"}
-#: Fields that describe the adapter's bookkeeping, not the adapter: ignored.
-_LORA_IGNORED = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                 "peft_version"}
-
-
-def _lora_fields(peft_config: Any, model_name: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
-    """``model.lora`` from a ``peft.LoraConfig``; a field set to anything but peft's default that oapl does not
-    implement is refused by name. ``target_modules=None``: peft's default modules for the model's architecture."""
-    import dataclasses
-
-    if type(peft_config).__name__ != "LoraConfig" or not dataclasses.is_dataclass(peft_config):
-        raise UserError(f"peft_config: {type(peft_config).__name__} is not supported; oapl trains LoRA adapters "
-                        "(peft.LoraConfig)")
-    lora: Any = peft_config  # a peft.LoraConfig
-    default = type(lora)()
-    changed = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)
-               if f.name not in _LORA_HONOURED | _LORA_IGNORED
-               and getattr(peft_config, f.name) != getattr(default, f.name, None)}
-    if changed:
-        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
-        raise UserError(f"peft_config: {shown} not supported (oapl's LoRA: r, lora_alpha, lora_dropout, "
-                        "target_modules, with peft's defaults for the rest)")
-    targets = lora.target_modules
-    if targets is None:
-        targets = _peft_default_targets(model_name, trust_remote_code)
-    elif not isinstance(targets, str):
-        targets = sorted(targets)
-    return {"enabled": True, "r": int(lora.r), "alpha": int(lora.lora_alpha),
-            "dropout": float(lora.lora_dropout), "target_modules": targets}
-
-
-def _peft_default_targets(model_name: str | None, trust_remote_code: bool) -> list[str]:
-    """What peft adapts when ``target_modules`` is None: its table's modules for the model type."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
-    from transformers import AutoConfig
-
-    from oapl.trainer.model import resolve_model_path
-
-    if model_name is None:
-        raise UserError("peft_config.target_modules: None means peft's default modules for the model's "
-                        "architecture, which needs the model: pass model=, or give target_modules")
-    try:
-        model_type = AutoConfig.from_pretrained(resolve_model_path(model_name),
-                                                trust_remote_code=trust_remote_code).model_type
-    except Exception as e:  # noqa: BLE001 - said below
-        raise UserError(f"peft_config.target_modules: None means peft's default modules for the model's "
-                        f"architecture, but the config of {model_name!r} cannot be read ({type(e).__name__}); "
-                        "give target_modules") from e
-    if model_type not in MAPPING:
-        raise UserError(f"peft_config.target_modules: peft has no default modules for model type {model_type!r}; "
-                        "give target_modules (e.g. 'all-linear')")
-    return sorted(MAPPING[model_type])
-
-
-# -- TRL's callbacks and metric names ---------------------------------------------------------------
-#: oapl's metric names -> TRL's, in what TrainerCallbacks, ``trainer.state.log_history`` and plain callbacks see
-#: (plain callbacks and metrics.jsonl keep oapl's names too).
-TRL_METRIC_NAMES = {"reward_mean": "reward", "lr": "learning_rate", "response_len_mean": "completions/mean_length",
-                    "truncated_frac": "completions/clipped_ratio"}
-#: Row fields that are counters, not metrics: ``on_log`` gets their last value, not the window's mean.
-_COUNTERS = {"step", "samples_seen", "weight_version", "lag", "elapsed_s", "synced_to_version", "reward_errors",
-             "stale_dropped"}
-
-
-def with_trl_names(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` plus TRL's names of oapl's metrics (``reward``, ``learning_rate``, ``completions/mean_length``)."""
-    out = dict(row)
-    for ours, theirs in TRL_METRIC_NAMES.items():
-        if ours in row and theirs not in row:
-            out[theirs] = row[ours]
-    return out
-
-
-def _trl_view(row: dict[str, Any]) -> dict[str, Any]:
-    """A metrics row as TRL logs it: TRL's names (not both), held-out results as ``eval_<metric>``."""
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        if k.startswith("eval/"):
-            out[f"eval_{k[5:].removeprefix('eval_')}"] = v
-        else:
-            out[TRL_METRIC_NAMES.get(k, k)] = v
-    return out
-
-
-def _is_trainer_callback(cb: Any) -> bool:
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(cb, TrainerCallback) or isinstance(cb, type) and issubclass(cb, TrainerCallback)
-
-
-class TRLCallbacks:
-    """``transformers.TrainerCallback`` objects driven by the run: a row callback with ``on_run_event``.
-
-    Events: ``on_init_end`` (by the trainer), ``on_train_begin``, ``on_step_begin``, ``on_step_end`` (each
-    step's row), ``on_log`` (every ``logging_steps`` steps: the mean of those steps' metrics, TRL's names;
-    and the held-out results), ``on_evaluate``, ``on_save`` (after a checkpoint), ``on_train_end``.
-    ``control.should_training_stop`` ends the run after the current step, as a run that reached
-    ``max_steps`` ends: final evaluation and checkpoint.
-    """
-
-    def __init__(self, callbacks: list[Any], args: Any, state: Any, train_rows: int | None) -> None:
-        from transformers import TrainerControl
-
-        self.callbacks = [cb() if isinstance(cb, type) else cb for cb in callbacks]
-        self.args, self.state, self.control = args, state, TrainerControl()
-        self.train_rows = train_rows
-        self.run: Any = None
-        self._window: list[dict[str, Any]] = []
-        self.losses: list[float] = []
-
-    def event(self, name: str, **kwargs: Any) -> None:
-        kwargs.setdefault("processing_class", getattr(getattr(self.run, "backend", None), "tokenizer", None))
-        kwargs.setdefault("model", None)  # the model lives in the trainer (a process of its own under Ray)
-        for cb in self.callbacks:
-            result = getattr(cb, name)(self.args, self.state, self.control, **kwargs)
-            if result is not None:
-                self.control = result
-
-    def _sync_state(self, step: int) -> None:
-        self.state.global_step = step
-        if self.train_rows and self.run is not None:
-            p = self.run.cfg.rollout.prompts_per_step
-            self.state.epoch = step * p / self.train_rows
-
-    def on_run_event(self, name: str, run: Any, **kw: Any) -> None:
-        self.run = run
-        if name == "train_begin":
-            self.state.max_steps = run.backend.total_steps
-            self._sync_state(run.step)
-            self.control.should_training_stop = False  # a new train() call
-            self.event("on_train_begin")
-        elif name == "step_begin":
-            self.event("on_step_begin")
-        elif name == "save":
-            self.event("on_save", checkpoint=kw.get("path"))
-            self.control.should_save = False
-        elif name == "train_end":
-            self.event("on_train_end")
-        self._maybe_stop()
-
-    def _maybe_stop(self) -> None:
-        if self.control.should_training_stop and self.run is not None and not self.run.stop_requested:
-            log.info("a callback set control.should_training_stop at step %d: the run ends after this step",
-                     self.state.global_step)
-            self.run.stop_requested = True
-
-    def __call__(self, row: dict[str, Any]) -> None:
-        view = _trl_view(row)
-        evals = {k: v for k, v in view.items() if k.startswith("eval_")}
-        if "loss" in row:
-            self._sync_state(int(row["step"]))
-            self.losses.append(float(row["loss"]))
-            self._window.append({k: v for k, v in view.items() if not k.startswith("eval_")})
-            self.event("on_step_end")
-            every = self.state.logging_steps
-            if every and (self.state.global_step % every == 0):
-                self._log(self._mean(self._window))
-                self._window = []
-        if evals:
-            self._log(evals)
-            self.event("on_evaluate", metrics=evals)
-            self.control.should_evaluate = False
-        self._maybe_stop()
-
-    def _log(self, logs: dict[str, Any]) -> None:
-        logs = dict(logs)
-        if self.state.epoch is not None:
-            logs["epoch"] = self.state.epoch
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        self.event("on_log", logs=logs)
-        self.control.should_log = False
-
-    @staticmethod
-    def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in rows[-1].items():
-            vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-            if k in _COUNTERS or k == "step" or len(vals) != len(rows):
-                out[k] = v
-            else:
-                out[k] = sum(vals) / len(vals)
-        out.pop("step", None)
-        return out
-
-
-def _trainer_state(cfg: TrainConfig, logging_steps: float | None):
-    from transformers import TrainerState
-
-    steps = cfg.steps
-
-    def share(x: float | int | None) -> int | None:
-        if x is None:
-            return None
-        return max(1, math.ceil(x * steps)) if isinstance(x, float) and x < 1 else int(x)
-
-    # None: no evaluation / checkpoint cadence (transformers annotates these int, and reads None as "never")
-    return TrainerState(max_steps=steps, logging_steps=share(logging_steps) or 10,
-                        eval_steps=cfg.eval.every or None,  # type: ignore[arg-type]
-                        save_steps=cfg.checkpoint.every or None,  # type: ignore[arg-type]
-                        train_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.group_size)

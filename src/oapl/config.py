@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from oapl.config_views import set_dotted
 from oapl.errors import UserError
 
 
@@ -437,17 +438,6 @@ def _parse_value(raw: str) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-
-
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.setdefault(k, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {k!r} is not a section")
-        node = child
-    node[keys[-1]] = value
 
 
 def format_errors(err: ValidationError, source: str) -> str:

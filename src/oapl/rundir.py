@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from oapl.config_views import get_dotted
 from oapl.errors import RunDirError, UserError
 
 
@@ -233,8 +234,8 @@ def check_resume_config(cfg, run_dir: str | Path | None = None) -> None:
                 log.warning("resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
                             "function as in the first run", now, dotted)
             continue
-        was = before or _dotted_value(old_tree, dotted)
-        is_ = now or _dotted_value(new_tree, dotted)
+        was = before or get_dotted(old_tree, dotted)
+        is_ = now or get_dotted(new_tree, dotted)
         raise UserError(f"{dotted}: resuming {saved.parent} with other data or rewards than it was trained with "
                         f"(was {was!r} in {saved}, now {is_!r}); pass the same ones (rows are compared by "
                         "content), or start a new run")
@@ -254,14 +255,3 @@ def check_resume_config(cfg, run_dir: str | Path | None = None) -> None:
     if old_mem:
         log.info("resuming with the same in-memory data and rewards: %s", ", ".join(sorted(old_mem)))
 
-
-def _dotted_value(tree: dict, dotted: str) -> object:
-    node: object = tree
-    for part in dotted.replace("]", "").replace("[", ".").split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node

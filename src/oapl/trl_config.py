@@ -2,8 +2,8 @@
 
 ``OAPLConfig(learning_rate=1e-5, num_generations=8, max_completion_length=256, ...)`` sets the same
 nested fields as ``TrainConfig(optim={"lr": 1e-5}, rollout={"group_size": 8}, ...)``. Where TRL has
-the same concept the TRL name is accepted (:data:`TRL_FIELDS`, the table in
-docs/coming-from-trl.md is generated from it); every oapl field is also accepted nested
+the same concept the TRL name is accepted (:data:`TRL_FIELDS`, in :mod:`oapl.trl_names`; the table
+in docs/coming-from-trl.md is generated from it); every oapl field is also accepted nested
 (``optim={"lr": 1e-5}``) or dotted (``**{"algorithm.beta2": 1e-3}``). A TRL name whose value
 would change what oapl cannot do is refused with the reason (``beta=0.04``: oapl has no frozen
 reference model); at the value that means what oapl does anyway (``beta=0.0``) it is accepted. Any
@@ -19,171 +19,16 @@ import copy
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
 from typing import Any, Optional, cast
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
-from oapl.config import ConfigError, TrainConfig, format_errors, set_dotted
+from oapl.config import ConfigError, TrainConfig, format_errors
+from oapl.config_views import get_dotted, set_dotted
+from oapl.trl_names import TRL_DEFAULTS, TRL_FIELDS, TRL_NOOP, TRL_READ, TRL_TABLE, UNSET, TRLField, docs_table
 
 _MISSING = object()
 
-
-class _Unset:
-    """The default of every ``HfArgumentParser`` argument of ``OAPLConfig``: not given on the command line."""
-
-    def __repr__(self) -> str:
-        return "unset"
-
-
-UNSET = _Unset()
-
-
-@dataclass(frozen=True)
-class TRLField:
-    """A TRL ``GRPOConfig`` (or ``AsyncGRPOConfig``) name: where it goes in oapl, or the only values accepted.
-
-    ``simple``: the value goes unchanged to ``target``. ``accepted``: a name with no oapl counterpart,
-    taken only at the value(s) that mean what oapl does anyway (``()``: at no value). ``type``: the
-    type ``HfArgumentParser`` / ``TrlParser`` parse it as.
-    """
-
-    name: str
-    target: str  # the oapl field(s), for the docs and error messages ("" for an accepted-only name)
-    note: str = ""
-    type: Any = str
-    simple: bool = False
-    accepted: tuple[Any, ...] | None = None
-
-
-_Opt = Optional  # HfArgumentParser reads typing.Optional[X] (X | None in Python >= 3.10 too)
-
-#: Every TRL name ``OAPLConfig`` knows, in the order of the docs table: mapped, then accepted only at some values.
-TRL_TABLE: dict[str, TRLField] = {f.name: f for f in [
-    TRLField("output_dir", "output_dir", "The run directory; a non-empty one is refused unless resuming "
-             "or `overwrite_output_dir=True` (a start that failed before training a step is replaced).", _Opt[str]),
-    TRLField("overwrite_output_dir", "(`oapl train --overwrite`)", "Replace the run in a non-empty `output_dir`.",
-             _Opt[bool]),
-    TRLField("seed", "seed", "", _Opt[int]),
-    TRLField("max_steps", "steps", "Trainer steps (one optimiser step per batch, or `algorithm.mini_batches`).",
-             _Opt[int]),
-    TRLField("num_train_epochs", "steps", "`ceil(epochs x training prompts / prompts per step)`, counted by "
-             "`OAPLTrainer`; `max_steps` wins when both are set, as in TRL.", _Opt[float]),
-    TRLField("learning_rate", "optim.lr", "", _Opt[float], simple=True),
-    TRLField("lr_scheduler_type", "optim.schedule", "Unset: `linear` (decay to 0 after the warm-up), as TRL. "
-             "`constant`, `constant_with_warmup` -> constant; `cosine`, `cosine_with_min_lr` -> cosine.", _Opt[str]),
-    TRLField("warmup_steps", "optim.warmup_steps", "A float in [0, 1) is a ratio: `optim.warmup_ratio`.",
-             _Opt[float]),
-    TRLField("warmup_ratio", "optim.warmup_ratio", "", _Opt[float], simple=True),
-    TRLField("weight_decay", "optim.weight_decay", "", _Opt[float], simple=True),
-    TRLField("adam_beta1", "optim.betas[0]", "", _Opt[float]),
-    TRLField("adam_beta2", "optim.betas[1]", "oapl's default is 0.95 (TRL: 0.999).", _Opt[float]),
-    TRLField("adam_epsilon", "optim.eps", "", _Opt[float], simple=True),
-    TRLField("max_grad_norm", "optim.max_grad_norm", "0 = no clipping.", _Opt[float]),
-    TRLField("per_device_train_batch_size", "optim.micro_batch_size, rollout.prompts_per_step",
-             "Completions per forward/backward. Completions per step = this x `gradient_accumulation_steps` "
-             "(must be a multiple of `num_generations`), so prompts per step = that / `num_generations`. "
-             "Unset: TRL's 8 x 1 = 8 completions per step (unless `rollout.prompts_per_step` is given).", _Opt[int]),
-    TRLField("gradient_accumulation_steps", "rollout.prompts_per_step", "See `per_device_train_batch_size`.",
-             _Opt[int]),
-    TRLField("generation_batch_size", "rollout.prompts_per_generate", "Completions per engine call / "
-             "`num_generations`. Unset: the completions of one step, as TRL.", _Opt[int]),
-    TRLField("num_generations", "rollout.group_size", "G, responses per prompt (default 8, as TRL).", _Opt[int],
-             simple=True),
-    TRLField("num_generations_eval", "eval.n", "Samples per held-out prompt (pass@k up to k = n).", _Opt[int],
-             simple=True),
-    TRLField("max_completion_length", "sampling.max_tokens", "", _Opt[int], simple=True),
-    TRLField("temperature", "sampling.temperature", "", _Opt[float], simple=True),
-    TRLField("top_p", "sampling.top_p", "Must stay 1.0 for OAPL (the trainer scores the full distribution).",
-             _Opt[float], simple=True),
-    TRLField("use_vllm", "engine.kind", "true -> vllm, false -> transformers (oapl's default `auto` uses vLLM "
-             "when installed).", _Opt[bool]),
-    TRLField("vllm_gpu_memory_utilization", "engine.gpu_memory_utilization", "", _Opt[float], simple=True),
-    TRLField("vllm_max_model_length", "engine.max_model_len", "", _Opt[int], simple=True),
-    TRLField("vllm_enable_sleep_mode", "engine.enable_sleep_mode", "Needs `rollout.asynchronous=false`.",
-             _Opt[bool], simple=True),
-    TRLField("weight_sync_steps", "rollout.sync_interval", "`AsyncGRPOConfig`'s name for L, the trainer steps "
-             "between weight syncs (the policy lag). oapl's default is 50 (TRL's: 1); see \"Choosing L and "
-             "beta2\" below. A run of `max_steps` <= L never syncs before its end: a warning says so.", _Opt[int],
-             simple=True),
-    TRLField("max_staleness", "rollout.max_staleness", "`AsyncGRPOConfig`; must be 0 for OAPL (the buffer is "
-             "cleared at every sync), 1 gives GRPO's off-by-one asynchrony.", _Opt[int], simple=True),
-    TRLField("epsilon", "algorithm.clip_eps", "GRPO baseline only (OAPL has no clipping).", _Opt[float],
-             simple=True),
-    TRLField("scale_rewards", "algorithm.scale_advantages", "`group`/true -> true, `none`/false -> false (GRPO).",
-             _Opt[str]),
-    TRLField("vllm_importance_sampling_correction", "algorithm.is_cap", "false -> null (no correction; GRPO).",
-             _Opt[bool]),
-    TRLField("vllm_importance_sampling_cap", "algorithm.is_cap", "The truncated-IS cap C (GRPO).", _Opt[float],
-             simple=True),
-    TRLField("reward_weights", "task.reward_weights", "", _Opt[list[float]], simple=True),
-    TRLField("eval_strategy", "eval.every, eval.at_start, eval.at_end", "`no` -> no held-out evaluation; "
-             "`steps` -> every `eval_steps`. oapl also evaluates before and after training by default.", _Opt[str]),
-    TRLField("eval_steps", "eval.every", "A float in [0, 1) is a share of `max_steps`.", _Opt[float]),
-    TRLField("eval_on_start", "eval.at_start", "", _Opt[bool], simple=True),
-    TRLField("save_strategy", "checkpoint.every", "`no` -> only the final checkpoint (which `save_model` and "
-             "`evaluate` read); `steps` -> every `save_steps`.", _Opt[str]),
-    TRLField("save_steps", "checkpoint.every", "A float in [0, 1) is a share of `max_steps`.", _Opt[float]),
-    TRLField("save_total_limit", "checkpoint.keep", "", _Opt[int], simple=True),
-    TRLField("logging_steps", "(`on_log` and `log_history`)", "As TRL (default 10; a float in (0, 1) "
-             "is a share of `max_steps`): `TrainerCallback.on_log` and `log_history` get the mean of the last "
-             "`logging_steps` steps. metrics.jsonl and plain-function callbacks still get every step.", _Opt[float]),
-    TRLField("log_completions", "logging.log_samples_every", "true -> sample completions to samples.jsonl every "
-             "`logging_steps`.", _Opt[bool]),
-    TRLField("report_to", "logging.tensorboard, logging.wandb", "`none`, `tensorboard`, `wandb`, `all`, or a list.",
-             _Opt[str]),
-    TRLField("disable_tqdm", "logging.progress", "", _Opt[bool]),
-    TRLField("gradient_checkpointing", "model.gradient_checkpointing", "oapl's default is false (TRL: true).",
-             _Opt[bool], simple=True),
-    TRLField("bf16", "model.compute_dtype", "true -> bfloat16 (over fp32 master weights), false -> float32.",
-             _Opt[bool]),
-    TRLField("torch_compile", "model.compile", "", _Opt[bool], simple=True),
-    TRLField("use_liger_kernel", "model.liger", "", _Opt[bool], simple=True),
-    TRLField("trust_remote_code", "model.trust_remote_code", "", _Opt[bool], simple=True),
-    TRLField("use_cpu", "model.device", "true -> cpu.", _Opt[bool]),
-    # -- accepted only at the value(s) that mean what oapl does anyway --------------------------------------
-    TRLField("beta", "", "TRL's KL penalty towards a frozen reference model; oapl has no reference model "
-             "(OAPL's KL is towards the lagged inference policy, algorithm.beta2, another quantity)", _Opt[float],
-             accepted=(0, 0.0, None)),
-    TRLField("num_iterations", "", "every batch is used once; algorithm.mini_batches splits it into optimiser "
-             "steps", _Opt[int], accepted=(1,)),
-    TRLField("steps_per_generation", "", "the engine generates asynchronously into a buffer; weight_sync_steps "
-             "(rollout.sync_interval) sets how many steps use one engine version", _Opt[int], accepted=(None,)),
-    TRLField("top_k", "", "OAPL needs the log-probs of the distribution the engine sampled from: only "
-             "temperature (and top_p=1) are supported", _Opt[int], accepted=(0, None, -1)),
-    TRLField("min_p", "", "only temperature (and top_p=1) are supported", _Opt[float], accepted=(None, 0, 0.0)),
-    TRLField("repetition_penalty", "", "only temperature (and top_p=1) are supported", _Opt[float],
-             accepted=(1, 1.0)),
-    TRLField("generation_kwargs", "", "only temperature (and top_p=1) are supported", _Opt[str], accepted=(None,)),
-    TRLField("remove_unused_columns", "", "oapl passes every dataset column to the reward functions", _Opt[bool],
-             accepted=(False,)),
-    TRLField("shuffle_dataset", "", "oapl always samples prompts in a seeded shuffled order", _Opt[bool],
-             accepted=(True,)),
-    TRLField("mask_truncated_completions", "", "truncated completions are trained on with their reward",
-             _Opt[bool], accepted=(False,)),
-    TRLField("disable_dropout", "", "oapl trains with the model's own dropout setting (0 for most LLMs)",
-             _Opt[bool], accepted=(False,)),
-    TRLField("fp16", "", "use bf16=True (bfloat16 compute over fp32 master weights)", _Opt[bool],
-             accepted=(False, None)),
-    TRLField("vllm_mode", "", "oapl runs its engines itself: in this process (distributed.backend=local) or as "
-             "Ray actors (distributed.backend=ray); there is no vLLM server mode", _Opt[str], accepted=("colocate",)),
-    TRLField("loss_type", "", "oapl's objective is algorithm='oapl' (squared regression to V*, the default) or "
-             "algorithm='grpo' (PPO clip with truncated importance sampling, the baseline)", _Opt[str], accepted=()),
-    TRLField("max_prompt_length", "", "oapl never truncates a prompt; one that does not fit engine.max_model_len "
-             "is refused, naming its row", _Opt[int], accepted=(None,)),
-    TRLField("per_device_eval_batch_size", "", "held-out prompts are generated in batches of "
-             "engine.max_batch_size sequences (transformers engine) or all at once (vLLM)", _Opt[int], accepted=()),
-]}
-
-#: The TRL names oapl maps onto its fields.
-TRL_FIELDS: dict[str, TRLField] = {k: f for k, f in TRL_TABLE.items() if f.accepted is None}
-#: TRL names oapl accepts only at the value(s) that mean what oapl does anyway: (values, reason).
-TRL_NOOP: dict[str, tuple[tuple[Any, ...], str]] = {k: (f.accepted, f.note) for k, f in TRL_TABLE.items()
-                                                    if f.accepted is not None}
-
-#: TRL's defaults that ``OAPLConfig`` applies when neither the TRL name nor the oapl field is given.
-TRL_DEFAULTS: dict[str, Any] = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear",
-                "logging_steps": 10}
 
 _EXTRA = ("num_train_epochs", "overwrite_output_dir", "logging_steps")  # OAPLConfig's own fields (not written to config.yaml)
 
@@ -254,18 +99,9 @@ def _same(value: Any, allowed: Any) -> bool:
     return value == allowed
 
 
-def _get(tree: dict, dotted: str, default: Any = _MISSING) -> Any:
-    node: Any = tree
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
 def _set(tree: dict, dotted: str, value: Any, source: str, sources: dict[str, str]) -> None:
     """Set ``dotted``; a different value set by another name (or given nested) is a conflict."""
-    current = _get(tree, dotted)
+    current = get_dotted(tree, dotted, _MISSING)
     if current is not _MISSING and current != value:
         other = sources.get(dotted, dotted)
         raise ValueError(f"{source}={value!r} and {other} (={current!r}) both set {dotted}; give one")
@@ -282,7 +118,7 @@ def _default(dotted: str) -> Any:
 
 
 def _value(tree: dict, dotted: str) -> Any:
-    got = _get(tree, dotted)
+    got = get_dotted(tree, dotted, _MISSING)
     return _default(dotted) if got is _MISSING else got
 
 
@@ -295,7 +131,7 @@ def _int(name: str, value: Any, minimum: int = 0) -> int:
 def _steps_or_share(name: str, value: Any, tree: dict, given: dict) -> int:
     """An interval in steps; a float in (0, 1) is a share of the run (TRL/transformers), needing max_steps."""
     if isinstance(value, float) and 0 < value < 1:
-        steps = _get(tree, "steps")
+        steps = get_dotted(tree, "steps", _MISSING)
         if steps is _MISSING:
             if given.get("num_train_epochs") is not None:
                 raise ValueError(f"{name}={value} is a share of the run, which is only known once "
@@ -305,11 +141,47 @@ def _steps_or_share(name: str, value: Any, tree: dict, given: dict) -> int:
     return _int(name, value)
 
 
+class _Translation:
+    """The ``TrainConfig`` tree being built from ``OAPLConfig``'s arguments, with who set each field.
+
+    ``given``: the TRL names given (mapped ones, :data:`TRL_FIELDS`), for the steps below to translate.
+    """
+
+    def __init__(self) -> None:
+        self.tree: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        self.given: dict[str, Any] = {}
+
+    def put(self, dotted: str, value: Any, source: str) -> None:
+        _set(self.tree, dotted, value, source, self.sources)
+
+    def get(self, dotted: str) -> Any:
+        return get_dotted(self.tree, dotted, _MISSING)
+
+
 def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
-    """The nested ``TrainConfig`` tree for ``OAPLConfig`` keyword arguments (TRL names, nested, dotted)."""
-    tree: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    given: dict[str, Any] = {}
+    """The nested ``TrainConfig`` tree for ``OAPLConfig`` keyword arguments (TRL names, nested, dotted).
+
+    ``defaults``: apply TRL's defaults where neither the TRL name nor the oapl field is given (at
+    construction; not when one name is set on an existing config).
+    """
+    t = _sort_arguments(data)
+    for name, f in TRL_FIELDS.items():
+        if f.simple and name in t.given:
+            t.put(f.target, t.given[name], name)
+    _steps_and_optimiser(t, defaults)
+    _batch(t, defaults)
+    _engine_and_algorithm(t)
+    _evaluation_and_checkpoints(t)
+    _logging(t)
+    return t.tree
+
+
+def _sort_arguments(data: dict[str, Any]) -> _Translation:
+    """oapl fields (nested or dotted) into the tree; mapped TRL names into ``given``; accepted-only TRL
+    names checked; anything else refused with the nearest valid name."""
+    t = _Translation()
+    tree, sources = t.tree, t.sources
     leaves = set(_leaf_fields())
     for key, value in data.items():
         if value is UNSET or value is None and key in TRL_TABLE:
@@ -330,28 +202,25 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
                 raise _unknown(key)
             _set(tree, key, value, key, sources)
         elif key in TRL_FIELDS:
-            given[key] = value
+            t.given[key] = value
         elif key in TRL_NOOP:
             values, reason = TRL_NOOP[key]
             if not any(_same(value, v) for v in values):
                 raise ValueError(f"{key}={value!r} is not supported: {reason}")
         else:
             raise _unknown(key)
+    return t
 
-    def put(dotted: str, value: Any, source: str) -> None:
-        _set(tree, dotted, value, source, sources)
 
-    for name, f in TRL_FIELDS.items():
-        if f.simple and name in given:
-            put(f.target, given[name], name)
-    # -- TRL's defaults, where neither the TRL name nor the oapl field is given ------------------------
-    if defaults and "lr_scheduler_type" not in given and _get(tree, "optim.schedule") is _MISSING:
+def _steps_and_optimiser(t: _Translation, defaults: bool) -> None:
+    """``max_steps``, the learning-rate schedule and warm-up, Adam's betas, gradient clipping."""
+    given, put = t.given, t.put
+    # TRL's default schedule, where neither the TRL name nor the oapl field is given
+    if defaults and "lr_scheduler_type" not in given and t.get("optim.schedule") is _MISSING:
         given["lr_scheduler_type"] = TRL_DEFAULTS["lr_scheduler_type"]
-    # -- steps -----------------------------------------------------------------------------------
     max_steps = given.get("max_steps")
     if max_steps is not None and max_steps != -1:  # TRL's -1: "use num_train_epochs"
         put("steps", _int("max_steps", max_steps, 1), "max_steps")
-    # -- optimiser -------------------------------------------------------------------------------
     if "lr_scheduler_type" in given:
         kind = str(getattr(given["lr_scheduler_type"], "value", given["lr_scheduler_type"]))
         schedules = {"linear": "linear", "constant": "constant", "constant_with_warmup": "constant",
@@ -367,18 +236,22 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         else:
             put("optim.warmup_steps", _int("warmup_steps", w), "warmup_steps")
     if "adam_beta1" in given or "adam_beta2" in given:
-        b1, b2 = _value(tree, "optim.betas")
+        b1, b2 = _value(t.tree, "optim.betas")
         put("optim.betas", (float(given.get("adam_beta1", b1)), float(given.get("adam_beta2", b2))),
             "adam_beta1/adam_beta2")
     if "max_grad_norm" in given:
         g = given["max_grad_norm"]
         put("optim.max_grad_norm", None if g in (None, 0, 0.0) else g, "max_grad_norm")
-    # -- batch -----------------------------------------------------------------------------------
-    group = _value(tree, "rollout.group_size")
+
+
+def _batch(t: _Translation, defaults: bool) -> None:
+    """Completions per step and per forward/backward, and per engine call, in whole groups of ``num_generations``."""
+    given, put = t.given, t.put
+    group = _value(t.tree, "rollout.group_size")
     batch_names = {"per_device_train_batch_size", "gradient_accumulation_steps"} & set(given)
-    if batch_names or defaults and _get(tree, "rollout.prompts_per_step") is _MISSING:
+    if batch_names or defaults and t.get("rollout.prompts_per_step") is _MISSING:
         # unset: TRL's per_device_train_batch_size=8, gradient_accumulation_steps=1 (8 completions per step)
-        micro = _get(tree, "optim.micro_batch_size")
+        micro = t.get("optim.micro_batch_size")
         per_device = _int("per_device_train_batch_size", given.get(
             "per_device_train_batch_size", micro if batch_names and micro is not _MISSING
             else TRL_DEFAULTS["per_device_train_batch_size"]), 1)
@@ -394,24 +267,27 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         put("rollout.prompts_per_step", total // group, "per_device_train_batch_size x gradient_accumulation_steps")
         if "per_device_train_batch_size" in given or micro is _MISSING:
             put("optim.micro_batch_size", per_device, "per_device_train_batch_size")
-    if (defaults and "generation_batch_size" not in given and _get(tree, "rollout.prompts_per_generate") is _MISSING
-            and _get(tree, "rollout.prompts_per_step") is not _MISSING):
+    if (defaults and "generation_batch_size" not in given and t.get("rollout.prompts_per_generate") is _MISSING
+            and t.get("rollout.prompts_per_step") is not _MISSING):
         # TRL: one generation batch per optimiser step (per_device_train_batch_size x gradient_accumulation_steps)
-        put("rollout.prompts_per_generate", _get(tree, "rollout.prompts_per_step"), "generation_batch_size")
+        put("rollout.prompts_per_generate", t.get("rollout.prompts_per_step"), "generation_batch_size")
     if given.get("generation_batch_size") is not None:
         gen = _int("generation_batch_size", given["generation_batch_size"], 1)
         if gen % group:
             raise ValueError(f"generation_batch_size={gen} is not a multiple of num_generations = "
                              f"{group} (the engine generates whole groups)")
         put("rollout.prompts_per_generate", gen // group, "generation_batch_size")
-    # -- engine ----------------------------------------------------------------------------------
+
+
+def _engine_and_algorithm(t: _Translation) -> None:
+    """``use_vllm``, ``use_cpu``, ``bf16``; ``scale_rewards`` and the importance-sampling correction (GRPO)."""
+    given, put = t.given, t.put
     if "use_vllm" in given:
         put("engine.kind", "vllm" if given["use_vllm"] else "transformers", "use_vllm")
     if given.get("use_cpu"):
         put("model.device", "cpu", "use_cpu")
     if "bf16" in given and given["bf16"] is not None:
         put("model.compute_dtype", "bfloat16" if given["bf16"] else "float32", "bf16")
-    # -- algorithm -------------------------------------------------------------------------------
     if "scale_rewards" in given:
         s = given["scale_rewards"]
         if s in (True, "group"):
@@ -423,9 +299,18 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
                              "group's std ('group'/True) or not at all ('none'/False)")
     if "vllm_importance_sampling_correction" in given and not given["vllm_importance_sampling_correction"]:
         put("algorithm.is_cap", None, "vllm_importance_sampling_correction")
-    # -- evaluation, checkpoints, logging --------------------------------------------------------
-    strategy = given.get("eval_strategy")
-    strategy = None if strategy is None else str(getattr(strategy, "value", strategy))
+
+
+def _strategy(given: dict[str, Any], name: str) -> str | None:
+    """An ``IntervalStrategy`` (or its string) as a string; ``None`` when not given."""
+    strategy = given.get(name)
+    return None if strategy is None else str(getattr(strategy, "value", strategy))
+
+
+def _evaluation_and_checkpoints(t: _Translation) -> None:
+    """``eval_strategy`` / ``eval_steps`` / ``eval_on_start`` and ``save_strategy`` / ``save_steps``."""
+    tree, given, put = t.tree, t.given, t.put
+    strategy = _strategy(given, "eval_strategy")
     if strategy == "no":
         put("eval.every", 0, "eval_strategy")
         if "eval_on_start" not in given:
@@ -439,8 +324,7 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         every = tree.get("logging_steps", TRL_DEFAULTS["logging_steps"])  # transformers' default
     if every is not None and strategy != "no":
         put("eval.every", _steps_or_share("eval_steps", every, tree, given), "eval_steps")
-    strategy = given.get("save_strategy")
-    strategy = None if strategy is None else str(getattr(strategy, "value", strategy))
+    strategy = _strategy(given, "save_strategy")
     if strategy == "no":
         put("checkpoint.every", 0, "save_strategy")
     elif strategy not in (None, "steps"):
@@ -448,6 +332,11 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
                          "save_steps) or 'no'")
     if given.get("save_steps") is not None and strategy != "no":
         put("checkpoint.every", _steps_or_share("save_steps", given["save_steps"], tree, given), "save_steps")
+
+
+def _logging(t: _Translation) -> None:
+    """``log_completions``, ``report_to``, ``disable_tqdm``."""
+    tree, given, put = t.tree, t.given, t.put
     if "log_completions" in given:
         every = tree.get("logging_steps", TRL_DEFAULTS["logging_steps"])
         every = _steps_or_share("logging_steps", every, tree, given)
@@ -465,7 +354,6 @@ def _translate(data: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
         put("logging.wandb", "wandb" in names, "report_to")
     if "disable_tqdm" in given and given["disable_tqdm"] is not None:
         put("logging.progress", not given["disable_tqdm"], "disable_tqdm")
-    return tree
 
 
 def _rename(message: str, data: dict[str, Any]) -> str:
@@ -517,10 +405,7 @@ class OAPLConfig(TrainConfig):
 
     def __getattr__(self, name: str) -> Any:
         if "." in name and not name.startswith("_"):  # a dotted oapl field (HfArgumentParser's names)
-            node: Any = self
-            for part in name.split("."):
-                node = getattr(node, part)
-            return node
+            return _attribute(self, name)
         return super().__getattr__(name)  # type: ignore[misc]
 
     def _set_trl(self, name: str, value: Any) -> None:
@@ -540,11 +425,8 @@ class OAPLConfig(TrainConfig):
         for dotted, leaf in _leaves(tree):
             if dotted in ("steps", "rollout.group_size") and context:
                 continue  # context for the translation, not what is being set
-            *path, last = dotted.split(".")
-            node: Any = self
-            for part in path:
-                node = getattr(node, part)
-            setattr(node, last, leaf)
+            section, _, last = dotted.rpartition(".")
+            setattr(_attribute(self, section) if section else self, last, leaf)
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -559,43 +441,20 @@ def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-#: How a TRL name reads back from the fields, where it is not its ``target`` unchanged.
-_READ: dict[str, Any] = {
-    "max_steps": lambda c: c.steps,
-    "lr_scheduler_type": lambda c: c.optim.schedule,
-    "warmup_steps": lambda c: c.optim.warmup_steps,
-    "adam_beta1": lambda c: c.optim.betas[0],
-    "adam_beta2": lambda c: c.optim.betas[1],
-    "max_grad_norm": lambda c: c.optim.max_grad_norm or 0.0,
-    "per_device_train_batch_size": lambda c: c.optim.micro_batch_size,
-    "gradient_accumulation_steps": lambda c: max(
-        1, c.rollout.prompts_per_step * c.rollout.group_size // c.optim.micro_batch_size),
-    "generation_batch_size": lambda c: c.rollout.prompts_per_generate * c.rollout.group_size,
-    "use_vllm": lambda c: c.engine.kind == "vllm",
-    "scale_rewards": lambda c: "group" if c.algorithm.scale_advantages else "none",
-    "vllm_importance_sampling_correction": lambda c: c.algorithm.is_cap is not None,
-    "eval_strategy": lambda c: "steps" if c.eval.every else "no",
-    "eval_steps": lambda c: c.eval.every or None,
-    "save_strategy": lambda c: "steps" if c.checkpoint.every else "no",
-    "save_steps": lambda c: c.checkpoint.every or None,
-    "log_completions": lambda c: c.logging.log_samples_every > 0,
-    "report_to": lambda c: [n for n in ("tensorboard", "wandb") if getattr(c.logging, n)] or "none",
-    "disable_tqdm": lambda c: not c.logging.progress,
-    "bf16": lambda c: c.model.compute_dtype == "bfloat16",
-    "use_cpu": lambda c: c.model.device == "cpu",
-}
-
-
 def _trl_get(cfg: OAPLConfig, name: str) -> Any:
     f = TRL_TABLE[name]
-    if name in _READ:
-        return _READ[name](cfg)
+    if name in TRL_READ:
+        return TRL_READ[name](cfg)
     if f.accepted is not None:
         return f.accepted[0] if f.accepted else None
-    node: Any = cfg
-    for part in f.target.split("."):
-        node = getattr(node, part)
-    return node
+    return _attribute(cfg, f.target)
+
+
+def _attribute(obj: Any, dotted: str) -> Any:
+    """``obj.a.b.c`` for ``dotted`` = ``a.b.c`` (a field of a config's section)."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _trl_property(name: str) -> property:
@@ -664,17 +523,5 @@ def warn_if_never_synced(cfg: TrainConfig) -> bool:
     return True
 
 
-def docs_table() -> str:
-    """The markdown table "TRL GRPOConfig field -> oapl field" (docs/coming-from-trl.md)."""
-    lines = ["| TRL `GRPOConfig` field | oapl field | notes |", "|---|---|---|"]
-    for f in TRL_FIELDS.values():
-        target = ", ".join(f"`{t}`" if not t.startswith("(") else t for t in f.target.split(", "))
-        lines.append(f"| `{f.name}` | {target} | {f.note} |")
-    for name, (values, reason) in TRL_NOOP.items():
-        ok = ", ".join(f"`{v!r}`" for v in values)
-        accepted = f"accepted only as {ok}: " if values else "not supported: "
-        lines.append(f"| `{name}` | — | {accepted}{reason} |")
-    return "\n".join(lines)
-
-
-__all__ = ["OAPLConfig", "TRL_DEFAULTS", "TRL_FIELDS", "TRL_NOOP", "TRL_TABLE", "docs_table", "suggest", "warn_if_never_synced"]
+__all__ = ["OAPLConfig", "TRL_DEFAULTS", "TRL_FIELDS", "TRL_NOOP", "TRL_TABLE", "TRLField", "UNSET", "docs_table", "suggest",
+           "warn_if_never_synced"]
