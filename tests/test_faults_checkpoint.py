@@ -411,6 +411,17 @@ def test_trainer_resumes_from_any_kept_checkpoint_and_lora_saves_peft_layout(tin
     with pytest.raises(UserError, match=r"not a checkpoint of this run; kept ones in .*step-00000001, "
                                          r"step-00000002, step-00000003"):
         trainer(3).train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "step-00000001"))
+    # save_model as TRL's: peft's layout at the root, which PeftModel loads onto the base model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     saved = Path(again.save_model(tmp_path / "final"))
-    assert (saved / "model.safetensors").is_file() and (saved / "adapter" / "adapter_config.json").is_file()
-    assert (kept[2] / "model" / "config.json").is_file()  # exported once, on demand
+    assert (saved / "adapter_config.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+    assert (saved / "tokenizer_config.json").is_file() and not (saved / "model.safetensors").exists()
+    assert not (kept[2] / "model").exists()  # nothing merged was needed
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(saved))
+    assert sum("lora_" in n for n, _ in peft_model.named_parameters()) > 0
+    # merged=True: the export (a plain Hugging Face folder), written from the checkpoint once, on demand
+    merged = Path(again.save_model(tmp_path / "merged", merged=True))
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert (kept[2] / "model" / "config.json").is_file()

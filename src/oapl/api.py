@@ -250,24 +250,28 @@ class OAPLTrainer:
         return {f"{metric_key_prefix}_{k.removeprefix('eval_')}" if metric_key_prefix else k: v
                 for k, v in summary.items()}
 
-    def save_model(self, output_dir: str | Path | None = None) -> str:
-        """Save the model (the trained one after :meth:`train`) and its tokenizer as a Hugging Face folder.
+    def save_model(self, output_dir: str | Path | None = None, merged: bool = False) -> str:
+        """Save the model (the trained one after :meth:`train`) and its tokenizer; returns the folder.
 
-        Default folder: ``args.output_dir`` (as TRL). With LoRA the folder holds the merged model and
-        the adapter in ``adapter/``. Returns the folder.
+        Default folder: ``args.output_dir`` (as TRL). Full fine-tuning: a Hugging Face model folder. LoRA,
+        as TRL (peft's ``save_pretrained``): the adapter in peft's layout at the folder's root
+        (``adapter_config.json``, ``adapter_model.safetensors``) and the tokenizer, so that
+        ``PeftModel.from_pretrained(base, folder)`` loads it; ``merged=True`` exports the merged model
+        instead (a plain Hugging Face folder, for vLLM, ``oapl eval`` or a Hub upload of full weights).
         """
         target = Path(output_dir or self.config.output_dir)
         target.mkdir(parents=True, exist_ok=True)
         if self._result is not None:
-            src = self._model_dir()
-            shutil.copytree(src, target, dirs_exist_ok=True)
-            ckpt = src.parent
-            if (ckpt / "adapter_config.json").is_file():  # LoRA: peft's files at the checkpoint's root
-                (target / "adapter").mkdir(exist_ok=True)
-                for name in ("adapter_config.json", "adapter_model.safetensors"):
-                    shutil.copy2(ckpt / name, target / "adapter" / name)
-            elif (ckpt / "adapter").is_dir():  # an older checkpoint
-                shutil.copytree(ckpt / "adapter", target / "adapter", dirs_exist_ok=True)
+            from oapl.trainer.checkpoint import adapter_file
+
+            ckpt = self._final_checkpoint()
+            adapter = adapter_file(ckpt)
+            if adapter is not None and not merged:  # peft's files (at the root; in adapter/ when older)
+                for name in ("adapter_config.json", adapter.name):
+                    shutil.copy2(adapter.parent / name, target / name)
+                self._save_tokenizer(ckpt, target)
+            else:
+                shutil.copytree(self._model_dir(), target, dirs_exist_ok=True)
         else:
             from oapl.trainer.model import resolve_model_path
 
@@ -310,14 +314,26 @@ class OAPLTrainer:
         return str(getattr(info, "commit_url", info))
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _model_dir(self) -> Path:
-        from oapl.trainer.checkpoint import adapter_file, checkpoint_model, latest_checkpoint
+    def _final_checkpoint(self) -> Path:
+        from oapl.trainer.checkpoint import adapter_file, latest_checkpoint
 
         ckpt = latest_checkpoint(self.config.output_dir)
         if ckpt is None or not ((ckpt / "model").is_dir() or adapter_file(ckpt) is not None):
             raise UserError(f"output_dir: {self.config.output_dir} holds no checkpoint of the trained model "
                             "(checkpoint.save_final was false); train with checkpoint={'save_final': True}")
-        return checkpoint_model(ckpt)  # a LoRA checkpoint's merged model is exported here, once
+        return ckpt
+
+    def _model_dir(self) -> Path:
+        from oapl.trainer.checkpoint import checkpoint_model
+
+        return checkpoint_model(self._final_checkpoint())  # a LoRA checkpoint's merged model is exported here, once
+
+    def _save_tokenizer(self, ckpt: Path, target: Path) -> None:
+        """The run's tokenizer beside an adapter (a LoRA checkpoint keeps it at its root)."""
+        from oapl.config_views import load_config_tokenizer
+
+        source = str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else None
+        load_config_tokenizer(self.config, source).save_pretrained(target)
 
     def _resume_flag(self, resume_from_checkpoint: bool | str | None) -> bool | str:
         """``True`` (the newest intact checkpoint) or the path of the kept checkpoint to resume from."""
