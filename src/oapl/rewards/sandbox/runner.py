@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import marshal
-import math
 import os
 import selectors
 import signal
@@ -34,9 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
-from oapl.rewards.sandbox.host import (  # noqa: F401  (cleanup_stale_sandboxes*: re-exported for callers)
-    acquire_slot, cleanup_stale_sandboxes, cleanup_stale_sandboxes_once, create_cgroups, release_slot,
-    remove_cgroups, rmtree_quiet, sandbox_uid)
+from oapl.rewards.sandbox.host import (acquire_slot, cleanup_stale_sandboxes_once, create_cgroups, release_slot,
+                                       remove_cgroups, rmtree_quiet, sandbox_uid)
 from oapl.rewards.sandbox.types import (STATUSES, ProgramJob, ProgramResult, SandboxConfig,
                                         SandboxUnavailableError, TestRun)
 
@@ -463,8 +461,3 @@ class SandboxRunner:
                     fut.result()
         return [r if r is not None else ProgramResult(passed=False, error="internal")
                 for r in results]
-
-
-def cpu_time_limit(config: SandboxConfig) -> int:
-    """Soft ``RLIMIT_CPU`` (seconds) a test process gets under ``config``."""
-    return max(1, math.ceil(config.timeout_s)) + 1
