@@ -31,19 +31,14 @@ class RewardTimeoutError(RuntimeError):
         self.name, self.timeout_s = name, timeout_s
 
 
-
 #: When this many reward calls that timed out are still running at once (a thread cannot be killed),
 #: the run stops with a :class:`RewardUnavailableError`.
 MAX_HUNG_CALLS = 4
 
-
-
 _hung_lock = threading.Lock()
 
 
-
 _hung: list[tuple[threading.Thread, str]] = []
-
 
 
 def hung_calls() -> list[str]:
@@ -51,7 +46,6 @@ def hung_calls() -> list[str]:
     with _hung_lock:
         _hung[:] = [(t, n) for t, n in _hung if t.is_alive()]
         return [n for _, n in _hung]
-
 
 
 def call_with_deadline(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout_s: float | None,
@@ -98,11 +92,9 @@ def call_with_deadline(fn: Callable[..., Any], args: tuple, kwargs: dict[str, An
     return box.get("value")
 
 
-
 def _await(result: Any) -> Any:
     """The value of an ``async def`` reward (TRL runs those too), else ``result``."""
     return asyncio.run(result) if inspect.iscoroutine(result) else result
-
 
 
 def check_number(value: Any, name: str, index: int) -> float | None:
@@ -125,12 +117,10 @@ def check_number(value: Any, name: str, index: int) -> float | None:
                           "a reward must be a number (int, float or bool) or None where it does not apply")
 
 
-
 #: What TRL passes besides ``prompts``, ``completions`` and the dataset's columns: passed to a function
 #: only when it takes them (by name or through ``**kwargs``). ``completion_ids`` is aligned with the
 #: completions; the others are one object for the whole call.
 OPTIONAL_KEYS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
-
 
 
 def signature_facts(fn: Any) -> tuple[inspect.Signature | None, set[str], bool, int]:
@@ -152,7 +142,6 @@ def signature_facts(fn: Any) -> tuple[inspect.Signature | None, set[str], bool, 
     return sig, named, var_kw, slots
 
 
-
 def _is_oapl_reward(fn: Any) -> bool:
     """oapl's own rewards (math, code, arithmetic, countdown): they bound their own time per completion."""
     while hasattr(fn, "func") and not hasattr(fn, "__code__"):  # functools.partial
@@ -161,7 +150,6 @@ def _is_oapl_reward(fn: Any) -> bool:
     if not isinstance(module, str) or module == "builtins":
         module = type(fn).__module__
     return module.startswith("oapl.rewards.")
-
 
 
 class UserReward:
@@ -231,7 +219,6 @@ class UserReward:
             close()
 
 
-
 def _signature_problem(error: str, columns: dict[str, Any]) -> str:
     """What is wrong, from ``Signature.bind``'s TypeError, in the words of TRL's convention."""
     import re
@@ -251,7 +238,6 @@ def _signature_problem(error: str, columns: dict[str, Any]) -> str:
     if m:
         return "takes fewer than two positional arguments; write it as fn(prompts, completions, **kwargs)"
     return f"cannot be called as TRL calls a reward ({error}); write it as fn(prompts, completions, **kwargs)"
-
 
 
 def reward_name(fn: Any) -> str:
