@@ -82,12 +82,12 @@ def test_a_failed_start_is_one_error_and_the_process_state_is_restored(monkeypat
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    with pytest.raises(RuntimeError, match=r"vLLM failed to start on 'm' with \{'seed': 1\}: ValueError: boom"):
+    with pytest.raises(RuntimeError, match=r"vLLM failed to start on 'm' with \{'seed': 1\}: OSError: boom"):
         with _starting_vllm("m", {"seed": 1}):
             assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the engine core runs in this process
             torch.manual_seed(123)  # what vLLM does to the global RNG
             torch.set_num_threads = lambda n: None  # and to set_num_threads (CPU worker)
-            raise ValueError("boom")
+            raise OSError("boom")  # not argument validation (that is a UserError)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     assert torch.equal(torch.rand(3), expected)
     assert torch.set_num_threads is original
