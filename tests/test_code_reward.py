@@ -385,7 +385,7 @@ def test_unprivileged_trainer_uses_a_user_namespace():
     script = (
         "import json, sys\n"
         f"sys.path.insert(0, {str(SRC)!r})\n"
-        "from oapl.rewards.sandbox.runner import SandboxConfig, SandboxRunner, ProgramJob, probe_namespaces\n"
+        "from oapl.rewards.sandbox import SandboxConfig, SandboxRunner, ProgramJob, probe_namespaces\n"
         "cfg = SandboxConfig(timeout_s=3)\n"
         "facts = probe_namespaces(cfg)\n"
         "out = {'facts': facts}\n"

@@ -20,7 +20,7 @@ import pytest
 
 from oapl.config import TaskConfig
 from oapl.data.tasks import build_task
-from oapl.rewards import base
+from oapl.rewards import user
 from oapl.rewards.base import (
     CombinedReward,
     RewardErrorRateError,
@@ -38,14 +38,14 @@ HERE = Path(__file__).parent
 def release():
     """An event that hung test rewards wait on; set at the end so no thread outlives the test."""
     event = threading.Event()
-    saved = list(base._hung)
-    base._hung.clear()
+    saved = list(user._hung)
+    user._hung.clear()
     yield event
     event.set()
-    for thread, _ in list(base._hung):
+    for thread, _ in list(user._hung):
         thread.join(10)
         assert not thread.is_alive()
-    base._hung[:] = saved
+    user._hung[:] = saved
 
 
 def _hanging(event: threading.Event, on: str = ""):
@@ -68,7 +68,7 @@ def test_a_hanging_reward_times_out_scores_its_call_as_errors_and_names_itself(r
     assert "stuck failed on 4 of 4 completions" in msg
     assert "stuck did not return within task.reward_timeout_s=0.2s" in msg and "raise task.reward_timeout_s" in msg
     assert reward.stats.errors == 4  # every completion of the call, counted; not retried one by one
-    assert base.hung_calls() == ["stuck"]  # the call was abandoned, not waited for
+    assert user.hung_calls() == ["stuck"]  # the call was abandoned, not waited for
 
 
 def test_with_failures_allowed_a_timed_out_call_scores_zero_and_the_next_call_runs(release):
@@ -81,18 +81,18 @@ def test_with_failures_allowed_a_timed_out_call_scores_zero_and_the_next_call_ru
 
 
 def test_hung_calls_are_capped_then_the_run_stops_naming_the_function(release, monkeypatch):
-    monkeypatch.setattr(base, "MAX_HUNG_CALLS", 2)
+    monkeypatch.setattr(user, "MAX_HUNG_CALLS", 2)
     reward = SafeReward(CombinedReward([_hanging(release)], timeout_s=0.1), max_error_fraction=1.0)
     assert reward(["p"], ["a"], prompt=["q"]) == [0.0]  # one hung call: scored as an error
     with pytest.raises(RewardUnavailableError, match=r"stuck did not return .* 2 timed-out reward calls \(stuck\) "
                                                      r"are still running"):
         reward(["p"], ["a"], prompt=["q"])
-    assert len(base.hung_calls()) == 2  # never more than the cap
+    assert len(user.hung_calls()) == 2  # never more than the cap
 
 
 def test_oapls_own_rewards_keep_their_own_per_completion_timeouts():
     from oapl.rewards.arithmetic import arithmetic_reward
-    from oapl.rewards.base import UserReward
+    from oapl.rewards.user import UserReward
     from oapl.rewards.code import code_reward
     from oapl.rewards.math import math_reward
 
@@ -277,4 +277,4 @@ def test_a_reward_that_hangs_during_training(cli, tmp_path, tiny_model_dir, prom
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["reward_errors"] for r in rows] == [4, 8]  # cumulative: 2 prompts x G=2 per step
         assert all(r["reward_mean"] == 0.0 and r["rewards/hangs_in_training/mean"] is None for r in rows)
-        assert base.hung_calls() == ["hangs_in_training"] * 2
+        assert user.hung_calls() == ["hangs_in_training"] * 2

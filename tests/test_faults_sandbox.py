@@ -259,7 +259,7 @@ def test_unprivileged_trainer_with_a_venv_under_tmp(tmp_path_factory):
         (root / "link").symlink_to("venv")
         subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
         script = (f"import sys\nsys.path.insert(0, {str(src)!r})\n"
-                  "from oapl.rewards.sandbox.runner import SandboxConfig, SandboxRunner, ProgramJob\n"
+                  "from oapl.rewards.sandbox import SandboxConfig, SandboxRunner, ProgramJob\n"
                   "try:\n    SandboxRunner(SandboxConfig()).isolation_mode()\n"
                   "except Exception:\n    print('UNAVAILABLE'); sys.exit(0)\n"
                   f"for py in ({str(python)!r}, {str(root / 'link' / 'bin' / 'python')!r}):\n"

@@ -179,7 +179,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_sandbox_dirs_and_cgroups_are_removed(tmp_path):
-    from oapl.rewards.sandbox.runner import cleanup_stale_sandboxes
+    from oapl.rewards.sandbox.host import cleanup_stale_sandboxes
 
     dead = _dead_pid()
     stale = tmp_path / f"oapl-sbx-{dead}-abc123"

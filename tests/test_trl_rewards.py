@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from oapl import OAPLConfig, OAPLTrainer
-from oapl.rewards.base import CombinedReward, RewardSignatureError, SafeReward, UserReward
+from oapl.rewards.base import CombinedReward, RewardSignatureError, SafeReward
+from oapl.rewards.user import UserReward
 from oapl.rollout.group import RolloutGroup, reward_metrics
 
 HERE = Path(__file__).parent

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from oapl.config import ConfigError, TrainConfig, load_config
+from oapl.config_views import is_offline, load_config_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _plan(cfg: TrainConfig, max_prompt: int, shape, hw=None, notes: list[str] | 
     """The run's plan and the lines saying what does not fit ``hw`` (see :mod:`oapl.memory_plan`)."""
     r, a = cfg.rollout, cfg.algorithm
     responses = r.prompts_per_step * r.group_size
-    offline = bool(cfg.offline.data)
+    offline = is_offline(cfg)
     plan: dict[str, Any] = {
         "mode": "offline" if offline else f"online ({cfg.distributed.backend} backend)",
         "steps": cfg.steps, "prompts_per_step": r.prompts_per_step, "responses_per_step": responses,
@@ -288,11 +289,10 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=N
         res.problems += _row_problems(task, "train", task.train[:rows], "task.dataset")
         res.problems += _row_problems(task, "eval", task.eval[:rows], "task.eval_dataset")
         try:
-            from oapl.trainer.model import load_tokenizer, resolve_model_path
+            from oapl.trainer.model import resolve_model_path
 
             model_path = resolve_model_path(cfg.model.name)
-            tokenizer = load_tokenizer(resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else model_path,
-                                       cfg.model.trust_remote_code)
+            tokenizer = load_config_tokenizer(cfg)
         except Exception as e:  # noqa: BLE001
             res.problems.append(f"model.name: cannot load the tokenizer of {cfg.model.name!r}: {_message(e)}")
             tokenizer = None
@@ -309,12 +309,12 @@ def _check_run(cfg: TrainConfig, res: CheckResult, *, rows: int, hub: bool, hw=N
             validate(cfg)  # what the trainer ranks refuse at start-up (e.g. FSDP2 with LoRA)
         except ValueError as e:
             res.problems.append(_message(e))
-    if cfg.offline.data:
+    if is_offline(cfg):
         try:
             from oapl.data.rollouts import read_rollouts
             from oapl.backends.offline import check_sampling_provenance
 
-            check_sampling_provenance(read_rollouts(cfg.offline.data, with_tokens=False), cfg)
+            check_sampling_provenance(read_rollouts(str(cfg.offline.data), with_tokens=False), cfg)
         except Exception as e:  # noqa: BLE001
             res.problems.append(_message(e))
     res.plan, memory_problems = _plan(cfg, max_prompt, shape, hw, res.notes)

@@ -32,7 +32,7 @@ from oapl import signals
 from oapl.atomic import atomic_write_text
 from oapl.backends import Backend
 from oapl.config import TrainConfig, config_yaml, save_config
-from oapl.engines.base import SamplingParams
+from oapl.config_views import eval_sampling_params, is_offline, sampling_params
 from oapl.errors import DiskFullError
 from oapl.evaluation.heldout import evaluate
 from oapl.metrics import MetricsLogger
@@ -148,9 +148,7 @@ class Run:
         # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
         self.buffer = RolloutBuffer(max(cfg.rollout.buffer_groups, cfg.rollout.prompts_per_step), self.version,
                                     backend.buffer_staleness)
-        s = cfg.sampling
-        self.rollout = backend.start(self.version, self.buffer, SamplingParams(s.temperature, s.top_p,
-                                                                               s.max_tokens, tuple(s.stop)))
+        self.rollout = backend.start(self.version, self.buffer, sampling_params(cfg))
         if state:
             self.rollout.load_state_dict(state.get("worker") or {})
             set_rng_state(state["rng"])
@@ -197,9 +195,7 @@ class Run:
         return task is not None and bool(task.eval)
 
     def evaluate(self) -> dict[str, float]:
-        e = self.cfg.eval
-        params = SamplingParams(e.temperature, e.top_p, e.max_tokens or self.cfg.sampling.max_tokens,
-                                tuple(self.cfg.sampling.stop), n=e.n)
+        params = eval_sampling_params(self.cfg)
         with self.rollout.paused(), self.backend.evaluation_engine(synced=self.sync_step == self.step) as engine:
             summary, _ = evaluate(engine, self.backend.task, self.backend.tokenizer, params)
         return summary
@@ -431,7 +427,7 @@ def _fmt(summary: dict[str, float]) -> str:
 
 def make_backend(cfg: TrainConfig) -> Backend:
     """The backend for ``cfg``: the one place where it is chosen."""
-    if cfg.offline.data:
+    if is_offline(cfg):
         from oapl.backends.offline import OfflineBackend
 
         return OfflineBackend(cfg)

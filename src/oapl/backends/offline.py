@@ -178,12 +178,11 @@ class OfflineBackend:
         """Start the W trainer ranks (which find and load the checkpoint themselves)."""
         from oapl.distributed.cluster import ensure_ray
         from oapl.distributed.trainer import TrainerGroup
-        from oapl.trainer.model import load_tokenizer, resolve_model_path
+        from oapl.config_views import load_config_tokenizer
 
         cfg = self.cfg
         self._owns_ray = ensure_ray(cfg)  # a no-op inside the run's ray_session
-        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.tokenizer or cfg.model.name),
-                                        cfg.model.trust_remote_code)
+        self.tokenizer = load_config_tokenizer(cfg)
         self.trainers = trainers = TrainerGroup(cfg, total_steps=self.total_steps)
         trainers.setup(resume, str(run_dir))
         return trainers.state

@@ -10,6 +10,7 @@ import traceback
 
 from oapl.cli.args import add_config_args, fields_help, split_config
 from oapl.config import TrainConfig, load_config
+from oapl.config_views import is_offline
 from oapl.errors import UserError, debug_enabled, user_message
 
 
@@ -31,7 +32,7 @@ def cmd_train(args) -> int:
     from oapl.preflight import check_config
 
     check_config(cfg)
-    if cfg.offline.data:
+    if is_offline(cfg):
         from oapl.offline import train_offline
 
         summary = train_offline(cfg, resume=resume, overwrite=args.overwrite)

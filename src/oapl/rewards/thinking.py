@@ -29,7 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from oapl.rewards.base import RewardFn, Scores, reward_name, split_context
+from oapl.rewards.base import RewardFn, Scores, split_context
+from oapl.rewards.user import reward_name
 
 THINKING_MODES = ("auto", "required", "off")
 DEFAULT_THINK_TAGS = ("<think>", "</think>")

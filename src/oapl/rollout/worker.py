@@ -8,6 +8,7 @@ sync (``with worker.paused(): ...``) never interleaves with a generation call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -102,8 +103,7 @@ class RolloutWorker:
         self.task = task
         self.tokenizer = tokenizer
         self.buffer = buffer
-        self.sampling = SamplingParams(sampling.temperature, sampling.top_p, sampling.max_tokens,
-                                       tuple(sampling.stop), n=group_size)
+        self.sampling = dataclasses.replace(sampling, n=group_size)
         self.prompts_per_call = prompts_per_call
         self.weights_id = weights_id
         self.sampling_dict = sampling_dict(self.sampling)
@@ -202,7 +202,7 @@ class RolloutWorker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
 
-    # -- stats, in the interface of a fleet of workers (oapl.distributed.engines.RolloutFleet) ----
+    # -- stats, in the interface of a fleet of workers (oapl.distributed.fleet.RolloutFleet) ----
     def gen_counters(self) -> list[tuple[int, float]]:
         return [(self.stats.gen_tokens, self.stats.gen_seconds)]
 

@@ -3,15 +3,8 @@
 See ``docs/rewards-code.md`` for the threat model and limits.
 """
 
-from oapl.rewards.sandbox.runner import (
-    ProgramJob,
-    ProgramResult,
-    SandboxConfig,
-    SandboxRunner,
-    SandboxUnavailableError,
-    TestRun,
-    probe_namespaces,
-)
+from oapl.rewards.sandbox.runner import SandboxRunner, probe_namespaces
+from oapl.rewards.sandbox.types import ProgramJob, ProgramResult, SandboxConfig, SandboxUnavailableError, TestRun
 
 __all__ = [
     "ProgramJob",

@@ -495,6 +495,13 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None 
     if state is not None:
         state["per_test"] = per_test
 
+    _populate_dev_and_tmp(new_root)
+    _mount_private_proc(new_root, facts)
+    _pivot_into(new_root, facts)
+
+
+def _populate_dev_and_tmp(new_root: str) -> None:
+    """The root's /dev (bound device nodes, the fd links, an empty shm), /tmp and /var/tmp."""
     dev = new_root + "/dev"
     os.makedirs(dev, exist_ok=True)
     for name in DEVICES:
@@ -510,6 +517,10 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None 
     os.makedirs(new_root + "/var", exist_ok=True)
     if not os.path.lexists(new_root + "/var/tmp"):  # a Python under /var/tmp keeps its link there
         os.symlink("/tmp", new_root + "/var/tmp")
+
+
+def _mount_private_proc(new_root: str, facts: dict) -> None:
+    """A /proc of the new pid namespace, its host-wide files masked; none where it cannot be mounted."""
     os.makedirs(new_root + "/proc", exist_ok=True)
     try:
         mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -522,6 +533,9 @@ def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None 
     except OSError as exc:  # e.g. masked /proc in some containers: go without /proc
         facts["proc"] = f"absent ({exc})"
 
+
+def _pivot_into(new_root: str, facts: dict) -> None:
+    """Make ``new_root`` the root (pivot_root, else chroot) and remount it read-only."""
     os.chdir(new_root)
     if _PIVOT_ROOT_NR is not None:
         pivot_root(".", ".")
@@ -583,27 +597,14 @@ def _child_env(home: str) -> dict:
 def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
     """Execute the untrusted program in this (already confined) process; return exit code."""
     import atexit
-    import io
-    import random
     import threading
     import traceback
 
     # Bound before the program runs: monkeypatching json/os cannot reach the harness.
     dumps, write, close, run_exitfuncs = json.dumps, write_all, os.close, atexit._run_exitfuncs
+    exit_code, finish = _system_exit_code, _finish_like_the_interpreter
     atexit._clear()
-    random.seed(0)  # deterministic "random" programs
-    # Entries the sandbox does not show (e.g. the trainer's own source from an editable install)
-    # name host folders and cannot be imported from anyway.
-    sys.path[:] = [p for p in sys.path if p and os.path.exists(p)]
-    sys.path_importer_cache.clear()
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]  # the program's own stdio
-        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict")
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="strict")
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
-        errors="backslashreplace", line_buffering=True)
-    sys.argv = ["solution.py"]
+    _fresh_interpreter_state()
     functional = spec["mode"] == "functional"
     import types
 
@@ -631,23 +632,52 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
             write(result_fd, payload)
             close(result_fd)
     except SystemExit as exc:
-        if exc.code is None or exc.code == 0:
-            code = 0
-        elif isinstance(exc.code, int):
-            code = exc.code if 0 < exc.code < 256 else 1
-        else:
-            try:
-                print(exc.code, file=sys.stderr)
-            except BaseException:
-                pass
-            code = 1
+        code = exit_code(exc)
     except BaseException:
         try:
             traceback.print_exc()
         except BaseException:
             pass
         code = 1
-    # Mirror interpreter shutdown: join non-daemon threads, run atexit, flush.
+    return finish(code, run_exitfuncs, threading)
+
+
+def _fresh_interpreter_state() -> None:
+    """What the program starts from: a seeded ``random``, the ``sys.path`` entries the sandbox
+    shows, its own UTF-8 stdio on fds 0-2, ``sys.argv = ["solution.py"]``."""
+    import io
+    import random
+
+    random.seed(0)  # deterministic "random" programs
+    # Entries the sandbox does not show (e.g. the trainer's own source from an editable install)
+    # name host folders and cannot be imported from anyway.
+    sys.path[:] = [p for p in sys.path if p and os.path.exists(p)]
+    sys.path_importer_cache.clear()
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]  # the program's own stdio
+        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="strict")
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
+        errors="backslashreplace", line_buffering=True)
+    sys.argv = ["solution.py"]
+
+
+def _system_exit_code(exc: SystemExit) -> int:
+    """The exit status of ``sys.exit(code)`` as the interpreter makes it (a message is printed, status 1)."""
+    if exc.code is None or exc.code == 0:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code if 0 < exc.code < 256 else 1
+    try:
+        print(exc.code, file=sys.stderr)
+    except BaseException:
+        pass
+    return 1
+
+
+def _finish_like_the_interpreter(code: int, run_exitfuncs, threading) -> int:
+    """Mirror interpreter shutdown: join non-daemon threads, run atexit, flush; the exit status."""
     try:
         main = threading.main_thread()
         for t in threading.enumerate():
@@ -660,7 +690,7 @@ def _run_user_code(spec: dict, test_input, result_fd: int | None) -> int:
         try:
             if getattr(stream, "closed", False):
                 continue  # like CPython: a stream the program closed is not an error
-            stream.flush()
+            stream.flush()  # type: ignore[union-attr]  # sys.__stdout__ is the TextIOWrapper set above
         except BaseException:
             code = code or 120
     return code
@@ -816,6 +846,51 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
     functional = spec["mode"] == "functional"
     timeout = min(float(spec["timeout_s"]), max(0.0, deadline - time.monotonic()))
     max_out = int(spec["max_output_bytes"])
+    pid, t0, out_r, err_r, res_r, fds = _fork_test(spec, index, test_input, state, functional)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    pipes = _TestPipes(out_r, err_r, res_r, max_out, pidfd)
+    status, exited = _wait_for_test(pid, pidfd, pipes, t0 + timeout)
+    wall = time.monotonic() - t0
+
+    if exited is None:
+        exited = _kill_test(pid)
+    kill_everything(state, pid)
+    pipes.collect_rest()
+    if pipes.over_limit and status is None:
+        status = "output_limit"
+    pipes.close()
+
+    wst, ru = exited
+    cpu = ru.ru_utime + ru.ru_stime
+    exit_code = os.waitstatus_to_exitcode(wst)
+    if status is None:
+        # (a result pipe exists for functional programs)
+        status = _exit_status(wst, exit_code, cpu, timeout, no_result=res_r is not None and not pipes.bufs[res_r])
+    bufs = pipes.bufs
+    frame = {
+        "type": "result", "index": index, "status": status, "exit_code": exit_code,
+        "cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
+        "stdout": (bytes(bufs[out_r][:max_out]).decode("utf-8", "replace")
+                   if status == "ok" and not functional else ""),
+        "stderr_tail": bytes(bufs[err_r][:4096]).decode("utf-8", "replace"),
+    }
+    if res_r is not None:  # functional
+        frame["result"] = bytes(bufs[res_r]).decode("utf-8", "replace") if status == "ok" else None
+    if not state["ns"]:
+        _remove_tree(fds["workdir"])
+    return frame
+
+
+def _fork_test(spec: dict, index: int, test_input, state: dict, functional: bool
+               ) -> tuple[int, float, int, int, int | None, dict]:
+    """Fork the test's process (:func:`test_child`) with its stdin, output pipes and (without
+    namespaces) work folder; the parent keeps the read ends.
+
+    Returns ``(pid, start time, stdout read end, stderr read end, result read end or None, fds)``.
+    """
     data = (test_input if isinstance(test_input, str) else "").encode("utf-8", "surrogateescape")
     stdin_fd = os.memfd_create("stdin", 0)
     write_all(stdin_fd, data)
@@ -845,29 +920,30 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
     for fd in (out_w, err_w, res_w, stdin_fd):
         if fd is not None:
             os.close(fd)
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pidfd = None
+    return pid, t0, out_r, err_r, res_r, fds
 
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    if res_r is not None:
-        bufs[res_r] = bytearray()
-    caps = {out_r: max_out, err_r: 4096, res_r: max_out}
-    open_fds = set(bufs)
-    poller = select.poll()
-    for fd in open_fds:
-        os.set_blocking(fd, False)
-        poller.register(fd, select.POLLIN)
-    if pidfd is not None:
-        poller.register(pidfd, select.POLLIN)
-    status = None
-    exited = None  # (status, rusage)
-    over_limit = False
-    limit_at = t0 + timeout
 
-    def drain(fd: int) -> None:
-        nonlocal over_limit
+class _TestPipes:
+    """The parent's ends of a test's stdout, stderr and result pipes (and its pidfd), polled and
+    read without blocking into bounded buffers: stdout and the result up to ``max_out`` bytes (one
+    more sets ``over_limit``), stderr its first 4096."""
+
+    def __init__(self, out_r: int, err_r: int, res_r: int | None, max_out: int, pidfd: int | None) -> None:
+        self.err_r, self.pidfd = err_r, pidfd
+        self.bufs = {out_r: bytearray(), err_r: bytearray()}
+        if res_r is not None:
+            self.bufs[res_r] = bytearray()
+        self.caps = {out_r: max_out, err_r: 4096, res_r: max_out}
+        self.open_fds = set(self.bufs)
+        self.poller = select.poll()
+        for fd in self.open_fds:
+            os.set_blocking(fd, False)
+            self.poller.register(fd, select.POLLIN)
+        if pidfd is not None:
+            self.poller.register(pidfd, select.POLLIN)
+        self.over_limit = False
+
+    def drain(self, fd: int) -> None:
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -876,17 +952,38 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
             except OSError:
                 chunk = b""
             if not chunk:
-                poller.unregister(fd)
-                open_fds.discard(fd)
+                self.poller.unregister(fd)
+                self.open_fds.discard(fd)
                 return
-            buf = bufs[fd]
-            room = caps[fd] + 1 - len(buf)
+            buf = self.bufs[fd]
+            room = self.caps[fd] + 1 - len(buf)
             if room > 0:
                 buf += chunk[:room]
-            if fd != err_r and len(buf) > caps[fd]:
-                over_limit = True
+            if fd != self.err_r and len(buf) > self.caps[fd]:
+                self.over_limit = True
                 return
 
+    def collect_rest(self) -> None:
+        """Every writer is dead now: collect what is left in the pipes (bounded)."""
+        end = time.monotonic() + 1.0
+        while self.open_fds and not self.over_limit and time.monotonic() < end:
+            for fd, _ev in self.poller.poll(50):
+                if fd in self.open_fds:
+                    self.drain(fd)
+
+    def close(self) -> None:
+        for fd in list(self.bufs) + ([self.pidfd] if self.pidfd is not None else []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _wait_for_test(pid: int, pidfd: int | None, pipes: _TestPipes, limit_at: float) -> tuple[str | None, tuple | None]:
+    """Read the test's output until it exits, ``limit_at`` (monotonic) passes (``timeout``) or it
+    writes too much (``output_limit``); ``(status or None, (wait status, rusage) or None)``."""
+    status = None
+    exited = None  # (status, rusage)
     while exited is None:
         now = time.monotonic()
         if now >= limit_at:
@@ -903,72 +1000,46 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
             wait_ms = min(5.0, (limit_at - now) * 1000)
         else:
             wait_ms = (limit_at - now) * 1000
-        for fd, _ev in poller.poll(max(1, int(wait_ms))):
+        for fd, _ev in pipes.poller.poll(max(1, int(wait_ms))):
             if fd == pidfd:
                 _, wst, ru = os.wait4(pid, 0)
                 exited = (wst, ru)
-            elif fd in open_fds:
-                drain(fd)
-        if over_limit:
+            elif fd in pipes.open_fds:
+                pipes.drain(fd)
+        if pipes.over_limit:
             status = "output_limit"
             break
-    wall = time.monotonic() - t0
+    return status, exited
 
-    if exited is None:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _, wst, ru = os.wait4(pid, 0)
-        exited = (wst, ru)
-    kill_everything(state, pid)
-    # Every writer is dead now: collect what is left in the pipes (bounded).
-    end = time.monotonic() + 1.0
-    while open_fds and not over_limit and time.monotonic() < end:
-        for fd, _ev in poller.poll(50):
-            if fd in open_fds:
-                drain(fd)
-    if over_limit and status is None:
-        status = "output_limit"
-    for fd in list(bufs) + ([pidfd] if pidfd is not None else []):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
-    wst, ru = exited
-    cpu = ru.ru_utime + ru.ru_stime
-    exit_code = os.waitstatus_to_exitcode(wst)
-    if status is None:
-        if os.WIFSIGNALED(wst):
-            sig = os.WTERMSIG(wst)
-            status = "timeout" if sig in (signal.SIGXCPU, signal.SIGKILL) and cpu >= timeout else "signal"
-        elif exit_code == EXIT_HARNESS_ERROR:
-            status = "harness_error"
-        elif exit_code != 0:
-            status = "runtime_error"
-        elif cpu > timeout:
-            status = "timeout"
-        elif res_r is not None and not bufs[res_r]:  # (a result pipe exists for functional programs)
-            status = "no_result"
-        else:
-            status = "ok"
-    frame = {
-        "type": "result", "index": index, "status": status, "exit_code": exit_code,
-        "cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
-        "stdout": (bytes(bufs[out_r][:max_out]).decode("utf-8", "replace")
-                   if status == "ok" and not functional else ""),
-        "stderr_tail": bytes(bufs[err_r][:4096]).decode("utf-8", "replace"),
-    }
-    if res_r is not None:  # functional
-        frame["result"] = bytes(bufs[res_r]).decode("utf-8", "replace") if status == "ok" else None
-    if not state["ns"]:
-        _remove_tree(fds["workdir"])
-    return frame
+def _kill_test(pid: int) -> tuple:
+    """SIGKILL the test's process (and its group) and reap it; ``(wait status, rusage)``."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _, wst, ru = os.wait4(pid, 0)
+    return (wst, ru)
+
+
+def _exit_status(wst: int, exit_code: int, cpu: float, timeout: float, no_result: bool) -> str:
+    """The status of a test that exited (neither timed out nor over the output limit while it was read)."""
+    if os.WIFSIGNALED(wst):
+        sig = os.WTERMSIG(wst)
+        return "timeout" if sig in (signal.SIGXCPU, signal.SIGKILL) and cpu >= timeout else "signal"
+    if exit_code == EXIT_HARNESS_ERROR:
+        return "harness_error"
+    if exit_code != 0:
+        return "runtime_error"
+    if cpu > timeout:
+        return "timeout"
+    if no_result:
+        return "no_result"
+    return "ok"
 
 
 def _remove_tree(path: str) -> None:

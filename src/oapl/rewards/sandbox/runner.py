@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import marshal
-import math
 import os
 import selectors
 import signal
@@ -33,10 +32,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from oapl.rewards.sandbox.host import (  # noqa: F401  (cleanup_stale_sandboxes*: re-exported for callers)
-    acquire_slot, cleanup_stale_sandboxes, cleanup_stale_sandboxes_once, create_cgroups, release_slot,
-    remove_cgroups, rmtree_quiet, sandbox_uid)
+from oapl.rewards.sandbox.host import (acquire_slot, cleanup_stale_sandboxes_once, create_cgroups, release_slot,
+                                       remove_cgroups, rmtree_quiet, sandbox_uid)
 from oapl.rewards.sandbox.types import (STATUSES, ProgramJob, ProgramResult, SandboxConfig,
                                         SandboxUnavailableError, TestRun)
 
@@ -132,6 +131,29 @@ def launch(
     slot = acquire_slot()
     tmp = tempfile.mkdtemp(prefix=f"oapl-sbx-{os.getpid()}-")  # the pid lets a later run clean up after a kill
     cgroups = create_cgroups(config, f"oapl-sbx-{os.getpid()}-{slot}")
+    spec = _launcher_spec(config, job, isolation, tmp, slot, cgroups, extra_spec)
+    frames = _Frames(on_run, max_frame=6 * config.max_output_bytes * 2 + (1 << 16))
+    proc: subprocess.Popen | None = None
+    try:
+        proc = _start_launcher(config.python or sys.executable, spec, tmp)
+        _read_launcher(proc, frames, deadline=time.monotonic() + config.total_deadline_s + config.startup_grace_s)
+    except OSError as exc:
+        frames.error = f"launch failed: {exc}"
+    finally:
+        if proc is not None:
+            _reap_launcher(proc, clean_exit=frames.done and frames.error is None)
+        rmtree_quiet(tmp)
+        remove_cgroups(cgroups)
+        release_slot(slot)
+    error = frames.error
+    if error and frames.stderr:
+        error += " | launcher stderr: " + frames.stderr.decode("utf-8", "replace")[-2000:]
+    return frames.runs, frames.ready, error, frames.others
+
+
+def _launcher_spec(config: SandboxConfig, job: ProgramJob, isolation: str, tmp: str, slot: int,
+                   cgroups: list[str], extra_spec: dict | None) -> dict:
+    """What the launcher reads on its spec descriptor: the program, its tests and every limit."""
     root_uid = os.geteuid() == 0
     spec = {
         "code": job.code, "mode": job.mode, "func_name": job.func_name,
@@ -150,118 +172,128 @@ def launch(
     if (config.python or sys.executable) in _NO_REEXEC:
         spec["no_reexec"] = True
     spec.update(extra_spec or {})
-    fds: list[int] = []
+    return spec
 
-    runs: list[TestRun] = []
-    ready: dict = {}
-    others: list[dict] = []
-    error: str | None = None
-    stderr_buf = bytearray()
-    max_frame = 6 * config.max_output_bytes * 2 + (1 << 16)
-    proc: subprocess.Popen | None = None
-    done = False
+
+def _start_launcher(python: str, spec: dict, tmp: str) -> subprocess.Popen:
+    """Start the launcher in a new session, its source and ``spec`` on inherited descriptors
+    (closed here once the child holds them)."""
+    fds: list[int] = []
     try:
-        python = config.python or sys.executable
         fds.append(_data_fd(_launcher_source(python), tmp))
         fds.append(_data_fd(json.dumps(spec).encode("utf-8"), tmp))
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [python, *_site_flags(python), "-P", "-B", "-c", BOOTSTRAP, *map(str, fds)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=_launcher_env(), cwd="/", start_new_session=True, close_fds=True, pass_fds=fds,
         )
-        for fd in fds:
-            os.close(fd)
-        fds.clear()
-        deadline = time.monotonic() + config.total_deadline_s + config.startup_grace_s
-        sel = selectors.DefaultSelector()
-        assert proc.stdout is not None and proc.stderr is not None  # stdout=stderr=PIPE
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        buf = bytearray()
-        done, stdout_open = False, True
-        while not done and stdout_open:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                error = "deadline"
-                break
-            for key, _ in sel.select(min(remaining, 1.0)):
-                data = os.read(key.fd, 1 << 16)
-                if key.fileobj is proc.stderr:
-                    if not data:
-                        sel.unregister(proc.stderr)
-                    elif len(stderr_buf) < 8192:
-                        stderr_buf += data[: 8192 - len(stderr_buf)]
-                    continue
-                if not data:
-                    sel.unregister(proc.stdout)
-                    stdout_open = False
-                    continue
-                buf += data
-                while len(buf) >= 4 and not done:
-                    (n,) = struct.unpack(">I", bytes(buf[:4]))
-                    if n > max_frame:
-                        error = "protocol: oversized frame"
-                        done = True
-                        break
-                    if len(buf) < 4 + n:
-                        break
-                    try:
-                        frame = json.loads(bytes(buf[4: 4 + n]))
-                    except ValueError:
-                        error = "protocol: bad frame"
-                        done = True
-                        break
-                    del buf[: 4 + n]
-                    kind = frame.get("type") if isinstance(frame, dict) else None
-                    if kind == "ready":
-                        ready = frame
-                        if frame.get("error"):
-                            error = "isolation: " + str(frame["error"])
-                            done = True
-                    elif kind == "result":
-                        run = _to_run(frame)
-                        runs.append(run)
-                        if on_run is not None and not on_run(run):
-                            done = True
-                    elif kind == "done":
-                        done = True
-                    elif kind == "error":
-                        error = "launcher: " + str(frame.get("error"))
-                        done = True
-                    else:
-                        others.append(frame)
-        if not done and error is None:
-            error = "launcher exited early"
-    except OSError as exc:
-        error = f"launch failed: {exc}"
     finally:
         for fd in fds:
             os.close(fd)
-        if proc is not None:
-            # Never reap the launcher before killing its group: while it is
-            # unreaped its pid (= process group id) cannot be reused.
-            reaped = False
-            if done and error is None:
-                try:
-                    proc.wait(timeout=2)
-                    reaped = True
-                except subprocess.TimeoutExpired:
-                    pass
-            if not reaped:
-                _kill_group(proc)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-                    logger.error("sandbox launcher %d did not die", proc.pid)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-        rmtree_quiet(tmp)
-        remove_cgroups(cgroups)
-        release_slot(slot)
-    if error and stderr_buf:
-        error += " | launcher stderr: " + stderr_buf.decode("utf-8", "replace")[-2000:]
-    return runs, ready, error, others
+
+
+class _Frames:
+    """What the launcher reported so far (length-prefixed JSON frames on its stdout, the first 8 KiB
+    of its stderr), and whether the run is over (``done``, with ``error`` when it failed)."""
+
+    def __init__(self, on_run: Callable[[TestRun], bool] | None, max_frame: int) -> None:
+        self.on_run, self.max_frame = on_run, max_frame
+        self.runs: list[TestRun] = []
+        self.ready: dict = {}
+        self.others: list[dict] = []
+        self.error: str | None = None
+        self.done = False
+        self.stderr = bytearray()
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Take the complete frames out of what has arrived on stdout, until the run is over."""
+        buf = self._buf
+        buf += data
+        while len(buf) >= 4 and not self.done:
+            (n,) = struct.unpack(">I", bytes(buf[:4]))
+            if n > self.max_frame:
+                self.error, self.done = "protocol: oversized frame", True
+                break
+            if len(buf) < 4 + n:
+                break
+            try:
+                frame = json.loads(bytes(buf[4: 4 + n]))
+            except ValueError:
+                self.error, self.done = "protocol: bad frame", True
+                break
+            del buf[: 4 + n]
+            self._take(frame)
+
+    def _take(self, frame: Any) -> None:
+        kind = frame.get("type") if isinstance(frame, dict) else None
+        if kind == "ready":
+            self.ready = frame
+            if frame.get("error"):
+                self.error, self.done = "isolation: " + str(frame["error"]), True
+        elif kind == "result":
+            run = _to_run(frame)
+            self.runs.append(run)
+            if self.on_run is not None and not self.on_run(run):
+                self.done = True
+        elif kind == "done":
+            self.done = True
+        elif kind == "error":
+            self.error, self.done = "launcher: " + str(frame.get("error")), True
+        else:
+            self.others.append(frame)
+
+
+def _read_launcher(proc: subprocess.Popen, frames: _Frames, deadline: float) -> None:
+    """Read the launcher's stdout and stderr into ``frames`` until the run is over, stdout closes
+    (``launcher exited early``) or ``deadline`` (monotonic) passes."""
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None  # stdout=stderr=PIPE
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    stdout_open = True
+    while not frames.done and stdout_open:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            frames.error = "deadline"
+            break
+        for key, _ in sel.select(min(remaining, 1.0)):
+            data = os.read(key.fd, 1 << 16)
+            if key.fileobj is proc.stderr:
+                if not data:
+                    sel.unregister(proc.stderr)
+                elif len(frames.stderr) < 8192:
+                    frames.stderr += data[: 8192 - len(frames.stderr)]
+                continue
+            if not data:
+                sel.unregister(proc.stdout)
+                stdout_open = False
+                continue
+            frames.feed(data)
+    if not frames.done and frames.error is None:
+        frames.error = "launcher exited early"
+
+
+def _reap_launcher(proc: subprocess.Popen, clean_exit: bool) -> None:
+    """Wait for a launcher that finished cleanly; otherwise kill its group first, then reap it."""
+    # Never reap the launcher before killing its group: while it is
+    # unreaped its pid (= process group id) cannot be reused.
+    reaped = False
+    if clean_exit:
+        try:
+            proc.wait(timeout=2)
+            reaped = True
+        except subprocess.TimeoutExpired:
+            pass
+    if not reaped:
+        _kill_group(proc)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+            logger.error("sandbox launcher %d did not die", proc.pid)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def _to_run(frame: dict) -> TestRun:
@@ -463,8 +495,3 @@ class SandboxRunner:
                     fut.result()
         return [r if r is not None else ProgramResult(passed=False, error="internal")
                 for r in results]
-
-
-def cpu_time_limit(config: SandboxConfig) -> int:
-    """Soft ``RLIMIT_CPU`` (seconds) a test process gets under ``config``."""
-    return max(1, math.ceil(config.timeout_s)) + 1
