@@ -17,8 +17,6 @@ MODULE_EXCEPTIONS = {"rewards/sandbox/_launcher.py"}
 FUNCTION_EXCEPTIONS = {
     "rewards/sandbox/_launcher.py::main",  # the launcher's sequence of isolation steps, in order
     "loop.py::Run.train",  # reads as Algorithm 1
-    # being split on other branches (issue 25); remove each entry once its split is merged
-    "trl_config.py::_translate",
 }
 
 

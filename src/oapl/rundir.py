@@ -168,7 +168,7 @@ def refuse_multi_process_launch() -> None:
 def cleanup_stale_sandboxes() -> None:
     """Remove sandbox temp directories and cgroups of code-reward runs whose process is gone."""
     try:
-        from oapl.rewards.sandbox.runner import cleanup_stale_sandboxes_once as clean
+        from oapl.rewards.sandbox.host import cleanup_stale_sandboxes_once as clean
     except ImportError:  # pragma: no cover - the sandbox is part of the package
         return
     clean()
