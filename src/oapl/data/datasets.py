@@ -13,6 +13,18 @@ class DatasetError(UserError):
     """Bad dataset input; the message names the file, row and column."""
 
 
+def _json(text: str, kind: type, where: str, what: str) -> Any:
+    """``text`` parsed as JSON of type ``kind``; a :class:`DatasetError` at ``where`` otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno}, column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise DatasetError(f"{where}: not valid JSON at {at}: {e.msg}") from None
+    if not isinstance(value, kind):
+        raise DatasetError(f"{where}: expected {what}, got {type(value).__name__}")
+    return value
+
+
 def _read_local(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
@@ -24,26 +36,11 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
             raise DatasetError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
                                f"(line {line})") from None
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for lineno, text_line in enumerate(text.split("\n"), start=1):
-            if not text_line.strip():
-                continue
-            try:
-                row = json.loads(text_line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: row {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        rows = [_json(text_line, dict, f"{path}: row {lineno}", "a JSON object")
+                for lineno, text_line in enumerate(text.split("\n"), start=1) if text_line.strip()]
         return rows
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        if not isinstance(data, list):
-            raise DatasetError(f"{path}: expected a JSON list of objects")
-        return data
+        return _json(text, list, str(path), "a JSON list of objects")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -22,7 +22,7 @@ from oapl.distributed.cluster import TrainerFailure
 from oapl.distributed.engines import EngineDied, EnginePending, EnginePool, RemoteEngine
 from oapl.engines.base import SamplingParams
 from oapl.rollout.buffer import BufferClosed, RolloutBuffer
-from oapl.rollout.worker import PromptSampler, RolloutWorker, report_failure
+from oapl.rollout.worker import PromptSampler, RolloutWorker
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,8 @@ class RayRolloutWorker(RolloutWorker):
             raise BufferClosed("stopping")
         return None
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                groups = self.produce_or_restart()
-                if groups is not None:
-                    self.push(groups)
-        except BufferClosed:
-            pass
-        except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
-            report_failure(e)
-            self.failure = e
-            self.buffer.close()
+    def _next_groups(self) -> list | None:
+        return self.produce_or_restart()
 
 
 class RolloutFleet:

@@ -165,10 +165,16 @@ class RolloutWorker:
             self.push(self.produce())
 
     # -- background thread ------------------------------------------------------------------
+    def _next_groups(self) -> list[RolloutGroup] | None:
+        """One engine call's groups for the background loop (``None``: nothing to push this time)."""
+        return self.produce()
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self.push(self.produce())
+                groups = self._next_groups()
+                if groups is not None:
+                    self.push(groups)
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
