@@ -216,3 +216,19 @@ def test_grpo_objective_reports_is_weight_quantiles():
         s.add(torch.tensor(0.0), old, inf, mask, None, st, 100, 100)
     assert s.objective["is_logw_bin+0"] == 196.0
     assert is_weight_quantile({}, 0.5) is None
+
+
+def test_two_seeds_that_agree_by_chance_keep_the_prompts_noise():
+    # the quick study's case: both seeds' OAPL - GRPO differences were exactly -1/256 (one sample of
+    # 32 prompts x 8); the seed mean square is 0, the interval must still carry the prompts' own noise:
+    # floored at MS_res, V = MS_res / (S P) with the residual's (S - 1)(P - 1) = 31 degrees of freedom
+    d = np.zeros((2, 32))
+    d[0, 0] = d[1, 5] = -1 / 8
+    iv = seed_prompt_interval(d)
+    resid = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + d.mean()
+    ms_res = (resid ** 2).sum() / 31
+    v = ms_res / 64 + max(2 * d.mean(axis=0).var(ddof=1) - ms_res, 0.0) / 64
+    assert iv.mean == pytest.approx(-1 / 256)
+    assert iv.hi - iv.lo > 0
+    assert iv.hi - iv.mean >= 2.0 * math.sqrt(v)  # a t quantile of at least 2 (31-ish df: 2.04)
+    assert iv.lo < 0 < iv.hi  # -0.4 pts is not "below 0" on this evidence
