@@ -111,7 +111,9 @@ def test_interval_covers_at_three_seeds(regime, sd_seed, sd_cell, sd_prompt):
     rng = np.random.default_rng(24)
     cov, d = _coverage(rng, 2000, 3, 128, sd_seed, sd_cell, sd_prompt)
     assert cov >= 0.93, (regime, cov)
-    assert cov <= 0.99, (regime, cov)  # not bought with a needlessly wide interval
+    # not bought with a needlessly wide interval (the prompt-noise floor of the half-width adds ~0.02 in
+    # the pure-noise regime, where three seed means agree by chance more often than their noise says)
+    assert cov <= 0.995, (regime, cov)
     if sd_prompt:
         # the mechanism: the t-interval over the 3 seed means alone misses the shared prompt effect
         m = d.mean(axis=2)
@@ -219,16 +221,17 @@ def test_grpo_objective_reports_is_weight_quantiles():
 
 
 def test_two_seeds_that_agree_by_chance_keep_the_prompts_noise():
+    from oapl.evaluation.intervals import t975
+
     # the quick study's case: both seeds' OAPL - GRPO differences were exactly -1/256 (one sample of
-    # 32 prompts x 8); the seed mean square is 0, the interval must still carry the prompts' own noise:
-    # floored at MS_res, V = MS_res / (S P) with the residual's (S - 1)(P - 1) = 31 degrees of freedom
+    # 32 prompts x 8); the seed mean square is 0, and the interval must still carry the prompts' own
+    # noise: half-width >= t_{(S-1)(P-1)} sqrt(MS_res / (S P)) (t975's table; 1.96 beyond 30 df)
     d = np.zeros((2, 32))
     d[0, 0] = d[1, 5] = -1 / 8
     iv = seed_prompt_interval(d)
     resid = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + d.mean()
     ms_res = (resid ** 2).sum() / 31
-    v = ms_res / 64 + max(2 * d.mean(axis=0).var(ddof=1) - ms_res, 0.0) / 64
     assert iv.mean == pytest.approx(-1 / 256)
-    assert iv.hi - iv.lo > 0
-    assert iv.hi - iv.mean >= 2.0 * math.sqrt(v)  # a t quantile of at least 2 (31-ish df: 2.04)
+    assert iv.hi - iv.mean == pytest.approx(t975(31) * math.sqrt(ms_res / 64), rel=1e-9)
+    assert iv.hi - iv.mean > 1.9 * math.sqrt(ms_res / 64)
     assert iv.lo < 0 < iv.hi  # -0.4 pts is not "below 0" on this evidence

@@ -121,12 +121,14 @@ def seed_prompt_interval(d: np.ndarray) -> Interval:
 
     .. math::
 
-        V = \frac{\max(MS_{seed}, MS_{res})}{SP} + \frac{\max(MS_{prompt} - MS_{res}, 0)}{SP}
+        V = \frac{MS_{seed}}{SP} + \frac{\max(MS_{prompt} - MS_{res}, 0)}{SP}
 
-    (the first term is the t-interval's ``var(m)/S``, floored at what the prompts' own noise puts into
-    a seed mean, since ``E[MS_seed] >= E[MS_res]``: two seeds whose means agree by chance do not make a
-    zero-width interval; the second the prompt effect that every seed shares), with Welch-Satterthwaite degrees of freedom, at least ``S - 1`` and rounded down
-    (conservative). With one seed the prompts are the only replication (``V = var(q)/P``, ``P - 1``
+    (the first term is the t-interval's ``var(m)/S``; the second the prompt effect that every seed
+    shares), with Welch-Satterthwaite degrees of freedom, at least ``S - 1`` and rounded down
+    (conservative). The half-width is never below ``t_{(S-1)(P-1)} sqrt(MS_res / SP)``, what the prompts'
+    own noise puts into the mean (``E[MS_seed] >= E[MS_res]``): seed means that agree by chance (in the
+    quick study two seeds' differences were both exactly -1/256) must not make a zero-width interval.
+    With one seed the prompts are the only replication (``V = var(q)/P``, ``P - 1``
     degrees of freedom) and the interval ignores the training run's variance.
     """
     d = np.asarray(d, dtype=np.float64)
@@ -143,6 +145,7 @@ def seed_prompt_half_widths(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = np.asarray(d, dtype=np.float64)
     R, S, P = d.shape
     g = d.mean(axis=(1, 2))
+    floor = np.zeros(R)  # the half-width the prompts' own noise alone gives (see seed_prompt_interval)
     if S == 1:
         if P < 2:
             return g, np.full(R, np.nan)
@@ -156,21 +159,14 @@ def seed_prompt_half_widths(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             ms_prompt = S * q.var(axis=1, ddof=1)
             resid = d - m[:, :, None] - q[:, None, :] + g[:, None, None]
             ms_res = (resid ** 2).sum(axis=(1, 2)) / ((S - 1) * (P - 1))
-            # E[MS_seed] = sigma2_res + P sigma2_seed >= E[MS_res]: a seed mean square below the residual
-            # one is chance (2 seeds whose means happen to agree gave a zero-width interval), so it is
-            # floored there (the seed variance component truncated at 0), with the residual's degrees
-            # of freedom where the floor holds
-            floored = ms_seed < ms_res
-            ms_seed = np.where(floored, ms_res, ms_seed)
-            df_seed = np.where(floored, (S - 1.0) * (P - 1.0), S - 1.0)
             v1, v2 = ms_seed / (S * P), np.maximum(ms_prompt - ms_res, 0.0) / (S * P)
             v = v1 + v2
-            den = (v1 ** 2 / df_seed + (ms_prompt / (S * P)) ** 2 / (P - 1)
-                   + (ms_res / (S * P)) ** 2 / ((S - 1) * (P - 1)))
+            den = v1 ** 2 / (S - 1) + (ms_prompt / (S * P)) ** 2 / (P - 1) + (ms_res / (S * P)) ** 2 / ((S - 1) * (P - 1))
             with np.errstate(divide="ignore", invalid="ignore"):
                 df = np.where(den > 0, np.maximum(S - 1.0, v * v / np.where(den > 0, den, 1.0)), S - 1.0)
+            floor = t975((S - 1) * (P - 1)) * np.sqrt(ms_res / (S * P))
     t = np.array([t975(int(math.floor(x))) for x in np.minimum(df, 1e6)])
-    return g, t * np.sqrt(np.maximum(v, 0.0))
+    return g, np.maximum(t * np.sqrt(np.maximum(v, 0.0)), floor)
 
 
 def paired(a: ConfigResults, b: ConfigResults | dict[str, Any], metric: str, k: int | None = None,
