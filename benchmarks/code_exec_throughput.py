@@ -45,24 +45,39 @@ def bench_batch(reward, problems, repeats: int) -> dict:
     completions = [fenced(r["solution"]) for r in rows]
     n_tests = sum(len(r["tests"]) for r in rows)
     t0 = time.perf_counter()
-    scores = reward(prompts=[r["prompt"] for r in rows], completions=completions,
-                    tests=[r["tests"] for r in rows], metadata=[r["metadata"] for r in rows])
+    scores = reward(
+        prompts=[r["prompt"] for r in rows],
+        completions=completions,
+        tests=[r["tests"] for r in rows],
+        metadata=[r["metadata"] for r in rows],
+    )
     dt = time.perf_counter() - t0
     assert scores == [1.0] * len(rows), scores
-    return {"workload": "batch", "programs": len(rows), "test_executions": n_tests,
-            "seconds": dt, "tests_per_s": n_tests / dt, "programs_per_s": len(rows) / dt}
+    return {
+        "workload": "batch",
+        "programs": len(rows),
+        "test_executions": n_tests,
+        "seconds": dt,
+        "tests_per_s": n_tests / dt,
+        "programs_per_s": len(rows) / dt,
+    }
 
 
 def bench_many_tests(reward, n_tests: int) -> dict:
-    tests = [{"input": f"{i} {i + 1}\n", "output": f"{2 * i + 1}\n", "testtype": "stdin"}
-             for i in range(n_tests)]
+    tests = [{"input": f"{i} {i + 1}\n", "output": f"{2 * i + 1}\n", "testtype": "stdin"} for i in range(n_tests)]
     code = "a, b = map(int, input().split())\nprint(a + b)\n"
     t0 = time.perf_counter()
     scores = reward(prompts=[""], completions=[fenced(code)], tests=[tests])
     dt = time.perf_counter() - t0
     assert scores == [1.0], scores
-    return {"workload": "many-tests", "programs": 1, "test_executions": n_tests,
-            "seconds": dt, "tests_per_s": n_tests / dt, "programs_per_s": 1 / dt}
+    return {
+        "workload": "many-tests",
+        "programs": 1,
+        "test_executions": n_tests,
+        "seconds": dt,
+        "tests_per_s": n_tests / dt,
+        "programs_per_s": 1 / dt,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     reward = make_code_reward(config)
     problems = load_deepcoder(FIXTURE, keep_columns=("solution",))
     mode = reward.runner.isolation_mode()  # probe once, outside the timings
-    print(f"host: {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}, "
-          f"euid {os.geteuid()}, isolation={mode}, workers={config.n_workers}, "
-          f"cgroups={reward.runner.facts.get('cgroups')}")
+    print(
+        f"host: {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}, "
+        f"euid {os.geteuid()}, isolation={mode}, workers={config.n_workers}, "
+        f"cgroups={reward.runner.facts.get('cgroups')}"
+    )
     results = [bench_batch(reward, problems, args.repeats), bench_many_tests(reward, args.tests)]
     for r in results:
-        print(f"{r['workload']:>10}: {r['programs']:4d} programs, {r['test_executions']:5d} test "
-              f"executions in {r['seconds']:.2f}s -> {r['tests_per_s']:.1f} tests/s, "
-              f"{r['programs_per_s']:.1f} programs/s")
+        print(
+            f"{r['workload']:>10}: {r['programs']:4d} programs, {r['test_executions']:5d} test "
+            f"executions in {r['seconds']:.2f}s -> {r['tests_per_s']:.1f} tests/s, "
+            f"{r['programs_per_s']:.1f} programs/s"
+        )
     if args.json:
         print(json.dumps(results))
     return 0

@@ -34,8 +34,9 @@ def build_prompts(tokenizer, count: int) -> list[list[int]]:
     prompts = []
     for i in range(count):
         q = QUESTIONS[i % len(QUESTIONS)].format(a=7 + 3 * i, b=5 + 2 * i)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
         prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return prompts
 
@@ -87,10 +88,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     rows: list[tuple[str, float, float]] = []
     results: dict = {
-        "model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
-        "temperature": args.temperature, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+        "model": args.model,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "dtype": args.dtype,
+        "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
     }
 
     start = time.perf_counter()
@@ -101,8 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     vprompts = [{"prompt_token_ids": p} for p in prompts]
     for label, logprobs in (("vllm.LLM.generate (raw)", None), ("vllm.LLM.generate (raw, logprobs=0)", 0)):
-        vparams = VSamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens,
-                                  logprobs=logprobs)
+        vparams = VSamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens, logprobs=logprobs)
 
         def raw(vparams=vparams) -> int:
             outs = engine.llm.generate(vprompts, vparams, use_tqdm=False)
@@ -133,22 +138,31 @@ def main(argv: list[str] | None = None) -> dict:
 
         rows.append(("TransformersEngine.generate", *timed(hf, args.repeats)))
         print(f"TransformersEngine.generate: {rows[-1][1]:.1f} tokens/s", flush=True)
-        hf_syncs = [hf_engine.load_weights(((n, p.detach().clone()) for n, p in model.named_parameters()), v)
-                    for v in range(1, args.syncs + 1)]
-        results["transformers_sync_s"] = {"median": statistics.median(hf_syncs), "min": min(hf_syncs),
-                                          "max": max(hf_syncs)}
+        hf_syncs = [
+            hf_engine.load_weights(((n, p.detach().clone()) for n, p in model.named_parameters()), v)
+            for v in range(1, args.syncs + 1)
+        ]
+        results["transformers_sync_s"] = {
+            "median": statistics.median(hf_syncs),
+            "min": min(hf_syncs),
+            "max": max(hf_syncs),
+        }
 
     results["rows"] = [{"path": p, "tokens_per_s": r, "seconds": s} for p, r, s in rows]
-    print(f"\n{args.model}  dtype={args.dtype}  {args.prompts} prompts x n={args.n}  "
-          f"max_tokens={args.max_tokens}  T={args.temperature}  ({results['machine']})")
+    print(
+        f"\n{args.model}  dtype={args.dtype}  {args.prompts} prompts x n={args.n}  "
+        f"max_tokens={args.max_tokens}  T={args.temperature}  ({results['machine']})"
+    )
     print(f"| {'path':<38} | {'tokens/s':>9} | {'s/call':>7} |")
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 9}|")
     for p, r, s in rows:
         print(f"| {p:<38} | {r:>9.1f} | {s:>7.2f} |")
     sync = results["vllm_sync_s"]
-    print(f"\nVLLMEngine.load_weights: median {sync['median']:.3f}s "
-          f"(min {sync['min']:.3f}, max {sync['max']:.3f}) over {args.syncs} syncs; "
-          f"vLLM start-up {results['vllm_startup_s']:.1f}s")
+    print(
+        f"\nVLLMEngine.load_weights: median {sync['median']:.3f}s "
+        f"(min {sync['min']:.3f}, max {sync['max']:.3f}) over {args.syncs} syncs; "
+        f"vLLM start-up {results['vllm_startup_s']:.1f}s"
+    )
     if "transformers_sync_s" in results:
         print(f"TransformersEngine.load_weights: median {results['transformers_sync_s']['median']:.3f}s")
     if args.json:

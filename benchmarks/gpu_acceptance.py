@@ -77,11 +77,40 @@ CHECKS = ("memory", "update_share", "packed_vs_padded", "fsdp2_one_rank", "throu
 
 #: per device: shipped config, the variable-length batch, the short batch of the correctness checks
 MODES = {
-    "cuda": dict(config="qwen3-1.7b.json", groups=2, group_size=8, prompt=128, cap=8192, median=1500.0, sigma=0.8,
-                 truncated=3, micro=2, chunk=1024, warmup=1, timed=2, short_groups=2, short_size=4, short_cap=512),
-    "cpu": dict(config="qwen3-tiny.json", groups=2, group_size=8, prompt=16, cap=256, median=1500 * 256 / 8192,
-                sigma=0.8, truncated=3, micro=2, chunk=256, warmup=1, timed=2, short_groups=2, short_size=4,
-                short_cap=64),
+    "cuda": dict(
+        config="qwen3-1.7b.json",
+        groups=2,
+        group_size=8,
+        prompt=128,
+        cap=8192,
+        median=1500.0,
+        sigma=0.8,
+        truncated=3,
+        micro=2,
+        chunk=1024,
+        warmup=1,
+        timed=2,
+        short_groups=2,
+        short_size=4,
+        short_cap=512,
+    ),
+    "cpu": dict(
+        config="qwen3-tiny.json",
+        groups=2,
+        group_size=8,
+        prompt=16,
+        cap=256,
+        median=1500 * 256 / 8192,
+        sigma=0.8,
+        truncated=3,
+        micro=2,
+        chunk=256,
+        warmup=1,
+        timed=2,
+        short_groups=2,
+        short_size=4,
+        short_cap=64,
+    ),
 }
 
 
@@ -99,8 +128,9 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}[dtype]
 
 
-def compare_steps(ref: dict, other: dict, compute_dtype: torch.dtype, layers: int, lr: float,
-                  eps: float = 1e-8) -> dict:
+def compare_steps(
+    ref: dict, other: dict, compute_dtype: torch.dtype, layers: int, lr: float, eps: float = 1e-8
+) -> dict:
     """Whether ``other`` is the same optimiser step as ``ref``: within what reordering floating-point sums
     can do in ``compute_dtype``.
 
@@ -115,8 +145,14 @@ def compare_steps(ref: dict, other: dict, compute_dtype: torch.dtype, layers: in
     """
     u = unit_roundoff(compute_dtype)
     k = 2 * (layers + 2)
-    out = {"k": k, "u": u, "loss_ref": ref["loss"], "loss": other["loss"], "grad_norm_ref": ref["grad_norm"],
-           "grad_norm": other["grad_norm"]}
+    out = {
+        "k": k,
+        "u": u,
+        "loss_ref": ref["loss"],
+        "loss": other["loss"],
+        "grad_norm_ref": ref["grad_norm"],
+        "grad_norm": other["grad_norm"],
+    }
     problems = []
     if not (math.isfinite(other["loss"]) and abs(other["loss"] - ref["loss"]) <= k * u * abs(ref["loss"]) + 1e-30):
         problems.append(f"loss {other['loss']:.9g} vs {ref['loss']:.9g}")
@@ -151,29 +187,51 @@ def compare_steps(ref: dict, other: dict, compute_dtype: torch.dtype, layers: in
             problems.append(f"update of {name} differs beyond lr*eps/tau")
         if not torch.equal(ref["before"][name], other["before"][name]):
             problems.append(f"{name}: the two sides did not start from the same weights")
-    out.update({"max_grad_rel_diff": worst_g, "max_update_abs_diff": worst_w,
-                "update_entries_checked_frac": checked / max(total, 1), "problems": problems[:8],
-                "ok": not problems and checked > 0})
+    out.update(
+        {
+            "max_grad_rel_diff": worst_g,
+            "max_update_abs_diff": worst_w,
+            "update_entries_checked_frac": checked / max(total, 1),
+            "problems": problems[:8],
+            "ok": not problems and checked > 0,
+        }
+    )
     return out
 
 
-def layout_verdict(packed: torch.Tensor, padded: torch.Tensor, fp32: torch.Tensor, mask: torch.Tensor,
-                   multiple: float = LAYOUT_NOISE_MULTIPLE) -> dict:
+def layout_verdict(
+    packed: torch.Tensor,
+    padded: torch.Tensor,
+    fp32: torch.Tensor,
+    mask: torch.Tensor,
+    multiple: float = LAYOUT_NOISE_MULTIPLE,
+) -> dict:
     """Packed vs padded bf16 log-probs against the bf16-vs-fp32 noise of the padded ones (same tokens)."""
     m = mask.bool()
     d = (packed - padded)[m].double()
     noise = (padded - fp32)[m].double()
     rms = lambda x: float(x.pow(2).mean().sqrt()) if x.numel() else 0.0  # noqa: E731
-    out = {"tokens": int(m.sum()), "rms_packed_minus_padded": rms(d), "max_packed_minus_padded": float(d.abs().max()),
-           "rms_bf16_minus_fp32": rms(noise), "max_bf16_minus_fp32": float(noise.abs().max()),
-           "rms_packed_bf16_minus_fp32": rms((packed - fp32)[m].double()), "multiple": multiple}
+    out = {
+        "tokens": int(m.sum()),
+        "rms_packed_minus_padded": rms(d),
+        "max_packed_minus_padded": float(d.abs().max()),
+        "rms_bf16_minus_fp32": rms(noise),
+        "max_bf16_minus_fp32": float(noise.abs().max()),
+        "rms_packed_bf16_minus_fp32": rms((packed - fp32)[m].double()),
+        "multiple": multiple,
+    }
     if out["rms_bf16_minus_fp32"] == 0.0:
-        out["ok"], out["why"] = False, "bf16 compute left the log-probs bit-identical to fp32: autocast is not in effect"
+        out["ok"], out["why"] = (
+            False,
+            "bf16 compute left the log-probs bit-identical to fp32: autocast is not in effect",
+        )
     else:
         out["ratio"] = out["rms_packed_minus_padded"] / out["rms_bf16_minus_fp32"]
         out["ok"] = out["ratio"] <= multiple
-        out["why"] = (f"RMS(packed - padded) = {out['rms_packed_minus_padded']:.3g} is {out['ratio']:.2f}x the bf16 "
-                      f"noise RMS {out['rms_bf16_minus_fp32']:.3g} (bar {multiple:g}x)")
+        out["why"] = (
+            f"RMS(packed - padded) = {out['rms_packed_minus_padded']:.3g} is {out['ratio']:.2f}x the bf16 "
+            f"noise RMS {out['rms_bf16_minus_fp32']:.3g} (bar {multiple:g}x)"
+        )
     return out
 
 
@@ -195,21 +253,30 @@ class Report:
         return row
 
     def flush(self) -> None:
-        data = {**self.meta, "elapsed_s": time.perf_counter() - self.t0, "checks": self.rows,
-                "failed": [r["name"] for r in self.rows if r["status"] == "FAIL"]}
+        data = {
+            **self.meta,
+            "elapsed_s": time.perf_counter() - self.t0,
+            "checks": self.rows,
+            "failed": [r["name"] for r in self.rows if r["status"] == "FAIL"],
+        }
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, default=_jsonable))
         os.replace(tmp, self.path)
 
     def table(self) -> str:
-        lines = [f"{'check':22s} {'status':6s} {'step s':>8s} {'useful tok/s':>12s} {'eff MFU':>8s} {'peak GiB':>8s}  "
-                 "reason"]
+        lines = [
+            f"{'check':22s} {'status':6s} {'step s':>8s} {'useful tok/s':>12s} {'eff MFU':>8s} {'peak GiB':>8s}  reason"
+        ]
         for r in self.rows:
+
             def f(key, fmt):
                 width = int(fmt.split(".")[0])
                 return format(r[key], fmt) if isinstance(r.get(key), (int, float)) else "-".rjust(width)
-            lines.append(f"{r['name']:22s} {r['status']:6s} {f('step_s', '8.3f')} {f('useful_tok_per_s', '12.0f')} "
-                         f"{f('eff_mfu', '8.3f')} {f('peak_gib', '8.2f')}  {r['reason']}")
+
+            lines.append(
+                f"{r['name']:22s} {r['status']:6s} {f('step_s', '8.3f')} {f('useful_tok_per_s', '12.0f')} "
+                f"{f('eff_mfu', '8.3f')} {f('peak_gib', '8.2f')}  {r['reason']}"
+            )
         return "\n".join(lines)
 
 
@@ -289,8 +356,9 @@ def save_tokenizer(folder: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab={"<pad>": 0, "<s>": 1, "</s>": 2}, unk_token="<pad>"))
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        folder
+    )
 
 
 def warm_framework(hf_config, device: torch.device) -> None:
@@ -305,9 +373,18 @@ def warm_framework(hf_config, device: torch.device) -> None:
     from oapl.trainer.logprobs import token_logprobs
 
     base = {k: v for k, v in hf_config.to_dict().items() if k not in ("layer_types", "transformers_version")}
-    small = hf_config.__class__.from_dict({**base, "hidden_size": 32, "intermediate_size": 64,
-                                           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                           "head_dim": 16, "vocab_size": 256})
+    small = hf_config.__class__.from_dict(
+        {
+            **base,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "vocab_size": 256,
+        }
+    )
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
     enable_varlen(model, "auto")
@@ -355,12 +432,26 @@ class Bench:
         self.tok = SimpleNamespace(pad_token_id=0)
         m = self.mode
         rng = random.Random(a.seed)
-        shape = SimpleNamespace(groups=m.groups, group_size=m.group_size, median=m.median, cap=m.cap, sigma=m.sigma,
-                                truncated=m.truncated, prompt=m.prompt)
+        shape = SimpleNamespace(
+            groups=m.groups,
+            group_size=m.group_size,
+            median=m.median,
+            cap=m.cap,
+            sigma=m.sigma,
+            truncated=m.truncated,
+            prompt=m.prompt,
+        )
         self.lengths = lognormal_lengths(shape, rng)
         self.groups = make_groups(shape, self.lengths, self.vocab, rng)
-        short = SimpleNamespace(groups=m.short_groups, group_size=m.short_size, median=m.short_cap / 4,
-                                cap=m.short_cap, sigma=0.8, truncated=1, prompt=m.prompt)
+        short = SimpleNamespace(
+            groups=m.short_groups,
+            group_size=m.short_size,
+            median=m.short_cap / 4,
+            cap=m.short_cap,
+            sigma=0.8,
+            truncated=1,
+            prompt=m.prompt,
+        )
         self.short = make_groups(short, lognormal_lengths(short, rng), self.vocab, rng)
         self.seq_lens = [len(g.prompt_token_ids) + len(r) for g in self.groups for r in g.response_token_ids]
         self.useful = sum(self.seq_lens)
@@ -372,9 +463,16 @@ class Bench:
         from oapl.config import load_config
 
         m = self.mode
-        base = {"output_dir": str(self.tmp / "run"), "model.name": str(self.model_dir), "model.device": str(self.device),
-                "model.logprob_chunk_size": m.chunk, "optim.lr": 1e-6, "rollout.group_size": m.group_size,
-                "rollout.prompts_per_step": m.groups, "optim.micro_batch_size": m.micro}
+        base = {
+            "output_dir": str(self.tmp / "run"),
+            "model.name": str(self.model_dir),
+            "model.device": str(self.device),
+            "model.logprob_chunk_size": m.chunk,
+            "optim.lr": 1e-6,
+            "rollout.group_size": m.group_size,
+            "rollout.prompts_per_step": m.groups,
+            "optim.micro_batch_size": m.micro,
+        }
         base.update(over)
         return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
 
@@ -414,8 +512,10 @@ def pick_budget(b: Bench) -> int:
     shape = b.shape()
     t = want
     b.micro = m.micro
-    while b.micro > 1 and trainer_rank(cfg, shape, m.cap + m.prompt, True,
-                                       tokens=b.micro * (m.cap + m.prompt))["total"] > 0.9 * total:
+    while (
+        b.micro > 1
+        and trainer_rank(cfg, shape, m.cap + m.prompt, True, tokens=b.micro * (m.cap + m.prompt))["total"] > 0.9 * total
+    ):
         b.micro //= 2  # packed/padded/reference configs: sequences per micro-batch the plan fits
     while t > m.cap + m.prompt and trainer_rank(cfg, shape, m.cap + m.prompt, True, tokens=t)["total"] > 0.9 * total:
         t -= 512
@@ -443,11 +543,24 @@ def step_row(b: Bench, rep: Report, name: str, times: list[float], ms: list[dict
     loss = ms[-1]["loss"] if ms else float("nan")
     skipped = any(m.get("skipped") for m in ms)
     ok = all(math.isfinite(m["loss"]) for m in ms) and not skipped
-    fields = {"step_s": dt, "step_s_all": times, "warmup_s": warm_s, "useful_tokens": b.useful,
-              "useful_tok_per_s": b.useful / dt, "flops": b.flops, "eff_mfu": b.flops / dt / (b.peak * 1e12),
-              "padding_frac": ms[-1].get("padding_frac") if ms else None, "loss": loss, "peak_gib": peak, **extra}
-    why = (f"{b.useful / dt:,.0f} useful tok/s, effective MFU {fields['eff_mfu']:.3f}"
-           if ok else f"non-finite loss or skipped step (loss {loss})")
+    fields = {
+        "step_s": dt,
+        "step_s_all": times,
+        "warmup_s": warm_s,
+        "useful_tokens": b.useful,
+        "useful_tok_per_s": b.useful / dt,
+        "flops": b.flops,
+        "eff_mfu": b.flops / dt / (b.peak * 1e12),
+        "padding_frac": ms[-1].get("padding_frac") if ms else None,
+        "loss": loss,
+        "peak_gib": peak,
+        **extra,
+    }
+    why = (
+        f"{b.useful / dt:,.0f} useful tok/s, effective MFU {fields['eff_mfu']:.3f}"
+        if ok
+        else f"non-finite loss or skipped step (loss {loss})"
+    )
     return rep.add(f"step:{name}", "PASS" if ok else "FAIL", why, **fields)
 
 
@@ -506,8 +619,10 @@ def memory_check(b: Bench, rep: Report, cfg, measured_gib: float) -> None:
 
     m = b.mode
     o = cfg.optim
-    largest = max(sum(b.seq_lens[i] for i in mb)
-                  for mb in plan_micro_batches(b.seq_lens, o.max_tokens_per_micro_batch, o.micro_batch_size))
+    largest = max(
+        sum(b.seq_lens[i] for i in mb)
+        for mb in plan_micro_batches(b.seq_lens, o.max_tokens_per_micro_batch, o.micro_batch_size)
+    )
     at_budget = trainer_rank(cfg, b.shape(), m.cap + m.prompt, b.cuda)
     plan = trainer_rank(cfg, b.shape(), m.cap + m.prompt, b.cuda, tokens=largest)  # the micro-batch that ran
     planned = plan["total"] - plan["context"]  # the allocator does not see the CUDA context
@@ -515,15 +630,35 @@ def memory_check(b: Bench, rep: Report, cfg, measured_gib: float) -> None:
     ratio = measured / planned
     ok = 1 / MEMORY_BAND <= ratio <= MEMORY_BAND
     what = "torch.cuda.max_memory_allocated" if b.cuda else "peak resident set - resident set before the model"
-    rep.add("memory", "PASS" if ok else "FAIL",
-            f"{what} {measured / 2**30:.3f} GiB vs plan {planned / 2**30:.3f} GiB for its largest micro-batch "
-            f"({largest:,} tokens): ratio {ratio:.2f} "
-            f"(band {1 / MEMORY_BAND:.2f}-{MEMORY_BAND:.2f})", measured_gib=measured / 2**30,
-            planned_gib=planned / 2**30, ratio=ratio, peak_gib=measured / 2**30,
-            plan_gib={k: plan[k] / 2**30 for k in ("weights", "gradients", "optimizer", "gathered", "activations",
-                                                    "offloaded", "logits", "optimizer_temps", "context", "total")},
-            tokens_largest_micro_batch=largest, token_budget=o.max_tokens_per_micro_batch,
-            planned_at_budget_gib=(at_budget["total"] - at_budget["context"]) / 2**30)
+    rep.add(
+        "memory",
+        "PASS" if ok else "FAIL",
+        f"{what} {measured / 2**30:.3f} GiB vs plan {planned / 2**30:.3f} GiB for its largest micro-batch "
+        f"({largest:,} tokens): ratio {ratio:.2f} "
+        f"(band {1 / MEMORY_BAND:.2f}-{MEMORY_BAND:.2f})",
+        measured_gib=measured / 2**30,
+        planned_gib=planned / 2**30,
+        ratio=ratio,
+        peak_gib=measured / 2**30,
+        plan_gib={
+            k: plan[k] / 2**30
+            for k in (
+                "weights",
+                "gradients",
+                "optimizer",
+                "gathered",
+                "activations",
+                "offloaded",
+                "logits",
+                "optimizer_temps",
+                "context",
+                "total",
+            )
+        },
+        tokens_largest_micro_batch=largest,
+        token_budget=o.max_tokens_per_micro_batch,
+        planned_at_budget_gib=(at_budget["total"] - at_budget["context"]) / 2**30,
+    )
 
 
 def check_update_share(b: Bench, rep: Report) -> None:
@@ -555,11 +690,20 @@ def check_update_share(b: Bench, rep: Report) -> None:
         masters = sorted({str(p.dtype).replace("torch.", "") for p in named.values()})
         bf16_keeps = 1.0 - dropped_update_fraction(list(named.values()), lr, torch.bfloat16)
         ok = share >= UPDATE_SHARE_BAR and not m["skipped"] and policy.precision.mixed
-        rep.add("update_share", "PASS" if ok else "FAIL",
-                f"{100 * share:.3f}% of {total:,} weights with a gradient moved (bar {100 * UPDATE_SHARE_BAR:.0f}%); "
-                f"masters {'/'.join(masters)}; pure bf16 storage would keep ~{100 * bf16_keeps:.1f}%",
-                share=share, weights_with_grad=total, moved=moved, lr=lr, masters=masters,
-                bf16_storage_keeps_estimate=bf16_keeps, loss=m["loss"], skipped=bool(m["skipped"]))
+        rep.add(
+            "update_share",
+            "PASS" if ok else "FAIL",
+            f"{100 * share:.3f}% of {total:,} weights with a gradient moved (bar {100 * UPDATE_SHARE_BAR:.0f}%); "
+            f"masters {'/'.join(masters)}; pure bf16 storage would keep ~{100 * bf16_keeps:.1f}%",
+            share=share,
+            weights_with_grad=total,
+            moved=moved,
+            lr=lr,
+            masters=masters,
+            bf16_storage_keeps_estimate=bf16_keeps,
+            loss=m["loss"],
+            skipped=bool(m["skipped"]),
+        )
     finally:
         b.release(policy)
 
@@ -573,8 +717,11 @@ def check_packed_vs_padded(b: Bench, rep: Report) -> None:
         if not policy.packing:
             rep.add("packed_vs_padded", "FAIL", "the model refused packing (see the log)")
             return
-        seqs = [Sequence(g.prompt_token_ids, r, lp) for g in b.short
-                for r, lp in zip(g.response_token_ids, g.response_logprobs)]
+        seqs = [
+            Sequence(g.prompt_token_ids, r, lp)
+            for g in b.short
+            for r, lp in zip(g.response_token_ids, g.response_logprobs)
+        ]
         packed = collate(seqs, packed=True, pad_token_id=0).to(b.device)
         padded = collate(seqs, packed=False, pad_token_id=0).to(b.device)
         chunk = policy.cfg.model.logprob_chunk_size
@@ -592,9 +739,15 @@ def check_packed_vs_padded(b: Bench, rep: Report) -> None:
         v = layout_verdict(lp_pack.cpu(), lp_pad.cpu(), lp_fp32.cpu(), padded.response_mask.cpu())
         m = padded.response_mask.bool().cpu()
         v["max_packed_minus_padded_fp32"] = float((lp_pack32.cpu() - lp_fp32.cpu())[m].abs().max())
-        rep.add("packed_vs_padded", "PASS" if v["ok"] else "FAIL", v["why"] + f"; varlen backend {backend}",
-                varlen_backend=backend, padded_tokens=padded.computed_tokens, packed_tokens=packed.computed_tokens,
-                **{k: x for k, x in v.items() if k not in ("ok", "why")})
+        rep.add(
+            "packed_vs_padded",
+            "PASS" if v["ok"] else "FAIL",
+            v["why"] + f"; varlen backend {backend}",
+            varlen_backend=backend,
+            padded_tokens=padded.computed_tokens,
+            packed_tokens=packed.computed_tokens,
+            **{k: x for k, x in v.items() if k not in ("ok", "why")},
+        )
     finally:
         b.release(policy)
 
@@ -616,22 +769,34 @@ def check_fsdp2(b: Bench, rep: Report) -> None:
     b.model.save_pretrained(folder, state_dict=state)
     del state, cast
     save_tokenizer(folder)
-    over = {"model.name": str(folder), "optim.share_prompts": "off", "optim.micro_batch_size": 4,
-            "distributed.parallel": "fsdp", "distributed.trainer_workers": 1,
-            "distributed.trainer_num_gpus": 1 if b.cuda else 0, "rollout.prompts_per_step": len(b.short),
-            "rollout.group_size": b.short[0].n}
+    over = {
+        "model.name": str(folder),
+        "optim.share_prompts": "off",
+        "optim.micro_batch_size": 4,
+        "distributed.parallel": "fsdp",
+        "distributed.trainer_workers": 1,
+        "distributed.trainer_num_gpus": 1 if b.cuda else 0,
+        "rollout.prompts_per_step": len(b.short),
+        "rollout.group_size": b.short[0].n,
+    }
     cfg = b.cfg(**over)
     works, _ = plan_step(b.short, build_objective(cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches, world=1)
 
     def side(out, named):
-        return {"loss": out["stats"]["loss"], "grad_norm": out["grad_norm"], "grads": out["grads"],
-                "finite": out["finite"], "before": None, "after": {n: full_tensor(p.detach()).float().cpu()
-                                                                    for n, p in named}}
+        return {
+            "loss": out["stats"]["loss"],
+            "grad_norm": out["grad_norm"],
+            "grads": out["grads"],
+            "finite": out["finite"],
+            "before": None,
+            "after": {n: full_tensor(p.detach()).float().cpu() for n, p in named},
+        }
 
     policy = Policy(cfg, total_steps=10)
     before = {n: p.detach().float().cpu().clone() for n, p in policy.model.named_parameters()}
-    local = side(run_step(policy, works[0], Parallel(policy), capture_grads=True),
-                 list(policy.model.named_parameters()))
+    local = side(
+        run_step(policy, works[0], Parallel(policy), capture_grads=True), list(policy.model.named_parameters())
+    )
     local["before"] = before
     compute = policy.precision.compute_dtype
     b.release(policy)
@@ -656,15 +821,24 @@ def check_fsdp2(b: Bench, rep: Report) -> None:
     # the local loss is the stats' sum of per-micro-batch losses; so is the rank's (world 1: nothing to merge)
     cmp = compare_steps(local, fs, compute, b.layers, 1e-6)
     ok = cmp["ok"] and local["finite"] and fs["finite"] and rank_mode_ok(sharded)
-    why = (f"{backend}, {len(sharded)} DTensor parameters; loss {fs['loss']:.6g} vs local {local['loss']:.6g}, "
-           f"max grad rel diff {cmp['max_grad_rel_diff']:.2e} (bound {cmp['k'] * cmp['u']:.2e}), "
-           f"max update diff {cmp['max_update_abs_diff']:.2e}")
+    why = (
+        f"{backend}, {len(sharded)} DTensor parameters; loss {fs['loss']:.6g} vs local {local['loss']:.6g}, "
+        f"max grad rel diff {cmp['max_grad_rel_diff']:.2e} (bound {cmp['k'] * cmp['u']:.2e}), "
+        f"max update diff {cmp['max_update_abs_diff']:.2e}"
+    )
     if not rank_mode_ok(sharded):
         why = "the rank's parameters are not DTensors: FSDP2 did not wrap the model; " + why
     if cmp["problems"]:
         why += "; " + "; ".join(cmp["problems"][:3])
-    rep.add("fsdp2_one_rank", "PASS" if ok else "FAIL", why, backend=backend, compute_dtype=compute,
-            dtensor_params=len(sharded), **{k: v for k, v in cmp.items() if k != "ok"})
+    rep.add(
+        "fsdp2_one_rank",
+        "PASS" if ok else "FAIL",
+        why,
+        backend=backend,
+        compute_dtype=compute,
+        dtensor_params=len(sharded),
+        **{k: v for k, v in cmp.items() if k != "ok"},
+    )
 
 
 def rank_mode_ok(sharded: list[str]) -> bool:
@@ -690,10 +864,11 @@ def reference_step(b: Bench, rep: Report, micro: int) -> None:
         for toks, lps in zip(g.response_token_ids, g.response_logprobs):
             rows.append((g.prompt_token_ids, toks, lps))
     n = len(rows)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if b.cuda else contextlib.nullcontext())
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if b.cuda else contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+    )
 
     def batch(lo, hi):
         part = rows[lo:hi]
@@ -748,8 +923,17 @@ def reference_step(b: Bench, rep: Report, micro: int) -> None:
             sync(b.device)
             times.append(time.perf_counter() - t)
         peak = (torch.cuda.max_memory_allocated() if b.cuda else peak_rss() - b.rss_base) / 2**30
-        step_row(b, rep, "reference", times, ms, warm_s, peak, micro_batch=micro,
-                 config="plain HF forward (padded, full logits) + cross-entropy log-probs + torch.optim.AdamW")
+        step_row(
+            b,
+            rep,
+            "reference",
+            times,
+            ms,
+            warm_s,
+            peak,
+            micro_batch=micro,
+            config="plain HF forward (padded, full logits) + cross-entropy log-probs + torch.optim.AdamW",
+        )
     finally:
         opt.state.clear()  # the AdamW moments (2 x 4 B/parameter) go now, not when the closure does
         model.zero_grad(set_to_none=True)
@@ -786,20 +970,34 @@ def throughput(b: Bench, rep: Report, first_only: bool = False) -> None:
     run_config(b, rep, "fused-off", {**budget, "optim.fused": "off"})
     compile_skip = None
     if not b.cuda and not b.a.cpu_compile:
-        compile_skip = ("CPU mode: inductor's first compile of the decoder layers takes minutes on a small CPU "
-                        "(138 s measured), past this mode's budget; --cpu-compile runs it")
+        compile_skip = (
+            "CPU mode: inductor's first compile of the decoder layers takes minutes on a small CPU "
+            "(138 s measured), past this mode's budget; --cpu-compile runs it"
+        )
     run_config(b, rep, "compile", {**budget, "model.compile": True}, needs=compile_skip)
     run_config(b, rep, "liger", {**budget, "model.liger": True})  # patches the model for good: after the others
-    on = {**budget, "optim.fused": "on", "model.compile": compile_skip is None,
-          "model.liger": any(r["name"] == "step:liger" and r["status"] == "PASS" for r in rep.rows)}
+    on = {
+        **budget,
+        "optim.fused": "on",
+        "model.compile": compile_skip is None,
+        "model.liger": any(r["name"] == "step:liger" and r["status"] == "PASS" for r in rep.rows),
+    }
     extra = [k for k in ("model.compile", "model.liger") if on[k]]
-    run_config(b, rep, "all-on", on, needs=None if extra else
-               "nothing beyond the base's fused AdamW is available here (compile and liger skipped above)")
+    run_config(
+        b,
+        rep,
+        "all-on",
+        on,
+        needs=None
+        if extra
+        else "nothing beyond the base's fused AdamW is available here (compile and liger skipped above)",
+    )
 
 
 def mfu_target(b: Bench, rep: Report, bar: float) -> None:
-    rows = [r for r in rep.rows if r["name"].startswith("step:") and r["name"] != "step:reference"
-            and r["status"] == "PASS"]
+    rows = [
+        r for r in rep.rows if r["name"].startswith("step:") and r["name"] != "step:reference" and r["status"] == "PASS"
+    ]
     if not b.cuda:
         rep.add("mfu_target", "SKIP", "the effective-MFU bar is a GPU target; CPU figures are reported only")
         return
@@ -808,15 +1006,21 @@ def mfu_target(b: Bench, rep: Report, bar: float) -> None:
         return
     best = max(rows, key=lambda r: r["eff_mfu"])
     ok = best["eff_mfu"] >= bar
-    rep.add("mfu_target", "PASS" if ok else "FAIL",
-            f"best effective MFU {best['eff_mfu']:.3f} ({best['name']}) vs bar {bar:g}", best=best["name"],
-            eff_mfu=best["eff_mfu"], bar=bar)
+    rep.add(
+        "mfu_target",
+        "PASS" if ok else "FAIL",
+        f"best effective MFU {best['eff_mfu']:.3f} ({best['name']}) vs bar {bar:g}",
+        best=best["name"],
+        eff_mfu=best["eff_mfu"],
+        bar=bar,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="the JSON report (default gpu_acceptance_<device>.json)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma list of {', '.join(CHECKS)}")
@@ -827,8 +1031,12 @@ def parse(argv=None):
     p.add_argument("--cpu-compile", action="store_true", help="CPU: run the compile configs too (minutes)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per config (default 1)")
     p.add_argument("--timed", type=int, default=None, help="timed steps per config, the best one counts (default 2)")
-    p.add_argument("--time-limit-s", type=float, default=None,
-                   help="start no step config past this many seconds less 30 (default 450 on CUDA, none on CPU)")
+    p.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        help="start no step config past this many seconds less 30 (default 450 on CUDA, none on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -861,19 +1069,39 @@ def main(argv=None) -> int:
     b.mode.timed = max(1, a.timed) if a.timed is not None else b.mode.timed
     b.peak = peak
     b.budget = pick_budget(b)
-    meta = {"device": a.device, "device_name": torch.cuda.get_device_name(0) if b.cuda else "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "config": b.spec, "n_params": b.n_params, "layers": b.layers, "d_attn": b.d_attn,
-            "compute_dtype": b.compute, "peak_tflops": peak, "peak_source": "flag" if a.peak_tflops else "measured",
-            "cpu_malloc_mmap_threshold": 128 * 1024 if mmap_fixed else None,
-            "batch": {"sequences": len(b.seq_lens), "prompt": b.mode.prompt, "cap": b.mode.cap,
-                      "median_target": b.mode.median, "response_lengths": sorted(b.lengths),
-                      "useful_tokens": b.useful, "flops_per_step": b.flops, "token_budget": b.budget}}
+    meta = {
+        "device": a.device,
+        "device_name": torch.cuda.get_device_name(0) if b.cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "config": b.spec,
+        "n_params": b.n_params,
+        "layers": b.layers,
+        "d_attn": b.d_attn,
+        "compute_dtype": b.compute,
+        "peak_tflops": peak,
+        "peak_source": "flag" if a.peak_tflops else "measured",
+        "cpu_malloc_mmap_threshold": 128 * 1024 if mmap_fixed else None,
+        "batch": {
+            "sequences": len(b.seq_lens),
+            "prompt": b.mode.prompt,
+            "cap": b.mode.cap,
+            "median_target": b.mode.median,
+            "response_lengths": sorted(b.lengths),
+            "useful_tokens": b.useful,
+            "flops_per_step": b.flops,
+            "token_budget": b.budget,
+        },
+    }
     rep = Report(out, meta)
-    print(f"device={a.device} ({meta['device_name']}) params={b.n_params / 1e6:.1f}M layers={b.layers} compute={b.compute} "
-          f"peak={peak:.2f} TFLOP/s ({meta['peak_source']}) threads={torch.get_num_threads()}\n"
-          f"batch: {len(b.seq_lens)} sequences, {b.useful:,} useful tokens, responses {sorted(b.lengths)}, "
-          f"token budget {b.budget:,}", flush=True)
+    print(
+        f"device={a.device} ({meta['device_name']}) params={b.n_params / 1e6:.1f}M layers={b.layers} compute={b.compute} "
+        f"peak={peak:.2f} TFLOP/s ({meta['peak_source']}) threads={torch.get_num_threads()}\n"
+        f"batch: {len(b.seq_lens)} sequences, {b.useful:,} useful tokens, responses {sorted(b.lengths)}, "
+        f"token budget {b.budget:,}",
+        flush=True,
+    )
 
     def guarded(name, fn, *args):
         try:
@@ -903,8 +1131,10 @@ def main(argv=None) -> int:
     print()
     print(rep.table())
     failed = [r["name"] for r in rep.rows if r["status"] == "FAIL"]
-    print(f"\n{len(rep.rows)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"{time.perf_counter() - t0:.0f} s; report: {out}")
+    print(
+        f"\n{len(rep.rows)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+        f"{time.perf_counter() - t0:.0f} s; report: {out}"
+    )
     return 1 if failed else 0
 
 

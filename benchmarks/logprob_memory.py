@@ -48,12 +48,22 @@ def _build(a):
     if a.model == "embedded":
         from oapl.trainer.model import load_causal_lm, resolve_model_path
 
-        return load_causal_lm(resolve_model_path("embedded:smollm2-135m-instruct"), torch.float32,
-                              torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return load_causal_lm(
+            resolve_model_path("embedded:smollm2-135m-instruct"),
+            torch.float32,
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=1536, num_hidden_layers=a.layers,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=1536,
+        num_hidden_layers=a.layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
     return model.to("cuda") if torch.cuda.is_available() else model
 
@@ -107,10 +117,18 @@ def child(a) -> dict:
         peak = _rss_kib("VmHWM") * 1024
     seconds = time.perf_counter() - t0
     grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None)))
-    return {"method": a.method, "shape": a.shape, "response_tokens": n_resp, "chunk": a.chunk,
-            "peak_extra_mib": (peak - before) / 2**20, "seconds": seconds, "value": float(total.detach()),
-            "grad_norm": grad_norm, "device": str(dev),
-            "logits_fp32_mib": b * (t - 1) * VOCAB * 4 / 2**20}
+    return {
+        "method": a.method,
+        "shape": a.shape,
+        "response_tokens": n_resp,
+        "chunk": a.chunk,
+        "peak_extra_mib": (peak - before) / 2**20,
+        "seconds": seconds,
+        "value": float(total.detach()),
+        "grad_norm": grad_norm,
+        "device": str(dev),
+        "logits_fp32_mib": b * (t - 1) * VOCAB * 4 / 2**20,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,19 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for shape in [s.strip() for s in a.shapes.split(",") if s.strip()]:
         for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, "--method", method,
-                                   "--shape", shape], capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *forwarded, "--method", method, "--shape", shape],
+                capture_output=True,
+                text=True,
+            )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
                 results.append({"method": method, "shape": shape, "error": err})
                 print(f"[{shape} {method}] failed: {err}", file=sys.stderr)
                 continue
-            r = json.loads(line[len("RESULT "):])
+            r = json.loads(line[len("RESULT ") :])
             results.append(r)
             print(f"[{shape} {method}] +{r['peak_extra_mib']:.0f} MiB in {r['seconds']:.1f} s", file=sys.stderr)
-    print(f"| B x T | response tokens | full fp32 logits (MiB) | naive peak (MiB) | chunked peak (MiB, chunk "
-          f"{a.chunk}) | saving | naive s | chunked s | max rel. diff of sum log p |")
+    print(
+        f"| B x T | response tokens | full fp32 logits (MiB) | naive peak (MiB) | chunked peak (MiB, chunk "
+        f"{a.chunk}) | saving | naive s | chunked s | max rel. diff of sum log p |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for shape in dict.fromkeys(r["shape"] for r in results):
         n = next((r for r in results if r["shape"] == shape and r["method"] == "naive"), {})
@@ -154,23 +177,38 @@ def main(argv: list[str] | None = None) -> int:
         if not n or not c:
             r = n or c
             if "error" not in r:
-                print(f"| {shape} | {r['response_tokens']} | {r['logits_fp32_mib']:.0f} | "
-                      f"{n.get('peak_extra_mib', float('nan')):.0f} | {c.get('peak_extra_mib', float('nan')):.0f} | "
-                      f"| {n.get('seconds', float('nan')):.1f} | {c.get('seconds', float('nan')):.1f} | |")
+                print(
+                    f"| {shape} | {r['response_tokens']} | {r['logits_fp32_mib']:.0f} | "
+                    f"{n.get('peak_extra_mib', float('nan')):.0f} | {c.get('peak_extra_mib', float('nan')):.0f} | "
+                    f"| {n.get('seconds', float('nan')):.1f} | {c.get('seconds', float('nan')):.1f} | |"
+                )
             continue
         if "error" in n or "error" in c:
             print(f"| {shape} | failed: {n.get('error') or c.get('error')} | | | | | | | |")
             continue
         diff = abs(n["value"] - c["value"]) / max(1e-9, abs(n["value"]))
-        print(f"| {shape} | {c['response_tokens']} | {n['logits_fp32_mib']:.0f} | {n['peak_extra_mib']:.0f} | "
-              f"{c['peak_extra_mib']:.0f} | {n['peak_extra_mib'] / max(c['peak_extra_mib'], 1e-9):.1f}x | "
-              f"{n['seconds']:.1f} | {c['seconds']:.1f} | {diff:.1e} |")
+        print(
+            f"| {shape} | {c['response_tokens']} | {n['logits_fp32_mib']:.0f} | {n['peak_extra_mib']:.0f} | "
+            f"{c['peak_extra_mib']:.0f} | {n['peak_extra_mib'] / max(c['peak_extra_mib'], 1e-9):.1f}x | "
+            f"{n['seconds']:.1f} | {c['seconds']:.1f} | {diff:.1e} |"
+        )
     if a.json:
         import torch
 
-        Path(a.json).write_text(json.dumps({"meta": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                                                     "torch": torch.__version__, "args": vars(a)},
-                                            "results": results}, indent=2))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "meta": {
+                        "machine": platform.machine(),
+                        "cpus": os.cpu_count(),
+                        "torch": torch.__version__,
+                        "args": vars(a),
+                    },
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     return 0 if all("error" not in r for r in results) else 1
 
 

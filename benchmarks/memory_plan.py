@@ -46,13 +46,22 @@ def _config(folder: str, spec):
     from oapl.config import TrainConfig
 
     hidden, layers, inter, heads, kv, vocab, resp, gc, chunk = spec
-    return TrainConfig.model_validate({
-        "output_dir": folder, "steps": 4,
-        "model": {"name": folder, "device": "cpu", "compute_dtype": "float32", "gradient_checkpointing": gc,
-                  "logprob_chunk_size": chunk},
-        "rollout": {"group_size": GROUP, "prompts_per_step": 1},
-        "optim": {"micro_batch_size": GROUP, "packing": True},
-        "sampling": {"max_tokens": resp}})
+    return TrainConfig.model_validate(
+        {
+            "output_dir": folder,
+            "steps": 4,
+            "model": {
+                "name": folder,
+                "device": "cpu",
+                "compute_dtype": "float32",
+                "gradient_checkpointing": gc,
+                "logprob_chunk_size": chunk,
+            },
+            "rollout": {"group_size": GROUP, "prompts_per_step": 1},
+            "optim": {"micro_batch_size": GROUP, "packing": True},
+            "sampling": {"max_tokens": resp},
+        }
+    )
 
 
 def child(name: str, steps: int) -> dict:
@@ -70,15 +79,21 @@ def child(name: str, steps: int) -> dict:
     base = _status("VmRSS")
     spec = SHAPES[name]
     hidden, layers, inter, heads, kv, vocab, resp, gc, chunk = spec
-    mcfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                       tie_word_embeddings=True)
+    mcfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     if name == "smollm2-135m":
         from oapl.trainer.model import load_causal_lm, resolve_model_path
 
-        model = load_causal_lm(resolve_model_path("embedded:smollm2-135m-instruct"), torch.float32,
-                               torch.device("cpu"))
+        model = load_causal_lm(resolve_model_path("embedded:smollm2-135m-instruct"), torch.float32, torch.device("cpu"))
         mcfg = model.config
         base = _status("VmRSS") - sum(p.numel() * 4 for p in model.parameters())  # loading's own mappings aside
     else:
@@ -89,21 +104,34 @@ def child(name: str, steps: int) -> dict:
         policy = Policy(cfg, total_steps=4, model=model, tokenizer=types.SimpleNamespace(pad_token_id=0))
         gen = torch.Generator().manual_seed(0)
         group = RolloutGroup(
-            prompt_id="p0", prompt="p", prompt_token_ids=torch.randint(3, vocab, (PROMPT,), generator=gen).tolist(),
-            responses=[""] * GROUP, response_token_ids=[torch.randint(3, vocab, (resp,), generator=gen).tolist()
-                                                        for _ in range(GROUP)],
-            response_logprobs=[[-10.0] * resp for _ in range(GROUP)], rewards=[1.0, 0.0] * (GROUP // 2),
-            finish_reasons=["length"] * GROUP, weights_id="synthetic", version=0)
+            prompt_id="p0",
+            prompt="p",
+            prompt_token_ids=torch.randint(3, vocab, (PROMPT,), generator=gen).tolist(),
+            responses=[""] * GROUP,
+            response_token_ids=[torch.randint(3, vocab, (resp,), generator=gen).tolist() for _ in range(GROUP)],
+            response_logprobs=[[-10.0] * resp for _ in range(GROUP)],
+            rewards=[1.0, 0.0] * (GROUP // 2),
+            finish_reasons=["length"] * GROUP,
+            weights_id="synthetic",
+            version=0,
+        )
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         for _ in range(steps):
             policy.train_step([group])
         peak = _status("VmHWM")
     shape = shape_from_config(mcfg, "benchmark", params=sum(p.numel() for p in model.parameters()))
     plan = trainer_rank(cfg, shape, PROMPT + resp, on_gpu=False)
-    return {"shape": name, "params": shape.params, "tokens": plan["tokens"], "checkpointing": gc,
-            "measured": peak - base, "planned": plan["total"],
-            "parts": {k: plan[k] for k in ("weights", "gradients", "optimizer", "activations", "logits",
-                                           "optimizer_temps")}}
+    return {
+        "shape": name,
+        "params": shape.params,
+        "tokens": plan["tokens"],
+        "checkpointing": gc,
+        "measured": peak - base,
+        "planned": plan["total"],
+        "parts": {
+            k: plan[k] for k in ("weights", "gradients", "optimizer", "activations", "logits", "optimizer_temps")
+        },
+    }
 
 
 def rank_child(name: str, steps: int, rank: int, world: int, parallel: str, folder: str, port: int) -> dict:
@@ -118,9 +146,13 @@ def rank_child(name: str, steps: int, rank: int, world: int, parallel: str, fold
     torch.set_num_threads(1)
     base = _status("VmRSS")
     cfg = _config(folder, SHAPES[name]).model_copy(deep=True)
-    cfg = cfg.model_validate({**cfg.model_dump(), "distributed": {"backend": "ray", "trainer_workers": world,
-                                                                  "parallel": parallel},
-                              "rollout": {"group_size": GROUP, "prompts_per_step": world}})
+    cfg = cfg.model_validate(
+        {
+            **cfg.model_dump(),
+            "distributed": {"backend": "ray", "trainer_workers": world, "parallel": parallel},
+            "rollout": {"group_size": GROUP, "prompts_per_step": world},
+        }
+    )
     r = TrainerRank(cfg.model_dump(mode="json"), rank, world, 1)
     r.setup("127.0.0.1", port, None)
     works, _ = plan_step(_groups(name, world), build_objective(cfg.algorithm), cfg.optim, 1, world=world)
@@ -131,8 +163,15 @@ def rank_child(name: str, steps: int, rank: int, world: int, parallel: str, fold
     model = r.policy.model
     shape = shape_from_config(model.config, "benchmark", params=count_params_of(model.config))
     plan = trainer_rank(cfg, shape, PROMPT + SHAPES[name][6], on_gpu=False)
-    return {"shape": name, "rank": rank, "world": world, "parallel": plan["parallel"], "measured": peak - base,
-            "planned": plan["total"], "tokens": plan["tokens"]}
+    return {
+        "shape": name,
+        "rank": rank,
+        "world": world,
+        "parallel": plan["parallel"],
+        "measured": peak - base,
+        "planned": plan["total"],
+        "tokens": plan["tokens"],
+    }
 
 
 def count_params_of(mcfg) -> int:
@@ -148,12 +187,21 @@ def _groups(name: str, n: int):
 
     vocab, resp = SHAPES[name][5], SHAPES[name][6]
     gen = torch.Generator().manual_seed(0)
-    return [RolloutGroup(
-        prompt_id=f"p{i}", prompt="p", prompt_token_ids=torch.randint(3, vocab, (PROMPT,), generator=gen).tolist(),
-        responses=[""] * GROUP, response_token_ids=[torch.randint(3, vocab, (resp,), generator=gen).tolist()
-                                                    for _ in range(GROUP)],
-        response_logprobs=[[-10.0] * resp for _ in range(GROUP)], rewards=[1.0, 0.0] * (GROUP // 2),
-        finish_reasons=["length"] * GROUP, weights_id="synthetic", version=0) for i in range(n)]
+    return [
+        RolloutGroup(
+            prompt_id=f"p{i}",
+            prompt="p",
+            prompt_token_ids=torch.randint(3, vocab, (PROMPT,), generator=gen).tolist(),
+            responses=[""] * GROUP,
+            response_token_ids=[torch.randint(3, vocab, (resp,), generator=gen).tolist() for _ in range(GROUP)],
+            response_logprobs=[[-10.0] * resp for _ in range(GROUP)],
+            rewards=[1.0, 0.0] * (GROUP // 2),
+            finish_reasons=["length"] * GROUP,
+            weights_id="synthetic",
+            version=0,
+        )
+        for i in range(n)
+    ]
 
 
 def ranks_table(shapes: list[str], steps: int, world: int, parallel: str) -> list[dict]:
@@ -170,18 +218,47 @@ def ranks_table(shapes: list[str], steps: int, world: int, parallel: str) -> lis
         hidden, layers, inter, heads, kv, vocab, *_ = SHAPES[name]
         with tempfile.TemporaryDirectory() as folder:
             torch.manual_seed(0)
-            LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                                         num_hidden_layers=layers, num_attention_heads=heads,
-                                         num_key_value_heads=kv, max_position_embeddings=4096,
-                                         tie_word_embeddings=True)).save_pretrained(folder)
+            LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=vocab,
+                    hidden_size=hidden,
+                    intermediate_size=inter,
+                    num_hidden_layers=layers,
+                    num_attention_heads=heads,
+                    num_key_value_heads=kv,
+                    max_position_embeddings=4096,
+                    tie_word_embeddings=True,
+                )
+            ).save_pretrained(folder)
             AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct")).save_pretrained(folder)
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            procs = [subprocess.Popen([sys.executable, __file__, "--child", name, "--steps", str(steps), "--rank",
-                                       str(r), "--world", str(world), "--parallel", parallel, "--folder", folder,
-                                       "--port", str(port)], stdout=subprocess.PIPE, text=True)
-                     for r in range(world)]
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        name,
+                        "--steps",
+                        str(steps),
+                        "--rank",
+                        str(r),
+                        "--world",
+                        str(world),
+                        "--parallel",
+                        parallel,
+                        "--folder",
+                        folder,
+                        "--port",
+                        str(port),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for r in range(world)
+            ]
             for p in procs:
                 out, _ = p.communicate()
                 if p.returncode:
@@ -203,8 +280,13 @@ def main() -> None:
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(rank_child(a.child, a.steps, a.rank, a.world, a.parallel, a.folder, a.port) if a.world
-                         else child(a.child, a.steps)))
+        print(
+            json.dumps(
+                rank_child(a.child, a.steps, a.rank, a.world, a.parallel, a.folder, a.port)
+                if a.world
+                else child(a.child, a.steps)
+            )
+        )
         return
     if a.ranks:
         mib = 1 << 20
@@ -212,8 +294,10 @@ def main() -> None:
         print("|---|---|---:|---:|---:|---:|")
         rows = ranks_table([s for s in a.shapes if s != "smollm2-135m"], a.steps, a.ranks, a.parallel)
         for r in rows:
-            print(f"| {r['shape']} | {r['parallel']} x {r['world']} | {r['rank']} | {r['planned'] / mib:,.0f} MiB | "
-                  f"{r['measured'] / mib:,.0f} MiB | {r['measured'] / r['planned']:.2f} |")
+            print(
+                f"| {r['shape']} | {r['parallel']} x {r['world']} | {r['rank']} | {r['planned'] / mib:,.0f} MiB | "
+                f"{r['measured'] / mib:,.0f} MiB | {r['measured'] / r['planned']:.2f} |"
+            )
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=2))
         return
@@ -221,14 +305,20 @@ def main() -> None:
     print("| shape | params | tokens / micro-batch | checkpointing | planned | measured | measured / planned |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for name in a.shapes:
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--steps", str(a.steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         mib = 1 << 20
-        print(f"| {name} | {r['params'] / 1e6:.1f} M | {r['tokens']:,} | {'on' if r['checkpointing'] else 'off'} | "
-              f"{r['planned'] / mib:,.0f} MiB | {r['measured'] / mib:,.0f} MiB | {r['measured'] / r['planned']:.2f} |",
-              flush=True)
+        print(
+            f"| {name} | {r['params'] / 1e6:.1f} M | {r['tokens']:,} | {'on' if r['checkpointing'] else 'off'} | "
+            f"{r['planned'] / mib:,.0f} MiB | {r['measured'] / mib:,.0f} MiB | {r['measured'] / r['planned']:.2f} |",
+            flush=True,
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
 

@@ -48,18 +48,34 @@ def make_cfg(args, model: str, engines: int, out: Path):
     from oapl.config import load_config
 
     over = {
-        "output_dir": str(out), "seed": 0, "steps": args.steps, "threads": 1,
-        "model.name": model, "engine.kind": "transformers",
-        "sampling.max_tokens": args.max_tokens, "sampling.temperature": 1.0,
-        "task.name": "arithmetic", "task.system_prompt": "", "task.num_train": 2000,
-        "rollout.group_size": args.group_size, "rollout.prompts_per_step": args.prompts_per_step,
-        "rollout.prompts_per_generate": args.prompts_per_generate, "rollout.sync_interval": args.sync_interval,
-        "rollout.asynchronous": True, "rollout.buffer_groups": 64,
-        "optim.lr": 1e-5, "optim.micro_batch_size": 64,
-        "eval.at_start": False, "eval.at_end": False, "logging.progress": False, "checkpoint.save_final": False,
-        "distributed.backend": "ray", "distributed.num_engines": engines,
+        "output_dir": str(out),
+        "seed": 0,
+        "steps": args.steps,
+        "threads": 1,
+        "model.name": model,
+        "engine.kind": "transformers",
+        "sampling.max_tokens": args.max_tokens,
+        "sampling.temperature": 1.0,
+        "task.name": "arithmetic",
+        "task.system_prompt": "",
+        "task.num_train": 2000,
+        "rollout.group_size": args.group_size,
+        "rollout.prompts_per_step": args.prompts_per_step,
+        "rollout.prompts_per_generate": args.prompts_per_generate,
+        "rollout.sync_interval": args.sync_interval,
+        "rollout.asynchronous": True,
+        "rollout.buffer_groups": 64,
+        "optim.lr": 1e-5,
+        "optim.micro_batch_size": 64,
+        "eval.at_start": False,
+        "eval.at_end": False,
+        "logging.progress": False,
+        "checkpoint.save_final": False,
+        "distributed.backend": "ray",
+        "distributed.num_engines": engines,
         "distributed.trainer_workers": args.trainer_workers,
-        "distributed.engine_num_cpus": 1, "distributed.trainer_num_cpus": 1,
+        "distributed.engine_num_cpus": 1,
+        "distributed.trainer_num_cpus": 1,
     }
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
 
@@ -117,8 +133,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(1)
     need = max(args.engines) + args.trainer_workers
-    ray.init(num_cpus=args.num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False,
-             object_store_memory=500 * 1024**2, log_to_driver=False)
+    ray.init(
+        num_cpus=args.num_cpus or max(need, os.cpu_count() or 1),
+        include_dashboard=False,
+        object_store_memory=500 * 1024**2,
+        log_to_driver=False,
+    )
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="oapl-ray-bench-") as tmp:
@@ -138,18 +158,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ray.shutdown()
 
     print()
-    print(f"model: {results[0]['model']}; {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"ray {ray.__version__}; G={args.group_size}, {args.prompts_per_step} prompts/step, "
-          f"max_tokens={args.max_tokens}, L={args.sync_interval}, {args.trainer_workers} trainer rank(s), "
-          f"{args.steps} steps ({args.warmup} warm-up)")
+    print(
+        f"model: {results[0]['model']}; {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"ray {ray.__version__}; G={args.group_size}, {args.prompts_per_step} prompts/step, "
+        f"max_tokens={args.max_tokens}, L={args.sync_interval}, {args.trainer_workers} trainer rank(s), "
+        f"{args.steps} steps ({args.warmup} warm-up)"
+    )
     print()
-    print("| engine actors | train samples/s | generated samples/s | engine tokens/s | train s/step | "
-          "loop s | start-up s |")
+    print(
+        "| engine actors | train samples/s | generated samples/s | engine tokens/s | train s/step | "
+        "loop s | start-up s |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['engines']} | {r['train_samples_per_s']:.1f} | {r['generated_samples_per_s']:.1f} | "
-              f"{r['engine_tokens_per_s']:.0f} | {r['train_s_per_step']:.3f} | {r['loop_s']:.1f} | "
-              f"{r['startup_s']:.1f} |")
+        print(
+            f"| {r['engines']} | {r['train_samples_per_s']:.1f} | {r['generated_samples_per_s']:.1f} | "
+            f"{r['engine_tokens_per_s']:.0f} | {r['train_s_per_step']:.3f} | {r['loop_s']:.1f} | "
+            f"{r['startup_s']:.1f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

@@ -62,11 +62,21 @@ def build_model(folder: str, hidden: int, layers: int, vocab: int, inter: int) -
     assert len(tok) <= vocab
     torch.manual_seed(0)
     heads = max(1, hidden // 64)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-        tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+    )
     model.generation_config.eos_token_id = tok.eos_token_id
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
@@ -83,12 +93,20 @@ def _groups(world: int):
     out = []
     for j in range(2 * world):
         toks = [torch.randint(3, 60, (24,), generator=gen).tolist() for _ in range(4)]
-        out.append(RolloutGroup(
-            prompt_id=f"p{j}", prompt="x", prompt_token_ids=torch.randint(3, 60, (8,), generator=gen).tolist(),
-            responses=["y"] * 4, response_token_ids=toks,
-            response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
-            rewards=[float((i + j) % 3 == 0) for i in range(4)], finish_reasons=["length"] * 4,
-            weights_id="bench", version=0))
+        out.append(
+            RolloutGroup(
+                prompt_id=f"p{j}",
+                prompt="x",
+                prompt_token_ids=torch.randint(3, 60, (8,), generator=gen).tolist(),
+                responses=["y"] * 4,
+                response_token_ids=toks,
+                response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
+                rewards=[float((i + j) % 3 == 0) for i in range(4)],
+                finish_reasons=["length"] * 4,
+                weights_id="bench",
+                version=0,
+            )
+        )
     return out
 
 
@@ -108,14 +126,25 @@ def rank_main(rank: int, world: int, folder: str, out: str, port: int, threads: 
     from oapl.objectives import build_objective
     from oapl.trainer.step import plan_step
 
-    over = {"output_dir": out, "model.name": folder, "model.logprob_chunk_size": 64, "optim.lr": 1e-5,
-            "optim.max_grad_norm": None, "algorithm.beta2": 0.1, "optim.micro_batch_size": 8, "threads": threads,
-            "distributed.backend": "ray", "distributed.trainer_workers": world, "distributed.parallel": "fsdp"}
+    over = {
+        "output_dir": out,
+        "model.name": folder,
+        "model.logprob_chunk_size": 64,
+        "optim.lr": 1e-5,
+        "optim.max_grad_norm": None,
+        "algorithm.beta2": 0.1,
+        "optim.micro_batch_size": 8,
+        "threads": threads,
+        "distributed.backend": "ray",
+        "distributed.trainer_workers": world,
+        "distributed.parallel": "fsdp",
+    }
     cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
     r = TrainerRank(cfg.model_dump(mode="json"), rank, world, threads)
     r.setup("127.0.0.1", port, None)
-    works, _ = plan_step(_groups(world), build_objective(cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches,
-                         world=world)
+    works, _ = plan_step(
+        _groups(world), build_objective(cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches, world=world
+    )
     t0 = time.time()
     r.train_step(works[rank])
     step_s = time.time() - t0
@@ -142,6 +171,7 @@ def rank_main(rank: int, world: int, folder: str, out: str, port: int, threads: 
                 return fn(*a, **k)
             finally:
                 boundary(name)
+
         return wrapper
 
     sharded.export_hf = timed(sharded.export_hf, "export")
@@ -155,10 +185,26 @@ def rank_main(rank: int, world: int, folder: str, out: str, port: int, threads: 
     phases["rest"] = _status("VmHWM")
     peak = max(phases.values())
     which = max(("export", "optim", "rest"), key=lambda k: phases[k])
-    q.put({"rank": rank, "world": world, "before": before, "peak": peak, "shard": shard, "params": params,
-           "grads": grads, "states": states, "layer": layer, "largest": largest, "export_peak": phases["export"],
-           "optim_peak": phases["optim"], "rest_peak": phases["rest"], "phase": which, "step_s": step_s,
-           "save_s": save_s})
+    q.put(
+        {
+            "rank": rank,
+            "world": world,
+            "before": before,
+            "peak": peak,
+            "shard": shard,
+            "params": params,
+            "grads": grads,
+            "states": states,
+            "layer": layer,
+            "largest": largest,
+            "export_peak": phases["export"],
+            "optim_peak": phases["optim"],
+            "rest_peak": phases["rest"],
+            "phase": which,
+            "step_s": step_s,
+            "save_s": save_s,
+        }
+    )
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -183,9 +229,11 @@ def run(world: int, folder: str, threads: int) -> list[dict]:
 
 
 def table(rows: list[dict], name: str) -> str:
-    lines = ["| shape | W | rank | RSS before | peak in save | extra | shard | layer | file limit | "
-             "extra / (0.2 shard + layer) | peak / (1.2 shard + layer) | extra in export / optim |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| shape | W | rank | RSS before | peak in save | extra | shard | layer | file limit | "
+        "extra / (0.2 shard + layer) | peak / (1.2 shard + layer) | extra in export / optim |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         extra = r["peak"] - r["before"]
         lines.append(
@@ -193,7 +241,8 @@ def table(rows: list[dict], name: str) -> str:
             f"{extra / MiB:,.0f} MiB | {r['shard'] / MiB:,.0f} MiB | {r['layer'] / MiB:,.0f} MiB | "
             f"{max(r['layer'], r['largest']) / MiB:,.0f} MiB | {extra / (0.2 * r['shard'] + r['layer']):.2f} | "
             f"{r['peak'] / (1.2 * r['shard'] + r['layer']):.2f} | "
-            f"{(r['export_peak'] - r['before']) / MiB:,.0f} / {(r['optim_peak'] - r['before']) / MiB:,.0f} MiB |")
+            f"{(r['export_peak'] - r['before']) / MiB:,.0f} / {(r['optim_peak'] - r['before']) / MiB:,.0f} MiB |"
+        )
     return "\n".join(lines)
 
 

@@ -43,17 +43,32 @@ from types import SimpleNamespace
 import torch
 
 QWEN3_1_7B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144,
-    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
 }
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--config", default=None, help="CUDA: a config.json to build a random-init model (default: Qwen3-1.7B shape)")
+    p.add_argument(
+        "--config", default=None, help="CUDA: a config.json to build a random-init model (default: Qwen3-1.7B shape)"
+    )
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 CUDA, 32 CPU)")
@@ -61,9 +76,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--median", type=float, default=None, help="median response length (default cap*1500/8192)")
     p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of response lengths")
     p.add_argument("--truncated", type=int, default=3, help="responses cut at the cap")
-    p.add_argument("--layouts", default="padded-global,padded,packed,packed-budget",
-                   help="comma list of padded-global, padded, packed, packed-budget (token budget = --budget), "
-                   "shared (packed, prompts shared by their group)")
+    p.add_argument(
+        "--layouts",
+        default="padded-global,padded,packed,packed-budget",
+        help="comma list of padded-global, padded, packed, packed-budget (token budget = --budget), "
+        "shared (packed, prompts shared by their group)",
+    )
     p.add_argument("--budget", type=int, default=None, help="max tokens per micro-batch (default: 2 x cap + prompt)")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch (padded/packed)")
     p.add_argument("--fixed", action="store_true", help="also run every response at the mean length")
@@ -82,8 +100,9 @@ def parse() -> argparse.Namespace:
 def lengths(a, rng: random.Random) -> list[int]:
     n = a.groups * a.group_size
     median = a.median or a.cap * 1500 / 8192
-    out = [min(a.cap, max(a.cap // 64, int(rng.lognormvariate(math.log(median), a.sigma))))
-           for _ in range(n - a.truncated)]
+    out = [
+        min(a.cap, max(a.cap // 64, int(rng.lognormvariate(math.log(median), a.sigma)))) for _ in range(n - a.truncated)
+    ]
     out += [a.cap] * a.truncated
     rng.shuffle(out)
     return out
@@ -96,12 +115,20 @@ def make_groups(a, lens: list[int], vocab: int, rng: random.Random):
     for gi in range(a.groups):
         ls = lens[gi * a.group_size : (gi + 1) * a.group_size]
         toks = [[rng.randrange(3, vocab) for _ in range(n)] for n in ls]
-        gs.append(RolloutGroup(
-            prompt_id=f"b{gi}", prompt="", prompt_token_ids=[rng.randrange(3, vocab) for _ in range(a.prompt)],
-            responses=[""] * len(ls), response_token_ids=toks,
-            response_logprobs=[[-math.log(vocab) + rng.uniform(-0.5, 0.5) for _ in range(n)] for n in ls],
-            rewards=[float(i % 3 == 0) for i in range(len(ls))],
-            finish_reasons=["length" if n == a.cap else "stop" for n in ls], weights_id="bench", version=0))
+        gs.append(
+            RolloutGroup(
+                prompt_id=f"b{gi}",
+                prompt="",
+                prompt_token_ids=[rng.randrange(3, vocab) for _ in range(a.prompt)],
+                responses=[""] * len(ls),
+                response_token_ids=toks,
+                response_logprobs=[[-math.log(vocab) + rng.uniform(-0.5, 0.5) for _ in range(n)] for n in ls],
+                rewards=[float(i % 3 == 0) for i in range(len(ls))],
+                finish_reasons=["length" if n == a.cap else "stop" for n in ls],
+                weights_id="bench",
+                version=0,
+            )
+        )
     return gs
 
 
@@ -190,14 +217,21 @@ def make_policy(a, model, tok, name: str, layout: str, device: torch.device):
     from oapl.config import load_config
     from oapl.trainer.policy import Policy
 
-    over = [f"model.name={name}", f"model.device={device.type}", f"model.compute_dtype={a.compute_dtype}",
-            f"model.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
-            f"model.compile={str(a.compile).lower()}", "model.logprob_chunk_size=1024",
-            "optim.lr=1e-6", "algorithm.beta2=0.001", f"rollout.group_size={a.group_size}",
-            f"rollout.prompts_per_step={a.groups}",
-            f"optim.packing={str(layout.startswith('packed') or layout == 'shared').lower()}",
-            f"optim.share_prompts={'on' if layout == 'shared' else 'off'}",
-            f"optim.micro_batch_size={a.micro_batch if layout != 'packed-budget' else 1024}"]
+    over = [
+        f"model.name={name}",
+        f"model.device={device.type}",
+        f"model.compute_dtype={a.compute_dtype}",
+        f"model.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
+        f"model.compile={str(a.compile).lower()}",
+        "model.logprob_chunk_size=1024",
+        "optim.lr=1e-6",
+        "algorithm.beta2=0.001",
+        f"rollout.group_size={a.group_size}",
+        f"rollout.prompts_per_step={a.groups}",
+        f"optim.packing={str(layout.startswith('packed') or layout == 'shared').lower()}",
+        f"optim.share_prompts={'on' if layout == 'shared' else 'off'}",
+        f"optim.micro_batch_size={a.micro_batch if layout != 'packed-budget' else 1024}",
+    ]
     if layout == "packed-budget":
         over.append(f"optim.max_tokens_per_micro_batch={a.budget}")
     return Policy(load_config(None, over), total_steps=1000, model=model, tokenizer=tok)
@@ -213,7 +247,8 @@ def step(policy, groups, layout: str, device: torch.device) -> tuple[float, dict
 
         width = max(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
         step_mod.collate_auto = lambda seqs, packed, pad_token_id=0, share=None: collate(
-            seqs, False, pad_token_id, pad_to=width)
+            seqs, False, pad_token_id, pad_to=width
+        )
     try:
         sync(device)
         with MemorySampler(device) as mem:
@@ -247,14 +282,19 @@ def main() -> None:
     if a.fixed:
         mean = int(sum(lens) / len(lens))
         batches["fixed"] = make_groups(a, [mean] * len(lens), vocab, rng)
-    print(f"device={a.device} params={n_params / 1e6:.1f}M compute={a.compute_dtype} peak={peak:.2f} TFLOP/s "
-          f"(measured matmul) threads={torch.get_num_threads()}")
-    print(f"responses: n={len(lens)} mean={sum(lens) / len(lens):.0f} cap={a.cap} prompt={a.prompt} "
-          f"sorted={sorted(lens)}")
+    print(
+        f"device={a.device} params={n_params / 1e6:.1f}M compute={a.compute_dtype} peak={peak:.2f} TFLOP/s "
+        f"(measured matmul) threads={torch.get_num_threads()}"
+    )
+    print(
+        f"responses: n={len(lens)} mean={sum(lens) / len(lens):.0f} cap={a.cap} prompt={a.prompt} sorted={sorted(lens)}"
+    )
     results = []
     layouts = a.layouts.split(",")
-    print(f"{'batch':9s} {'layout':14s} {'step_s':>8s} {'seq_tok/s':>13s} {'eff_MFU':>8s} {'padding':>8s} "
-          f"{'peak_mem':>9s}")
+    print(
+        f"{'batch':9s} {'layout':14s} {'step_s':>8s} {'seq_tok/s':>13s} {'eff_MFU':>8s} {'padding':>8s} "
+        f"{'peak_mem':>9s}"
+    )
     for bname, groups in batches.items():
         useful = sum(len(g.prompt_token_ids) + len(r) for g in groups for r in g.response_token_ids)
         distinct = sum(len(g.prompt_token_ids) + sum(map(len, g.response_token_ids)) for g in groups)
@@ -270,23 +310,39 @@ def main() -> None:
                     best[lay] = (dt, m, max(gib, best.get(lay, (0, 0, 0.0))[2]))
         for lay in layouts:
             dt, m, gib = best[lay]
-            r = {"batch": bname, "layout": lay, "packing_active": policies[lay].packing, "step_s": dt,
-                 "useful_tokens": useful, "useful_tok_per_s": useful / dt, "padding_frac": m["padding_frac"],
-                 "peak_mem_gib": gib, "loss": m["loss"],
-                 "eff_mfu": 6 * n_params * (distinct if lay == "shared" else useful) / dt / (peak * 1e12)}
+            r = {
+                "batch": bname,
+                "layout": lay,
+                "packing_active": policies[lay].packing,
+                "step_s": dt,
+                "useful_tokens": useful,
+                "useful_tok_per_s": useful / dt,
+                "padding_frac": m["padding_frac"],
+                "peak_mem_gib": gib,
+                "loss": m["loss"],
+                "eff_mfu": 6 * n_params * (distinct if lay == "shared" else useful) / dt / (peak * 1e12),
+            }
             results.append(r)
-            print(f"{bname:9s} {lay:14s} {dt:8.3f} {r['useful_tok_per_s']:13.1f} {r['eff_mfu']:8.3f} "
-                  f"{r['padding_frac']:8.3f} {gib:6.2f} GiB", flush=True)
+            print(
+                f"{bname:9s} {lay:14s} {dt:8.3f} {r['useful_tok_per_s']:13.1f} {r['eff_mfu']:8.3f} "
+                f"{r['padding_frac']:8.3f} {gib:6.2f} GiB",
+                flush=True,
+            )
         del policies
     base = {r["batch"]: r for r in results if r["layout"] == layouts[0]}
     for r in results:
         if r["layout"] != layouts[0] and r["batch"] in base:
-            print(f"{r['batch']} {r['layout']}: {r['useful_tok_per_s'] / base[r['batch']]['useful_tok_per_s']:.2f}x "
-                  f"the {layouts[0]} path's useful tokens/s")
+            print(
+                f"{r['batch']} {r['layout']}: {r['useful_tok_per_s'] / base[r['batch']]['useful_tok_per_s']:.2f}x "
+                f"the {layouts[0]} path's useful tokens/s"
+            )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "peak_tflops": peak, "n_params": n_params, "lengths": lens,
-                       "results": results}, f, indent=2)
+            json.dump(
+                {"args": vars(a), "peak_tflops": peak, "n_params": n_params, "lengths": lens, "results": results},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

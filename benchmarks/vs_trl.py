@@ -61,16 +61,31 @@ def _peak_memory_mib() -> tuple[float, str]:
 
 def _oapl_overrides(a, out: str, algorithm: str, asynchronous: bool, engine: str) -> list[str]:
     return [
-        f"output_dir={out}", f"seed={a.seed}", f"steps={a.warmup + a.steps}", f"threads={a.threads}",
-        f"model.name={a.model}", f"sampling.temperature={a.temperature}", "sampling.top_p=1.0",
-        f"sampling.max_tokens={a.max_tokens}", "task.name=arithmetic", f"task.max_operand={a.max_operand}",
-        f"algorithm.name={algorithm}", f"rollout.group_size={a.group_size}",
-        f"rollout.prompts_per_step={a.prompts}", f"rollout.prompts_per_generate={a.prompts}",
-        f"rollout.sync_interval={a.sync_interval}", f"rollout.asynchronous={str(asynchronous).lower()}",
+        f"output_dir={out}",
+        f"seed={a.seed}",
+        f"steps={a.warmup + a.steps}",
+        f"threads={a.threads}",
+        f"model.name={a.model}",
+        f"sampling.temperature={a.temperature}",
+        "sampling.top_p=1.0",
+        f"sampling.max_tokens={a.max_tokens}",
+        "task.name=arithmetic",
+        f"task.max_operand={a.max_operand}",
+        f"algorithm.name={algorithm}",
+        f"rollout.group_size={a.group_size}",
+        f"rollout.prompts_per_step={a.prompts}",
+        f"rollout.prompts_per_generate={a.prompts}",
+        f"rollout.sync_interval={a.sync_interval}",
+        f"rollout.asynchronous={str(asynchronous).lower()}",
         f"rollout.buffer_groups={2 * a.prompts}",
-        f"optim.lr={a.lr}", f"optim.micro_batch_size={a.prompts * a.group_size}",
-        f"engine.kind={engine}", f"engine.max_batch_size={a.prompts * a.group_size}",
-        "eval.at_start=false", "eval.at_end=false", "logging.progress=false", "checkpoint.save_final=false",
+        f"optim.lr={a.lr}",
+        f"optim.micro_batch_size={a.prompts * a.group_size}",
+        f"engine.kind={engine}",
+        f"engine.max_batch_size={a.prompts * a.group_size}",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "logging.progress=false",
+        "checkpoint.save_final=false",
     ]
 
 
@@ -94,25 +109,38 @@ def run_oapl(a, side: str) -> dict:
             rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
             st = trainer.rollout.stats
             rows = [r for r in rows if "loss" in r]
-            timed = rows[a.warmup:]
+            timed = rows[a.warmup :]
             t0 = rows[a.warmup - 1]["elapsed_s"] if a.warmup else 0.0
             wall = timed[-1]["elapsed_s"] - t0
             tokens = sum(r["response_len_mean"] * a.prompts * a.group_size for r in timed)
             train_s = sum(r["train_seconds"] for r in timed)
             sync_s = sum(r.get("sync_seconds", 0.0) for r in timed)
-            breakdown = {"generation_s_all_steps": st.gen_seconds, "reward_s_all_steps": st.reward_seconds,
-                         "train_step_s": train_s, "sync_s": sync_s, "wall_s": wall,
-                         "generated_tokens_all_steps": st.gen_tokens}
+            breakdown = {
+                "generation_s_all_steps": st.gen_seconds,
+                "reward_s_all_steps": st.reward_seconds,
+                "train_step_s": train_s,
+                "sync_s": sync_s,
+                "wall_s": wall,
+                "generated_tokens_all_steps": st.gen_tokens,
+            }
             if a.profile and side in ("oapl-sync", "oapl-sync-vllm"):
                 breakdown.update(_profile_oapl(trainer, a))
         finally:
             trainer.close()
     mem, mem_kind = _peak_memory_mib()
-    return {"side": side, "steps": len(timed), "seconds_per_step": wall / len(timed),
-            "completion_tokens_per_s": tokens / wall, "completion_tokens_per_step": tokens / len(timed),
-            "reward_mean": sum(r["reward_mean"] for r in timed) / len(timed), "peak_memory_mib": mem,
-            "memory_kind": mem_kind, "load_s": load_s, "breakdown": breakdown,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "side": side,
+        "steps": len(timed),
+        "seconds_per_step": wall / len(timed),
+        "completion_tokens_per_s": tokens / wall,
+        "completion_tokens_per_step": tokens / len(timed),
+        "reward_mean": sum(r["reward_mean"] for r in timed) / len(timed),
+        "peak_memory_mib": mem,
+        "memory_kind": mem_kind,
+        "load_s": load_s,
+        "breakdown": breakdown,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _profile_oapl(trainer, a) -> dict:
@@ -122,7 +150,9 @@ def _profile_oapl(trainer, a) -> dict:
     from oapl.rollout.buffer import RolloutBuffer
 
     p = trainer.cfg.rollout.prompts_per_step
-    trainer.buffer = trainer.rollout.buffer = RolloutBuffer(4 * p, trainer.backend.engine.version, 0)  # train() closed its own
+    trainer.buffer = trainer.rollout.buffer = RolloutBuffer(
+        4 * p, trainer.backend.engine.version, 0
+    )  # train() closed its own
     t = time.perf_counter()
     trainer.rollout.fill(p)
     gen = time.perf_counter() - t
@@ -154,11 +184,23 @@ def _profile_oapl(trainer, a) -> dict:
         policy.train_step(groups)
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ops) or 1.0
-    top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000, "share": e.self_cpu_time_total / total,
-            "calls": e.count} for e in ops[:12]]
-    return {"profile_generation_s": gen, "profile_train_step_s": train, "profile_optimizer_s": opt_t["s"],
-            "profile_forward_backward_s": train - opt_t["s"], "profile_weight_sync_s": sync,
-            "profile_top_ops_train_step": top}
+    top = [
+        {
+            "op": e.key,
+            "self_cpu_ms": e.self_cpu_time_total / 1000,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in ops[:12]
+    ]
+    return {
+        "profile_generation_s": gen,
+        "profile_train_step_s": train,
+        "profile_optimizer_s": opt_t["s"],
+        "profile_forward_backward_s": train - opt_t["s"],
+        "profile_weight_sync_s": sync,
+        "profile_top_ops_train_step": top,
+    }
 
 
 def run_trl(a) -> dict:
@@ -177,9 +219,18 @@ def run_trl(a) -> dict:
     path = resolve_model_path(a.model)
     train, _ = arithmetic_examples(TaskConfig(max_operand=a.max_operand), a.seed)
     n_rows = a.prompts * (a.warmup + a.steps + 2)
-    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": ARITHMETIC_SYSTEM_PROMPT},
-                                        {"role": "user", "content": ex["prompt"]}], "answer": ex["answer"]}
-                            for ex in train[:n_rows]])
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [
+                    {"role": "system", "content": ARITHMETIC_SYSTEM_PROMPT},
+                    {"role": "user", "content": ex["prompt"]},
+                ],
+                "answer": ex["answer"],
+            }
+            for ex in train[:n_rows]
+        ]
+    )
 
     def reward(prompts, completions, answer, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -190,12 +241,31 @@ def run_trl(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
-            output_dir=out, max_steps=a.warmup + a.steps, per_device_train_batch_size=a.prompts * a.group_size,
-            gradient_accumulation_steps=1, num_generations=a.group_size, max_completion_length=a.max_tokens,
-            temperature=a.temperature, top_p=1.0, learning_rate=a.lr, lr_scheduler_type="constant",
-            adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, beta=0.0, loss_type="grpo", num_iterations=1,
-            logging_steps=1, save_strategy="no", report_to="none", seed=a.seed, bf16=False, fp16=False,
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+            output_dir=out,
+            max_steps=a.warmup + a.steps,
+            per_device_train_batch_size=a.prompts * a.group_size,
+            gradient_accumulation_steps=1,
+            num_generations=a.group_size,
+            max_completion_length=a.max_tokens,
+            temperature=a.temperature,
+            top_p=1.0,
+            learning_rate=a.lr,
+            lr_scheduler_type="constant",
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            beta=0.0,
+            loss_type="grpo",
+            num_iterations=1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=a.seed,
+            bf16=False,
+            fp16=False,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            disable_tqdm=True,
             use_vllm=False,
         )
         stamps: list[float] = []
@@ -216,8 +286,9 @@ def run_trl(a) -> dict:
                     logs_list.append(logs_copy)
 
         logs_list = logs
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
-                              processing_class=tok, callbacks=[Clock()])
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
+        )
         load_s = time.perf_counter() - t_load
         trainer.train()
     # stamps[0] = first step begin, stamps[i] = end of step i
@@ -228,11 +299,19 @@ def run_trl(a) -> dict:
     mem, mem_kind = _peak_memory_mib()
     import trl
 
-    return {"side": "trl", "trl_version": trl.__version__, "steps": len(stamps) - 1 - a.warmup,
-            "seconds_per_step": wall / a.steps, "completion_tokens_per_s": tokens / wall,
-            "completion_tokens_per_step": tokens / max(1, len(timed)),
-            "reward_mean": sum(r["reward"] for r in timed) / max(1, len(timed)), "peak_memory_mib": mem,
-            "memory_kind": mem_kind, "load_s": load_s, "torch_threads": torch.get_num_threads()}
+    return {
+        "side": "trl",
+        "trl_version": trl.__version__,
+        "steps": len(stamps) - 1 - a.warmup,
+        "seconds_per_step": wall / a.steps,
+        "completion_tokens_per_s": tokens / wall,
+        "completion_tokens_per_step": tokens / max(1, len(timed)),
+        "reward_mean": sum(r["reward"] for r in timed) / max(1, len(timed)),
+        "peak_memory_mib": mem,
+        "memory_kind": mem_kind,
+        "load_s": load_s,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,17 +321,23 @@ def run_trl(a) -> dict:
 
 def _table(results: list[dict], ref: str = "trl") -> str:
     refs = [r for r in results if r["side"].split(" ")[0] == ref and "error" not in r]
-    base = ({"completion_tokens_per_s": sum(r["completion_tokens_per_s"] for r in refs) / len(refs)}
-            if refs else None)  # the mean of the TRL rows when TRL ran more than once (load drift)
-    lines = ["| side | s / step | completion tokens / s | vs TRL (throughput) | peak memory (MiB) | "
-             "completion tokens / step | train reward |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    base = (
+        {"completion_tokens_per_s": sum(r["completion_tokens_per_s"] for r in refs) / len(refs)} if refs else None
+    )  # the mean of the TRL rows when TRL ran more than once (load drift)
+    lines = [
+        "| side | s / step | completion tokens / s | vs TRL (throughput) | peak memory (MiB) | "
+        "completion tokens / step | train reward |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['side']} | failed: {r['error'][:80]} | | | | | |")
             continue
-        ratio = (f"{r['completion_tokens_per_s'] / base['completion_tokens_per_s']:.2f}x" if base else "–")
-        lines.append(f"| {r['side']} | {r['seconds_per_step']:.2f} | {r['completion_tokens_per_s']:.1f} | {ratio} | "
-                     f"{r['peak_memory_mib']:.0f} | {r['completion_tokens_per_step']:.0f} | {r['reward_mean']:.3f} |")
+        ratio = f"{r['completion_tokens_per_s'] / base['completion_tokens_per_s']:.2f}x" if base else "–"
+        lines.append(
+            f"| {r['side']} | {r['seconds_per_step']:.2f} | {r['completion_tokens_per_s']:.1f} | {ratio} | "
+            f"{r['peak_memory_mib']:.0f} | {r['completion_tokens_per_step']:.0f} | {r['reward_mean']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -269,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "auto"],
-                   help="oapl's inference engine")
+    p.add_argument(
+        "--engine", default="transformers", choices=["transformers", "vllm", "auto"], help="oapl's inference engine"
+    )
     p.add_argument("--sync-interval", type=int, default=50, help="oapl: L")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="add a phase breakdown and top operators for oapl-sync")
@@ -292,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, side in enumerate(sides):
         t = time.perf_counter()
         cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--child", side]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -300,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(proc.stderr[-4000:])
             results.append({"side": side, "error": err})
             continue
-        res = json.loads(line[len("RESULT "):])
+        res = json.loads(line[len("RESULT ") :])
         res["child_wall_s"] = time.perf_counter() - t
         if sides[:i].count(side):
             res["side"] = f"{side} ({sides[:i].count(side) + 1})"
@@ -309,23 +397,35 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         results.append(res)
-        print(f"[{side}] {res['seconds_per_step']:.2f} s/step, {res['completion_tokens_per_s']:.1f} completion tok/s, "
-              f"peak {res['peak_memory_mib']:.0f} MiB", file=sys.stderr, flush=True)
+        print(
+            f"[{side}] {res['seconds_per_step']:.2f} s/step, {res['completion_tokens_per_s']:.1f} completion tok/s, "
+            f"peak {res['peak_memory_mib']:.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
     import torch
 
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average_end": load, "args": vars(a)}
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_end": load,
+        "args": vars(a),
+    }
     print(_table(results))
     for r in results:
         b = r.get("breakdown")
         if b and "profile_top_ops_train_step" in b:
-            print(f"\n{r['side']} profile of one step: generation {b['profile_generation_s']:.2f} s, "
-                  f"trainer forward/backward {b['profile_forward_backward_s']:.2f} s, optimiser "
-                  f"{b['profile_optimizer_s']:.2f} s, weight sync {b['profile_weight_sync_s']:.2f} s")
+            print(
+                f"\n{r['side']} profile of one step: generation {b['profile_generation_s']:.2f} s, "
+                f"trainer forward/backward {b['profile_forward_backward_s']:.2f} s, optimiser "
+                f"{b['profile_optimizer_s']:.2f} s, weight sync {b['profile_weight_sync_s']:.2f} s"
+            )
             for op in b["profile_top_ops_train_step"]:
                 print(f"  {op['op']:45s} {op['self_cpu_ms']:9.1f} ms  {100 * op['share']:5.1f}%  x{op['calls']}")
     if a.json:

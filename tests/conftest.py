@@ -33,8 +33,9 @@ def build_char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
-                                   bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     fast.add_special_tokens({"additional_special_tokens": specials})
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -44,9 +45,19 @@ def build_tiny_model(vocab_size: int, seed: int = 0, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -82,17 +93,29 @@ def prompts_file(tmp_path):
 
 
 TINY_RUN = {
-    "seed": 0, "steps": 6, "threads": 2,
+    "seed": 0,
+    "steps": 6,
+    "threads": 2,
     "model.logprob_chunk_size": 16,
-    "sampling.max_tokens": 6, "sampling.temperature": 1.0,
+    "sampling.max_tokens": 6,
+    "sampling.temperature": 1.0,
     "engine.kind": "transformers",
-    "task.name": "dataset", "task.columns": {"prompt": "question", "prompt_id": "id"},
-    "task.reward": "toy_rewards:digit_fraction", "task.system_prompt": None,
-    "rollout.group_size": 4, "rollout.prompts_per_step": 4, "rollout.prompts_per_generate": 4,
-    "rollout.sync_interval": 2, "rollout.asynchronous": False, "rollout.buffer_groups": 16,
-    "optim.lr": 1e-2, "optim.micro_batch_size": 16,
-    "eval.at_start": False, "eval.at_end": False,
-    "logging.progress": False, "checkpoint.save_final": False,
+    "task.name": "dataset",
+    "task.columns": {"prompt": "question", "prompt_id": "id"},
+    "task.reward": "toy_rewards:digit_fraction",
+    "task.system_prompt": None,
+    "rollout.group_size": 4,
+    "rollout.prompts_per_step": 4,
+    "rollout.prompts_per_generate": 4,
+    "rollout.sync_interval": 2,
+    "rollout.asynchronous": False,
+    "rollout.buffer_groups": 16,
+    "optim.lr": 1e-2,
+    "optim.micro_batch_size": 16,
+    "eval.at_start": False,
+    "eval.at_end": False,
+    "logging.progress": False,
+    "checkpoint.save_final": False,
 }
 
 
@@ -101,8 +124,7 @@ def tiny_config(tiny_model_dir, prompts_file, out, **over):
     4 prompts x 4 responses of <= 6 tokens. ``over`` are dotted ``key: value`` overrides."""
     from oapl.config import load_config
 
-    tree = {"output_dir": str(out), "model.name": tiny_model_dir, "task.dataset": str(prompts_file),
-            **TINY_RUN, **over}
+    tree = {"output_dir": str(out), "model.name": tiny_model_dir, "task.dataset": str(prompts_file), **TINY_RUN, **over}
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in tree.items()])
 
 
@@ -127,8 +149,11 @@ def _measured(item, phase: str):
     result = yield
     wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
     if min(wall, cpu) > DURATION_LIMIT_S and item.get_closest_marker("slow") is None:
-        pytest.fail(f"unmarked test {phase} took {wall:.1f} s wall and {cpu:.1f} s CPU (limit "
-                    f"{DURATION_LIMIT_S:g} s): mark it @pytest.mark.slow or make it faster", pytrace=False)
+        pytest.fail(
+            f"unmarked test {phase} took {wall:.1f} s wall and {cpu:.1f} s CPU (limit "
+            f"{DURATION_LIMIT_S:g} s): mark it @pytest.mark.slow or make it faster",
+            pytrace=False,
+        )
     return result
 
 

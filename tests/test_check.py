@@ -14,10 +14,17 @@ from oapl.data.rollouts import RolloutGroup, write_rollouts
 
 def _yaml(tmp_path, tiny_model_dir, prompts_file, **over):
     cfg = {
-        "output_dir": str(tmp_path / "run"), "steps": 10, "model": {"name": tiny_model_dir},
+        "output_dir": str(tmp_path / "run"),
+        "steps": 10,
+        "model": {"name": tiny_model_dir},
         "sampling": {"temperature": 1.0, "max_tokens": 6},
-        "task": {"name": "dataset", "dataset": str(prompts_file), "eval_dataset": str(prompts_file),
-                 "reward": "toy_rewards:has_seven", "columns": {"prompt": "question", "prompt_id": "id"}},
+        "task": {
+            "name": "dataset",
+            "dataset": str(prompts_file),
+            "eval_dataset": str(prompts_file),
+            "reward": "toy_rewards:has_seven",
+            "columns": {"prompt": "question", "prompt_id": "id"},
+        },
         "algorithm": {"mini_batches": 2},
         "rollout": {"group_size": 2, "prompts_per_step": 4, "sync_interval": 5},
         "engine": {"kind": "transformers", "max_model_len": 200},
@@ -67,8 +74,10 @@ def test_token_budget_defects(tmp_path, tiny_model_dir, prompts_file, capsys):
     path = _yaml(tmp_path, tiny_model_dir, prompts_file, **{"engine.max_model_len": 29})
     lines = _lines(capsys, ["check", str(path), "--rows", "2"])
     assert len(lines) == 2
-    assert lines[0].startswith("train row 0 (prompt_id 'p0'): prompt of 24 tokens + sampling.max_tokens=6 = 30 "
-                                "tokens > engine.max_model_len=29")
+    assert lines[0].startswith(
+        "train row 0 (prompt_id 'p0'): prompt of 24 tokens + sampling.max_tokens=6 = 30 "
+        "tokens > engine.max_model_len=29"
+    )
     assert lines[0].endswith("(39 more train row(s) do not fit either; the longest is row 10 with 25 tokens)")
     assert lines[1].startswith("eval row 0 (prompt_id 'p0'): prompt of 24 tokens + sampling.max_tokens=6 = 30")
 
@@ -83,31 +92,55 @@ def test_top_p_and_missing_data_defects(tmp_path, tiny_model_dir, prompts_file, 
 
 def test_unparseable_math_answer(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "math.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"q{i}", "answer": a}) + "\n"
-                            for i, a in enumerate(["4", "??", "\\frac{1}{2}"])))
-    path = _yaml(tmp_path, tiny_model_dir, data, **{
-        "task": {"name": "math", "dataset": str(data), "columns": {"prompt": "problem"}}})
+    data.write_text(
+        "".join(json.dumps({"problem": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(["4", "??", "\\frac{1}{2}"]))
+    )
+    path = _yaml(
+        tmp_path,
+        tiny_model_dir,
+        data,
+        **{"task": {"name": "math", "dataset": str(data), "columns": {"prompt": "problem"}}},
+    )
     lines = _lines(capsys, ["check", str(path)])
-    assert lines == ["task.dataset row 1 (prompt_id 'math-1'): answer '??' does not parse as a math expression "
-                     "(math-verify keeps at most its raw text), so a correct response in another form would score 0"]
+    assert lines == [
+        "task.dataset row 1 (prompt_id 'math-1'): answer '??' does not parse as a math expression "
+        "(math-verify keeps at most its raw text), so a correct response in another form would score 0"
+    ]
 
 
 def test_offline_data_sampled_otherwise(tmp_path, tiny_model_dir, prompts_file, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    write_rollouts([RolloutGroup(prompt_id="p0", prompt="p", prompt_token_ids=[1], responses=["a"],
-                                 response_token_ids=[[2]], response_logprobs=[[-0.1]], rewards=[1.0],
-                                 finish_reasons=["stop"], weights_id=tiny_model_dir, version=0,
-                                 sampling={"temperature": 0.7, "top_p": 1.0})], data / "part-00000.parquet")
+    write_rollouts(
+        [
+            RolloutGroup(
+                prompt_id="p0",
+                prompt="p",
+                prompt_token_ids=[1],
+                responses=["a"],
+                response_token_ids=[[2]],
+                response_logprobs=[[-0.1]],
+                rewards=[1.0],
+                finish_reasons=["stop"],
+                weights_id=tiny_model_dir,
+                version=0,
+                sampling={"temperature": 0.7, "top_p": 1.0},
+            )
+        ],
+        data / "part-00000.parquet",
+    )
     path = _yaml(tmp_path, tiny_model_dir, prompts_file, **{"offline.data": str(data)})
     lines = _lines(capsys, ["check", str(path)])
     assert len(lines) == 1
-    assert "1 of 1 groups were sampled with temperature=0.7 (e.g. prompt_id 'p0') but sampling.temperature is 1.0" \
+    assert (
+        "1 of 1 groups were sampled with temperature=0.7 (e.g. prompt_id 'p0') but sampling.temperature is 1.0"
         in lines[0]
+    )
 
 
-@pytest.mark.parametrize("name", ["arithmetic_cpu", "two_stage_cpu", "code_cpu",
-                                  pytest.param("compare_cpu", marks=pytest.mark.slow)])  # imports vLLM: 8 s
+@pytest.mark.parametrize(
+    "name", ["arithmetic_cpu", "two_stage_cpu", "code_cpu", pytest.param("compare_cpu", marks=pytest.mark.slow)]
+)  # imports vLLM: 8 s
 def test_shipped_local_configs_pass(name, monkeypatch):
     """The shipped configs that need no Hub access pass (the GPU ones are validated in test_paper_configs)."""
     from pathlib import Path
@@ -136,7 +169,8 @@ def test_gpu_flags_plan_per_rank_and_bad_sizes_name_the_flag(tmp_path, tiny_mode
     env = res.plan["environment"]
     assert {"gpus_here", "vllm", "disk", "host_ram"} <= set(env) and "checkpoints need" in env["disk"]
     assert run_check(path, gpu_memory="lots").problems == [
-        "--gpu-memory: cannot read 'lots' as a memory size (e.g. 80GiB, 80GB, 141e9)"]
+        "--gpu-memory: cannot read 'lots' as a memory size (e.g. 80GiB, 80GB, 141e9)"
+    ]
     # a GPU the model's state cannot fit: exit 2, naming memory and what would fit
     assert main(["check", str(path), "--gpus", "1", "--gpu-memory", "100KB"]) == 2
     out = capsys.readouterr().out
@@ -146,10 +180,19 @@ def test_gpu_flags_plan_per_rank_and_bad_sizes_name_the_flag(tmp_path, tiny_mode
 def test_what_the_trainer_ranks_refuse_is_a_problem_line(tmp_path, tiny_model_dir, prompts_file):
     """A Ray config the trainer ranks would refuse at start-up (FSDP2 with LoRA) is refused here, naming
     the fields, instead of being called ready."""
-    path = _yaml(tmp_path, tiny_model_dir, prompts_file, **{
-        "distributed.backend": "ray", "distributed.trainer_workers": 2, "distributed.parallel": "fsdp",
-        "model.lora": {"enabled": True}})
+    path = _yaml(
+        tmp_path,
+        tiny_model_dir,
+        prompts_file,
+        **{
+            "distributed.backend": "ray",
+            "distributed.trainer_workers": 2,
+            "distributed.parallel": "fsdp",
+            "model.lora": {"enabled": True},
+        },
+    )
     res = run_check(path, hub=False)
     assert not res.ok
-    assert any(p.startswith("distributed.parallel=fsdp with model.lora.enabled=true") for p in res.problems), \
+    assert any(p.startswith("distributed.parallel=fsdp with model.lora.enabled=true") for p in res.problems), (
         res.problems
+    )

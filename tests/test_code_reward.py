@@ -35,13 +35,7 @@ from oapl.rewards.code import (
     make_code_reward,
     parse_tests,
 )
-from oapl.rewards.sandbox import (
-    ProgramJob,
-    SandboxConfig,
-    SandboxRunner,
-    SandboxUnavailableError,
-    probe_namespaces,
-)
+from oapl.rewards.sandbox import ProgramJob, SandboxConfig, SandboxRunner, SandboxUnavailableError, probe_namespaces
 from oapl.rewards.sandbox import runner as runner_mod
 
 FIXTURE = Path(__file__).parent / "fixtures" / "code_problems.jsonl"
@@ -64,8 +58,12 @@ def problems():
 
 
 def call(reward_fn, rows, completions):
-    return reward_fn(prompts=[r["prompt"] for r in rows], completions=completions,
-                     tests=[r["tests"] for r in rows], metadata=[r["metadata"] for r in rows])
+    return reward_fn(
+        prompts=[r["prompt"] for r in rows],
+        completions=completions,
+        tests=[r["tests"] for r in rows],
+        metadata=[r["metadata"] for r in rows],
+    )
 
 
 # --------------------------------------------------------------------------- extraction
@@ -211,10 +209,15 @@ def test_missing_or_bad_columns_never_raise(reward):
 def test_trl_calling_convention_and_conversational_completions(reward, problems):
     rows = problems[:2]
     completions = [[{"role": "assistant", "content": fenced(r["solution"])}] for r in rows]
-    scores = reward(prompts=[[{"role": "user", "content": r["prompt"]}] for r in rows],
-                    completions=completions, completion_ids=[[1], [2]],
-                    tests=[r["tests"] for r in rows], metadata=[r["metadata"] for r in rows],
-                    trainer_state=None, solution=[r["solution"] for r in rows])
+    scores = reward(
+        prompts=[[{"role": "user", "content": r["prompt"]}] for r in rows],
+        completions=completions,
+        completion_ids=[[1], [2]],
+        tests=[r["tests"] for r in rows],
+        metadata=[r["metadata"] for r in rows],
+        trainer_state=None,
+        solution=[r["solution"] for r in rows],
+    )
     assert scores == [1.0, 1.0] and all(isinstance(s, float) for s in scores)
 
 
@@ -238,11 +241,12 @@ def test_batch_results_stay_aligned_and_deterministic(problems):
 
 def test_programs_are_deterministic(reward):
     # random, hash-ordered sets of strings: same program + input => same output.
-    code = ("import random\nwords = {'alpha','beta','gamma','delta','omega'}\n"
-            "print(random.randint(0, 10**9), ' '.join(words))\n")
+    code = (
+        "import random\nwords = {'alpha','beta','gamma','delta','omega'}\n"
+        "print(random.randint(0, 10**9), ' '.join(words))\n"
+    )
     runner = SandboxRunner(CFG)
-    outs = {runner.run(ProgramJob(code=code, mode="stdin", inputs=[""])).runs[0].stdout
-            for _ in range(3)}
+    outs = {runner.run(ProgramJob(code=code, mode="stdin", inputs=[""])).runs[0].stdout for _ in range(3)}
     assert len(outs) == 1 and outs.pop().strip()
 
 
@@ -262,8 +266,9 @@ def test_competitive_programming_idioms(reward):
         # LiveCodeBench import header: names usable without imports
         "print(reduce(lambda a, b: a + b, [int(input())] * 2))\n",
     ]
-    scores = reward(prompts=[""] * len(programs), completions=[fenced(p) for p in programs],
-                    tests=[tests] * len(programs))
+    scores = reward(
+        prompts=[""] * len(programs), completions=[fenced(p) for p in programs], tests=[tests] * len(programs)
+    )
     assert scores == [1.0] * len(programs)
 
 
@@ -378,8 +383,14 @@ def test_unprivileged_trainer_uses_a_user_namespace():
     # A checkout under a private folder (e.g. `mktemp -d`, mode 0700) is invisible to that user: then
     # the import fails with ModuleNotFoundError, not "Permission denied", so ask the user first.
     init = SRC / "oapl" / "__init__.py"
-    probe = subprocess.run(as_nobody + ["-c", f"import os, sys; sys.exit(0 if os.access({str(init)!r}, os.R_OK) else 3)"],
-                           capture_output=True, text=True, timeout=60, cwd="/", env=env)
+    probe = subprocess.run(
+        as_nobody + ["-c", f"import os, sys; sys.exit(0 if os.access({str(init)!r}, os.R_OK) else 3)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        env=env,
+    )
     if probe.returncode != 0:
         pytest.skip(f"an unprivileged user cannot read {init} here (rc {probe.returncode}) {probe.stderr[-200:]}")
     script = (
@@ -390,12 +401,12 @@ def test_unprivileged_trainer_uses_a_user_namespace():
         "facts = probe_namespaces(cfg)\n"
         "out = {'facts': facts}\n"
         "if facts['ok']:\n"
-        "    code = (\"import os, socket\\n\"\n"
+        '    code = ("import os, socket\\n"\n'
         "            \"caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0]\\n\"\n"
         "            \"try:\\n    socket.create_connection(('127.0.0.1', 9), timeout=1); net = 'open'\\n\"\n"
-        "            \"except OSError as e:\\n    net = str(e.errno)\\n\"\n"
-        "            \"import ctypes\\nuserns = ctypes.CDLL(None).unshare(0x10000000)\\n\"\n"
-        "            \"print(caps.split()[1], net, userns, int(input()) * 2)\\n\")\n"
+        '            "except OSError as e:\\n    net = str(e.errno)\\n"\n'
+        '            "import ctypes\\nuserns = ctypes.CDLL(None).unshare(0x10000000)\\n"\n'
+        '            "print(caps.split()[1], net, userns, int(input()) * 2)\\n")\n'
         "    res = SandboxRunner(cfg).run(ProgramJob(code=code, mode='stdin', inputs=['21\\n']))\n"
         "    out['run'] = [res.runs[0].status, res.runs[0].stdout]\n"
         "else:\n"
@@ -403,7 +414,8 @@ def test_unprivileged_trainer_uses_a_user_namespace():
         "        SandboxRunner(cfg).isolation_mode()\n"
         "    except Exception as exc:\n"
         "        out['error'] = str(exc)\n"
-        "print(json.dumps(out))\n")
+        "print(json.dumps(out))\n"
+    )
     proc = subprocess.run(as_nobody + ["-c", script], capture_output=True, text=True, timeout=60, cwd="/", env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -448,8 +460,11 @@ def test_load_deepcoder_hub_path(monkeypatch):
     import datasets
 
     calls = []
-    row = {"problem": "Print 1.", "tests": json.dumps([{"input": "", "output": "1", "testtype": "stdin"}]),
-           "metadata": "{}"}
+    row = {
+        "problem": "Print 1.",
+        "tests": json.dumps([{"input": "", "output": "1", "testtype": "stdin"}]),
+        "metadata": "{}",
+    }
 
     def fake_load_dataset(path, name=None, split=None, **kw):
         calls.append((path, name, split))
@@ -457,8 +472,9 @@ def test_load_deepcoder_hub_path(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = load_deepcoder("agentica-org/DeepCoder-Preview-Dataset", "train")
-    assert calls == [("agentica-org/DeepCoder-Preview-Dataset", s, "train")
-                     for s in ("primeintellect", "taco", "lcbv5")]
+    assert calls == [
+        ("agentica-org/DeepCoder-Preview-Dataset", s, "train") for s in ("primeintellect", "taco", "lcbv5")
+    ]
     assert len(rows) == 3 and rows[0]["metadata"]["source"] == "primeintellect"
     load_deepcoder("agentica-org/DeepCoder-Preview-Dataset", "test", subsets=["codeforces"])
     assert calls[-1] == ("agentica-org/DeepCoder-Preview-Dataset", "codeforces", "test")
@@ -472,18 +488,25 @@ def _write_lcb_fixture(path: Path, problems: list[dict]) -> None:
     lines = []
     for i, p in enumerate(problems):
         tests = p["tests"]
-        lines.append(json.dumps({
-            "question_title": f"p{i}", "question_content": p["prompt"].split("Question: ")[1],
-            "platform": "leetcode" if p["metadata"]["func_name"] else "atcoder",
-            "question_id": str(1000 + i), "contest_id": "c1",
-            "contest_date": f"2024-0{1 + i % 9}-15T00:00:00",
-            "starter_code": p["metadata"]["starter_code"] or "",
-            "difficulty": ["easy", "medium", "hard"][i % 3],
-            "public_test_cases": json.dumps(tests[:1]),
-            "private_test_cases": _lcb_encode(tests[1:]) if i % 2 else json.dumps(tests[1:]),
-            "metadata": json.dumps({"func_name": p["metadata"]["func_name"]}
-                                   if p["metadata"]["func_name"] else {}),
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "question_title": f"p{i}",
+                    "question_content": p["prompt"].split("Question: ")[1],
+                    "platform": "leetcode" if p["metadata"]["func_name"] else "atcoder",
+                    "question_id": str(1000 + i),
+                    "contest_id": "c1",
+                    "contest_date": f"2024-0{1 + i % 9}-15T00:00:00",
+                    "starter_code": p["metadata"]["starter_code"] or "",
+                    "difficulty": ["easy", "medium", "hard"][i % 3],
+                    "public_test_cases": json.dumps(tests[:1]),
+                    "private_test_cases": _lcb_encode(tests[1:]) if i % 2 else json.dumps(tests[1:]),
+                    "metadata": json.dumps(
+                        {"func_name": p["metadata"]["func_name"]} if p["metadata"]["func_name"] else {}
+                    ),
+                }
+            )
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -517,9 +540,14 @@ def test_load_livecodebench_hub_path(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_livecodebench("livecodebench/code_generation_lite", version_tag="release_v2") == []
-    assert seen == {"builder": "json", "split": "train", "data_files": [
-        "hf://datasets/livecodebench/code_generation_lite/test.jsonl",
-        "hf://datasets/livecodebench/code_generation_lite/test2.jsonl"]}
+    assert seen == {
+        "builder": "json",
+        "split": "train",
+        "data_files": [
+            "hf://datasets/livecodebench/code_generation_lite/test.jsonl",
+            "hf://datasets/livecodebench/code_generation_lite/test2.jsonl",
+        ],
+    }
     assert LCB_VERSION_FILES["v2_v4"] == ["test2.jsonl", "test3.jsonl", "test4.jsonl"]
     assert LCB_VERSION_FILES["release_v6"][-1] == "test6.jsonl"
     with pytest.raises(ValueError):

@@ -23,16 +23,29 @@ import pytest
 from oapl.rewards.code import evaluate_completions, make_code_reward
 from oapl.rewards.sandbox import ProgramJob, SandboxConfig, SandboxRunner, probe_namespaces
 
-CFG = SandboxConfig(timeout_s=1.0, total_deadline_s=6.0, memory_mb=384,
-                    max_output_bytes=64 << 10, max_processes=16, max_file_bytes=1 << 20,
-                    tmpfs_mb=8, workers=2)
+CFG = SandboxConfig(
+    timeout_s=1.0,
+    total_deadline_s=6.0,
+    memory_mb=384,
+    max_output_bytes=64 << 10,
+    max_processes=16,
+    max_file_bytes=1 << 20,
+    tmpfs_mb=8,
+    workers=2,
+)
 STDIN_TESTS = [{"input": "21\n", "output": "42\n", "testtype": "stdin"}]
 FUNC_TESTS = [{"input": "21", "output": "42", "testtype": "functional"}]
 FUNC_META = {"func_name": "double"}
 REPO = Path(__file__).resolve().parents[1]
-CANARIES = [Path("/etc/oapl_canary"), Path("/tmp/oapl_canary"), Path("/dev/shm/oapl_canary"),
-            Path("/var/tmp/oapl_canary"), Path("/root/oapl_canary"), REPO / "oapl_canary",
-            REPO / "src" / "oapl" / "oapl_canary"]
+CANARIES = [
+    Path("/etc/oapl_canary"),
+    Path("/tmp/oapl_canary"),
+    Path("/dev/shm/oapl_canary"),
+    Path("/var/tmp/oapl_canary"),
+    Path("/root/oapl_canary"),
+    REPO / "oapl_canary",
+    REPO / "src" / "oapl" / "oapl_canary",
+]
 
 pytestmark = pytest.mark.timeout(120)  # pytest-timeout (dev extra); each case takes seconds
 
@@ -41,8 +54,10 @@ def _namespaces_ok() -> bool:
     return bool(probe_namespaces(SandboxConfig())["ok"])
 
 
-requires_ns = pytest.mark.skipif(not _namespaces_ok(), reason="namespaces unavailable on this host "
-                                 "(the fail-closed path is tested in test_code_reward.py)")
+requires_ns = pytest.mark.skipif(
+    not _namespaces_ok(),
+    reason="namespaces unavailable on this host (the fail-closed path is tested in test_code_reward.py)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +160,16 @@ def host_intact():
 
 
 @requires_ns
-@pytest.mark.parametrize("code", [
-    "print(42, flush=True)\nwhile True:\n    pass",
-    "import time\nprint(42, flush=True)\ntime.sleep(1000)",
-    "import os, signal\nprint(42, flush=True)\nos.kill(os.getpid(), signal.SIGSTOP)",
-    "import threading\nprint(42, flush=True)\nthreading.Event().wait()",
-], ids=["busy-loop", "sleep", "sigstop-self", "block-forever"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "print(42, flush=True)\nwhile True:\n    pass",
+        "import time\nprint(42, flush=True)\ntime.sleep(1000)",
+        "import os, signal\nprint(42, flush=True)\nos.kill(os.getpid(), signal.SIGSTOP)",
+        "import threading\nprint(42, flush=True)\nthreading.Event().wait()",
+    ],
+    ids=["busy-loop", "sleep", "sigstop-self", "block-forever"],
+)
 def test_hangs_time_out(runner, code):
     reward, ev = score(runner, code)
     (run,) = ev.results[0].runs
@@ -164,28 +183,36 @@ def test_hangs_time_out(runner, code):
 
 @requires_ns
 def test_fork_bomb_is_contained(runner):
-    code = ("import os\nn = 0\nfor _ in range(10000):\n    try:\n        if os.fork() == 0:\n"
-            "            n = 0\n        else:\n            n += 1\n    except OSError:\n        break\n"
-            "print(42 if n > 100 else 0)")
+    code = (
+        "import os\nn = 0\nfor _ in range(10000):\n    try:\n        if os.fork() == 0:\n"
+        "            n = 0\n        else:\n            n += 1\n    except OSError:\n        break\n"
+        "print(42 if n > 100 else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0
 
 
 @requires_ns
 def test_thread_bomb_hits_process_limit(runner):
-    code = ("import threading, time\nn = 0\ntry:\n    for _ in range(1000):\n"
-            "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); n += 1\n"
-            "except RuntimeError:\n    pass\nprint(42 if n >= 100 else 0)")
+    code = (
+        "import threading, time\nn = 0\ntry:\n    for _ in range(1000):\n"
+        "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); n += 1\n"
+        "except RuntimeError:\n    pass\nprint(42 if n >= 100 else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0 and ev.results[0].runs[0].stdout.strip() == "0"
 
 
 @requires_ns
-@pytest.mark.parametrize("code", [
-    "try:\n    x = bytearray(3 << 30)\n    print(42)\nexcept MemoryError:\n    print(0)",
-    "a = []\nwhile True:\n    a.append(bytearray(10 ** 7))",
-    "import mmap\nm = mmap.mmap(-1, 2 << 30)\nm[-1:] = b'x'\nprint(42)",
-], ids=["huge-alloc", "grow-until-death", "mmap"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "try:\n    x = bytearray(3 << 30)\n    print(42)\nexcept MemoryError:\n    print(0)",
+        "a = []\nwhile True:\n    a.append(bytearray(10 ** 7))",
+        "import mmap\nm = mmap.mmap(-1, 2 << 30)\nm[-1:] = b'x'\nprint(42)",
+    ],
+    ids=["huge-alloc", "grow-until-death", "mmap"],
+)
 def test_memory_bombs_fail(runner, code):
     reward, _ = score(runner, code)
     assert reward == 0.0
@@ -196,12 +223,14 @@ def test_forked_memory_bomb_is_bounded_as_a_whole(runner):
     """rlimits are per process; the sandbox's cgroup bounds the sum (root hosts)."""
     if not runner.run(ProgramJob(code="print(1)", mode="stdin", inputs=[""])).isolation.get("cgroups"):
         pytest.skip("cgroups are not writable here: only per-process limits apply")
-    code = ("import os\nkids = []\nfor _ in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
-            "        try:\n            b = bytearray(300 << 20)\n            b[::4096] = b'x' * len(b[::4096])\n"
-            "        except MemoryError:\n            os._exit(3)\n        import time; time.sleep(0.5)\n"
-            "        os._exit(0)\n    kids.append(pid)\n"
-            "ok = sum(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) == 0 for k in kids)\n"
-            "print(42 if ok == 8 else 0)")
+    code = (
+        "import os\nkids = []\nfor _ in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
+        "        try:\n            b = bytearray(300 << 20)\n            b[::4096] = b'x' * len(b[::4096])\n"
+        "        except MemoryError:\n            os._exit(3)\n        import time; time.sleep(0.5)\n"
+        "        os._exit(0)\n    kids.append(pid)\n"
+        "ok = sum(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) == 0 for k in kids)\n"
+        "print(42 if ok == 8 else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0
 
@@ -224,18 +253,22 @@ def test_stderr_flood_is_bounded(runner):
 
 @requires_ns
 def test_disk_filling_is_limited(runner):
-    code = ("n = 0\ntry:\n    with open('big', 'wb') as f:\n        for _ in range(64):\n"
-            "            f.write(b'x' * (1 << 20)); f.flush(); n += 1\nexcept OSError:\n    pass\n"
-            "import os\nfiles = 0\ntry:\n    for i in range(100000):\n        open(f'f{i}', 'w').close(); files += 1\n"
-            "except OSError:\n    pass\nprint(42 if n >= 32 or files >= 100000 else 0)")
+    code = (
+        "n = 0\ntry:\n    with open('big', 'wb') as f:\n        for _ in range(64):\n"
+        "            f.write(b'x' * (1 << 20)); f.flush(); n += 1\nexcept OSError:\n    pass\n"
+        "import os\nfiles = 0\ntry:\n    for i in range(100000):\n        open(f'f{i}', 'w').close(); files += 1\n"
+        "except OSError:\n    pass\nprint(42 if n >= 32 or files >= 100000 else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0
 
 
 @requires_ns
 def test_file_descriptor_exhaustion(runner):
-    code = ("fs = []\ntry:\n    while True:\n        fs.append(open('/dev/null'))\nexcept OSError:\n    pass\n"
-            "print(42 if len(fs) > 1000 else 0)")
+    code = (
+        "fs = []\ntry:\n    while True:\n        fs.append(open('/dev/null'))\nexcept OSError:\n    pass\n"
+        "print(42 if len(fs) > 1000 else 0)"
+    )
     reward, _ = score(runner, code)
     assert reward == 0.0
 
@@ -246,11 +279,13 @@ def test_file_descriptor_exhaustion(runner):
 @requires_ns
 def test_writes_outside_the_sandbox_fail(runner, tmp_path):
     targets = [str(c) for c in CANARIES] + [str(tmp_path / "canary"), os.path.expanduser("~/.bashrc_oapl")]
-    code = (f"import os\nok = 0\nfor p in {targets!r}:\n    try:\n        with open(p, 'w') as f:\n"
-            "            f.write('pwned')\n        ok += 1 if not p.startswith(('/tmp', '/dev/shm', '/var/tmp')) else 0\n"
-            "    except OSError:\n        pass\n"
-            f"try:\n    os.remove({str(REPO / 'pyproject.toml')!r}); ok += 1\nexcept OSError:\n    pass\n"
-            "print(42 if ok else 0)")
+    code = (
+        f"import os\nok = 0\nfor p in {targets!r}:\n    try:\n        with open(p, 'w') as f:\n"
+        "            f.write('pwned')\n        ok += 1 if not p.startswith(('/tmp', '/dev/shm', '/var/tmp')) else 0\n"
+        "    except OSError:\n        pass\n"
+        f"try:\n    os.remove({str(REPO / 'pyproject.toml')!r}); ok += 1\nexcept OSError:\n    pass\n"
+        "print(42 if ok else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0 and ev.results[0].runs[0].stdout.strip() == "0"
     assert not (tmp_path / "canary").exists() and (REPO / "pyproject.toml").exists()
@@ -260,10 +295,18 @@ def test_writes_outside_the_sandbox_fail(runner, tmp_path):
 def test_home_and_project_files_are_invisible(runner, tmp_path):
     secret = tmp_path / "id_rsa"
     secret.write_text("BEGIN PRIVATE KEY oapl-test")
-    paths = [str(secret), "/root/.bash_history", "/root/.ssh/id_rsa", str(REPO / "pyproject.toml"),
-             "/etc/shadow", "/proc/1/environ"]
-    code = (f"found = []\nfor p in {paths!r}:\n    try:\n        found.append(open(p).read(10))\n"
-            "    except OSError:\n        pass\nprint(42 if found else 0)")
+    paths = [
+        str(secret),
+        "/root/.bash_history",
+        "/root/.ssh/id_rsa",
+        str(REPO / "pyproject.toml"),
+        "/etc/shadow",
+        "/proc/1/environ",
+    ]
+    code = (
+        f"found = []\nfor p in {paths!r}:\n    try:\n        found.append(open(p).read(10))\n"
+        "    except OSError:\n        pass\nprint(42 if found else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0 and ev.results[0].runs[0].stdout.strip() == "0"
 
@@ -271,9 +314,11 @@ def test_home_and_project_files_are_invisible(runner, tmp_path):
 @requires_ns
 def test_environment_secrets_do_not_leak(runner, monkeypatch):
     monkeypatch.setenv("OAPL_SECRET_TOKEN", "hunter2-oapl")
-    code = ("import os, glob\nblobs = [repr(dict(os.environ))]\n"
-            "for p in glob.glob('/proc/*/environ'):\n    try:\n        blobs.append(open(p, 'rb').read().decode('latin-1'))\n"
-            "    except OSError:\n        pass\nprint(42 if any('hunter2-oapl' in b for b in blobs) else 0)")
+    code = (
+        "import os, glob\nblobs = [repr(dict(os.environ))]\n"
+        "for p in glob.glob('/proc/*/environ'):\n    try:\n        blobs.append(open(p, 'rb').read().decode('latin-1'))\n"
+        "    except OSError:\n        pass\nprint(42 if any('hunter2-oapl' in b for b in blobs) else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0 and ev.results[0].runs[0].stdout.strip() == "0"
 
@@ -282,13 +327,15 @@ def test_environment_secrets_do_not_leak(runner, monkeypatch):
 def test_expected_output_is_not_reachable(runner):
     # The answer exists only in the trainer; search everything the program can see.
     tests = [{"input": "x\n", "output": "918273645501\n", "testtype": "stdin"}]
-    code = ("import os\nneedle = b'918273645501'\nhit = None\n"
-            "for root in ('/tmp', '/proc/self', '/dev/fd', '/var/tmp'):\n"
-            "    for dirpath, dirs, files in os.walk(root):\n        for f in files:\n"
-            "            try:\n                if needle in open(os.path.join(dirpath, f), 'rb').read(1 << 20):\n"
-            "                    hit = needle\n            except OSError:\n                pass\n"
-            "for fd in range(256):\n    try:\n        if needle in os.pread(fd, 1 << 20, 0):\n            hit = needle\n"
-            "    except OSError:\n        pass\nprint(hit.decode() if hit else 0)")
+    code = (
+        "import os\nneedle = b'918273645501'\nhit = None\n"
+        "for root in ('/tmp', '/proc/self', '/dev/fd', '/var/tmp'):\n"
+        "    for dirpath, dirs, files in os.walk(root):\n        for f in files:\n"
+        "            try:\n                if needle in open(os.path.join(dirpath, f), 'rb').read(1 << 20):\n"
+        "                    hit = needle\n            except OSError:\n                pass\n"
+        "for fd in range(256):\n    try:\n        if needle in os.pread(fd, 1 << 20, 0):\n            hit = needle\n"
+        "    except OSError:\n        pass\nprint(hit.decode() if hit else 0)"
+    )
     (ev,) = evaluate_completions([f"```python\n{code}\n```"], [tests], runner=runner)
     assert ev.reward == 0.0
 
@@ -306,10 +353,12 @@ def test_loopback_connection_to_the_host_fails(runner):
     # sanity: the listener is reachable from the host itself
     socket.create_connection(("127.0.0.1", port), timeout=1).close()
     srv.accept()[0].close()
-    code = (f"import socket\nok = False\ntry:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=0.5)\n"
-            "    s.sendall(b'exfiltrate'); ok = True\nexcept OSError:\n    pass\n"
-            f"try:\n    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(b'x', ('127.0.0.1', {port})); ok = True\n"
-            "except OSError:\n    pass\nprint(42 if ok else 0)")
+    code = (
+        f"import socket\nok = False\ntry:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=0.5)\n"
+        "    s.sendall(b'exfiltrate'); ok = True\nexcept OSError:\n    pass\n"
+        f"try:\n    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(b'x', ('127.0.0.1', {port})); ok = True\n"
+        "except OSError:\n    pass\nprint(42 if ok else 0)"
+    )
     try:
         reward, ev = score(runner, code)
         assert reward == 0.0 and ev.results[0].runs[0].stdout.strip() == "0"
@@ -326,9 +375,11 @@ def test_abstract_unix_socket_and_interfaces(runner):
     srv.bind(name)
     srv.listen(1)
     srv.settimeout(0.2)
-    code = (f"import socket\nok = False\ntry:\n    s = socket.socket(socket.AF_UNIX)\n    s.connect({name!r}); ok = True\n"
-            "except OSError:\n    pass\nnames = [n for _, n in socket.if_nameindex()]\n"
-            "print(42 if ok or names != ['lo'] else 0)")
+    code = (
+        f"import socket\nok = False\ntry:\n    s = socket.socket(socket.AF_UNIX)\n    s.connect({name!r}); ok = True\n"
+        "except OSError:\n    pass\nnames = [n for _, n in socket.if_nameindex()]\n"
+        "print(42 if ok or names != ['lo'] else 0)"
+    )
     try:
         reward, ev = score(runner, code)
         assert reward == 0.0 and ev.results[0].runs[0].stdout.strip() == "0"
@@ -345,12 +396,14 @@ def test_abstract_unix_socket_and_interfaces(runner):
 def test_cannot_signal_the_trainer_or_other_processes(runner):
     victim = subprocess.Popen(["sleep", "60"])
     try:
-        code = ("import os, signal\nhits = 0\n"
-                f"for pid in ({victim.pid}, {os.getpid()}, os.getppid(), 1, -1, 0):\n"
-                "    if pid in (0,):\n        continue\n    try:\n        os.kill(pid, signal.SIGKILL); hits += 1\n"
-                "    except OSError:\n        pass\n"
-                f"try:\n    os.killpg({os.getpgid(0)}, signal.SIGKILL); hits += 1\nexcept OSError:\n    pass\n"
-                "print(42 if hits else 0)")
+        code = (
+            "import os, signal\nhits = 0\n"
+            f"for pid in ({victim.pid}, {os.getpid()}, os.getppid(), 1, -1, 0):\n"
+            "    if pid in (0,):\n        continue\n    try:\n        os.kill(pid, signal.SIGKILL); hits += 1\n"
+            "    except OSError:\n        pass\n"
+            f"try:\n    os.killpg({os.getpgid(0)}, signal.SIGKILL); hits += 1\nexcept OSError:\n    pass\n"
+            "print(42 if hits else 0)"
+        )
         reward, ev = score(runner, code)
         assert reward == 0.0
         assert victim.poll() is None, "the sandbox killed a host process"
@@ -366,10 +419,12 @@ def test_supervisor_survives_signals_from_the_program(runner):
     The program answers correctly, so the reward is 1 exactly when the
     supervisor kept running both test cases after being attacked.
     """
-    code = ("import os, signal\nfor sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,\n"
-            "            signal.SIGSTOP, signal.SIGKILL):\n    for pid in (1, os.getppid(), -1):\n"
-            "        try:\n            os.kill(pid, sig)\n        except OSError:\n            pass\n"
-            "print(int(input()) * 2)")
+    code = (
+        "import os, signal\nfor sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,\n"
+        "            signal.SIGSTOP, signal.SIGKILL):\n    for pid in (1, os.getppid(), -1):\n"
+        "        try:\n            os.kill(pid, sig)\n        except OSError:\n            pass\n"
+        "print(int(input()) * 2)"
+    )
     tests = STDIN_TESTS + [{"input": "5\n", "output": "10\n", "testtype": "stdin"}]
     (ev,) = evaluate_completions([f"```python\n{code}\n```"], [tests], runner=runner)
     assert [r.status for r in ev.results[0].runs] == ["ok", "ok"] and ev.reward == 1.0
@@ -377,32 +432,38 @@ def test_supervisor_survives_signals_from_the_program(runner):
 
 @requires_ns
 def test_daemonized_children_die_with_the_program(runner):
-    code = ("import os, time, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-            "        time.sleep(0.3)\n        print(42, flush=True)\n        time.sleep(30)\n    os._exit(0)\n"
-            "os.wait()\nsys.exit(0)")
+    code = (
+        "import os, time, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        "        time.sleep(0.3)\n        print(42, flush=True)\n        time.sleep(30)\n    os._exit(0)\n"
+        "os.wait()\nsys.exit(0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0 and ev.results[0].runs[0].stdout == ""
 
 
 @requires_ns
 def test_privilege_escalation_attempts_fail(runner):
-    code = ("import os, ctypes\nwins = []\n"
-            "for f in (lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.chroot('/tmp'),\n"
-            "          lambda: os.mknod('/tmp/n', 0o600 | 0o020000, os.makedev(1, 3))):\n"
-            "    try:\n        f(); wins.append(1)\n    except OSError:\n        pass\n"
-            "libc = ctypes.CDLL(None, use_errno=True)\n"
-            "if libc.mount(b'none', b'/tmp', b'tmpfs', 0, None) == 0:\n    wins.append('mount')\n"
-            "if libc.ptrace(16, 1, None, None) == 0:\n    wins.append('ptrace')\n"
-            "print(42 if wins else 0)")
+    code = (
+        "import os, ctypes\nwins = []\n"
+        "for f in (lambda: os.setuid(0), lambda: os.setgid(0), lambda: os.chroot('/tmp'),\n"
+        "          lambda: os.mknod('/tmp/n', 0o600 | 0o020000, os.makedev(1, 3))):\n"
+        "    try:\n        f(); wins.append(1)\n    except OSError:\n        pass\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.mount(b'none', b'/tmp', b'tmpfs', 0, None) == 0:\n    wins.append('mount')\n"
+        "if libc.ptrace(16, 1, None, None) == 0:\n    wins.append('ptrace')\n"
+        "print(42 if wins else 0)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0 and ev.results[0].runs[0].stdout.strip() == "0"
 
 
 @requires_ns
 def test_sysv_shared_memory_stays_inside(runner):
-    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-            "ids = [libc.shmget(0, 1 << 20, 0o1000 | 0o666) for _ in range(8)]\n"
-            "print(0 if all(i >= 0 for i in ids) else 1)")
+    code = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "ids = [libc.shmget(0, 1 << 20, 0o1000 | 0o666) for _ in range(8)]\n"
+        "print(0 if all(i >= 0 for i in ids) else 1)"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0  # segments are created, but in the sandbox's own IPC namespace
 
@@ -410,16 +471,20 @@ def test_sysv_shared_memory_stays_inside(runner):
 @requires_ns
 def test_sysv_ipc_does_not_reach_the_next_test_case(runner):
     """Test case 1 leaves a segment, a semaphore set and a message queue; test case 2 looks for them."""
-    code = ("import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\nKEY = 0x0A9113\n"
-            "if input().strip() == 'make':\n"
-            "    made = [libc.shmget(KEY, 4096, 0o1000 | 0o666), libc.semget(KEY, 1, 0o1000 | 0o666),\n"
-            "            libc.msgget(KEY, 0o1000 | 0o666)]\n"
-            "    print('ok' if min(made) >= 0 else 'fail')\n"
-            "else:\n"
-            "    found = [libc.shmget(KEY, 0, 0), libc.semget(KEY, 0, 0), libc.msgget(KEY, 0)]\n"
-            "    print(42 if max(found) >= 0 else 0)")
-    tests = [{"input": "make\n", "output": "ok\n", "testtype": "stdin"},
-             {"input": "look\n", "output": "42\n", "testtype": "stdin"}]
+    code = (
+        "import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\nKEY = 0x0A9113\n"
+        "if input().strip() == 'make':\n"
+        "    made = [libc.shmget(KEY, 4096, 0o1000 | 0o666), libc.semget(KEY, 1, 0o1000 | 0o666),\n"
+        "            libc.msgget(KEY, 0o1000 | 0o666)]\n"
+        "    print('ok' if min(made) >= 0 else 'fail')\n"
+        "else:\n"
+        "    found = [libc.shmget(KEY, 0, 0), libc.semget(KEY, 0, 0), libc.msgget(KEY, 0)]\n"
+        "    print(42 if max(found) >= 0 else 0)"
+    )
+    tests = [
+        {"input": "make\n", "output": "ok\n", "testtype": "stdin"},
+        {"input": "look\n", "output": "42\n", "testtype": "stdin"},
+    ]
     (ev,) = evaluate_completions([f"```python\n{code}\n```"], [tests], [None], runner=runner)
     runs = ev.results[0].runs
     assert [r.status for r in runs] == ["ok", "ok"] and runs[0].stdout.strip() == "ok"
@@ -434,22 +499,24 @@ _CLONE_NR = {"x86_64": 56, "aarch64": 220, "riscv64": 220}
 def test_no_user_namespace_by_any_route(runner):
     """unshare(CLONE_NEWUSER), clone(CLONE_NEWUSER), clone3 and the unshare tool all fail."""
     nr_clone = _CLONE_NR[os.uname().machine]
-    code = ("import ctypes, os, shutil, subprocess\nlibc = ctypes.CDLL(None, use_errno=True)\nwins = []\n"
-            "if libc.unshare(0x10000000) == 0:\n    wins.append('unshare')\n"
-            "class A(ctypes.Structure):\n"
-            "    _fields_ = [(n, ctypes.c_uint64) for n in ('flags', 'pidfd', 'child_tid', 'parent_tid',\n"
-            "                'exit_signal', 'stack', 'stack_size', 'tls')]\n"
-            "a = A(flags=0x10000000, exit_signal=17)\n"
-            "pid = libc.syscall(435, ctypes.byref(a), ctypes.sizeof(a))\n"
-            "if pid == 0:\n    os._exit(0)\n"
-            "if pid > 0:\n    wins.append('clone3'); os.waitpid(pid, 0)\n"
-            f"pid = libc.syscall({nr_clone}, 0x10000000 | 17, 0, 0, 0, 0)\n"
-            "if pid == 0:\n    os._exit(0)\n"
-            "if pid > 0:\n    wins.append('clone'); os.waitpid(pid, 0)\n"
-            "tool = shutil.which('unshare')\n"
-            "if tool and subprocess.run([tool, '-U', 'true'], capture_output=True).returncode == 0:\n"
-            "    wins.append('unshare -U')\n"
-            "print(42 if wins else 0, wins)")
+    code = (
+        "import ctypes, os, shutil, subprocess\nlibc = ctypes.CDLL(None, use_errno=True)\nwins = []\n"
+        "if libc.unshare(0x10000000) == 0:\n    wins.append('unshare')\n"
+        "class A(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_uint64) for n in ('flags', 'pidfd', 'child_tid', 'parent_tid',\n"
+        "                'exit_signal', 'stack', 'stack_size', 'tls')]\n"
+        "a = A(flags=0x10000000, exit_signal=17)\n"
+        "pid = libc.syscall(435, ctypes.byref(a), ctypes.sizeof(a))\n"
+        "if pid == 0:\n    os._exit(0)\n"
+        "if pid > 0:\n    wins.append('clone3'); os.waitpid(pid, 0)\n"
+        f"pid = libc.syscall({nr_clone}, 0x10000000 | 17, 0, 0, 0, 0)\n"
+        "if pid == 0:\n    os._exit(0)\n"
+        "if pid > 0:\n    wins.append('clone'); os.waitpid(pid, 0)\n"
+        "tool = shutil.which('unshare')\n"
+        "if tool and subprocess.run([tool, '-U', 'true'], capture_output=True).returncode == 0:\n"
+        "    wins.append('unshare -U')\n"
+        "print(42 if wins else 0, wins)"
+    )
     reward, ev = score(runner, code)
     run = ev.results[0].runs[0]
     assert reward == 0.0 and run.status == "ok" and run.stdout.startswith("0 []"), run
@@ -458,13 +525,15 @@ def test_no_user_namespace_by_any_route(runner):
 @requires_ns
 def test_threads_processes_and_subprocesses_still_work(runner):
     """The seccomp filter (clone3 -> ENOSYS) leaves threads, fork, multiprocessing and exec working."""
-    code = ("import os, subprocess, threading, multiprocessing as mp\n"
-            "out = []\nt = threading.Thread(target=lambda: out.append(1)); t.start(); t.join()\n"
-            "pid = os.fork()\nif pid == 0:\n    os._exit(3)\n"
-            "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3\n"
-            "assert subprocess.run(['/bin/sh', '-c', 'exit 4']).returncode == 4\n"
-            "with mp.get_context('fork').Pool(2) as pool:\n    assert pool.map(abs, [-1, -2]) == [1, 2]\n"
-            "print(int(input()) * 2 * out[0])")
+    code = (
+        "import os, subprocess, threading, multiprocessing as mp\n"
+        "out = []\nt = threading.Thread(target=lambda: out.append(1)); t.start(); t.join()\n"
+        "pid = os.fork()\nif pid == 0:\n    os._exit(3)\n"
+        "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3\n"
+        "assert subprocess.run(['/bin/sh', '-c', 'exit 4']).returncode == 4\n"
+        "with mp.get_context('fork').Pool(2) as pool:\n    assert pool.map(abs, [-1, -2]) == [1, 2]\n"
+        "print(int(input()) * 2 * out[0])"
+    )
     reward, ev = score(runner, code)
     assert reward == 1.0, ev.results[0].runs[0].stderr_tail
 
@@ -479,19 +548,33 @@ def test_isolation_facts_report_ipc_and_userns():
 
 
 @requires_ns
-@pytest.mark.parametrize("code", [
-    "print(42, flush=True)\nimport os\nos._exit(1)",
-    "print(42)\nraise SystemExit(3)",
-    "print(42)\nimport sys\nsys.exit('bye')",
-    "print(42)\nraise ValueError('after the answer')",
-    "import os, signal, sys\nprint(42)\nsys.stdout.flush()\nos.kill(os.getpid(), signal.SIGKILL)",
-    "print(42, flush=True)\nimport os\nos.abort()",
-    "print(42, flush=True)\nimport ctypes\nctypes.string_at(0)",
-    "import sys\nprint(42)\nsys.exit(256)",
-    "import atexit, os\natexit.register(lambda: os._exit(7))\nprint(42)",
-    "import sys\nsys.setrecursionlimit(10**6)\nprint(42, flush=True)\ndef f(n): return f(n + 1) + 1\nf(0)",
-], ids=["os-exit-1", "systemexit-3", "exit-message", "raise", "sigkill-self", "abort", "segfault",
-        "exit-256", "atexit-exit", "deep-recursion"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "print(42, flush=True)\nimport os\nos._exit(1)",
+        "print(42)\nraise SystemExit(3)",
+        "print(42)\nimport sys\nsys.exit('bye')",
+        "print(42)\nraise ValueError('after the answer')",
+        "import os, signal, sys\nprint(42)\nsys.stdout.flush()\nos.kill(os.getpid(), signal.SIGKILL)",
+        "print(42, flush=True)\nimport os\nos.abort()",
+        "print(42, flush=True)\nimport ctypes\nctypes.string_at(0)",
+        "import sys\nprint(42)\nsys.exit(256)",
+        "import atexit, os\natexit.register(lambda: os._exit(7))\nprint(42)",
+        "import sys\nsys.setrecursionlimit(10**6)\nprint(42, flush=True)\ndef f(n): return f(n + 1) + 1\nf(0)",
+    ],
+    ids=[
+        "os-exit-1",
+        "systemexit-3",
+        "exit-message",
+        "raise",
+        "sigkill-self",
+        "abort",
+        "segfault",
+        "exit-256",
+        "atexit-exit",
+        "deep-recursion",
+    ],
+)
 def test_correct_output_then_crash_scores_zero(runner, code):
     reward, ev = score(runner, code)
     run = ev.results[0].runs[0]
@@ -500,8 +583,7 @@ def test_correct_output_then_crash_scores_zero(runner, code):
 
 @requires_ns
 def test_functional_correct_value_then_crash_scores_zero(runner):
-    code = ("import atexit, os\natexit.register(lambda: os._exit(9))\n"
-            "def double(x):\n    return 2 * x")
+    code = "import atexit, os\natexit.register(lambda: os._exit(9))\ndef double(x):\n    return 2 * x"
     reward, ev = score(runner, code, functional=True)
     assert reward == 0.0 and ev.results[0].runs[0].status == "runtime_error"
 
@@ -511,32 +593,38 @@ def test_functional_correct_value_then_crash_scores_zero(runner):
 
 @requires_ns
 def test_patching_the_checker_has_no_effect(runner):
-    code = ("import sys, os, builtins, json\n"
-            "try:\n    import oapl.rewards.code as c\n    c.compare_stdout = lambda *a, **k: True\nexcept Exception:\n    pass\n"
-            "builtins.print = lambda *a, **k: None\njson.loads = lambda *a, **k: 42\n"
-            "frame = b'{\"type\": \"result\", \"index\": 0, \"status\": \"ok\", \"stdout\": \"42\\\\n\"}'\n"
-            "import struct\nfor fd in range(3, 256):\n    try:\n        os.write(fd, struct.pack('>I', len(frame)) + frame)\n"
-            "    except OSError:\n        pass\n"
-            "for path in ('/proc/1/fd/1', '/proc/1/mem'):\n    try:\n        open(path, 'wb').write(frame)\n    except OSError:\n        pass\n"
-            "sys.stdout.write(struct.pack('>I', len(frame)).decode('latin-1') + frame.decode() + '\\n')")
+    code = (
+        "import sys, os, builtins, json\n"
+        "try:\n    import oapl.rewards.code as c\n    c.compare_stdout = lambda *a, **k: True\nexcept Exception:\n    pass\n"
+        "builtins.print = lambda *a, **k: None\njson.loads = lambda *a, **k: 42\n"
+        'frame = b\'{"type": "result", "index": 0, "status": "ok", "stdout": "42\\\\n"}\'\n'
+        "import struct\nfor fd in range(3, 256):\n    try:\n        os.write(fd, struct.pack('>I', len(frame)) + frame)\n"
+        "    except OSError:\n        pass\n"
+        "for path in ('/proc/1/fd/1', '/proc/1/mem'):\n    try:\n        open(path, 'wb').write(frame)\n    except OSError:\n        pass\n"
+        "sys.stdout.write(struct.pack('>I', len(frame)).decode('latin-1') + frame.decode() + '\\n')"
+    )
     reward, ev = score(runner, code)
     assert reward == 0.0
     from oapl.rewards import code as code_mod
+
     assert code_mod.compare_stdout("1", "2") is False  # trainer's checker untouched
 
 
 @requires_ns
-@pytest.mark.parametrize("code", [
-    "class Liar(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
-    "def double(x):\n    return Liar(0)",
-    "class Liar(list):\n    def __eq__(self, other):\n        return True\ndef double(x):\n    return Liar()",
-    "class Liar:\n    def __eq__(self, other):\n        return True\ndef double(x):\n    return Liar()",
-    "import os\ndef double(x):\n    os.write(3, b'42')\n    return 0",
-    "import sys\ndef double(x):\n    sys.exit(0)",
-    "import json, os\njson.dumps = lambda *a, **k: '42'\nos.write = lambda fd, b: len(b)\n"
-    "def double(x):\n    return 0",
-], ids=["eq-int", "eq-list", "eq-object", "forge-result-fd", "exit-before-return",
-        "patch-json-dumps"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "class Liar(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def double(x):\n    return Liar(0)",
+        "class Liar(list):\n    def __eq__(self, other):\n        return True\ndef double(x):\n    return Liar()",
+        "class Liar:\n    def __eq__(self, other):\n        return True\ndef double(x):\n    return Liar()",
+        "import os\ndef double(x):\n    os.write(3, b'42')\n    return 0",
+        "import sys\ndef double(x):\n    sys.exit(0)",
+        "import json, os\njson.dumps = lambda *a, **k: '42'\nos.write = lambda fd, b: len(b)\n"
+        "def double(x):\n    return 0",
+    ],
+    ids=["eq-int", "eq-list", "eq-object", "forge-result-fd", "exit-before-return", "patch-json-dumps"],
+)
 def test_functional_result_forgery_fails(runner, code):
     reward, _ = score(runner, code, functional=True)
     assert reward == 0.0
@@ -568,8 +656,7 @@ def test_adversarial_batch_in_parallel_scores_zero(monkeypatch):
     ]
     honest = "print(int(input()) * 2)"
     completions = [f"```python\n{c}\n```" for c in attacks + [honest]]
-    scores = reward_fn(prompts=[""] * len(completions), completions=completions,
-                       tests=[STDIN_TESTS] * len(completions))
+    scores = reward_fn(prompts=[""] * len(completions), completions=completions, tests=[STDIN_TESTS] * len(completions))
     assert scores == [0.0] * len(attacks) + [1.0]
     # each attack was stopped by the limit aimed at it (one run each: a program stops at its first
     # failure); host_intact checks that none of their processes is left
@@ -584,20 +671,32 @@ def test_adversarial_batch_in_parallel_scores_zero(monkeypatch):
 
 # --------------------------------------------------------------------------- opt-out mode
 
-DEGRADED = SandboxConfig(timeout_s=1.0, total_deadline_s=6.0, memory_mb=384,
-                         max_output_bytes=64 << 10, max_processes=16, max_file_bytes=1 << 20,
-                         workers=2, isolation="none", allow_no_netns=True)
+DEGRADED = SandboxConfig(
+    timeout_s=1.0,
+    total_deadline_s=6.0,
+    memory_mb=384,
+    max_output_bytes=64 << 10,
+    max_processes=16,
+    max_file_bytes=1 << 20,
+    workers=2,
+    isolation="none",
+    allow_no_netns=True,
+)
 
 
-@pytest.mark.parametrize("code", [
-    "print(42, flush=True)\nwhile True:\n    pass",
-    "import os\nprint(42, flush=True)\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-    "a = []\nwhile True:\n    a.append(bytearray(10 ** 7))",
-    "import sys\nprint(42)\nwhile True:\n    sys.stdout.write('x' * 65536)",
-    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(0.3)\n    print(42, flush=True)\n"
-    "    time.sleep(30)\nos._exit(0)",
-    "print(42)\nraise SystemExit(3)",
-], ids=["loop", "fork-bomb", "memory", "output", "escaped-daemon", "exit-code"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "print(42, flush=True)\nwhile True:\n    pass",
+        "import os\nprint(42, flush=True)\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "a = []\nwhile True:\n    a.append(bytearray(10 ** 7))",
+        "import sys\nprint(42)\nwhile True:\n    sys.stdout.write('x' * 65536)",
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(0.3)\n    print(42, flush=True)\n"
+        "    time.sleep(30)\nos._exit(0)",
+        "print(42)\nraise SystemExit(3)",
+    ],
+    ids=["loop", "fork-bomb", "memory", "output", "escaped-daemon", "exit-code"],
+)
 def test_resource_guards_hold_without_namespaces(code):
     """Opt-out mode keeps rlimits, timeouts and process clean-up (host-intact fixture)."""
     reward, _ = score(SandboxRunner(DEGRADED), code)
@@ -622,8 +721,10 @@ def test_opt_out_really_has_no_network_isolation():
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     port = srv.getsockname()[1]
-    code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-            "    print(42)\nexcept OSError:\n    print(0)")
+    code = (
+        f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+        "    print(42)\nexcept OSError:\n    print(0)"
+    )
     try:
         reward, _ = score(SandboxRunner(DEGRADED), code)
     finally:

@@ -21,23 +21,41 @@ def prompts_file(tmp_path):
 
 def study(tiny_model_dir, prompts_file, out, **over) -> CompareConfig:
     tree = {
-        "output_dir": str(out / "runs"), "report": str(out / "docs" / "report.md"),
-        "figures_dir": str(out / "docs" / "img"), "figure_prefix": "t", "smooth": 2,
+        "output_dir": str(out / "runs"),
+        "report": str(out / "docs" / "report.md"),
+        "figures_dir": str(out / "docs" / "img"),
+        "figure_prefix": "t",
+        "smooth": 2,
         "base": {
-            "steps": 4, "threads": 2,
+            "steps": 4,
+            "threads": 2,
             "model": {"name": tiny_model_dir, "logprob_chunk_size": 16},
             "sampling": {"max_tokens": 5, "temperature": 1.0},
             "engine": {"kind": "transformers"},
-            "task": {"name": "dataset", "dataset": str(prompts_file), "eval_dataset": str(prompts_file),
-                     "max_eval_prompts": 3, "columns": {"prompt": "question", "prompt_id": "id"},
-                     "reward": "toy_rewards:has_seven", "system_prompt": None},
-            "rollout": {"group_size": 2, "prompts_per_step": 2, "prompts_per_generate": 2,
-                        "sync_interval": 2, "asynchronous": False, "buffer_groups": 4},
+            "task": {
+                "name": "dataset",
+                "dataset": str(prompts_file),
+                "eval_dataset": str(prompts_file),
+                "max_eval_prompts": 3,
+                "columns": {"prompt": "question", "prompt_id": "id"},
+                "reward": "toy_rewards:has_seven",
+                "system_prompt": None,
+            },
+            "rollout": {
+                "group_size": 2,
+                "prompts_per_step": 2,
+                "prompts_per_generate": 2,
+                "sync_interval": 2,
+                "asynchronous": False,
+                "buffer_groups": 4,
+            },
             "optim": {"lr": 1e-3, "micro_batch_size": 8},
             "eval": {"every": 2, "n": 2, "temperature": 1.0},
-            "logging": {"progress": False}, "checkpoint": {"save_final": False},
+            "logging": {"progress": False},
+            "checkpoint": {"save_final": False},
         },
-        "seeds": [0], "checkpoint_every": 2,
+        "seeds": [0],
+        "checkpoint_every": 2,
         "lag_sweep": {"intervals": [1, 2], "steps": 4},
         "final_eval": {"n": 4},
     }
@@ -47,8 +65,12 @@ def study(tiny_model_dir, prompts_file, out, **over) -> CompareConfig:
 def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, tmp_path):
     cc = study(tiny_model_dir, prompts_file, tmp_path)
     runs = plan_runs(cc)
-    assert [(r.group, r.name) for r in runs] == [("algorithms", "oapl"), ("algorithms", "grpo_is"),
-                                                 ("lag_sweep", "oapl_L1"), ("lag_sweep", "oapl_L2")]
+    assert [(r.group, r.name) for r in runs] == [
+        ("algorithms", "oapl"),
+        ("algorithms", "grpo_is"),
+        ("lag_sweep", "oapl_L1"),
+        ("lag_sweep", "oapl_L2"),
+    ]
     oapl, grpo, l1, l2 = runs
     assert l2.same_as == "oapl" and l2.run_dir == oapl.run_dir  # identical configuration: trained once
     assert l1.same_as is None and l1.cfg.rollout.sync_interval == 1
@@ -60,7 +82,9 @@ def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, t
     assert oapl.label == "OAPL (L=2)"
     # resumable: checkpoints at sync boundaries, and a final one for the final evaluation
     assert [r.cfg.checkpoint.every for r in runs] == [2, 2, 2, 2] and all(r.cfg.checkpoint.save_final for r in runs)
-    cc3 = study(tiny_model_dir, prompts_file, tmp_path, checkpoint_every=3, lag_sweep={"intervals": [2, 5], "steps": 10})
+    cc3 = study(
+        tiny_model_dir, prompts_file, tmp_path, checkpoint_every=3, lag_sweep={"intervals": [2, 5], "steps": 10}
+    )
     assert [r.cfg.checkpoint.every for r in plan_runs(cc3, only="lag")] == [4, 5]  # rounded up to multiples of L
     # the same sample budget for every run
     budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in runs}
@@ -71,16 +95,30 @@ def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, t
     assert {r.cfg.steps for r in sweep} == {200} and [r.lag for r in sweep] == [1, 10, 50, 100]
     assert all(r.group == "lag_sweep" for r in sweep)
     # several seeds: every configuration once per seed; the beta2 sweep on seeds of its own
-    cc4 = study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1],
-                beta2_sweep={"enabled": True, "values": [0.1, 0.01], "seeds": [7]})
+    cc4 = study(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path,
+        seeds=[0, 1],
+        beta2_sweep={"enabled": True, "values": [0.1, 0.01], "seeds": [7]},
+    )
     runs = plan_runs(cc4)
     assert sorted({(r.name, r.seed) for r in runs if r.group == "algorithms"}) == [
-        ("grpo_is", 0), ("grpo_is", 1), ("oapl", 0), ("oapl", 1)]
+        ("grpo_is", 0),
+        ("grpo_is", 1),
+        ("oapl", 0),
+        ("oapl", 1),
+    ]
     b2 = [r for r in runs if r.group == "beta2_sweep"]
     assert [(r.name, r.seed, r.cfg.algorithm.beta2) for r in b2] == [("oapl_b2_0.01", 7, 0.01), ("oapl_b2_0.1", 7, 0.1)]
     # a lag sweep on a subset of the seeds; its L=2 point is the algorithms' OAPL run of that seed
-    cc5 = study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1, 2], lag_sweep={"intervals": [1, 2], "steps": 4,
-                                                                                     "seeds": [1]})
+    cc5 = study(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path,
+        seeds=[0, 1, 2],
+        lag_sweep={"intervals": [1, 2], "steps": 4, "seeds": [1]},
+    )
     sweep = [(r.name, r.seed, r.same_as) for r in plan_runs(cc5) if r.group == "lag_sweep"]
     assert sweep == [("oapl_L1", 1, None), ("oapl_L2", 1, "oapl")]
     assert len([r for r in plan_runs(cc5) if r.group == "algorithms"]) == 6
@@ -89,8 +127,7 @@ def test_plan_shares_runs_and_scales_sweep_steps(tiny_model_dir, prompts_file, t
 def test_plan_names_the_bad_run(tiny_model_dir, prompts_file, tmp_path):
     with pytest.raises(ConfigError, match="intervals"):
         study(tiny_model_dir, prompts_file, tmp_path, lag_sweep={"intervals": [0, 5]})
-    cc = study(tiny_model_dir, prompts_file, tmp_path,
-               algorithms={"stale_oapl": {"rollout": {"max_staleness": 1}}})
+    cc = study(tiny_model_dir, prompts_file, tmp_path, algorithms={"stale_oapl": {"rollout": {"max_staleness": 1}}})
     with pytest.raises(ConfigError, match="algorithms.stale_oapl"):
         plan_runs(cc)
     with pytest.raises(ConfigError, match="unknown field"):
@@ -102,8 +139,18 @@ def test_plan_names_the_bad_run(tiny_model_dir, prompts_file, tmp_path):
 def test_summarize_run_hand_made(tmp_path):
     rows = [{"step": 0, "samples_seen": 0, "eval/pass@1": 0.2, "eval/pass@2": 0.3}]
     for s in range(1, 11):
-        rows.append({"step": s, "samples_seen": 4 * s, "loss": 0.1, "reward_mean": s / 10, "seq_entropy": 11 - s,
-                     "kl": 0.01 * s, "lag": (s - 1) % 5, **({"synced_to_version": s // 5} if s % 5 == 0 else {})})
+        rows.append(
+            {
+                "step": s,
+                "samples_seen": 4 * s,
+                "loss": 0.1,
+                "reward_mean": s / 10,
+                "seq_entropy": 11 - s,
+                "kl": 0.01 * s,
+                "lag": (s - 1) % 5,
+                **({"synced_to_version": s // 5} if s % 5 == 0 else {}),
+            }
+        )
     rows.append({"step": 10, "samples_seen": 40, "eval/pass@1": 0.5, "eval/pass@2": 0.7})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = summarize_run(tmp_path)
@@ -117,8 +164,13 @@ def test_summarize_run_hand_made(tmp_path):
 
 @pytest.mark.slow  # a study end to end: 38-47 s on a loaded 2-core machine
 def test_compare_end_to_end_report_and_resume(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    cc = study(tiny_model_dir, prompts_file, tmp_path, seeds=[0, 1],
-               beta2_sweep={"enabled": True, "values": [0.1], "seeds": [7]})
+    cc = study(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path,
+        seeds=[0, 1],
+        beta2_sweep={"enabled": True, "values": [0.1], "seeds": [7]},
+    )
     cc.base["checkpoint"] = {"save_final": False, "keep": 3}
     report = run_compare(cc, command="oapl compare study.yaml")
     text = report.read_text()
@@ -126,23 +178,41 @@ def test_compare_end_to_end_report_and_resume(tiny_model_dir, prompts_file, tmp_
     for png in ("t_algorithms.png", "t_lag_sweep.png", "t_passk.png", "t_lag_passk.png"):
         assert (img / png).stat().st_size > 10_000, png
         assert f"](img/{png})" in text  # relative links
-    for needle in ("oapl compare study.yaml", "OAPL (L=2)", "GRPO (IS cap 2, L=1, near on-policy, off-by-one async",
-                   "OAPL L=1", "OAPL L=2", "pass@4", "Reused from the comparison", "The paper's claims, tested",
-                   "base model (before training)", "Paired differences, OAPL minus each GRPO+IS arm",
-                   "Every arm against the base model", "Did GRPO+IS's correction act?", "beta2 sweep",
-                   "Contradicted by this miniature", "2 seeds x 3 prompts"):
+    for needle in (
+        "oapl compare study.yaml",
+        "OAPL (L=2)",
+        "GRPO (IS cap 2, L=1, near on-policy, off-by-one async",
+        "OAPL L=1",
+        "OAPL L=2",
+        "pass@4",
+        "Reused from the comparison",
+        "The paper's claims, tested",
+        "base model (before training)",
+        "Paired differences, OAPL minus each GRPO+IS arm",
+        "Every arm against the base model",
+        "Did GRPO+IS's correction act?",
+        "beta2 sweep",
+        "Contradicted by this miniature",
+        "2 seeds x 3 prompts",
+    ):
         assert needle in text, needle
     assert "Not run yet" not in text
     claims = json.loads((tmp_path / "runs" / "claims.json").read_text())
-    assert [c["verdict"] for c in claims] and all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive")
-                                                  for c in claims)
+    assert [c["verdict"] for c in claims] and all(
+        c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in claims
+    )
     # pass@1, pass@k at large k, every arm vs the base model, token and sequence entropy, stability
     assert [c["text"].split(" (")[0] for c in claims] == [
         "OAPL outperforms GRPO+IS in held-out pass@1 at equal training samples",
-        "OAPL's pass@k is better than GRPO+IS's at large k", "RL improves pass@k over the base model at every k "
-        "up to 4", "OAPL keeps the policy's token entropy", "OAPL keeps the policy's sequence entropy",
-        "OAPL trains stably with a large policy lag"]
-    grpo_rows = [json.loads(x) for x in (tmp_path / "runs" / "grpo_is" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        "OAPL's pass@k is better than GRPO+IS's at large k",
+        "RL improves pass@k over the base model at every k up to 4",
+        "OAPL keeps the policy's token entropy",
+        "OAPL keeps the policy's sequence entropy",
+        "OAPL trains stably with a large policy lag",
+    ]
+    grpo_rows = [
+        json.loads(x) for x in (tmp_path / "runs" / "grpo_is" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert all(0 < r["is_weight_p1"] <= r["is_weight_p99"] <= 2.0 for r in grpo_rows if "loss" in r)
     runs_dir = tmp_path / "runs"
     assert not (runs_dir / "oapl_L2").exists()  # the L=2 point is the OAPL comparison run
@@ -205,8 +275,13 @@ def test_compare_end_to_end_report_and_resume(tiny_model_dir, prompts_file, tmp_
 
     # a changed configuration is not "complete"
     monkeypatch.setattr(oapl.loop, "train", boom)
-    cc2 = study(tiny_model_dir, prompts_file, tmp_path, lag_sweep={"intervals": [1], "steps": 4},
-                algorithms={"oapl": {"optim": {"lr": 2e-3}}})
+    cc2 = study(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path,
+        lag_sweep={"intervals": [1], "steps": 4},
+        algorithms={"oapl": {"optim": {"lr": 2e-3}}},
+    )
     with pytest.raises(AssertionError, match="retrained"):
         run_compare(cc2)
 
@@ -215,8 +290,12 @@ def test_quick_applies_its_section(tiny_model_dir, prompts_file, tmp_path):
     from oapl.compare import load_compare_config
     import yaml
 
-    cc = study(tiny_model_dir, prompts_file, tmp_path,
-               quick={"seeds": [0], "base": {"steps": 2}, "output_dir": str(tmp_path / "quick")})
+    cc = study(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path,
+        quick={"seeds": [0], "base": {"steps": 2}, "output_dir": str(tmp_path / "quick")},
+    )
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(json.loads(cc.model_dump_json())))
     q = load_compare_config(str(path), quick=True)
@@ -264,7 +343,9 @@ def test_shipped_cpu_config_plans():
     budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in study}
     assert len(budgets) == 1  # one sample budget for every run of the comparison and the sweep
     # 4 algorithms per seed; the lag sweep's L=1, 10, 100 on its seeds (its L=50 is the OAPL run)
-    assert sum(r.same_as is None for r in study) == 4 * len(cc.seeds) + 3 * len(cc.lag_sweep.seeds) and len(cc.seeds) >= 3
+    assert (
+        sum(r.same_as is None for r in study) == 4 * len(cc.seeds) + 3 * len(cc.lag_sweep.seeds) and len(cc.seeds) >= 3
+    )
     # GRPO+IS near on-policy, and at the lags (in responses and optimiser steps) of OAPL's L=10 and L=50
     grpo = {r.name: r.cfg.rollout for r in study if r.group == "algorithms" and r.cfg.algorithm.name == "grpo"}
     assert (grpo["grpo_is"].sync_interval, grpo["grpo_is"].max_staleness) == (1, 1)
@@ -279,7 +360,9 @@ def test_shipped_cpu_config_plans():
     assert "fixed" in cc.beta2_sweep.note and "chooses nothing" in cc.beta2_sweep.note
     assert [r.same_as for r in study if r.lag == 50 and r.group == "lag_sweep"] == ["oapl"] * len(cc.lag_sweep.seeds)
     assert all(r.cfg.steps // r.lag >= 4 for r in study if r.lag <= 50)  # >= 4 weight windows for every L <= 50
-    assert {r.cfg.steps * r.cfg.algorithm.mini_batches for r in runs if r.group == "algorithms"} == {200}  # optimiser steps
+    assert {r.cfg.steps * r.cfg.algorithm.mini_batches for r in runs if r.group == "algorithms"} == {
+        200
+    }  # optimiser steps
     assert cc.final_eval.n >= 16 and runs[0].cfg.task.num_eval >= 128
     b2 = [r for r in runs if r.group == "beta2_sweep"]
     assert b2 and not {r.seed for r in b2} & set(cc.seeds)  # beta2 is not chosen on the study's seeds

@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from oapl.compare.claims import (LEGEND, NOT_REPRODUCED, REPRODUCED, INCONCLUSIVE, ConfigResults,
-                                 contradicted, correction_acted, judge_claims, paired, seed_prompt_half_widths,
-                                 seed_prompt_interval, sharpening, verdict_advantage, verdict_non_inferior,
-                                 verdict_reduces)
+from oapl.compare.claims import (
+    LEGEND,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    INCONCLUSIVE,
+    ConfigResults,
+    contradicted,
+    correction_acted,
+    judge_claims,
+    paired,
+    seed_prompt_half_widths,
+    seed_prompt_interval,
+    sharpening,
+    verdict_advantage,
+    verdict_non_inferior,
+    verdict_reduces,
+)
 from oapl.evaluation.intervals import Interval, t_interval
 
 M = 0.05  # the margin of every synthetic case
@@ -20,31 +33,41 @@ M = 0.05  # the margin of every synthetic case
 
 # ------------------------------------------------------------------------------ verdict rules, one case each
 
-@pytest.mark.parametrize("lo, hi, verdict, why", [
-    (0.01, 0.09, REPRODUCED, "above 0"),               # outperforms: the interval lies above 0
-    (-0.09, -0.01, NOT_REPRODUCED, "below 0"),         # the wrong side
-    (-0.04, 0.03, NOT_REPRODUCED, "below the margin"),  # upper bound < margin: no advantage of that size
-    (-0.04, 0.09, INCONCLUSIVE, "reaches the margin"),  # contains 0 and the margin
-])
+
+@pytest.mark.parametrize(
+    "lo, hi, verdict, why",
+    [
+        (0.01, 0.09, REPRODUCED, "above 0"),  # outperforms: the interval lies above 0
+        (-0.09, -0.01, NOT_REPRODUCED, "below 0"),  # the wrong side
+        (-0.04, 0.03, NOT_REPRODUCED, "below the margin"),  # upper bound < margin: no advantage of that size
+        (-0.04, 0.09, INCONCLUSIVE, "reaches the margin"),  # contains 0 and the margin
+    ],
+)
 def test_advantage_rules(lo, hi, verdict, why):
     got, reason = verdict_advantage(Interval((lo + hi) / 2, lo, hi, 3), M)
     assert got == verdict and why in reason
 
 
-@pytest.mark.parametrize("lo, hi, verdict", [
-    (-0.03, 0.02, REPRODUCED),       # lower bound above -margin
-    (-0.12, -0.06, NOT_REPRODUCED),  # upper bound below -margin
-    (-0.08, 0.01, INCONCLUSIVE),     # contains -margin
-])
+@pytest.mark.parametrize(
+    "lo, hi, verdict",
+    [
+        (-0.03, 0.02, REPRODUCED),  # lower bound above -margin
+        (-0.12, -0.06, NOT_REPRODUCED),  # upper bound below -margin
+        (-0.08, 0.01, INCONCLUSIVE),  # contains -margin
+    ],
+)
 def test_non_inferiority_rules(lo, hi, verdict):
     assert verdict_non_inferior(Interval((lo + hi) / 2, lo, hi, 3), M)[0] == verdict
 
 
-@pytest.mark.parametrize("lo, hi, verdict", [
-    (-0.5, -0.2, REPRODUCED),       # fell by more than the threshold
-    (-0.03, 0.04, NOT_REPRODUCED),  # kept
-    (-0.3, 0.0, INCONCLUSIVE),
-])
+@pytest.mark.parametrize(
+    "lo, hi, verdict",
+    [
+        (-0.5, -0.2, REPRODUCED),  # fell by more than the threshold
+        (-0.03, 0.04, NOT_REPRODUCED),  # kept
+        (-0.3, 0.0, INCONCLUSIVE),
+    ],
+)
 def test_reduces_rules(lo, hi, verdict):
     assert verdict_reduces(Interval((lo + hi) / 2, lo, hi, 3), M)[0] == verdict
 
@@ -59,14 +82,20 @@ def test_the_old_non_inferiority_label_and_half_width_rule_are_gone():
 
 def test_legend_states_the_rules_the_code_applies():
     text = LEGEND.format(margin="5 pts", ni="5 pts", keep="10%")
-    for phrase in ("*reproduced* when its interval lies above 0", "lies below 0 or when its upper bound is below "
-                   "the margin", "*inconclusive* otherwise", "declares its margin before the runs",
-                   "*reproduced* when the lower bound is above minus that margin", "*not reproduced* when the "
-                   "upper bound is below it", "mirror"):
+    for phrase in (
+        "*reproduced* when its interval lies above 0",
+        "lies below 0 or when its upper bound is below the margin",
+        "*inconclusive* otherwise",
+        "declares its margin before the runs",
+        "*reproduced* when the lower bound is above minus that margin",
+        "*not reproduced* when the upper bound is below it",
+        "mirror",
+    ):
         assert phrase in text, phrase
 
 
 # ------------------------------------------------------------------------------------------ the interval
+
 
 def test_interval_is_the_t_interval_over_seeds_without_a_shared_prompt_effect():
     # every prompt of a seed moves together: the seed means 0.1, 0.2, 0.6 carry everything
@@ -93,17 +122,24 @@ def test_interval_adds_the_prompt_effect_every_seed_shares():
 def _coverage(rng, R, S, P, sd_seed, sd_cell, sd_prompt):
     """Share of R simulated studies whose interval covers the true mean difference 0.1. The difference of
     seed s on prompt i is 0.1 + seed effect + per-(seed, prompt) noise + a prompt effect every seed shares."""
-    d = (0.1 + rng.normal(0, sd_seed, (R, S, 1)) + rng.normal(0, sd_cell, (R, S, P))
-         + rng.normal(0, sd_prompt, (R, 1, P)))
+    d = (
+        0.1
+        + rng.normal(0, sd_seed, (R, S, 1))
+        + rng.normal(0, sd_cell, (R, S, P))
+        + rng.normal(0, sd_prompt, (R, 1, P))
+    )
     mean, half = seed_prompt_half_widths(d)
     return float(np.mean(np.abs(mean - 0.1) <= half)), d
 
 
-@pytest.mark.parametrize("regime, sd_seed, sd_cell, sd_prompt", [
-    ("seed variance dominates", 0.04, 0.10, 0.0),           # seed-to-seed sd of a mean 0.04 vs 0.10/sqrt(128)
-    ("prompt variance dominates, per seed", 0.0, 0.40, 0.0),  # the evaluation's sampling noise
-    ("prompt variance dominates, shared", 0.005, 0.10, 0.30),  # e.g. the base model's single evaluation
-])
+@pytest.mark.parametrize(
+    "regime, sd_seed, sd_cell, sd_prompt",
+    [
+        ("seed variance dominates", 0.04, 0.10, 0.0),  # seed-to-seed sd of a mean 0.04 vs 0.10/sqrt(128)
+        ("prompt variance dominates, per seed", 0.0, 0.40, 0.0),  # the evaluation's sampling noise
+        ("prompt variance dominates, shared", 0.005, 0.10, 0.30),  # e.g. the base model's single evaluation
+    ],
+)
 def test_interval_covers_at_three_seeds(regime, sd_seed, sd_cell, sd_prompt):
     # R = 2000 studies: the coverage estimate's binomial sd at a true 95% is sqrt(0.95 * 0.05 / 2000) =
     # 0.0049, so the 93% bar is 4 sd below the nominal level (a correct interval fails it with
@@ -123,13 +159,29 @@ def test_interval_covers_at_three_seeds(regime, sd_seed, sd_cell, sd_prompt):
 
 # ----------------------------------------------------------------------------------- claims from results
 
+
 def _cfg(name, counts, n=16, ent=None, beta2=None, lag=None, summaries=None):
-    res = [{"n": n, "prompt_ids": [f"p{i}" for i in range(len(c))], "correct": [int(x) for x in c],
-            "token_entropy": list(e) if e is not None else None, "seq_entropy": None,
-            "response_tokens": [5.0] * len(c)} for c, e in zip(counts, ent or [None] * len(counts))]
-    return ConfigResults(name, name, "algorithms", seeds=list(range(len(counts))), results=res,
-                         summaries=summaries or [{"skipped_steps": 0, "kl_max": 0.1, "reward_mean_last": 0.5}]
-                         * len(counts), lag=lag, beta2=beta2)
+    res = [
+        {
+            "n": n,
+            "prompt_ids": [f"p{i}" for i in range(len(c))],
+            "correct": [int(x) for x in c],
+            "token_entropy": list(e) if e is not None else None,
+            "seq_entropy": None,
+            "response_tokens": [5.0] * len(c),
+        }
+        for c, e in zip(counts, ent or [None] * len(counts))
+    ]
+    return ConfigResults(
+        name,
+        name,
+        "algorithms",
+        seeds=list(range(len(counts))),
+        results=res,
+        summaries=summaries or [{"skipped_steps": 0, "kl_max": 0.1, "reward_mean_last": 0.5}] * len(counts),
+        lag=lag,
+        beta2=beta2,
+    )
 
 
 def test_claims_table_from_synthetic_results():
@@ -138,19 +190,59 @@ def test_claims_table_from_synthetic_results():
     base_counts = rng.integers(0, 9, size=P)
     # OAPL: 4 more correct of 16 on every prompt, except the prompts the base solves most (sharpening
     # would lose there; here it does not); entropy 40% below the base model's 0.2
-    oapl = _cfg("oapl", [np.minimum(base_counts + 4, 16) for _ in range(3)], beta2=0.05, lag=50,
-                ent=[np.full(P, 0.12) + rng.normal(0, 0.005, P) for _ in range(3)])
+    oapl = _cfg(
+        "oapl",
+        [np.minimum(base_counts + 4, 16) for _ in range(3)],
+        beta2=0.05,
+        lag=50,
+        ent=[np.full(P, 0.12) + rng.normal(0, 0.005, P) for _ in range(3)],
+    )
     # GRPO near on-policy: correct on the base's easy prompts only (pass@1 up, pass@16 down: sharpening)
     sharp = np.where(base_counts >= 4, 16, 0)
-    grpo = _cfg("grpo_is", [sharp] * 3, lag=1, ent=[np.full(P, 0.19) + rng.normal(0, 0.005, P) for _ in range(3)],
-                summaries=[{"clip_frac_mean": 0.0, "is_weight_mean_mean": 1.0, "is_weight_p1_mean": 0.99,
-                            "is_weight_p99_mean": 1.01, "kl_mean": 1e-4, "lag_max": 1}] * 3)
-    lagged = _cfg("grpo_is_L25", [sharp] * 3, lag=25, ent=[np.full(P, 0.19)] * 3,
-                  summaries=[{"clip_frac_mean": 0.02, "is_weight_mean_mean": 0.98, "is_weight_p1_mean": 0.7,
-                              "is_weight_p99_mean": 1.4, "kl_mean": 5e-3, "lag_max": 26}] * 3)
+    grpo = _cfg(
+        "grpo_is",
+        [sharp] * 3,
+        lag=1,
+        ent=[np.full(P, 0.19) + rng.normal(0, 0.005, P) for _ in range(3)],
+        summaries=[
+            {
+                "clip_frac_mean": 0.0,
+                "is_weight_mean_mean": 1.0,
+                "is_weight_p1_mean": 0.99,
+                "is_weight_p99_mean": 1.01,
+                "kl_mean": 1e-4,
+                "lag_max": 1,
+            }
+        ]
+        * 3,
+    )
+    lagged = _cfg(
+        "grpo_is_L25",
+        [sharp] * 3,
+        lag=25,
+        ent=[np.full(P, 0.19)] * 3,
+        summaries=[
+            {
+                "clip_frac_mean": 0.02,
+                "is_weight_mean_mean": 0.98,
+                "is_weight_p1_mean": 0.7,
+                "is_weight_p99_mean": 1.4,
+                "kl_mean": 5e-3,
+                "lag_max": 26,
+            }
+        ]
+        * 3,
+    )
     base = _cfg("base", [base_counts], ent=[np.full(P, 0.2)]).results[0]
-    claims = judge_claims({"a:oapl": oapl, "a:grpo": grpo, "a:lag": lagged}, base, M,
-                          non_inferiority_margin=0.05, keeps_entropy=0.10, clip_acted=0.001, is_acted=0.05)
+    claims = judge_claims(
+        {"a:oapl": oapl, "a:grpo": grpo, "a:lag": lagged},
+        base,
+        M,
+        non_inferiority_margin=0.05,
+        keeps_entropy=0.10,
+        clip_acted=0.001,
+        is_acted=0.05,
+    )
     by = {c.text.split(" (")[0]: c for c in claims}
     assert [r.comparison for r in claims[0].rows] == ["oapl − grpo_is", "oapl − grpo_is_L25"]
     assert "near" not in claims[0].rows[0].acted and "IS acted: no" in claims[0].rows[0].acted
@@ -173,12 +265,20 @@ def test_claims_table_from_synthetic_results():
     assert v["grpo_is vs base model (claimed: reduces)"] == NOT_REPRODUCED  # fell 5%: kept
     assert "-40%" in keeps.rows[0].evidence
     bad = {c.text.split(" (")[0] for c, _ in contradicted(claims)}
-    assert "OAPL keeps the policy's token entropy" in bad and "RL improves pass@k over the base model at every k up to 16" in bad
+    assert (
+        "OAPL keeps the policy's token entropy" in bad
+        and "RL improves pass@k over the base model at every k up to 16" in bad
+    )
 
 
 def test_correction_acted_by_the_declared_rule():
-    quiet = _cfg("g", [[1]], summaries=[{"clip_frac_mean": 0.0, "is_weight_mean_mean": 1.0, "is_weight_p1_mean": 0.98,
-                                         "is_weight_p99_mean": 1.03}])
+    quiet = _cfg(
+        "g",
+        [[1]],
+        summaries=[
+            {"clip_frac_mean": 0.0, "is_weight_mean_mean": 1.0, "is_weight_p1_mean": 0.98, "is_weight_p99_mean": 1.03}
+        ],
+    )
     a = correction_acted(quiet, clip_acted=0.001, is_acted=0.05)
     assert a["clip"] is False and a["is"] is False
     assert correction_acted(quiet, clip_acted=0.001, is_acted=0.02)["is"] is True  # p99 1.03 is 0.03 from 1
@@ -195,6 +295,7 @@ def test_paired_relative_change_against_the_base_model():
 
 
 # ------------------------------------------------------------------------- GRPO's IS weight p1 / p99
+
 
 def test_grpo_objective_reports_is_weight_quantiles():
     from oapl.objectives import GRPOObjective
@@ -230,7 +331,7 @@ def test_two_seeds_that_agree_by_chance_keep_the_prompts_noise():
     d[0, 0] = d[1, 5] = -1 / 8
     iv = seed_prompt_interval(d)
     resid = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + d.mean()
-    ms_res = (resid ** 2).sum() / 31
+    ms_res = (resid**2).sum() / 31
     assert iv.mean == pytest.approx(-1 / 256)
     assert iv.hi - iv.mean == pytest.approx(t975(31) * math.sqrt(ms_res / 64), rel=1e-9)
     assert iv.hi - iv.mean > 1.9 * math.sqrt(ms_res / 64)

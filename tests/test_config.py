@@ -14,18 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("steps: 5\noptim:\n  lr: 1.0e-5\n")
-    cfg = load_config(p, ["optim.lr=3e-4", "rollout.sync_interval=7", "sampling.stop=[a, b]", "task.columns={prompt: q}"])
+    cfg = load_config(
+        p, ["optim.lr=3e-4", "rollout.sync_interval=7", "sampling.stop=[a, b]", "task.columns={prompt: q}"]
+    )
     assert cfg.steps == 5 and cfg.optim.lr == 3e-4 and cfg.rollout.sync_interval == 7
     assert cfg.sampling.stop == ["a", "b"] and cfg.task.columns == {"prompt": "q"}
 
 
-@pytest.mark.parametrize("override, field", [
-    ("optim.lr=-1", "optim.lr"),
-    ("rollout.group_size=0", "rollout.group_size"),
-    ("optim.lr=fast", "optim.lr"),
-    ("rollout.grop_size=4", "rollout.grop_size"),
-    ("algorithm.name=ppo", "algorithm.name"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("rollout.group_size=0", "rollout.group_size"),
+        ("optim.lr=fast", "optim.lr"),
+        ("rollout.grop_size=4", "rollout.grop_size"),
+        ("algorithm.name=ppo", "algorithm.name"),
+    ],
+)
 def test_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])

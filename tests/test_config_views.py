@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from oapl.config import ConfigError, TrainConfig
-from oapl.config_views import (eval_sampling_params, get_dotted, is_offline, sampling_params, set_dotted,
-                               tokenizer_source, with_updates)
+from oapl.config_views import (
+    eval_sampling_params,
+    get_dotted,
+    is_offline,
+    sampling_params,
+    set_dotted,
+    tokenizer_source,
+    with_updates,
+)
 from oapl.engines.base import SamplingParams
 
 
@@ -20,7 +27,8 @@ def test_training_sampling_follows_the_config_and_its_overrides():
     assert sampling_params(cfg) == SamplingParams(0.7, 1.0, 33, ("</a>",), n=1)
     # temperature 0 is an override (greedy), max_tokens 0/None is "the configured length"
     assert sampling_params(cfg, 2, temperature=0.0, top_p=0.9, max_tokens=None) == SamplingParams(
-        0.0, 0.9, 33, ("</a>",), n=2)
+        0.0, 0.9, 33, ("</a>",), n=2
+    )
     assert sampling_params(cfg, 2, max_tokens=5).max_tokens == 5
 
 

@@ -14,51 +14,60 @@ from oapl.rewards.countdown import check_expression, countdown_reward, evaluate,
 # -- verifier ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expr", [
-    (" 3 * 5 + 4 = 19", "3 * 5 + 4"),                      # the few-shot format
-    ("To make 18: 6 * 4 - 6 = 17", "6 * 4 - 6"),           # the claim after "=" is not read
-    (" 6 * 4 - 6 = 18\nUse 1, 2 to make 3: 1 + 2 = 3", "6 * 4 - 6"),  # only the first equation
-    ("(6 + 6) + 4\n2 + 2", "(6 + 6) + 4"),                 # no "=": the end of the first line
-    (" 6 \u00d7 4 \u2212 6", "6 * 4 - 6"),                  # x-sign and minus sign
-    (" 18 - 6 - 4 = 18", "18 - 6 - 4"),
-    ("I cannot do that.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expr",
+    [
+        (" 3 * 5 + 4 = 19", "3 * 5 + 4"),  # the few-shot format
+        ("To make 18: 6 * 4 - 6 = 17", "6 * 4 - 6"),  # the claim after "=" is not read
+        (" 6 * 4 - 6 = 18\nUse 1, 2 to make 3: 1 + 2 = 3", "6 * 4 - 6"),  # only the first equation
+        ("(6 + 6) + 4\n2 + 2", "(6 + 6) + 4"),  # no "=": the end of the first line
+        (" 6 \u00d7 4 \u2212 6", "6 * 4 - 6"),  # x-sign and minus sign
+        (" 18 - 6 - 4 = 18", "18 - 6 - 4"),
+        ("I cannot do that.", None),
+        ("", None),
+    ],
+)
 def test_extract_expression(text, expr):
     assert extract_expression(text) == expr
 
 
-@pytest.mark.parametrize("expr, value", [
-    ("2 + 3 * 4", 14),          # * before +
-    ("(2 + 3) * 4", 20),
-    ("9 - 2 - 1", 6),           # left to right
-    ("9 - (2 - 1)", 8),
-    ("4 * 8 - 3", 29),
-    ("7", 7),
-])
+@pytest.mark.parametrize(
+    "expr, value",
+    [
+        ("2 + 3 * 4", 14),  # * before +
+        ("(2 + 3) * 4", 20),
+        ("9 - 2 - 1", 6),  # left to right
+        ("9 - (2 - 1)", 8),
+        ("4 * 8 - 3", 29),
+        ("7", 7),
+    ],
+)
 def test_evaluate_hand_computed(expr, value):
     assert evaluate(expr) == value
 
 
-@pytest.mark.parametrize("expr, numbers, target, ok", [
-    ("3 * 5 + 4", [3, 5, 4], 19, True),
-    ("4 + 5 * 3", [3, 5, 4], 19, True),        # any order of the numbers
-    ("(4 + 5) * 3", [3, 5, 4], 27, True),      # parentheses
-    ("4 + 5 * 3", [3, 5, 4], 27, False),       # precedence: 4 + 15 = 19, not 27
-    ("6 * 4 - 6", [6, 6, 4], 18, True),        # a repeated number used as often as given
-    ("6 * 3", [6, 6, 4], 18, False),           # 3 is not given; 6 and 4 unused
-    ("6 + 6 + 6", [6, 6, 4], 18, False),       # 6 used three times
-    ("6 * 4 - 6 + 0", [6, 6, 4], 18, False),   # an extra number
-    ("3 * 5", [3, 5, 4], 15, False),           # 4 unused
-    ("35 - 4", [3, 5, 4], 31, False),          # no digit concatenation
-    ("-3 + 5 * 4", [3, 5, 4], 17, False),      # no unary minus
-    ("8 / 2 + 3", [8, 2, 3], 7, False),        # no division
-    ("(3 + 5 * 4", [3, 5, 4], 23, False),      # unbalanced
-    ("3 + 5 * 4)", [3, 5, 4], 23, False),
-    ("3 + + 5 * 4", [3, 5, 4], 23, False),
-    ("03 + 5 * 4", [3, 5, 4], 23, False),      # leading zero
-    ("3 * 5 + 4", [3, 5, 4], 20, False),       # wrong value
-])
+@pytest.mark.parametrize(
+    "expr, numbers, target, ok",
+    [
+        ("3 * 5 + 4", [3, 5, 4], 19, True),
+        ("4 + 5 * 3", [3, 5, 4], 19, True),  # any order of the numbers
+        ("(4 + 5) * 3", [3, 5, 4], 27, True),  # parentheses
+        ("4 + 5 * 3", [3, 5, 4], 27, False),  # precedence: 4 + 15 = 19, not 27
+        ("6 * 4 - 6", [6, 6, 4], 18, True),  # a repeated number used as often as given
+        ("6 * 3", [6, 6, 4], 18, False),  # 3 is not given; 6 and 4 unused
+        ("6 + 6 + 6", [6, 6, 4], 18, False),  # 6 used three times
+        ("6 * 4 - 6 + 0", [6, 6, 4], 18, False),  # an extra number
+        ("3 * 5", [3, 5, 4], 15, False),  # 4 unused
+        ("35 - 4", [3, 5, 4], 31, False),  # no digit concatenation
+        ("-3 + 5 * 4", [3, 5, 4], 17, False),  # no unary minus
+        ("8 / 2 + 3", [8, 2, 3], 7, False),  # no division
+        ("(3 + 5 * 4", [3, 5, 4], 23, False),  # unbalanced
+        ("3 + 5 * 4)", [3, 5, 4], 23, False),
+        ("3 + + 5 * 4", [3, 5, 4], 23, False),
+        ("03 + 5 * 4", [3, 5, 4], 23, False),  # leading zero
+        ("3 * 5 + 4", [3, 5, 4], 20, False),  # wrong value
+    ],
+)
 def test_check_expression_hand_computed(expr, numbers, target, ok):
     assert check_expression(expr, numbers, target) is ok
 
@@ -101,13 +110,16 @@ class _FixedRng:
         seq.reverse()
 
 
-@pytest.mark.parametrize("ints, ops, shown, target", [
-    ([3, 5, 4], ["*", "+"], (4, 5, 3), 19),   # 3 * 5 + 4
-    ([3, 5, 4], ["+", "*"], (4, 5, 3), 23),   # 3 + 5 * 4: precedence
-    ([9, 2, 1], ["-", "-"], (1, 2, 9), 6),    # 9 - 2 - 1
-    ([2, 9], ["-"], None, None),              # 2 - 9 < 1: rejected
-    ([4, 4], ["-"], None, None),              # 0 < 1: rejected
-])
+@pytest.mark.parametrize(
+    "ints, ops, shown, target",
+    [
+        ([3, 5, 4], ["*", "+"], (4, 5, 3), 19),  # 3 * 5 + 4
+        ([3, 5, 4], ["+", "*"], (4, 5, 3), 23),  # 3 + 5 * 4: precedence
+        ([9, 2, 1], ["-", "-"], (1, 2, 9), 6),  # 9 - 2 - 1
+        ([2, 9], ["-"], None, None),  # 2 - 9 < 1: rejected
+        ([4, 4], ["-"], None, None),  # 0 < 1: rejected
+    ],
+)
 def test_countdown_problem_hand_computed(ints, ops, shown, target):
     got = _countdown_problem(_FixedRng(ints, ops), len(ints), 1, 9, ["+", "-", "*"])
     assert got == (None if shown is None else (shown, target))
@@ -139,13 +151,22 @@ def test_countdown_split_is_fixed_disjoint_distinct_and_solvable():
         assert r["prompt"] == f"Use {', '.join(map(str, r['numbers']))} to make {r['target']}:"
         assert _solvable(r["numbers"], r["target"])
     # pinned: the split every study compares on (changing the generator changes it)
-    assert [r["prompt"] for r in held_a[:3]] == ["Use 1, 3, 1 to make 5:", "Use 4, 2, 6 to make 48:",
-                                                 "Use 8, 8, 5 to make 21:"]
+    assert [r["prompt"] for r in held_a[:3]] == [
+        "Use 1, 3, 1 to make 5:",
+        "Use 4, 2, 6 to make 48:",
+        "Use 8, 8, 5 to make 21:",
+    ]
 
 
 def test_countdown_options_shape_the_problems():
-    cfg = TaskConfig(name="countdown", num_train=50, num_eval=20, countdown_numbers=2, countdown_range=(10, 20),
-                     countdown_operations=["+"])
+    cfg = TaskConfig(
+        name="countdown",
+        num_train=50,
+        num_eval=20,
+        countdown_numbers=2,
+        countdown_range=(10, 20),
+        countdown_operations=["+"],
+    )
     train, held = countdown_examples(cfg, seed=0)
     for r in train + held:
         assert len(r["numbers"]) == 2 and all(10 <= n <= 20 for n in r["numbers"])
@@ -154,10 +175,14 @@ def test_countdown_options_shape_the_problems():
 
 def test_countdown_too_many_eval_problems_is_a_clear_error():
     # 2 numbers from [1, 2] with "+": only 3 distinct problems (1+1, 1+2, 2+2)
-    cfg = TaskConfig(name="countdown", num_eval=4, countdown_numbers=2, countdown_range=(1, 2), countdown_operations=["+"])
+    cfg = TaskConfig(
+        name="countdown", num_eval=4, countdown_numbers=2, countdown_range=(1, 2), countdown_operations=["+"]
+    )
     with pytest.raises(ValueError, match=r"task.num_eval=4: only 3 distinct countdown problems.*countdown_range"):
         countdown_examples(cfg, seed=0)
-    cfg = TaskConfig(name="countdown", num_eval=3, countdown_numbers=2, countdown_range=(1, 2), countdown_operations=["+"])
+    cfg = TaskConfig(
+        name="countdown", num_eval=3, countdown_numbers=2, countdown_range=(1, 2), countdown_operations=["+"]
+    )
     with pytest.raises(ValueError, match=r"task.num_eval=3 leaves \(almost\) no training problems"):
         countdown_examples(cfg, seed=0)
 
@@ -182,9 +207,13 @@ def test_countdown_task_prompt_and_reward(char_tokenizer):
     assert task.chat_template is False and task.system_prompt == COUNTDOWN_SYSTEM_PROMPT
     assert task.render(ex, char_tokenizer) == (
         "Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 2, 7, 6 to make 15: 2 + 7 + 6 = 15\n"
-        "Use 4, 2, 8 to make 20: 4 + 2 * 8 = 20\nUse 1, 3, 1 to make 5:")
+        "Use 4, 2, 8 to make 20: 4 + 2 * 8 = 20\nUse 1, 3, 1 to make 5:"
+    )
     assert task.reward_kwargs([ex]) == {"numbers": [[1, 3, 1]], "target": [5]}
-    assert task.reward_fn(["p", "p"], [" 1 + 3 + 1 = 5", " 1 * 3 + 1 = 5"], **task.reward_kwargs([ex, ex])) == [1.0, 0.0]
+    assert task.reward_fn(["p", "p"], [" 1 + 3 + 1 = 5", " 1 * 3 + 1 = 5"], **task.reward_kwargs([ex, ex])) == [
+        1.0,
+        0.0,
+    ]
     chat = build_task(TaskConfig(name="countdown", num_train=8, num_eval=4, chat_template=True, system_prompt=""))
     assert chat.system_prompt is None and chat.render(ex, char_tokenizer).startswith("<|im_start|>user\nUse 1, 3, 1")
     # the other tasks keep the chat template by default

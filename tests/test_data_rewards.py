@@ -57,10 +57,18 @@ def test_arithmetic_held_out_split_is_fixed_and_disjoint():
     assert all(eval(h["prompt"][8:-1]) == h["answer"] for h in held_a)  # "What is a + b?"
 
 
-@pytest.mark.parametrize("text, value", [
-    ("12 + 7 = 19", 19), ("The answer is 19.", 19), ("\\boxed{19} then 3", 19), ("answer: -4", -4),
-    ("1,234", 1234), ("no number", None), ("x = 3.5", 3.5),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("12 + 7 = 19", 19),
+        ("The answer is 19.", 19),
+        ("\\boxed{19} then 3", 19),
+        ("answer: -4", -4),
+        ("1,234", 1234),
+        ("no number", None),
+        ("x = 3.5", 3.5),
+    ],
+)
 def test_extract_final_number(text, value):
     assert extract_final_number(text) == value
 
@@ -116,9 +124,18 @@ def test_math_reward_works_outside_the_main_thread():
 
 
 def _group(version, pid="p"):
-    return RolloutGroup(prompt_id=pid, prompt="x", prompt_token_ids=[1], responses=["a"], response_token_ids=[[2]],
-                        response_logprobs=[[-0.1]], rewards=[1.0], finish_reasons=["stop"], weights_id="m",
-                        version=version)
+    return RolloutGroup(
+        prompt_id=pid,
+        prompt="x",
+        prompt_token_ids=[1],
+        responses=["a"],
+        response_token_ids=[[2]],
+        response_logprobs=[[-0.1]],
+        rewards=[1.0],
+        finish_reasons=["stop"],
+        weights_id="m",
+        version=version,
+    )
 
 
 def test_buffer_refuses_stale_groups_and_clears_at_sync():

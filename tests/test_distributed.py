@@ -43,9 +43,19 @@ def lower_fraction(prompts, completions, **_):
 
 
 def make_cfg(tiny_model_dir, prompts_file, out, **over):
-    return tiny_config(tiny_model_dir, prompts_file, out, **{
-        "threads": 1, "task.reward": "test_distributed:lower_fraction", "distributed.backend": "ray",
-        "distributed.num_engines": 2, "distributed.trainer_workers": 2, **over})
+    return tiny_config(
+        tiny_model_dir,
+        prompts_file,
+        out,
+        **{
+            "threads": 1,
+            "task.reward": "test_distributed:lower_fraction",
+            "distributed.backend": "ray",
+            "distributed.num_engines": 2,
+            "distributed.trainer_workers": 2,
+            **over,
+        },
+    )
 
 
 def read_all(out):
@@ -56,11 +66,37 @@ def read_rows(out):
     return [r for r in read_all(out) if "loss" in r]
 
 
-LOCAL_KEYS = ("step", "samples_seen", "loss", "skipped", "reward_mean", "reward_std", "v_star_mean", "adv_mean",
-              "adv_std", "grad_norm", "lr", "response_len_mean", "truncated_frac", "train_seconds",
-              "train_tokens_per_s", "kl", "logprob_absdiff_mean", "logprob_absdiff_max", "log_ratio_mean",
-              "log_ratio_std", "log_ratio_absmax", "entropy", "seq_entropy", "weight_version", "lag",
-              "gen_tokens_per_s", "reward_errors", "stale_dropped", "elapsed_s")
+LOCAL_KEYS = (
+    "step",
+    "samples_seen",
+    "loss",
+    "skipped",
+    "reward_mean",
+    "reward_std",
+    "v_star_mean",
+    "adv_mean",
+    "adv_std",
+    "grad_norm",
+    "lr",
+    "response_len_mean",
+    "truncated_frac",
+    "train_seconds",
+    "train_tokens_per_s",
+    "kl",
+    "logprob_absdiff_mean",
+    "logprob_absdiff_max",
+    "log_ratio_mean",
+    "log_ratio_std",
+    "log_ratio_absmax",
+    "entropy",
+    "seq_entropy",
+    "weight_version",
+    "lag",
+    "gen_tokens_per_s",
+    "reward_errors",
+    "stale_dropped",
+    "elapsed_s",
+)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -71,8 +107,13 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, 
     from oapl.loop import Run
 
     # 4 prompts x 4 = 16 sequences; micro-batches of 3 so that shards (8 + 8) accumulate unevenly
-    over = {"optim.micro_batch_size": 3, "optim.lr": 1e-3, "optim.max_grad_norm": 1e9,
-            "algorithm.beta2": 0.1, "distributed.backend": "local"}
+    over = {
+        "optim.micro_batch_size": 3,
+        "optim.lr": 1e-3,
+        "optim.max_grad_norm": 1e9,
+        "algorithm.beta2": 0.1,
+        "distributed.backend": "local",
+    }
     local = Run.for_config(make_cfg(tiny_model_dir, prompts_file, tmp_path / "local", **over))
     captured = {}
     orig_clip = torch.nn.utils.clip_grad_norm_
@@ -105,8 +146,14 @@ def test_two_ranks_match_one_process(ray_cluster, tiny_model_dir, prompts_file, 
     finally:
         local.close()
 
-    group = TrainerGroup(make_cfg(tiny_model_dir, prompts_file, tmp_path / "ray",
-                                  **{**over, "distributed.backend": "ray", "distributed.parallel": parallel}))
+    group = TrainerGroup(
+        make_cfg(
+            tiny_model_dir,
+            prompts_file,
+            tmp_path / "ray",
+            **{**over, "distributed.backend": "ray", "distributed.parallel": parallel},
+        )
+    )
     assert group.mode == parallel
     try:
         group.setup(resume=False)
@@ -149,9 +196,18 @@ def test_ray_run_matches_local_run(ray_cluster, tiny_model_dir, prompts_file, tm
 
     # held-out evaluation (greedy) before, mid-window at step 3 (rank 0's current weights) and after
     # (on the engines) must give the local numbers too
-    over = {"steps": 4, "rollout.sync_interval": 2, "checkpoint.every": 2, "checkpoint.keep": 5,
-            "task.eval_dataset": str(prompts_file), "task.eval_split": "train", "task.max_eval_prompts": 6,
-            "eval.at_start": True, "eval.every": 3, "eval.at_end": True}
+    over = {
+        "steps": 4,
+        "rollout.sync_interval": 2,
+        "checkpoint.every": 2,
+        "checkpoint.keep": 5,
+        "task.eval_dataset": str(prompts_file),
+        "task.eval_split": "train",
+        "task.max_eval_prompts": 6,
+        "eval.at_start": True,
+        "eval.every": 3,
+        "eval.at_end": True,
+    }
     train(make_cfg(tiny_model_dir, prompts_file, tmp_path / "local", **over, **{"distributed.backend": "local"}))
     train(make_cfg(tiny_model_dir, prompts_file, tmp_path / "ray", **over, **{"distributed.num_engines": 1}))
     rows_l, rows_r = read_rows(tmp_path / "local"), read_rows(tmp_path / "ray")
@@ -160,11 +216,25 @@ def test_ray_run_matches_local_run(ray_cluster, tiny_model_dir, prompts_file, tm
     for rl, rr in zip(rows_l, rows_r):
         assert set(LOCAL_KEYS) <= set(rr) and rr["num_engines"] == 1 and rr["engine_restarts"] == 0
         assert set(rr) - set(rl) == {"num_engines", "engine_restarts"}
-        for k in ("loss", "reward_mean", "v_star_mean", "grad_norm", "lr", "kl", "log_ratio_mean", "entropy",
-                  "response_len_mean", "weight_version", "lag", "samples_seen"):
+        for k in (
+            "loss",
+            "reward_mean",
+            "v_star_mean",
+            "grad_norm",
+            "lr",
+            "kl",
+            "log_ratio_mean",
+            "entropy",
+            "response_len_mean",
+            "weight_version",
+            "lag",
+            "samples_seen",
+        ):
             assert rr[k] == pytest.approx(rl[k], rel=1e-3, abs=1e-5), (rr["step"], k)
-    evals = [[(r["step"], r["eval/reward_mean"], r["eval/pass@1"]) for r in read_all(out) if "eval/reward_mean" in r]
-             for out in (tmp_path / "local", tmp_path / "ray")]
+    evals = [
+        [(r["step"], r["eval/reward_mean"], r["eval/pass@1"]) for r in read_all(out) if "eval/reward_mean" in r]
+        for out in (tmp_path / "local", tmp_path / "ray")
+    ]
     assert [e[0] for e in evals[1]] == [0, 3, 4]
     assert [x for e in evals[1] for x in e] == pytest.approx([x for e in evals[0] for x in e], rel=1e-6)
     assert [r["weight_version"] for r in rows_r] == [0, 0, 1, 1]
@@ -220,9 +290,13 @@ def test_engine_death_does_not_stop_training(ray_cluster, tiny_model_dir, prompt
         return orig(self, groups, want_grads)
 
     monkeypatch.setattr(TrainerGroup, "train_step", spy)
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
-                   **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 2,
-                      "distributed.max_engine_restarts": 2})
+    cfg = make_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=8,
+        **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 2, "distributed.max_engine_restarts": 2},
+    )
     result = train(cfg)
     assert killed and len(live) == 1  # no resume: the trainer never noticed
     assert result.steps == 8
@@ -257,9 +331,18 @@ def test_trainer_death_resumes_from_checkpoint(ray_cluster, tiny_model_dir, prom
         return orig(self, groups, want_grads)
 
     monkeypatch.setattr(TrainerGroup, "train_step", spy)
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=5,
-                   **{"checkpoint.every": 2, "checkpoint.keep": 5, "distributed.num_engines": 2,
-                      "distributed.weight_transport": "collective"})
+    cfg = make_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=5,
+        **{
+            "checkpoint.every": 2,
+            "checkpoint.keep": 5,
+            "distributed.num_engines": 2,
+            "distributed.weight_transport": "collective",
+        },
+    )
     result = train(cfg)
     assert killed
     assert len(live) == 2  # one resume
@@ -273,8 +356,7 @@ def test_trainer_death_resumes_from_checkpoint(ray_cluster, tiny_model_dir, prom
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_dir, prompts_file, tmp_path,
-                                                        parallel):
+def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_dir, prompts_file, tmp_path, parallel):
     """DDP replicas and FSDP2 shards hold fp32 masters under bf16 autocast: one step at lr 1e-6 moves >= 99%
     of the weights that received a gradient (stored in bf16 almost none would move: tests/test_precision.py)."""
     from test_precision import _groups
@@ -282,9 +364,19 @@ def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_
     from oapl.distributed.sharded import iter_checkpoint_weights
     from oapl.distributed.trainer import TrainerGroup
 
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", **{
-        "model.compute_dtype": "bfloat16", "optim.lr": 1e-6, "optim.max_grad_norm": None,
-        "algorithm.beta2": 0.1, "optim.micro_batch_size": 4, "distributed.parallel": parallel})
+    cfg = make_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        **{
+            "model.compute_dtype": "bfloat16",
+            "optim.lr": 1e-6,
+            "optim.max_grad_norm": None,
+            "algorithm.beta2": 0.1,
+            "optim.micro_batch_size": 4,
+            "distributed.parallel": parallel,
+        },
+    )
     group = TrainerGroup(cfg)
     try:
         group.setup(resume=False)
@@ -305,8 +397,9 @@ def test_two_ranks_keep_every_update_under_bf16_compute(ray_cluster, tiny_model_
     assert total > 1000 and moved / total >= 0.99, moved / total
 
 
-def test_collective_sync_publishes_once_and_a_restarted_engine_waits(ray_cluster, tiny_model_dir, prompts_file,
-                                                                       tmp_path, monkeypatch):
+def test_collective_sync_publishes_once_and_a_restarted_engine_waits(
+    ray_cluster, tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
     """Collective transport, 2 engines in the background: a sync is one broadcast (no object-store copy
     of the weights); an engine killed mid-window is restarted once, holds no synced weights until the
     next sync's broadcast and draws no prompts meanwhile, and the run finishes with batches of one (the
@@ -333,9 +426,18 @@ def test_collective_sync_publishes_once_and_a_restarted_engine_waits(ray_cluster
 
     monkeypatch.setattr(TrainerGroup, "train_step", spy)
     monkeypatch.setattr(TrainerGroup, "publish_weights", count_publish)
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
-                   **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 2,
-                      "distributed.weight_transport": "collective", "distributed.max_engine_restarts": 2})
+    cfg = make_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=8,
+        **{
+            "rollout.asynchronous": True,
+            "rollout.prompts_per_generate": 2,
+            "distributed.weight_transport": "collective",
+            "distributed.max_engine_restarts": 2,
+        },
+    )
     result = train(cfg)
     assert killed and len(live) == 1 and result.steps == 8  # no resume: the trainer never noticed
     backend = live[0]

@@ -25,8 +25,15 @@ from oapl.errors import UserError
 from oapl.metrics import MetricsLogger
 from oapl.rundir import check_resume_config
 from oapl.trainer import checkpoint as ck
-from oapl.trainer.checkpoint import (CheckpointError, list_checkpoints, load_trainer_state, resume_checkpoint,
-                                     verify_checkpoint, write_manifest, write_trainer_state)
+from oapl.trainer.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_trainer_state,
+    resume_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+    write_trainer_state,
+)
 
 HERE = Path(__file__).parent
 
@@ -62,8 +69,14 @@ def test_trainer_state_round_trips_through_json_and_safetensors(tmp_path):
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
-    state = {"step": 7, "version_steps": {0: 0, 3: 6}, "eval_before": None, "checkpoints": ["a"],
-             "policy": {"optimizer": opt.state_dict()}, "rng": ck.rng_state()}
+    state = {
+        "step": 7,
+        "version_steps": {0: 0, 3: 6},
+        "eval_before": None,
+        "checkpoints": ["a"],
+        "policy": {"optimizer": opt.state_dict()},
+        "rng": ck.rng_state(),
+    }
     write_trainer_state(tmp_path, state)
     assert sorted(os.listdir(tmp_path)) == ["trainer_state.json", "trainer_state.safetensors"]
     back = load_trainer_state(tmp_path)
@@ -94,7 +107,9 @@ def test_old_format_checkpoint_without_objects_loads_with_weights_only(tmp_path)
     """oapl's own older checkpoints (NumPy's RNG array inside) still load, by the restricted unpickler."""
     ckpt = tmp_path / "step-00000001"
     ckpt.mkdir()
-    torch.save({"step": 1, "rng": ck.rng_state(), "policy": {"scheduler": {"last_epoch": 1}}}, ckpt / "trainer_state.pt")
+    torch.save(
+        {"step": 1, "rng": ck.rng_state(), "policy": {"scheduler": {"last_epoch": 1}}}, ckpt / "trainer_state.pt"
+    )
     state = load_trainer_state(ckpt)
     assert state["step"] == 1 and isinstance(state["rng"]["numpy"][1], np.ndarray)
 
@@ -134,23 +149,35 @@ def test_real_dcp_metadata_passes_the_restricted_reader(tmp_path):
 def test_manifest_lists_every_file_and_verifies(tmp_path):
     p = fake_checkpoint(tmp_path, 1)
     manifest = json.loads((p / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model/config.json", "model/model.safetensors", "trainer_state.json",
-                                      "trainer_state.safetensors", "config.yaml"}
+    assert set(manifest["files"]) == {
+        "model/config.json",
+        "model/model.safetensors",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+        "config.yaml",
+    }
     assert manifest["files"]["model/model.safetensors"]["size"] == 4096
     assert verify_checkpoint(p) is None
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda p: shutil.rmtree(p / "model"), "model/ is missing"),
-    (lambda p: (p / "trainer_state.safetensors").unlink(), "trainer_state.safetensors is missing"),
-    (lambda p: os.truncate(p / "model" / "model.safetensors", 100), "model/model.safetensors is 100 bytes, the "
-                                                                    "manifest says 4096"),
-    (lambda p: (p / "config.yaml").write_text("steps: 11\n"), "config.yaml does not match its checksum"),
-    (lambda p: (p / "manifest.json").write_text("{half"), "manifest.json is unreadable"),
-    (lambda p: (p / "manifest.json").unlink(), "no manifest.json"),
-    (lambda p: (p / "manifest.json").write_text(json.dumps({"files": {"../../x": {"size": 1}}})),
-     "manifest.json lists a path outside the checkpoint (../../x)"),
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda p: shutil.rmtree(p / "model"), "model/ is missing"),
+        (lambda p: (p / "trainer_state.safetensors").unlink(), "trainer_state.safetensors is missing"),
+        (
+            lambda p: os.truncate(p / "model" / "model.safetensors", 100),
+            "model/model.safetensors is 100 bytes, the manifest says 4096",
+        ),
+        (lambda p: (p / "config.yaml").write_text("steps: 11\n"), "config.yaml does not match its checksum"),
+        (lambda p: (p / "manifest.json").write_text("{half"), "manifest.json is unreadable"),
+        (lambda p: (p / "manifest.json").unlink(), "no manifest.json"),
+        (
+            lambda p: (p / "manifest.json").write_text(json.dumps({"files": {"../../x": {"size": 1}}})),
+            "manifest.json lists a path outside the checkpoint (../../x)",
+        ),
+    ],
+)
 def test_damage_is_named(tmp_path, damage, why):
     p = fake_checkpoint(tmp_path, 1)
     damage(p)
@@ -181,11 +208,13 @@ def test_resume_takes_the_newest_intact_checkpoint_and_names_the_skipped(tmp_pat
     with caplog.at_level(logging.WARNING, logger="oapl.trainer.checkpoint"):
         assert resume_checkpoint(tmp_path) == good
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
-    assert skipped == ["skipping damaged checkpoint checkpoints/step-00000008: trainer_state.safetensors is 10 bytes, "
-                       "the manifest says " + str(json.loads((worse / "manifest.json").read_text())
-                                                  ["files"]["trainer_state.safetensors"]["size"])
-                       + " (truncated or replaced)",
-                       "skipping damaged checkpoint checkpoints/step-00000006: model/ is missing"]
+    assert skipped == [
+        "skipping damaged checkpoint checkpoints/step-00000008: trainer_state.safetensors is 10 bytes, "
+        "the manifest says "
+        + str(json.loads((worse / "manifest.json").read_text())["files"]["trainer_state.safetensors"]["size"])
+        + " (truncated or replaced)",
+        "skipping damaged checkpoint checkpoints/step-00000006: model/ is missing",
+    ]
 
 
 def test_old_format_checkpoints_are_checked_too(tmp_path, caplog):
@@ -206,8 +235,11 @@ def test_old_format_checkpoints_are_checked_too(tmp_path, caplog):
 def test_every_checkpoint_damaged_is_refused_naming_each(tmp_path):
     for step in (1, 2):
         shutil.rmtree(fake_checkpoint(tmp_path, step) / "model")
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint.*step-00000002 \(model/ is missing\); "
-                                              r"step-00000001 \(model/ is missing\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no intact checkpoint.*step-00000002 \(model/ is missing\); "
+        r"step-00000001 \(model/ is missing\)",
+    ):
         resume_checkpoint(tmp_path)
 
 
@@ -260,8 +292,16 @@ def test_resume_refuses_a_change_to_the_run_listing_the_fields(tmp_path):
 
 def test_resume_allows_longer_runs_and_other_cadences(tmp_path, caplog):
     run = _stored_run(tmp_path)
-    cfg = _cfg(run, steps=500, logging__log_samples_every=5, logging__progress=False, checkpoint__every=10,
-               checkpoint__keep=4, eval__every=20, task__reward_timeout_s=9.0)
+    cfg = _cfg(
+        run,
+        steps=500,
+        logging__log_samples_every=5,
+        logging__progress=False,
+        checkpoint__every=10,
+        checkpoint__keep=4,
+        eval__every=20,
+        task__reward_timeout_s=9.0,
+    )
     with caplog.at_level(logging.WARNING, logger="oapl.rundir"):
         check_resume_config(cfg)
     (line,) = [r.getMessage() for r in caplog.records]
@@ -292,12 +332,29 @@ def _toy_rewards(monkeypatch):
 
 
 def train_argv(tiny_model_dir, prompts_file, out, *extra):
-    return ["train", f"output_dir={out}", f"model.name={tiny_model_dir}", "task.name=dataset",
-            f"task.dataset={prompts_file}", "task.columns={prompt: question, prompt_id: id}",
-            "task.reward=toy_rewards:digit_fraction", "engine.kind=transformers", "steps=3", "threads=2",
-            "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.prompts_per_generate=2",
-            "rollout.asynchronous=false", "sampling.max_tokens=4", "eval.at_start=false", "eval.at_end=false",
-            "logging.progress=false", "checkpoint.every=1", "checkpoint.keep=3", *extra]
+    return [
+        "train",
+        f"output_dir={out}",
+        f"model.name={tiny_model_dir}",
+        "task.name=dataset",
+        f"task.dataset={prompts_file}",
+        "task.columns={prompt: question, prompt_id: id}",
+        "task.reward=toy_rewards:digit_fraction",
+        "engine.kind=transformers",
+        "steps=3",
+        "threads=2",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=2",
+        "rollout.prompts_per_generate=2",
+        "rollout.asynchronous=false",
+        "sampling.max_tokens=4",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "logging.progress=false",
+        "checkpoint.every=1",
+        "checkpoint.keep=3",
+        *extra,
+    ]
 
 
 def oapl_lines(err: str) -> list[str]:
@@ -305,8 +362,9 @@ def oapl_lines(err: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_damaged_latest_checkpoint_planted_pickle_and_changed_config(_toy_rewards, capsys, tmp_path, tiny_model_dir,
-                                                                     prompts_file):
+def test_damaged_latest_checkpoint_planted_pickle_and_changed_config(
+    _toy_rewards, capsys, tmp_path, tiny_model_dir, prompts_file
+):
     run = tmp_path / "run"
     assert main(train_argv(tiny_model_dir, prompts_file, run)) == 0
     kept = [str(p) for p in list_checkpoints(run)]
@@ -363,8 +421,9 @@ def test_sharded_layout_has_a_manifest_and_a_damaged_one_is_skipped(tiny_model_d
     second = sharded.save_sharded_checkpoint(tmp_path / "run", 2, policy, 0, 1, {"step": 2}, "{}", keep=3)
     manifest = json.loads((second / "manifest.json").read_text())
     assert manifest["layout"] == "sharded/1"
-    assert {"optim/.metadata", "optim/__0_0.distcp", "trainer_state.json", "model/model.safetensors.index.json"} \
-        <= set(manifest["files"])
+    assert {"optim/.metadata", "optim/__0_0.distcp", "trainer_state.json", "model/model.safetensors.index.json"} <= set(
+        manifest["files"]
+    )
     assert verify_checkpoint(second) is None
     (second / "optim" / "__0_0.distcp").unlink()
     with caplog.at_level(logging.WARNING, logger="oapl.trainer.checkpoint"):
@@ -391,8 +450,13 @@ def test_trainer_resumes_from_any_kept_checkpoint_and_lora_saves_peft_layout(tin
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
     def trainer(steps):
-        return OAPLTrainer(tiny_model_dir, reward_funcs=reward, train_dataset=_rows(), peft_config=lora,
-                           args=_args(out, max_steps=steps, save_steps=1, save_total_limit=3, weight_sync_steps=1))
+        return OAPLTrainer(
+            tiny_model_dir,
+            reward_funcs=reward,
+            train_dataset=_rows(),
+            peft_config=lora,
+            args=_args(out, max_steps=steps, save_steps=1, save_total_limit=3, weight_sync_steps=1),
+        )
 
     trainer(3).train()
     kept = list_checkpoints(out)
@@ -401,15 +465,19 @@ def test_trainer_resumes_from_any_kept_checkpoint_and_lora_saves_peft_layout(tin
     third = load_file(str(kept[2] / "adapter_model.safetensors"))
     again = trainer(3)
     assert again.train(resume_from_checkpoint=str(kept[0])).global_step == 3
-    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(ln)]
+    steps = [
+        json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(ln)
+    ]
     assert steps == [1, 2, 3]  # the rows of steps 2-3 were written again, once
     redone = load_file(str(kept[2] / "adapter_model.safetensors"))
     assert set(redone) == set(third)
     for k in third:  # the counters, data order and RNG came back: steps 2-3 are the same steps again
         assert torch.equal(redone[k], third[k]), k
-    with pytest.raises(UserError, match=r"not a checkpoint of this run; kept ones in .*step-00000001, "
-                                         r"step-00000002, step-00000003"):
+    with pytest.raises(
+        UserError,
+        match=r"not a checkpoint of this run; kept ones in .*step-00000001, "
+        r"step-00000002, step-00000003",
+    ):
         trainer(3).train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "step-00000001"))
     # save_model as TRL's: peft's layout at the root, which PeftModel loads onto the base model
     from peft import PeftModel

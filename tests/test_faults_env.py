@@ -160,8 +160,9 @@ def test_truncated_safetensors_is_named(capsys, tmp_path, prompts_file, toy_path
         assert f"model.name: {weights} is damaged" in out, out
 
 
-def test_model_folder_without_weights_or_with_an_unknown_model_type(capsys, tmp_path, prompts_file, toy_path,
-                                                                    tiny_model_dir):
+def test_model_folder_without_weights_or_with_an_unknown_model_type(
+    capsys, tmp_path, prompts_file, toy_path, tiny_model_dir
+):
     model = _copy_model(tiny_model_dir, tmp_path)
     (model / "model.safetensors").unlink()
     rc, err = run_cli(train_args(str(model), prompts_file, tmp_path / "r"), capsys)
@@ -192,8 +193,17 @@ def test_loader_failure_on_a_damaged_folder_names_the_file(tmp_path, tiny_model_
 def test_cuda_without_a_gpu(capsys, tmp_path, prompts_file, toy_path, tiny_model_dir, device):
     rc, err = run_cli(train_args(tiny_model_dir, prompts_file, tmp_path / "r", f"model.device={device}"), capsys)
     assert_one_line(rc, err, f"model.device={device}", "no GPU here", "model.device=auto or cpu")
-    assert main(["check", *train_args(tiny_model_dir, prompts_file, tmp_path / "r")[1:],
-                 f"model.device={device}", "--no-hub"]) == 2
+    assert (
+        main(
+            [
+                "check",
+                *train_args(tiny_model_dir, prompts_file, tmp_path / "r")[1:],
+                f"model.device={device}",
+                "--no-hub",
+            ]
+        )
+        == 2
+    )
     assert f"model.device={device}: no GPU here" in capsys.readouterr().out
 
 
@@ -213,11 +223,21 @@ def test_pick_device_refuses_a_gpu_index_that_is_not_there(monkeypatch):
 
 
 def test_engine_extra_with_the_transformers_engine(capsys, tmp_path, prompts_file, toy_path, tiny_model_dir):
-    rc, err = run_cli(train_args(tiny_model_dir, prompts_file, tmp_path / "r", "engine.extra={max_num_seqs: 4}"),
-                      capsys)
+    rc, err = run_cli(
+        train_args(tiny_model_dir, prompts_file, tmp_path / "r", "engine.extra={max_num_seqs: 4}"), capsys
+    )
     assert_one_line(rc, err, "engine.extra", "max_num_seqs", "transformers engine", "engine.kind=vllm")
-    assert main(["check", *train_args(tiny_model_dir, prompts_file, tmp_path / "r")[1:],
-                 "engine.extra={max_num_seqs: 4}", "--no-hub"]) == 2
+    assert (
+        main(
+            [
+                "check",
+                *train_args(tiny_model_dir, prompts_file, tmp_path / "r")[1:],
+                "engine.extra={max_num_seqs: 4}",
+                "--no-hub",
+            ]
+        )
+        == 2
+    )
     assert "engine.extra=['max_num_seqs']: the transformers engine takes no extra arguments" in capsys.readouterr().out
 
 
@@ -227,8 +247,11 @@ def test_engine_extra_key_vllm_does_not_take():
     from oapl.engines.factory import check_engine_extra
 
     check_engine_extra("vllm", {"max_num_seqs": 4, "enable_prefix_caching": True, "cpu_threads": 1})
-    with pytest.raises(UserError, match=r"engine.extra.max_num_seq: vllm.LLM \(vLLM .*\) has no argument "
-                                        r"'max_num_seq'; did you mean 'max_num_seqs'\?"):
+    with pytest.raises(
+        UserError,
+        match=r"engine.extra.max_num_seq: vllm.LLM \(vLLM .*\) has no argument "
+        r"'max_num_seq'; did you mean 'max_num_seqs'\?",
+    ):
         check_engine_extra("vllm", {"max_num_seq": 4})
     with pytest.raises(UserError, match="engine.extra.dtype: set by oapl from model.compute_dtype"):
         check_engine_extra("vllm", {"dtype": "float16"})
@@ -250,9 +273,12 @@ def test_vllm_refusing_a_value_is_one_line(monkeypatch, tiny_model_dir):
         raise ValueError(f"max_num_seqs: Input should be a valid integer (got {kwargs['max_num_seqs']!r})")
 
     monkeypatch.setattr(vllm, "LLM", refuse)
-    with pytest.raises(UserError, match=r"^engine: vLLM refused its arguments on .*: ValueError: max_num_seqs: Input "
-                                        r"should be a valid integer \(got 'four'\) \(vLLM arguments come from "
-                                        r"engine.extra.*'max_num_seqs': 'four'"):
+    with pytest.raises(
+        UserError,
+        match=r"^engine: vLLM refused its arguments on .*: ValueError: max_num_seqs: Input "
+        r"should be a valid integer \(got 'four'\) \(vLLM arguments come from "
+        r"engine.extra.*'max_num_seqs': 'four'",
+    ):
         VLLMEngine(tiny_model_dir, max_num_seqs="four")
 
     def crash(model, **kwargs):
@@ -264,10 +290,19 @@ def test_vllm_refusing_a_value_is_one_line(monkeypatch, tiny_model_dir):
 
 
 def test_lora_targets_that_match_nothing(capsys, tmp_path, prompts_file, toy_path, tiny_model_dir):
-    rc, err = run_cli(train_args(tiny_model_dir, prompts_file, tmp_path / "r", "model.lora.enabled=true",
-                                 "model.lora.target_modules=[qproj, vproj]"), capsys)
-    line = assert_one_line(rc, err, "model.lora.target_modules=['qproj', 'vproj']", "q_proj", "v_proj",
-                           "down_proj", "all-linear")
+    rc, err = run_cli(
+        train_args(
+            tiny_model_dir,
+            prompts_file,
+            tmp_path / "r",
+            "model.lora.enabled=true",
+            "model.lora.target_modules=[qproj, vproj]",
+        ),
+        capsys,
+    )
+    line = assert_one_line(
+        rc, err, "model.lora.target_modules=['qproj', 'vproj']", "q_proj", "v_proj", "down_proj", "all-linear"
+    )
     assert "lm_head" not in line
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing written
     # oapl check matches them on the meta device (no weights read), with peft's rule
@@ -331,8 +366,9 @@ def small_tmpfs(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
-                              timeout=30)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         pytest.skip("no mount here")
     if done.returncode != 0:
@@ -377,8 +413,14 @@ def test_file_size_limit_during_a_checkpoint(tmp_path, tiny_model_dir, prompts_f
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}", "OAPL_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "oapl.cli.main", *args, "checkpoint.save_final=true"],
-                          preexec_fn=limit_writes, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "oapl.cli.main", *args, "checkpoint.save_final=true"],
+        preexec_fn=limit_writes,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("oapl: ")]
@@ -409,8 +451,14 @@ def test_long_prompt_at_row_20_refused_before_training(capsys, tmp_path, tiny_mo
     data = _long_at_row_20(tmp_path)
     out = tmp_path / "r"
     rc, err = run_cli(train_args(tiny_model_dir, data, out, "engine.max_model_len=64"), capsys)
-    assert_one_line(rc, err, "train row 20 (prompt_id 'p20')", f"prompt of {ROW_20_TOKENS} tokens",
-                    "engine.max_model_len=64", "sampling.max_tokens=4")
+    assert_one_line(
+        rc,
+        err,
+        "train row 20 (prompt_id 'p20')",
+        f"prompt of {ROW_20_TOKENS} tokens",
+        "engine.max_model_len=64",
+        "sampling.max_tokens=4",
+    )
     assert not (out / "metrics.jsonl").exists()  # refused before the run started
 
 
@@ -419,7 +467,9 @@ def test_long_prompt_at_row_20_in_oapl_check(capsys, tmp_path, tiny_model_dir, t
     argv = ["check", *train_args(tiny_model_dir, data, tmp_path / "r")[1:], "engine.max_model_len=64", "--no-hub"]
     assert main(argv) == 2
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln]
-    assert any(ln.startswith(f"train row 20 (prompt_id 'p20'): prompt of {ROW_20_TOKENS} tokens") for ln in lines), lines
+    assert any(ln.startswith(f"train row 20 (prompt_id 'p20'): prompt of {ROW_20_TOKENS} tokens") for ln in lines), (
+        lines
+    )
     assert not any("is ready to run" in ln for ln in lines)
     # the default of 8 answer-checked rows does not limit the token check
     assert main([*argv[:-1], "engine.max_model_len=200", "--rows", "2", "--no-hub"]) == 0
@@ -431,13 +481,19 @@ def test_eval_split_is_checked_when_the_run_evaluates(tmp_path, char_tokenizer):
     from oapl.data.budget import TokenBudgetError, check_splits
     from oapl.data.tasks import Task
 
-    task = Task("t", train=[{"prompt": "a", "prompt_id": "t0"}],
-                eval=[{"prompt": "b", "prompt_id": "e0"}, {"prompt": "y" * 50, "prompt_id": "e1"}],
-                reward_fn=lambda p, c, **k: [0.0] * len(c))
+    task = Task(
+        "t",
+        train=[{"prompt": "a", "prompt_id": "t0"}],
+        eval=[{"prompt": "b", "prompt_id": "e0"}, {"prompt": "y" * 50, "prompt_id": "e1"}],
+        reward_fn=lambda p, c, **k: [0.0] * len(c),
+    )
     cfg = load_config(None, ["sampling.max_tokens=10"])
     assert check_splits(cfg, task, char_tokenizer, 80, evaluate=False) == 19 + 1
-    with pytest.raises(TokenBudgetError, match=r"^eval row 1 \(prompt_id 'e1'\): prompt of 69 tokens \+ "
-                                               r"sampling.max_tokens=10 = 79 tokens"):
+    with pytest.raises(
+        TokenBudgetError,
+        match=r"^eval row 1 \(prompt_id 'e1'\): prompt of 69 tokens \+ "
+        r"sampling.max_tokens=10 = 79 tokens",
+    ):
         check_splits(cfg, task, char_tokenizer, 78)
 
 
@@ -457,8 +513,9 @@ def test_prompt_lengths_are_batched_and_cached(tmp_path, char_tokenizer, monkeyp
     monkeypatch.setattr(budget, "_batch_counter", counting)
     first = budget.prompt_lengths(task, rows, char_tokenizer)
     assert first == [19 + i % 7 for i in range(2500)]  # as the worker counts: tokenizer(text) per prompt
-    assert first[:50] == [len(char_tokenizer(task.render(r, char_tokenizer), add_special_tokens=False).input_ids)
-                          for r in rows[:50]]
+    assert first[:50] == [
+        len(char_tokenizer(task.render(r, char_tokenizer), add_special_tokens=False).input_ids) for r in rows[:50]
+    ]
     assert calls == [1024, 1024, 452]  # three batch calls
     cached = list((tmp_path / "oapl-cache" / "prompt_lengths").iterdir())
     assert len(cached) == 1
@@ -509,7 +566,10 @@ def test_oapl_generate_checks_every_prompt_before_the_first_is_generated(tmp_pat
 
     cfg = tiny_config(tiny_model_dir, _long_at_row_20(tmp_path), tmp_path / "r")
     engine = LimitedEngine(64)
-    with pytest.raises(TokenBudgetError, match=rf"^train row 20 \(prompt_id 'p20'\): prompt of {ROW_20_TOKENS} "
-                                               r"tokens \+ sampling.max_tokens=6"):
+    with pytest.raises(
+        TokenBudgetError,
+        match=rf"^train row 20 \(prompt_id 'p20'\): prompt of {ROW_20_TOKENS} "
+        r"tokens \+ sampling.max_tokens=6",
+    ):
         generate_dataset(cfg, tmp_path / "data", n=2, batch_prompts=8, engine=engine)
     assert engine.calls == 0

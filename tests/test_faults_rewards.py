@@ -84,8 +84,11 @@ def test_hung_calls_are_capped_then_the_run_stops_naming_the_function(release, m
     monkeypatch.setattr(user, "MAX_HUNG_CALLS", 2)
     reward = SafeReward(CombinedReward([_hanging(release)], timeout_s=0.1), max_error_fraction=1.0)
     assert reward(["p"], ["a"], prompt=["q"]) == [0.0]  # one hung call: scored as an error
-    with pytest.raises(RewardUnavailableError, match=r"stuck did not return .* 2 timed-out reward calls \(stuck\) "
-                                                     r"are still running"):
+    with pytest.raises(
+        RewardUnavailableError,
+        match=r"stuck did not return .* 2 timed-out reward calls \(stuck\) "
+        r"are still running",
+    ):
         reward(["p"], ["a"], prompt=["q"])
     assert len(user.hung_calls()) == 2  # never more than the cap
 
@@ -105,14 +108,19 @@ def test_a_reward_that_hangs_from_the_start_fails_before_the_model_loads(tmp_pat
     rows.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": i}) + "\n" for i in range(3)))
     flag = tmp_path / "release"
     mod = tmp_path / "hang_reward.py"
-    mod.write_text("import os, time\n"
-                   "def stuck_reward(prompts, completions, **kw):\n"
-                   f"    while not os.path.exists({str(flag)!r}):\n        time.sleep(0.01)\n"
-                   "    return [0.0] * len(completions)\n")
+    mod.write_text(
+        "import os, time\n"
+        "def stuck_reward(prompts, completions, **kw):\n"
+        f"    while not os.path.exists({str(flag)!r}):\n        time.sleep(0.01)\n"
+        "    return [0.0] * len(completions)\n"
+    )
     cfg = TaskConfig(name="dataset", dataset=str(rows), reward=f"{mod}:stuck_reward", reward_timeout_s=0.2)
     try:
-        with pytest.raises(RewardSignatureError, match=r"stuck_reward did not return within "
-                                                       r"task.reward_timeout_s=0.2s .*before the model loads"):
+        with pytest.raises(
+            RewardSignatureError,
+            match=r"stuck_reward did not return within "
+            r"task.reward_timeout_s=0.2s .*before the model loads",
+        ):
             build_task(cfg)  # build_task runs before any model or engine is loaded (backends' build())
     finally:
         flag.touch()
@@ -137,7 +145,8 @@ def test_numbers_and_bools_are_rewards(value, expected):
     np = pytest.importorskip("numpy")
     for v in (value, np.float32(value) if not isinstance(value, bool) else np.bool_(value)):
         out = SafeReward(CombinedReward([lambda prompts, completions, **kw: [v] * len(completions)]))(
-            ["p"], ["c"], prompt=["q"])
+            ["p"], ["c"], prompt=["q"]
+        )
         assert out == [expected]
 
 
@@ -145,15 +154,18 @@ def test_numbers_and_bools_are_rewards(value, expected):
 def test_other_non_numbers_are_refused(bad):
     with pytest.raises(RewardTypeError, match="a reward must be a number"):
         SafeReward(CombinedReward([lambda prompts, completions, **kw: [bad] * len(completions)]))(
-            ["p"], ["c"], prompt=["q"])
+            ["p"], ["c"], prompt=["q"]
+        )
 
 
 def test_none_adds_nothing_as_in_trl_and_nan_counts_as_an_error():
     def maybe(prompts, completions, **kw):
         return [None if c == "skip" else float("nan") if c == "nan" else 1.0 for c in completions]
 
-    reward = SafeReward(CombinedReward([maybe, lambda prompts, completions, **kw: [0.5] * len(completions)],
-                                       weights=[1.0, 2.0]), max_error_fraction=1.0)
+    reward = SafeReward(
+        CombinedReward([maybe, lambda prompts, completions, **kw: [0.5] * len(completions)], weights=[1.0, 2.0]),
+        max_error_fraction=1.0,
+    )
     out = reward(["p"] * 3, ["ok", "skip", "nan"], prompt=["q"] * 3)
     assert out == [2.0, 1.0, 0.0]  # 1 + 2*0.5 ; None adds nothing: 2*0.5 ; NaN: an error, scored 0
     assert reward.stats.errors == 1
@@ -185,20 +197,38 @@ def test_a_reward_that_raises_is_one_line_from_the_cli(capsys, tmp_path, tiny_mo
     from oapl.cli.main import main
 
     mod = tmp_path / "raising.py"
-    mod.write_text("def picky(prompts, completions, **kw):\n"
-                   "    if completions[0] == 'The answer is 0.':\n        return [0.0]\n"  # the check before training
-                   "    raise KeyError('gold')\n")
+    mod.write_text(
+        "def picky(prompts, completions, **kw):\n"
+        "    if completions[0] == 'The answer is 0.':\n        return [0.0]\n"  # the check before training
+        "    raise KeyError('gold')\n"
+    )
     env = dict(os.environ)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     vllm = logging.getLogger("vllm")
     vllm_state = (vllm.level, vllm.propagate)
     try:
-        rc = main(["train", f"output_dir={tmp_path / 'r'}", f"model.name={tiny_model_dir}", "task.name=dataset",
-                   f"task.dataset={prompts_file}", "task.columns={prompt: question, prompt_id: id}",
-                   f"task.reward={mod}:picky", "engine.kind=transformers", "steps=2", "rollout.group_size=2",
-                   "rollout.prompts_per_step=2", f"rollout.asynchronous={asynchronous}", "sampling.max_tokens=4",
-                   "eval.at_start=false", "eval.at_end=false", "logging.progress=false", "checkpoint.save_final=false"])
+        rc = main(
+            [
+                "train",
+                f"output_dir={tmp_path / 'r'}",
+                f"model.name={tiny_model_dir}",
+                "task.name=dataset",
+                f"task.dataset={prompts_file}",
+                "task.columns={prompt: question, prompt_id: id}",
+                f"task.reward={mod}:picky",
+                "engine.kind=transformers",
+                "steps=2",
+                "rollout.group_size=2",
+                "rollout.prompts_per_step=2",
+                f"rollout.asynchronous={asynchronous}",
+                "sampling.max_tokens=4",
+                "eval.at_start=false",
+                "eval.at_end=false",
+                "logging.progress=false",
+                "checkpoint.save_final=false",
+            ]
+        )
     finally:  # main() configures logging and vLLM's env vars for the process: undo it
         os.environ.clear()
         os.environ.update(env)
@@ -211,7 +241,9 @@ def test_a_reward_that_raises_is_one_line_from_the_cli(capsys, tmp_path, tiny_mo
     assert "Traceback" not in err, err
     mentions = [line for line in err.splitlines() if "picky" in line]
     assert len(mentions) == 1, err  # said once, not once per completion nor again by the worker
-    assert mentions[0].startswith("oapl: ") and "KeyError: 'gold'" in mentions[0] and "raising.py, line 4" in mentions[0]
+    assert (
+        mentions[0].startswith("oapl: ") and "KeyError: 'gold'" in mentions[0] and "raising.py, line 4" in mentions[0]
+    )
 
 
 def test_reward_weights_without_reward_functions_are_refused_when_the_task_is_built():
@@ -248,18 +280,35 @@ def cli(capsys):
 def test_a_reward_that_hangs_during_training(cli, tmp_path, tiny_model_dir, prompts_file, release, fraction):
     flag = tmp_path / "release"
     mod = tmp_path / "sometimes.py"
-    mod.write_text("import os, time\n"
-                   "def hangs_in_training(prompts, completions, **kw):\n"
-                   "    while len(completions) > 1 and not os.path.exists(%r):\n"  # the check before training: 1
-                   "        time.sleep(0.01)\n"
-                   "    return [1.0] * len(completions)\n" % str(flag))
+    mod.write_text(
+        "import os, time\n"
+        "def hangs_in_training(prompts, completions, **kw):\n"
+        "    while len(completions) > 1 and not os.path.exists(%r):\n"  # the check before training: 1
+        "        time.sleep(0.01)\n"
+        "    return [1.0] * len(completions)\n" % str(flag)
+    )
     out = tmp_path / "r"
-    argv = ["train", f"output_dir={out}", f"model.name={tiny_model_dir}", "task.name=dataset",
-            f"task.dataset={prompts_file}", "task.columns={prompt: question, prompt_id: id}",
-            f"task.reward={mod}:hangs_in_training", "task.reward_timeout_s=0.5", "engine.kind=transformers",
-            "steps=2", "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.prompts_per_generate=2",
-            "rollout.asynchronous=false", "sampling.max_tokens=4", "eval.at_start=false", "eval.at_end=false",
-            "logging.progress=false", "checkpoint.save_final=false"]
+    argv = [
+        "train",
+        f"output_dir={out}",
+        f"model.name={tiny_model_dir}",
+        "task.name=dataset",
+        f"task.dataset={prompts_file}",
+        "task.columns={prompt: question, prompt_id: id}",
+        f"task.reward={mod}:hangs_in_training",
+        "task.reward_timeout_s=0.5",
+        "engine.kind=transformers",
+        "steps=2",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=2",
+        "rollout.prompts_per_generate=2",
+        "rollout.asynchronous=false",
+        "sampling.max_tokens=4",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "logging.progress=false",
+        "checkpoint.save_final=false",
+    ]
     if fraction is not None:
         argv.append(f"task.max_reward_error_fraction={fraction}")
     try:

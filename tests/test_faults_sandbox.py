@@ -45,11 +45,13 @@ def _numpy_dirs() -> list[Path]:
 
 def _copy_tree(src: Path, dst: Path) -> None:
     """Hard links where /tmp shares the file system (cheap), copies otherwise: real files under /tmp."""
+
     def link_or_copy(s, d):
         try:
             os.link(s, d)
         except OSError:
             shutil.copy2(s, d)
+
     shutil.copytree(src, dst, copy_function=link_or_copy, symlinks=True)
 
 
@@ -60,11 +62,19 @@ def tmp_venv():
     root = Path(tempfile.mkdtemp(prefix="oapl-tmpvenv-", dir="/tmp"))
     try:
         venv = root / "venv"
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True, timeout=120
+        )
         python = venv / "bin" / "python"
-        site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True, timeout=60).stdout.strip())
+        site = Path(
+            subprocess.run(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout.strip()
+        )
         assert str(site).startswith(str(venv))
         for d in dirs:
             _copy_tree(d, site / d.name)
@@ -73,8 +83,14 @@ def tmp_venv():
         (editable / "oapl_helper_mod.py").write_text("def triple(x):\n    return 3 * x\n")
         (site / "_oapl_editable.pth").write_text(f"{editable}\n")
         (root / "link").symlink_to(venv)
-        yield {"root": root, "venv": venv, "python": python, "site": site, "editable": editable,
-               "link_python": root / "link" / "bin" / "python"}
+        yield {
+            "root": root,
+            "venv": venv,
+            "python": python,
+            "site": site,
+            "editable": editable,
+            "link_python": root / "link" / "bin" / "python",
+        }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -97,8 +113,10 @@ def _reward(python: Path, code: str, tests: list[dict]) -> float:
 @pytest.mark.slow
 @requires_ns
 def test_numpy_program_scores_one_from_a_venv_under_tmp(tmp_venv):
-    tests = [{"input": "10\n", "output": "45\n", "testtype": "stdin"},
-             {"input": "1000\n", "output": "499500\n", "testtype": "stdin"}]  # two tests: two fresh /tmp
+    tests = [
+        {"input": "10\n", "output": "45\n", "testtype": "stdin"},
+        {"input": "1000\n", "output": "499500\n", "testtype": "stdin"},
+    ]  # two tests: two fresh /tmp
     code = NUMPY_PROGRAM.format(venv=str(tmp_venv["venv"]))
     assert _reward(tmp_venv["python"], code, tests) == 1.0
     # a wrong answer still scores 0 (the reward is not 1 for any numpy program)
@@ -117,18 +135,20 @@ def test_numpy_from_a_venv_under_tmp_reached_through_a_symlink(tmp_venv):
 @requires_ns
 def test_pth_folders_are_importable_and_python_paths_read_only(tmp_venv):
     targets = [str(tmp_venv["editable"] / "x"), str(tmp_venv["site"] / "x"), str(tmp_venv["venv"] / "x")]
-    code = ("import oapl_helper_mod\nwritten = []\n"
-            f"for p in {targets!r}:\n"
-            "    try:\n        open(p, 'w').write('x'); written.append(p)\n    except OSError:\n        pass\n"
-            "open('scratch.txt', 'w').write('the working directory stays writable')\n"
-            "print(oapl_helper_mod.triple(int(input())) if not written else written)\n")
+    code = (
+        "import oapl_helper_mod\nwritten = []\n"
+        f"for p in {targets!r}:\n"
+        "    try:\n        open(p, 'w').write('x'); written.append(p)\n    except OSError:\n        pass\n"
+        "open('scratch.txt', 'w').write('the working directory stays writable')\n"
+        "print(oapl_helper_mod.triple(int(input())) if not written else written)\n"
+    )
     assert _reward(tmp_venv["python"], code, [{"input": "14\n", "output": "42\n", "testtype": "stdin"}]) == 1.0
     assert not any(Path(p).exists() for p in targets)
 
 
 # --------------------------------------------------------------------------- /proc
 
-PROC_SCAN = r'''
+PROC_SCAN = r"""
 import os, sys
 needles = {needles!r}
 skip = {{"kmsg", "kcore", "pagemap", "mem", "clear_refs", "kpagecount", "kpageflags", "kpagecgroup",
@@ -169,7 +189,7 @@ check("sys.path", repr(sys.path).encode())
 print("CHECKED", checked)
 for h in hits:
     print("HIT", *h)
-'''
+"""
 
 
 def _host_needles(extra: list[str], python_paths: list[str], strong: bool) -> list[str]:
@@ -177,13 +197,19 @@ def _host_needles(extra: list[str], python_paths: list[str], strong: bool) -> li
     and pid, the test's secret folder; and, where Python is mounted on overlays and re-executed from
     them (``strong``), also Python's own host paths and the home directory.  Otherwise (a bind-mount
     fallback) those may show, and the home directory only counts when Python does not live in it."""
-    needles = [str(Path(oapl.__file__).resolve().parent), str(Path(oapl.__file__).parent.parent),
-               os.path.join(tempfile.gettempdir(), "oapl-sbx"), f"oapl-sbx-{os.getpid()}", *extra]
+    needles = [
+        str(Path(oapl.__file__).resolve().parent),
+        str(Path(oapl.__file__).parent.parent),
+        os.path.join(tempfile.gettempdir(), "oapl-sbx"),
+        f"oapl-sbx-{os.getpid()}",
+        *extra,
+    ]
     home = os.path.expanduser("~")
     if strong:
         needles += python_paths
-    if home not in ("", "/") and (strong or not any(p == home or p.startswith(home.rstrip("/") + "/")
-                                                   for p in python_paths)):
+    if home not in ("", "/") and (
+        strong or not any(p == home or p.startswith(home.rstrip("/") + "/") for p in python_paths)
+    ):
         needles.append(home)
     return sorted(set(needles))
 
@@ -200,8 +226,11 @@ def _scan(python: str, needles: list[str]) -> tuple[int, list[str]]:
 
 
 def _strong(python: str) -> bool:
-    facts = SandboxRunner(SandboxConfig(python=python, **CFG)).run(
-        ProgramJob(code="print(1)", mode="stdin", inputs=[""])).isolation
+    facts = (
+        SandboxRunner(SandboxConfig(python=python, **CFG))
+        .run(ProgramJob(code="print(1)", mode="stdin", inputs=[""]))
+        .isolation
+    )
     return facts.get("python_mounts") == "overlay" and facts.get("interpreter") == "re-executed"
 
 
@@ -209,8 +238,15 @@ def _strong(python: str) -> bool:
 def test_proc_shows_no_host_paths(tmp_path):
     secret = tmp_path / "run-dir-secret"
     secret.mkdir()
-    python_paths = sorted({sys.prefix, sys.base_prefix, os.path.realpath(sys.prefix),
-                           os.path.realpath(sys.base_prefix), os.path.dirname(sys.executable)})
+    python_paths = sorted(
+        {
+            sys.prefix,
+            sys.base_prefix,
+            os.path.realpath(sys.prefix),
+            os.path.realpath(sys.base_prefix),
+            os.path.dirname(sys.executable),
+        }
+    )
     strong = _strong(sys.executable)
     try:  # the kernel's boot line (host-wide; it can name host paths) reads as empty in the sandbox
         boot = [Path("/proc/cmdline").read_text().strip()[:60]]
@@ -245,43 +281,63 @@ def test_unprivileged_trainer_with_a_venv_under_tmp(tmp_path_factory):
         pytest.skip("needs /usr/bin/python3 and setpriv to run as an unprivileged user")
     as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
     env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
-    if subprocess.run(as_nobody + [python3, "-c", f"import os, sys; sys.exit(not os.access({str(src / 'oapl')!r}, os.R_OK))"],
-                      env=env, cwd="/", timeout=60).returncode != 0:
+    if (
+        subprocess.run(
+            as_nobody + [python3, "-c", f"import os, sys; sys.exit(not os.access({str(src / 'oapl')!r}, os.R_OK))"],
+            env=env,
+            cwd="/",
+            timeout=60,
+        ).returncode
+        != 0
+    ):
         pytest.skip(f"an unprivileged user cannot read {src} here")
     root = Path(tempfile.mkdtemp(prefix="oapl-tmpvenv-", dir="/tmp"))
     try:
-        subprocess.run([python3, "-m", "venv", "--without-pip", str(root / "venv")], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [python3, "-m", "venv", "--without-pip", str(root / "venv")], check=True, capture_output=True, timeout=120
+        )
         python = root / "venv" / "bin" / "python"
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+        site = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
         Path(site, "oapl_tmp_mod.py").write_text("ANSWER = 42\n")
         (root / "link").symlink_to("venv")
         subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
-        script = (f"import sys\nsys.path.insert(0, {str(src)!r})\n"
-                  "from oapl.rewards.sandbox import SandboxConfig, SandboxRunner, ProgramJob\n"
-                  "try:\n    SandboxRunner(SandboxConfig()).isolation_mode()\n"
-                  "except Exception:\n    print('UNAVAILABLE'); sys.exit(0)\n"
-                  f"for py in ({str(python)!r}, {str(root / 'link' / 'bin' / 'python')!r}):\n"
-                  "    res = SandboxRunner(SandboxConfig(timeout_s=10, python=py)).run(ProgramJob(\n"
-                  "        code=CODE, mode='stdin', inputs=['', '']))\n"
-                  "    f = res.isolation\n"
-                  "    print(f.get('userns'), [(r.status, r.stdout.strip()) for r in res.runs], res.error,\n"
-                  "          f.get('python_mounts') == 'overlay' and f.get('interpreter') == 're-executed')\n")
-        code = ("import oapl_tmp_mod, os\nblob = os.readlink('/proc/self/exe').encode()\n"
-                "for p in ('/proc/self/mountinfo', '/proc/1/cmdline', '/proc/self/maps', '/proc/self/environ'):\n"
-                "    blob += open(p, 'rb').read()\n"
-                f"print(oapl_tmp_mod.ANSWER, {str(root).encode()!r} in blob)\n")
+        script = (
+            f"import sys\nsys.path.insert(0, {str(src)!r})\n"
+            "from oapl.rewards.sandbox import SandboxConfig, SandboxRunner, ProgramJob\n"
+            "try:\n    SandboxRunner(SandboxConfig()).isolation_mode()\n"
+            "except Exception:\n    print('UNAVAILABLE'); sys.exit(0)\n"
+            f"for py in ({str(python)!r}, {str(root / 'link' / 'bin' / 'python')!r}):\n"
+            "    res = SandboxRunner(SandboxConfig(timeout_s=10, python=py)).run(ProgramJob(\n"
+            "        code=CODE, mode='stdin', inputs=['', '']))\n"
+            "    f = res.isolation\n"
+            "    print(f.get('userns'), [(r.status, r.stdout.strip()) for r in res.runs], res.error,\n"
+            "          f.get('python_mounts') == 'overlay' and f.get('interpreter') == 're-executed')\n"
+        )
+        code = (
+            "import oapl_tmp_mod, os\nblob = os.readlink('/proc/self/exe').encode()\n"
+            "for p in ('/proc/self/mountinfo', '/proc/1/cmdline', '/proc/self/maps', '/proc/self/environ'):\n"
+            "    blob += open(p, 'rb').read()\n"
+            f"print(oapl_tmp_mod.ANSWER, {str(root).encode()!r} in blob)\n"
+        )
         script = script.replace("for py in", f"CODE = {code!r}\nfor py in", 1)
-        proc = subprocess.run(as_nobody + [python3, "-c", script], capture_output=True, text=True, timeout=120,
-                              cwd="/", env=env)
+        proc = subprocess.run(
+            as_nobody + [python3, "-c", script], capture_output=True, text=True, timeout=120, cwd="/", env=env
+        )
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.strip().splitlines()
         if lines == ["UNAVAILABLE"]:
             pytest.skip("no user namespace for the unprivileged user here")
         # the venv's host path shows nowhere in /proc where Python sits on overlays (else: bind fallback)
-        assert lines in (["True [('ok', '42 False'), ('ok', '42 False')] None True"] * 2,
-                         ["True [('ok', '42 True'), ('ok', '42 True')] None False"] * 2), lines
+        assert lines in (
+            ["True [('ok', '42 False'), ('ok', '42 False')] None True"] * 2,
+            ["True [('ok', '42 True'), ('ok', '42 True')] None False"] * 2,
+        ), lines
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -298,16 +354,15 @@ def test_numpy_under_tmp_without_overlays_or_re_exec(tmp_venv, fallback):
     SandboxRunner(cfg).isolation_mode()
     code = NUMPY_PROGRAM.format(venv=str(tmp_venv["venv"])) + (
         "blob = open('/proc/self/mountinfo').read() + open('/proc/1/cmdline').read()\n"
-        f"assert not any(n in blob for n in {[str(Path(oapl.__file__).parent), 'oapl-sbx']!r})\n")
+        f"assert not any(n in blob for n in {[str(Path(oapl.__file__).parent), 'oapl-sbx']!r})\n"
+    )
     job = ProgramJob(code=code, mode="stdin", inputs=["10\n", "3\n"])
     runs, ready, error, _ = runner_mod.launch(cfg, job, "namespaces", extra_spec={fallback: True})
-    assert error is None and [(r.status, r.stdout) for r in runs] == [("ok", "45\n"), ("ok", "3\n")], \
-        (error, runs)
+    assert error is None and [(r.status, r.stdout) for r in runs] == [("ok", "45\n"), ("ok", "3\n")], (error, runs)
     if fallback == "_test_no_overlay":
         assert ready["python_mounts"] == "bind" and ready["interpreter"] == "re-executed"
     else:
         assert ready["python_mounts"] == "overlay" and ready["interpreter"] == "inherited"
-
 
 
 def test_python_paths_leave_out_broad_folders_and_the_trainer_source(monkeypatch, tmp_path):
@@ -325,12 +380,30 @@ def test_python_paths_leave_out_broad_folders_and_the_trainer_source(monkeypatch
     workdir = tmp_path / "sbx" / "oapl-sbx-1-x"
     workdir.mkdir(parents=True)
     monkeypatch.setattr(_launcher, "_home_dir", lambda: str(home))
-    monkeypatch.setattr(sys, "path", ["/", str(home), str(home.parent), str(home / "proj" / "src"), str(lib),
-                                      str(trainer_src), str(tmp_path / "sbx"), str(tmp_path / "missing")])
+    monkeypatch.setattr(
+        sys,
+        "path",
+        [
+            "/",
+            str(home),
+            str(home.parent),
+            str(home / "proj" / "src"),
+            str(lib),
+            str(trainer_src),
+            str(tmp_path / "sbx"),
+            str(tmp_path / "missing"),
+        ],
+    )
     got = set(_launcher._python_paths(str(workdir)))
     assert {str(home / "proj" / "src"), str(lib)} <= got
-    assert not got & {"/", str(home), str(home.parent), str(trainer_src), str(tmp_path / "sbx"),
-                      str(tmp_path / "missing")}
+    assert not got & {
+        "/",
+        str(home),
+        str(home.parent),
+        str(trainer_src),
+        str(tmp_path / "sbx"),
+        str(tmp_path / "missing"),
+    }
     assert os.path.realpath(sys.prefix) in got  # the interpreter's own prefix is there ...
     monkeypatch.setattr(_launcher, "_home_dir", lambda: os.path.realpath(sys.prefix))
     got = set(_launcher._python_paths(str(workdir)))
@@ -339,7 +412,6 @@ def test_python_paths_leave_out_broad_folders_and_the_trainer_source(monkeypatch
 
     site_dirs = site.getsitepackages()
     assert site_dirs and all(os.path.realpath(p) in got for p in site_dirs)  # then only its parts
-
 
 
 @requires_ns
@@ -355,6 +427,7 @@ def test_an_interpreter_that_cannot_restart_inside_falls_back(monkeypatch, caplo
     assert facts["ok"] and facts["interpreter"] == "inherited", facts
     assert runner_mod._NO_REEXEC == {sys.executable}
     assert "could not be started again inside the sandbox" in caplog.text
-    runs, ready, error, _ = runner_mod.launch(cfg, ProgramJob(code="print(int(input()) * 2)", mode="stdin",
-                                                              inputs=["21\n"]), "namespaces")
+    runs, ready, error, _ = runner_mod.launch(
+        cfg, ProgramJob(code="print(int(input()) * 2)", mode="stdin", inputs=["21\n"]), "namespaces"
+    )
     assert error is None and runs[0].stdout == "42\n" and ready["interpreter"] == "inherited"

@@ -59,12 +59,28 @@ def send_self(sig: int) -> None:
 
 
 def train_args(tiny_model_dir, prompts_file, out, *extra):
-    return ["train", f"output_dir={out}", f"model.name={tiny_model_dir}", "task.name=dataset",
-            f"task.dataset={prompts_file}", "task.columns={prompt: question, prompt_id: id}",
-            "task.reward=toy_rewards:digit_fraction", "engine.kind=transformers", "steps=4",
-            "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.prompts_per_generate=2",
-            "rollout.asynchronous=false", "sampling.max_tokens=4", "eval.at_start=false", "eval.at_end=false",
-            "logging.progress=false", "checkpoint.save_final=false", "threads=1", *extra]
+    return [
+        "train",
+        f"output_dir={out}",
+        f"model.name={tiny_model_dir}",
+        "task.name=dataset",
+        f"task.dataset={prompts_file}",
+        "task.columns={prompt: question, prompt_id: id}",
+        "task.reward=toy_rewards:digit_fraction",
+        "engine.kind=transformers",
+        "steps=4",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=2",
+        "rollout.prompts_per_generate=2",
+        "rollout.asynchronous=false",
+        "sampling.max_tokens=4",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "logging.progress=false",
+        "checkpoint.save_final=false",
+        "threads=1",
+        *extra,
+    ]
 
 
 SMALL = {"rollout.group_size": 2, "rollout.prompts_per_step": 2, "rollout.prompts_per_generate": 2, "threads": 1}
@@ -172,7 +188,7 @@ def test_checkpoint_clock_is_due_every_n_minutes_since_the_last_checkpoint():
     assert not cadence.due()
     clock.t += 1.0
     assert cadence.due()  # 10 minutes = 600 s since the start
-    cadence.reset()       # a checkpoint was written
+    cadence.reset()  # a checkpoint was written
     assert not cadence.due()
     clock.t += 600.0
     assert cadence.due()
@@ -210,15 +226,40 @@ def test_wall_clock_checkpoints_never_prune_an_offline_runs_epoch_checkpoints(ti
 
     data = tmp_path / "data"
     data.mkdir()
-    write_rollouts([RolloutGroup(prompt_id=f"g{i}", prompt="p", prompt_token_ids=[5, 6], responses=["a", "b"],
-                                 response_token_ids=[[7, 2], [8, 2]], response_logprobs=[[-0.1, -0.2], [-0.3, -0.1]],
-                                 rewards=[1.0, 0.0], finish_reasons=["stop", "stop"], weights_id=tiny_model_dir,
-                                 version=0, sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 8})
-                    for i in range(4)], data / "part-00000.parquet")
-    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"offline.data={data}", "offline.epochs=3",
-                             f"output_dir={tmp_path / 'r'}", "rollout.group_size=2", "rollout.prompts_per_step=2",
-                             "logging.progress=false", "threads=1", "checkpoint.every_minutes=1",
-                             "checkpoint.keep=2"])
+    write_rollouts(
+        [
+            RolloutGroup(
+                prompt_id=f"g{i}",
+                prompt="p",
+                prompt_token_ids=[5, 6],
+                responses=["a", "b"],
+                response_token_ids=[[7, 2], [8, 2]],
+                response_logprobs=[[-0.1, -0.2], [-0.3, -0.1]],
+                rewards=[1.0, 0.0],
+                finish_reasons=["stop", "stop"],
+                weights_id=tiny_model_dir,
+                version=0,
+                sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 8},
+            )
+            for i in range(4)
+        ],
+        data / "part-00000.parquet",
+    )
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"offline.data={data}",
+            "offline.epochs=3",
+            f"output_dir={tmp_path / 'r'}",
+            "rollout.group_size=2",
+            "rollout.prompts_per_step=2",
+            "logging.progress=false",
+            "threads=1",
+            "checkpoint.every_minutes=1",
+            "checkpoint.keep=2",
+        ],
+    )
     clock = FakeClock()
     run = Run(cfg, make_backend(cfg), callbacks=[lambda row: setattr(clock, "t", clock.t + 61.0)])
     try:
@@ -256,7 +297,8 @@ def test_temperature_zero_is_one_line_from_the_cli(capsys, tmp_path):
 
 
 def test_a_rollout_worker_that_died_after_the_last_batch_fails_the_run_with_a_checkpoint(
-        tiny_model_dir, prompts_file, tmp_path):
+    tiny_model_dir, prompts_file, tmp_path
+):
     from conftest import tiny_config
 
     cfg = tiny_config(tiny_model_dir, prompts_file, tmp_path / "r", **SMALL, steps=3)
@@ -274,11 +316,10 @@ def test_a_rollout_worker_that_died_after_the_last_batch_fails_the_run_with_a_ch
         run.close()
     assert isinstance(e.value.__cause__, OSError)
     assert checkpoints(tmp_path / "r") == ["step-00000003"]  # nothing trained is lost
-    assert not (tmp_path / "r" / "summary.yaml").exists()    # the run did not finish
+    assert not (tmp_path / "r" / "summary.yaml").exists()  # the run did not finish
 
 
-def test_a_dead_rollout_worker_exits_non_zero(capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file,
-                                             toy_path):
+def test_a_dead_rollout_worker_exits_non_zero(capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path):
     from oapl.errors import UserError
     from oapl.rollout.worker import RolloutWorker
 
@@ -326,8 +367,9 @@ def test_sigterm_during_model_loading(capsys, monkeypatch, tmp_path, tiny_model_
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing started
 
 
-def test_sigterm_mid_step_finishes_the_step_then_checkpoints_and_resumes(capsys, monkeypatch, tmp_path,
-                                                                        tiny_model_dir, prompts_file, toy_path):
+def test_sigterm_mid_step_finishes_the_step_then_checkpoints_and_resumes(
+    capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path
+):
     from oapl.backends.local import LocalBackend
 
     real = LocalBackend.train_step
@@ -344,16 +386,19 @@ def test_sigterm_mid_step_finishes_the_step_then_checkpoints_and_resumes(capsys,
     rc = main(train_args(tiny_model_dir, prompts_file, out))
     err = capsys.readouterr().err
     assert rc == 143, err
-    assert oapl_lines(err) == [f"oapl: interrupted (SIGTERM); checkpoint written: {out / 'checkpoints' / 'step-00000002'}"
-                               "; continue with --resume"]
+    assert oapl_lines(err) == [
+        f"oapl: interrupted (SIGTERM); checkpoint written: {out / 'checkpoints' / 'step-00000002'}"
+        "; continue with --resume"
+    ]
     assert steps_logged(out) == [1, 2] and checkpoints(out) == ["step-00000002"]
     monkeypatch.setattr(LocalBackend, "train_step", real)
     assert main(train_args(tiny_model_dir, prompts_file, out, "--resume")) == 0
     assert steps_logged(out) == [1, 2, 3, 4]  # continued, rows unique and contiguous
 
 
-def test_sigusr1_during_evaluation_checkpoints_the_steps_trained(capsys, monkeypatch, tmp_path, tiny_model_dir,
-                                                               prompts_file, toy_path):
+def test_sigusr1_during_evaluation_checkpoints_the_steps_trained(
+    capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path
+):
     import oapl.loop
 
     real = oapl.loop.Run.evaluate
@@ -367,8 +412,17 @@ def test_sigusr1_during_evaluation_checkpoints_the_steps_trained(capsys, monkeyp
 
     monkeypatch.setattr(oapl.loop.Run, "evaluate", evaluate)
     out = tmp_path / "r"
-    rc = main(train_args(tiny_model_dir, prompts_file, out, "eval.every=2", "task.eval_dataset=" + str(prompts_file),
-                         "task.eval_split=train", "task.max_eval_prompts=2"))
+    rc = main(
+        train_args(
+            tiny_model_dir,
+            prompts_file,
+            out,
+            "eval.every=2",
+            "task.eval_dataset=" + str(prompts_file),
+            "task.eval_split=train",
+            "task.max_eval_prompts=2",
+        )
+    )
     err = capsys.readouterr().err
     assert rc == 138, err
     assert evals == [2] and steps_logged(out) == [1, 2]  # the step's row is logged, without its evaluation
@@ -376,8 +430,9 @@ def test_sigusr1_during_evaluation_checkpoints_the_steps_trained(capsys, monkeyp
     assert "checkpoint written" in oapl_lines(err)[0]
 
 
-def test_sigterm_during_the_final_evaluation_then_resume_finishes_the_run(capsys, monkeypatch, tmp_path,
-                                                                         tiny_model_dir, prompts_file, toy_path):
+def test_sigterm_during_the_final_evaluation_then_resume_finishes_the_run(
+    capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path
+):
     import oapl.loop
 
     real = oapl.loop.Run.evaluate
@@ -391,8 +446,15 @@ def test_sigterm_during_the_final_evaluation_then_resume_finishes_the_run(capsys
 
     monkeypatch.setattr(oapl.loop.Run, "evaluate", evaluate)
     out = tmp_path / "r"
-    args = train_args(tiny_model_dir, prompts_file, out, "eval.at_end=true", "task.eval_dataset=" + str(prompts_file),
-                      "task.eval_split=train", "task.max_eval_prompts=2")
+    args = train_args(
+        tiny_model_dir,
+        prompts_file,
+        out,
+        "eval.at_end=true",
+        "task.eval_dataset=" + str(prompts_file),
+        "task.eval_split=train",
+        "task.max_eval_prompts=2",
+    )
     rc = main(args)
     err = capsys.readouterr().err
     assert rc == 143, err
@@ -403,8 +465,9 @@ def test_sigterm_during_the_final_evaluation_then_resume_finishes_the_run(capsys
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4] and "eval/reward_mean" in rows[-1]
 
 
-def test_a_second_sigterm_during_the_checkpoint_write_is_ignored(capsys, monkeypatch, tmp_path, tiny_model_dir,
-                                                                prompts_file, toy_path):
+def test_a_second_sigterm_during_the_checkpoint_write_is_ignored(
+    capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path
+):
     from oapl.backends.local import LocalBackend
 
     real = LocalBackend.save
@@ -437,7 +500,8 @@ def test_a_second_sigterm_during_the_checkpoint_write_is_ignored(capsys, monkeyp
 
 
 def test_a_second_ctrl_c_during_the_checkpoint_write_leaves_the_previous_checkpoint_whole(
-        capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path):
+    capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path
+):
     from transformers import PreTrainedTokenizerBase
 
     from oapl.backends.local import LocalBackend
@@ -469,8 +533,10 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_leaves_the_previous_checkpo
     assert rc == 130, err
     # the write was abandoned atomically: the step-2 checkpoint stands, no half folder is left
     assert checkpoints(out) == ["step-00000002"]  # (checkpoints() lists every entry: no .tmp-step-* folder)
-    assert oapl_lines(err) == [f"oapl: interrupted (SIGINT) before a checkpoint was written; the latest checkpoint "
-                               f"is {out / 'checkpoints' / 'step-00000002'} (--resume continues from it)"]
+    assert oapl_lines(err) == [
+        f"oapl: interrupted (SIGINT) before a checkpoint was written; the latest checkpoint "
+        f"is {out / 'checkpoints' / 'step-00000002'} (--resume continues from it)"
+    ]
     monkeypatch.setattr(LocalBackend, "train_step", train_step)
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", real)
     assert main(train_args(tiny_model_dir, prompts_file, out, "--resume")) == 0
@@ -483,8 +549,13 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_leaves_the_previous_checkpo
 def _start(cfg_path: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     env.pop("OAPL_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "oapl.cli.main", "train", str(cfg_path), *extra],
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env, cwd=str(cfg_path.parent))
+    return subprocess.Popen(
+        [sys.executable, "-m", "oapl.cli.main", "train", str(cfg_path), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        env=env,
+        cwd=str(cfg_path.parent),
+    )
 
 
 def _wait_for(proc: subprocess.Popen, cond, limit: float = 300) -> None:
@@ -500,15 +571,19 @@ RAY = ("distributed.backend=ray", "distributed.num_engines=1", "distributed.trai
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("sig, code, backend", [(signal.SIGTERM, 143, ()), (signal.SIGUSR1, 138, ()),
-                                                (signal.SIGTERM, 143, RAY)], ids=["SIGTERM", "SIGUSR1", "ray"])
+@pytest.mark.parametrize(
+    "sig, code, backend",
+    [(signal.SIGTERM, 143, ()), (signal.SIGUSR1, 138, ()), (signal.SIGTERM, 143, RAY)],
+    ids=["SIGTERM", "SIGUSR1", "ray"],
+)
 def test_a_real_signal_to_a_real_run_then_resume(sig, code, backend, tiny_model_dir, prompts_file, tmp_path):
     if backend:
         pytest.importorskip("ray")  # ray.init sets its own SIGTERM handler: ours is put back
     out = tmp_path / "run"
     steps = 40  # far more than are done before the signal is sent
-    tree = load_config(None, train_args(tiny_model_dir, prompts_file, out, f"steps={steps}",
-                                        "rollout.asynchronous=true", *backend)[1:]).model_dump(mode="json")
+    tree = load_config(
+        None, train_args(tiny_model_dir, prompts_file, out, f"steps={steps}", "rollout.asynchronous=true", *backend)[1:]
+    ).model_dump(mode="json")
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
     log = tmp_path / "stderr.log"
@@ -521,8 +596,10 @@ def test_a_real_signal_to_a_real_run_then_resume(sig, code, backend, tiny_model_
     (line,) = oapl_lines(err)
     done = steps_logged(out)
     assert done == list(range(1, len(done) + 1)) and len(done) < steps
-    assert line == (f"oapl: interrupted ({signal.Signals(sig).name}); checkpoint written: "
-                    f"{out / 'checkpoints' / f'step-{done[-1]:08d}'}; continue with --resume")
+    assert line == (
+        f"oapl: interrupted ({signal.Signals(sig).name}); checkpoint written: "
+        f"{out / 'checkpoints' / f'step-{done[-1]:08d}'}; continue with --resume"
+    )
     assert checkpoints(out) == [f"step-{done[-1]:08d}"]
     # --resume continues from it to the end
     proc = _start(cfg_path, tmp_path / "resume.log", "steps=" + str(len(done) + 2), "--resume")

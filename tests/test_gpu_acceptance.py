@@ -33,8 +33,13 @@ def _adamw_side(w0: torch.Tensor, g: torch.Tensor, loss: float, lr: float = 1e-6
     p = torch.nn.Parameter(w0.clone())
     p.grad = g.clone()
     torch.optim.AdamW([p], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
-    return {"loss": loss, "grad_norm": float(g.norm()), "grads": {"w": g.clone()}, "before": {"w": w0.clone()},
-            "after": {"w": p.detach().clone()}}
+    return {
+        "loss": loss,
+        "grad_norm": float(g.norm()),
+        "grads": {"w": g.clone()},
+        "before": {"w": w0.clone()},
+        "after": {"w": p.detach().clone()},
+    }
 
 
 def test_compare_steps_same_step_passes_and_a_scaled_gradient_fails(ga):
@@ -94,8 +99,13 @@ def test_token_budget_and_micro_batch_are_what_the_memory_plan_fits(ga, tmp_path
     d = json.loads((ROOT / "benchmarks" / "configs" / "qwen3-1.7b.json").read_text())
     hf = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
     b = object.__new__(ga.Bench)
-    b.device, b.cuda, b.mode, b.tmp, b.model_dir = torch.device("cuda"), True, SimpleNamespace(**ga.MODES["cuda"]), \
-        tmp_path, tmp_path
+    b.device, b.cuda, b.mode, b.tmp, b.model_dir = (
+        torch.device("cuda"),
+        True,
+        SimpleNamespace(**ga.MODES["cuda"]),
+        tmp_path,
+        tmp_path,
+    )
     b.model = SimpleNamespace(config=hf)
     b.n_params = count_params(shape_from_config(hf, "test"))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=gpu_bytes))
@@ -126,17 +136,25 @@ def test_cpu_mode_passes_with_every_field(tmp_path):
     """The whole CPU mode in a fresh process (~1 min on 2 busy cores): every check PASS or SKIP."""
     out = tmp_path / "acceptance.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["checks"]}
-    assert {r["status"] for r in rows.values()} <= {"PASS", "SKIP"}, {n: r["reason"] for n, r in rows.items()
-                                                                     if r["status"] == "FAIL"}
+    assert {r["status"] for r in rows.values()} <= {"PASS", "SKIP"}, {
+        n: r["reason"] for n, r in rows.items() if r["status"] == "FAIL"
+    }
     assert proc.returncode == 0 and report["failed"] == []
     expected = {"memory", "update_share", "packed_vs_padded", "fsdp2_one_rank", "mfu_target"} | {
-        f"step:{c}" for c in ("packed", "packed+budget", "padded", "reference", "fused-off", "compile", "liger",
-                              "all-on")}
+        f"step:{c}"
+        for c in ("packed", "packed+budget", "padded", "reference", "fused-off", "compile", "liger", "all-on")
+    }
     assert expected <= set(rows)
     for name in ("memory", "update_share", "packed_vs_padded", "fsdp2_one_rank"):
         assert rows[name]["status"] == "PASS", rows[name]

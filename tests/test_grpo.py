@@ -140,8 +140,10 @@ def test_micro_batches_sum_to_the_full_batch():
     mask[:, 0] = 1.0
     adv = torch.randn(6, generator=g)
     full, _ = grpo_loss(logp, old, inf, mask, adv, is_cap=2.0)
-    parts = sum(grpo_loss(logp[s], old[s], inf[s], mask[s], adv[s], is_cap=2.0, num_sequences=6)[0]
-                for s in (slice(0, 2), slice(2, 3), slice(3, 6)))
+    parts = sum(
+        grpo_loss(logp[s], old[s], inf[s], mask[s], adv[s], is_cap=2.0, num_sequences=6)[0]
+        for s in (slice(0, 2), slice(2, 3), slice(3, 6))
+    )
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 
 
@@ -157,14 +159,24 @@ def char_code(prompts, completions, **_):
 
 def grpo_cfg(tiny_model_dir, prompts_file, out, **over):
     """GRPO+IS with off-by-one asynchrony: sync every step, groups one version old still used."""
-    return tiny_config(tiny_model_dir, prompts_file, out, **{
-        "algorithm.name": "grpo", "algorithm.is_cap": 2.0, "rollout.prompts_per_step": 2,
-        "rollout.sync_interval": 1, "rollout.max_staleness": 1, "rollout.buffer_groups": 8, **over})
+    return tiny_config(
+        tiny_model_dir,
+        prompts_file,
+        out,
+        **{
+            "algorithm.name": "grpo",
+            "algorithm.is_cap": 2.0,
+            "rollout.prompts_per_step": 2,
+            "rollout.sync_interval": 1,
+            "rollout.max_staleness": 1,
+            "rollout.buffer_groups": 8,
+            **over,
+        },
+    )
 
 
 def rows_of(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
-            if '"loss"' in line]
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 def test_off_by_one_staleness_is_used_and_corrected(tiny_model_dir, prompts_file, tmp_path):
@@ -221,9 +233,13 @@ def test_asynchronous_off_by_one_never_exceeds_one_version(tiny_model_dir, promp
         return orig(self, groups)
 
     monkeypatch.setattr(Policy, "train_step", spy)
-    cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
-                   **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 1,
-                      "rollout.buffer_groups": 4})
+    cfg = grpo_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=8,
+        **{"rollout.asynchronous": True, "rollout.prompts_per_generate": 1, "rollout.buffer_groups": 4},
+    )
     trainer = Run.for_config(cfg)
     try:
         trainer.train()
@@ -241,8 +257,13 @@ def test_asynchronous_off_by_one_never_exceeds_one_version(tiny_model_dir, promp
 def test_plain_on_policy_grpo_without_correction(tiny_model_dir, prompts_file, tmp_path):
     from oapl.loop import train
 
-    cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=4,
-                   **{"algorithm.is_cap": None, "rollout.max_staleness": 0, "rollout.prompts_per_generate": 2})
+    cfg = grpo_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=4,
+        **{"algorithm.is_cap": None, "rollout.max_staleness": 0, "rollout.prompts_per_generate": 2},
+    )
     assert cfg.algorithm.is_cap is None
     train(cfg)
     rows = rows_of(tmp_path / "run")
@@ -255,9 +276,18 @@ def test_plain_on_policy_grpo_without_correction(tiny_model_dir, prompts_file, t
 def test_grpo_learns_the_toy_task(tiny_model_dir, prompts_file, tmp_path):
     from oapl.loop import train
 
-    cfg = grpo_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=16,
-                   **{"task.reward": "test_grpo:char_code", "rollout.group_size": 8,
-                      "rollout.prompts_per_step": 2, "rollout.prompts_per_generate": 2})
+    cfg = grpo_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=16,
+        **{
+            "task.reward": "test_grpo:char_code",
+            "rollout.group_size": 8,
+            "rollout.prompts_per_step": 2,
+            "rollout.prompts_per_generate": 2,
+        },
+    )
     train(cfg)
     rows = rows_of(tmp_path / "run")
     first = sum(r["reward_mean"] for r in rows[:4]) / 4
@@ -286,10 +316,20 @@ def test_two_mini_batches_make_the_clip_act(tiny_model_dir, tmp_path):
     from oapl.trainer.policy import Policy
 
     def step(mini_batches):
-        cfg = load_config(None, [f"output_dir={tmp_path / str(mini_batches)}", f"model.name={tiny_model_dir}",
-                                 "algorithm.name=grpo", f"algorithm.mini_batches={mini_batches}",
-                                 "algorithm.clip_eps=0.05", "optim.lr=3e-2", "optim.max_grad_norm=null",
-                                 "optim.micro_batch_size=4", "model.logprob_chunk_size=16"])
+        cfg = load_config(
+            None,
+            [
+                f"output_dir={tmp_path / str(mini_batches)}",
+                f"model.name={tiny_model_dir}",
+                "algorithm.name=grpo",
+                f"algorithm.mini_batches={mini_batches}",
+                "algorithm.clip_eps=0.05",
+                "optim.lr=3e-2",
+                "optim.max_grad_norm=null",
+                "optim.micro_batch_size=4",
+                "model.logprob_chunk_size=16",
+            ],
+        )
         torch.manual_seed(0)
         policy = Policy(cfg, total_steps=3)
         m = policy.train_step(_groups(n_groups=4, g=4, seed=1))
@@ -317,5 +357,13 @@ def test_mini_batches_need_enough_groups(tiny_model_dir, tmp_path):
 def test_mini_batches_above_prompts_per_step_are_refused_by_the_config(tiny_model_dir, tmp_path):
     # refused when the config is read, not after the run has started (a mini-batch is whole groups)
     with pytest.raises(ConfigError, match=r"algorithm.mini_batches=2 .*rollout.prompts_per_step=1"):
-        load_config(None, [f"output_dir={tmp_path}", f"model.name={tiny_model_dir}", "algorithm.name=grpo",
-                           "algorithm.mini_batches=2", "rollout.prompts_per_step=1"])
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                f"model.name={tiny_model_dir}",
+                "algorithm.name=grpo",
+                "algorithm.mini_batches=2",
+                "rollout.prompts_per_step=1",
+            ],
+        )

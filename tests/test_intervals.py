@@ -96,10 +96,12 @@ def test_policy_entropy_matches_a_direct_full_softmax(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).float()
     T = 0.7
-    g1 = RolloutGroup("a", "pa", [5, 6, 7], ["", ""], [[8, 9, 10], [11]], [[0.0] * 3, [0.0]], [0.0, 1.0],
-                      ["stop", "stop"], "w", 0)
-    g2 = RolloutGroup("b", "pb", [12, 13], ["", ""], [[14, 15], []], [[0.0] * 2, []], [1.0, 0.0],
-                      ["stop", "length"], "w", 0)
+    g1 = RolloutGroup(
+        "a", "pa", [5, 6, 7], ["", ""], [[8, 9, 10], [11]], [[0.0] * 3, [0.0]], [0.0, 1.0], ["stop", "stop"], "w", 0
+    )
+    g2 = RolloutGroup(
+        "b", "pb", [12, 13], ["", ""], [[14, 15], []], [[0.0] * 2, []], [1.0, 0.0], ["stop", "length"], "w", 0
+    )
     got = policy_entropy(model, [g1, g2], T, max_tokens=6)  # small budget: several micro-batches
 
     def direct(prompt, resp):

@@ -30,15 +30,31 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 def config(tiny_model_dir: str, prompts_file: Path, out: Path) -> dict:
     return {
-        "output_dir": str(out), "seed": 0, "steps": STEPS, "threads": 1,
+        "output_dir": str(out),
+        "seed": 0,
+        "steps": STEPS,
+        "threads": 1,
         "model": {"name": tiny_model_dir, "logprob_chunk_size": 16},
         "sampling": {"max_tokens": 6, "temperature": 1.0},
         "engine": {"kind": "transformers"},
-        "task": {"name": "dataset", "dataset": str(prompts_file), "eval_dataset": str(prompts_file),
-                 "eval_split": "train", "max_eval_prompts": 4, "columns": {"prompt": "question", "prompt_id": "id"},
-                 "reward": "toy_rewards:digit_fraction", "system_prompt": None},
-        "rollout": {"group_size": 4, "prompts_per_step": 4, "prompts_per_generate": 4, "sync_interval": 2,
-                    "asynchronous": False, "buffer_groups": 16},
+        "task": {
+            "name": "dataset",
+            "dataset": str(prompts_file),
+            "eval_dataset": str(prompts_file),
+            "eval_split": "train",
+            "max_eval_prompts": 4,
+            "columns": {"prompt": "question", "prompt_id": "id"},
+            "reward": "toy_rewards:digit_fraction",
+            "system_prompt": None,
+        },
+        "rollout": {
+            "group_size": 4,
+            "prompts_per_step": 4,
+            "prompts_per_generate": 4,
+            "sync_interval": 2,
+            "asynchronous": False,
+            "buffer_groups": 16,
+        },
         "optim": {"lr": 1e-2, "micro_batch_size": 16},
         "eval": {"at_start": True, "at_end": True},
         "logging": {"progress": False, "log_samples_every": 1},
@@ -67,8 +83,9 @@ def checkpoint_steps(run: Path) -> list[int]:
     root = run / "checkpoints"
     if not root.exists():
         return []
-    return sorted(int(p.name[5:]) for p in root.iterdir()
-                  if p.name.startswith("step-") and (p / "manifest.json").exists())
+    return sorted(
+        int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step-") and (p / "manifest.json").exists()
+    )
 
 
 def tmp_writes(run: Path) -> list[str]:
@@ -82,8 +99,13 @@ def tmp_writes(run: Path) -> list[str]:
 def start(cfg_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     env.pop("OAPL_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "oapl.cli.main", "train", str(cfg_path), "--resume"],
-                            stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=str(cfg_path.parent))
+    return subprocess.Popen(
+        [sys.executable, "-m", "oapl.cli.main", "train", str(cfg_path), "--resume"],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(cfg_path.parent),
+    )
 
 
 def wait_for(proc: subprocess.Popen, cond, poll: float, limit: float = 240) -> bool:
@@ -118,8 +140,7 @@ def test_ten_kills_at_random_moments_then_resume(tiny_model_dir, prompts_file, t
     log = tmp_path / "runs.log"
     rng = random.Random(1234)
     kills: list[dict] = []
-    modes = ["startup", "step", "write", "step", "write", "write", "step", "startup", "write", "step",
-             "end", "end"]
+    modes = ["startup", "step", "write", "step", "write", "write", "step", "startup", "write", "step", "end", "end"]
     while len(kills) < len(modes) or sum(k["in_write"] for k in kills) < 2:
         assert len(kills) < 30, kills
         mode = modes[len(kills)] if len(kills) < len(modes) else "write"
@@ -132,8 +153,9 @@ def test_ten_kills_at_random_moments_then_resume(tiny_model_dir, prompts_file, t
             # event "the resumed run logged a new step", so a fast idle machine cannot finish the
             # remaining run inside the wait (a fixed sleep did)
             deadline = time.monotonic() + rng.uniform(0.2, 4.0)
-            hit = wait_for(proc, lambda: time.monotonic() >= deadline
-                           or max(train_steps(run), default=0) > done_before, 0.005)
+            hit = wait_for(
+                proc, lambda: time.monotonic() >= deadline or max(train_steps(run), default=0) > done_before, 0.005
+            )
         elif mode in ("step", "end"):  # "end": after the last step (final sync, evaluation, checkpoint)
             target = STEPS if mode == "end" else min(STEPS, done_before + rng.randint(1, 3))
             hit = wait_for(proc, lambda: max(train_steps(run), default=0) >= target, 0.01)
@@ -173,8 +195,16 @@ def test_ten_kills_at_random_moments_then_resume(tiny_model_dir, prompts_file, t
     assert len(final) == len(reference)
     for a, b in zip(final, reference):
         assert a["step"] == b["step"]
-        for key in ("loss", "reward_mean", "grad_norm", "lr", "weight_version", "lag", "eval/pass@1",
-                    "eval/reward_mean"):
+        for key in (
+            "loss",
+            "reward_mean",
+            "grad_norm",
+            "lr",
+            "weight_version",
+            "lag",
+            "eval/pass@1",
+            "eval/reward_mean",
+        ):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a["step"], kills)
 

@@ -42,7 +42,8 @@ def test_vllm_logs_go_through_our_handler_at_warning():
         "reload = init_logger(RELOAD_LOGGER)\n"
         "reload.warning('%s: Failed to load weights', 'RotaryEmbedding')\n"
         "reload.warning('%s: Failed to load weights', 'QKVParallelLinear')\n"
-        "logging.getLogger('oapl.loop').info('OAPL-INFO')\n")
+        "logging.getLogger('oapl.loop').info('OAPL-INFO')\n"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VLLM_LOGGING")}
     env.pop("VLLM_CONFIGURE_LOGGING", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)

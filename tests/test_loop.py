@@ -12,7 +12,6 @@ from conftest import tiny_config
 from oapl.loop import Run, train
 
 
-
 def make_cfg(tiny_model_dir, prompts_file, out, **over):
     return tiny_config(tiny_model_dir, prompts_file, out, **over)
 
@@ -22,9 +21,19 @@ def read_metrics(out):
 
 
 def test_reward_rises_on_toy_task(tiny_model_dir, prompts_file, tmp_path):
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=40, **{
-        "optim.lr": 1e-2, "algorithm.beta2": 0.05, "rollout.sync_interval": 3,
-        "rollout.group_size": 8, "rollout.prompts_per_step": 4})
+    cfg = make_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=40,
+        **{
+            "optim.lr": 1e-2,
+            "algorithm.beta2": 0.05,
+            "rollout.sync_interval": 3,
+            "rollout.group_size": 8,
+            "rollout.prompts_per_step": 4,
+        },
+    )
     train(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if "reward_mean" in r]
     assert len(rows) == 40
@@ -32,9 +41,24 @@ def test_reward_rises_on_toy_task(tiny_model_dir, prompts_file, tmp_path):
     last = sum(r["reward_mean"] for r in rows[-5:]) / 5
     assert last > first + 0.5, (first, last)  # seen: ~0.01 -> ~0.99
     for r in rows:  # the metrics a user reads are there and finite
-        for key in ("loss", "v_star_mean", "adv_mean", "adv_std", "grad_norm", "lr", "entropy", "kl",
-                    "log_ratio_mean", "weight_version", "lag", "samples_seen", "gen_tokens_per_s",
-                    "train_tokens_per_s", "seq_entropy", "logprob_absdiff_mean"):
+        for key in (
+            "loss",
+            "v_star_mean",
+            "adv_mean",
+            "adv_std",
+            "grad_norm",
+            "lr",
+            "entropy",
+            "kl",
+            "log_ratio_mean",
+            "weight_version",
+            "lag",
+            "samples_seen",
+            "gen_tokens_per_s",
+            "train_tokens_per_s",
+            "seq_entropy",
+            "logprob_absdiff_mean",
+        ):
             assert r[key] is not None, key
 
 
@@ -61,8 +85,13 @@ def test_async_batches_never_mix_versions(tiny_model_dir, prompts_file, tmp_path
         return orig(self, groups)
 
     monkeypatch.setattr(Policy, "train_step", spy)
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=8,
-                   **{"rollout.asynchronous": True, "rollout.sync_interval": 2, "rollout.prompts_per_generate": 2})
+    cfg = make_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=8,
+        **{"rollout.asynchronous": True, "rollout.sync_interval": 2, "rollout.prompts_per_generate": 2},
+    )
     trainer = Run.for_config(cfg)
     try:
         trainer.train()
@@ -71,8 +100,7 @@ def test_async_batches_never_mix_versions(tiny_model_dir, prompts_file, tmp_path
         buffer, stats = trainer.buffer, trainer.rollout.stats
         trained = sum(len(versions) for versions in seen)
         assert trained == 8 * 4  # steps x rollout.prompts_per_step
-        assert stats.groups == trained + buffer.cleared + len(buffer), (
-            stats.groups, buffer.cleared, len(buffer))
+        assert stats.groups == trained + buffer.cleared + len(buffer), (stats.groups, buffer.cleared, len(buffer))
         assert stats.stale_dropped == buffer.discarded_stale
     finally:
         trainer.close()
@@ -85,8 +113,13 @@ def test_async_batches_never_mix_versions(tiny_model_dir, prompts_file, tmp_path
 def test_resume_matches_uninterrupted_run(tiny_model_dir, prompts_file, tmp_path):
     import shutil
 
-    over = {"checkpoint.every": 2, "checkpoint.keep": 5, "rollout.sync_interval": 2,
-            "optim.schedule": "cosine", "optim.warmup_steps": 1}
+    over = {
+        "checkpoint.every": 2,
+        "checkpoint.keep": 5,
+        "rollout.sync_interval": 2,
+        "optim.schedule": "cosine",
+        "optim.warmup_steps": 1,
+    }
     cfg_a = make_cfg(tiny_model_dir, prompts_file, tmp_path / "a", steps=6, **over)
     train(cfg_a)
     # a run "killed" after step 4: its directory as it was then (checkpoint 4, metrics up to 4 and beyond)
@@ -107,8 +140,9 @@ def test_interrupt_writes_checkpoint(tiny_model_dir, prompts_file, tmp_path):
     import toy_rewards
 
     toy_rewards.interrupting.calls = 0
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=10,
-                   **{"task.reward": "toy_rewards:interrupting"})
+    cfg = make_cfg(
+        tiny_model_dir, prompts_file, tmp_path / "run", steps=10, **{"task.reward": "toy_rewards:interrupting"}
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
@@ -120,8 +154,13 @@ def test_interrupt_writes_checkpoint(tiny_model_dir, prompts_file, tmp_path):
 
 
 def test_failing_reward_scores_zero_and_run_continues(tiny_model_dir, prompts_file, tmp_path):
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=3,
-                   **{"task.reward": "toy_rewards:flaky", "sampling.max_tokens": 12})
+    cfg = make_cfg(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "run",
+        steps=3,
+        **{"task.reward": "toy_rewards:flaky", "sampling.max_tokens": 12},
+    )
     result = train(cfg)
     assert result.steps == 3
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
@@ -154,8 +193,13 @@ def test_non_finite_loss_skips_step_without_touching_weights(tiny_model_dir, pro
 def test_micro_batching_gives_the_same_update(tiny_model_dir, prompts_file, tmp_path):
     params = []
     for mb in (16, 3):
-        cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / f"run{mb}", steps=1,
-                       **{"optim.micro_batch_size": mb, "optim.lr": 1e-3})
+        cfg = make_cfg(
+            tiny_model_dir,
+            prompts_file,
+            tmp_path / f"run{mb}",
+            steps=1,
+            **{"optim.micro_batch_size": mb, "optim.lr": 1e-3},
+        )
         trainer = Run.for_config(cfg)
         try:
             trainer.rollout.fill(4)
@@ -183,8 +227,15 @@ def test_empty_and_truncated_responses_are_handled(tiny_model_dir, prompts_file,
 
 
 def test_lora_trains_syncs_merged_weights_and_resumes(tiny_model_dir, prompts_file, tmp_path):
-    over = {"model.lora.enabled": True, "model.lora.r": 4, "optim.lr": 1e-2, "rollout.sync_interval": 2,
-            "checkpoint.every": 2, "checkpoint.keep": 3, "checkpoint.save_final": True}
+    over = {
+        "model.lora.enabled": True,
+        "model.lora.r": 4,
+        "optim.lr": 1e-2,
+        "rollout.sync_interval": 2,
+        "checkpoint.every": 2,
+        "checkpoint.keep": 3,
+        "checkpoint.save_final": True,
+    }
     cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=2, **over)
     trainer = Run.for_config(cfg)
     try:
@@ -209,9 +260,10 @@ def test_lora_trains_syncs_merged_weights_and_resumes(tiny_model_dir, prompts_fi
 
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt)
     lora_a = {n: p for n, p in loaded.named_parameters() if "lora_A" in n}
-    assert lora_a and torch.equal(lora_a[f"base_model.model.{q}.lora_A.default.weight"],
-                                  dict(trainer.backend.policy.model.named_parameters())
-                                  [f"base_model.model.{q}.lora_A.default.weight"])
+    assert lora_a and torch.equal(
+        lora_a[f"base_model.model.{q}.lora_A.default.weight"],
+        dict(trainer.backend.policy.model.named_parameters())[f"base_model.model.{q}.lora_A.default.weight"],
+    )
     cfg2 = make_cfg(tiny_model_dir, prompts_file, tmp_path / "run", steps=4, **over)
     result = train(cfg2, resume=True)
     assert result.steps == 4

@@ -20,9 +20,18 @@ R = 4
 
 
 def _cfg(model_dir, out, compute: str):
-    over = {"output_dir": str(out), "model.name": model_dir, "model.logprob_chunk_size": 16,
-            "model.compute_dtype": compute, "model.lora.enabled": True, "model.lora.r": R,
-            "model.lora.alpha": 8, "optim.lr": 1e-2, "optim.max_grad_norm": None, "optim.micro_batch_size": 8}
+    over = {
+        "output_dir": str(out),
+        "model.name": model_dir,
+        "model.logprob_chunk_size": 16,
+        "model.compute_dtype": compute,
+        "model.lora.enabled": True,
+        "model.lora.r": R,
+        "model.lora.alpha": 8,
+        "optim.lr": 1e-2,
+        "optim.max_grad_norm": None,
+        "optim.micro_batch_size": 8,
+    }
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
 
 
@@ -32,14 +41,24 @@ def _groups(seed: int):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for j in range(2):
-        toks = [torch.randint(3, 60, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen).tolist()
-                for _ in range(4)]
-        out.append(RolloutGroup(
-            prompt_id=f"p{j}", prompt="x", prompt_token_ids=torch.randint(3, 60, (6,), generator=gen).tolist(),
-            responses=["y"] * 4, response_token_ids=toks,
-            response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
-            rewards=[float((i + j) % 2 == 0) for i in range(4)], finish_reasons=["stop"] * 4,
-            weights_id="tiny", version=0))
+        toks = [
+            torch.randint(3, 60, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(4)
+        ]
+        out.append(
+            RolloutGroup(
+                prompt_id=f"p{j}",
+                prompt="x",
+                prompt_token_ids=torch.randint(3, 60, (6,), generator=gen).tolist(),
+                responses=["y"] * 4,
+                response_token_ids=toks,
+                response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
+                rewards=[float((i + j) % 2 == 0) for i in range(4)],
+                finish_reasons=["stop"] * 4,
+                weights_id="tiny",
+                version=0,
+            )
+        )
     return out
 
 
@@ -72,8 +91,7 @@ def test_frozen_base_is_bit_identical_after_syncs_and_steps(tiny_model_dir, tmp_
     old = copy.deepcopy(policy.model)
     old.merge_adapter()
     old.unmerge_adapter()
-    moved = sum(int((p.detach() != before[n]).sum()) for n, p in old.get_base_model().named_parameters()
-                if n in before)
+    moved = sum(int((p.detach() != before[n]).sum()) for n, p in old.get_base_model().named_parameters() if n in before)
     assert moved > 0
 
 
@@ -141,8 +159,9 @@ def test_lora_variants_are_refused_naming_the_field(tiny_model_dir):
 
     from oapl.trainer.lora_sync import merged_weights
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=R, lora_alpha=8, use_dora=True, target_modules=["q_proj"],
-                                      task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=R, lora_alpha=8, use_dora=True, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
     with pytest.raises(ValueError, match=r"model\.lora.*DoRA|model\.lora.*variant"):
         list(merged_weights(model))

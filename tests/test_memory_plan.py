@@ -8,14 +8,23 @@ import pytest
 
 from oapl.config import TrainConfig, load_config
 from oapl.errors import UserError
-from oapl.memory_plan import (GiB, Hardware, ModelShape, count_params, lora_params, parse_size, plan_memory,
-                              resolve_shape, shapes_table, trainer_rank)
+from oapl.memory_plan import (
+    GiB,
+    Hardware,
+    ModelShape,
+    count_params,
+    lora_params,
+    parse_size,
+    plan_memory,
+    resolve_shape,
+    shapes_table,
+    trainer_rank,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE, MATH = ROOT / "configs" / "two_stage_deepcoder.yaml", ROOT / "configs" / "math_qwen3_4b.yaml"
 # the tiny Llama of the test suite: 2 layers, hidden 32, 4 heads (and 2 KV heads) of 8, MLP 64, vocabulary 100
-TINY = ModelShape(layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, tied=True,
-                  params=0)
+TINY = ModelShape(layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, tied=True, params=0)
 # per layer: q, o 32 x 32 = 1,024 each; k, v 32 x 16 = 512 each; MLP 3 x 32 x 64 = 6,144; 2 norms x 32: 9,280
 # root: 100 x 32 tied embeddings + final norm 32 = 3,232; total 2 x 9,280 + 3,232 = 21,792
 P = 21_792
@@ -66,8 +75,9 @@ def test_code_config_refused_on_one_gpu_and_fits_on_eight():
     plan, problems = plan_memory(cfg, shape, seq, Hardware(1, 80 * GiB, "flags"))
     assert problems[0].startswith("GPUs: the layout needs 8 GPUs")
     # one rank holds 16 B/parameter: 236 GB of state, refused naming memory and the fix
-    assert problems[1].startswith("GPU memory: a trainer rank needs 263.8 GB (weights 59.1 GB, gradients 59.1 GB, "
-                                  "AdamW 118.2 GB")
+    assert problems[1].startswith(
+        "GPU memory: a trainer rank needs 263.8 GB (weights 59.1 GB, gradients 59.1 GB, AdamW 118.2 GB"
+    )
     assert "distributed.trainer_workers=6 with distributed.trainer_num_gpus=1 (FSDP2 over 6 GPUs" in problems[1]
     assert plan["fits"] is False and "FSDP2" not in plan["layout"]
     plan, problems = plan_memory(cfg, shape, seq, Hardware(8, 141e9, "flags"))  # 8 x H200

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from oapl.objectives import (group_normalized_advantage, grpo_loss, oapl_loss, optimal_advantage,
-                             optimal_value, sequence_log_ratio)
+from oapl.objectives import (
+    group_normalized_advantage,
+    grpo_loss,
+    oapl_loss,
+    optimal_advantage,
+    optimal_value,
+    sequence_log_ratio,
+)
 
 
 def test_optimal_value_hand_computed():
@@ -76,8 +82,10 @@ def test_oapl_loss_micro_batches_sum_to_full_batch():
     adv = torch.randn(6)
     full = oapl_loss(logp, ref, mask, adv, 0.5)
     (g_full,) = torch.autograd.grad(full, logp)
-    parts = sum(oapl_loss(logp[i:i + 2], ref[i:i + 2], mask[i:i + 2], adv[i:i + 2], 0.5, num_sequences=6)
-                for i in range(0, 6, 2))
+    parts = sum(
+        oapl_loss(logp[i : i + 2], ref[i : i + 2], mask[i : i + 2], adv[i : i + 2], 0.5, num_sequences=6)
+        for i in range(0, 6, 2)
+    )
     (g_parts,) = torch.autograd.grad(parts, logp)
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
     assert torch.allclose(g_full, g_parts, atol=1e-7)
@@ -122,8 +130,11 @@ def test_oapl_gradient_matches_finite_differences_on_tiny_model(char_tokenizer):
     try:
         loss = loss_fn()
         params = {n: p for n, p in model.named_parameters()}
-        names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
-                 "model.embed_tokens.weight"]
+        names = [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "model.embed_tokens.weight",
+        ]
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         eps = 1e-6
         for name, g in zip(names, grads):

@@ -13,10 +13,19 @@ from oapl.offline import train_offline
 
 
 def _group(pid, temperature=1.0, top_p=1.0, weights_id="org/base", **sampling):
-    return RolloutGroup(prompt_id=pid, prompt="p", prompt_token_ids=[1], responses=["a", "b"],
-                        response_token_ids=[[2], [3]], response_logprobs=[[-0.1], [-0.2]], rewards=[1.0, 0.0],
-                        finish_reasons=["stop", "stop"], weights_id=weights_id, version=0,
-                        sampling={"temperature": temperature, "top_p": top_p, "max_tokens": 8, **sampling})
+    return RolloutGroup(
+        prompt_id=pid,
+        prompt="p",
+        prompt_token_ids=[1],
+        responses=["a", "b"],
+        response_token_ids=[[2], [3]],
+        response_logprobs=[[-0.1], [-0.2]],
+        rewards=[1.0, 0.0],
+        finish_reasons=["stop", "stop"],
+        weights_id=weights_id,
+        version=0,
+        sampling={"temperature": temperature, "top_p": top_p, "max_tokens": 8, **sampling},
+    )
 
 
 def _cfg(*overrides):
@@ -30,13 +39,14 @@ def test_matching_data_passes():
 
 
 def test_temperature_mismatch_names_both_values_and_a_prompt():
-    groups = [_group("g0", temperature=0.7), _group("g1", temperature=0.7), _group("g2", temperature=0.7),
-              _group("g3")]
+    groups = [_group("g0", temperature=0.7), _group("g1", temperature=0.7), _group("g2", temperature=0.7), _group("g3")]
     with pytest.raises(ValueError) as e:
         check_sampling_provenance(groups, _cfg())
     msg = str(e.value)
     assert msg.startswith("offline.data data/base: ")
-    assert "3 of 4 groups were sampled with temperature=0.7 (e.g. prompt_id 'g0') but sampling.temperature is 1.0" in msg
+    assert (
+        "3 of 4 groups were sampled with temperature=0.7 (e.g. prompt_id 'g0') but sampling.temperature is 1.0" in msg
+    )
     assert "offline.allow_sampling_mismatch=true" in msg
 
 
@@ -76,7 +86,15 @@ def test_train_offline_refuses_before_loading_anything(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     write_rollouts([_group(f"g{i}", temperature=0.7) for i in range(4)], data / "part-00000.parquet")
-    cfg = load_config(None, ["model.name=org/not-downloaded", f"offline.data={data}", f"output_dir={tmp_path / 'run'}",
-                             "rollout.prompts_per_step=2", "sampling.temperature=1.0"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=org/not-downloaded",
+            f"offline.data={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "rollout.prompts_per_step=2",
+            "sampling.temperature=1.0",
+        ],
+    )
     with pytest.raises(ValueError, match="temperature=0.7 .* but sampling.temperature is 1.0"):
         train_offline(cfg)

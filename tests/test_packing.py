@@ -56,10 +56,12 @@ def test_plan_long_sequence_gets_its_own_micro_batch_and_caps_sequences():
 
 def _random_batch(vocab: int, n: int = 6, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-    responses = [torch.randint(3, vocab, (int(torch.randint(1, 25, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(n)]
+    prompts = [
+        torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
+    responses = [
+        torch.randint(3, vocab, (int(torch.randint(1, 25, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
     responses[2] = []  # an empty response (cut at 0 tokens) contributes nothing
     ref = [(-torch.rand(len(r), generator=g) * 5).tolist() for r in responses]
     return prompts, responses, ref
@@ -124,8 +126,9 @@ def test_packed_attention_never_crosses_sequences(char_tokenizer):
         alone = token_logprobs(model, sequence_batch(prompts[:1], responses[:1], ref[:1], packed=True))[0]
         together = token_logprobs(model, sequence_batch(prompts, responses, ref, packed=True))[0]
         other = [[7, 8, 9] * 5] + prompts[1:]
-        changed = token_logprobs(model, sequence_batch(other[:1] + prompts[:1], [responses[1], responses[0]],
-                                                       [ref[1], ref[0]], packed=True))[0]
+        changed = token_logprobs(
+            model, sequence_batch(other[:1] + prompts[:1], [responses[1], responses[0]], [ref[1], ref[0]], packed=True)
+        )[0]
     r = len(responses[0])
     assert torch.allclose(alone[0, :r], together[0, :r], atol=1e-6)
     assert torch.allclose(alone[0, :r], changed[1, :r], atol=1e-6)
@@ -196,19 +199,36 @@ def _groups(n_groups: int = 4, g: int = 4, seed: int = 0):
     out = []
     for j in range(n_groups):
         prompt = torch.randint(3, 60, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist()
-        toks = [torch.randint(3, 60, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen).tolist()
-                for _ in range(g)]
-        out.append(RolloutGroup(
-            prompt_id=f"p{j}", prompt="x", prompt_token_ids=prompt, responses=["y"] * g, response_token_ids=toks,
-            response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
-            rewards=[float((i + j) % 3 == 0) for i in range(g)], finish_reasons=["stop"] * g,
-            weights_id="tiny", version=0))
+        toks = [
+            torch.randint(3, 60, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(g)
+        ]
+        out.append(
+            RolloutGroup(
+                prompt_id=f"p{j}",
+                prompt="x",
+                prompt_token_ids=prompt,
+                responses=["y"] * g,
+                response_token_ids=toks,
+                response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
+                rewards=[float((i + j) % 3 == 0) for i in range(g)],
+                finish_reasons=["stop"] * g,
+                weights_id="tiny",
+                version=0,
+            )
+        )
     return out
 
 
 def step_cfg(tiny_model_dir, out, **over):
-    base = {"output_dir": str(out), "model.name": tiny_model_dir, "model.logprob_chunk_size": 16,
-            "optim.lr": 1e-3, "optim.max_grad_norm": None, "algorithm.beta2": 0.1}
+    base = {
+        "output_dir": str(out),
+        "model.name": tiny_model_dir,
+        "model.logprob_chunk_size": 16,
+        "optim.lr": 1e-3,
+        "optim.max_grad_norm": None,
+        "algorithm.beta2": 0.1,
+    }
     base.update(over)
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
 
@@ -232,18 +252,31 @@ def _one_step(cfg, groups):
     return metrics, grads, policy
 
 
-@pytest.mark.parametrize("over", [
-    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.share_prompts": "off"},
-    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 64,
-     "optim.share_prompts": "off"},
-    {"optim.packing": False, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 100},
-    {"optim.packing": True, "optim.micro_batch_size": 16, "optim.share_prompts": "on"},
-    {"optim.packing": False, "optim.micro_batch_size": 6, "optim.share_prompts": "on"},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"optim.packing": True, "optim.micro_batch_size": 16, "optim.share_prompts": "off"},
+        {
+            "optim.packing": True,
+            "optim.micro_batch_size": 16,
+            "optim.max_tokens_per_micro_batch": 64,
+            "optim.share_prompts": "off",
+        },
+        {"optim.packing": False, "optim.micro_batch_size": 16, "optim.max_tokens_per_micro_batch": 100},
+        {"optim.packing": True, "optim.micro_batch_size": 16, "optim.share_prompts": "on"},
+        {"optim.packing": False, "optim.micro_batch_size": 6, "optim.share_prompts": "on"},
+    ],
+)
 def test_train_step_same_loss_and_gradient_as_padded(tiny_model_dir, tmp_path, over):
     groups = _groups()
-    ref_m, ref_g, _ = _one_step(step_cfg(tiny_model_dir, tmp_path / "a", **{
-        "optim.packing": False, "optim.micro_batch_size": 16, "optim.share_prompts": "off"}), groups)
+    ref_m, ref_g, _ = _one_step(
+        step_cfg(
+            tiny_model_dir,
+            tmp_path / "a",
+            **{"optim.packing": False, "optim.micro_batch_size": 16, "optim.share_prompts": "off"},
+        ),
+        groups,
+    )
     m, g, policy = _one_step(step_cfg(tiny_model_dir, tmp_path / "b", **over), groups)
     assert policy.packing == over["optim.packing"]
     assert m["loss"] == pytest.approx(ref_m["loss"], rel=1e-5)

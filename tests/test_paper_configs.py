@@ -19,24 +19,47 @@ PAPER_MATH = {
     "model.name": "Qwen/Qwen3-4B-Thinking-2507",
     "task.dataset": "agentica-org/DeepScaleR-Preview-Dataset",
     "task.eval_benchmarks": ["aime25", "hmmt25_feb", "hmmt25_nov", "brumo25"],
-    "algorithm.name": "oapl", "algorithm.beta1": 1.0, "algorithm.beta2": 1e-3,
-    "rollout.sync_interval": 50, "rollout.group_size": 8,
-    "rollout.prompts_per_step": 128, "algorithm.mini_batches": 2,   # 128 x 8 in 2 batches per update
-    "optim.lr": 1e-6, "optim.betas": [0.9, 0.95],
-    "sampling.temperature": 1.0, "sampling.top_p": 1.0, "sampling.max_tokens": 16384,
-    "eval.temperature": 0.6, "eval.top_p": 0.95, "eval.max_tokens": 16384, "eval.n": 10,
+    "algorithm.name": "oapl",
+    "algorithm.beta1": 1.0,
+    "algorithm.beta2": 1e-3,
+    "rollout.sync_interval": 50,
+    "rollout.group_size": 8,
+    "rollout.prompts_per_step": 128,
+    "algorithm.mini_batches": 2,  # 128 x 8 in 2 batches per update
+    "optim.lr": 1e-6,
+    "optim.betas": [0.9, 0.95],
+    "sampling.temperature": 1.0,
+    "sampling.top_p": 1.0,
+    "sampling.max_tokens": 16384,
+    "eval.temperature": 0.6,
+    "eval.top_p": 0.95,
+    "eval.max_tokens": 16384,
+    "eval.n": 10,
 }
 PAPER_CODE = {
     "model.name": "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
-    "task.name": "code", "task.dataset": "agentica-org/DeepCoder-Preview-Dataset",
-    "task.dataset_config": None,            # every training subset, not one
-    "algorithm.name": "oapl", "algorithm.beta1": 1.0, "algorithm.beta2": 1e-3,
-    "rollout.group_size": 8, "rollout.prompts_per_step": 32,       # 256 responses per step
-    "algorithm.mini_batches": 1, "offline.min_correct": 1,
-    "optim.lr": 1e-6, "optim.betas": [0.9, 0.999], "optim.max_grad_norm": 1.0,
-    "optim.schedule": "cosine", "optim.warmup_ratio": 0.02,
-    "sampling.temperature": 1.0, "sampling.top_p": 1.0, "sampling.max_tokens": 32000,
-    "eval.temperature": 0.6, "eval.top_p": 0.95, "eval.n": 20, "eval.max_tokens": 65536,
+    "task.name": "code",
+    "task.dataset": "agentica-org/DeepCoder-Preview-Dataset",
+    "task.dataset_config": None,  # every training subset, not one
+    "algorithm.name": "oapl",
+    "algorithm.beta1": 1.0,
+    "algorithm.beta2": 1e-3,
+    "rollout.group_size": 8,
+    "rollout.prompts_per_step": 32,  # 256 responses per step
+    "algorithm.mini_batches": 1,
+    "offline.min_correct": 1,
+    "optim.lr": 1e-6,
+    "optim.betas": [0.9, 0.999],
+    "optim.max_grad_norm": 1.0,
+    "optim.schedule": "cosine",
+    "optim.warmup_ratio": 0.02,
+    "sampling.temperature": 1.0,
+    "sampling.top_p": 1.0,
+    "sampling.max_tokens": 32000,
+    "eval.temperature": 0.6,
+    "eval.top_p": 0.95,
+    "eval.n": 20,
+    "eval.max_tokens": 65536,
 }
 
 

@@ -13,13 +13,7 @@ import numpy as np
 import pytest
 
 from oapl.data.rollouts import RolloutGroup, group_from_rows
-from oapl.evaluation.passk import (
-    default_ks,
-    evaluate_groups,
-    load_report,
-    pass_at_k,
-    write_report,
-)
+from oapl.evaluation.passk import default_ks, evaluate_groups, load_report, pass_at_k, write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "rollouts_small.jsonl"
 
@@ -40,10 +34,20 @@ def fixture_groups() -> list[RolloutGroup]:
 def group(pid: str, rewards: list[float], benchmark: str = "b") -> RolloutGroup:
     n = len(rewards)
     return RolloutGroup(
-        prompt_id=pid, prompt="q", prompt_token_ids=[1], responses=["r"] * n,
-        response_token_ids=[[2]] * n, response_logprobs=[[-1.0]] * n, rewards=rewards,
-        finish_reasons=["stop"] * n, weights_id="w", version=0, sampling={}, task="t",
-        benchmark=benchmark, extra={},
+        prompt_id=pid,
+        prompt="q",
+        prompt_token_ids=[1],
+        responses=["r"] * n,
+        response_token_ids=[[2]] * n,
+        response_logprobs=[[-1.0]] * n,
+        rewards=rewards,
+        finish_reasons=["stop"] * n,
+        weights_id="w",
+        version=0,
+        sampling={},
+        task="t",
+        benchmark=benchmark,
+        extra={},
     )
 
 
@@ -54,11 +58,11 @@ def group(pid: str, rewards: list[float], benchmark: str = "b") -> RolloutGroup:
 
 def test_hand_values():
     assert pass_at_k(2, 1, 1) == pytest.approx(0.5, abs=1e-15)
-    assert pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-15)      # 1 - C(3,2)/C(4,2) = 1 - 3/6
-    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6, abs=1e-15)    # 1 - C(2,2)/C(4,2)
-    assert pass_at_k(10, 3, 1) == pytest.approx(0.3, abs=1e-15)     # pass@1 = c/n
-    assert pass_at_k(5, 2, 3) == pytest.approx(0.9, abs=1e-15)      # 1 - C(3,3)/C(5,3) = 1 - 1/10
-    assert pass_at_k(5, 3, 3) == 1.0                                 # n - c = 2 < k
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-15)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6, abs=1e-15)  # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3, abs=1e-15)  # pass@1 = c/n
+    assert pass_at_k(5, 2, 3) == pytest.approx(0.9, abs=1e-15)  # 1 - C(3,3)/C(5,3) = 1 - 1/10
+    assert pass_at_k(5, 3, 3) == 1.0  # n - c = 2 < k
     assert pass_at_k(256, 1, 1) == pytest.approx(1 / 256, rel=1e-14)
 
 
@@ -71,13 +75,12 @@ def test_pass_at_1_is_fraction_correct():
 def test_edge_cases():
     for n in (1, 3, 16, 256):
         for k in (1, n // 2 or 1, n):
-            assert pass_at_k(n, 0, k) == 0.0   # nothing correct
-            assert pass_at_k(n, n, k) == 1.0   # everything correct
-        assert pass_at_k(n, 1, n) == 1.0       # k = n draws every sample
+            assert pass_at_k(n, 0, k) == 0.0  # nothing correct
+            assert pass_at_k(n, n, k) == 1.0  # everything correct
+        assert pass_at_k(n, 1, n) == 1.0  # k = n draws every sample
     assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
     # numpy integers are accepted
-    assert pass_at_k(np.int64(8), np.int32(2), np.int16(2)) == pytest.approx(
-        float(reference(8, 2, 2)), rel=1e-14)
+    assert pass_at_k(np.int64(8), np.int32(2), np.int16(2)) == pytest.approx(float(reference(8, 2, 2)), rel=1e-14)
 
 
 def test_matches_exact_reference_exhaustive_small_n():
@@ -91,10 +94,8 @@ def test_matches_exact_reference_exhaustive_small_n():
 
 def test_matches_exact_reference_random_including_n256():
     rng = random.Random(1234)
-    cases = [(256, c, k) for c in (0, 1, 2, 5, 17, 128, 200, 254, 255, 256)
-             for k in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
-    cases += [(n, rng.randint(0, n), rng.randint(1, n))
-              for n in (rng.randint(1, 512) for _ in range(400))]
+    cases = [(256, c, k) for c in (0, 1, 2, 5, 17, 128, 200, 254, 255, 256) for k in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+    cases += [(n, rng.randint(0, n), rng.randint(1, n)) for n in (rng.randint(1, 512) for _ in range(400))]
     for n, c, k in cases:
         ref = reference(n, c, k)
         got = pass_at_k(n, c, k)
@@ -161,8 +162,7 @@ def test_evaluate_groups_on_fixture_hand_values():
     assert list(result["benchmarks"]) == ["algebra", "arith"]
 
     arith = result["benchmarks"]["arith"]
-    assert (arith["num_prompts"], arith["num_responses"], arith["n_min"], arith["n_max"]) == \
-        (3, 12, 4, 4)
+    assert (arith["num_prompts"], arith["num_responses"], arith["n_min"], arith["n_max"]) == (3, 12, 4, 4)
     assert (arith["all_wrong"], arith["all_correct"]) == (1, 1)
     assert arith["accuracy"] == pytest.approx(6 / 12)
     assert arith["mean_reward"] == pytest.approx((0.3 + 1.7 + 4.0) / 12)
@@ -176,8 +176,8 @@ def test_evaluate_groups_on_fixture_hand_values():
     assert all(row["num_prompts"] == 3 for row in arith["pass_at_k"])
 
     alg = _by_k(result["benchmarks"]["algebra"])
-    assert alg[1]["mean"] == pytest.approx(0.5)          # (1/4 + 3/4) / 2
-    assert alg[2]["mean"] == pytest.approx(0.75)         # (1 - 3/6 + 1) / 2
+    assert alg[1]["mean"] == pytest.approx(0.5)  # (1/4 + 3/4) / 2
+    assert alg[2]["mean"] == pytest.approx(0.75)  # (1 - 3/6 + 1) / 2
     assert alg[4]["mean"] == pytest.approx(1.0)
 
     o = _by_k(result["overall"])
@@ -197,7 +197,7 @@ def test_evaluate_groups_ks_threshold_and_mixed_n():
     assert o[4]["mean"] == pytest.approx(0.5)
     assert o[2]["mean"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     assert evaluate_groups(groups)["ks"] == [1, 2]  # default: up to the smallest n
-    low = evaluate_groups(groups, threshold=0.1)     # 0.2 now counts as correct
+    low = evaluate_groups(groups, threshold=0.1)  # 0.2 now counts as correct
     assert _by_k(low["overall"])[1]["mean"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
     with pytest.raises(ValueError, match="k=8 exceeds the number of samples"):
         evaluate_groups(groups, ks=[1, 8])
@@ -219,8 +219,7 @@ def test_write_and_load_report(tmp_path):
     loaded = load_report(json_path)
     assert math.isnan(loaded["benchmarks"]["broken"]["mean_reward"])
     loaded["benchmarks"]["broken"]["mean_reward"] = result["benchmarks"]["broken"]["mean_reward"]
-    assert json.dumps(loaded, sort_keys=True, default=str) == json.dumps(result, sort_keys=True,
-                                                                         default=str)
+    assert json.dumps(loaded, sort_keys=True, default=str) == json.dumps(result, sort_keys=True, default=str)
 
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))

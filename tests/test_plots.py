@@ -13,14 +13,7 @@ import pytest
 
 from oapl.data.rollouts import RolloutGroup
 from oapl.evaluation.passk import evaluate_groups, write_report
-from oapl.evaluation.plots import (
-    PANEL_HEIGHT,
-    PANEL_WIDTH,
-    grid_shape,
-    load_metrics,
-    plot_passk,
-    plot_training,
-)
+from oapl.evaluation.plots import PANEL_HEIGHT, PANEL_WIDTH, grid_shape, load_metrics, plot_passk, plot_training
 
 DPI = 80
 
@@ -32,12 +25,24 @@ def make_groups(p_correct: dict[str, float], n: int = 16, prompts: int = 12, see
         for i in range(prompts):
             q = float(np.clip(p + rng.normal(0, 0.2), 0, 1))  # per-prompt difficulty
             rewards = (rng.random(n) < q).astype(float).tolist()
-            groups.append(RolloutGroup(
-                prompt_id=f"{bench}-{i}", prompt="q", prompt_token_ids=[1],
-                responses=["r"] * n, response_token_ids=[[2]] * n,
-                response_logprobs=[[-1.0]] * n, rewards=rewards, finish_reasons=["stop"] * n,
-                weights_id="w", version=0, sampling={}, task="math", benchmark=bench, extra={},
-            ))
+            groups.append(
+                RolloutGroup(
+                    prompt_id=f"{bench}-{i}",
+                    prompt="q",
+                    prompt_token_ids=[1],
+                    responses=["r"] * n,
+                    response_token_ids=[[2]] * n,
+                    response_logprobs=[[-1.0]] * n,
+                    rewards=rewards,
+                    finish_reasons=["stop"] * n,
+                    weights_id="w",
+                    version=0,
+                    sampling={},
+                    task="math",
+                    benchmark=bench,
+                    extra={},
+                )
+            )
     return groups
 
 
@@ -68,14 +73,12 @@ def test_plot_passk_compares_runs_one_panel_per_benchmark_plus_mean(tmp_path):
 
 
 def test_plot_passk_from_json_reports_and_single_panel(tmp_path):
-    a, _ = write_report(evaluate_groups(make_groups({"gsm8k": 0.3, "aime": 0.05}, seed=3)),
-                        tmp_path / "a")
+    a, _ = write_report(evaluate_groups(make_groups({"gsm8k": 0.3, "aime": 0.05}, seed=3)), tmp_path / "a")
     b, _ = write_report(evaluate_groups(make_groups({"gsm8k": 0.6}, seed=4)), tmp_path / "b")
     # b lacks "aime": it is left out of that panel instead of failing
     check_png(plot_passk({"a": a, "b": str(b)}, tmp_path / "all.png", dpi=DPI), 1, 3)
     for panel in ("gsm8k", "overall", "mean"):
-        check_png(plot_passk({"a": a, "b": b}, tmp_path / f"{panel}.png", benchmark=panel,
-                             dpi=DPI), 1, 1)
+        check_png(plot_passk({"a": a, "b": b}, tmp_path / f"{panel}.png", benchmark=panel, dpi=DPI), 1, 1)
     with pytest.raises(ValueError, match="'nope' is in none of the results; available"):
         plot_passk({"a": a}, tmp_path / "x.png", benchmark="nope")
     with pytest.raises(ValueError, match="at least one"):
@@ -103,15 +106,18 @@ def fake_run(steps: int, batch: int, seed: int, with_kl: bool = True) -> list[di
     rng = np.random.default_rng(seed)
     rows = []
     for step in range(1, steps + 1):
-        row = {"step": step, "samples_seen": step * batch,
-               "reward_mean": float(0.2 + 0.5 * (1 - math.exp(-step / 40)) + rng.normal(0, 0.03)),
-               "entropy": float(1.5 * math.exp(-step / 80) + 0.2), "lag": int(step % 3)}
+        row = {
+            "step": step,
+            "samples_seen": step * batch,
+            "reward_mean": float(0.2 + 0.5 * (1 - math.exp(-step / 40)) + rng.normal(0, 0.03)),
+            "entropy": float(1.5 * math.exp(-step / 80) + 0.2),
+            "lag": int(step % 3),
+        }
         if with_kl:
             row["kl"] = float(abs(rng.normal(0.01, 0.005)))
         rows.append(row)
         if step % 25 == 0:  # sparse evaluation rows
-            rows.append({"step": step, "samples_seen": step * batch,
-                         "eval/pass@1": float(0.1 + step / 400)})
+            rows.append({"step": step, "samples_seen": step * batch, "eval/pass@1": float(0.1 + step / 400)})
     return rows
 
 
@@ -120,8 +126,13 @@ def test_plot_training_two_runs(tmp_path):
     b = write_metrics(tmp_path / "b.jsonl", fake_run(90, 128, 1, with_kl=False))
     out = plot_training({"oapl": a, "grpo": b}, tmp_path / "train.png", dpi=DPI)
     check_png(out, nrows=2, ncols=3)  # 5 default keys
-    out = plot_training({"oapl": a, "grpo": b}, tmp_path / "train_samples.png",
-                        keys=("reward_mean", "eval/pass@1"), x="samples_seen", dpi=DPI)
+    out = plot_training(
+        {"oapl": a, "grpo": b},
+        tmp_path / "train_samples.png",
+        keys=("reward_mean", "eval/pass@1"),
+        x="samples_seen",
+        dpi=DPI,
+    )
     check_png(out, nrows=1, ncols=2)
 
 
@@ -140,8 +151,9 @@ def test_plot_training_survives_nan_missing_keys_and_truncated_lines(tmp_path):
     assert len(loaded) == len(rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = plot_training({"run": path}, tmp_path / "messy.png",
-                            keys=("reward_mean", "entropy", "kl", "not_a_key"), dpi=DPI)
+        out = plot_training(
+            {"run": path}, tmp_path / "messy.png", keys=("reward_mean", "entropy", "kl", "not_a_key"), dpi=DPI
+        )
     check_png(out, nrows=2, ncols=3)
     with pytest.raises(FileNotFoundError, match="no metrics file"):
         plot_training({"run": tmp_path / "missing.jsonl"}, tmp_path / "x.png")

@@ -36,8 +36,9 @@ def test_config_splits_storage_and_compute_and_keeps_the_old_name():
     auto = resolve_precision(load_config(None, []).model, torch.device("cpu"))
     assert auto.param_dtype == auto.compute_dtype == torch.float32  # CPU default: plain fp32
     with pytest.raises(ValueError, match="narrower"):
-        resolve_precision(load_config(None, ["model.param_dtype=bfloat16", "model.compute_dtype=float32"]).model,
-                          torch.device("cpu"))
+        resolve_precision(
+            load_config(None, ["model.param_dtype=bfloat16", "model.compute_dtype=float32"]).model, torch.device("cpu")
+        )
 
 
 def _groups(seed: int = 0):
@@ -46,20 +47,37 @@ def _groups(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for j in range(4):
-        toks = [torch.randint(3, 60, (int(torch.randint(4, 30, (1,), generator=gen)),), generator=gen).tolist()
-                for _ in range(4)]
-        out.append(RolloutGroup(
-            prompt_id=f"p{j}", prompt="x", prompt_token_ids=torch.randint(3, 60, (6,), generator=gen).tolist(),
-            responses=["y"] * 4, response_token_ids=toks,
-            response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
-            rewards=[float((i + j) % 3 == 0) for i in range(4)], finish_reasons=["stop"] * 4,
-            weights_id="tiny", version=0))
+        toks = [
+            torch.randint(3, 60, (int(torch.randint(4, 30, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(4)
+        ]
+        out.append(
+            RolloutGroup(
+                prompt_id=f"p{j}",
+                prompt="x",
+                prompt_token_ids=torch.randint(3, 60, (6,), generator=gen).tolist(),
+                responses=["y"] * 4,
+                response_token_ids=toks,
+                response_logprobs=[(-torch.rand(len(t), generator=gen) * 4 - 1).tolist() for t in toks],
+                rewards=[float((i + j) % 3 == 0) for i in range(4)],
+                finish_reasons=["stop"] * 4,
+                weights_id="tiny",
+                version=0,
+            )
+        )
     return out
 
 
 def _cfg(model_dir, out, **over):
-    base = {"output_dir": str(out), "model.name": model_dir, "model.logprob_chunk_size": 16,
-            "optim.lr": 1e-6, "optim.max_grad_norm": None, "algorithm.beta2": 0.1, "optim.micro_batch_size": 8}
+    base = {
+        "output_dir": str(out),
+        "model.name": model_dir,
+        "model.logprob_chunk_size": 16,
+        "optim.lr": 1e-6,
+        "optim.max_grad_norm": None,
+        "algorithm.beta2": 0.1,
+        "optim.micro_batch_size": 8,
+    }
     base.update(over)
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
 
@@ -132,9 +150,14 @@ def test_pure_bf16_storage_loses_updates_and_warns(tiny_model_dir, tmp_path, cap
     """The failure the default prevents, shown on the same step: bf16 storage keeps few updates."""
     groups = _groups()
     with caplog.at_level(logging.WARNING, logger="oapl.trainer.precision"):
-        g, b, a, policy = _step(_cfg(tiny_model_dir, tmp_path / "bf16", **{"model.param_dtype": "bfloat16",
-                                                                           "model.compute_dtype": "bfloat16"}),
-                                groups)
+        g, b, a, policy = _step(
+            _cfg(
+                tiny_model_dir,
+                tmp_path / "bf16",
+                **{"model.param_dtype": "bfloat16", "model.compute_dtype": "bfloat16"},
+            ),
+            groups,
+        )
     assert any("rounds away" in r.getMessage() for r in caplog.records)
     moved = sum(int(((a[n] - b[n]) != 0)[g[n] != 0].sum()) for n in g)
     total = sum(int((g[n] != 0).sum()) for n in g)
@@ -142,8 +165,11 @@ def test_pure_bf16_storage_loses_updates_and_warns(tiny_model_dir, tmp_path, cap
 
 
 def test_lora_under_bf16_compute_keeps_adapter_updates(tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, tmp_path / "lora", **{"model.compute_dtype": "bfloat16", "model.lora.enabled": True,
-                                                     "model.lora.r": 4, "optim.lr": 1e-6})
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path / "lora",
+        **{"model.compute_dtype": "bfloat16", "model.lora.enabled": True, "model.lora.r": 4, "optim.lr": 1e-6},
+    )
     g, b, a, policy = _step(cfg, _groups())
     base = policy.model.get_base_model()
     frozen = {p.dtype for n, p in base.named_parameters() if not p.requires_grad}
@@ -177,8 +203,9 @@ def test_checkpoint_keeps_fp32_masters_and_export_is_compute_dtype(tiny_model_di
     assert json.loads((out / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
 
 
-def test_activation_offload_saves_tensors_through_the_host_hooks_and_changes_nothing(tiny_model_dir, tmp_path,
-                                                                                   monkeypatch):
+def test_activation_offload_saves_tensors_through_the_host_hooks_and_changes_nothing(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """model.activation_offload: the forward's saved tensors go through save_on_cpu's pack hook (on CPU a
     no-op copy, on CUDA a pinned host copy), and the step's gradients are bit for bit those without it."""
     packed = {"n": 0}
@@ -199,6 +226,8 @@ def test_activation_offload_saves_tensors_through_the_host_hooks_and_changes_not
     g_plain, _, _, _ = _step(_cfg(tiny_model_dir, tmp_path / "a", **base), _groups())
     assert packed["n"] == 0
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Counting)
-    g_off, _, _, _ = _step(_cfg(tiny_model_dir, tmp_path / "b", **base, **{"model.activation_offload": True}), _groups())
+    g_off, _, _, _ = _step(
+        _cfg(tiny_model_dir, tmp_path / "b", **base, **{"model.activation_offload": True}), _groups()
+    )
     assert packed["n"] > 0
     assert set(g_off) == set(g_plain) and all(torch.equal(g_off[n], g_plain[n]) for n in g_plain)

@@ -44,8 +44,9 @@ def test_readme_example_runs_and_learns(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=LIMIT_S, env=env)
+        proc = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=LIMIT_S, env=env
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the README example took more than {LIMIT_S:.0f} s; its output: {str(e.stdout)[-2000:]}")
     seconds = time.perf_counter() - t0

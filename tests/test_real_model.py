@@ -25,10 +25,22 @@ def test_trainer_and_engine_agree_on_real_model_logprobs(tmp_path):
     from oapl.config import load_config
     from oapl.loop import Run
 
-    cfg = load_config("configs/arithmetic_cpu.yaml", [
-        f"output_dir={tmp_path}", "engine.kind=transformers", "rollout.asynchronous=false", "steps=1",
-        "rollout.prompts_per_step=2", "rollout.prompts_per_generate=2", "rollout.group_size=4",
-        "eval.at_start=false", "eval.at_end=false", "logging.progress=false", "checkpoint.save_final=false"])
+    cfg = load_config(
+        "configs/arithmetic_cpu.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "engine.kind=transformers",
+            "rollout.asynchronous=false",
+            "steps=1",
+            "rollout.prompts_per_step=2",
+            "rollout.prompts_per_generate=2",
+            "rollout.group_size=4",
+            "eval.at_start=false",
+            "eval.at_end=false",
+            "logging.progress=false",
+            "checkpoint.save_final=false",
+        ],
+    )
     trainer = Run.for_config(cfg)
     try:
         trainer.train()

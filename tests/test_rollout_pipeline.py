@@ -21,8 +21,12 @@ def prompts_file(tmp_path):
 
 
 def cfg_for(tiny_model_dir, prompts_file, out, **over):
-    over = {"task.reward": "toy_rewards:has_seven", "task.eval_dataset": str(prompts_file),
-            "rollout.group_size": 8, **over}
+    over = {
+        "task.reward": "toy_rewards:has_seven",
+        "task.eval_dataset": str(prompts_file),
+        "rollout.group_size": 8,
+        **over,
+    }
     return make_cfg(tiny_model_dir, prompts_file, out, **over)
 
 
@@ -69,11 +73,35 @@ def test_cli_generate_eval_plot(tiny_model_dir, prompts_file, tmp_path):
     assert ks == [1, 2, 4]
     assert (tmp_path / "report.csv").exists()
     # eval straight from a model on the held-out split
-    assert main(["eval", str(cfg_path), "eval.n=2", "eval.temperature=1.0", "--max-prompts", "4",
-                 "--out", str(tmp_path / "heldout")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(cfg_path),
+                "eval.n=2",
+                "eval.temperature=1.0",
+                "--max-prompts",
+                "4",
+                "--out",
+                str(tmp_path / "heldout"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "heldout.json").read_text())["overall"]["num_prompts"] == 4
-    assert main(["plot", "passk", f"a={tmp_path / 'report.json'}", f"b={tmp_path / 'heldout.json'}",
-                 "--out", str(tmp_path / "passk.png")]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "passk",
+                f"a={tmp_path / 'report.json'}",
+                f"b={tmp_path / 'heldout.json'}",
+                "--out",
+                str(tmp_path / "passk.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "passk.png").stat().st_size > 5000
 
 
@@ -86,8 +114,12 @@ def test_offline_training_filters_and_checkpoints_each_epoch(tiny_model_dir, pro
     groups = read_rollouts(tmp_path / "data")
     useful = sum(any(r >= 0.5 for r in g.rewards) for g in groups)
     assert useful >= 2, "fixture should give some prompts with a correct response"
-    off = cfg_for(tiny_model_dir, prompts_file, tmp_path / "off", **{
-        "offline.data": str(tmp_path / "data"), "offline.epochs": 2, "rollout.prompts_per_step": 2})
+    off = cfg_for(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "off",
+        **{"offline.data": str(tmp_path / "data"), "offline.epochs": 2, "rollout.prompts_per_step": 2},
+    )
     summary = train_offline(off)
     assert summary["filter"]["kept"] == useful
     assert len(summary["checkpoints"]) == 2
@@ -95,17 +127,34 @@ def test_offline_training_filters_and_checkpoints_each_epoch(tiny_model_dir, pro
     rows = [json.loads(x) for x in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["v_star_mean"] is not None for r in rows)
     # a plain `oapl train` with offline.data set takes the same path
-    assert main(["train", f"output_dir={tmp_path / 'off2'}", f"model.name={tiny_model_dir}",
-                 f"offline.data={tmp_path / 'data'}", "rollout.prompts_per_step=2", "logging.progress=false",
-                 "task.name=dataset", f"task.dataset={prompts_file}", "task.reward=toy_rewards:has_seven",
-                 'task.columns={prompt: question, prompt_id: id}']) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"output_dir={tmp_path / 'off2'}",
+                f"model.name={tiny_model_dir}",
+                f"offline.data={tmp_path / 'data'}",
+                "rollout.prompts_per_step=2",
+                "logging.progress=false",
+                "task.name=dataset",
+                f"task.dataset={prompts_file}",
+                "task.reward=toy_rewards:has_seven",
+                "task.columns={prompt: question, prompt_id: id}",
+            ]
+        )
+        == 0
+    )
 
 
 def test_two_stage_recipe_end_to_end(tiny_model_dir, prompts_file, tmp_path):
     from oapl.recipes.two_stage import run_two_stage
 
-    cfg = cfg_for(tiny_model_dir, prompts_file, tmp_path / "recipe", **{
-        "rollout.prompts_per_step": 2, "eval.n": 4, "eval.temperature": 1.0, "optim.lr": 5e-3})
+    cfg = cfg_for(
+        tiny_model_dir,
+        prompts_file,
+        tmp_path / "recipe",
+        **{"rollout.prompts_per_step": 2, "eval.n": 4, "eval.temperature": 1.0, "optim.lr": 5e-3},
+    )
     report = run_two_stage(cfg, stage2_prompts=12, stage2_epochs=2)
     assert set(report["eval"]) == {"base", "stage1", "stage2-epoch1", "stage2-epoch2"}
     assert report["best"]["label"] in report["eval"]
@@ -121,8 +170,18 @@ def test_named_math_benchmarks_report_per_benchmark(tiny_model_dir, tmp_path, mo
     fixture = Path(__file__).parent / "fixtures" / "math_benchmark.jsonl"
     monkeypatch.setitem(bm.BENCHMARKS, "aime25", bm.Benchmark("aime25", str(fixture), "train", "problem", "answer"))
     monkeypatch.setitem(bm.BENCHMARKS, "brumo25", bm.Benchmark("brumo25", str(fixture), "train", "problem", "answer"))
-    args = ["eval", f"model.name={tiny_model_dir}", "engine.kind=transformers", "sampling.max_tokens=8",
-            "eval.n=2", "eval.temperature=1.0", "--benchmarks", "aime25,brumo25", "--out", str(tmp_path / "r")]
+    args = [
+        "eval",
+        f"model.name={tiny_model_dir}",
+        "engine.kind=transformers",
+        "sampling.max_tokens=8",
+        "eval.n=2",
+        "eval.temperature=1.0",
+        "--benchmarks",
+        "aime25,brumo25",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main(args) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["benchmarks"]) == {"aime25", "brumo25"}
@@ -137,10 +196,22 @@ def test_code_task_trains_end_to_end(tiny_model_dir, tmp_path):
     from oapl.config import load_config
     from oapl.loop import train
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "code_cpu.yaml", [
-        f"output_dir={tmp_path}", f"model.name={tiny_model_dir}", "engine.kind=transformers",
-        f"task.dataset={fixture}", f"task.eval_dataset={fixture}", "sampling.max_tokens=16", "steps=2",
-        "eval.at_start=false", "logging.progress=false", "checkpoint.save_final=false", "rollout.asynchronous=false"])
+    cfg = load_config(
+        Path(__file__).parents[1] / "configs" / "code_cpu.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"model.name={tiny_model_dir}",
+            "engine.kind=transformers",
+            f"task.dataset={fixture}",
+            f"task.eval_dataset={fixture}",
+            "sampling.max_tokens=16",
+            "steps=2",
+            "eval.at_start=false",
+            "logging.progress=false",
+            "checkpoint.save_final=false",
+            "rollout.asynchronous=false",
+        ],
+    )
     result = train(cfg)
     assert result.steps == 2 and result.eval_after is not None
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -159,8 +230,15 @@ def test_offline_lora_run_resumes_its_adapters(tiny_model_dir, prompts_file, tmp
 
     gen = cfg_for(tiny_model_dir, prompts_file, tmp_path / "gen")
     generate_dataset(gen, tmp_path / "data", n=8)
-    over = {"offline.data": str(tmp_path / "data"), "offline.epochs": 2, "offline.min_correct": 0,
-            "rollout.prompts_per_step": 2, "model.lora.enabled": True, "model.lora.r": 4, "optim.lr": 1e-2}
+    over = {
+        "offline.data": str(tmp_path / "data"),
+        "offline.epochs": 2,
+        "offline.min_correct": 0,
+        "rollout.prompts_per_step": 2,
+        "model.lora.enabled": True,
+        "model.lora.r": 4,
+        "optim.lr": 1e-2,
+    }
     full = train_offline(cfg_for(tiny_model_dir, prompts_file, tmp_path / "full", **over))
     per_epoch = full["steps"] // 2
     real_step, calls = Policy.train_step, {"n": 0}

@@ -33,9 +33,7 @@ SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "n": 4, "stop": 
 META = dict(sampling=SAMPLING, weights_id="test-model@v0", task="math")
 
 
-def make_group(
-    i: int, n: int = 4, correct: int | None = None, benchmark: str = "b"
-) -> RolloutGroup:
+def make_group(i: int, n: int = 4, correct: int | None = None, benchmark: str = "b") -> RolloutGroup:
     """Deterministic group; log-probs are exactly representable in float32."""
     c = (i % (n + 1)) if correct is None else correct
     rewards = [1.0] * c + [0.0] * (n - c)
@@ -59,8 +57,9 @@ def make_group(
 
 def normalised(g: RolloutGroup) -> RolloutGroup:
     """What a group looks like after a JSON roundtrip of sampling/extra (tuples become lists)."""
-    return RolloutGroup(**{**g.__dict__, "sampling": json.loads(json.dumps(g.sampling)),
-                           "extra": json.loads(json.dumps(g.extra))})
+    return RolloutGroup(
+        **{**g.__dict__, "sampling": json.loads(json.dumps(g.sampling)), "extra": json.loads(json.dumps(g.extra))}
+    )
 
 
 def fixture_groups() -> list[RolloutGroup]:
@@ -128,15 +127,14 @@ def test_reader_accepts_wider_integer_types(tmp_path):
     """Files written by other tools (e.g. pandas: int64 everywhere) are cast, not rejected."""
     table = groups_to_table([make_group(1), make_group(2)])
     wide = table.set_column(
-        COLUMNS.index("response_index"), "response_index",
-        table.column("response_index").cast(pa.int64()),
+        COLUMNS.index("response_index"), "response_index", table.column("response_index").cast(pa.int64())
     ).set_column(
-        COLUMNS.index("response_token_ids"), "response_token_ids",
+        COLUMNS.index("response_token_ids"),
+        "response_token_ids",
         table.column("response_token_ids").cast(pa.large_list(pa.int64())),
     )
     pq.write_table(wide, tmp_path / "wide.parquet")
-    assert read_rollouts(tmp_path / "wide.parquet") == [normalised(make_group(1)),
-                                                          normalised(make_group(2))]
+    assert read_rollouts(tmp_path / "wide.parquet") == [normalised(make_group(1)), normalised(make_group(2))]
 
 
 def test_group_validation_errors():
@@ -144,11 +142,18 @@ def test_group_validation_errors():
         RolloutGroup(**{**make_group(1).__dict__, "rewards": [1.0, 0.0, 0.0]})
     with pytest.raises(ValueError, match="response 0: 2 response_token_ids but 1 response_logp"):
         g = make_group(1)
-        RolloutGroup(**{**g.__dict__, "response_token_ids": [[1, 2]] * 4,
-                        "response_logprobs": [[-1.0]] * 4})
+        RolloutGroup(**{**g.__dict__, "response_token_ids": [[1, 2]] * 4, "response_logprobs": [[-1.0]] * 4})
     with pytest.raises(ValueError, match="no responses"):
-        RolloutGroup(**{**make_group(1).__dict__, "responses": [], "response_token_ids": [],
-                        "response_logprobs": [], "rewards": [], "finish_reasons": []})
+        RolloutGroup(
+            **{
+                **make_group(1).__dict__,
+                "responses": [],
+                "response_token_ids": [],
+                "response_logprobs": [],
+                "rewards": [],
+                "finish_reasons": [],
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,8 +189,9 @@ KILL_SCRIPT = textwrap.dedent(
 
 def _run_and_kill(out: Path, n_groups: int, mode: str) -> None:
     script = KILL_SCRIPT.format(tests_dir=str(Path(__file__).parent))
-    proc = subprocess.run([sys.executable, "-c", script, str(out), str(n_groups), mode],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(n_groups), mode], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 17, proc.stderr
 
 
@@ -223,8 +229,7 @@ def test_resume_after_kill_no_loss_no_duplicates(tmp_path, mode):
     back = read_rollouts(tmp_path)
     ids = [g.prompt_id for g in back]
     assert len(ids) == len(set(ids)) == total
-    assert sorted(back, key=lambda g: g.prompt_id) == [normalised(make_group(i))
-                                                       for i in range(total)]
+    assert sorted(back, key=lambda g: g.prompt_id) == [normalised(make_group(i)) for i in range(total)]
     # resuming a finished run writes nothing more
     n_shards = len(list(tmp_path.glob("part-*.parquet")))
     done, _ = _resume(tmp_path, total)
@@ -242,8 +247,7 @@ def test_stray_temp_file_is_ignored_by_reader_and_removed_by_writer(tmp_path):
         assert not stray.exists()
         assert w.done_prompt_ids() == {"prompt-000"}
         w.write(make_group(1))
-    assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-00000.parquet",
-                                                              "part-00001.parquet"]
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
 
 
 def test_writer_rejects_duplicates_and_foreign_groups(tmp_path):
@@ -272,8 +276,7 @@ def test_writer_rejects_duplicates_and_foreign_groups(tmp_path):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("weights_id", "another-model@v1"), ("task", "code"),
-     ("sampling", {**SAMPLING, "temperature": 0.6})],
+    [("weights_id", "another-model@v1"), ("task", "code"), ("sampling", {**SAMPLING, "temperature": 0.6})],
 )
 def test_meta_mismatch_refuses_resume(tmp_path, field, value):
     with RolloutWriter(tmp_path, **META) as w:
@@ -333,8 +336,7 @@ def test_mistyped_column_names_file_and_column(tmp_path):
 def test_null_value_names_row(tmp_path):
     rows = _rows()
     rows[6]["finish_reason"] = None
-    schema = ROLLOUT_SCHEMA.set(COLUMNS.index("finish_reason"),
-                                pa.field("finish_reason", pa.string()))
+    schema = ROLLOUT_SCHEMA.set(COLUMNS.index("finish_reason"), pa.field("finish_reason", pa.string()))
     path = _write_rows(tmp_path / "null.parquet", rows, schema)
     with pytest.raises(RolloutSchemaError) as info:
         read_rollouts(path)
@@ -355,8 +357,7 @@ def test_missing_response_index_is_reported(tmp_path):
     rows = _rows()
     del rows[5]  # response_index 1 of prompt-001
     path = _write_rows(tmp_path / "missing.parquet", rows, ROLLOUT_SCHEMA)
-    with pytest.raises(RolloutSchemaError, match=r"prompt 'prompt-001': missing response_index 1 ")\
-            as info:
+    with pytest.raises(RolloutSchemaError, match=r"prompt 'prompt-001': missing response_index 1 ") as info:
         read_rollouts(path)
     assert info.value.column == "response_index" and info.value.row == 4
 
@@ -392,8 +393,7 @@ def test_missing_path_and_empty_dir(tmp_path):
 def test_from_rows_type_errors_name_row_and_column():
     rows = group_to_rows(make_group(0))
     rows[2]["response_token_ids"] = [1, "2"]
-    with pytest.raises(RolloutSchemaError, match="row 2, column 'response_token_ids': expected a "
-                                                 "list of integers"):
+    with pytest.raises(RolloutSchemaError, match="row 2, column 'response_token_ids': expected a list of integers"):
         group_from_rows(rows)
     rows = group_to_rows(make_group(0))
     del rows[1]["task"]
@@ -413,8 +413,7 @@ def test_filter_groups_counts():
     groups = [make_group(i, correct=c) for i, c in enumerate([0, 1, 2, 3, 4, 0, 4, 2])]
     kept, counts = filter_groups(groups)
     assert [g.num_correct() for g in kept] == [1, 2, 3, 4, 4, 2]
-    assert counts == dict(total=8, kept=6, dropped=2, dropped_too_few=2, dropped_too_many=0,
-                          all_wrong=2, all_correct=2)
+    assert counts == dict(total=8, kept=6, dropped=2, dropped_too_few=2, dropped_too_many=0, all_wrong=2, all_correct=2)
 
     kept, counts = filter_groups(groups, drop_all_correct=True)
     assert [g.num_correct() for g in kept] == [1, 2, 3, 2]
@@ -422,8 +421,7 @@ def test_filter_groups_counts():
 
     kept, counts = filter_groups(groups, min_correct=2, max_correct=3)
     assert [g.prompt_id for g in kept] == ["prompt-002", "prompt-003", "prompt-007"]
-    assert counts == dict(total=8, kept=3, dropped=5, dropped_too_few=3, dropped_too_many=2,
-                          all_wrong=2, all_correct=2)
+    assert counts == dict(total=8, kept=3, dropped=5, dropped_too_few=3, dropped_too_many=2, all_wrong=2, all_correct=2)
 
     kept, counts = filter_groups(groups, min_correct=0)
     assert counts["kept"] == 8
@@ -440,8 +438,7 @@ def test_filter_groups_threshold_and_nan():
 
 def test_fixture_file_loads():
     groups = fixture_groups()
-    assert [g.prompt_id for g in groups] == ["arith-0", "arith-1", "arith-2", "algebra-0",
-                                             "algebra-1"]
+    assert [g.prompt_id for g in groups] == ["arith-0", "arith-1", "arith-2", "algebra-0", "algebra-1"]
     assert [g.num_correct() for g in groups] == [0, 2, 4, 1, 3]
     assert groups[1].extra == {"answer": "9"} and groups[1].sampling["n"] == 4
 

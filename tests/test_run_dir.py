@@ -34,18 +34,36 @@ def _toy_rewards_and_clean_env(monkeypatch):
 
 
 def train_argv(tiny_model_dir, prompts_file, out, *extra):
-    return ["train", f"output_dir={out}", f"model.name={tiny_model_dir}", "task.name=dataset",
-            f"task.dataset={prompts_file}", "task.columns={prompt: question, prompt_id: id}",
-            "task.reward=toy_rewards:digit_fraction", "engine.kind=transformers", "steps=2", "threads=2",
-            "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.prompts_per_generate=2",
-            "rollout.asynchronous=false", "sampling.max_tokens=4", "eval.at_start=false", "eval.at_end=false",
-            "logging.progress=false", "checkpoint.every=1", "checkpoint.keep=5", *extra]
+    return [
+        "train",
+        f"output_dir={out}",
+        f"model.name={tiny_model_dir}",
+        "task.name=dataset",
+        f"task.dataset={prompts_file}",
+        "task.columns={prompt: question, prompt_id: id}",
+        "task.reward=toy_rewards:digit_fraction",
+        "engine.kind=transformers",
+        "steps=2",
+        "threads=2",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=2",
+        "rollout.prompts_per_generate=2",
+        "rollout.asynchronous=false",
+        "sampling.max_tokens=4",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "logging.progress=false",
+        "checkpoint.every=1",
+        "checkpoint.keep=5",
+        *extra,
+    ]
 
 
 def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``run`` with its bytes and mtime."""
-    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(run.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()
+    }
 
 
 def old_run(path: Path) -> Path:
@@ -212,10 +230,12 @@ def test_sandbox_of_a_killed_trainer_is_cleaned_at_the_next_start(tmp_path):
 
     if not probe_namespaces(SandboxConfig())["ok"]:
         pytest.skip("namespaces unavailable on this host")
-    script = ("import sys\nfrom oapl.rewards.sandbox import SandboxRunner, SandboxConfig, ProgramJob\n"
-              "r = SandboxRunner(SandboxConfig(timeout_s=60, total_deadline_s=60, workers=1))\n"
-              "print('go', flush=True)\n"
-              "r.run(ProgramJob(code='import time\\ntime.sleep(60)', mode='stdin', inputs=['']))\n")
+    script = (
+        "import sys\nfrom oapl.rewards.sandbox import SandboxRunner, SandboxConfig, ProgramJob\n"
+        "r = SandboxRunner(SandboxConfig(timeout_s=60, total_deadline_s=60, workers=1))\n"
+        "print('go', flush=True)\n"
+        "r.run(ProgramJob(code='import time\\ntime.sleep(60)', mode='stdin', inputs=['']))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "go"
     pattern = f"oapl-sbx-{proc.pid}-*"
@@ -231,11 +251,22 @@ def test_sandbox_of_a_killed_trainer_is_cleaned_at_the_next_start(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
-    cg = [p for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids")
-          for p in Path(root).glob(f"oapl-sbx-{proc.pid}-*")] if Path("/sys/fs/cgroup").is_dir() else []
+    cg = (
+        [
+            p
+            for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids")
+            for p in Path(root).glob(f"oapl-sbx-{proc.pid}-*")
+        ]
+        if Path("/sys/fs/cgroup").is_dir()
+        else []
+    )
     assert all(p.exists() for p in left_dirs)  # what a kill -9 leaves behind
-    out = subprocess.run([sys.executable, "-c", "from oapl.rewards.sandbox import SandboxRunner\nSandboxRunner()"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", "from oapl.rewards.sandbox import SandboxRunner\nSandboxRunner()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert not list(tmp_root.glob(pattern))
     assert not any(p.exists() for p in cg)

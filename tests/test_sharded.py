@@ -26,13 +26,15 @@ OVER = {"optim.micro_batch_size": 4, "optim.lr": LR, "optim.max_grad_norm": 1e9,
 
 
 def fsdp_cfg(tiny_model_dir, prompts_file, out):
-    return make_cfg(tiny_model_dir, prompts_file, out, **OVER, **{"distributed.parallel": "fsdp",
-                                                                   "distributed.num_engines": 1})
+    return make_cfg(
+        tiny_model_dir, prompts_file, out, **OVER, **{"distributed.parallel": "fsdp", "distributed.num_engines": 1}
+    )
 
 
 def local_cfg(tiny_model_dir, prompts_file, out):
-    return make_cfg(tiny_model_dir, prompts_file, out, **OVER, **{"distributed.backend": "local",
-                                                                   "distributed.trainer_workers": 1})
+    return make_cfg(
+        tiny_model_dir, prompts_file, out, **OVER, **{"distributed.backend": "local", "distributed.trainer_workers": 1}
+    )
 
 
 def adam_bound(w, g, m, v, t: int, betas=(0.9, 0.95), eps=1e-8):
@@ -56,8 +58,9 @@ def adam_bound(w, g, m, v, t: int, betas=(0.9, 0.95), eps=1e-8):
 def local_step(policy, groups, monkeypatch):
     """One single-process step; returns (grads, AdamW state before it, weights after) by HF name."""
     named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
-    before = {n: {k: v.clone() for k, v in policy.optimizer.state[p].items()} for n, p in named
-              if p in policy.optimizer.state}
+    before = {
+        n: {k: v.clone() for k, v in policy.optimizer.state[p].items()} for n, p in named if p in policy.optimizer.state
+    }
     grads = {}
     orig = torch.nn.utils.clip_grad_norm_
 
@@ -95,8 +98,9 @@ def assert_same_step(g_ref, w_ref, g, w, state):
 
 
 @pytest.mark.slow  # starts Ray
-def test_two_fsdp_ranks_save_shards_and_resume_in_one_process(ray_cluster, tiny_model_dir, prompts_file,
-                                                             tmp_path, monkeypatch):
+def test_two_fsdp_ranks_save_shards_and_resume_in_one_process(
+    ray_cluster, tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
     from oapl.distributed.trainer import TrainerGroup
     from oapl.trainer.policy import load_policy
 
@@ -127,8 +131,9 @@ def test_two_fsdp_ranks_save_shards_and_resume_in_one_process(ray_cluster, tiny_
 
 
 @pytest.mark.slow  # starts Ray
-def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(ray_cluster, tiny_model_dir, prompts_file, tmp_path,
-                                                          monkeypatch):
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(
+    ray_cluster, tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
     from oapl.distributed.trainer import TrainerGroup
     from oapl.trainer.checkpoint import save_checkpoint
     from oapl.trainer.policy import Policy
@@ -155,18 +160,19 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(ray_cluster, tiny_mode
 def test_fsdp_refuses_lora_and_shared_prompts_naming_the_field(tiny_model_dir, prompts_file, tmp_path):
     from oapl.distributed.trainer import parallel_mode
 
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path, **{"distributed.parallel": "fsdp",
-                                                              "model.lora.enabled": True})
+    cfg = make_cfg(
+        tiny_model_dir, prompts_file, tmp_path, **{"distributed.parallel": "fsdp", "model.lora.enabled": True}
+    )
     with pytest.raises(ValueError, match="distributed.parallel=fsdp with model.lora.enabled"):
         parallel_mode(cfg)
-    auto = make_cfg(tiny_model_dir, prompts_file, tmp_path, **{"model.lora.enabled": True,
-                                                               "distributed.trainer_num_gpus": 1})
+    auto = make_cfg(
+        tiny_model_dir, prompts_file, tmp_path, **{"model.lora.enabled": True, "distributed.trainer_num_gpus": 1}
+    )
     assert parallel_mode(auto) == "ddp"
 
 
 @pytest.mark.slow  # starts Ray
-def test_offline_training_on_two_fsdp_ranks_follows_one_process(ray_cluster, tiny_model_dir, prompts_file,
-                                                                 tmp_path):
+def test_offline_training_on_two_fsdp_ranks_follows_one_process(ray_cluster, tiny_model_dir, prompts_file, tmp_path):
     """``offline.data`` with ``distributed.backend: ray``: the same Run and train step on 2 FSDP2 ranks,
     the one-process run's first step, and sharded end-of-epoch checkpoints."""
     import json
@@ -175,19 +181,33 @@ def test_offline_training_on_two_fsdp_ranks_follows_one_process(ray_cluster, tin
     from oapl.generate import generate_dataset
     from oapl.offline import train_offline
 
-    generate_dataset(make_cfg(tiny_model_dir, prompts_file, tmp_path / "gen", **{"distributed.backend": "local"}),
-                     tmp_path / "data", n=4)
+    generate_dataset(
+        make_cfg(tiny_model_dir, prompts_file, tmp_path / "gen", **{"distributed.backend": "local"}),
+        tmp_path / "data",
+        n=4,
+    )
     assert len(read_rollouts(tmp_path / "data")) >= 4
-    off = {"offline.data": str(tmp_path / "data"), "offline.epochs": 2, "offline.min_correct": 0,
-           "offline.drop_all_correct": False, "rollout.prompts_per_step": 2, "rollout.group_size": 4,
-           "optim.micro_batch_size": 2, "optim.lr": 1e-3, "algorithm.beta2": 0.1}
-    one = train_offline(make_cfg(tiny_model_dir, prompts_file, tmp_path / "one",
-                                 **{**off, "distributed.backend": "local"}))
-    two = train_offline(make_cfg(tiny_model_dir, prompts_file, tmp_path / "two",
-                                 **{**off, "distributed.parallel": "fsdp"}))
+    off = {
+        "offline.data": str(tmp_path / "data"),
+        "offline.epochs": 2,
+        "offline.min_correct": 0,
+        "offline.drop_all_correct": False,
+        "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4,
+        "optim.micro_batch_size": 2,
+        "optim.lr": 1e-3,
+        "algorithm.beta2": 0.1,
+    }
+    one = train_offline(
+        make_cfg(tiny_model_dir, prompts_file, tmp_path / "one", **{**off, "distributed.backend": "local"})
+    )
+    two = train_offline(
+        make_cfg(tiny_model_dir, prompts_file, tmp_path / "two", **{**off, "distributed.parallel": "fsdp"})
+    )
     assert two["steps"] == one["steps"] >= 4 and len(two["checkpoints"]) == 2
-    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
-            for k in ("one", "two")}
+    rows = {
+        k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("one", "two")
+    }
     assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["one"]]
     for key in ("loss", "grad_norm", "reward_mean", "kl"):  # step 1: the same weights, summed in another order
         assert rows["two"][0][key] == pytest.approx(rows["one"][0][key], rel=1e-4, abs=1e-6), key
@@ -211,8 +231,16 @@ def test_one_precision_path_under_bf16(ray_cluster, tiny_model_dir, prompts_file
     from oapl.trainer.policy import Policy
 
     over = {**OVER, "model.compute_dtype": "bfloat16", "optim.lr": 1e-6}
-    one = Policy(make_cfg(tiny_model_dir, prompts_file, tmp_path / "one", **over,
-                          **{"distributed.backend": "local", "distributed.trainer_workers": 1}), total_steps=6)
+    one = Policy(
+        make_cfg(
+            tiny_model_dir,
+            prompts_file,
+            tmp_path / "one",
+            **over,
+            **{"distributed.backend": "local", "distributed.trainer_workers": 1},
+        ),
+        total_steps=6,
+    )
     groups = _groups(2)
     prompts = [g.prompt_token_ids for g in groups for _ in range(g.n)]
     responses = [r for g in groups for r in g.response_token_ids]
@@ -221,8 +249,9 @@ def test_one_precision_path_under_bf16(ray_cluster, tiny_model_dir, prompts_file
     with torch.no_grad():
         lp1 = token_logprobs(one.model, batch, one.temperature, 16, autocast=one.precision.autocast())[0].float()
     m1 = one.train_step(groups)
-    group = TrainerGroup(make_cfg(tiny_model_dir, prompts_file, tmp_path / "two", **over,
-                                  **{"distributed.parallel": "fsdp"}))
+    group = TrainerGroup(
+        make_cfg(tiny_model_dir, prompts_file, tmp_path / "two", **over, **{"distributed.parallel": "fsdp"})
+    )
     try:
         group.setup(resume=False)
         scored = group.call("score", batch)
@@ -238,8 +267,9 @@ def test_one_precision_path_under_bf16(ray_cluster, tiny_model_dir, prompts_file
         assert m2[k] == pytest.approx(m1[k], rel=2.0**-8, abs=1e-6), k
 
 
-def test_a_failed_sharded_save_leaves_the_previous_checkpoint_the_latest(tiny_model_dir, prompts_file, tmp_path,
-                                                                         monkeypatch):
+def test_a_failed_sharded_save_leaves_the_previous_checkpoint_the_latest(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch
+):
     """A save that dies after some of its files are written (here: the optimiser shards) leaves no
     ``step-N`` and no temporary folder; the previous checkpoint is still the latest and loads. (A kill -9
     inside the write leaves the ``.tmp-step-*`` folder, which is never taken for a checkpoint and is
@@ -267,8 +297,7 @@ def test_a_failed_sharded_save_leaves_the_previous_checkpoint_the_latest(tiny_mo
 
 
 @pytest.mark.slow  # starts Ray
-def test_online_ray_run_on_two_fsdp_ranks_follows_the_local_run(ray_cluster, tiny_model_dir, prompts_file,
-                                                                tmp_path):
+def test_online_ray_run_on_two_fsdp_ranks_follows_the_local_run(ray_cluster, tiny_model_dir, prompts_file, tmp_path):
     """1 engine actor + 2 FSDP2 ranks, synchronous: the weight syncs (every rank takes part in the
     all-gathers), the held-out evaluations on the engine and the metric rows follow the local run, as the
     DDP run does in tests/test_distributed.py; its sharded checkpoint resumes in the local backend."""
@@ -276,22 +305,38 @@ def test_online_ray_run_on_two_fsdp_ranks_follows_the_local_run(ray_cluster, tin
 
     from oapl.loop import train
 
-    over = {"steps": 4, "rollout.sync_interval": 2, "checkpoint.every": 2, "checkpoint.keep": 5,
-            "task.eval_dataset": str(prompts_file), "task.eval_split": "train", "task.max_eval_prompts": 6,
-            "eval.at_start": True, "eval.at_end": True}
+    over = {
+        "steps": 4,
+        "rollout.sync_interval": 2,
+        "checkpoint.every": 2,
+        "checkpoint.keep": 5,
+        "task.eval_dataset": str(prompts_file),
+        "task.eval_split": "train",
+        "task.max_eval_prompts": 6,
+        "eval.at_start": True,
+        "eval.at_end": True,
+    }
     train(make_cfg(tiny_model_dir, prompts_file, tmp_path / "local", **over, **{"distributed.backend": "local"}))
-    train(make_cfg(tiny_model_dir, prompts_file, tmp_path / "ray", **over,
-                   **{"distributed.num_engines": 1, "distributed.parallel": "fsdp"}))
-    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
-            for k in ("local", "ray")}
+    train(
+        make_cfg(
+            tiny_model_dir,
+            prompts_file,
+            tmp_path / "ray",
+            **over,
+            **{"distributed.num_engines": 1, "distributed.parallel": "fsdp"},
+        )
+    )
+    rows = {
+        k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("local", "ray")
+    }
     assert [r["step"] for r in rows["ray"]] == [r["step"] for r in rows["local"]] == [0, 1, 2, 3, 4, 4]
     for rl, rr in zip(rows["local"], rows["ray"]):
-        for k in ("loss", "reward_mean", "grad_norm", "kl", "weight_version", "lag", "eval/pass@1",
-                  "eval/reward_mean"):
+        for k in ("loss", "reward_mean", "grad_norm", "kl", "weight_version", "lag", "eval/pass@1", "eval/reward_mean"):
             if k in rl:
                 assert rr[k] == pytest.approx(rl[k], rel=1e-3, abs=1e-5), (rr["step"], k)
     ckpt = tmp_path / "ray" / "checkpoints" / "step-00000002"  # (no final checkpoint in the tiny run)
     assert (ckpt / "optim" / ".metadata").exists()
-    cfg = make_cfg(tiny_model_dir, prompts_file, tmp_path / "ray", **{**over, "steps": 6},
-                   **{"distributed.backend": "local"})
+    cfg = make_cfg(
+        tiny_model_dir, prompts_file, tmp_path / "ray", **{**over, "steps": 6}, **{"distributed.backend": "local"}
+    )
     assert train(cfg, resume=True).steps == 6

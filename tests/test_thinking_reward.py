@@ -17,25 +17,28 @@ THINKING_PROMPT = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assis
 PLAIN_PROMPT = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.mark.parametrize("prompt, completion, mode, expected", [
-    # closed thinking: only the text after </think>
-    (THINKING_PROMPT, "maybe \\boxed{3}?</think>\n\nSo \\boxed{4}.", "auto", "\n\nSo \\boxed{4}."),
-    # truncated inside the thinking the prompt opened: nothing to score
-    (THINKING_PROMPT, "maybe \\boxed{4} but let me check", "auto", None),
-    # the response opens its own thinking and never closes it
-    (PLAIN_PROMPT, "<think>\\boxed{4} hmm", "auto", None),
-    # the response opens and closes its own thinking
-    (PLAIN_PROMPT, "<think>\\boxed{3}</think>\\boxed{4}", "auto", "\\boxed{4}"),
-    # no thinking anywhere: the whole response (non-thinking models are unaffected)
-    (PLAIN_PROMPT, "\\boxed{4}", "auto", "\\boxed{4}"),
-    # several blocks: the text after the last close tag
-    (THINKING_PROMPT, "a</think>b<think>c</think>d", "auto", "d"),
-    # required: no close tag means no answer, even when nothing says the model thinks
-    (PLAIN_PROMPT, "\\boxed{4}", "required", None),
-    (PLAIN_PROMPT, "x</think>\\boxed{4}", "required", "\\boxed{4}"),
-    # off: the raw response
-    (THINKING_PROMPT, "maybe \\boxed{4} but", "off", "maybe \\boxed{4} but"),
-])
+@pytest.mark.parametrize(
+    "prompt, completion, mode, expected",
+    [
+        # closed thinking: only the text after </think>
+        (THINKING_PROMPT, "maybe \\boxed{3}?</think>\n\nSo \\boxed{4}.", "auto", "\n\nSo \\boxed{4}."),
+        # truncated inside the thinking the prompt opened: nothing to score
+        (THINKING_PROMPT, "maybe \\boxed{4} but let me check", "auto", None),
+        # the response opens its own thinking and never closes it
+        (PLAIN_PROMPT, "<think>\\boxed{4} hmm", "auto", None),
+        # the response opens and closes its own thinking
+        (PLAIN_PROMPT, "<think>\\boxed{3}</think>\\boxed{4}", "auto", "\\boxed{4}"),
+        # no thinking anywhere: the whole response (non-thinking models are unaffected)
+        (PLAIN_PROMPT, "\\boxed{4}", "auto", "\\boxed{4}"),
+        # several blocks: the text after the last close tag
+        (THINKING_PROMPT, "a</think>b<think>c</think>d", "auto", "d"),
+        # required: no close tag means no answer, even when nothing says the model thinks
+        (PLAIN_PROMPT, "\\boxed{4}", "required", None),
+        (PLAIN_PROMPT, "x</think>\\boxed{4}", "required", "\\boxed{4}"),
+        # off: the raw response
+        (THINKING_PROMPT, "maybe \\boxed{4} but", "off", "maybe \\boxed{4} but"),
+    ],
+)
 def test_final_answer(prompt, completion, mode, expected):
     assert final_answer(prompt, completion, mode) == expected
 
@@ -55,9 +58,9 @@ def test_wrapped_reward_scores_only_the_final_answer_and_zero_for_truncated_thin
     prompts = [THINKING_PROMPT, THINKING_PROMPT, THINKING_PROMPT, PLAIN_PROMPT]
     completions = [
         "2+2 is \\boxed{3}? no.</think>\n\nThe answer is \\boxed{4}.",  # right after thinking -> 1
-        "2+2 is \\boxed{4}. Let me double-check: 2+2 =",                 # cut off inside thinking -> 0
-        "2+2 is \\boxed{4}.</think>\n\nThe answer is \\boxed{5}.",       # right in thinking, wrong answer -> 0
-        "The answer is \\boxed{4}.",                                     # no thinking -> scored whole -> 1
+        "2+2 is \\boxed{4}. Let me double-check: 2+2 =",  # cut off inside thinking -> 0
+        "2+2 is \\boxed{4}.</think>\n\nThe answer is \\boxed{5}.",  # right in thinking, wrong answer -> 0
+        "The answer is \\boxed{4}.",  # no thinking -> scored whole -> 1
     ]
     assert reward(prompts, completions, answer=[4, 4, 4, 4]) == [1.0, 0.0, 0.0, 1.0]
     # the same responses scored raw: the truncated one and the wrong-final-answer one are judged otherwise
@@ -97,10 +100,13 @@ def test_math_task_scores_the_boxed_answer_after_thinking(tmp_path):
     try:
         got = task.reward_fn(
             [THINKING_PROMPT] * 3,
-            ["Is it \\boxed{\\frac{1}{2}}? No.</think>\n\n$\\boxed{\\frac{3}{4}}$",  # final answer right
-             "It is \\boxed{\\frac{3}{4}}, let me verify by",                       # truncated in thinking
-             "It is \\boxed{\\frac{3}{4}}</think>\n\n\\boxed{\\frac{1}{2}}"],        # final answer wrong
-            answer=["\\frac{3}{4}"] * 3)
+            [
+                "Is it \\boxed{\\frac{1}{2}}? No.</think>\n\n$\\boxed{\\frac{3}{4}}$",  # final answer right
+                "It is \\boxed{\\frac{3}{4}}, let me verify by",  # truncated in thinking
+                "It is \\boxed{\\frac{3}{4}}</think>\n\n\\boxed{\\frac{1}{2}}",
+            ],  # final answer wrong
+            answer=["\\frac{3}{4}"] * 3,
+        )
     finally:
         task.reward_fn.close()
     assert got == [1.0, 0.0, 0.0]

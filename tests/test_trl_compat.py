@@ -25,10 +25,22 @@ sys.path.insert(0, str(HERE))
 
 
 def _args(out, **over):
-    base = dict(output_dir=str(out), max_steps=4, learning_rate=1e-2, num_generations=4, per_device_train_batch_size=16,
-                max_completion_length=6, weight_sync_steps=2, seed=0, use_vllm=False, disable_tqdm=True, threads=2,
-                rollout={"asynchronous": False, "prompts_per_generate": 4}, model={"logprob_chunk_size": 16},
-                task={"system_prompt": None})
+    base = dict(
+        output_dir=str(out),
+        max_steps=4,
+        learning_rate=1e-2,
+        num_generations=4,
+        per_device_train_batch_size=16,
+        max_completion_length=6,
+        weight_sync_steps=2,
+        seed=0,
+        use_vllm=False,
+        disable_tqdm=True,
+        threads=2,
+        rollout={"asynchronous": False, "prompts_per_generate": 4},
+        model={"logprob_chunk_size": 16},
+        task={"system_prompt": None},
+    )
     base.update(over)
     return OAPLConfig(**{k: v for k, v in base.items() if v is not None})
 
@@ -47,8 +59,11 @@ def test_unset_batch_names_give_trls_8_completions_per_step():
     assert OAPLConfig(gradient_accumulation_steps=4).rollout.prompts_per_step == 4  # 8 x 4 / 8
     # oapl's own nested field still wins over TRL's default
     assert OAPLConfig(rollout={"prompts_per_step": 3}).rollout.prompts_per_step == 3
-    with pytest.raises(ConfigError, match=r"8 x 1 = 8 completions per step \(TRL's defaults, as neither is given\) "
-                                          r"is not a multiple of num_generations = 16"):
+    with pytest.raises(
+        ConfigError,
+        match=r"8 x 1 = 8 completions per step \(TRL's defaults, as neither is given\) "
+        r"is not a multiple of num_generations = 16",
+    ):
         OAPLConfig(num_generations=16)
     # TRL's linear decay and logging cadence when unset; constant / cosine when asked for
     assert (cfg.optim.schedule, cfg.logging_steps, cfg.lr_scheduler_type) == ("linear", 10, "linear")
@@ -99,12 +114,32 @@ def test_hf_argument_parser_and_trl_parser_parse_oapl_config(tmp_path):
     from transformers import HfArgumentParser
 
     (cfg,) = HfArgumentParser(OAPLConfig).parse_args_into_dataclasses(
-        ["--output_dir", "runs/x", "--max_steps", "7", "--learning_rate", "2e-5", "--num_generations", "4",
-         "--use_vllm", "false", "--algorithm.beta2", "0.05", "--lr_scheduler_type", "cosine"], look_for_args_file=False)
+        [
+            "--output_dir",
+            "runs/x",
+            "--max_steps",
+            "7",
+            "--learning_rate",
+            "2e-5",
+            "--num_generations",
+            "4",
+            "--use_vllm",
+            "false",
+            "--algorithm.beta2",
+            "0.05",
+            "--lr_scheduler_type",
+            "cosine",
+        ],
+        look_for_args_file=False,
+    )
     assert isinstance(cfg, OAPLConfig)
     assert (cfg.output_dir, cfg.steps, cfg.optim.lr, cfg.rollout.group_size) == ("runs/x", 7, 2e-5, 4)
     assert (cfg.engine.kind, cfg.algorithm.beta2, cfg.optim.schedule, cfg.rollout.prompts_per_step) == (
-        "transformers", 0.05, "cosine", 2)  # unset names keep TRL's defaults: 8 completions = 2 prompts of 4
+        "transformers",
+        0.05,
+        "cosine",
+        2,
+    )  # unset names keep TRL's defaults: 8 completions = 2 prompts of 4
     (same,) = HfArgumentParser(OAPLConfig).parse_dict({"output_dir": "runs/x", "max_steps": 7})
     assert same.steps == 7 and same.seed == OAPLConfig().seed
     trl = pytest.importorskip("trl")
@@ -113,7 +148,8 @@ def test_hf_argument_parser_and_trl_parser_parse_oapl_config(tmp_path):
     yml = tmp_path / "cfg.yaml"
     yml.write_text("dataset_name: x\noutput_dir: runs/y\nper_device_train_batch_size: 16\nnum_generations: 4\n")
     script, cfg, model = trl.TrlParser((ScriptArguments, OAPLConfig, ModelConfig)).parse_args_and_config(
-        ["--config", str(yml), "--max_steps", "3"])
+        ["--config", str(yml), "--max_steps", "3"]
+    )
     assert (cfg.output_dir, cfg.rollout.prompts_per_step, cfg.steps, script.dataset_name) == ("runs/y", 4, 3, "x")
 
 
@@ -143,10 +179,17 @@ def test_lora_targets_default_to_peft_and_dropped_fields_are_refused(tiny_model_
 
     # target_modules=None: peft's own default for the architecture (Llama: q_proj, v_proj), not all-linear
     assert lora_fields(peft.LoraConfig(r=8), tiny_model_dir)["target_modules"] == ["q_proj", "v_proj"]
-    assert lora_fields(peft.LoraConfig(r=8, target_modules="all-linear"), tiny_model_dir)["target_modules"] == \
-        "all-linear"
-    for kwargs in ({"layers_to_transform": [0]}, {"init_lora_weights": "gaussian"}, {"rank_pattern": {"q": 4}},
-                   {"alpha_pattern": {"q": 4}}, {"use_rslora": True}, {"bias": "all"}):
+    assert (
+        lora_fields(peft.LoraConfig(r=8, target_modules="all-linear"), tiny_model_dir)["target_modules"] == "all-linear"
+    )
+    for kwargs in (
+        {"layers_to_transform": [0]},
+        {"init_lora_weights": "gaussian"},
+        {"rank_pattern": {"q": 4}},
+        {"alpha_pattern": {"q": 4}},
+        {"use_rslora": True},
+        {"bias": "all"},
+    ):
         with pytest.raises(UserError, match=f"peft_config: {next(iter(kwargs))}="):
             lora_fields(peft.LoraConfig(r=8, target_modules=["q_proj"], **kwargs), tiny_model_dir)
 
@@ -191,9 +234,14 @@ def test_trainer_callbacks_get_trainer_state_and_can_stop_the_run(tiny_model_dir
             return control
 
     rows = []
-    trainer = OAPLTrainer(tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(),
-                          eval_dataset=_rows(2), args=_args(tmp_path / "run", logging_steps=1, save_steps=1),
-                          callbacks=[Recorder(), StopAtTwo, rows.append])
+    trainer = OAPLTrainer(
+        tiny_model_dir,
+        reward_funcs="toy_rewards:has_seven",
+        train_dataset=_rows(),
+        eval_dataset=_rows(2),
+        args=_args(tmp_path / "run", logging_steps=1, save_steps=1),
+        callbacks=[Recorder(), StopAtTwo, rows.append],
+    )
     out = trainer.train()
     assert isinstance(trainer.state, TrainerState) and trainer.state.max_steps == 4
     assert out.global_step == 2 and trainer.state.global_step == 2  # stopped after step 2 of 4
@@ -201,15 +249,30 @@ def test_trainer_callbacks_get_trainer_state_and_can_stop_the_run(tiny_model_dir
     assert kinds[0] == "init_end" and ("train_begin", 4) in events and kinds[-1] == "train_end"
     # per step: begin, end, log (logging_steps=1), save (save_steps=1); evaluations before and at the end
     assert [e for e in events if e[0] in ("step_begin", "step_end", "save")] == [
-        ("step_begin", 0), ("step_end", 1), ("save", 1), ("step_begin", 1), ("step_end", 2), ("save", 2)]
-    assert [e[1] for e in events if e[0] == "evaluate"] == [0, 2] and [e[2] for e in events if e[0] == "evaluate"] \
-        == [["eval_pass@1"]] * 2
+        ("step_begin", 0),
+        ("step_end", 1),
+        ("save", 1),
+        ("step_begin", 1),
+        ("step_end", 2),
+        ("save", 2),
+    ]
+    assert [e[1] for e in events if e[0] == "evaluate"] == [0, 2] and [e[2] for e in events if e[0] == "evaluate"] == [
+        ["eval_pass@1"]
+    ] * 2
     # logs in TRL's names (the window's mean; OAPL's own metrics under theirs), evaluations with eval_ keys
     step_logs = [lg for lg in seen_logs if "loss" in lg]
     assert len(step_logs) == 2
     for lg in step_logs:
-        assert {"reward", "reward_std", "learning_rate", "completions/mean_length", "kl", "entropy", "lag",
-                "epoch"} <= set(lg)
+        assert {
+            "reward",
+            "reward_std",
+            "learning_rate",
+            "completions/mean_length",
+            "kl",
+            "entropy",
+            "lag",
+            "epoch",
+        } <= set(lg)
         assert "reward_mean" not in lg and "lr" not in lg
     assert step_logs[0]["epoch"] == pytest.approx(4 / 16)  # 4 prompts a step of 16 training rows
     # linear decay over max_steps=4: the lr of step 1 and 2 is 1 and 3/4 of the peak
@@ -235,9 +298,13 @@ def test_logging_steps_averages_the_window(tiny_model_dir, tmp_path):
                 seen.append((state.global_step, dict(logs)))
 
     rows = []
-    OAPLTrainer(tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(),
-                args=_args(tmp_path / "run", logging_steps=2, eval_strategy="no"),
-                callbacks=[Log(), rows.append]).train()
+    OAPLTrainer(
+        tiny_model_dir,
+        reward_funcs="toy_rewards:has_seven",
+        train_dataset=_rows(),
+        args=_args(tmp_path / "run", logging_steps=2, eval_strategy="no"),
+        callbacks=[Log(), rows.append],
+    ).train()
     steps = [r for r in rows if "loss" in r]
     assert [s for s, _ in seen] == [2, 4]
     for (_, lg), pair in zip(seen, (steps[0:2], steps[2:4])):
@@ -250,8 +317,13 @@ def test_processing_class_as_a_tokenizer_object_with_a_model_path(tiny_model_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    trainer = OAPLTrainer(tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(),
-                          args=_args(tmp_path / "run", max_steps=1, eval_strategy="no"), processing_class=tok)
+    trainer = OAPLTrainer(
+        tiny_model_dir,
+        reward_funcs="toy_rewards:has_seven",
+        train_dataset=_rows(),
+        args=_args(tmp_path / "run", max_steps=1, eval_strategy="no"),
+        processing_class=tok,
+    )
     assert Path(trainer.config.model.tokenizer, "tokenizer_config.json").is_file()
     assert trainer.train().global_step == 1
 
@@ -260,8 +332,9 @@ def test_push_to_hub_offline_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    trainer = OAPLTrainer(tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(),
-                          args=_args(tmp_path / "run"))
+    trainer = OAPLTrainer(
+        tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(), args=_args(tmp_path / "run")
+    )
     with pytest.raises(UserError) as err:
         trainer.push_to_hub("someone/model")
     msg = str(err.value)
@@ -273,14 +346,19 @@ def test_a_failed_start_does_not_block_the_same_call(tiny_model_dir, tmp_path):
     pytest.importorskip("torch")
     try:
         import tensorboard  # noqa: F401
+
         pytest.skip("tensorboard is installed: report_to='tensorboard' does not fail here")
     except ImportError:
         pass
     out = tmp_path / "run"
 
     def trainer(**over):
-        return OAPLTrainer(tiny_model_dir, reward_funcs="toy_rewards:has_seven", train_dataset=_rows(),
-                           args=_args(out, max_steps=2, eval_strategy="no", **over))
+        return OAPLTrainer(
+            tiny_model_dir,
+            reward_funcs="toy_rewards:has_seven",
+            train_dataset=_rows(),
+            args=_args(out, max_steps=2, eval_strategy="no", **over),
+        )
 
     for _ in range(2):  # the same error again, not "output_dir is not empty"
         with pytest.raises(RuntimeError, match="tensorboard"):
@@ -321,11 +399,18 @@ def test_failed_start_rules(tmp_path):
 
 @pytest.mark.parametrize("env", [{"WORLD_SIZE": "2", "RANK": "1"}, {"WORLD_SIZE": "4", "RANK": "0"}])
 def test_torchrun_and_accelerate_launch_are_refused_in_one_line(env):
-    code = ("import oapl\n"
-            "try:\n    oapl.OAPLTrainer(args=oapl.OAPLConfig(output_dir='x'))\n"
-            "except oapl.api.UserError as e:\n    print('ERR', e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env, "PYTHONPATH": str(ROOT / "src")})
+    code = (
+        "import oapl\n"
+        "try:\n    oapl.OAPLTrainer(args=oapl.OAPLConfig(output_dir='x'))\n"
+        "except oapl.api.UserError as e:\n    print('ERR', e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT / "src")},
+    )
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERR")]
     assert line and f"WORLD_SIZE={env['WORLD_SIZE']} (rank {env['RANK']})" in line[0], proc.stdout + proc.stderr
     assert "distributed.backend=ray" in line[0] and "docs/scaling.md" in line[0]
@@ -345,8 +430,17 @@ def test_trl_script_ports_by_changing_at_most_three_lines():
     assert 1 <= len(changed) <= 3, changed
     assert any("import" in ln for ln in changed)
     text = "\n".join(oapl_code)
-    for feature in ("peft_config=", "eval_dataset=", "callbacks=", "save_steps=", "logging_steps=", "seed=",
-                    "TrainerCallback", "reward_funcs=[", '"role": "user"'):
+    for feature in (
+        "peft_config=",
+        "eval_dataset=",
+        "callbacks=",
+        "save_steps=",
+        "logging_steps=",
+        "seed=",
+        "TrainerCallback",
+        "reward_funcs=[",
+        '"role": "user"',
+    ):
         assert feature in text, feature
 
 
@@ -357,10 +451,20 @@ def test_the_ported_script_runs(tiny_model_dir, tmp_path):
     hide = tmp_path / "no_vllm"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None\n")
-    env = {**os.environ, "PYTHONPATH": f"{hide}{os.pathsep}{ROOT / 'src'}", "PORT_OUTPUT_DIR": str(tmp_path / "run"),
-           "PORT_MODEL": tiny_model_dir}
-    proc = subprocess.run([sys.executable, str(PORT / "oapl_script.py")], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{hide}{os.pathsep}{ROOT / 'src'}",
+        "PORT_OUTPUT_DIR": str(tmp_path / "run"),
+        "PORT_MODEL": tiny_model_dir,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(PORT / "oapl_script.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DONE global_step=4" in proc.stdout, proc.stdout[-2000:]
     assert proc.stdout.count("LOG ") == 2  # logging_steps=2 over 4 steps

@@ -40,31 +40,68 @@ def test_math_and_code_rewards_in_trls_grpo_trainer_off_the_main_thread(tiny_mod
         n = len(completions)
         texts = [f"so \\boxed{{{a}}}" if i % 2 == 0 else "so \\boxed{-1}" for i, a in enumerate(kwargs["answer"])]
         spliced = math_reward(prompts, _spliced(completions, texts), **kwargs)
-        checks.append({"fn": "math", "thread": threading.current_thread().name, "kwargs": sorted(kwargs),
-                       "conversational": isinstance(completions[0], list), "real": real,
-                       "spliced": spliced, "want": [1.0 if i % 2 == 0 else 0.0 for i in range(n)]})
+        checks.append(
+            {
+                "fn": "math",
+                "thread": threading.current_thread().name,
+                "kwargs": sorted(kwargs),
+                "conversational": isinstance(completions[0], list),
+                "real": real,
+                "spliced": spliced,
+                "want": [1.0 if i % 2 == 0 else 0.0 for i in range(n)],
+            }
+        )
         return real
 
     def code_check(prompts, completions, **kwargs):
         real = code_reward(prompts, completions, **kwargs)
         n = len(completions)
-        texts = ["```python\nprint(int(input()) + 1)\n```" if i % 2 == 0 else "```python\nprint(0)\n```"
-                 for i in range(n)]
+        texts = [
+            "```python\nprint(int(input()) + 1)\n```" if i % 2 == 0 else "```python\nprint(0)\n```" for i in range(n)
+        ]
         spliced = code_reward(prompts, _spliced(completions, texts), **kwargs)
-        checks.append({"fn": "code", "thread": threading.current_thread().name, "kwargs": sorted(kwargs),
-                       "conversational": isinstance(completions[0], list), "real": real,
-                       "spliced": spliced, "want": [1.0 if i % 2 == 0 else 0.0 for i in range(n)]})
+        checks.append(
+            {
+                "fn": "code",
+                "thread": threading.current_thread().name,
+                "kwargs": sorted(kwargs),
+                "conversational": isinstance(completions[0], list),
+                "real": real,
+                "spliced": spliced,
+                "want": [1.0 if i % 2 == 0 else 0.0 for i in range(n)],
+            }
+        )
         return real
 
-    rows = [{"prompt": [{"role": "user", "content": f"add one to {i}"}], "answer": str(i + 1),
-             "tests": json.dumps([{"input": f"{i}\n", "output": f"{i + 1}\n", "testtype": "stdin"}])}
-            for i in range(8)]
-    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=4,
-                          num_generations=4, max_completion_length=8, use_cpu=True, bf16=False, report_to="none",
-                          logging_steps=1, gradient_checkpointing=False, save_strategy="no", seed=0)
-    trainer = trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                              processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-                              reward_funcs=[math_check, code_check], args=args, train_dataset=Dataset.from_list(rows))
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"add one to {i}"}],
+            "answer": str(i + 1),
+            "tests": json.dumps([{"input": f"{i}\n", "output": f"{i + 1}\n", "testtype": "stdin"}]),
+        }
+        for i in range(8)
+    ]
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = trl.GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        reward_funcs=[math_check, code_check],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+    )
     errors: list[BaseException] = []
 
     def run():

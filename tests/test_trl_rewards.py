@@ -21,10 +21,22 @@ sys.path.insert(0, str(HERE))
 
 
 def _args(out, **over):
-    base = dict(output_dir=str(out), max_steps=2, learning_rate=1e-2, num_generations=2, per_device_train_batch_size=4,
-                max_completion_length=4, weight_sync_steps=2, seed=0, use_vllm=False, disable_tqdm=True, threads=2,
-                rollout={"asynchronous": False, "prompts_per_generate": 2}, model={"logprob_chunk_size": 16},
-                task={"system_prompt": None})
+    base = dict(
+        output_dir=str(out),
+        max_steps=2,
+        learning_rate=1e-2,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=4,
+        weight_sync_steps=2,
+        seed=0,
+        use_vllm=False,
+        disable_tqdm=True,
+        threads=2,
+        rollout={"asynchronous": False, "prompts_per_generate": 2},
+        model={"logprob_chunk_size": 16},
+        task={"system_prompt": None},
+    )
     base.update(over)
     return OAPLConfig(**base)
 
@@ -49,8 +61,14 @@ def test_keywords_as_trl_passes_them():
 
     state = object()
     reward = CombinedReward([trl_style, legacy])
-    out = reward(["<rendered 1>", "<rendered 2>"], ["c1", "c2"], prompt=["q1", "q2"], answer=["1", "2"],
-                 completion_ids=[[5, 6], [7]], trainer_state=state)
+    out = reward(
+        ["<rendered 1>", "<rendered 2>"],
+        ["c1", "c2"],
+        prompt=["q1", "q2"],
+        answer=["1", "2"],
+        completion_ids=[[5, 6], [7]],
+        trainer_state=state,
+    )
     assert out == [1.5, 1.5]
     assert seen["prompts"] == ["q1", "q2"]  # the dataset's prompts, as TRL passes them; not the chat-rendered text
     assert seen["completions"] == ["c1", "c2"] and seen["answer"] == ["1", "2"]
@@ -64,8 +82,9 @@ def test_optional_keywords_only_to_a_function_that_takes_them():
     def strict(prompts, completions, answer):  # no **kwargs: gets no completion_ids / trainer_state
         return [float(a) for a in answer]
 
-    assert CombinedReward([strict])(["r"], ["c"], prompt=["q"], answer=["3"], completion_ids=[[1]],
-                                    trainer_state=None) == [3.0]
+    assert CombinedReward([strict])(
+        ["r"], ["c"], prompt=["q"], answer=["3"], completion_ids=[[1]], trainer_state=None
+    ) == [3.0]
 
 
 def test_conversational_completions_are_message_lists_as_in_trl():
@@ -101,12 +120,14 @@ def test_trls_own_reward_functions_run_unchanged_and_agree_with_calling_them_as_
 # --------------------------------------------------------------------------- wrong signatures, early
 
 
-@pytest.mark.parametrize("fn, needles", [
-    (lambda completions, solution, **kw: [0.0], ["needs the argument 'solution'", "no dataset column",
-                                                  "answer"]),
-    (lambda prompts, completions: [0.0], ["does not take the dataset column 'answer'", "**kwargs"]),
-    (lambda x: [0.0], ["r(x) has no 'completions' parameter", "fn(prompts, completions, **kwargs)"]),
-])
+@pytest.mark.parametrize(
+    "fn, needles",
+    [
+        (lambda completions, solution, **kw: [0.0], ["needs the argument 'solution'", "no dataset column", "answer"]),
+        (lambda prompts, completions: [0.0], ["does not take the dataset column 'answer'", "**kwargs"]),
+        (lambda x: [0.0], ["r(x) has no 'completions' parameter", "fn(prompts, completions, **kwargs)"]),
+    ],
+)
 def test_a_wrong_signature_says_which_argument(fn, needles):
     with pytest.raises(RewardSignatureError) as e:
         UserReward(fn, name="r").check_signature({"answer": ["1"]}, {"completion_ids": [[]], "trainer_state": None})
@@ -128,15 +149,23 @@ def test_a_wrong_signature_fails_before_the_model_loads(tiny_model_dir, tmp_path
         return [0.0] * len(completions)
 
     rows = [{"prompt": f"say {i}", "answer": str(i)} for i in range(4)]
-    with pytest.raises(RewardSignatureError, match=r"wants_solution\(completions, solution, \*\*kwargs\) needs the "
-                                                   r"argument 'solution'"):
-        OAPLTrainer(tiny_model_dir, reward_funcs=[wants_solution], train_dataset=rows,
-                    args=_args(tmp_path / "a")).train()
+    with pytest.raises(
+        RewardSignatureError,
+        match=r"wants_solution\(completions, solution, \*\*kwargs\) needs the "
+        r"argument 'solution'",
+    ):
+        OAPLTrainer(
+            tiny_model_dir, reward_funcs=[wants_solution], train_dataset=rows, args=_args(tmp_path / "a")
+        ).train()
     # TRL's think_format_reward reads completion[0]["content"]: plain-text prompts give string completions
-    with pytest.raises(RewardSignatureError, match=r"think_format_reward fails on the first training row .*TypeError"
-                                                   r".*completions are strings"):
-        OAPLTrainer(tiny_model_dir, reward_funcs=[think_format_reward], train_dataset=rows,
-                    args=_args(tmp_path / "b")).train()
+    with pytest.raises(
+        RewardSignatureError,
+        match=r"think_format_reward fails on the first training row .*TypeError"
+        r".*completions are strings",
+    ):
+        OAPLTrainer(
+            tiny_model_dir, reward_funcs=[think_format_reward], train_dataset=rows, args=_args(tmp_path / "b")
+        ).train()
     for out in (tmp_path / "a", tmp_path / "b"):  # nothing of a run was written
         assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
 
@@ -152,11 +181,20 @@ def test_reward_weights_from_the_config():
 def test_per_function_metrics_are_nanmean_and_sample_nanstd():
     def group(values, pid):
         n = len(values)
-        return RolloutGroup(prompt_id=pid, prompt="p", prompt_token_ids=[1], responses=["r"] * n,
-                            response_token_ids=[[1]] * n, response_logprobs=[[0.0]] * n, rewards=[0.0] * n,
-                            finish_reasons=["stop"] * n, weights_id="w", version=0,
-                            reward_parts={"acc": values, "fmt": [1.0] * n},
-                            reward_logged={"judge_calls": [3.0]} if pid == "a" else {})
+        return RolloutGroup(
+            prompt_id=pid,
+            prompt="p",
+            prompt_token_ids=[1],
+            responses=["r"] * n,
+            response_token_ids=[[1]] * n,
+            response_logprobs=[[0.0]] * n,
+            rewards=[0.0] * n,
+            finish_reasons=["stop"] * n,
+            weights_id="w",
+            version=0,
+            reward_parts={"acc": values, "fmt": [1.0] * n},
+            reward_logged={"judge_calls": [3.0]} if pid == "a" else {},
+        )
 
     m = reward_metrics([group([1.0, 0.0], "a"), group([math.nan, 1.0], "b")])
     # acc: values 1, 0, 1 (None -> NaN skipped): mean 2/3; sum of squares 1/9 + 4/9 + 1/9 = 2/3 over n-1 = 2
@@ -181,8 +219,12 @@ def test_a_trl_script_s_rewards_in_a_conversational_run(tiny_model_dir, tmp_path
         return [-len(ids) / 100 for ids in completion_ids]
 
     ds = datasets.Dataset.from_list(_conversational())
-    trainer = OAPLTrainer(tiny_model_dir, reward_funcs=[think_format_reward, accuracy_reward, length_penalty],
-                          train_dataset=ds, args=_args(tmp_path / "run", reward_weights=[0.5, 1.0, 1.0]))
+    trainer = OAPLTrainer(
+        tiny_model_dir,
+        reward_funcs=[think_format_reward, accuracy_reward, length_penalty],
+        train_dataset=ds,
+        args=_args(tmp_path / "run", reward_weights=[0.5, 1.0, 1.0]),
+    )
     assert trainer.config.task.reward_weights == [0.5, 1.0, 1.0]
     trainer.train()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -191,9 +233,12 @@ def test_a_trl_script_s_rewards_in_a_conversational_run(tiny_model_dir, tmp_path
     for r in steps:
         for name in ("think_format_reward", "accuracy_reward", "length_penalty"):
             assert f"rewards/{name}/mean" in r and f"rewards/{name}/std" in r
-        assert r["reward_mean"] == pytest.approx(0.5 * r["rewards/think_format_reward/mean"]
-                                                 + r["rewards/accuracy_reward/mean"]
-                                                 + r["rewards/length_penalty/mean"], abs=1e-9)
+        assert r["reward_mean"] == pytest.approx(
+            0.5 * r["rewards/think_format_reward/mean"]
+            + r["rewards/accuracy_reward/mean"]
+            + r["rewards/length_penalty/mean"],
+            abs=1e-9,
+        )
         assert r["length_penalty/calls"] == 1.0
     # the test call before training (a stand-in state at step 0), then the steps 0 and 1 of a 2-step run
     assert steps_seen[0] == (0, 0) and steps_seen[1:] == [(0, 2), (1, 2)]

@@ -52,23 +52,42 @@ def test_best_is_chosen_among_stage2_checkpoints_only(fake_stages, tmp_path, cap
     assert (tmp_path / "report.json").exists()
 
 
-@pytest.mark.parametrize("overrides, description, is_test", [
-    (["task.name=dataset", "task.dataset=d.jsonl", "task.eval_dataset=d.jsonl", "task.eval_split=validation"],
-     "d.jsonl [validation]", False),
-    (["task.name=code", "task.dataset=hub/dc", "task.eval_dataset=hub/dc", "task.eval_dataset_config=lcbv5",
-      "task.eval_split=test"], "hub/dc (lcbv5) [test]", True),
-    # the competition benchmarks are test sets whatever their Hub split is called
-    (["task.name=math", "task.dataset=d.jsonl", "task.eval_benchmarks=[aime25, brumo25]"],
-     "aime25+brumo25 [benchmark problems]", True),
-])
+@pytest.mark.parametrize(
+    "overrides, description, is_test",
+    [
+        (
+            ["task.name=dataset", "task.dataset=d.jsonl", "task.eval_dataset=d.jsonl", "task.eval_split=validation"],
+            "d.jsonl [validation]",
+            False,
+        ),
+        (
+            [
+                "task.name=code",
+                "task.dataset=hub/dc",
+                "task.eval_dataset=hub/dc",
+                "task.eval_dataset_config=lcbv5",
+                "task.eval_split=test",
+            ],
+            "hub/dc (lcbv5) [test]",
+            True,
+        ),
+        # the competition benchmarks are test sets whatever their Hub split is called
+        (
+            ["task.name=math", "task.dataset=d.jsonl", "task.eval_benchmarks=[aime25, brumo25]"],
+            "aime25+brumo25 [benchmark problems]",
+            True,
+        ),
+    ],
+)
 def test_selection_split(tmp_path, overrides, description, is_test):
     sel = ts.selection_split(_cfg(tmp_path, *overrides))
     assert (sel["description"], sel["test_split"]) == (description, is_test)
 
 
 def test_no_warning_on_a_validation_split(fake_stages, tmp_path, caplog, monkeypatch):
-    cfg = _cfg(tmp_path, "task.name=dataset", "task.dataset=d.jsonl", "task.eval_dataset=d.jsonl",
-               "task.eval_split=val")
+    cfg = _cfg(
+        tmp_path, "task.name=dataset", "task.dataset=d.jsonl", "task.eval_dataset=d.jsonl", "task.eval_split=val"
+    )
     with caplog.at_level(logging.WARNING, logger="oapl.recipes.two_stage"):
         report = ts.run_two_stage(cfg, stage2_epochs=3, evaluate_base=False)
     assert "base" not in report["eval"]
@@ -83,5 +102,7 @@ def test_cli_says_what_the_choice_was_made_on(fake_stages, tmp_path, monkeypatch
     monkeypatch.setattr(oapl.preflight, "check_config", lambda cfg, model=None: None)  # no Hub lookups here
     assert main(["two-stage", "model.name=base-model", f"output_dir={tmp_path / 'r'}", "--stage2-epochs", "3"]) == 0
     out = capsys.readouterr().out
-    assert ("best: stage2-epoch2 pass@1 0.5000, chosen among the stage-2 checkpoints on the arithmetic task's "
-            "built-in held-out set [test] (the reported split: optimistic)") in out
+    assert (
+        "best: stage2-epoch2 pass@1 0.5000, chosen among the stage-2 checkpoints on the arithmetic task's "
+        "built-in held-out set [test] (the reported split: optimistic)"
+    ) in out

@@ -65,12 +65,26 @@ def assert_one_line(rc, err, *needles):
 
 
 def train_args(tiny_model_dir, prompts_file, out, *extra):
-    return ["train", f"output_dir={out}", f"model.name={tiny_model_dir}", "task.name=dataset",
-            f"task.dataset={prompts_file}", "task.columns={prompt: question, prompt_id: id}",
-            "task.reward=toy_rewards:digit_fraction", "engine.kind=transformers", "steps=2",
-            "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.asynchronous=false",
-            "sampling.max_tokens=4", "eval.at_start=false", "eval.at_end=false", "logging.progress=false",
-            "checkpoint.save_final=false", *extra]
+    return [
+        "train",
+        f"output_dir={out}",
+        f"model.name={tiny_model_dir}",
+        "task.name=dataset",
+        f"task.dataset={prompts_file}",
+        "task.columns={prompt: question, prompt_id: id}",
+        "task.reward=toy_rewards:digit_fraction",
+        "engine.kind=transformers",
+        "steps=2",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=2",
+        "rollout.asynchronous=false",
+        "sampling.max_tokens=4",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "logging.progress=false",
+        "checkpoint.save_final=false",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -89,8 +103,9 @@ def test_unknown_task_name_suggests_the_nearest(capsys, tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["oapl", "grpo"])
 def test_group_size_one_is_refused_saying_why(capsys, tmp_path, algorithm):
-    rc, err = run_cli(["train", "rollout.group_size=1", f"algorithm.name={algorithm}",
-                       f"output_dir={tmp_path / 'r'}"], capsys)
+    rc, err = run_cli(
+        ["train", "rollout.group_size=1", f"algorithm.name={algorithm}", f"output_dir={tmp_path / 'r'}"], capsys
+    )
     line = assert_one_line(rc, err, "rollout.group_size=1", "at least 2", "exactly 0")
     assert algorithm.upper() in line
 
@@ -115,12 +130,15 @@ def test_dataset_row_without_the_mapped_column(capsys, tmp_path, tiny_model_dir,
     assert_one_line(rc, err, str(data), "row 1", "'question'")
 
 
-@pytest.mark.parametrize("spec,needles", [
-    ("no_such_module_oapl:fn", ["task.reward", "cannot import module 'no_such_module_oapl'"]),
-    ("toy_rewards:no_such_fn", ["task.reward", "no function 'no_such_fn'", "digit_fraction"]),
-    ("missing_file.py:fn", ["task.reward", "missing_file.py does not exist"]),
-    ("notaspec", ["task.reward", "module:function"]),
-])
+@pytest.mark.parametrize(
+    "spec,needles",
+    [
+        ("no_such_module_oapl:fn", ["task.reward", "cannot import module 'no_such_module_oapl'"]),
+        ("toy_rewards:no_such_fn", ["task.reward", "no function 'no_such_fn'", "digit_fraction"]),
+        ("missing_file.py:fn", ["task.reward", "missing_file.py does not exist"]),
+        ("notaspec", ["task.reward", "module:function"]),
+    ],
+)
 def test_reward_that_cannot_be_loaded(capsys, tmp_path, tiny_model_dir, prompts_file, toy_path, spec, needles):
     rc, err = run_cli(train_args(tiny_model_dir, prompts_file, tmp_path / "r", f"task.reward={spec}"), capsys)
     assert_one_line(rc, err, *needles)
@@ -138,7 +156,7 @@ def test_reward_file_with_a_syntax_error_names_file_and_line(capsys, tmp_path, t
 
 @pytest.mark.timeout(120)  # a guard against a hang, not the bound under test
 def test_local_model_path_that_does_not_exist_fails_at_once(capsys, monkeypatch, tmp_path, prompts_file, toy_path):
-    """"At once": the preflight refuses the path before training starts, and never asks the Hub."""
+    """ "At once": the preflight refuses the path before training starts, and never asks the Hub."""
     import huggingface_hub
 
     import oapl.loop
@@ -167,15 +185,39 @@ def test_generate_names_the_model_flag(capsys, tmp_path):
 
 def test_hub_name_with_the_hub_unreachable_fails_fast_saying_what_to_do(tmp_path):
     """A refused connection stands in for no network; an empty cache for an uncached model."""
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"),
-           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+    }
     env.pop("OAPL_DEBUG", None)
     # a hang would end in subprocess.TimeoutExpired: the guard, not the bound under test (the cap on
     # the Hub check is asserted in test_hub_check_is_capped_when_the_network_hangs)
-    proc = subprocess.run([sys.executable, "-m", "oapl.cli.main", "train", "model.name=someorg/some-model",
-                           f"output_dir={tmp_path / 'r'}"], capture_output=True, text=True, env=env, timeout=120)
-    assert_one_line(proc.returncode, proc.stderr, "model.name", "someorg/some-model", "unreachable",
-                    "local path", "HF_HUB_OFFLINE=1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "oapl.cli.main",
+            "train",
+            "model.name=someorg/some-model",
+            f"output_dir={tmp_path / 'r'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert_one_line(
+        proc.returncode,
+        proc.stderr,
+        "model.name",
+        "someorg/some-model",
+        "unreachable",
+        "local path",
+        "HF_HUB_OFFLINE=1",
+    )
     assert not any((tmp_path / "r").glob("*"))  # refused in the preflight: nothing was started
 
 
@@ -197,8 +239,9 @@ def test_hub_check_is_capped_when_the_network_hangs(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     try:
         # without the cap check_model would wait on the lookup forever: this test's pytest timeout
-        with pytest.raises(preflight.ModelNotFoundError,
-                           match=r"model.name: cannot download 'org/name'.*no answer in 2 s"):
+        with pytest.raises(
+            preflight.ModelNotFoundError, match=r"model.name: cannot download 'org/name'.*no answer in 2 s"
+        ):
             preflight.check_model("org/name", timeout_s=2)
         # it gave up on a lookup that was asked and is still waiting for its answer
         assert asked.is_set() and not answer.is_set()
@@ -239,8 +282,10 @@ def test_unknown_hub_model_and_gated_model_have_their_own_messages(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    for name, needle in (("RepositoryNotFoundError", "no model 'org/name' on the Hugging Face Hub"),
-                         ("GatedRepoError", "gated")):
+    for name, needle in (
+        ("RepositoryNotFoundError", "no model 'org/name' on the Hugging Face Hub"),
+        ("GatedRepoError", "gated"),
+    ):
         exc_type = type(name, (Exception,), {})
 
         def raise_it(*a, exc_type=exc_type, **k):
@@ -270,8 +315,11 @@ def test_dataset_names_are_checked_like_model_names(monkeypatch, tmp_path):
     monkeypatch.setattr(preflight, "_cached", lambda *a, **k: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(UserError, match=r"task.dataset: cannot download dataset 'org/data'.*unreachable.*local "
-                                        r"\.jsonl/\.parquet file"):
+    with pytest.raises(
+        UserError,
+        match=r"task.dataset: cannot download dataset 'org/data'.*unreachable.*local "
+        r"\.jsonl/\.parquet file",
+    ):
         preflight.check_dataset("org/data", "task.dataset")
 
 
@@ -304,12 +352,15 @@ def test_read_only_file_system(capsys):
     assert_one_line(rc, err, "output_dir", "/proc/oapl-run")
 
 
-@pytest.mark.parametrize("argv,needles", [
-    (["plot", "passk", "before=reports/nope.json", "--out", "x.png"], ["plot passk", "before=reports/nope.json"]),
-    (["plot", "training", "oapl=runs/nope", "--out", "x.png"], ["plot training", "oapl=runs/nope"]),
-    (["eval", "--rollouts", "data/nope", "--out", "r"], ["--rollouts", "data/nope"]),
-    (["train", "offline.data=data/nope"], ["offline.data", "data/nope", "oapl generate"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["plot", "passk", "before=reports/nope.json", "--out", "x.png"], ["plot passk", "before=reports/nope.json"]),
+        (["plot", "training", "oapl=runs/nope", "--out", "x.png"], ["plot training", "oapl=runs/nope"]),
+        (["eval", "--rollouts", "data/nope", "--out", "r"], ["--rollouts", "data/nope"]),
+        (["train", "offline.data=data/nope"], ["offline.data", "data/nope", "oapl generate"]),
+    ],
+)
 def test_missing_input_files(capsys, tmp_path, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)
     rc, err = run_cli(argv, capsys)
@@ -350,8 +401,9 @@ def test_bugs_keep_their_traceback(capsys, monkeypatch):
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_during_startup_does_not_claim_a_checkpoint(capsys, monkeypatch, tmp_path, tiny_model_dir,
-                                                          prompts_file, toy_path):
+def test_ctrl_c_during_startup_does_not_claim_a_checkpoint(
+    capsys, monkeypatch, tmp_path, tiny_model_dir, prompts_file, toy_path
+):
     import oapl.loop
 
     def interrupted(*a, **k):
@@ -364,13 +416,13 @@ def test_ctrl_c_during_startup_does_not_claim_a_checkpoint(capsys, monkeypatch, 
     assert "no checkpoint was written" in err and "checkpoint written" not in err
 
 
-def test_ctrl_c_during_training_names_the_checkpoint_written(capsys, tmp_path, tiny_model_dir, prompts_file,
-                                                            toy_path):
+def test_ctrl_c_during_training_names_the_checkpoint_written(capsys, tmp_path, tiny_model_dir, prompts_file, toy_path):
     import toy_rewards
 
     toy_rewards.interrupting.calls = 0
-    rc = main(train_args(tiny_model_dir, prompts_file, tmp_path / "r", "steps=10",
-                         "task.reward=toy_rewards:interrupting"))
+    rc = main(
+        train_args(tiny_model_dir, prompts_file, tmp_path / "r", "steps=10", "task.reward=toy_rewards:interrupting")
+    )
     err = capsys.readouterr().err
     (ckpt,) = (tmp_path / "r" / "checkpoints").glob("step-*")
     assert rc == 130

@@ -21,8 +21,10 @@ from oapl.engines.base import InferenceEngine, SamplingParams
 from oapl.engines.transformers_engine import TransformersEngine, _top_p_filter
 from oapl.engines.vllm_engine import VLLMEngine, _RngState, vllm_available, vllm_import_error
 
-pytestmark = [pytest.mark.skipif(not vllm_available(), reason=f"vLLM unusable: {vllm_import_error()}"),
-              pytest.mark.slow]  # starts vLLM
+pytestmark = [
+    pytest.mark.skipif(not vllm_available(), reason=f"vLLM unusable: {vllm_import_error()}"),
+    pytest.mark.slow,
+]  # starts vLLM
 
 EOS = 2
 TOL = 1e-4  # fp32 vLLM kernels vs fp32 transformers
@@ -32,9 +34,17 @@ def _tiny_config(vocab_size: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=0,
         initializer_range=0.1,  # peakier than the default, so weight changes show in log-probs
     )
 
@@ -93,8 +103,7 @@ def engine(tiny):
     np.random.seed(99)
     threads = torch.get_num_threads()
     set_num_threads = torch.set_num_threads
-    eng = VLLMEngine(tiny["path"], seed=0, dtype="float32", max_model_len=512,
-                     kv_cache_memory_bytes=64 << 20)
+    eng = VLLMEngine(tiny["path"], seed=0, dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 << 20)
     eng.caller_state = {
         "torch_rng_kept": torch.equal(torch.rand(4), expected_torch),
         "numpy_rng_kept": np.array_equal(np.random.rand(3), expected_np),
@@ -120,7 +129,10 @@ def test_engine_satisfies_protocol_and_leaves_caller_state_alone(engine):
     assert isinstance(engine, InferenceEngine)
     assert engine.on_cpu == (not torch.cuda.is_available())
     assert engine.caller_state == {
-        "torch_rng_kept": True, "numpy_rng_kept": True, "threads_kept": True, "set_num_threads_kept": True
+        "torch_rng_kept": True,
+        "numpy_rng_kept": True,
+        "threads_kept": True,
+        "set_num_threads_kept": True,
     }
 
 
@@ -131,14 +143,18 @@ def test_max_model_len_is_reported_and_a_prompt_that_does_not_fit_is_refused(bas
     from oapl.evaluation.heldout import generate_groups
 
     assert base.max_model_len == 512
-    task = Task("dataset", [], [], lambda prompts, completions, **_: [0.0] * len(completions), [], None,
-                "{prompt}", False)
+    task = Task(
+        "dataset", [], [], lambda prompts, completions, **_: [0.0] * len(completions), [], None, "{prompt}", False
+    )
     rows = [{"prompt_id": "long", "prompt": "a" * 508}]  # 508 tokens with the char tokenizer
     assert len(tiny["tok"]("a" * 508, add_special_tokens=False).input_ids) == 508
     groups = generate_groups(base, task, tiny["tok"], rows, SamplingParams(max_tokens=4))  # 508 + 4 = 512 fits
     assert len(groups[0].response_token_ids[0]) <= 4
-    with pytest.raises(TokenBudgetError, match=r"eval row 0 \(prompt_id 'long'\): prompt of 508 tokens \+ "
-                       r"eval.max_tokens=5 = 513 tokens > engine.max_model_len=512"):
+    with pytest.raises(
+        TokenBudgetError,
+        match=r"eval row 0 \(prompt_id 'long'\): prompt of 508 tokens \+ "
+        r"eval.max_tokens=5 = 513 tokens > engine.max_model_len=512",
+    ):
         generate_groups(base, task, tiny["tok"], rows, SamplingParams(max_tokens=5))
 
 
@@ -196,8 +212,14 @@ def test_stop_string_cuts_text_like_the_transformers_engine(base, tiny):
     free = base.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16))[0].completions[0]
     text = tok.decode(free.token_ids, skip_special_tokens=True)
     # a character the greedy continuation produces at position k >= 2 and not before
-    k = next((i for i in range(2, len(free.token_ids))
-              if text[i].strip() and text[i] not in text[:i] and free.token_ids[i] != EOS), None)
+    k = next(
+        (
+            i
+            for i in range(2, len(free.token_ids))
+            if text[i].strip() and text[i] not in text[:i] and free.token_ids[i] != EOS
+        ),
+        None,
+    )
     assert k is not None, f"no usable stop character in {text!r}"
     stop = text[k]
     params = SamplingParams(temperature=0.0, max_tokens=16, stop=(stop,))
@@ -298,8 +320,9 @@ def _score(engine: VLLMEngine, prompt, tokens) -> list[float]:
     from vllm import SamplingParams as VSamplingParams
 
     seq = list(prompt) + list(tokens)
-    res = engine.llm.generate([{"prompt_token_ids": seq}], VSamplingParams(max_tokens=1, prompt_logprobs=0),
-                              use_tqdm=False)[0]
+    res = engine.llm.generate(
+        [{"prompt_token_ids": seq}], VSamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )[0]
     return [res.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
 
 
@@ -387,8 +410,9 @@ class _FakeLLM:
         from vllm.logprobs import Logprob
 
         self.calls.append(("generate", len(prompts)))
-        out = SimpleNamespace(token_ids=[5, EOS], logprobs=[{5: Logprob(-1.0)}, {EOS: Logprob(-0.5)}],
-                              finish_reason="stop", text="x")
+        out = SimpleNamespace(
+            token_ids=[5, EOS], logprobs=[{5: Logprob(-1.0)}, {EOS: Logprob(-0.5)}], finish_reason="stop", text="x"
+        )
         return [SimpleNamespace(outputs=[out] * params.n) for _ in prompts]
 
 
@@ -397,8 +421,16 @@ def test_sleep_wake_bookkeeping_with_a_stub_llm():
     eng = VLLMEngine.__new__(VLLMEngine)
     fake = _FakeLLM()
     eng.__dict__.update(
-        _llm=fake, sleep_enabled=True, on_cpu=False, seed=0, _version=0, _asleep=set(),
-        _weights_discarded=False, _weights_invalid=False, cpu_threads=None, sync_threads=None,
+        _llm=fake,
+        sleep_enabled=True,
+        on_cpu=False,
+        seed=0,
+        _version=0,
+        _asleep=set(),
+        _weights_discarded=False,
+        _weights_invalid=False,
+        cpu_threads=None,
+        sync_threads=None,
         _cuda_index=None,
     )
     eng._rng = _RngState.seeded(0, None)
@@ -429,8 +461,7 @@ def test_second_engine_in_the_process_and_close(base, tiny):
     """Two engines can live in one process; closing one leaves the other working."""
     prompt = _prompts(tiny["tok"])[0]
     params = SamplingParams(temperature=1.0, max_tokens=6, n=2)
-    with VLLMEngine(tiny["path"], seed=0, dtype="float32", max_model_len=512,
-                    kv_cache_memory_bytes=32 << 20) as other:
+    with VLLMEngine(tiny["path"], seed=0, dtype="float32", max_model_len=512, kv_cache_memory_bytes=32 << 20) as other:
         theirs = other.generate([prompt], params)[0]
         ours = base.generate([prompt], params)[0]
         for c in theirs.completions + ours.completions:
@@ -457,8 +488,10 @@ def test_embedded_smollm2_generate_sync_and_timing():
     try:
         tok = eng.tokenizer
         questions = ["What is 7 + 5?", "What is 12 * 3? Answer with a number."]
-        texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                         tokenize=False) for q in questions]
+        texts = [
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+            for q in questions
+        ]
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         params = SamplingParams(temperature=1.0, max_tokens=32, n=4)
         outs = eng.generate(prompts, params)

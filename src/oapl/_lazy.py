@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lazy_exports(package: str, namespace: dict[str, Any], names: dict[str, str],
-                 listed: list[str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_exports(
+    package: str, namespace: dict[str, Any], names: dict[str, str], listed: list[str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package``: ``names`` maps an attribute to the module defining it
     (a value equal to ``f"{package}.{attr}"`` is that submodule itself); loaded values are cached in
     ``namespace``; ``__dir__`` lists ``listed`` too."""

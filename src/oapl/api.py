@@ -40,8 +40,7 @@ from oapl.config import ConfigError, TrainConfig
 from oapl.config import load_config as _load_config
 from oapl.errors import RunDirError, UserError
 from oapl.rundir import refuse_multi_process_launch
-from oapl.trl_compat import (Callback, TRLCallbacks, lora_fields, split_callbacks, trainer_state,
-                              with_trl_names_callback)
+from oapl.trl_compat import Callback, TRLCallbacks, lora_fields, split_callbacks, trainer_state, with_trl_names_callback
 from oapl.trl_config import OAPLConfig, warn_if_never_synced
 
 log = logging.getLogger("oapl")
@@ -58,8 +57,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _load_config(path, overrides)
 
 
-def train(config: TrainConfig | str | Path, resume: bool = False, overwrite: bool = False,
-          callbacks: Iterable[Callback] | None = None):
+def train(
+    config: TrainConfig | str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: Iterable[Callback] | None = None,
+):
     """Run one training job, as ``oapl train``: OAPL (or GRPO) online, or offline on stored rollouts.
 
     ``config`` is a :class:`TrainConfig` / :class:`OAPLConfig` or a YAML path. ``resume`` continues
@@ -75,8 +78,9 @@ def train(config: TrainConfig | str | Path, resume: bool = False, overwrite: boo
     if isinstance(config, (str, Path)):
         config = load_config(config)
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"oapl.train: config must be a TrainConfig, an OAPLConfig or a YAML path, not "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"oapl.train: config must be a TrainConfig, an OAPLConfig or a YAML path, not {type(config).__name__}"
+        )
     logging_steps = None
     if isinstance(config, OAPLConfig):
         overwrite = overwrite or config.overwrite_output_dir
@@ -134,20 +138,38 @@ class OAPLTrainer:
         reward_weights: weights of ``reward_funcs`` (also ``OAPLConfig(reward_weights=...)``).
     """
 
-    def __init__(self, model: Any = None, reward_funcs: Any = None, args: TrainConfig | None = None,
-                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None, *,
-                 callbacks: Iterable[Callback] | None = None, peft_config: Any = None,
-                 reward_weights: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        reward_funcs: Any = None,
+        args: TrainConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        callbacks: Iterable[Callback] | None = None,
+        peft_config: Any = None,
+        reward_weights: list[float] | None = None,
+    ) -> None:
         _refuse_in_worker_bootstrap("OAPLTrainer()")
         refuse_multi_process_launch()
         if args is None:
             args = OAPLConfig()
         if not isinstance(args, TrainConfig):
-            raise TypeError(f"OAPLTrainer: args must be an OAPLConfig (or TrainConfig), not {type(args).__name__}; "
-                            "for a TRL GRPOConfig write OAPLConfig(...) with the same arguments (the names oapl "
-                            "maps: docs/coming-from-trl.md)")
-        extras = ({"num_train_epochs": args.num_train_epochs, "overwrite_output_dir": args.overwrite_output_dir,
-                   "logging_steps": args.logging_steps} if isinstance(args, OAPLConfig) else {})
+            raise TypeError(
+                f"OAPLTrainer: args must be an OAPLConfig (or TrainConfig), not {type(args).__name__}; "
+                "for a TRL GRPOConfig write OAPLConfig(...) with the same arguments (the names oapl "
+                "maps: docs/coming-from-trl.md)"
+            )
+        extras = (
+            {
+                "num_train_epochs": args.num_train_epochs,
+                "overwrite_output_dir": args.overwrite_output_dir,
+                "logging_steps": args.logging_steps,
+            }
+            if isinstance(args, OAPLConfig)
+            else {}
+        )
         tree = args.model_dump(mode="json", exclude={"num_train_epochs", "overwrite_output_dir", "logging_steps"})
         if "steps" not in args.model_fields_set:
             del tree["steps"]  # unset: num_train_epochs (if given) decides
@@ -180,15 +202,19 @@ class OAPLTrainer:
                 task["name"] = "dataset"
             task["dataset"] = self._source(train_dataset, "train_dataset")
             if task["name"] == "code" and memory.is_marker(task["dataset"]):
-                raise UserError("train_dataset: task.name='code' reads DeepCoder-format data from a file or the Hub; "
-                                "for rows in memory keep the default task and pass reward_funcs=[oapl.rewards."
-                                "code_reward] with a 'tests' column")
+                raise UserError(
+                    "train_dataset: task.name='code' reads DeepCoder-format data from a file or the Hub; "
+                    "for rows in memory keep the default task and pass reward_funcs=[oapl.rewards."
+                    "code_reward] with a 'tests' column"
+                )
         if eval_dataset is not None:
             if isinstance(eval_dataset, dict):
                 raise UserError("eval_dataset: one held-out dataset (a dict of several is not supported)")
             if task["name"] == "arithmetic":
-                raise UserError("eval_dataset: the built-in arithmetic task has its own held-out split; pass a "
-                                "train_dataset too, or set task.num_eval")
+                raise UserError(
+                    "eval_dataset: the built-in arithmetic task has its own held-out split; pass a "
+                    "train_dataset too, or set task.num_eval"
+                )
             task["eval_dataset"] = self._source(eval_dataset, "eval_dataset")
             task["eval_benchmarks"] = []
 
@@ -212,9 +238,13 @@ class OAPLTrainer:
         """
         resume = self._resume_flag(resume_from_checkpoint)
         self._trl.losses = []
-        result = _run(self.config, resume=resume, overwrite=self.args.overwrite_output_dir,
-                      callbacks=[self._trl, *map(with_trl_names_callback, self.callbacks)],
-                      how_to=("train(resume_from_checkpoint=True)", "OAPLConfig(overwrite_output_dir=True)"))
+        result = _run(
+            self.config,
+            resume=resume,
+            overwrite=self.args.overwrite_output_dir,
+            callbacks=[self._trl, *map(with_trl_names_callback, self.callbacks)],
+            how_to=("train(resume_from_checkpoint=True)", "OAPLConfig(overwrite_output_dir=True)"),
+        )
         self._result = result
         self.state.global_step = result.steps
         losses = self._trl.losses
@@ -247,8 +277,9 @@ class OAPLTrainer:
                     raise UserError("eval_dataset: the built-in arithmetic task has its own held-out split")
                 cfg = TrainConfig.model_validate(tree)
             summary = _evaluate(cfg, self._model_dir() if self._result is not None else None)
-        return {f"{metric_key_prefix}_{k.removeprefix('eval_')}" if metric_key_prefix else k: v
-                for k, v in summary.items()}
+        return {
+            f"{metric_key_prefix}_{k.removeprefix('eval_')}" if metric_key_prefix else k: v for k, v in summary.items()
+        }
 
     def save_model(self, output_dir: str | Path | None = None, merged: bool = False) -> str:
         """Save the model (the trained one after :meth:`train`) and its tokenizer; returns the folder.
@@ -283,14 +314,22 @@ class OAPLTrainer:
 
                 trc = self.config.model.trust_remote_code
                 AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trc).save_pretrained(target)
-                AutoTokenizer.from_pretrained(self.config.model.tokenizer or path,
-                                              trust_remote_code=trc).save_pretrained(target)
+                AutoTokenizer.from_pretrained(
+                    self.config.model.tokenizer or path, trust_remote_code=trc
+                ).save_pretrained(target)
         log.info("model saved to %s", target)
         return str(target)
 
-    def push_to_hub(self, repo_id: str | None = None, commit_message: str = "End of training", *,
-                    private: bool | None = None, token: str | None = None, revision: str | None = None,
-                    **kwargs: Any) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str | None = None,
+        commit_message: str = "End of training",
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> str:
         """Upload the model (what :meth:`save_model` writes) to the Hub; returns the commit's URL.
 
         ``repo_id``: default the name of ``output_dir`` under your account (TRL's default). Only the model
@@ -304,13 +343,16 @@ class OAPLTrainer:
             api = HfApi(token=token)
             try:
                 api.create_repo(repo_id, private=private, exist_ok=True)
-                info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                         revision=revision)
+                info = api.upload_folder(
+                    repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
+                )
             except Exception as e:  # noqa: BLE001 - network, auth, offline: one line that says which
                 why = (str(e).strip().splitlines() or [""])[0][:300]
-                raise UserError(f"push_to_hub: cannot upload to the Hub repo {repo_id!r} ({type(e).__name__}: "
-                                f"{why}); check the network, HF_HUB_OFFLINE and `hf auth login`; the model is "
-                                f"in {self.config.output_dir} (save_model() writes it anywhere)") from e
+                raise UserError(
+                    f"push_to_hub: cannot upload to the Hub repo {repo_id!r} ({type(e).__name__}: "
+                    f"{why}); check the network, HF_HUB_OFFLINE and `hf auth login`; the model is "
+                    f"in {self.config.output_dir} (save_model() writes it anywhere)"
+                ) from e
         return str(getattr(info, "commit_url", info))
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -319,8 +361,10 @@ class OAPLTrainer:
 
         ckpt = latest_checkpoint(self.config.output_dir)
         if ckpt is None or not ((ckpt / "model").is_dir() or adapter_file(ckpt) is not None):
-            raise UserError(f"output_dir: {self.config.output_dir} holds no checkpoint of the trained model "
-                            "(checkpoint.save_final was false); train with checkpoint={'save_final': True}")
+            raise UserError(
+                f"output_dir: {self.config.output_dir} holds no checkpoint of the trained model "
+                "(checkpoint.save_final was false); train with checkpoint={'save_final': True}"
+            )
         return ckpt
 
     def _model_dir(self) -> Path:
@@ -348,9 +392,11 @@ class OAPLTrainer:
         kept = list_checkpoints(run)
         if wanted.parent == checkpoint_dir(run) and any(p.resolve() == wanted for p in kept):
             return str(wanted)
-        raise UserError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: not a checkpoint of this run; "
-                        f"kept ones in {checkpoint_dir(run)}: {', '.join(p.name for p in kept) or 'none'} "
-                        "(or pass True for the newest intact one)")
+        raise UserError(
+            f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: not a checkpoint of this run; "
+            f"kept ones in {checkpoint_dir(run)}: {', '.join(p.name for p in kept) or 'none'} "
+            "(or pass True for the newest intact one)"
+        )
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
@@ -359,8 +405,10 @@ def _refuse_in_worker_bootstrap(what: str) -> None:
     from oapl.rewards.math import GUARD_HINT, bootstrapping
 
     if bootstrapping():
-        raise RuntimeError(f"{what} ran while this process was starting as a multiprocessing worker, which "
-                           f"re-imports the main script: {GUARD_HINT}")
+        raise RuntimeError(
+            f"{what} ran while this process was starting as a multiprocessing worker, which "
+            f"re-imports the main script: {GUARD_HINT}"
+        )
 
 
 def _resolve_epochs(cfg: TrainConfig, train_rows: int | None) -> TrainConfig:
@@ -378,8 +426,13 @@ def _resolve_epochs(cfg: TrainConfig, train_rows: int | None) -> TrainConfig:
     elif plain.task.max_prompts:
         n = min(n, plain.task.max_prompts)
     steps = max(1, math.ceil(epochs * n / plain.rollout.prompts_per_step))
-    log.info("num_train_epochs=%g over %d training prompts, %d per step: %d steps", epochs, n,
-             plain.rollout.prompts_per_step, steps)
+    log.info(
+        "num_train_epochs=%g over %d training prompts, %d per step: %d steps",
+        epochs,
+        n,
+        plain.rollout.prompts_per_step,
+        steps,
+    )
     tree = plain.model_dump(mode="json")
     tree["steps"] = steps
     return TrainConfig.model_validate(tree)
@@ -397,8 +450,10 @@ def _run(cfg: TrainConfig, *, resume: bool | str, overwrite: bool, callbacks: li
     except RunDirError as e:
         if "is not empty" not in str(e):
             raise
-        raise RunDirError(str(e).split("; pass", 1)[0] + f"; pass {how_to[0]} to continue that run, {how_to[1]} "
-                          "to replace it, or another output_dir") from None
+        raise RunDirError(
+            str(e).split("; pass", 1)[0] + f"; pass {how_to[0]} to continue that run, {how_to[1]} "
+            "to replace it, or another output_dir"
+        ) from None
     check_config(cfg)  # a resume that changes the run is refused by oapl.rundir.check_resume_config
     try:
         return loop.train(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks)
@@ -419,8 +474,10 @@ def _evaluate(cfg: TrainConfig, model_dir: Path | None) -> dict[str, float]:
 
     task = build_task(cfg.task, cfg.seed)
     if not task.eval:
-        raise UserError("eval_dataset: there are no held-out prompts to evaluate on; pass eval_dataset= (to "
-                        "evaluate() or OAPLTrainer)")
+        raise UserError(
+            "eval_dataset: there are no held-out prompts to evaluate on; pass eval_dataset= (to "
+            "evaluate() or OAPLTrainer)"
+        )
     path = str(model_dir) if model_dir is not None else resolve_model_path(cfg.model.name)
     tokenizer = load_config_tokenizer(cfg, None if model_dir is None else str(model_dir))
     params = eval_sampling_params(cfg)
@@ -440,9 +497,13 @@ def _model_fields(m: dict[str, Any], model: Any, processing_class: Any, peft_con
     if model is not None:
         m["name"] = _model_source(model, processing_class)
     if processing_class is not None:
-        m["tokenizer"] = (str(processing_class) if isinstance(processing_class, (str, os.PathLike))
-                          else m["name"] if not isinstance(model, (str, os.PathLike, type(None)))
-                          else _save_tokenizer(processing_class))
+        m["tokenizer"] = (
+            str(processing_class)
+            if isinstance(processing_class, (str, os.PathLike))
+            else m["name"]
+            if not isinstance(model, (str, os.PathLike, type(None)))
+            else _save_tokenizer(processing_class)
+        )
     if peft_config is not None:
         m["lora"] = lora_fields(peft_config, m["name"], m.get("trust_remote_code", False))
 
@@ -457,13 +518,16 @@ def _reward_fields(task: dict[str, Any], reward_funcs: Any, reward_weights: list
             raise UserError("reward_funcs: an empty list; give at least one reward function")
         task["reward"] = [memory.reward_spec(fn, f"reward_funcs[{i}]") for i, fn in enumerate(funcs)]
     elif task["name"] == "dataset" and not task.get("reward"):
-        raise UserError("reward_funcs: required with a train_dataset: oapl.rewards.math_reward, "
-                        "oapl.rewards.code_reward, or your own fn(prompts, completions, **columns) -> list[float]")
+        raise UserError(
+            "reward_funcs: required with a train_dataset: oapl.rewards.math_reward, "
+            "oapl.rewards.code_reward, or your own fn(prompts, completions, **columns) -> list[float]"
+        )
     if reward_weights is not None:
         weights = [float(w) for w in reward_weights]
         if task.get("reward_weights") not in (None, weights):
-            raise UserError(f"reward_weights={weights} and args.reward_weights={task['reward_weights']} differ; "
-                            "give one")
+            raise UserError(
+                f"reward_weights={weights} and args.reward_weights={task['reward_weights']} differ; give one"
+            )
         task["reward_weights"] = weights
 
 
@@ -498,13 +562,18 @@ def _model_source(model: Any, processing_class: Any) -> str:
     if isinstance(model, (str, os.PathLike)):
         return os.fspath(model)
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
-        raise UserError("model: a PEFT model; pass the base model and peft_config=LoraConfig(...) (oapl adds "
-                        "the adapters itself)")
+        raise UserError(
+            "model: a PEFT model; pass the base model and peft_config=LoraConfig(...) (oapl adds the adapters itself)"
+        )
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
-        raise UserError(f"model: expected a model name, a path or a transformers PreTrainedModel, got "
-                        f"{type(model).__name__}")
-    tokenizer = processing_class if processing_class is not None and not isinstance(processing_class, (str, os.PathLike)) \
+        raise UserError(
+            f"model: expected a model name, a path or a transformers PreTrainedModel, got {type(model).__name__}"
+        )
+    tokenizer = (
+        processing_class
+        if processing_class is not None and not isinstance(processing_class, (str, os.PathLike))
         else None
+    )
     source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
     if tokenizer is None:
         tok_name = os.fspath(processing_class) if processing_class is not None else source
@@ -513,8 +582,10 @@ def _model_source(model: Any, processing_class: Any) -> str:
 
             tokenizer = AutoTokenizer.from_pretrained(tok_name) if tok_name else None
         except Exception as e:  # noqa: BLE001 - said below
-            raise UserError(f"processing_class: the tokenizer of the in-memory model ({tok_name!r}) cannot be "
-                            f"loaded ({type(e).__name__}); pass processing_class=<tokenizer>") from e
+            raise UserError(
+                f"processing_class: the tokenizer of the in-memory model ({tok_name!r}) cannot be "
+                f"loaded ({type(e).__name__}); pass processing_class=<tokenizer>"
+            ) from e
         if tokenizer is None:
             raise UserError("processing_class: required with an in-memory model that has no name_or_path")
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=_store_dir()))

@@ -31,8 +31,11 @@ def _size_of(path: Path) -> int:
 def _largest_sibling(final: Path, prefix: str) -> int | None:
     """Size of the largest finished folder beside ``final`` (what writing another like it needs)."""
     try:
-        sizes = [_size_of(p) for p in final.parent.iterdir()
-                 if p.is_dir() and p != final and not p.name.startswith((prefix, "."))]
+        sizes = [
+            _size_of(p)
+            for p in final.parent.iterdir()
+            if p.is_dir() and p != final and not p.name.startswith((prefix, "."))
+        ]
     except OSError:
         return None
     return max(sizes, default=0) or None
@@ -95,8 +98,7 @@ def atomic_dir(final: str | os.PathLike[str], prefix: str = ".tmp-") -> Iterator
     except Exception as e:
         # disk full (or a quota, a file-size limit): one line naming the folder, the space there and what
         # a folder like it takes (the previous one beside it, e.g. the last checkpoint); it stays intact
-        full = disk_full_error(e, final, needed=_largest_sibling(final, prefix), written=_size_of(tmp),
-                               probe=True)
+        full = disk_full_error(e, final, needed=_largest_sibling(final, prefix), written=_size_of(tmp), probe=True)
         if full is not None:
             raise full from e
         raise

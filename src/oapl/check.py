@@ -79,8 +79,10 @@ def _row_problems(task, split: str, rows: list[dict[str, Any]], field_name: str)
             except Exception as e:  # noqa: BLE001 - a parser crash is this row's problem
                 parsed, gold = [], f"{gold} ({type(e).__name__})"
             if not any(not isinstance(x, str) for x in parsed):  # only the raw-text fallback, or nothing
-                out.append(f"{where}: answer {gold!r} does not parse as a math expression (math-verify keeps "
-                           f"at most its raw text), so a correct response in another form would score 0")
+                out.append(
+                    f"{where}: answer {gold!r} does not parse as a math expression (math-verify keeps "
+                    f"at most its raw text), so a correct response in another form would score 0"
+                )
         elif task.name == "code" and not row.get("tests"):
             out.append(f"{where}: no parseable tests; every program would score 0")
     return out
@@ -93,28 +95,38 @@ def _seq_len(cfg: TrainConfig, max_prompt: int, notes: list[str]) -> int:
     limit = cfg.engine.max_model_len
     if limit:  # the room the token budgets leave for a prompt
         room = limit - max(cfg.sampling.max_tokens, cfg.eval.max_tokens or 0)
-        notes.append(f"prompts not tokenized: the memory plan takes prompts of up to {room} tokens "
-                     f"(engine.max_model_len={limit} less the longest max_tokens)")
+        notes.append(
+            f"prompts not tokenized: the memory plan takes prompts of up to {room} tokens "
+            f"(engine.max_model_len={limit} less the longest max_tokens)"
+        )
         return min(limit, cfg.sampling.max_tokens + room)
     return cfg.sampling.max_tokens
 
 
-def _plan(cfg: TrainConfig, max_prompt: int, shape, hw=None, notes: list[str] | None = None
-          ) -> tuple[dict[str, Any], list[str]]:
+def _plan(
+    cfg: TrainConfig, max_prompt: int, shape, hw=None, notes: list[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """The run's plan and the lines saying what does not fit ``hw`` (see :mod:`oapl.memory_plan`)."""
     r, a = cfg.rollout, cfg.algorithm
     responses = r.prompts_per_step * r.group_size
     offline = is_offline(cfg)
     plan: dict[str, Any] = {
         "mode": "offline" if offline else f"online ({cfg.distributed.backend} backend)",
-        "steps": cfg.steps, "prompts_per_step": r.prompts_per_step, "responses_per_step": responses,
-        "mini_batches": a.mini_batches, "optimiser_steps": cfg.steps * a.mini_batches,
-        "sync_interval": r.sync_interval, "syncs": (cfg.steps - 1) // r.sync_interval,
+        "steps": cfg.steps,
+        "prompts_per_step": r.prompts_per_step,
+        "responses_per_step": responses,
+        "mini_batches": a.mini_batches,
+        "optimiser_steps": cfg.steps * a.mini_batches,
+        "sync_interval": r.sync_interval,
+        "syncs": (cfg.steps - 1) // r.sync_interval,
         "optimiser_steps_per_sync_window": (
-            "no sync within an offline epoch (L = one epoch)" if offline else
-            f"{r.sync_interval * a.mini_batches} (L = {r.sync_interval} trainer steps x {a.mini_batches} "
-            f"mini-batch{'es' if a.mini_batches > 1 else ''})"),
-        "samples_per_sync_window": r.sync_interval * responses, "samples_total": cfg.steps * responses,
+            "no sync within an offline epoch (L = one epoch)"
+            if offline
+            else f"{r.sync_interval * a.mini_batches} (L = {r.sync_interval} trainer steps x {a.mini_batches} "
+            f"mini-batch{'es' if a.mini_batches > 1 else ''})"
+        ),
+        "samples_per_sync_window": r.sync_interval * responses,
+        "samples_total": cfg.steps * responses,
         "longest_sampled_prompt_tokens": max_prompt,
         "generated_tokens_per_step_max": responses * cfg.sampling.max_tokens,
         "tokens_per_step_max": responses * (cfg.sampling.max_tokens + max_prompt),
@@ -124,8 +136,9 @@ def _plan(cfg: TrainConfig, max_prompt: int, shape, hw=None, notes: list[str] | 
     from oapl.memory_plan import Hardware, plan_memory
 
     plan["model_params"] = shape.params
-    memory, problems = plan_memory(cfg, shape, _seq_len(cfg, max_prompt, notes if notes is not None else []),
-                                   hw or Hardware(0, None, "detected"))
+    memory, problems = plan_memory(
+        cfg, shape, _seq_len(cfg, max_prompt, notes if notes is not None else []), hw or Hardware(0, None, "detected")
+    )
     plan.update(memory)
     return plan, problems
 
@@ -142,8 +155,15 @@ def _is_compare_study(config: str | Path | None) -> bool:
     return isinstance(tree, dict) and "base" in tree
 
 
-def run_check(config: str | Path | None, overrides: list[str] | None = None, *, rows: int = 8,
-              hub: bool = True, gpus: int | None = None, gpu_memory: str | None = None) -> CheckResult:
+def run_check(
+    config: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    rows: int = 8,
+    hub: bool = True,
+    gpus: int | None = None,
+    gpu_memory: str | None = None,
+) -> CheckResult:
     """Check a run before it starts; never raises for a problem in the input (it is listed).
 
     ``gpus`` / ``gpu_memory`` (``"80GiB"``): the GPUs to plan for (default: the devices present). An
@@ -198,16 +218,19 @@ def _tokenize_rows(cfg: TrainConfig, task, tokenizer, shape, res: CheckResult, r
     limit = cfg.engine.max_model_len
     if limit is None and cfg.engine.kind != "transformers" and shape is not None:
         limit = shape.max_position_embeddings
-        res.notes.append(f"engine.max_model_len unset: vLLM uses the model's own limit ({limit}); "
-                         "prompts checked against it")
+        res.notes.append(
+            f"engine.max_model_len unset: vLLM uses the model's own limit ({limit}); prompts checked against it"
+        )
     eval_tokens = cfg.eval.max_tokens or cfg.sampling.max_tokens
     counted = []
     for split, examples, max_tokens, fname in (
-            ("train", task.train, cfg.sampling.max_tokens, "sampling.max_tokens"),
-            ("eval", task.eval, eval_tokens, "eval.max_tokens" if cfg.eval.max_tokens else "sampling.max_tokens")):
+        ("train", task.train, cfg.sampling.max_tokens, "sampling.max_tokens"),
+        ("eval", task.eval, eval_tokens, "eval.max_tokens" if cfg.eval.max_tokens else "sampling.max_tokens"),
+    ):
         try:
-            problems, longest = split_problems(task, examples, tokenizer, max_tokens, limit, split=split,
-                                               max_tokens_field=fname)
+            problems, longest = split_problems(
+                task, examples, tokenizer, max_tokens, limit, split=split, max_tokens_field=fname
+            )
         except Exception as e:  # noqa: BLE001 - e.g. a prompt_template column a row lacks
             res.problems.append(_message(e))
             continue
@@ -347,8 +370,7 @@ def cmd_check(args) -> int:
     from oapl.cli.args import split_config
 
     config, overrides = split_config(args)
-    res = run_check(config, overrides, rows=args.rows, hub=not args.no_hub, gpus=args.gpus,
-                    gpu_memory=args.gpu_memory)
+    res = run_check(config, overrides, rows=args.rows, hub=not args.no_hub, gpus=args.gpus, gpu_memory=args.gpu_memory)
     if res.problems:
         for line in res.problems:
             print(line)
@@ -367,11 +389,23 @@ def register(sub) -> None:
     p = sub.add_parser("check", help="validate a config, open its datasets, check token budgets, print the plan")
     p.add_argument("config", nargs="?", help="YAML config (the same file `oapl train` takes)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.add_argument("--rows", type=int, default=8, help="rows of each split whose answers/tests are checked "
-                   "(default 8); every prompt is tokenized")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=8,
+        help="rows of each split whose answers/tests are checked (default 8); every prompt is tokenized",
+    )
     p.add_argument("--no-hub", action="store_true", help="skip the Hugging Face Hub name lookups")
-    p.add_argument("--gpus", type=int, default=None,
-                   help="GPUs to plan for (default: the devices present; none on a CPU-only machine)")
-    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
-                   help="memory of each GPU, e.g. 80GiB or 141GB (default: the first device's)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="GPUs to plan for (default: the devices present; none on a CPU-only machine)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory of each GPU, e.g. 80GiB or 141GB (default: the first device's)",
+    )
     p.set_defaults(func=cmd_check)

@@ -49,31 +49,47 @@ class ModelConfig(Section):
     )
     tokenizer: str | None = Field(None, description="Tokenizer name/path if different from the model.")
     param_dtype: str = Field(
-        "auto", description="Storage of the trained weights and AdamW state: auto = float32 master weights "
+        "auto",
+        description="Storage of the trained weights and AdamW state: auto = float32 master weights "
         "(frozen LoRA base weights in compute_dtype). bfloat16 stores pure bf16 (half the memory, but an update "
-        "below bf16's spacing, ~lr at the paper's 1e-6, rounds away: warned).")
+        "below bf16's spacing, ~lr at the paper's 1e-6, rounds away: warned).",
+    )
     compute_dtype: str = Field(
-        "auto", description="Forward/backward matmul precision: auto = bfloat16 on CUDA (autocast over fp32 "
+        "auto",
+        description="Forward/backward matmul precision: auto = bfloat16 on CUDA (autocast over fp32 "
         "masters), float32 on CPU. Log-probs, the loss and its reductions are fp32 regardless. The engine "
-        "runs in this dtype.")
-    export_dtype: str = Field("auto", description="dtype of exported models (`oapl export`, final `model/`): "
-                              "auto = compute_dtype. Checkpoints always keep the fp32 masters.")
+        "runs in this dtype.",
+    )
+    export_dtype: str = Field(
+        "auto",
+        description="dtype of exported models (`oapl export`, final `model/`): "
+        "auto = compute_dtype. Checkpoints always keep the fp32 masters.",
+    )
     varlen_backend: Literal["auto", "torch", "flash_attn", "sdpa"] = Field(
-        "auto", description="Attention over packed rows: auto = torch's varlen FlashAttention on CUDA (bf16), "
-        "else flash-attn's if installed, else SDPA per sequence (CPU, fp32).")
+        "auto",
+        description="Attention over packed rows: auto = torch's varlen FlashAttention on CUDA (bf16), "
+        "else flash-attn's if installed, else SDPA per sequence (CPU, fp32).",
+    )
     compile: bool = Field(False, description="torch.compile each decoder layer (CUDA; first steps slower).")
-    liger: bool = Field(False, description="liger-kernel's fused RMSNorm/SwiGLU/RoPE (CUDA; `pip install "
-                        "oapl[liger]`). Check the kl/logprob_absdiff metrics against an unfused run.")
+    liger: bool = Field(
+        False,
+        description="liger-kernel's fused RMSNorm/SwiGLU/RoPE (CUDA; `pip install "
+        "oapl[liger]`). Check the kl/logprob_absdiff metrics against an unfused run.",
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     activation_offload: bool = Field(
-        False, description="Keep the tensors saved for backward in host memory (torch.autograd.graph.save_on_cpu, "
+        False,
+        description="Keep the tensors saved for backward in host memory (torch.autograd.graph.save_on_cpu, "
         "pinned on CUDA); with gradient_checkpointing these are the layer inputs (the fp32 residual stream, "
-        "4 B per token x hidden per layer). GPU memory for long traces, paid in PCIe copies.")
+        "4 B per token x hidden per layer). GPU memory for long traces, paid in PCIe copies.",
+    )
     trust_remote_code: bool = Field(False, description="Pass trust_remote_code to transformers.")
     logprob_chunk_size: int = Field(
-        1024, ge=1, description="Tokens per chunk when computing log-probs (never a full-vocabulary "
-        "log-softmax for the whole batch)."
+        1024,
+        ge=1,
+        description="Tokens per chunk when computing log-probs (never a full-vocabulary "
+        "log-softmax for the whole batch).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -92,8 +108,12 @@ class ModelConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the trainer scores with the same); "
-                               "0 (greedy: G identical responses, nothing to learn) is refused for training.")
+    temperature: float = Field(
+        1.0,
+        ge=0,
+        description="Sampling temperature (the trainer scores with the same); "
+        "0 (greedy: G identical responses, nothing to learn) is refused for training.",
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; keep 1.0 for training.")
     max_tokens: int = Field(256, ge=1, description="Maximum response tokens.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
@@ -117,8 +137,9 @@ Operation = Literal["+", "-", "*"]
 
 class TaskConfig(Section):
     name: str = Field(
-        "arithmetic", description="arithmetic (built-in), countdown (built-in: reach a target with given "
-        "numbers), math (boxed answers, math-verify), code, or dataset (any prompts file/Hub dataset with `reward`)."
+        "arithmetic",
+        description="arithmetic (built-in), countdown (built-in: reach a target with given "
+        "numbers), math (boxed answers, math-verify), code, or dataset (any prompts file/Hub dataset with `reward`).",
     )
     dataset: str | None = Field(None, description="Local .jsonl/.parquet file or Hub dataset name.")
 
@@ -135,60 +156,96 @@ class TaskConfig(Section):
 
     dataset_config: str | None = Field(None, description="Hub dataset config name.")
     split: str = Field("train", description="Training split.")
-    eval_dataset: str | None = Field(None, description="Held-out dataset (file or Hub name); default: "
-                                     "the task's own held-out split.")
+    eval_dataset: str | None = Field(
+        None, description="Held-out dataset (file or Hub name); default: the task's own held-out split."
+    )
     eval_split: str = Field("test", description="Held-out split.")
-    eval_dataset_config: str | None = Field(None, description="Hub dataset config of eval_dataset (default: "
-                                            "dataset_config for math/dataset tasks; the loader's default "
-                                            "subsets for code).")
+    eval_dataset_config: str | None = Field(
+        None,
+        description="Hub dataset config of eval_dataset (default: "
+        "dataset_config for math/dataset tasks; the loader's default "
+        "subsets for code).",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Column mapping, e.g. {prompt: problem, answer: solution}."
     )
-    system_prompt: str | None = Field(None, description="System message for the chat template (without the chat "
-                                      "template: the text before the user message); default: the task's.")
+    system_prompt: str | None = Field(
+        None,
+        description="System message for the chat template (without the chat "
+        "template: the text before the user message); default: the task's.",
+    )
     prompt_template: str = Field("{prompt}", description="User message; `{prompt}` and other columns.")
-    chat_template: bool | None = Field(None, description="Apply the tokenizer's chat template (default: yes, "
-                                       "except for countdown, whose few-shot prompt is plain text to continue).")
+    chat_template: bool | None = Field(
+        None,
+        description="Apply the tokenizer's chat template (default: yes, "
+        "except for countdown, whose few-shot prompt is plain text to continue).",
+    )
     reward: str | list[str] | None = Field(
-        None, description="Reward as `module:function` (TRL convention: fn(prompts, completions, **columns) -> "
+        None,
+        description="Reward as `module:function` (TRL convention: fn(prompts, completions, **columns) -> "
         "list[float]), or a list of them summed with task.reward_weights (a function may return None where it "
         "does not apply); default: the task's. `<in-memory:reward:NAME>` marks a callable passed from Python "
-        "(OAPLTrainer / oapl.train) in the process that ran it.")
-    reward_weights: list[float] | None = Field(None, description="Weights of the task.reward functions (TRL's "
-                                               "reward_weights; default 1 each).")
+        "(OAPLTrainer / oapl.train) in the process that ran it.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="Weights of the task.reward functions (TRL's reward_weights; default 1 each)."
+    )
     max_reward_error_fraction: float = Field(
-        0.5, ge=0, le=1, description="Stop the run, naming the first error, when more than this share of one "
+        0.5,
+        ge=0,
+        le=1,
+        description="Stop the run, naming the first error, when more than this share of one "
         "scoring call's completions fail to score (the reward raises or returns a non-number/NaN/inf); below "
-        "it a failing completion scores 0 and is counted in reward_errors. 1.0 = never stop.")
+        "it a failing completion scores 0 and is counted in reward_errors. 1.0 = never stop.",
+    )
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
     max_eval_prompts: int | None = Field(None, ge=1, description="Use at most this many held-out prompts.")
     # built-in generated tasks: arithmetic, countdown
     num_train: int = Field(20000, ge=1, description="arithmetic, countdown: number of generated training problems.")
-    num_eval: int = Field(200, ge=1, description="arithmetic, countdown: size of the fixed held-out split (distinct "
-                          "problems, the same for every seed, none of them among the training problems).")
+    num_eval: int = Field(
+        200,
+        ge=1,
+        description="arithmetic, countdown: size of the fixed held-out split (distinct "
+        "problems, the same for every seed, none of them among the training problems).",
+    )
     max_operand: int = Field(20, ge=1, description="arithmetic: operands are drawn from 1..max_operand.")
-    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: list[Operation](["+"]),
-                                                     description="arithmetic: operations used.")
-    countdown_numbers: int = Field(3, ge=2, le=6, description="countdown: how many numbers a problem gives; the "
-                                   "answer must use each exactly once.")
-    countdown_range: tuple[int, int] = Field((1, 9), description="countdown: [low, high], the range the numbers "
-                                             "are drawn from (1 <= low <= high).")
+    operations: list[Literal["+", "-", "*"]] = Field(
+        default_factory=lambda: list[Operation](["+"]), description="arithmetic: operations used."
+    )
+    countdown_numbers: int = Field(
+        3, ge=2, le=6, description="countdown: how many numbers a problem gives; the answer must use each exactly once."
+    )
+    countdown_range: tuple[int, int] = Field(
+        (1, 9), description="countdown: [low, high], the range the numbers are drawn from (1 <= low <= high)."
+    )
     countdown_operations: list[Literal["+", "-", "*"]] = Field(
-        default_factory=lambda: list[Operation](["+", "*"]), min_length=1, description="countdown: operations of the hidden "
-        "expression each target is made from (an answer may use any of + - * and parentheses).")
-    reward_timeout_s: float = Field(5.0, gt=0, description="Seconds a reward may take: per call of a user reward "
-                                    "function (task.reward), per completion for the math and code verifiers.")
+        default_factory=lambda: list[Operation](["+", "*"]),
+        min_length=1,
+        description="countdown: operations of the hidden "
+        "expression each target is made from (an answer may use any of + - * and parentheses).",
+    )
+    reward_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds a reward may take: per call of a user reward "
+        "function (task.reward), per completion for the math and code verifiers.",
+    )
     thinking: Literal["auto", "required", "off"] = Field(
-        "auto", description="What the reward sees of a thinking model's response: auto = when the response "
+        "auto",
+        description="What the reward sees of a thinking model's response: auto = when the response "
         "thinks (the prompt ends with the open tag, or the response has a tag) only the text after the last "
         "close tag, and 0 without one (truncated inside its thinking); required = always that; off = the "
-        "whole response.")
-    think_tags: tuple[str, str] = Field(("<think>", "</think>"), description="[open, close] tags of the "
-                                        "thinking block (task.thinking).")
+        "whole response.",
+    )
+    think_tags: tuple[str, str] = Field(
+        ("<think>", "</think>"), description="[open, close] tags of the thinking block (task.thinking)."
+    )
     eval_benchmarks: list[str] = Field(
-        default_factory=list, description="Named benchmarks (aime25, hmmt25_feb, hmmt25_nov, brumo25, ...) "
+        default_factory=list,
+        description="Named benchmarks (aime25, hmmt25_feb, hmmt25_nov, brumo25, ...) "
         "whose problems together form the held-out set, each row labelled with its benchmark (instead of "
-        "eval_dataset).")
+        "eval_dataset).",
+    )
 
     @field_validator("countdown_range")
     @classmethod
@@ -205,11 +262,14 @@ class TaskConfig(Section):
             # n == 0: the functions may come later (OAPLTrainer(reward_funcs=...), as TRL's reward_weights);
             # a task built without any says so (oapl.data.tasks.user_reward)
             if n and len(self.reward_weights) != n:
-                raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
-                                 f"function(s) in task.reward")
+                raise ValueError(
+                    f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
+                    f"function(s) in task.reward"
+                )
         if isinstance(self.reward, list) and not self.reward:
-            raise ValueError("task.reward: an empty list; give at least one module:function (or null for the "
-                             "task's own reward)")
+            raise ValueError(
+                "task.reward: an empty list; give at least one module:function (or null for the task's own reward)"
+            )
         return self
 
 
@@ -218,15 +278,20 @@ class AlgorithmConfig(Section):
     beta1: float = Field(1.0, gt=0, description="OAPL: temperature of the V* soft-max (Eq. 2).")
     beta2: float = Field(1e-3, gt=0, description="OAPL: KL strength towards pi_inf (Eq. 3).")
     reference_logprobs: Literal["engine", "recompute"] = Field(
-        "engine", description="log pi_inf from the engine (paper) or recomputed by a frozen copy of the "
-        "sampling weights (authors' offline code)."
+        "engine",
+        description="log pi_inf from the engine (paper) or recomputed by a frozen copy of the "
+        "sampling weights (authors' offline code).",
     )
     clip_eps: float = Field(0.2, gt=0, description="GRPO: PPO clip range.")
     is_cap: float | None = Field(2.0, gt=0, description="GRPO: truncated IS cap C (null = no correction).")
     scale_advantages: bool = Field(True, description="GRPO: divide by the group std.")
-    mini_batches: int = Field(1, ge=1, description="Optimiser steps per batch (the paper's 'batches per update': "
-                              "2 for math). GRPO's pi_old is the trainer at the start of the batch, so the PPO "
-                              "clip acts from the second mini-batch on. One trainer step = one batch.")
+    mini_batches: int = Field(
+        1,
+        ge=1,
+        description="Optimiser steps per batch (the paper's 'batches per update': "
+        "2 for math). GRPO's pi_old is the trainer at the start of the batch, so the PPO "
+        "clip acts from the second mini-batch on. One trainer step = one batch.",
+    )
 
 
 class RolloutConfig(Section):
@@ -235,52 +300,75 @@ class RolloutConfig(Section):
     sync_interval: int = Field(50, ge=1, description="L: trainer steps between weight syncs (policy lag).")
     buffer_groups: int = Field(256, ge=1, description="Buffer capacity in groups (the generator waits when full).")
     prompts_per_generate: int = Field(8, ge=1, description="Prompts the generator sends per engine call.")
-    asynchronous: bool = Field(True, description="Generate in a background worker concurrently with "
-                               "training (Algorithm 1); false = generate on demand in the main thread "
-                               "(deterministic, bit-reproducible).")
+    asynchronous: bool = Field(
+        True,
+        description="Generate in a background worker concurrently with "
+        "training (Algorithm 1); false = generate on demand in the main thread "
+        "(deterministic, bit-reproducible).",
+    )
     max_staleness: int = Field(
-        0, ge=0, description="Weight versions a group may lag behind the engine and still be used. 0 for "
-        "OAPL (the buffer is cleared at every sync); 1 gives GRPO's off-by-one asynchrony."
+        0,
+        ge=0,
+        description="Weight versions a group may lag behind the engine and still be used. 0 for "
+        "OAPL (the buffer is cleared at every sync); 1 gives GRPO's off-by-one asynchrony.",
     )
 
 
 class OfflineConfig(Section):
-    data: str | None = Field(None, description="Rollout dataset (dir of Parquet shards or a file from "
-                             "`oapl generate`): train offline on it, with no inference engine.")
-    epochs: int = Field(1, ge=1, description="Passes over the offline data (no weight sync in between: "
-                        "L = the whole run, as in the paper's code experiment).")
-    min_correct: int = Field(1, ge=0, description="Drop prompts with fewer correct responses (1 drops "
-                             "all-wrong prompts).")
+    data: str | None = Field(
+        None,
+        description="Rollout dataset (dir of Parquet shards or a file from "
+        "`oapl generate`): train offline on it, with no inference engine.",
+    )
+    epochs: int = Field(
+        1,
+        ge=1,
+        description="Passes over the offline data (no weight sync in between: "
+        "L = the whole run, as in the paper's code experiment).",
+    )
+    min_correct: int = Field(
+        1, ge=0, description="Drop prompts with fewer correct responses (1 drops all-wrong prompts)."
+    )
     drop_all_correct: bool = Field(False, description="Also drop prompts whose responses are all correct.")
     checkpoint_every_epoch: bool = Field(True, description="Write a checkpoint at the end of every epoch.")
     allow_sampling_mismatch: bool = Field(
-        False, description="Train even when the data's recorded sampling temperature / top_p / weights_id differ "
+        False,
+        description="Train even when the data's recorded sampling temperature / top_p / weights_id differ "
         "from sampling.temperature / sampling.top_p / model.name (refused otherwise: the stored log-probs "
-        "would be of another distribution than the trainer scores).")
+        "would be of another distribution than the trainer scores).",
+    )
 
 
 class DistributedConfig(Section):
-    backend: Literal["local", "ray"] = Field("local", description="local: one process; ray: engines as "
-                                             "Ray actors and trainer ranks placed by Ray.")
-    ray_address: str | None = Field(None, description="Ray cluster address (null: start a local cluster; "
-                                    "'auto': connect to the running one).")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: one process; ray: engines as Ray actors and trainer ranks placed by Ray."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (null: start a local cluster; 'auto': connect to the running one)."
+    )
     num_engines: int = Field(1, ge=1, description="Inference engine actors generating into the buffer.")
-    trainer_workers: int = Field(1, ge=1, description="torch.distributed trainer ranks (DDP/gloo on CPU, "
-                                 "FSDP2/NCCL on GPU); offline runs too.")
+    trainer_workers: int = Field(
+        1, ge=1, description="torch.distributed trainer ranks (DDP/gloo on CPU, FSDP2/NCCL on GPU); offline runs too."
+    )
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="How trainer ranks split the model: fsdp (FSDP2: weights, gradients and AdamW state "
+        "auto",
+        description="How trainer ranks split the model: fsdp (FSDP2: weights, gradients and AdamW state "
         "sharded over the ranks, sharded checkpoints), ddp (replicas), auto (fsdp for full fine-tuning on GPUs, "
-        "ddp for LoRA or CPU). fsdp also runs on CPU with gloo ranks.")
+        "ddp for LoRA or CPU). fsdp also runs on CPU with gloo ranks.",
+    )
     engine_num_cpus: float = Field(1.0, ge=0, description="CPUs per engine actor.")
     engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor.")
     trainer_num_cpus: float = Field(1.0, ge=0, description="CPUs per trainer rank.")
     trainer_num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank.")
     max_engine_restarts: int = Field(3, ge=0, description="Restarts of a dead engine actor before failing.")
-    max_trainer_restarts: int = Field(3, ge=0, description="Resumes from the latest checkpoint after a "
-                                      "trainer failure before giving up.")
+    max_trainer_restarts: int = Field(
+        3, ge=0, description="Resumes from the latest checkpoint after a trainer failure before giving up."
+    )
     weight_transport: Literal["auto", "object_store", "collective"] = Field(
-        "auto", description="How synced weights reach the engines: auto (NCCL broadcast when trainer and "
-        "engines have GPUs, else the object store), object_store, collective.")
+        "auto",
+        description="How synced weights reach the engines: auto (NCCL broadcast when trainer and "
+        "engines have GPUs, else the object store), object_store, collective.",
+    )
 
 
 class OptimConfig(Section):
@@ -290,23 +378,37 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Grad-norm clip (null = none).")
     schedule: Literal["constant", "cosine", "linear"] = Field(
-        "constant", description="LR schedule after the warm-up: constant, cosine (to min_lr_ratio) or linear (to 0, "
-        "TRL's default).")
+        "constant",
+        description="LR schedule after the warm-up: constant, cosine (to min_lr_ratio) or linear (to 0, "
+        "TRL's default).",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of steps (if > 0).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of lr.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (accumulation); with "
-                                  "max_tokens_per_micro_batch, a cap on sequences per micro-batch.")
+    micro_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Sequences per forward/backward (accumulation); with "
+        "max_tokens_per_micro_batch, a cap on sequences per micro-batch.",
+    )
     max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Token budget of a micro-batch: sequences are grouped by token count into the "
-        "fewest balanced micro-batches (a longer sequence gets its own). null = micro_batch_size sequences.")
-    packing: bool = Field(True, description="Pack a micro-batch's sequences into one row (per-sequence "
-                          "positions, attention never crosses sequences): no compute on padding.")
+        None,
+        ge=1,
+        description="Token budget of a micro-batch: sequences are grouped by token count into the "
+        "fewest balanced micro-batches (a longer sequence gets its own). null = micro_batch_size sequences.",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack a micro-batch's sequences into one row (per-sequence "
+        "positions, attention never crosses sequences): no compute on padding.",
+    )
     share_prompts: Literal["auto", "on", "off"] = Field(
-        "auto", description="Run each distinct prompt of a micro-batch once and let its responses share its "
+        "auto",
+        description="Run each distinct prompt of a micro-batch once and let its responses share its "
         "KV cache (same log-probs and gradients). auto = when that computes fewer tokens than the packed/padded "
         "layout (long prompts, short responses, e.g. few-shot tasks); needs model.gradient_checkpointing=false "
-        "(auto then stays off).")
+        "(auto then stays off).",
+    )
     fused: Literal["auto", "on", "off"] = Field("auto", description="Fused AdamW kernel (auto = on CUDA).")
 
     @field_validator("share_prompts", "fused", mode="before")
@@ -317,8 +419,7 @@ class OptimConfig(Section):
 
 
 class EvalConfig(Section):
-    every: int = Field(0, ge=0, description="Evaluate on the held-out set every N steps (0 = only "
-                       "before and after).")
+    every: int = Field(0, ge=0, description="Evaluate on the held-out set every N steps (0 = only before and after).")
     at_start: bool = Field(True, description="Evaluate before training.")
     at_end: bool = Field(True, description="Evaluate after training.")
     n: int = Field(1, ge=1, description="Samples per held-out prompt (pass@k for k up to n).")
@@ -336,11 +437,19 @@ class LoggingConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end). Checkpoints "
-                       "at sync boundaries (multiples of L) resume bit-exactly.")
-    every_minutes: float = Field(10.0, ge=0, description="Also checkpoint after the first step that ends this "
-                                 "many minutes (wall clock) after the last checkpoint (0 = off): a preempted or "
-                                 "killed run loses at most this much. Off sync boundaries, so not bit-exact.")
+    every: int = Field(
+        0,
+        ge=0,
+        description="Checkpoint every N steps (0 = only at the end). Checkpoints "
+        "at sync boundaries (multiples of L) resume bit-exactly.",
+    )
+    every_minutes: float = Field(
+        10.0,
+        ge=0,
+        description="Also checkpoint after the first step that ends this "
+        "many minutes (wall clock) after the last checkpoint (0 = off): a preempted or "
+        "killed run loses at most this much. Off sync boundaries, so not bit-exact.",
+    )
     keep: int = Field(2, ge=1, description="Keep this many latest checkpoints.")
     save_final: bool = Field(True, description="Save a checkpoint when training ends.")
 
@@ -368,33 +477,44 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.algorithm.name == "oapl" and self.sampling.top_p < 1.0:
-            raise ValueError("sampling.top_p must be 1.0 for OAPL training: the trainer's log-probs "
-                             "must be of the distribution the engine sampled from")
+            raise ValueError(
+                "sampling.top_p must be 1.0 for OAPL training: the trainer's log-probs "
+                "must be of the distribution the engine sampled from"
+            )
         if self.engine.enable_sleep_mode and self.rollout.asynchronous:
-            raise ValueError("engine.enable_sleep_mode needs rollout.asynchronous=false: an engine that "
-                             "generates while the trainer trains cannot sleep")
+            raise ValueError(
+                "engine.enable_sleep_mode needs rollout.asynchronous=false: an engine that "
+                "generates while the trainer trains cannot sleep"
+            )
         if self.algorithm.name == "oapl" and self.rollout.max_staleness != 0:
-            raise ValueError("rollout.max_staleness must be 0 for OAPL: V* must come from one weight "
-                             "version, so the buffer is cleared at every sync")
+            raise ValueError(
+                "rollout.max_staleness must be 0 for OAPL: V* must come from one weight "
+                "version, so the buffer is cleared at every sync"
+            )
         if self.rollout.group_size < 2:
             raise ValueError(
                 f"rollout.group_size={self.rollout.group_size}: {self.algorithm.name.upper()} needs at least 2 "
                 "responses per prompt; with 1 every gradient is exactly 0 (OAPL's V* of one sample is its own "
-                "reward, so r - V* = 0; GRPO's group-relative advantage is 0)")
+                "reward, so r - V* = 0; GRPO's group-relative advantage is 0)"
+            )
         if self.sampling.temperature == 0:
             raise ValueError(
                 f"sampling.temperature=0: {self.algorithm.name.upper()} needs sampled responses; greedy decoding "
                 "gives the G responses of a prompt the same text and reward, so every advantage is exactly 0 "
                 "and nothing is learned (as with rollout.group_size=1); use a temperature > 0 (1.0 samples "
-                "the policy itself). eval.temperature=0 (greedy evaluation) is fine")
+                "the policy itself). eval.temperature=0 (greedy evaluation) is fine"
+            )
         if self.algorithm.mini_batches > self.rollout.prompts_per_step:
             raise ValueError(
                 f"algorithm.mini_batches={self.algorithm.mini_batches} needs at least that many prompt groups per "
                 f"batch, but rollout.prompts_per_step={self.rollout.prompts_per_step}: a mini-batch is whole "
-                "groups (a group's advantages share its baseline); raise rollout.prompts_per_step")
+                "groups (a group's advantages share its baseline); raise rollout.prompts_per_step"
+            )
         if self.optim.share_prompts == "on" and self.model.gradient_checkpointing:
-            raise ValueError("optim.share_prompts=on needs model.gradient_checkpointing=false: the shared prompt's KV "
-                             "cache cannot be rebuilt by a recomputed layer; use optim.share_prompts=auto or off")
+            raise ValueError(
+                "optim.share_prompts=on needs model.gradient_checkpointing=false: the shared prompt's KV "
+                "cache cannot be rebuilt by a recomputed layer; use optim.share_prompts=auto or off"
+            )
         self._check_budgets_and_data()
         return self
 
@@ -405,29 +525,36 @@ class TrainConfig(Section):
                 f"sampling.top_p={self.sampling.top_p} with GRPO's importance-sampling correction "
                 f"(algorithm.is_cap={self.algorithm.is_cap}): the weight pi_old/pi_inf compares the trainer's "
                 "full-distribution log-probs with the engine's top-p-truncated ones; use sampling.top_p=1.0 "
-                "(or algorithm.is_cap=null for no correction)")
+                "(or algorithm.is_cap=null for no correction)"
+            )
         limit = self.engine.max_model_len
         if limit is not None:
             # a prompt has at least one token, so max_tokens must leave room for it (an unset
             # eval.max_tokens is sampling.max_tokens, checked as such)
-            for name, value in (("sampling.max_tokens", self.sampling.max_tokens),
-                                ("eval.max_tokens", self.eval.max_tokens)):
+            for name, value in (
+                ("sampling.max_tokens", self.sampling.max_tokens),
+                ("eval.max_tokens", self.eval.max_tokens),
+            ):
                 if value is not None and value >= limit:
                     raise ValueError(
                         f"{name}={value} does not fit engine.max_model_len={limit} (prompt + response): vLLM "
                         f"would stop every response at {limit} tokens minus its prompt; raise "
-                        f"engine.max_model_len to {value} plus the longest prompt, or lower {name}")
+                        f"engine.max_model_len to {value} plus the longest prompt, or lower {name}"
+                    )
         task = self.task
         if task.eval_benchmarks:
             from oapl.data.benchmarks import BENCHMARKS
 
             unknown = [b for b in task.eval_benchmarks if b not in BENCHMARKS]
             if unknown:
-                raise ValueError(f"task.eval_benchmarks: unknown benchmark(s) {unknown}; known: "
-                                 f"{', '.join(sorted(BENCHMARKS))}")
+                raise ValueError(
+                    f"task.eval_benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(sorted(BENCHMARKS))}"
+                )
             if task.eval_dataset is not None:
-                raise ValueError(f"task.eval_benchmarks={task.eval_benchmarks} and task.eval_dataset="
-                                 f"{task.eval_dataset!r} both name the held-out set; set only one")
+                raise ValueError(
+                    f"task.eval_benchmarks={task.eval_benchmarks} and task.eval_dataset="
+                    f"{task.eval_dataset!r} both name the held-out set; set only one"
+                )
             if task.name not in ("math", "dataset"):
                 raise ValueError(f"task.eval_benchmarks needs task.name=math or dataset (got {task.name!r})")
 
@@ -467,8 +594,10 @@ def read_yaml(path: str | Path) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line "
-                          f"{line}); save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line "
+            f"{line}); save the file as UTF-8"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -478,8 +607,9 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(str(what).split())}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type[BaseModel] = TrainConfig) -> Any:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type[BaseModel] = TrainConfig
+) -> Any:
     """Read YAML (optional) and apply ``a.b=value`` overrides, then validate."""
     tree: dict[str, Any] = {}
     source = "defaults"

@@ -19,8 +19,16 @@ if TYPE_CHECKING:
     from oapl.config import TrainConfig
     from oapl.engines.base import SamplingParams
 
-__all__ = ["eval_sampling_params", "get_dotted", "is_offline", "load_config_tokenizer", "sampling_params",
-           "set_dotted", "tokenizer_source", "with_updates"]
+__all__ = [
+    "eval_sampling_params",
+    "get_dotted",
+    "is_offline",
+    "load_config_tokenizer",
+    "sampling_params",
+    "set_dotted",
+    "tokenizer_source",
+    "with_updates",
+]
 
 
 # -- mode ------------------------------------------------------------------------------------------
@@ -30,8 +38,14 @@ def is_offline(cfg: TrainConfig) -> bool:
 
 
 # -- sampling --------------------------------------------------------------------------------------
-def sampling_params(cfg: TrainConfig, n: int = 1, *, temperature: float | None = None,
-                    top_p: float | None = None, max_tokens: int | None = None) -> SamplingParams:
+def sampling_params(
+    cfg: TrainConfig,
+    n: int = 1,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
+) -> SamplingParams:
     """The training distribution (``sampling.*``), ``n`` responses per prompt.
 
     ``temperature`` / ``top_p`` override the configured ones when not ``None``; ``max_tokens`` when
@@ -40,8 +54,13 @@ def sampling_params(cfg: TrainConfig, n: int = 1, *, temperature: float | None =
     from oapl.engines.base import SamplingParams
 
     s = cfg.sampling
-    return SamplingParams(s.temperature if temperature is None else temperature,
-                          s.top_p if top_p is None else top_p, max_tokens or s.max_tokens, tuple(s.stop), n=n)
+    return SamplingParams(
+        s.temperature if temperature is None else temperature,
+        s.top_p if top_p is None else top_p,
+        max_tokens or s.max_tokens,
+        tuple(s.stop),
+        n=n,
+    )
 
 
 def eval_sampling_params(cfg: TrainConfig, n: int | None = None) -> SamplingParams:
@@ -51,8 +70,9 @@ def eval_sampling_params(cfg: TrainConfig, n: int | None = None) -> SamplingPara
     from oapl.engines.base import SamplingParams
 
     e = cfg.eval
-    return SamplingParams(e.temperature, e.top_p, e.max_tokens or cfg.sampling.max_tokens,
-                          tuple(cfg.sampling.stop), n=n or e.n)
+    return SamplingParams(
+        e.temperature, e.top_p, e.max_tokens or cfg.sampling.max_tokens, tuple(cfg.sampling.stop), n=n or e.n
+    )
 
 
 # -- tokenizer -------------------------------------------------------------------------------------

@@ -31,22 +31,51 @@ class ModelNotFoundError(UserError):
 
 
 #: Top-level config sections: a ValueError message starting with ``<section>.`` names a field.
-CONFIG_SECTIONS = ("model", "sampling", "engine", "task", "algorithm", "rollout", "optim", "eval",
-                   "logging", "checkpoint", "distributed", "offline", "output_dir", "seed", "steps",
-                   "threads", "base", "lag_sweep", "seeds")
+CONFIG_SECTIONS = (
+    "model",
+    "sampling",
+    "engine",
+    "task",
+    "algorithm",
+    "rollout",
+    "optim",
+    "eval",
+    "logging",
+    "checkpoint",
+    "distributed",
+    "offline",
+    "output_dir",
+    "seed",
+    "steps",
+    "threads",
+    "base",
+    "lag_sweep",
+    "seeds",
+)
 _FIELD_PREFIX = re.compile(r"^(" + "|".join(CONFIG_SECTIONS) + r")(\.[A-Za-z_][\w.]*)?[:\s=]")
 
 #: errno values that mean "the user's file system input is wrong", not "oapl has a bug".
-_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
-                errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENAMETOOLONG}
+_USER_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
 
 
 class DiskFullError(UserError):
     """A write failed for want of space (ENOSPC, a quota, a file-size limit); the message names the path,
     the space there and what the write needed (``needed``: settable by a caller that knows it better)."""
 
-    def __init__(self, what: str, target: str, where: str, needed: int | None = None,
-                 written: int | None = None) -> None:
+    def __init__(
+        self, what: str, target: str, where: str, needed: int | None = None, written: int | None = None
+    ) -> None:
         super().__init__(what)
         self.what, self.target, self.where, self.needed, self.written = what, target, where, needed, written
 
@@ -54,16 +83,26 @@ class DiskFullError(UserError):
         return type(self), (self.what, self.target, self.where, self.needed, self.written)
 
     def __str__(self) -> str:
-        need = (f"; it needs about {_size(self.needed)}" if self.needed else
-                f"; {_size(self.written)} written before it failed" if self.written else "")
-        return (f"{self.what}: cannot write {self.target} ({self.where}){need}; free space or write elsewhere "
-                f"(output_dir), then run again (with --resume to continue from the last checkpoint)")
+        need = (
+            f"; it needs about {_size(self.needed)}"
+            if self.needed
+            else f"; {_size(self.written)} written before it failed"
+            if self.written
+            else ""
+        )
+        return (
+            f"{self.what}: cannot write {self.target} ({self.where}){need}; free space or write elsewhere "
+            f"(output_dir), then run again (with --resume to continue from the last checkpoint)"
+        )
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 # the same faults as other writers report them: safetensors (Rust "os error N"), torch's zip writer
-_DISK_TEXT = re.compile(r"No space left on device|Disk quota exceeded|File too large|os error (28|122|27)\b|"
-                        r"failed writing file", re.I)
+_DISK_TEXT = re.compile(
+    r"No space left on device|Disk quota exceeded|File too large|os error (28|122|27)\b|"
+    r"failed writing file",
+    re.I,
+)
 
 
 def _disk_errno(exc: BaseException | None) -> int | None:
@@ -99,8 +138,13 @@ def _size(n: float) -> str:
 NEARLY_FULL_BYTES = 1 << 20
 
 
-def disk_full_error(exc: BaseException, path: str | os.PathLike[str], needed: int | None = None,
-                    written: int | None = None, probe: bool = False) -> DiskFullError | None:
+def disk_full_error(
+    exc: BaseException,
+    path: str | os.PathLike[str],
+    needed: int | None = None,
+    written: int | None = None,
+    probe: bool = False,
+) -> DiskFullError | None:
     """The one-line :class:`DiskFullError` for ``exc`` when it is a write that failed for want of space
     at ``path`` (else ``None``): the free space there, the file-size limit when one applies, and
     ``needed`` (an estimate of what the write needs) or ``written`` (what it had written).
@@ -161,8 +205,10 @@ def _hub_message(exc: BaseException) -> str | None:
     """One line for the Hugging Face Hub / datasets errors a wrong name or no network produces."""
     name = type(exc).__name__
     mod = type(exc).__module__ or ""
-    if not (mod.startswith(("huggingface_hub", "datasets", "httpx", "requests", "urllib3")) or
-            name in ("HFValidationError", "DatasetNotFoundError")):
+    if not (
+        mod.startswith(("huggingface_hub", "datasets", "httpx", "requests", "urllib3"))
+        or name in ("HFValidationError", "DatasetNotFoundError")
+    ):
         return None
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
     if name in ("RepositoryNotFoundError", "DatasetNotFoundError"):
@@ -170,8 +216,7 @@ def _hub_message(exc: BaseException) -> str | None:
     if name == "GatedRepoError":
         return f"gated on the Hugging Face Hub: accept its terms on the Hub page and log in: {first}"
     if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-        return (f"not available offline ({first}); download it first, or unset HF_HUB_OFFLINE, or use a "
-                f"local path")
+        return f"not available offline ({first}); download it first, or unset HF_HUB_OFFLINE, or use a local path"
     if name == "HFValidationError":
         return f"not an existing local path nor a valid Hugging Face Hub name: {first}"
     if "Connect" in name or "Timeout" in name or "Network" in name:
@@ -190,7 +235,10 @@ def user_message(exc: BaseException) -> str | None:
         if exc.filename2 is not None:
             target += f" -> {os.fsdecode(exc.filename2)}"
         return f"{target}: {exc.strerror or os.strerror(exc.errno)}"
-    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) and exc.errno is None:
+    if (
+        isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
+        and exc.errno is None
+    ):
         return _one_line(str(exc))  # raised by oapl with a message that names the file
     hub = _hub_message(exc)
     if hub is not None:

@@ -21,8 +21,9 @@ from oapl.trainer.model import resolve_model_path
 log = logging.getLogger(__name__)
 
 
-def select_examples(examples: list[dict[str, Any]], max_prompts: int | None = None, subset: int | None = None,
-                    subset_seed: int = 0) -> list[dict[str, Any]]:
+def select_examples(
+    examples: list[dict[str, Any]], max_prompts: int | None = None, subset: int | None = None, subset_seed: int = 0
+) -> list[dict[str, Any]]:
     """The first ``max_prompts`` examples, or a seeded random ``subset`` of them (same every call)."""
     if subset is not None and subset < len(examples):
         idx = sorted(random.Random(subset_seed).sample(range(len(examples)), subset))
@@ -30,10 +31,21 @@ def select_examples(examples: list[dict[str, Any]], max_prompts: int | None = No
     return examples[:max_prompts] if max_prompts else examples
 
 
-def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "train", n: int | None = None,
-                     model: str | None = None, max_prompts: int | None = None, subset: int | None = None,
-                     subset_seed: int = 0, params: SamplingParams | None = None, benchmark: str = "",
-                     batch_prompts: int = 32, engine=None) -> dict[str, Any]:
+def generate_dataset(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    n: int | None = None,
+    model: str | None = None,
+    max_prompts: int | None = None,
+    subset: int | None = None,
+    subset_seed: int = 0,
+    params: SamplingParams | None = None,
+    benchmark: str = "",
+    batch_prompts: int = 32,
+    engine=None,
+) -> dict[str, Any]:
     """Generate ``n`` scored responses for every selected prompt into ``out_dir``.
 
     Killed midway, the same call continues where it stopped: prompts already on disk are skipped,
@@ -55,12 +67,22 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
     reward = SafeReward(task.reward_fn)
     t0 = time.perf_counter()
     written = 0
-    with RolloutWriter(out_dir, sampling=sampling_dict(params), weights_id=model_name, task=task.name,
-                       shard_size=max(params.n * batch_prompts, 1)) as writer:
+    with RolloutWriter(
+        out_dir,
+        sampling=sampling_dict(params),
+        weights_id=model_name,
+        task=task.name,
+        shard_size=max(params.n * batch_prompts, 1),
+    ) as writer:
         done = writer.done_prompt_ids()
         todo = [ex for ex in examples if str(ex["prompt_id"]) not in done]
-        log.info("generate: %d prompts (%d already done) x %d responses -> %s", len(todo), len(examples) - len(todo),
-                 params.n, out_dir)
+        log.info(
+            "generate: %d prompts (%d already done) x %d responses -> %s",
+            len(todo),
+            len(examples) - len(todo),
+            params.n,
+            out_dir,
+        )
         if todo:
             own_engine = engine is None
             engine = engine or make_engine(cfg, model_path, tokenizer)
@@ -69,15 +91,26 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
 
                 # every prompt fits the engine, before the first is generated (rows of the selected split)
                 limit = cfg.engine.max_model_len or engine_max_model_len(engine)
-                problems, _ = split_problems(task, examples, tokenizer, params.max_tokens, limit, split=split,
-                                             max_tokens_field=max_tokens_field)
+                problems, _ = split_problems(
+                    task, examples, tokenizer, params.max_tokens, limit, split=split, max_tokens_field=max_tokens_field
+                )
                 if problems:
                     raise TokenBudgetError(problems[0])
                 for start in range(0, len(todo), batch_prompts):
                     chunk = todo[start : start + batch_prompts]
-                    groups = generate_groups(engine, task, tokenizer, chunk, params, reward,
-                                             batch_prompts=batch_prompts, weights_id=model_name, benchmark=benchmark,
-                                             split=split, max_tokens_field=max_tokens_field)
+                    groups = generate_groups(
+                        engine,
+                        task,
+                        tokenizer,
+                        chunk,
+                        params,
+                        reward,
+                        batch_prompts=batch_prompts,
+                        weights_id=model_name,
+                        benchmark=benchmark,
+                        split=split,
+                        max_tokens_field=max_tokens_field,
+                    )
                     for g in groups:
                         writer.write(g)
                     written += len(groups)
@@ -85,6 +118,11 @@ def generate_dataset(cfg: TrainConfig, out_dir: str | Path, *, split: str = "tra
             finally:
                 if own_engine:
                     engine.close()
-    return {"out_dir": str(out_dir), "prompts": len(examples), "generated": written,
-            "skipped_done": len(examples) - len(todo), "seconds": time.perf_counter() - t0,
-            "reward_errors": reward.stats.errors}
+    return {
+        "out_dir": str(out_dir),
+        "prompts": len(examples),
+        "generated": written,
+        "skipped_done": len(examples) - len(todo),
+        "seconds": time.perf_counter() - t0,
+        "reward_errors": reward.stats.errors,
+    }

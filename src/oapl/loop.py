@@ -85,8 +85,14 @@ class Run:
     first sync. ``callbacks`` receive every metrics row as it is logged.
     """
 
-    def __init__(self, cfg: TrainConfig, backend: Backend, resume: bool | str = False, overwrite: bool = False,
-                 callbacks: list[Callback] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        backend: Backend,
+        resume: bool | str = False,
+        overwrite: bool = False,
+        callbacks: list[Callback] | None = None,
+    ) -> None:
         self.cfg, self.backend = cfg, backend
         self.callbacks = list(callbacks or [])
         self.stop_requested = False  # set by a callback (TrainerControl.should_training_stop): end after this step
@@ -108,8 +114,13 @@ class Run:
             raise
 
     @classmethod
-    def for_config(cls, cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
-                   callbacks: list[Callback] | None = None) -> Run:
+    def for_config(
+        cls,
+        cfg: TrainConfig,
+        resume: bool | str = False,
+        overwrite: bool = False,
+        callbacks: list[Callback] | None = None,
+    ) -> Run:
         """The run of ``cfg`` on the backend :func:`make_backend` chooses for it."""
         return cls(cfg, make_backend(cfg), resume=resume, overwrite=overwrite, callbacks=callbacks)
 
@@ -129,8 +140,12 @@ class Run:
         # the rollout generates in a background worker (Algorithm 1) or on demand (deterministic)
         self.background = cfg.rollout.asynchronous and backend.background_rollout
         if state and backend.syncs and self.sync_step != self.step:
-            log.warning("checkpoint step %d is mid-window (last sync at %d): the engine restarts from "
-                        "the trainer's weights as a new sync", self.step, self.sync_step)
+            log.warning(
+                "checkpoint step %d is mid-window (last sync at %d): the engine restarts from "
+                "the trainer's weights as a new sync",
+                self.step,
+                self.sync_step,
+            )
             self.version += 1
             self.sync_step = self.step
             self.version_steps[self.version] = self.step
@@ -141,13 +156,20 @@ class Run:
         with signals.deferred():  # a stop signal never leaves the directory half replaced
             begin_run(self.run_dir, resume=resume, overwrite=overwrite)
             save_config(cfg, self.run_dir / "config.yaml")
-            self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
-                                         cfg.logging.wandb_project, cfg.model_dump(), resume=self.ckpt is not None)
+            self.metrics = MetricsLogger(
+                self.run_dir,
+                cfg.logging.tensorboard,
+                cfg.logging.wandb,
+                cfg.logging.wandb_project,
+                cfg.model_dump(),
+                resume=self.ckpt is not None,
+            )
             if self.ckpt is not None:
                 self.metrics.truncate_after(self.step)
         # --- sync: pi_inf <- pi ; D = {} -------------------------------------------------------
-        self.buffer = RolloutBuffer(max(cfg.rollout.buffer_groups, cfg.rollout.prompts_per_step), self.version,
-                                    backend.buffer_staleness)
+        self.buffer = RolloutBuffer(
+            max(cfg.rollout.buffer_groups, cfg.rollout.prompts_per_step), self.version, backend.buffer_staleness
+        )
         self.rollout = backend.start(self.version, self.buffer, sampling_params(cfg))
         if state:
             self.rollout.load_state_dict(state.get("worker") or {})
@@ -201,15 +223,23 @@ class Run:
         return summary
 
     def checkpoint(self, keep: int | None = None) -> str:
-        state = {"step": self.step, "version": self.version, "sync_step": self.sync_step,
-                 "samples_seen": self.samples_seen, "worker": self.rollout.state_dict(),
-                 "version_steps": self.version_steps, "eval_before": self.eval_before,
-                 "checkpoints": self.checkpoints}
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "sync_step": self.sync_step,
+            "samples_seen": self.samples_seen,
+            "worker": self.rollout.state_dict(),
+            "version_steps": self.version_steps,
+            "eval_before": self.eval_before,
+            "checkpoints": self.checkpoints,
+        }
         with signals.deferred():  # a stop signal waits for the write (atomic either way)
             try:
-                path = str(self.backend.save(self.run_dir, self.step, state,
-                                             config_yaml(self.cfg),
-                                             keep or self.cfg.checkpoint.keep))
+                path = str(
+                    self.backend.save(
+                        self.run_dir, self.step, state, config_yaml(self.cfg), keep or self.cfg.checkpoint.keep
+                    )
+                )
             except DiskFullError as e:  # say how much a checkpoint of this run takes
                 e.needed = e.needed or _checkpoint_bytes(getattr(self.backend, "policy", None))
                 raise
@@ -246,8 +276,13 @@ class Run:
         self._event("train_begin")
         if self.eval_before is None and cfg.eval.at_start and self.can_evaluate:
             self.eval_before = self.evaluate()
-            self._log({"step": self.step, "samples_seen": self.samples_seen,
-                       **{f"eval/{k}": v for k, v in self.eval_before.items()}})
+            self._log(
+                {
+                    "step": self.step,
+                    "samples_seen": self.samples_seen,
+                    **{f"eval/{k}": v for k, v in self.eval_before.items()},
+                }
+            )
             log.info("held-out before training: %s", _fmt(self.eval_before))
         progress = None
         if cfg.logging.progress:
@@ -277,7 +312,10 @@ class Run:
                         task.trainer_state.global_step = self.step
                     self.samples_seen += sum(g.n for g in groups)
                     row: dict[str, Any] = {
-                        "step": self.step, "samples_seen": self.samples_seen, **reward_metrics(groups), **metrics,
+                        "step": self.step,
+                        "samples_seen": self.samples_seen,
+                        **reward_metrics(groups),
+                        **metrics,
                         "weight_version": batch_version,
                         "lag": self.step - 1 - self.version_steps.get(batch_version, self.sync_step),
                         **backend.row_stats(self.rollout, gen0),
@@ -287,8 +325,9 @@ class Run:
                     if backend.syncs and self.step % L == 0 and self.step < total:
                         row["sync_seconds"] = self.sync()
                         row["synced_to_version"] = self.version
-                if (cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total
-                        and self.can_evaluate):  # a stop signal here logs the row without it
+                if (
+                    cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total and self.can_evaluate
+                ):  # a stop signal here logs the row without it
                     row.update({f"eval/{k}": v for k, v in self.evaluate().items()})
                 with signals.deferred():
                     self._log(row)
@@ -302,8 +341,10 @@ class Run:
                     elif cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
                         self._save()
                     elif self.checkpoint_clock.due() and self.step < total:
-                        log.info("checkpoint.every_minutes=%g since the last checkpoint: writing one",
-                                 cfg.checkpoint.every_minutes)
+                        log.info(
+                            "checkpoint.every_minutes=%g since the last checkpoint: writing one",
+                            cfg.checkpoint.every_minutes,
+                        )
                         self._save()
                 last = row
                 if progress is not None:
@@ -328,15 +369,25 @@ class Run:
             if cfg.eval.at_end and self.can_evaluate:
                 eval_after = self.evaluate()
                 with signals.deferred():
-                    self._log({"step": self.step, "samples_seen": self.samples_seen,
-                               **{f"eval/{k}": v for k, v in eval_after.items()}})
+                    self._log(
+                        {
+                            "step": self.step,
+                            "samples_seen": self.samples_seen,
+                            **{f"eval/{k}": v for k, v in eval_after.items()},
+                        }
+                    )
                 log.info("held-out after training: %s", _fmt(eval_after))
             with signals.deferred():
                 if cfg.checkpoint.save_final and self._last_checkpoint != self.step:
                     self._save()
-                summary = {"eval_before": self.eval_before, "eval_after": eval_after, "steps": self.step,
-                           "samples_seen": self.samples_seen, **backend.summary(self.rollout),
-                           "checkpoints": [str(p) for p in list_checkpoints(self.run_dir)]}  # those on disk now
+                summary = {
+                    "eval_before": self.eval_before,
+                    "eval_after": eval_after,
+                    "steps": self.step,
+                    "samples_seen": self.samples_seen,
+                    **backend.summary(self.rollout),
+                    "checkpoints": [str(p) for p in list_checkpoints(self.run_dir)],
+                }  # those on disk now
                 if self.checkpoints:  # the backend's own (offline: one per epoch, all kept)
                     summary["epoch_checkpoints"] = self.checkpoints
                 atomic_write_text(self.run_dir / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
@@ -359,8 +410,8 @@ class Run:
     def _prune_cadence(self, keep: int) -> None:
         import shutil
 
-        doomed = self._cadence[:max(0, len(self._cadence) - keep)]
-        self._cadence = self._cadence[len(doomed):]
+        doomed = self._cadence[: max(0, len(self._cadence) - keep)]
+        self._cadence = self._cadence[len(doomed) :]
         for path in doomed:
             if path not in self.checkpoints and path != self._last_checkpoint_path:
                 shutil.rmtree(path, ignore_errors=True)
@@ -397,8 +448,18 @@ class Run:
     def _log_samples(self, groups) -> None:
         with (self.run_dir / "samples.jsonl").open("a") as f:
             for g in groups[:2]:
-                f.write(json.dumps({"step": self.step, "prompt": g.prompt, "responses": g.responses,
-                                    "rewards": g.rewards, "version": g.version}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": self.step,
+                            "prompt": g.prompt,
+                            "responses": g.responses,
+                            "rewards": g.rewards,
+                            "version": g.version,
+                        }
+                    )
+                    + "\n"
+                )
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -414,8 +475,12 @@ def _checkpoint_bytes(policy) -> int | None:
         return None
     try:
         weights = sum(p.numel() * p.element_size() for p in policy.model.parameters())
-        optim = sum(t.numel() * t.element_size() for st in policy.optimizer.state.values()
-                    for t in st.values() if torch.is_tensor(t))
+        optim = sum(
+            t.numel() * t.element_size()
+            for st in policy.optimizer.state.values()
+            for t in st.values()
+            if torch.is_tensor(t)
+        )
         return 2 * weights + optim
     except Exception:  # noqa: BLE001 - an estimate only
         return None
@@ -440,8 +505,9 @@ def make_backend(cfg: TrainConfig) -> Backend:
     return LocalBackend(cfg)
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
-          callbacks: list[Callback] | None = None) -> RunResult:
+def train(
+    cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False, callbacks: list[Callback] | None = None
+) -> RunResult:
     """Run Algorithm 1 with ``cfg``; ``resume`` continues from the newest intact checkpoint in
     ``output_dir`` (damaged newer ones are named and skipped), or from the kept checkpoint it names.
 
@@ -463,8 +529,12 @@ def train(cfg: TrainConfig, resume: bool | str = False, overwrite: bool = False,
                 if not _retryable(e) or failures >= cfg.distributed.max_trainer_restarts:
                     raise
                 failures += 1
-                log.warning("trainer failure (%s): resuming from the latest checkpoint (attempt %d of %d)",
-                            e, failures, cfg.distributed.max_trainer_restarts)
+                log.warning(
+                    "trainer failure (%s): resuming from the latest checkpoint (attempt %d of %d)",
+                    e,
+                    failures,
+                    cfg.distributed.max_trainer_restarts,
+                )
                 resume, overwrite = True, False
             finally:
                 if run is not None:

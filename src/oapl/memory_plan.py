@@ -124,13 +124,20 @@ def shape_from_config(mcfg, source: str, params: int | None = None) -> ModelShap
     text = getattr(mcfg, "text_config", None) or mcfg
     heads = text.num_attention_heads
     shape = ModelShape(
-        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size, heads=heads,
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
-        tied=bool(getattr(mcfg, "tie_word_embeddings", False)), params=0,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size,
+        tied=bool(getattr(mcfg, "tie_word_embeddings", False)),
+        params=0,
         qk_norm="qwen3" in str(getattr(text, "model_type", "")),
         qkv_bias=bool(getattr(text, "attention_bias", False)) or getattr(text, "model_type", "") == "qwen2",
-        max_position_embeddings=getattr(text, "max_position_embeddings", None), source=source)
+        max_position_embeddings=getattr(text, "max_position_embeddings", None),
+        source=source,
+    )
     return ModelShape(**{**asdict(shape), "params": params or count_params(shape)})
 
 
@@ -146,8 +153,9 @@ def _meta_params(mcfg, trust_remote_code: bool) -> int | None:
         return None
 
 
-def resolve_shape(name: str, path: str | None = None, trust_remote_code: bool = False,
-                  timeout_s: float | None = None) -> ModelShape:
+def resolve_shape(
+    name: str, path: str | None = None, trust_remote_code: bool = False, timeout_s: float | None = None
+) -> ModelShape:
     """The shape of ``model.name``: the shipped table, else the config.json of ``path`` (a local folder, or a
     Hub name read within ``timeout_s``). Raises :class:`ShapeError` naming ``model.name``."""
     table = shapes_table()
@@ -165,9 +173,11 @@ def resolve_shape(name: str, path: str | None = None, trust_remote_code: bool = 
     mcfg, err, timed_out = _call_with_timeout(load, timeout_s or HUB_TIMEOUT_S)
     if mcfg is None:
         why = "no answer from the Hugging Face Hub" if timed_out else f"{type(err).__name__}: {err}".splitlines()[0]
-        raise ShapeError(f"model.name: cannot plan the memory of {name!r}: its architecture is not in oapl's table "
-                         f"({', '.join(sorted(table))}) and its config.json cannot be read ({why[:200]}); give a "
-                         f"local folder with config.json, or check it where the Hub is reachable")
+        raise ShapeError(
+            f"model.name: cannot plan the memory of {name!r}: its architecture is not in oapl's table "
+            f"({', '.join(sorted(table))}) and its config.json cannot be read ({why[:200]}); give a "
+            f"local folder with config.json, or check it where the Hub is reachable"
+        )
     return shape_from_config(mcfg, source=f"config.json of {target}", params=_meta_params(mcfg, trust_remote_code))
 
 
@@ -181,7 +191,7 @@ def parse_size(text: str, field: str = "--gpu-memory") -> float:
     unit = (m.group(2) or "b").rstrip("b") or "b"
     power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
     base = 1024 if unit.endswith("i") else 1000
-    value = float(m.group(1)) * base ** power
+    value = float(m.group(1)) * base**power
     if value <= 0:
         raise UserError(f"{field}: {text!r} is not a positive size")
     return value
@@ -225,11 +235,21 @@ def compute_bytes(cfg, on_gpu: bool) -> int:
 def lora_params(cfg, shape: ModelShape) -> int:
     """Adapter parameters: r x (in + out) per adapted linear of every layer (``all-linear``: all seven)."""
     h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
-    linears = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    linears = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
     targets = cfg.model.lora.target_modules
-    names = list(linears) if targets == "all-linear" else [t for t in ([targets] if isinstance(targets, str)
-                                                                       else targets) if t in linears]
+    names = (
+        list(linears)
+        if targets == "all-linear"
+        else [t for t in ([targets] if isinstance(targets, str) else targets) if t in linears]
+    )
     return shape.layers * sum(cfg.model.lora.r * sum(linears[n]) for n in names)
 
 
@@ -346,9 +366,18 @@ def optimizer_temps(cfg, shape: ModelShape, on_gpu: bool) -> float:
     return 0.0 if fused or cfg.model.lora.enabled else 2 * 4 * shape.vocab * shape.hidden
 
 
-def trainer_rank(cfg, shape: ModelShape, seq_len: int, on_gpu: bool, *, ranks: int | None = None,
-                 checkpointing: bool | None = None, tokens: int | None = None, lora: bool | None = None,
-                 offload: bool | None = None) -> dict:
+def trainer_rank(
+    cfg,
+    shape: ModelShape,
+    seq_len: int,
+    on_gpu: bool,
+    *,
+    ranks: int | None = None,
+    checkpointing: bool | None = None,
+    tokens: int | None = None,
+    lora: bool | None = None,
+    offload: bool | None = None,
+) -> dict:
     """Bytes of one trainer rank (the keyword arguments try a change: more ranks, checkpointing, a budget, LoRA,
     activation offload)."""
     if lora is not None and lora != cfg.model.lora.enabled:
@@ -386,8 +415,13 @@ def engine_memory(cfg, shape: ModelShape, gpu_bytes: float | None, seq_len: int)
     kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
     full = cfg.engine.max_model_len or seq_len
     wanted = cfg.engine.extra.get("max_num_seqs") or cfg.rollout.prompts_per_generate * cfg.rollout.group_size
-    out: dict[str, Any] = {"weights": shape.params * 2, "kv_per_token": kv_token, "full_sequence_tokens": full,
-                           "concurrent_wanted": wanted, "kv_wanted": wanted * seq_len * kv_token}
+    out: dict[str, Any] = {
+        "weights": shape.params * 2,
+        "kv_per_token": kv_token,
+        "full_sequence_tokens": full,
+        "concurrent_wanted": wanted,
+        "kv_wanted": wanted * seq_len * kv_token,
+    }
     if cfg.engine.kind == "transformers":
         out["total"] = out["weights"] + cfg.engine.max_batch_size * seq_len * kv_token
         return out
@@ -431,18 +465,27 @@ def fixes(cfg, shape: ModelShape, seq_len: int, budget: float, gpus: int, ranks:
         ckpt = cfg.model.gradient_checkpointing or None
         t = trainer_rank(cfg, shape, seq_len, True, ranks=ranks, checkpointing=ckpt, offload=True)
         if t["total"] <= budget:
-            out.append(f"model.activation_offload=true (the {_gb(t['offloaded'])} of tensors saved for backward "
-                       "in host memory)")
+            out.append(
+                f"model.activation_offload=true (the {_gb(t['offloaded'])} of tensors saved for backward "
+                "in host memory)"
+            )
     now = micro_batch_tokens(cfg, seq_len)
     if now > seq_len:
-        fit = [t for t in range(seq_len, now, max(1, (now - seq_len) // 64))
-               if trainer_rank(cfg, shape, seq_len, True, ranks=ranks, tokens=t)["total"] <= budget]
+        fit = [
+            t
+            for t in range(seq_len, now, max(1, (now - seq_len) // 64))
+            if trainer_rank(cfg, shape, seq_len, True, ranks=ranks, tokens=t)["total"] <= budget
+        ]
         if fit:
-            out.append(f"optim.max_tokens_per_micro_batch={fit[-1]} (a token budget; the longest sequence is "
-                       f"{seq_len} tokens)")
+            out.append(
+                f"optim.max_tokens_per_micro_batch={fit[-1]} (a token budget; the longest sequence is {seq_len} tokens)"
+            )
     chunk = cfg.model.logprob_chunk_size
-    while chunk > 128 and trainer_rank(_with(cfg, "model", logprob_chunk_size=chunk // 2), shape, seq_len,
-                                       True, ranks=ranks)["total"] > budget:
+    while (
+        chunk > 128
+        and trainer_rank(_with(cfg, "model", logprob_chunk_size=chunk // 2), shape, seq_len, True, ranks=ranks)["total"]
+        > budget
+    ):
         chunk //= 2
     if chunk > 128:
         out.append(f"model.logprob_chunk_size={chunk // 2}")
@@ -451,8 +494,9 @@ def fixes(cfg, shape: ModelShape, seq_len: int, budget: float, gpus: int, ranks:
         for n in range(ranks + 1, 257):
             if trainer_rank(cfg, shape, seq_len, True, ranks=n, checkpointing=ckpt)["total"] <= budget:
                 where = "" if n + engine_gpus(cfg) <= gpus else f"; more GPUs than the {gpus} planned for"
-                out.append(f"distributed.trainer_workers={n} with distributed.trainer_num_gpus=1 (FSDP2 over {n} "
-                           f"GPUs{where})")
+                out.append(
+                    f"distributed.trainer_workers={n} with distributed.trainer_num_gpus=1 (FSDP2 over {n} GPUs{where})"
+                )
                 break
         if trainer_rank(cfg, shape, seq_len, True, ranks=ranks, lora=True)["total"] <= budget:
             out.append("model.lora.enabled=true (adapters over a frozen base: not the paper's full fine-tuning)")
@@ -463,9 +507,11 @@ def _no_fix(cfg, shape: ModelShape, seq_len: int, ranks: int) -> str:
     """What a rank needs at best (the most useful FSDP2 width up to 64 ranks), when no single change fits."""
     best = min(range(max(ranks, 1), 65), key=lambda n: trainer_rank(cfg, shape, seq_len, True, ranks=n)["total"])
     t = trainer_rank(cfg, shape, seq_len, True, ranks=best)
-    return (f"no single change fits it: even over {best} ranks a rank needs {_gb(t['total'])}, of which one "
-            f"micro-batch's activations {_gb(t['activations'])} and logits {_gb(t['logits'])} do not shrink with "
-            f"ranks: shorter sequences (sampling.max_tokens), or GPUs with at least {_gb(t['total'])}")
+    return (
+        f"no single change fits it: even over {best} ranks a rank needs {_gb(t['total'])}, of which one "
+        f"micro-batch's activations {_gb(t['activations'])} and logits {_gb(t['logits'])} do not shrink with "
+        f"ranks: shorter sequences (sampling.max_tokens), or GPUs with at least {_gb(t['total'])}"
+    )
 
 
 def _gb(x: float) -> str:
@@ -487,8 +533,12 @@ def describe_layout(cfg, hw: Hardware, ranks: int, mode: str) -> str:
 
 def on_gpu(cfg, hw: Hardware) -> bool:
     m, d = cfg.model, cfg.distributed
-    return (m.device.startswith("cuda") or cfg.engine.kind == "vllm" or d.trainer_num_gpus > 0
-            or (m.device == "auto" and hw.gpus > 0))
+    return (
+        m.device.startswith("cuda")
+        or cfg.engine.kind == "vllm"
+        or d.trainer_num_gpus > 0
+        or (m.device == "auto" and hw.gpus > 0)
+    )
 
 
 def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dict[str, Any], list[str]]:
@@ -500,30 +550,43 @@ def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dic
     t = trainer_rank(cfg, shape, seq_len, gpu, ranks=fewer)
     eng = engine_memory(cfg, shape, hw.gpu_bytes if gpu else None, seq_len)
     colocated = gpu and not sequential(cfg) and engine_gpus(cfg) == 0
-    plan: dict[str, Any] = {"layout": describe_layout(cfg, hw, t["ranks"], t["parallel"]) if gpu else
-                            f"CPU: {t['parallel']} ({t['ranks']} process{'es' if t['ranks'] > 1 else ''})"}
+    plan: dict[str, Any] = {
+        "layout": describe_layout(cfg, hw, t["ranks"], t["parallel"])
+        if gpu
+        else f"CPU: {t['parallel']} ({t['ranks']} process{'es' if t['ranks'] > 1 else ''})"
+    }
     plan["trainer_rank"] = {
         "parallel": f"{t['parallel']} ({t['ranks']} rank{'s' if t['ranks'] > 1 else ''})",
-        "weights": _gb(t["weights"]), "gradients": _gb(t["gradients"]), "optimizer": _gb(t["optimizer"]),
+        "weights": _gb(t["weights"]),
+        "gradients": _gb(t["gradients"]),
+        "optimizer": _gb(t["optimizer"]),
         **({"gathered_units": _gb(t["gathered"])} if t["gathered"] else {}),
         "activations": f"{_gb(t['activations'])} ({t['tokens']:,} tokens per micro-batch, gradient checkpointing "
-                       f"{'on' if t['checkpointing'] else 'off'})",
+        f"{'on' if t['checkpointing'] else 'off'})",
         **({"offloaded_to_host": _gb(t["offloaded"])} if t["offloaded"] else {}),
         "logits": f"{_gb(t['logits'])} (chunks of {min(cfg.model.logprob_chunk_size, t['tokens']):,} x "
-                  f"{shape.vocab:,} vocabulary)",
+        f"{shape.vocab:,} vocabulary)",
         **({"cuda_context": _gb(t["context"])} if t["context"] else {}),
-        "total": _gb(t["total"])}
+        "total": _gb(t["total"]),
+    }
     ranks = t["ranks"]
     plan["host_per_rank"] = _gb(host_bytes(cfg, shape, t["parallel"], ranks, gpu) + t["offloaded"])
-    plan["checkpoint_size"] = (f"{_gb(checkpoint_bytes(cfg, shape))} (x checkpoint.keep={cfg.checkpoint.keep}, "
-                               f"+1 while the next is written)")
-    e = {"weights": _gb(eng["weights"]), "kv_cache_per_token": f"{eng['kv_per_token'] / 1024:.0f} KiB",
-         "kv_cache_per_full_sequence": f"{_gb(eng['kv_per_token'] * eng['full_sequence_tokens'])} "
-                                      f"({eng['full_sequence_tokens']:,} tokens)",
-         "kv_cache_if_all_at_once": f"{_gb(eng['kv_wanted'])} ({eng['concurrent_wanted']:,} sequences of {seq_len:,})"}
+    plan["checkpoint_size"] = (
+        f"{_gb(checkpoint_bytes(cfg, shape))} (x checkpoint.keep={cfg.checkpoint.keep}, +1 while the next is written)"
+    )
+    e = {
+        "weights": _gb(eng["weights"]),
+        "kv_cache_per_token": f"{eng['kv_per_token'] / 1024:.0f} KiB",
+        "kv_cache_per_full_sequence": f"{_gb(eng['kv_per_token'] * eng['full_sequence_tokens'])} "
+        f"({eng['full_sequence_tokens']:,} tokens)",
+        "kv_cache_if_all_at_once": f"{_gb(eng['kv_wanted'])} ({eng['concurrent_wanted']:,} sequences of {seq_len:,})",
+    }
     if "kv_pool" in eng:
-        e.update(share=f"{_gb(eng['total'])} (engine.gpu_memory_utilization={engine_share(cfg)})",
-                 kv_cache_pool=_gb(max(0.0, eng["kv_pool"])), full_sequences_at_once=eng["sequences_at_once"])
+        e.update(
+            share=f"{_gb(eng['total'])} (engine.gpu_memory_utilization={engine_share(cfg)})",
+            kv_cache_pool=_gb(max(0.0, eng["kv_pool"])),
+            full_sequences_at_once=eng["sequences_at_once"],
+        )
     plan["engine"] = e
     plan["trainer_state_gb"] = (t["weights"] + t["gradients"] + t["optimizer"]) / GB
     problems: list[str] = []
@@ -533,19 +596,24 @@ def plan_memory(cfg, shape: ModelShape, seq_len: int, hw: Hardware) -> tuple[dic
     plan["trainer_rank"]["budget"] = _gb(budget) + (" (the GPU less the engine's share)" if colocated else "")
     need = gpus_needed(cfg)
     if need > hw.gpus:
-        problems.append(f"GPUs: the layout needs {need} GPUs ({engine_gpus(cfg)} for engines, {trainer_ranks(cfg)} "
-                        f"trainer ranks) but {hw.gpus} are planned for; planned with {ranks} trainer rank(s)")
+        problems.append(
+            f"GPUs: the layout needs {need} GPUs ({engine_gpus(cfg)} for engines, {trainer_ranks(cfg)} "
+            f"trainer ranks) but {hw.gpus} are planned for; planned with {ranks} trainer rank(s)"
+        )
     if t["total"] > budget:
         fix = fixes(cfg, shape, seq_len, budget, hw.gpus, ranks)
         problems.append(
             f"GPU memory: a trainer rank needs {_gb(t['total'])} (weights {_gb(t['weights'])}, gradients "
             f"{_gb(t['gradients'])}, AdamW {_gb(t['optimizer'])}, activations {_gb(t['activations'])}, logits "
             f"{_gb(t['logits'])}) but has {_gb(budget)} of its {_gb(hw.gpu_bytes)} GPU; "
-            + ("it fits with any of: " + "; ".join(fix) if fix else _no_fix(cfg, shape, seq_len, ranks)))
+            + ("it fits with any of: " + "; ".join(fix) if fix else _no_fix(cfg, shape, seq_len, ranks))
+        )
     if "kv_pool" in eng and eng["sequences_at_once"] < 1:
-        problems.append(f"GPU memory: the engine's KV cache ({_gb(max(0.0, eng['kv_pool']))} after "
-                        f"{_gb(eng['weights'])} of weights) cannot hold one {eng['full_sequence_tokens']:,}-token "
-                        f"sequence ({_gb(eng['kv_per_token'] * eng['full_sequence_tokens'])}); raise "
-                        f"engine.gpu_memory_utilization or lower engine.max_model_len")
+        problems.append(
+            f"GPU memory: the engine's KV cache ({_gb(max(0.0, eng['kv_pool']))} after "
+            f"{_gb(eng['weights'])} of weights) cannot hold one {eng['full_sequence_tokens']:,}-token "
+            f"sequence ({_gb(eng['kv_per_token'] * eng['full_sequence_tokens'])}); raise "
+            f"engine.gpu_memory_utilization or lower engine.max_model_len"
+        )
     plan["fits"] = not problems
     return plan, problems

@@ -87,8 +87,18 @@ def _call_with_timeout(fn, timeout_s: float) -> tuple[Any, BaseException | None,
 
 def _is_network_error(exc: BaseException) -> bool:
     names = {c.__name__ for c in type(exc).__mro__}
-    if names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
-                "TransportError", "ConnectionError", "Timeout", "ProxyError", "OfflineModeIsEnabled"}:
+    if names & {
+        "ConnectError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "TimeoutException",
+        "NetworkError",
+        "TransportError",
+        "ConnectionError",
+        "Timeout",
+        "ProxyError",
+        "OfflineModeIsEnabled",
+    }:
         return True
     status = getattr(getattr(exc, "response", None), "status_code", None)
     return isinstance(status, int) and status >= 500
@@ -115,7 +125,9 @@ def _check_embedded(name: str, field: str) -> None:
     from oapl.trainer.model import EMBEDDED_MODELS, cache_dir
 
     if name not in EMBEDDED_MODELS:
-        raise ModelNotFoundError(f"{field}: unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED_MODELS))}")
+        raise ModelNotFoundError(
+            f"{field}: unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED_MODELS))}"
+        )
     package, _ = EMBEDDED_MODELS[name]
     converted = cache_dir() / "models" / name.split(":", 1)[1]
     if (converted / "config.json").exists():
@@ -139,8 +151,10 @@ def _check_local(path: Path, name: str, field: str) -> None:
         if (path / "model" / "config.json").exists():
             hint = f" (a checkpoint: use {path / 'model'})"
         elif (path / "adapter_config.json").exists() and (path / "manifest.json").exists():
-            hint = (f" (an oapl LoRA checkpoint: export its merged model with python -c \"from "
-                    f"oapl.trainer.checkpoint import checkpoint_model as m; print(m('{path}'))\" and use that folder)")
+            hint = (
+                f' (an oapl LoRA checkpoint: export its merged model with python -c "from '
+                f"oapl.trainer.checkpoint import checkpoint_model as m; print(m('{path}'))\" and use that folder)"
+            )
         elif (path / "adapter_config.json").exists():
             hint = " (a LoRA adapter: give the base model and model.lora.enabled=true)"
         raise ModelNotFoundError(f"{field}: {name} has no config.json, so it is not a Hugging Face model folder{hint}")
@@ -160,8 +174,9 @@ def _is_repo_id(name: str) -> bool:
     return True
 
 
-def _hub_lookup(name: str, field: str, kind: str, timeout_s: float, error: type[Exception], *, not_found: str,
-                unreachable: str) -> None:
+def _hub_lookup(
+    name: str, field: str, kind: str, timeout_s: float, error: type[Exception], *, not_found: str, unreachable: str
+) -> None:
     """Ask the Hub about model/dataset ``name`` (bounded by ``timeout_s``): gated, missing or unreachable
     fail naming ``field``; unreachable but cached switches this process to offline mode."""
     import huggingface_hub
@@ -174,8 +189,10 @@ def _hub_lookup(name: str, field: str, kind: str, timeout_s: float, error: type[
     url = f"https://huggingface.co/{'' if kind == 'model' else 'datasets/'}{name}"
     err_kind = type(err).__name__ if err is not None else ""
     if err_kind == "GatedRepoError":
-        raise error(f"{field}: {what}{name!r} is gated on the Hugging Face Hub: accept its terms at {url} and log in "
-                    f"(`hf auth login` or HF_TOKEN)")
+        raise error(
+            f"{field}: {what}{name!r} is gated on the Hugging Face Hub: accept its terms at {url} and log in "
+            f"(`hf auth login` or HF_TOKEN)"
+        )
     if err_kind == "RepositoryNotFoundError":
         raise error(f"{field}: no {kind} {name!r} on the Hugging Face Hub ({not_found})")
     if timed_out or (err is not None and _is_network_error(err)):
@@ -183,25 +200,34 @@ def _hub_lookup(name: str, field: str, kind: str, timeout_s: float, error: type[
         if _cached(name, kind):
             go_offline(f"the Hugging Face Hub is unreachable ({why}); {what}{name} is cached")
             return
-        raise error(f"{field}: cannot download {what}{name!r}: the Hugging Face Hub is unreachable ({why}); "
-                    f"{unreachable}")
+        raise error(
+            f"{field}: cannot download {what}{name!r}: the Hugging Face Hub is unreachable ({why}); {unreachable}"
+        )
     log.debug("%s: Hub lookup of %s failed (%r); leaving it to the loader", field, name, err)
 
 
 def _check_hub_model(name: str, field: str, timeout_s: float) -> None:
     if not _is_repo_id(name):
-        raise ModelNotFoundError(f"{field}: {name!r} is neither an existing local path nor a valid Hugging Face "
-                                 f"Hub name (org/name)")
+        raise ModelNotFoundError(
+            f"{field}: {name!r} is neither an existing local path nor a valid Hugging Face Hub name (org/name)"
+        )
     if hub_offline():
         if not _cached(name):
             raise ModelNotFoundError(
                 f"{field}: {name!r} is not in the local Hugging Face cache and offline mode is on "
-                f"(HF_HUB_OFFLINE=1): download it first (`hf download {name}`) or use a local path")
+                f"(HF_HUB_OFFLINE=1): download it first (`hf download {name}`) or use a local path"
+            )
         return
-    _hub_lookup(name, field, "model", timeout_s, ModelNotFoundError,
-                not_found="check the spelling; a private model needs `hf auth login` or HF_TOKEN",
-                unreachable=f"use a local path ({field}=/path/to/model), or download it where there is network "
-                            f"(`hf download {name}`) and set HF_HUB_OFFLINE=1")
+    _hub_lookup(
+        name,
+        field,
+        "model",
+        timeout_s,
+        ModelNotFoundError,
+        not_found="check the spelling; a private model needs `hf auth login` or HF_TOKEN",
+        unreachable=f"use a local path ({field}=/path/to/model), or download it where there is network "
+        f"(`hf download {name}`) and set HF_HUB_OFFLINE=1",
+    )
 
 
 def check_model(name: str | None, field: str = "model.name", timeout_s: float = HUB_TIMEOUT_S) -> None:
@@ -236,9 +262,15 @@ def check_dataset(source: str | None, field: str, timeout_s: float = HUB_TIMEOUT
         raise UserError(f"{field}: {source!r} is neither an existing file nor a valid Hugging Face dataset name")
     if hub_offline():
         return  # the datasets library reads its cache, and says so when the name is not there
-    _hub_lookup(source, field, "dataset", timeout_s, UserError,
-                not_found="check the spelling, or give a local .jsonl/.parquet file",
-                unreachable="use a local .jsonl/.parquet file, or a cached copy with HF_HUB_OFFLINE=1")
+    _hub_lookup(
+        source,
+        field,
+        "dataset",
+        timeout_s,
+        UserError,
+        not_found="check the spelling, or give a local .jsonl/.parquet file",
+        unreachable="use a local .jsonl/.parquet file, or a cached copy with HF_HUB_OFFLINE=1",
+    )
 
 
 def check_config(cfg, model: str | None = None) -> None:
@@ -254,8 +286,10 @@ def check_config(cfg, model: str | None = None) -> None:
         check_dataset(task.eval_dataset, "task.eval_dataset")
     offline = getattr(cfg, "offline", None)
     if offline is not None and offline.data and not Path(offline.data).expanduser().exists():
-        raise UserError(f"offline.data: rollout dataset {offline.data} does not exist (make one with "
-                        f"`oapl generate ... --out {offline.data}`)")
+        raise UserError(
+            f"offline.data: rollout dataset {offline.data} does not exist (make one with "
+            f"`oapl generate ... --out {offline.data}`)"
+        )
 
 
 def _host_ram() -> tuple[float | None, float | None]:
@@ -278,8 +312,11 @@ def _vllm_status(cfg) -> str:
     if cfg.engine.kind == "transformers":
         return "not used (engine.kind=transformers)"
     if importlib.util.find_spec("vllm") is None:
-        return "not installed" + (" (engine.kind=vllm needs it)" if cfg.engine.kind == "vllm" else
-                                  ": engine.kind=auto falls back to transformers")
+        return "not installed" + (
+            " (engine.kind=vllm needs it)"
+            if cfg.engine.kind == "vllm"
+            else ": engine.kind=auto falls back to transformers"
+        )
     from importlib.metadata import PackageNotFoundError, version
 
     from oapl.engines.vllm_engine import vllm_import_error
@@ -308,8 +345,11 @@ def check_environment(cfg, shape, plan: dict[str, Any], hw) -> tuple[dict[str, s
         import torch
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        env["gpus_here"] = (f"{n} x {torch.cuda.get_device_properties(0).total_memory / GB:.1f} GB "
-                            f"({torch.cuda.get_device_name(0)})" if n else "none")
+        env["gpus_here"] = (
+            f"{n} x {torch.cuda.get_device_properties(0).total_memory / GB:.1f} GB ({torch.cuda.get_device_name(0)})"
+            if n
+            else "none"
+        )
     except Exception as e:  # noqa: BLE001
         env["gpus_here"] = f"unknown ({type(e).__name__})"
     env["vllm"] = _vllm_status(cfg)
@@ -320,14 +360,20 @@ def check_environment(cfg, shape, plan: dict[str, Any], hw) -> tuple[dict[str, s
     where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(where).free
     need = (cfg.checkpoint.keep + 1) * checkpoint_bytes(cfg, shape)
-    env["disk"] = (f"{free / GB:.1f} GB free at {where}; checkpoints need {need / GB:.1f} GB "
-                   f"({cfg.checkpoint.keep} kept + 1 being written)")
+    env["disk"] = (
+        f"{free / GB:.1f} GB free at {where}; checkpoints need {need / GB:.1f} GB "
+        f"({cfg.checkpoint.keep} kept + 1 being written)"
+    )
     if free < need and enforce:
-        problems.append(f"disk: {cfg.output_dir} has {free / GB:.1f} GB free but checkpoint.keep={cfg.checkpoint.keep} "
-                        f"checkpoints need {need / GB:.1f} GB; lower checkpoint.keep or free disk")
+        problems.append(
+            f"disk: {cfg.output_dir} has {free / GB:.1f} GB free but checkpoint.keep={cfg.checkpoint.keep} "
+            f"checkpoints need {need / GB:.1f} GB; lower checkpoint.keep or free disk"
+        )
     total, available = _host_ram()
     if total is not None:
         host = plan.get("host_per_rank", "?")
-        env["host_ram"] = (f"{total / GB:.1f} GB total, {(available or 0) / GB:.1f} GB available; the plan's host "
-                           f"memory: {host} per rank x {trainer_ranks(cfg)} rank(s)")
+        env["host_ram"] = (
+            f"{total / GB:.1f} GB total, {(available or 0) / GB:.1f} GB available; the plan's host "
+            f"memory: {host} per rank x {trainer_ranks(cfg)} rank(s)"
+        )
     return env, problems

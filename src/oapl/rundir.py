@@ -31,11 +31,22 @@ from oapl.errors import RunDirError, UserError
 class LaunchError(UserError):
     """oapl was started as several processes (torchrun, accelerate launch)."""
 
+
 log = logging.getLogger(__name__)
 
 #: What a run writes in its directory (``--overwrite`` removes these and nothing else).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "summary.yaml", "checkpoints", "tensorboard",
-             "wandb", "compare_timing.json", "metrics.garbled.jsonl", "samples.garbled.jsonl")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "summary.yaml",
+    "checkpoints",
+    "tensorboard",
+    "wandb",
+    "compare_timing.json",
+    "metrics.garbled.jsonl",
+    "samples.garbled.jsonl",
+)
 TMP_CHECKPOINT_PREFIX = ".tmp-step-"
 #: Present from :func:`begin_run` of a new run until its first trained step (:func:`mark_trained`).
 STARTING_MARKER = ".oapl-starting"
@@ -79,8 +90,9 @@ def _check_writable(path: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise RunDirError(f"output_dir: cannot write to {path}: {e.strerror or e} "
-                          f"(choose another output_dir=...)") from None
+        raise RunDirError(
+            f"output_dir: cannot write to {path}: {e.strerror or e} (choose another output_dir=...)"
+        ) from None
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -99,8 +111,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
             p.unlink()
             removed.append(p)
     if removed:
-        log.info("removed %d unfinished write(s) of a killed run: %s", len(removed),
-                 ", ".join(p.name for p in removed))
+        log.info("removed %d unfinished write(s) of a killed run: %s", len(removed), ", ".join(p.name for p in removed))
     return removed
 
 
@@ -114,14 +125,18 @@ def check_run_dir(run_dir: str | Path, resume: bool | str = False, overwrite: bo
         raise RunDirError(f"output_dir: {path} exists and is not a directory")
     present = [e for e in _entries(path) if not e.startswith(".oapl-write-test-") and e != STARTING_MARKER]
     if present and failed_start(path):
-        log.info("%s holds a start that failed before training a step (%s): this run replaces it", path,
-                 ", ".join(e for e in present if e in RUN_FILES))
+        log.info(
+            "%s holds a start that failed before training a step (%s): this run replaces it",
+            path,
+            ", ".join(e for e in present if e in RUN_FILES),
+        )
         present = [e for e in present if e not in RUN_FILES]
     if present and not resume and not overwrite:
         shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
         raise RunDirError(
             f"output_dir: {path} is not empty ({shown}); pass --resume to continue that run, "
-            f"--overwrite to replace it, or choose another output_dir=...")
+            f"--overwrite to replace it, or choose another output_dir=..."
+        )
     _check_writable(path)
     if resume or overwrite:
         remove_stale_temporaries(path)
@@ -159,10 +174,12 @@ def refuse_multi_process_launch() -> None:
         return
     if world > 1:
         rank = os.environ.get("RANK", "?")
-        raise LaunchError(f"WORLD_SIZE={world} (rank {rank}): oapl was started as {world} processes (torchrun or "
-                          "accelerate launch), which would run the whole job once per process; start it once "
-                          "(python script.py / oapl train) and scale with distributed.backend=ray over the GPUs "
-                          "and nodes (docs/scaling.md)")
+        raise LaunchError(
+            f"WORLD_SIZE={world} (rank {rank}): oapl was started as {world} processes (torchrun or "
+            "accelerate launch), which would run the whole job once per process; start it once "
+            "(python script.py / oapl train) and scale with distributed.backend=ray over the GPUs "
+            "and nodes (docs/scaling.md)"
+        )
 
 
 def cleanup_stale_sandboxes() -> None:
@@ -176,12 +193,29 @@ def cleanup_stale_sandboxes() -> None:
 
 #: What a resumed run may not change (dotted prefixes): the algorithm and its objective, the model,
 #: the task (its data, prompts and rewards), G, and the sampling temperature the trainer scores with.
-RESUME_FIXED = ("algorithm", "model.name", "model.tokenizer", "model.lora", "task", "rollout.group_size",
-                "sampling.temperature", "offline.data", "offline.min_correct", "offline.drop_all_correct")
+RESUME_FIXED = (
+    "algorithm",
+    "model.name",
+    "model.tokenizer",
+    "model.lora",
+    "task",
+    "rollout.group_size",
+    "sampling.temperature",
+    "offline.data",
+    "offline.min_correct",
+    "offline.drop_all_correct",
+)
 #: Task fields a resumed run may change: held-out evaluation and reward robustness only.
-RESUME_TASK_ALLOWED = ("task.eval_dataset", "task.eval_split", "task.eval_dataset_config", "task.max_eval_prompts",
-                       "task.num_eval", "task.eval_benchmarks", "task.reward_timeout_s",
-                       "task.max_reward_error_fraction")
+RESUME_TASK_ALLOWED = (
+    "task.eval_dataset",
+    "task.eval_split",
+    "task.eval_dataset_config",
+    "task.max_eval_prompts",
+    "task.num_eval",
+    "task.eval_benchmarks",
+    "task.reward_timeout_s",
+    "task.max_reward_error_fraction",
+)
 
 
 def _leaves(node, prefix: str = "") -> dict[str, object]:
@@ -219,8 +253,10 @@ def check_resume_config(cfg, run_dir: str | Path | None = None) -> None:
     try:
         old_tree = yaml.safe_load(saved.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{saved}: the stored config of the run to resume is unreadable "
-                        f"({type(e).__name__}); restore it or start a new run") from None
+        raise UserError(
+            f"{saved}: the stored config of the run to resume is unreadable "
+            f"({type(e).__name__}); restore it or start a new run"
+        ) from None
     try:  # the stored config with today's defaults filled in, so that only real changes show
         old_tree = TrainConfig.model_validate(old_tree).model_dump(mode="json")
     except Exception:  # noqa: BLE001 - an older oapl's config: compare what it has
@@ -231,27 +267,37 @@ def check_resume_config(cfg, run_dir: str | Path | None = None) -> None:
         before, now = old_mem.get(dotted), new_mem.get(dotted)
         if before == now:
             if now is not None and memory.marker_kind(now) == "reward":
-                log.warning("resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
-                            "function as in the first run", now, dotted)
+                log.warning(
+                    "resuming with the in-memory reward %s (%s): oapl cannot check that it is the same "
+                    "function as in the first run",
+                    now,
+                    dotted,
+                )
             continue
         was = before or get_dotted(old_tree, dotted)
         is_ = now or get_dotted(new_tree, dotted)
-        raise UserError(f"{dotted}: resuming {saved.parent} with other data or rewards than it was trained with "
-                        f"(was {was!r} in {saved}, now {is_!r}); pass the same ones (rows are compared by "
-                        "content), or start a new run")
+        raise UserError(
+            f"{dotted}: resuming {saved.parent} with other data or rewards than it was trained with "
+            f"(was {was!r} in {saved}, now {is_!r}); pass the same ones (rows are compared by "
+            "content), or start a new run"
+        )
     old, new = _leaves(old_tree), _leaves(new_tree)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k != "output_dir"]
     refused = [k for k in changed if _fixed(k)]
     if refused:
         shown = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in refused[:6])
         more = f"; and {len(refused) - 6} more" if len(refused) > 6 else ""
-        raise UserError(f"{', '.join(refused)}: cannot change when resuming {saved.parent} ({shown}{more}); "
-                        "a resumed run keeps its algorithm, model, task, group size and objective (steps, "
-                        "logging, checkpoint and eval cadence may change): pass the stored values, or start a "
-                        "new run in another output_dir")
+        raise UserError(
+            f"{', '.join(refused)}: cannot change when resuming {saved.parent} ({shown}{more}); "
+            "a resumed run keeps its algorithm, model, task, group size and objective (steps, "
+            "logging, checkpoint and eval cadence may change): pass the stored values, or start a "
+            "new run in another output_dir"
+        )
     if changed:
-        log.warning("resuming %s with changed settings: %s", saved.parent,
-                    ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed))
+        log.warning(
+            "resuming %s with changed settings: %s",
+            saved.parent,
+            ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed),
+        )
     if old_mem:
         log.info("resuming with the same in-memory data and rewards: %s", ", ".join(sorted(old_mem)))
-

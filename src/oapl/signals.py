@@ -26,8 +26,20 @@ from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Interrupted", "STOP_SIGNALS", "deferred", "exit_code", "handle_stop_signals", "install",
-           "note_checkpoint", "reclaim", "restore", "signal_name", "stopping", "written_checkpoint"]
+__all__ = [
+    "Interrupted",
+    "STOP_SIGNALS",
+    "deferred",
+    "exit_code",
+    "handle_stop_signals",
+    "install",
+    "note_checkpoint",
+    "reclaim",
+    "restore",
+    "signal_name",
+    "stopping",
+    "written_checkpoint",
+]
 
 #: The signals that stop a run with a checkpoint.
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -51,11 +63,11 @@ class _State:
 
     def reset(self) -> None:
         self.previous: dict[int, Any] = {}  # our handlers are installed: the ones they replaced
-        self.depth = 0                          # nesting of deferred() blocks
-        self.pending: int | None = None         # a signal received inside deferred(), not yet raised
-        self.stopping: int | None = None        # the signal whose stop is under way
-        self.checkpoint: str | None = None      # the checkpoint written on the way out
-        self.received = 0                       # signals handled (raised, held or ignored)
+        self.depth = 0  # nesting of deferred() blocks
+        self.pending: int | None = None  # a signal received inside deferred(), not yet raised
+        self.stopping: int | None = None  # the signal whose stop is under way
+        self.checkpoint: str | None = None  # the checkpoint written on the way out
+        self.received = 0  # signals handled (raised, held or ignored)
 
 
 _STATE = _State()
@@ -76,8 +88,7 @@ def _handler(signum: int, frame) -> None:
     if s.depth > 0:
         if s.pending is None:
             s.pending = signum
-            log.warning("%s received: stopping once the step or checkpoint in progress is complete",
-                        _name(signum))
+            log.warning("%s received: stopping once the step or checkpoint in progress is complete", _name(signum))
         return
     s.stopping = signum
     raise Interrupted(signum)
@@ -150,8 +161,12 @@ def install(replace: bool = True) -> bool:
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     defaults = {signal.SIGINT: signal.default_int_handler}
     # an ignored signal stays ignored (a shell's background job ignores Ctrl-C: `oapl train ... &`)
-    ours = [sig for sig in STOP_SIGNALS if previous[sig] is not signal.SIG_IGN
-            and (replace or previous[sig] in (signal.SIG_DFL, defaults.get(sig, signal.SIG_DFL)))]
+    ours = [
+        sig
+        for sig in STOP_SIGNALS
+        if previous[sig] is not signal.SIG_IGN
+        and (replace or previous[sig] in (signal.SIG_DFL, defaults.get(sig, signal.SIG_DFL)))
+    ]
     if not ours:
         return False
     s.reset()

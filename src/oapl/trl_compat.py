@@ -22,18 +22,38 @@ log = logging.getLogger("oapl")
 #: A plain callback: called with every metrics row as it is logged.
 Callback = Callable[[dict[str, Any]], None]
 
-__all__ = ["Callback", "TRLCallbacks", "TRL_METRIC_NAMES", "lora_fields", "split_callbacks", "trainer_state",
-           "with_trl_names", "with_trl_names_callback"]
+__all__ = [
+    "Callback",
+    "TRLCallbacks",
+    "TRL_METRIC_NAMES",
+    "lora_fields",
+    "split_callbacks",
+    "trainer_state",
+    "with_trl_names",
+    "with_trl_names_callback",
+]
 
 
 # -- TRL's callbacks and metric names ---------------------------------------------------------------
 #: oapl's metric names -> TRL's, in what TrainerCallbacks, ``trainer.state.log_history`` and plain callbacks see
 #: (plain callbacks and metrics.jsonl keep oapl's names too).
-TRL_METRIC_NAMES = {"reward_mean": "reward", "lr": "learning_rate", "response_len_mean": "completions/mean_length",
-                    "truncated_frac": "completions/clipped_ratio"}
+TRL_METRIC_NAMES = {
+    "reward_mean": "reward",
+    "lr": "learning_rate",
+    "response_len_mean": "completions/mean_length",
+    "truncated_frac": "completions/clipped_ratio",
+}
 #: Row fields that are counters, not metrics: ``on_log`` gets their last value, not the window's mean.
-_COUNTERS = {"step", "samples_seen", "weight_version", "lag", "elapsed_s", "synced_to_version", "reward_errors",
-             "stale_dropped"}
+_COUNTERS = {
+    "step",
+    "samples_seen",
+    "weight_version",
+    "lag",
+    "elapsed_s",
+    "synced_to_version",
+    "reward_errors",
+    "stale_dropped",
+}
 
 
 def with_trl_names(row: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +136,10 @@ class TRLCallbacks:
 
     def _maybe_stop(self) -> None:
         if self.control.should_training_stop and self.run is not None and not self.run.stop_requested:
-            log.info("a callback set control.should_training_stop at step %d: the run ends after this step",
-                     self.state.global_step)
+            log.info(
+                "a callback set control.should_training_stop at step %d: the run ends after this step",
+                self.state.global_step,
+            )
             self.run.stop_requested = True
 
     def __call__(self, row: dict[str, Any]) -> None:
@@ -170,10 +192,13 @@ def trainer_state(cfg: TrainConfig, logging_steps: float | None):
         return max(1, math.ceil(x * steps)) if isinstance(x, float) and x < 1 else int(x)
 
     # None: no evaluation / checkpoint cadence (transformers annotates these int, and reads None as "never")
-    return TrainerState(max_steps=steps, logging_steps=share(logging_steps) or 10,
-                        eval_steps=cfg.eval.every or None,  # type: ignore[arg-type]
-                        save_steps=cfg.checkpoint.every or None,  # type: ignore[arg-type]
-                        train_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+    return TrainerState(
+        max_steps=steps,
+        logging_steps=share(logging_steps) or 10,
+        eval_steps=cfg.eval.every or None,  # type: ignore[arg-type]
+        save_steps=cfg.checkpoint.every or None,  # type: ignore[arg-type]
+        train_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.group_size,
+    )
 
 
 def split_callbacks(callbacks: Iterable[Any] | None) -> tuple[list[Callback], list[Any]]:
@@ -183,8 +208,10 @@ def split_callbacks(callbacks: Iterable[Any] | None) -> tuple[list[Callback], li
         if _is_trainer_callback(cb):
             trl.append(cb)
         elif isinstance(cb, type) or not callable(cb):
-            raise UserError(f"callbacks[{i}]: {getattr(cb, '__name__', type(cb).__name__)} is neither a "
-                            "transformers TrainerCallback nor a function fn(row: dict) called with every metrics row")
+            raise UserError(
+                f"callbacks[{i}]: {getattr(cb, '__name__', type(cb).__name__)} is neither a "
+                "transformers TrainerCallback nor a function fn(row: dict) called with every metrics row"
+            )
         else:
             plain.append(cb)
     return plain, trl
@@ -192,6 +219,7 @@ def split_callbacks(callbacks: Iterable[Any] | None) -> tuple[list[Callback], li
 
 def with_trl_names_callback(cb: Callback) -> Callback:
     """``cb`` called with every row plus TRL's names of oapl's metrics (:func:`with_trl_names`)."""
+
     def call(row: dict[str, Any]) -> None:
         cb(with_trl_names(row))
 
@@ -202,8 +230,15 @@ def with_trl_names_callback(cb: Callback) -> Callback:
 #: ``peft.LoraConfig`` fields oapl honours (the rest must keep peft's default, or are refused by name).
 _LORA_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules"}
 #: Fields that describe the adapter's bookkeeping, not the adapter: ignored.
-_LORA_IGNORED = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                 "peft_version"}
+_LORA_IGNORED = {
+    "task_type",
+    "peft_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+}
 
 
 def lora_fields(peft_config: Any, model_name: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -212,24 +247,35 @@ def lora_fields(peft_config: Any, model_name: str | None = None, trust_remote_co
     import dataclasses
 
     if type(peft_config).__name__ != "LoraConfig" or not dataclasses.is_dataclass(peft_config):
-        raise UserError(f"peft_config: {type(peft_config).__name__} is not supported; oapl trains LoRA adapters "
-                        "(peft.LoraConfig)")
+        raise UserError(
+            f"peft_config: {type(peft_config).__name__} is not supported; oapl trains LoRA adapters (peft.LoraConfig)"
+        )
     lora: Any = peft_config  # a peft.LoraConfig
     default = type(lora)()
-    changed = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)
-               if f.name not in _LORA_HONOURED | _LORA_IGNORED
-               and getattr(peft_config, f.name) != getattr(default, f.name, None)}
+    changed = {
+        f.name: getattr(peft_config, f.name)
+        for f in dataclasses.fields(peft_config)
+        if f.name not in _LORA_HONOURED | _LORA_IGNORED
+        and getattr(peft_config, f.name) != getattr(default, f.name, None)
+    }
     if changed:
         shown = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))
-        raise UserError(f"peft_config: {shown} not supported (oapl's LoRA: r, lora_alpha, lora_dropout, "
-                        "target_modules, with peft's defaults for the rest)")
+        raise UserError(
+            f"peft_config: {shown} not supported (oapl's LoRA: r, lora_alpha, lora_dropout, "
+            "target_modules, with peft's defaults for the rest)"
+        )
     targets = lora.target_modules
     if targets is None:
         targets = _peft_default_targets(model_name, trust_remote_code)
     elif not isinstance(targets, str):
         targets = sorted(targets)
-    return {"enabled": True, "r": int(lora.r), "alpha": int(lora.lora_alpha),
-            "dropout": float(lora.lora_dropout), "target_modules": targets}
+    return {
+        "enabled": True,
+        "r": int(lora.r),
+        "alpha": int(lora.lora_alpha),
+        "dropout": float(lora.lora_dropout),
+        "target_modules": targets,
+    }
 
 
 def _peft_default_targets(model_name: str | None, trust_remote_code: bool) -> list[str]:
@@ -240,16 +286,23 @@ def _peft_default_targets(model_name: str | None, trust_remote_code: bool) -> li
     from oapl.trainer.model import resolve_model_path
 
     if model_name is None:
-        raise UserError("peft_config.target_modules: None means peft's default modules for the model's "
-                        "architecture, which needs the model: pass model=, or give target_modules")
+        raise UserError(
+            "peft_config.target_modules: None means peft's default modules for the model's "
+            "architecture, which needs the model: pass model=, or give target_modules"
+        )
     try:
-        model_type = AutoConfig.from_pretrained(resolve_model_path(model_name),
-                                                trust_remote_code=trust_remote_code).model_type
+        model_type = AutoConfig.from_pretrained(
+            resolve_model_path(model_name), trust_remote_code=trust_remote_code
+        ).model_type
     except Exception as e:  # noqa: BLE001 - said below
-        raise UserError(f"peft_config.target_modules: None means peft's default modules for the model's "
-                        f"architecture, but the config of {model_name!r} cannot be read ({type(e).__name__}); "
-                        "give target_modules") from e
+        raise UserError(
+            f"peft_config.target_modules: None means peft's default modules for the model's "
+            f"architecture, but the config of {model_name!r} cannot be read ({type(e).__name__}); "
+            "give target_modules"
+        ) from e
     if model_type not in MAPPING:
-        raise UserError(f"peft_config.target_modules: peft has no default modules for model type {model_type!r}; "
-                        "give target_modules (e.g. 'all-linear')")
+        raise UserError(
+            f"peft_config.target_modules: peft has no default modules for model type {model_type!r}; "
+            "give target_modules (e.g. 'all-linear')"
+        )
     return sorted(MAPPING[model_type])

@@ -30,7 +30,11 @@ from oapl.trl_names import TRL_DEFAULTS, TRL_FIELDS, TRL_NOOP, TRL_READ, TRL_TAB
 _MISSING = object()
 
 
-_EXTRA = ("num_train_epochs", "overwrite_output_dir", "logging_steps")  # OAPLConfig's own fields (not written to config.yaml)
+_EXTRA = (
+    "num_train_epochs",
+    "overwrite_output_dir",
+    "logging_steps",
+)  # OAPLConfig's own fields (not written to config.yaml)
 
 
 def _leaf_fields(cls: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
@@ -85,9 +89,12 @@ def _unknown(name: str) -> ValueError:
         what, hint = "a TRL/transformers training argument with no oapl equivalent", ""
     else:
         what, hint = "an unknown field", suggest(name)
-    return ValueError(f"{name!r} is {what}" + (f"; {hint}" if hint else "") +
-                      " (oapl fields go nested, optim={'lr': 1e-5}, or dotted, **{'optim.lr': 1e-5}; "
-                      "the TRL names oapl maps are in docs/coming-from-trl.md)")
+    return ValueError(
+        f"{name!r} is {what}"
+        + (f"; {hint}" if hint else "")
+        + " (oapl fields go nested, optim={'lr': 1e-5}, or dotted, **{'optim.lr': 1e-5}; "
+        "the TRL names oapl maps are in docs/coming-from-trl.md)"
+    )
 
 
 def _same(value: Any, allowed: Any) -> bool:
@@ -134,8 +141,10 @@ def _steps_or_share(name: str, value: Any, tree: dict, given: dict) -> int:
         steps = get_dotted(tree, "steps", _MISSING)
         if steps is _MISSING:
             if given.get("num_train_epochs") is not None:
-                raise ValueError(f"{name}={value} is a share of the run, which is only known once "
-                                 f"num_train_epochs is counted; give max_steps, or {name} in steps")
+                raise ValueError(
+                    f"{name}={value} is a share of the run, which is only known once "
+                    f"num_train_epochs is counted; give max_steps, or {name} in steps"
+                )
             steps = _default("steps")
         return max(1, math.ceil(value * steps))
     return _int(name, value)
@@ -223,11 +232,18 @@ def _steps_and_optimiser(t: _Translation, defaults: bool) -> None:
         put("steps", _int("max_steps", max_steps, 1), "max_steps")
     if "lr_scheduler_type" in given:
         kind = str(getattr(given["lr_scheduler_type"], "value", given["lr_scheduler_type"]))
-        schedules = {"linear": "linear", "constant": "constant", "constant_with_warmup": "constant",
-                     "cosine": "cosine", "cosine_with_min_lr": "cosine"}
+        schedules = {
+            "linear": "linear",
+            "constant": "constant",
+            "constant_with_warmup": "constant",
+            "cosine": "cosine",
+            "cosine_with_min_lr": "cosine",
+        }
         if kind not in schedules:
-            raise ValueError(f"lr_scheduler_type={kind!r} is not supported: oapl has linear, constant "
-                             f"(constant, constant_with_warmup) and cosine (cosine, cosine_with_min_lr) schedules")
+            raise ValueError(
+                f"lr_scheduler_type={kind!r} is not supported: oapl has linear, constant "
+                f"(constant, constant_with_warmup) and cosine (cosine, cosine_with_min_lr) schedules"
+            )
         put("optim.schedule", schedules[kind], "lr_scheduler_type")
     if "warmup_steps" in given:
         w = given["warmup_steps"]
@@ -237,8 +253,11 @@ def _steps_and_optimiser(t: _Translation, defaults: bool) -> None:
             put("optim.warmup_steps", _int("warmup_steps", w), "warmup_steps")
     if "adam_beta1" in given or "adam_beta2" in given:
         b1, b2 = _value(t.tree, "optim.betas")
-        put("optim.betas", (float(given.get("adam_beta1", b1)), float(given.get("adam_beta2", b2))),
-            "adam_beta1/adam_beta2")
+        put(
+            "optim.betas",
+            (float(given.get("adam_beta1", b1)), float(given.get("adam_beta2", b2))),
+            "adam_beta1/adam_beta2",
+        )
     if "max_grad_norm" in given:
         g = given["max_grad_norm"]
         put("optim.max_grad_norm", None if g in (None, 0, 0.0) else g, "max_grad_norm")
@@ -252,30 +271,45 @@ def _batch(t: _Translation, defaults: bool) -> None:
     if batch_names or defaults and t.get("rollout.prompts_per_step") is _MISSING:
         # unset: TRL's per_device_train_batch_size=8, gradient_accumulation_steps=1 (8 completions per step)
         micro = t.get("optim.micro_batch_size")
-        per_device = _int("per_device_train_batch_size", given.get(
-            "per_device_train_batch_size", micro if batch_names and micro is not _MISSING
-            else TRL_DEFAULTS["per_device_train_batch_size"]), 1)
-        accumulation = _int("gradient_accumulation_steps", given.get(
-            "gradient_accumulation_steps", TRL_DEFAULTS["gradient_accumulation_steps"]), 1)
+        per_device = _int(
+            "per_device_train_batch_size",
+            given.get(
+                "per_device_train_batch_size",
+                micro if batch_names and micro is not _MISSING else TRL_DEFAULTS["per_device_train_batch_size"],
+            ),
+            1,
+        )
+        accumulation = _int(
+            "gradient_accumulation_steps",
+            given.get("gradient_accumulation_steps", TRL_DEFAULTS["gradient_accumulation_steps"]),
+            1,
+        )
         total = per_device * accumulation
         if total % group:
             unset = "" if batch_names else " (TRL's defaults, as neither is given)"
             raise ValueError(
                 f"OAPLConfig: per_device_train_batch_size x gradient_accumulation_steps = {per_device} x "
                 f"{accumulation} = {total} completions per step{unset} is not a multiple of num_generations = "
-                f"{group}: a step takes whole groups of responses to one prompt (TRL requires the same)")
+                f"{group}: a step takes whole groups of responses to one prompt (TRL requires the same)"
+            )
         put("rollout.prompts_per_step", total // group, "per_device_train_batch_size x gradient_accumulation_steps")
         if "per_device_train_batch_size" in given or micro is _MISSING:
             put("optim.micro_batch_size", per_device, "per_device_train_batch_size")
-    if (defaults and "generation_batch_size" not in given and t.get("rollout.prompts_per_generate") is _MISSING
-            and t.get("rollout.prompts_per_step") is not _MISSING):
+    if (
+        defaults
+        and "generation_batch_size" not in given
+        and t.get("rollout.prompts_per_generate") is _MISSING
+        and t.get("rollout.prompts_per_step") is not _MISSING
+    ):
         # TRL: one generation batch per optimiser step (per_device_train_batch_size x gradient_accumulation_steps)
         put("rollout.prompts_per_generate", t.get("rollout.prompts_per_step"), "generation_batch_size")
     if given.get("generation_batch_size") is not None:
         gen = _int("generation_batch_size", given["generation_batch_size"], 1)
         if gen % group:
-            raise ValueError(f"generation_batch_size={gen} is not a multiple of num_generations = "
-                             f"{group} (the engine generates whole groups)")
+            raise ValueError(
+                f"generation_batch_size={gen} is not a multiple of num_generations = "
+                f"{group} (the engine generates whole groups)"
+            )
         put("rollout.prompts_per_generate", gen // group, "generation_batch_size")
 
 
@@ -295,8 +329,10 @@ def _engine_and_algorithm(t: _Translation) -> None:
         elif s in (False, "none", None):
             put("algorithm.scale_advantages", False, "scale_rewards")
         else:
-            raise ValueError(f"scale_rewards={s!r} is not supported: advantages are scaled by their "
-                             "group's std ('group'/True) or not at all ('none'/False)")
+            raise ValueError(
+                f"scale_rewards={s!r} is not supported: advantages are scaled by their "
+                "group's std ('group'/True) or not at all ('none'/False)"
+            )
     if "vllm_importance_sampling_correction" in given and not given["vllm_importance_sampling_correction"]:
         put("algorithm.is_cap", None, "vllm_importance_sampling_correction")
 
@@ -317,8 +353,10 @@ def _evaluation_and_checkpoints(t: _Translation) -> None:
             put("eval.at_start", False, "eval_strategy")
         put("eval.at_end", False, "eval_strategy")
     elif strategy not in (None, "steps"):
-        raise ValueError(f"eval_strategy={strategy!r} is not supported: use 'steps' (with "
-                         "eval_steps) or 'no'; oapl has no epochs of a fixed dataset")
+        raise ValueError(
+            f"eval_strategy={strategy!r} is not supported: use 'steps' (with "
+            "eval_steps) or 'no'; oapl has no epochs of a fixed dataset"
+        )
     every = given.get("eval_steps")
     if every is None and strategy == "steps":
         every = tree.get("logging_steps", TRL_DEFAULTS["logging_steps"])  # transformers' default
@@ -328,8 +366,7 @@ def _evaluation_and_checkpoints(t: _Translation) -> None:
     if strategy == "no":
         put("checkpoint.every", 0, "save_strategy")
     elif strategy not in (None, "steps"):
-        raise ValueError(f"save_strategy={strategy!r} is not supported: use 'steps' (with "
-                         "save_steps) or 'no'")
+        raise ValueError(f"save_strategy={strategy!r} is not supported: use 'steps' (with save_steps) or 'no'")
     if given.get("save_steps") is not None and strategy != "no":
         put("checkpoint.every", _steps_or_share("save_steps", given["save_steps"], tree, given), "save_steps")
 
@@ -348,8 +385,10 @@ def _logging(t: _Translation) -> None:
             names = ["tensorboard", "wandb"]
         unknown = [n for n in names if n not in ("tensorboard", "wandb", "none")]
         if unknown:
-            raise ValueError(f"report_to={report!r}: oapl reports to tensorboard and wandb (and "
-                             f"always metrics.jsonl), not {', '.join(map(repr, unknown))}")
+            raise ValueError(
+                f"report_to={report!r}: oapl reports to tensorboard and wandb (and "
+                f"always metrics.jsonl), not {', '.join(map(repr, unknown))}"
+            )
         put("logging.tensorboard", "tensorboard" in names, "report_to")
         put("logging.wandb", "wandb" in names, "report_to")
     if "disable_tqdm" in given and given["disable_tqdm"] is not None:
@@ -379,12 +418,23 @@ class OAPLConfig(TrainConfig):
     (``--algorithm.beta2 0.05``).
     """
 
-    num_train_epochs: float | None = Field(None, gt=0, exclude=True, description=(
-        "Passes over the training prompts; OAPLTrainer turns it into steps (max_steps wins)."))
-    overwrite_output_dir: bool = Field(False, exclude=True, description=(
-        "Replace the run in a non-empty output_dir (oapl train --overwrite)."))
-    logging_steps: float = Field(TRL_DEFAULTS["logging_steps"], gt=0, exclude=True, description=(
-        "TrainerCallback.on_log and trainer.state.log_history every this many steps (TRL's logging_steps)."))
+    num_train_epochs: float | None = Field(
+        None,
+        gt=0,
+        exclude=True,
+        description=("Passes over the training prompts; OAPLTrainer turns it into steps (max_steps wins)."),
+    )
+    overwrite_output_dir: bool = Field(
+        False, exclude=True, description=("Replace the run in a non-empty output_dir (oapl train --overwrite).")
+    )
+    logging_steps: float = Field(
+        TRL_DEFAULTS["logging_steps"],
+        gt=0,
+        exclude=True,
+        description=(
+            "TrainerCallback.on_log and trainer.state.log_history every this many steps (TRL's logging_steps)."
+        ),
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -458,8 +508,11 @@ def _attribute(obj: Any, dotted: str) -> Any:
 
 
 def _trl_property(name: str) -> property:
-    return property(lambda self: _trl_get(self, name), lambda self, v: self._set_trl(name, v),
-                    doc=f"TRL's ``{name}``: {TRL_TABLE[name].note or TRL_TABLE[name].target}")
+    return property(
+        lambda self: _trl_get(self, name),
+        lambda self, v: self._set_trl(name, v),
+        doc=f"TRL's ``{name}``: {TRL_TABLE[name].note or TRL_TABLE[name].target}",
+    )
 
 
 for _name in TRL_TABLE:
@@ -495,8 +548,11 @@ def _parser_fields() -> dict[str, dataclasses.Field]:
             dotted = f"{prefix}{name}"
             if dotted in out or not prefix:
                 continue
-            args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(
-                ann, types.UnionType) or typing.get_origin(ann) is typing.Union else [ann]
+            args = (
+                [a for a in typing.get_args(ann) if a is not type(None)]
+                if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union
+                else [ann]
+            )
             if len(args) == 1 and args[0] in (int, float, str, bool):
                 add(dotted, Optional[args[0]], field.description or "")  # noqa: UP045 - a runtime type for argparse
             elif len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
@@ -519,9 +575,22 @@ def warn_if_never_synced(cfg: TrainConfig) -> bool:
     logging.getLogger("oapl").warning(
         "max_steps=%d <= weight_sync_steps=%d (L, rollout.sync_interval; oapl's default 50): the engine samples "
         "with the initial weights for the whole run; set weight_sync_steps below max_steps (a few syncs per "
-        "run; docs/coming-from-trl.md, \"Choosing L and beta2\")", cfg.steps, cfg.rollout.sync_interval)
+        'run; docs/coming-from-trl.md, "Choosing L and beta2")',
+        cfg.steps,
+        cfg.rollout.sync_interval,
+    )
     return True
 
 
-__all__ = ["OAPLConfig", "TRL_DEFAULTS", "TRL_FIELDS", "TRL_NOOP", "TRL_TABLE", "TRLField", "UNSET", "docs_table", "suggest",
-           "warn_if_never_synced"]
+__all__ = [
+    "OAPLConfig",
+    "TRL_DEFAULTS",
+    "TRL_FIELDS",
+    "TRL_NOOP",
+    "TRL_TABLE",
+    "TRLField",
+    "UNSET",
+    "docs_table",
+    "suggest",
+    "warn_if_never_synced",
+]

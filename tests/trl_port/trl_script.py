@@ -16,8 +16,9 @@ OUTPUT_DIR = os.environ.get("PORT_OUTPUT_DIR", "runs/port")
 def make_rows(n, offset=0):
     rows = []
     for i in range(offset, offset + n):
-        rows.append({"prompt": [{"role": "user", "content": f"Say {i % 10}."}],
-                     "answer": str(i % 10), "max_chars": 4 + i % 3})
+        rows.append(
+            {"prompt": [{"role": "user", "content": f"Say {i % 10}."}], "answer": str(i % 10), "max_chars": 4 + i % 3}
+        )
     return rows
 
 

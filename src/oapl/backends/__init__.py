@@ -73,15 +73,15 @@ class Backend(Protocol):
 
     # what Run reads (read-only here: a backend may use a class attribute, an attribute or a property)
     @property
-    def description(self) -> str: ...         # progress-bar label
+    def description(self) -> str: ...  # progress-bar label
     @property
-    def syncs(self) -> bool: ...              # False: pi_inf is fixed for the whole run (offline)
+    def syncs(self) -> bool: ...  # False: pi_inf is fixed for the whole run (offline)
     @property
     def background_rollout(self) -> bool: ...  # the rollout may run in a background thread (rollout.asynchronous)
     @property
     def buffer_staleness(self) -> int | None: ...  # versions a buffered group may lag (None: any, stored data)
     @property
-    def task(self) -> Task | None: ...        # the task (prompts, reward, held-out split); None offline
+    def task(self) -> Task | None: ...  # the task (prompts, reward, held-out split); None offline
     @property
     def tokenizer(self) -> Any: ...
     @property
@@ -152,8 +152,17 @@ class OnlineBackend(abc.ABC):
         self.publish(version)
         cfg = self.cfg
         cls, engine = self.rollout_factory()
-        self.rollout = cls(engine, self.task, self.tokenizer, buffer, sampling, cfg.rollout.group_size,
-                           cfg.rollout.prompts_per_generate, cfg.seed, weights_id=cfg.model.name)
+        self.rollout = cls(
+            engine,
+            self.task,
+            self.tokenizer,
+            buffer,
+            sampling,
+            cfg.rollout.group_size,
+            cfg.rollout.prompts_per_generate,
+            cfg.seed,
+            weights_id=cfg.model.name,
+        )
         return self.rollout
 
     @abc.abstractmethod
@@ -168,12 +177,19 @@ class OnlineBackend(abc.ABC):
 
     def row_stats(self, rollout: Rollout, since: list[tuple[int, float]]) -> dict[str, Any]:
         r = generating(rollout)
-        return {"gen_tokens_per_s": r.tokens_per_s(r.gen_counters(), since),
-                "reward_errors": r.reward_errors, "stale_dropped": r.stale_dropped}
+        return {
+            "gen_tokens_per_s": r.tokens_per_s(r.gen_counters(), since),
+            "reward_errors": r.reward_errors,
+            "stale_dropped": r.stale_dropped,
+        }
 
     def progress_fields(self, metrics: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-        return {"reward": f"{metrics['reward_mean']:.3f}", "loss": f"{metrics['loss']:.4g}",
-                "v": row["weight_version"], "lag": row["lag"]}
+        return {
+            "reward": f"{metrics['reward_mean']:.3f}",
+            "loss": f"{metrics['loss']:.4g}",
+            "v": row["weight_version"],
+            "lag": row["lag"],
+        }
 
     def summary(self, rollout: Rollout) -> dict[str, Any]:
         r = generating(rollout)

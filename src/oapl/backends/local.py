@@ -39,8 +39,11 @@ class LocalBackend(OnlineBackend):
         self.tokenizer = policy.tokenizer
         # a LoRA checkpoint has no merged model: the engine starts from the base and the first sync
         # (Backend.start) sends it the trainer's weights
-        weights = (str(self.checkpoint / "model") if self.checkpoint is not None and not cfg.model.lora.enabled
-                   else policy.model_path)
+        weights = (
+            str(self.checkpoint / "model")
+            if self.checkpoint is not None and not cfg.model.lora.enabled
+            else policy.model_path
+        )
         in_memory = policy.hf_model() if engine_kind(cfg) == "transformers" else None
         self.engine = make_engine(cfg, weights, self.tokenizer, hf_model=in_memory)
         return state

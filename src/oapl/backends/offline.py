@@ -59,27 +59,36 @@ def check_sampling_provenance(groups: list[RolloutGroup], cfg: TrainConfig) -> N
     """
     source = cfg.offline.data
     s = cfg.sampling
-    checks = (("temperature", "sampling.temperature", s.temperature),
-              ("top_p", "sampling.top_p", s.top_p))
+    checks = (("temperature", "sampling.temperature", s.temperature), ("top_p", "sampling.top_p", s.top_p))
     problems: list[str] = []
     for key, field_name, want in checks:
-        bad = [g for g in groups if not isinstance(g.sampling.get(key), (int, float))
-               or not math.isclose(float(g.sampling[key]), want, rel_tol=0.0, abs_tol=1e-9)]
+        bad = [
+            g
+            for g in groups
+            if not isinstance(g.sampling.get(key), (int, float))
+            or not math.isclose(float(g.sampling[key]), want, rel_tol=0.0, abs_tol=1e-9)
+        ]
         if bad:
             got = sorted({repr(g.sampling.get(key, "not recorded")) for g in bad})
-            problems.append(f"{len(bad)} of {len(groups)} groups were sampled with {key}={', '.join(got)} "
-                            f"(e.g. prompt_id {bad[0].prompt_id!r}) but {field_name} is {want}")
+            problems.append(
+                f"{len(bad)} of {len(groups)} groups were sampled with {key}={', '.join(got)} "
+                f"(e.g. prompt_id {bad[0].prompt_id!r}) but {field_name} is {want}"
+            )
     bad = [g for g in groups if not _same_weights(g.weights_id, cfg.model.name)]
     if bad:
         got = sorted({repr(g.weights_id) for g in bad})
-        problems.append(f"{len(bad)} of {len(groups)} groups were sampled by weights_id={', '.join(got)} "
-                        f"(e.g. prompt_id {bad[0].prompt_id!r}) but model.name is {cfg.model.name!r}")
+        problems.append(
+            f"{len(bad)} of {len(groups)} groups were sampled by weights_id={', '.join(got)} "
+            f"(e.g. prompt_id {bad[0].prompt_id!r}) but model.name is {cfg.model.name!r}"
+        )
     if not problems:
         return
-    text = (f"offline.data {source}: " + "; ".join(problems) + ". The stored log-probs are pi_inf of the "
-            "data's own sampling; training at other settings regresses onto a distribution the data was not "
-            "drawn from. Set the configuration to the recorded values, or offline.allow_sampling_mismatch="
-            "true to train anyway")
+    text = (
+        f"offline.data {source}: " + "; ".join(problems) + ". The stored log-probs are pi_inf of the "
+        "data's own sampling; training at other settings regresses onto a distribution the data was not "
+        "drawn from. Set the configuration to the recorded values, or offline.allow_sampling_mismatch="
+        "true to train anyway"
+    )
     if cfg.offline.allow_sampling_mismatch:
         log.warning("%s (allowed by offline.allow_sampling_mismatch)", text)
         return
@@ -150,13 +159,16 @@ class OfflineBackend:
         self._resume_step = 0
         groups = read_rollouts(off.data)
         check_sampling_provenance(groups, cfg)  # before anything slow is loaded
-        self.groups, self.filter_counts = filter_groups(groups, min_correct=off.min_correct,
-                                                        drop_all_correct=off.drop_all_correct)
+        self.groups, self.filter_counts = filter_groups(
+            groups, min_correct=off.min_correct, drop_all_correct=off.drop_all_correct
+        )
         log.info("offline data %s: %s", off.data, self.filter_counts)
         if len(self.groups) < cfg.rollout.prompts_per_step:
-            raise ValueError(f"offline.data: only {len(self.groups)} prompt groups left after filtering "
-                             f"{self.filter_counts}; need at least rollout.prompts_per_step="
-                             f"{cfg.rollout.prompts_per_step}")
+            raise ValueError(
+                f"offline.data: only {len(self.groups)} prompt groups left after filtering "
+                f"{self.filter_counts}; need at least rollout.prompts_per_step="
+                f"{cfg.rollout.prompts_per_step}"
+            )
         self.per_epoch = len(self.groups) // cfg.rollout.prompts_per_step
         self.total_steps = self.per_epoch * off.epochs
 
@@ -164,8 +176,10 @@ class OfflineBackend:
         cfg = self.cfg
         self.checkpoint = resume_checkpoint(run_dir, resume) if resume else None
         if self.checkpoint is not None and cfg.algorithm.reference_logprobs == "recompute":
-            raise ValueError("resuming offline training with reference_logprobs=recompute needs the "
-                             "sampling weights; restart the stage instead")
+            raise ValueError(
+                "resuming offline training with reference_logprobs=recompute needs the "
+                "sampling weights; restart the stage instead"
+            )
         if cfg.distributed.backend == "ray":
             state = self._build_ranks(run_dir, resume)
         else:  # the one restore path: fp32 masters (or LoRA adapters), optimiser and schedule
@@ -193,8 +207,9 @@ class OfflineBackend:
                 self.trainers.call("snapshot_reference")
             else:
                 built(self.policy, "the policy").snapshot_reference()
-        return StoredRollout(self.groups, self.cfg.rollout.prompts_per_step, self.cfg.seed, buffer,
-                             position=self._resume_step)
+        return StoredRollout(
+            self.groups, self.cfg.rollout.prompts_per_step, self.cfg.seed, buffer, position=self._resume_step
+        )
 
     def train_step(self, groups) -> dict[str, float]:
         if self.trainers is not None:

@@ -68,17 +68,32 @@ def _print_result(result) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oapl", description="Off-policy RL post-training of LLMs with OAPL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: "
-                        "OAPL_DEBUG=1); without it a mistake in the input is one line `oapl: <what>: <why>`")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error (also: "
+        "OAPL_DEBUG=1); without it a mistake in the input is one line `oapl: <what>: <why>`",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train with OAPL (or GRPO) and a lagged inference engine",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=fields_help(TrainConfig))
+    p = sub.add_parser(
+        "train",
+        help="train with OAPL (or GRPO) and a lagged inference engine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=fields_help(TrainConfig),
+    )
     add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir "
-                   "(also: a bare `resume` word)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty output_dir (its "
-                   "files are deleted once the new run has started); without --resume or --overwrite a "
-                   "non-empty output_dir is refused")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in output_dir (also: a bare `resume` word)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in a non-empty output_dir (its "
+        "files are deleted once the new run has started); without --resume or --overwrite a "
+        "non-empty output_dir is refused",
+    )
     p.set_defaults(func=cmd_train)
     from oapl import check
     from oapl.cli import compare, rollouts
@@ -106,8 +121,10 @@ def _interrupted(args, exc: KeyboardInterrupt) -> str:
         except OSError:
             latest = None
     if latest is not None:
-        return (f"oapl: interrupted ({signals.signal_name(exc)}) before a checkpoint was written; the latest "
-                f"checkpoint is {latest} (--resume continues from it)")
+        return (
+            f"oapl: interrupted ({signals.signal_name(exc)}) before a checkpoint was written; the latest "
+            f"checkpoint is {latest} (--resume continues from it)"
+        )
     return f"oapl: interrupted ({signals.signal_name(exc)}); no checkpoint was written"
 
 

@@ -22,8 +22,17 @@ def cmd_generate(args) -> int:
     from oapl.preflight import check_config
 
     check_config(cfg, model=args.model)  # a wrong model/dataset name fails now, naming its field
-    out = generate_dataset(cfg, args.out, split=args.split, n=args.n, model=args.model, max_prompts=args.max_prompts,
-                           subset=args.subset, subset_seed=args.subset_seed, benchmark=args.benchmark or cfg.task.name)
+    out = generate_dataset(
+        cfg,
+        args.out,
+        split=args.split,
+        n=args.n,
+        model=args.model,
+        max_prompts=args.max_prompts,
+        subset=args.subset,
+        subset_seed=args.subset_seed,
+        benchmark=args.benchmark or cfg.task.name,
+    )
     print(json.dumps(out, indent=2))
     return 0
 
@@ -61,15 +70,29 @@ def cmd_eval(args) -> int:
             bench = get_benchmark(name.strip())
             cfg = with_updates(base, task_overrides(bench))
             data_dir = prefix.parent / f"{prefix.name}_rollouts" / bench.name
-            generate_dataset(cfg, data_dir, split="eval", model=args.model, params=params,
-                             max_prompts=args.max_prompts, benchmark=bench.name)
+            generate_dataset(
+                cfg,
+                data_dir,
+                split="eval",
+                model=args.model,
+                params=params,
+                max_prompts=args.max_prompts,
+                benchmark=bench.name,
+            )
             sources.append(str(data_dir))
     if not sources:  # generate on the held-out split first
         cfg = _cfg(args)
         params = eval_sampling_params(cfg, n=args.n)
         data_dir = prefix.parent / f"{prefix.name}_rollouts"
-        generate_dataset(cfg, data_dir, split="eval", model=args.model, params=params,
-                         max_prompts=args.max_prompts, benchmark=args.benchmark or cfg.task.name)
+        generate_dataset(
+            cfg,
+            data_dir,
+            split="eval",
+            model=args.model,
+            params=params,
+            max_prompts=args.max_prompts,
+            benchmark=args.benchmark or cfg.task.name,
+        )
         sources = [str(data_dir)]
     groups = [g for s in sources for g in read_rollouts(s, with_tokens=False)]
     ks = [int(k) for k in args.ks.split(",")] if args.ks else None
@@ -115,14 +138,18 @@ def cmd_two_stage(args) -> int:
     from oapl.preflight import check_config
 
     check_config(cfg)  # a wrong model/dataset name fails now, naming its field
-    report = run_two_stage(cfg, stage2_prompts=args.stage2_prompts, stage2_epochs=args.stage2_epochs,
-                           evaluate_base=not args.skip_base_eval)
+    report = run_two_stage(
+        cfg, stage2_prompts=args.stage2_prompts, stage2_epochs=args.stage2_epochs, evaluate_base=not args.skip_base_eval
+    )
     for label, r in report["eval"].items():
         print(f"{label:>16}: pass@1 {r['pass@1']:.4f}  ({r['model']})")
     best = report["best"]
-    print(f"best: {best['label']} pass@1 {best['pass@1']:.4f}, chosen among the stage-2 checkpoints on "
-          f"{best['selected_on']}" + (" (the reported split: optimistic)" if best["selected_on_test_split"] else "")
-          + f"; report: {cfg.output_dir}/report.json")
+    print(
+        f"best: {best['label']} pass@1 {best['pass@1']:.4f}, chosen among the stage-2 checkpoints on "
+        f"{best['selected_on']}"
+        + (" (the reported split: optimistic)" if best["selected_on_test_split"] else "")
+        + f"; report: {cfg.output_dir}/report.json"
+    )
     return 0
 
 
@@ -139,7 +166,9 @@ def register(sub) -> None:
     p.add_argument("--benchmark", default=None, help="benchmark label stored with each row")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="Pass@k (unbiased estimator) of rollout datasets, or of a model on the held-out split")
+    p = sub.add_parser(
+        "eval", help="Pass@k (unbiased estimator) of rollout datasets, or of a model on the held-out split"
+    )
     add_config_args(p, "YAML config (the same file `oapl train` takes)")
     p.add_argument("--rollouts", nargs="*", help="rollout datasets to score (else: generate on the held-out split)")
     p.add_argument("--out", required=True, help="report prefix: writes PREFIX.json and PREFIX.csv")
@@ -149,14 +178,20 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="reward counted as correct")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--benchmark", default=None, help="label for the held-out split's rows")
-    p.add_argument("--benchmarks", default=None, help="comma-separated named benchmarks to generate on: "
-                   "aime25, hmmt25_feb, hmmt25_nov, brumo25, deepscaler")
+    p.add_argument(
+        "--benchmarks",
+        default=None,
+        help="comma-separated named benchmarks to generate on: aime25, hmmt25_feb, hmmt25_nov, brumo25, deepscaler",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="Pass@k curves or training curves as PNG")
     p.add_argument("kind", choices=["passk", "training"])
-    p.add_argument("runs", nargs="+", help="LABEL=PATH items: eval JSON reports (passk) or run dirs / "
-                   "metrics.jsonl files (training)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="LABEL=PATH items: eval JSON reports (passk) or run dirs / metrics.jsonl files (training)",
+    )
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--benchmark", default=None, help="passk: one benchmark, 'overall' or 'mean'")
     p.add_argument("--keys", default=None, help="training: comma-separated metric keys")

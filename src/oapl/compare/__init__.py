@@ -28,8 +28,16 @@ from __future__ import annotations
 import shlex
 import sys
 
-from oapl.compare.plan import (Beta2SweepConfig, ClaimsConfig, CompareConfig, FinalEvalConfig, LagSweepConfig, PlannedRun,
-                               load_compare_config, plan_runs)
+from oapl.compare.plan import (
+    Beta2SweepConfig,
+    ClaimsConfig,
+    CompareConfig,
+    FinalEvalConfig,
+    LagSweepConfig,
+    PlannedRun,
+    load_compare_config,
+    plan_runs,
+)
 from oapl.compare.report import build_report
 from oapl.compare.runner import run_compare
 from oapl.compare.summary import summarize_run

@@ -13,8 +13,19 @@ from pydantic import Field, field_validator, model_validator
 from oapl.config import ConfigError, Section, TrainConfig, load_config
 from oapl.config_views import set_dotted
 
-__all__ = ["Beta2SweepConfig", "ClaimsConfig", "CompareConfig", "FinalEvalConfig", "LagSweepConfig", "PlannedRun",
-           "base_eval_dir", "eval_seed", "final_eval_settings", "load_compare_config", "plan_runs"]
+__all__ = [
+    "Beta2SweepConfig",
+    "ClaimsConfig",
+    "CompareConfig",
+    "FinalEvalConfig",
+    "LagSweepConfig",
+    "PlannedRun",
+    "base_eval_dir",
+    "eval_seed",
+    "final_eval_settings",
+    "load_compare_config",
+    "plan_runs",
+]
 
 
 def _default_algorithms() -> dict[str, dict[str, Any] | None]:
@@ -29,16 +40,23 @@ def _default_algorithms() -> dict[str, dict[str, Any] | None]:
 
 class LagSweepConfig(Section):
     enabled: bool = Field(True, description="Run the OAPL lag sweep.")
-    intervals: list[int] = Field(default_factory=lambda: [1, 10, 50, 100],
-                                 description="Sync intervals L (trainer steps between weight syncs).")
-    steps: int | None = Field(None, ge=1, description="Steps of every sweep run (default: max(base.steps, "
-                              "min_syncs * max(intervals))).")
+    intervals: list[int] = Field(
+        default_factory=lambda: [1, 10, 50, 100], description="Sync intervals L (trainer steps between weight syncs)."
+    )
+    steps: int | None = Field(
+        None, ge=1, description="Steps of every sweep run (default: max(base.steps, min_syncs * max(intervals)))."
+    )
     min_syncs: int = Field(2, ge=1, description="Weight windows the largest L must see when `steps` is unset.")
-    seeds: list[int] | None = Field(None, description="Seeds of the sweep (default: the study's `seeds`). A "
-                                    "subset of them shares its L that equals an algorithm run's with that run; "
-                                    "fewer seeds make the sweep cheaper and its claim looser.")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Nested overrides of `base` for "
-                                      "the sweep runs (algorithm.name is forced to oapl).")
+    seeds: list[int] | None = Field(
+        None,
+        description="Seeds of the sweep (default: the study's `seeds`). A "
+        "subset of them shares its L that equals an algorithm run's with that run; "
+        "fewer seeds make the sweep cheaper and its claim looser.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Nested overrides of `base` for the sweep runs (algorithm.name is forced to oapl).",
+    )
 
     @field_validator("intervals")
     @classmethod
@@ -50,15 +68,24 @@ class LagSweepConfig(Section):
 
 class Beta2SweepConfig(Section):
     enabled: bool = Field(False, description="Run OAPL once per beta2 value (how the study's beta2 was chosen).")
-    values: list[float] = Field(default_factory=lambda: [0.005, 0.02, 0.05, 0.2],
-                                description="beta2 values (OAPL's KL weight).")
-    seeds: list[int] = Field(default_factory=lambda: [100], description="Seeds of the sweep runs (kept apart "
-                             "from the study's seeds, so the choice is not made on the runs it is judged by).")
+    values: list[float] = Field(
+        default_factory=lambda: [0.005, 0.02, 0.05, 0.2], description="beta2 values (OAPL's KL weight)."
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [100],
+        description="Seeds of the sweep runs (kept apart "
+        "from the study's seeds, so the choice is not made on the runs it is judged by).",
+    )
     steps: int | None = Field(None, ge=1, description="Steps of every sweep run (default: base.steps).")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Nested overrides of `base` for the "
-                                      "sweep runs (algorithm.name is forced to oapl).")
-    note: str | None = Field(None, description="How the study's beta2 relates to this sweep (fixed beforehand, "
-                             "or chosen by a stated rule on the sweep's seeds); printed in the report.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Nested overrides of `base` for the sweep runs (algorithm.name is forced to oapl).",
+    )
+    note: str | None = Field(
+        None,
+        description="How the study's beta2 relates to this sweep (fixed beforehand, "
+        "or chosen by a stated rule on the sweep's seeds); printed in the report.",
+    )
 
     @field_validator("values")
     @classmethod
@@ -69,22 +96,33 @@ class Beta2SweepConfig(Section):
 
 
 class FinalEvalConfig(Section):
-    enabled: bool = Field(True, description="Evaluate every run's final weights (and the base model once) on the "
-                          "held-out split, kept per prompt: Pass@k for k = 1..n, the trained policy's entropy, "
-                          "paired intervals in the report.")
+    enabled: bool = Field(
+        True,
+        description="Evaluate every run's final weights (and the base model once) on the "
+        "held-out split, kept per prompt: Pass@k for k = 1..n, the trained policy's entropy, "
+        "paired intervals in the report.",
+    )
     n: int = Field(16, ge=1, description="Samples per held-out prompt.")
-    max_prompts: int | None = Field(None, ge=1, description="First N held-out prompts (default: all of "
-                                    "task.num_eval / the eval dataset).")
-    temperature: float | None = Field(None, gt=0, description="Default: base.sampling.temperature (the "
-                                      "training distribution).")
+    max_prompts: int | None = Field(
+        None, ge=1, description="First N held-out prompts (default: all of task.num_eval / the eval dataset)."
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="Default: base.sampling.temperature (the training distribution)."
+    )
     top_p: float | None = Field(None, gt=0, le=1, description="Default: base.sampling.top_p.")
-    entropy: bool = Field(True, description="Score the samples with the same weights: token and sequence "
-                          "entropy of the trained policy on held-out prompts.")
-    entropy_samples: int | None = Field(4, ge=1, description="Responses per prompt whose entropy is scored "
-                                        "(null = all n).")
+    entropy: bool = Field(
+        True,
+        description="Score the samples with the same weights: token and sequence "
+        "entropy of the trained policy on held-out prompts.",
+    )
+    entropy_samples: int | None = Field(
+        4, ge=1, description="Responses per prompt whose entropy is scored (null = all n)."
+    )
     engine: Literal["auto", "vllm", "transformers"] | None = Field(
-        None, description="Engine that samples the final evaluations (default: base.engine.kind); vllm is much "
-        "faster for n x prompts samples and gets an export of each run's final weights.")
+        None,
+        description="Engine that samples the final evaluations (default: base.engine.kind); vllm is much "
+        "faster for n x prompts samples and gets an export of each run's final weights.",
+    )
     batch_prompts: int = Field(32, ge=1, description="Prompts per generate call.")
 
 
@@ -92,17 +130,32 @@ class ClaimsConfig(Section):
     """The verdict thresholds, declared with the study before it runs (docs/compare.md, "Verdict rules")."""
 
     non_inferiority_margin: float | None = Field(
-        None, gt=0, description="Declare the claim 'OAPL's pass@1 is at most this much below GRPO+IS's' "
-        "(0.03 = 3 points); null = no non-inferiority claim. Declared before the study, never chosen after.")
-    keeps_entropy: float = Field(0.10, gt=0, lt=1, description="An arm 'keeps the entropy' when its token (and "
-                                 "sequence) entropy falls by less than this fraction of the base model's (its "
-                                 "95% interval's lower bound above -keeps_entropy x base); 'reduces' it when "
-                                 "the upper bound is below that.")
-    clip_acted: float = Field(0.001, gt=0, description="GRPO's PPO clip acted in an arm when its clip "
-                              "fraction (mean over steps and seeds) exceeds this.")
-    is_acted: float = Field(0.02, gt=0, description="GRPO's importance weight acted in an arm when its p1 or "
-                            "p99 over tokens (mean over steps and seeds) is more than this away from 1, or its "
-                            "mean is.")
+        None,
+        gt=0,
+        description="Declare the claim 'OAPL's pass@1 is at most this much below GRPO+IS's' "
+        "(0.03 = 3 points); null = no non-inferiority claim. Declared before the study, never chosen after.",
+    )
+    keeps_entropy: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="An arm 'keeps the entropy' when its token (and "
+        "sequence) entropy falls by less than this fraction of the base model's (its "
+        "95% interval's lower bound above -keeps_entropy x base); 'reduces' it when "
+        "the upper bound is below that.",
+    )
+    clip_acted: float = Field(
+        0.001,
+        gt=0,
+        description="GRPO's PPO clip acted in an arm when its clip fraction (mean over steps and seeds) exceeds this.",
+    )
+    is_acted: float = Field(
+        0.02,
+        gt=0,
+        description="GRPO's importance weight acted in an arm when its p1 or "
+        "p99 over tokens (mean over steps and seeds) is more than this away from 1, or its "
+        "mean is.",
+    )
 
 
 class CompareConfig(Section):
@@ -115,26 +168,41 @@ class CompareConfig(Section):
     title: str = Field("OAPL vs GRPO+IS, and an OAPL lag sweep", description="Report title.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Run every configuration once per seed.")
     smooth: int = Field(10, ge=1, description="Rolling-mean window (steps) of per-step curves in the figures.")
-    share_start_eval: bool = Field(True, description="Evaluate the initial weights once per seed and copy that "
-                                   "step-0 row into the other runs (same weights, task, eval settings and "
-                                   "engine seed give the same samples).")
-    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every run about this often (rounded up to a "
-                                  "multiple of its L, so a resumed run continues bit-exactly at a sync); an "
-                                  "interrupted study resumes every run from its latest checkpoint. 0 = only at "
-                                  "the end.")
+    share_start_eval: bool = Field(
+        True,
+        description="Evaluate the initial weights once per seed and copy that "
+        "step-0 row into the other runs (same weights, task, eval settings and "
+        "engine seed give the same samples).",
+    )
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description="Checkpoint every run about this often (rounded up to a "
+        "multiple of its L, so a resumed run continues bit-exactly at a sync); an "
+        "interrupted study resumes every run from its latest checkpoint. 0 = only at "
+        "the end.",
+    )
     base: dict[str, Any] = Field(default_factory=dict, description="The shared `oapl train` configuration.")
     algorithms: dict[str, dict[str, Any] | None] = Field(
-        default_factory=_default_algorithms, description="Head-to-head runs: name -> nested overrides of base "
-        "(null leaves the run out, e.g. in the `quick` section).")
+        default_factory=_default_algorithms,
+        description="Head-to-head runs: name -> nested overrides of base "
+        "(null leaves the run out, e.g. in the `quick` section).",
+    )
     lag_sweep: LagSweepConfig = Field(default_factory=LagSweepConfig)
     beta2_sweep: Beta2SweepConfig = Field(default_factory=Beta2SweepConfig)
     final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
-    margin: float = Field(0.05, gt=0, description="The smallest advantage that matters (0.05 = 5 points of "
-                          "pass@k): a claimed advantage whose 95% interval's upper bound is below it is not "
-                          "reproduced; the report says how many seeds would narrow an interval to it.")
+    margin: float = Field(
+        0.05,
+        gt=0,
+        description="The smallest advantage that matters (0.05 = 5 points of "
+        "pass@k): a claimed advantage whose 95% interval's upper bound is below it is not "
+        "reproduced; the report says how many seeds would narrow an interval to it.",
+    )
     claims: ClaimsConfig = Field(default_factory=ClaimsConfig)
-    quick: dict[str, Any] = Field(default_factory=dict, description="Overrides of this study applied by "
-                                  "`oapl compare --quick` (fewer seeds, steps, prompts).")
+    quick: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of this study applied by `oapl compare --quick` (fewer seeds, steps, prompts).",
+    )
     notes: str | None = Field(None, description="Free text copied into the report.")
 
     @field_validator("seeds")
@@ -148,8 +216,10 @@ class CompareConfig(Section):
     def _lag_seeds(self) -> CompareConfig:
         extra = [s for s in (self.lag_sweep.seeds or []) if s not in self.seeds]
         if self.lag_sweep.seeds is not None and (not self.lag_sweep.seeds or extra):
-            raise ValueError(f"lag_sweep.seeds must be a non-empty subset of seeds {self.seeds}; "
-                             f"{'not in seeds: ' + str(extra) if extra else 'got []'}")
+            raise ValueError(
+                f"lag_sweep.seeds must be a non-empty subset of seeds {self.seeds}; "
+                f"{'not in seeds: ' + str(extra) if extra else 'got []'}"
+            )
         return self
 
     def report_path(self) -> Path:
@@ -260,28 +330,61 @@ def plan_runs(cc: CompareConfig, only: str = "all") -> list[PlannedRun]:
             tree = _deep_merge(tree, {"seed": seed, "output_dir": str(run_dir)})
             lag = _train_config(tree, f"algorithms.{name}").rollout.sync_interval
             cfg = _train_config(_with_study_settings(cc, tree, lag), f"algorithms.{name}")
-            algo_runs.append(PlannedRun(name, "algorithms", seed, cfg, _algo_label(cfg), lag, run_dir=run_dir,
-                                        beta2=cfg.algorithm.beta2 if cfg.algorithm.name == "oapl" else None))
+            algo_runs.append(
+                PlannedRun(
+                    name,
+                    "algorithms",
+                    seed,
+                    cfg,
+                    _algo_label(cfg),
+                    lag,
+                    run_dir=run_dir,
+                    beta2=cfg.algorithm.beta2 if cfg.algorithm.name == "oapl" else None,
+                )
+            )
         if only in ("all", "algorithms"):
             runs.extend(algo_runs)
         lag_seeds = cc.seeds if cc.lag_sweep.seeds is None else cc.lag_sweep.seeds
         if cc.lag_sweep.enabled and only in ("all", "lag") and seed in lag_seeds:
-            sweep_steps = cc.lag_sweep.steps or max(base_cfg.steps, cc.lag_sweep.min_syncs * max(cc.lag_sweep.intervals))
+            sweep_steps = cc.lag_sweep.steps or max(
+                base_cfg.steps, cc.lag_sweep.min_syncs * max(cc.lag_sweep.intervals)
+            )
             for L in cc.lag_sweep.intervals:
                 name = f"oapl_L{L}"
                 run_dir = out_root / name / f"seed{seed}"
                 tree = _deep_merge(base, cc.lag_sweep.overrides)
-                tree = _deep_merge(tree, {"seed": seed, "steps": sweep_steps, "output_dir": str(run_dir),
-                                          "algorithm": {"name": "oapl"},
-                                          "rollout": {"sync_interval": L, "max_staleness": 0}})
+                tree = _deep_merge(
+                    tree,
+                    {
+                        "seed": seed,
+                        "steps": sweep_steps,
+                        "output_dir": str(run_dir),
+                        "algorithm": {"name": "oapl"},
+                        "rollout": {"sync_interval": L, "max_staleness": 0},
+                    },
+                )
                 cfg = _train_config(_with_study_settings(cc, tree, L), f"lag_sweep (L={L})")
                 same = next((r for r in algo_runs if comparable(r.cfg) == comparable(cfg)), None)
                 if same is not None:
-                    runs.append(PlannedRun(name, "lag_sweep", seed, same.cfg, f"OAPL L={L}", L,
-                                           same_as=same.name, run_dir=same.run_dir, beta2=same.beta2))
+                    runs.append(
+                        PlannedRun(
+                            name,
+                            "lag_sweep",
+                            seed,
+                            same.cfg,
+                            f"OAPL L={L}",
+                            L,
+                            same_as=same.name,
+                            run_dir=same.run_dir,
+                            beta2=same.beta2,
+                        )
+                    )
                 else:
-                    runs.append(PlannedRun(name, "lag_sweep", seed, cfg, f"OAPL L={L}", L, run_dir=run_dir,
-                                           beta2=cfg.algorithm.beta2))
+                    runs.append(
+                        PlannedRun(
+                            name, "lag_sweep", seed, cfg, f"OAPL L={L}", L, run_dir=run_dir, beta2=cfg.algorithm.beta2
+                        )
+                    )
     b2 = cc.beta2_sweep
     if b2.enabled and only in ("all", "beta2"):
         for seed in b2.seeds:
@@ -289,12 +392,29 @@ def plan_runs(cc: CompareConfig, only: str = "all") -> list[PlannedRun]:
                 name = f"oapl_b2_{value:g}"
                 run_dir = out_root / name / f"seed{seed}"
                 tree = _deep_merge(base, b2.overrides)
-                tree = _deep_merge(tree, {"seed": seed, "steps": b2.steps or base_cfg.steps,
-                                          "output_dir": str(run_dir), "algorithm": {"name": "oapl", "beta2": value}})
+                tree = _deep_merge(
+                    tree,
+                    {
+                        "seed": seed,
+                        "steps": b2.steps or base_cfg.steps,
+                        "output_dir": str(run_dir),
+                        "algorithm": {"name": "oapl", "beta2": value},
+                    },
+                )
                 lag = _train_config(tree, f"beta2_sweep (beta2={value:g})").rollout.sync_interval
                 cfg = _train_config(_with_study_settings(cc, tree, lag), f"beta2_sweep (beta2={value:g})")
-                runs.append(PlannedRun(name, "beta2_sweep", seed, cfg, f"OAPL beta2={value:g} (L={lag})", lag,
-                                       run_dir=run_dir, beta2=value))
+                runs.append(
+                    PlannedRun(
+                        name,
+                        "beta2_sweep",
+                        seed,
+                        cfg,
+                        f"OAPL beta2={value:g} (L={lag})",
+                        lag,
+                        run_dir=run_dir,
+                        beta2=value,
+                    )
+                )
     return runs
 
 
@@ -315,9 +435,16 @@ def _algo_label(cfg: TrainConfig) -> str:
 
 def final_eval_settings(cc: CompareConfig) -> dict[str, Any]:
     fe = cc.final_eval
-    return {"n": fe.n, "temperature": fe.temperature, "top_p": fe.top_p, "entropy": fe.entropy,
-            "batch_prompts": fe.batch_prompts, "max_prompts": fe.max_prompts, "entropy_samples": fe.entropy_samples,
-            "engine": fe.engine}
+    return {
+        "n": fe.n,
+        "temperature": fe.temperature,
+        "top_p": fe.top_p,
+        "entropy": fe.entropy,
+        "batch_prompts": fe.batch_prompts,
+        "max_prompts": fe.max_prompts,
+        "entropy_samples": fe.entropy_samples,
+        "engine": fe.engine,
+    }
 
 
 def base_eval_dir(cc: CompareConfig) -> Path:

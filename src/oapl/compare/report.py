@@ -12,8 +12,16 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-from oapl.compare.claims import (LEGEND, ConfigResults, collect, contradicted, correction_acted,
-                                 judge_claims, paired, sharpening_sentence)
+from oapl.compare.claims import (
+    LEGEND,
+    ConfigResults,
+    collect,
+    contradicted,
+    correction_acted,
+    judge_claims,
+    paired,
+    sharpening_sentence,
+)
 from oapl.compare.plan import CompareConfig, PlannedRun, base_eval_dir, final_eval_settings, plan_runs
 from oapl.compare.summary import smoothed_metrics, summarize_run
 from oapl.config import TrainConfig
@@ -44,73 +52,121 @@ def _machine() -> str:
     import torch
 
     try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), platform.processor())
+        cpu = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        )
     except OSError:
         cpu = platform.processor()
     try:
         load = f", load average at report time {os.getloadavg()[0]:.1f}"
     except OSError:
         load = ""
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}){load}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}){load}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def _setup_table(cfg: TrainConfig, cc: CompareConfig, runs: Sequence[PlannedRun] = ()) -> list[str]:
     s, r, o, m, e = cfg.sampling, cfg.rollout, cfg.optim, cfg.model, cfg.eval
     # runs whose batch differs from the first one's (e.g. GRPO+IS with 2 mini-batches of whole groups)
-    other = {f"{x.label}: {x.cfg.rollout.prompts_per_step} x {x.cfg.rollout.group_size} per step, {x.cfg.steps} steps"
-             for x in runs if (x.cfg.rollout.prompts_per_step, x.cfg.rollout.group_size)
-             != (r.prompts_per_step, r.group_size)}
-    lora = (f"LoRA r={m.lora.r}, alpha={m.lora.alpha} on `{m.lora.target_modules}`" if m.lora.enabled
-            else "all weights")
+    other = {
+        f"{x.label}: {x.cfg.rollout.prompts_per_step} x {x.cfg.rollout.group_size} per step, {x.cfg.steps} steps"
+        for x in runs
+        if (x.cfg.rollout.prompts_per_step, x.cfg.rollout.group_size) != (r.prompts_per_step, r.group_size)
+    }
+    lora = f"LoRA r={m.lora.r}, alpha={m.lora.alpha} on `{m.lora.target_modules}`" if m.lora.enabled else "all weights"
     t = cfg.task
     fields = {k: v for k, v in t.model_dump(mode="json", exclude_defaults=True).items() if k != "name"}
     task = f"`{t.name}`" + (f" ({', '.join(f'{k}={v}' for k, v in fields.items())})" if fields else "")
     rows = [
         ("model", f"`{m.name}` ({lora}, weights {m.param_dtype}, compute {m.compute_dtype})"),
         ("task", task),
-        ("batch", f"{r.prompts_per_step} prompts x G={r.group_size} = {r.prompts_per_step * r.group_size} "
-                  f"responses per trainer step" + (f" ({'; '.join(sorted(other))})" if other else "")),
+        (
+            "batch",
+            f"{r.prompts_per_step} prompts x G={r.group_size} = {r.prompts_per_step * r.group_size} "
+            f"responses per trainer step" + (f" ({'; '.join(sorted(other))})" if other else ""),
+        ),
         ("sampling", f"temperature {s.temperature}, top-p {s.top_p}, max {s.max_tokens} tokens"),
-        ("optimiser", f"AdamW lr {o.lr:g}, betas {tuple(o.betas)}, grad-norm clip {o.max_grad_norm}, "
-                      f"{o.schedule} schedule"),
-        ("OAPL", f"beta1 {cfg.algorithm.beta1:g}, beta2 {cfg.algorithm.beta2:g}, log pi_inf from "
-                 f"`{cfg.algorithm.reference_logprobs}`"),
-        ("in-run eval", f"every {e.every or '—'} steps, n={e.n} at temperature {e.temperature}"
-                        + ("" if e.at_start or e.at_end or e.every else " (off)")),
+        (
+            "optimiser",
+            f"AdamW lr {o.lr:g}, betas {tuple(o.betas)}, grad-norm clip {o.max_grad_norm}, {o.schedule} schedule",
+        ),
+        (
+            "OAPL",
+            f"beta1 {cfg.algorithm.beta1:g}, beta2 {cfg.algorithm.beta2:g}, log pi_inf from "
+            f"`{cfg.algorithm.reference_logprobs}`",
+        ),
+        (
+            "in-run eval",
+            f"every {e.every or '—'} steps, n={e.n} at temperature {e.temperature}"
+            + ("" if e.at_start or e.at_end or e.every else " (off)"),
+        ),
         ("engine", f"`{cfg.engine.kind}`; threads {cfg.threads}"),
     ]
     if cc.final_eval.enabled:
         fe = final_eval_settings(cc)
-        rows.append(("final eval", f"every run's final weights and the base model: n={fe['n']} samples per held-out "
-                                   f"prompt at temperature {fe['temperature'] or s.temperature}, top-p "
-                                   f"{fe['top_p'] or s.top_p}; entropy of the same weights on those samples"))
+        rows.append(
+            (
+                "final eval",
+                f"every run's final weights and the base model: n={fe['n']} samples per held-out "
+                f"prompt at temperature {fe['temperature'] or s.temperature}, top-p "
+                f"{fe['top_p'] or s.top_p}; entropy of the same weights on those samples",
+            )
+        )
     pipe = "\\|"
     return ["| setting | value |", "| --- | --- |", *[f"| {a} | {b.replace('|', pipe)} |" for a, b in rows]]
 
 
 def _run_table(items: list[tuple[PlannedRun, dict[str, Any]]], kmax: int) -> list[str]:
-    head = ["run", "seed", "steps", "samples", "syncs", "max lag", f"final pass@1 / pass@{kmax}",
-            "token entropy (held-out)", "train reward (first → last 10%)", "seq entropy of pi_inf batch "
-            "(first → last 10%)", "response tokens (first → last 10%)", "KL to pi_inf (mean / max)",
-            "IS weight mean / p1 / p99", "clip frac", "minutes"]
+    head = [
+        "run",
+        "seed",
+        "steps",
+        "samples",
+        "syncs",
+        "max lag",
+        f"final pass@1 / pass@{kmax}",
+        "token entropy (held-out)",
+        "train reward (first → last 10%)",
+        "seq entropy of pi_inf batch (first → last 10%)",
+        "response tokens (first → last 10%)",
+        "KL to pi_inf (mean / max)",
+        "IS weight mean / p1 / p99",
+        "clip frac",
+        "minutes",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for run, s in items:
         fin = s.get("final") or {}
         wall = s.get("wall_s") or s.get("train_elapsed_s")
-        cells = [run.label, str(run.seed), _fmt(s.get("steps")), _fmt(s.get("samples_seen")), _fmt(s.get("syncs")),
-                 _fmt(s.get("lag_max")),
-                 f"{_fmt(fin.get('pass@1'))} / {_fmt(fin.get(f'pass@{kmax}'))}" if fin else "–",
-                 _fmt(fin.get("token_entropy")),
-                 f"{_fmt(s.get('reward_mean_first'))} → {_fmt(s.get('reward_mean_last'))}",
-                 f"{_fmt(s.get('seq_entropy_first'), 2)} → {_fmt(s.get('seq_entropy_last'), 2)}",
-                 f"{_fmt(s.get('response_len_mean_first'), 1)} → {_fmt(s.get('response_len_mean_last'), 1)}",
-                 f"{_fmt(s.get('kl_mean'), 4)} / {_fmt(s.get('kl_max'), 4)}",
-                 (f"{_fmt(s.get('is_weight_mean_mean'))} / {_fmt(s.get('is_weight_p1_mean'))} / "
-                  f"{_fmt(s.get('is_weight_p99_mean'))}" if "is_weight_mean_mean" in s else "–"),
-                 _fmt(s.get("clip_frac_mean")),
-                 _fmt(wall / 60, 1) if wall else "–"]
+        cells = [
+            run.label,
+            str(run.seed),
+            _fmt(s.get("steps")),
+            _fmt(s.get("samples_seen")),
+            _fmt(s.get("syncs")),
+            _fmt(s.get("lag_max")),
+            f"{_fmt(fin.get('pass@1'))} / {_fmt(fin.get(f'pass@{kmax}'))}" if fin else "–",
+            _fmt(fin.get("token_entropy")),
+            f"{_fmt(s.get('reward_mean_first'))} → {_fmt(s.get('reward_mean_last'))}",
+            f"{_fmt(s.get('seq_entropy_first'), 2)} → {_fmt(s.get('seq_entropy_last'), 2)}",
+            f"{_fmt(s.get('response_len_mean_first'), 1)} → {_fmt(s.get('response_len_mean_last'), 1)}",
+            f"{_fmt(s.get('kl_mean'), 4)} / {_fmt(s.get('kl_max'), 4)}",
+            (
+                f"{_fmt(s.get('is_weight_mean_mean'))} / {_fmt(s.get('is_weight_p1_mean'))} / "
+                f"{_fmt(s.get('is_weight_p99_mean'))}"
+                if "is_weight_mean_mean" in s
+                else "–"
+            ),
+            _fmt(s.get("clip_frac_mean")),
+            _fmt(wall / 60, 1) if wall else "–",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -120,13 +176,35 @@ def _config_table(configs: list[ConfigResults], ks: list[int], base: dict[str, A
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     if base is not None:
         b = ConfigResults("base", "base model (before training)", "base", seeds=[0], results=[base])
-        lines.append("| " + " | ".join([b.label, "–", *[_ci(b.over_seeds("pass@k", k)) for k in ks],
-                                        _ci(b.over_seeds("token_entropy")), _ci(b.over_seeds("seq_entropy"), 2),
-                                        _ci(b.over_seeds("response_tokens"), 1)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    b.label,
+                    "–",
+                    *[_ci(b.over_seeds("pass@k", k)) for k in ks],
+                    _ci(b.over_seeds("token_entropy")),
+                    _ci(b.over_seeds("seq_entropy"), 2),
+                    _ci(b.over_seeds("response_tokens"), 1),
+                ]
+            )
+            + " |"
+        )
     for c in configs:
-        lines.append("| " + " | ".join([c.label, str(len(c.seeds)), *[_ci(c.over_seeds("pass@k", k)) for k in ks],
-                                        _ci(c.over_seeds("token_entropy")), _ci(c.over_seeds("seq_entropy"), 2),
-                                        _ci(c.over_seeds("response_tokens"), 1)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    c.label,
+                    str(len(c.seeds)),
+                    *[_ci(c.over_seeds("pass@k", k)) for k in ks],
+                    _ci(c.over_seeds("token_entropy")),
+                    _ci(c.over_seeds("seq_entropy"), 2),
+                    _ci(c.over_seeds("response_tokens"), 1),
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
@@ -138,8 +216,11 @@ def _iv_pts(iv: Interval) -> str:
     return f"{iv.mean * 100:+.1f} ({iv.lo * 100:+.1f} to {iv.hi * 100:+.1f})"
 
 
-def _diff_table(pairs: list[tuple[str, ConfigResults, ConfigResults | dict[str, Any]]], ks: list[int],
-                base: dict[str, Any] | None = None) -> list[str]:
+def _diff_table(
+    pairs: list[tuple[str, ConfigResults, ConfigResults | dict[str, Any]]],
+    ks: list[int],
+    base: dict[str, Any] | None = None,
+) -> list[str]:
     """Rows k, one column per pair: pass@k difference in points with its 95% interval; then the entropies."""
     head = ["k", *(["base model"] if base is not None else []), *[name for name, _, _ in pairs]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -153,15 +234,31 @@ def _diff_table(pairs: list[tuple[str, ConfigResults, ConfigResults | dict[str, 
         if all(not math.isfinite(iv.mean) for iv in ivs):
             continue
         cells = [what, *([_fmt(b.over_seeds(metric).mean)] if b is not None else [])]
-        cells += ["–" if not math.isfinite(iv.mean) else f"{iv.mean:+.3f} ({iv.lo:+.3f} to {iv.hi:+.3f})"
-                  if math.isfinite(iv.lo) else f"{iv.mean:+.3f}" for iv in ivs]
+        cells += [
+            "–"
+            if not math.isfinite(iv.mean)
+            else f"{iv.mean:+.3f} ({iv.lo:+.3f} to {iv.hi:+.3f})"
+            if math.isfinite(iv.lo)
+            else f"{iv.mean:+.3f}"
+            for iv in ivs
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _acted_table(grpos: list[ConfigResults], cc: CompareConfig) -> list[str]:
-    head = ["GRPO+IS arm", "seeds", "max lag", "KL to the engine (mean)", "IS weight mean", "IS p1", "IS p99",
-            "clip fraction", "IS acted", "clip acted"]
+    head = [
+        "GRPO+IS arm",
+        "seeds",
+        "max lag",
+        "KL to the engine (mean)",
+        "IS weight mean",
+        "IS p1",
+        "IS p99",
+        "clip fraction",
+        "IS acted",
+        "clip acted",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for g in grpos:
         a = correction_acted(g, cc.claims.clip_acted, cc.claims.is_acted)
@@ -169,14 +266,34 @@ def _acted_table(grpos: list[ConfigResults], cc: CompareConfig) -> list[str]:
         def yn(v):
             return "not recorded" if v is None else "**yes**" if v else "no"
 
-        lines.append("| " + " | ".join([g.label, str(len(g.seeds)), _fmt(a["lag_max"]), _fmt(a["kl"], 4),
-                                        _fmt(a["is_mean"]), _fmt(a["is_p1"]), _fmt(a["is_p99"]),
-                                        _fmt(a["clip_frac"]), yn(a["is"]), yn(a["clip"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    g.label,
+                    str(len(g.seeds)),
+                    _fmt(a["lag_max"]),
+                    _fmt(a["kl"], 4),
+                    _fmt(a["is_mean"]),
+                    _fmt(a["is_p1"]),
+                    _fmt(a["is_p99"]),
+                    _fmt(a["clip_frac"]),
+                    yn(a["is"]),
+                    yn(a["clip"]),
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
-def _plot_training(cc: CompareConfig, items: list[tuple[PlannedRun, dict[str, Any]]], out_png: Path, title: str,
-                   extra_keys: tuple[str, ...] = ()) -> Path:
+def _plot_training(
+    cc: CompareConfig,
+    items: list[tuple[PlannedRun, dict[str, Any]]],
+    out_png: Path,
+    title: str,
+    extra_keys: tuple[str, ...] = (),
+) -> Path:
     from oapl.evaluation.plots import plot_training
 
     smooth_dir = Path(cc.output_dir) / "_curves"
@@ -187,8 +304,13 @@ def _plot_training(cc: CompareConfig, items: list[tuple[PlannedRun, dict[str, An
         dst = smooth_dir / run.name / f"seed{run.seed}.jsonl"
         files[label] = str(smoothed_metrics(run.run_dir / "metrics.jsonl", dst, cc.smooth))
     keys = ["reward_mean", "seq_entropy", "entropy", "kl", *extra_keys]
-    return plot_training(files, out_png, keys=keys, x="samples_seen",
-                         title=f"{title} (x = responses consumed; rolling mean of {cc.smooth} steps)")
+    return plot_training(
+        files,
+        out_png,
+        keys=keys,
+        x="samples_seen",
+        title=f"{title} (x = responses consumed; rolling mean of {cc.smooth} steps)",
+    )
 
 
 def _plot_passk(configs: list[ConfigResults], base: dict[str, Any] | None, out_png: Path, title: str) -> Path:
@@ -257,16 +379,27 @@ def build_report(cc: CompareConfig, runs: list[PlannedRun] | None = None, comman
     cc.figures_path().mkdir(parents=True, exist_ok=True)
     report.parent.mkdir(parents=True, exist_ok=True)
     cl = cc.claims
-    claims = judge_claims(study.configs, study.base, cc.margin, cl.non_inferiority_margin, cl.keeps_entropy,
-                          cl.clip_acted, cl.is_acted)
-    lines = [*_header(cc, command), *_setup_section(study), *_claims_section(cc, claims),
-             *_algorithms_section(study), *_lag_sweep_section(study), *_beta2_section(study),
-             *_not_run_section(study), *_files_section(cc)]
+    claims = judge_claims(
+        study.configs, study.base, cc.margin, cl.non_inferiority_margin, cl.keeps_entropy, cl.clip_acted, cl.is_acted
+    )
+    lines = [
+        *_header(cc, command),
+        *_setup_section(study),
+        *_claims_section(cc, claims),
+        *_algorithms_section(study),
+        *_lag_sweep_section(study),
+        *_beta2_section(study),
+        *_not_run_section(study),
+        *_files_section(cc),
+    ]
     report.write_text("\n".join(lines))
     Path(cc.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cc.output_dir) / "claims.json").write_text(json.dumps(
-        [{"text": c.text, "verdict": c.verdict, "rows": [dataclasses.asdict(r) for r in c.rows]} for c in claims],
-        indent=1))
+    (Path(cc.output_dir) / "claims.json").write_text(
+        json.dumps(
+            [{"text": c.text, "verdict": c.verdict, "rows": [dataclasses.asdict(r) for r in c.rows]} for c in claims],
+            indent=1,
+        )
+    )
     log.info("report written: %s", report)
     return report
 
@@ -294,8 +427,18 @@ def _read_study(cc: CompareConfig, runs: list[PlannedRun]) -> _Study:
 
 
 def _header(cc: CompareConfig, command: str | None) -> list[str]:
-    lines = [f"# {cc.title}", "", "Generated by `oapl compare` (`oapl.compare`). Re-create it with:", "", "```bash",
-             command or "oapl compare <config.yaml>", "```", "", f"Machine: {_machine()}.", ""]
+    lines = [
+        f"# {cc.title}",
+        "",
+        "Generated by `oapl compare` (`oapl.compare`). Re-create it with:",
+        "",
+        "```bash",
+        command or "oapl compare <config.yaml>",
+        "```",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+    ]
     if cc.notes:
         lines += [cc.notes.strip(), ""]
     return lines
@@ -305,17 +448,22 @@ def _setup_section(st: _Study) -> list[str]:
     if not st.present:
         return []
     study_seeds = sorted({r.seed for r in st.runs if r.group != "beta2_sweep"})
-    return ["## Setup (shared by every run)", "",
-            *_setup_table(st.present[0][0].cfg, st.cc, [x for x, *_ in st.present]), "",
-            f"Seeds: {', '.join(map(str, study_seeds))}. Every run of the comparison and the lag sweep "
-            "trains on the same number of responses; the held-out split is fixed. Means are over seeds "
-            "(each seed's mean over prompts) ± the half-width of a 95% Student-t interval over seeds; "
-            "differences are paired per prompt and seed, and their 95% interval is the t-interval over "
-            "the per-seed mean differences, widened by any prompt effect that all seeds share (the base "
-            "model's single evaluation is one); with one seed it rests on the prompts alone. "
-            "\"token entropy\" is the trained policy's mean per-token entropy "
-            "(nats, full vocabulary, sampling temperature) on its own held-out samples; \"seq entropy\" "
-            "the Monte-Carlo sequence entropy E[-log pi(y|x)] of the same samples.", ""]
+    return [
+        "## Setup (shared by every run)",
+        "",
+        *_setup_table(st.present[0][0].cfg, st.cc, [x for x, *_ in st.present]),
+        "",
+        f"Seeds: {', '.join(map(str, study_seeds))}. Every run of the comparison and the lag sweep "
+        "trains on the same number of responses; the held-out split is fixed. Means are over seeds "
+        "(each seed's mean over prompts) ± the half-width of a 95% Student-t interval over seeds; "
+        "differences are paired per prompt and seed, and their 95% interval is the t-interval over "
+        "the per-seed mean differences, widened by any prompt effect that all seeds share (the base "
+        "model's single evaluation is one); with one seed it rests on the prompts alone. "
+        '"token entropy" is the trained policy\'s mean per-token entropy '
+        '(nats, full vocabulary, sampling temperature) on its own held-out samples; "seq entropy" '
+        "the Monte-Carlo sequence entropy E[-log pi(y|x)] of the same samples.",
+        "",
+    ]
 
 
 def _claims_section(cc: CompareConfig, claims: list) -> list[str]:
@@ -323,19 +471,34 @@ def _claims_section(cc: CompareConfig, claims: list) -> list[str]:
         return []
     cl = cc.claims
     ni = f"{cl.non_inferiority_margin * 100:g} pts" if cl.non_inferiority_margin is not None else "none declared"
-    lines = ["## The paper's claims, tested", "",
-             LEGEND.format(margin=f"{cc.margin * 100:g} pts of pass@k; for entropy {cl.keeps_entropy:g} x the "
-                           "base model's", ni=ni, keep=f"{cl.keeps_entropy:.0%}"), "",
-             "| claim | comparison | verdict | evidence | GRPO+IS correction in that arm |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "## The paper's claims, tested",
+        "",
+        LEGEND.format(
+            margin=f"{cc.margin * 100:g} pts of pass@k; for entropy {cl.keeps_entropy:g} x the base model's",
+            ni=ni,
+            keep=f"{cl.keeps_entropy:.0%}",
+        ),
+        "",
+        "| claim | comparison | verdict | evidence | GRPO+IS correction in that arm |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for c in claims:
         for i, r in enumerate(c.rows):
-            lines.append(f"| {c.text if i == 0 else '〃'} | {r.comparison} | **{r.verdict}** | {r.evidence} | "
-                         f"{r.acted} |")
+            lines.append(
+                f"| {c.text if i == 0 else '〃'} | {r.comparison} | **{r.verdict}** | {r.evidence} | {r.acted} |"
+            )
     bad = contradicted(claims)
-    lines += ["", "**Contradicted by this miniature:** " + (
-        "; ".join(f"\"{c.text}\" ({', '.join(r.comparison for r in rows)})" for c, rows in bad) + "."
-        if bad else "none of the claims tested here."), ""]
+    lines += [
+        "",
+        "**Contradicted by this miniature:** "
+        + (
+            "; ".join(f'"{c.text}" ({", ".join(r.comparison for r in rows)})' for c, rows in bad) + "."
+            if bad
+            else "none of the claims tested here."
+        ),
+        "",
+    ]
     return lines
 
 
@@ -351,7 +514,7 @@ def _algorithms_section(st: _Study) -> list[str]:
         lines += _algorithm_results(st, cfgs)
     png = _plot_training(st.cc, algos, st.figure("algorithms"), "OAPL vs GRPO+IS")
     lines += [f"![training curves]({st.rel(png)})", "", *_run_table(algos, st.kmax), ""]
-    for r, _ in algos[:sum(v is not None for v in st.cc.algorithms.values())]:
+    for r, _ in algos[: sum(v is not None for v in st.cc.algorithms.values())]:
         lines.append(_algorithm_sentence(r))
     lines.append("")
     return lines
@@ -367,23 +530,39 @@ def _algorithm_results(st: _Study, cfgs: list[ConfigResults]) -> list[str]:
     allk = list(range(1, kmax + 1))
     if oapls and grpos:
         o = oapls[0]
-        lines += ["Paired differences, OAPL minus each GRPO+IS arm (pass@k in points; entropy in nats; 95% "
-                  "interval in brackets):", "",
-                  *_diff_table([(f"{o.label} − {g.label}", o, g) for g in grpos], allk), ""]
+        lines += [
+            "Paired differences, OAPL minus each GRPO+IS arm (pass@k in points; entropy in nats; 95% "
+            "interval in brackets):",
+            "",
+            *_diff_table([(f"{o.label} − {g.label}", o, g) for g in grpos], allk),
+            "",
+        ]
     if base is not None:
-        lines += ["### Every arm against the base model", "",
-                  "Each arm minus the base model (pass@k in points, entropy in nats; 95% interval in "
-                  "brackets). RL that only sharpens the policy gains at small k and loses at large k.", "",
-                  *_diff_table([(f"{c.label} − base", c, base) for c in [*oapls, *grpos]], allk, base), "",
-                  *[f"- {sharpening_sentence(c, base)}" for c in [*oapls, *grpos]], ""]
+        lines += [
+            "### Every arm against the base model",
+            "",
+            "Each arm minus the base model (pass@k in points, entropy in nats; 95% interval in "
+            "brackets). RL that only sharpens the policy gains at small k and loses at large k.",
+            "",
+            *_diff_table([(f"{c.label} − base", c, base) for c in [*oapls, *grpos]], allk, base),
+            "",
+            *[f"- {sharpening_sentence(c, base)}" for c in [*oapls, *grpos]],
+            "",
+        ]
     if grpos:
         cl = cc.claims
-        lines += ["### Did GRPO+IS's correction act?", "",
-                  f"Declared rule (`claims` in the config): the importance weight acted when its mean, p1 "
-                  f"or p99 over tokens (mean over steps and seeds) is more than {cl.is_acted:g} from 1; the "
-                  f"PPO clip acted when the clip fraction exceeds {cl.clip_acted:g}. The weight is "
-                  "min(pi_old/pi_inf, cap) per token; its p1/p99 are read from a histogram of log w in bins "
-                  "of 0.01 (about 1% of w).", "", *_acted_table(grpos, cc), ""]
+        lines += [
+            "### Did GRPO+IS's correction act?",
+            "",
+            f"Declared rule (`claims` in the config): the importance weight acted when its mean, p1 "
+            f"or p99 over tokens (mean over steps and seeds) is more than {cl.is_acted:g} from 1; the "
+            f"PPO clip acted when the clip fraction exceeds {cl.clip_acted:g}. The weight is "
+            "min(pi_old/pi_inf, cap) per token; its p1/p99 are read from a histogram of log w in bins "
+            "of 0.01 (about 1% of w).",
+            "",
+            *_acted_table(grpos, cc),
+            "",
+        ]
     return lines
 
 
@@ -391,13 +570,17 @@ def _algorithm_sentence(r: PlannedRun) -> str:
     """What the arm ``r`` does, in one bullet."""
     a, ro = r.cfg.algorithm, r.cfg.rollout
     if a.name == "grpo":
-        return (f"- {r.label}: group-normalised advantages, PPO clip {a.clip_eps} with pi_old = the "
-                f"trainer at the start of each batch, {a.mini_batches} optimiser step(s) per batch, "
-                f"token-level truncated IS weight min(pi_old/pi_inf, {a.is_cap}); weight sync every "
-                f"{ro.sync_interval} step(s), max_staleness={ro.max_staleness}, "
-                f"asynchronous={ro.asynchronous}.")
-    return (f"- {r.label}: Eq. 3 squared regression against pi_inf (beta1 {a.beta1:g}, beta2 "
-            f"{a.beta2:g}), buffer cleared at every sync, asynchronous={ro.asynchronous}.")
+        return (
+            f"- {r.label}: group-normalised advantages, PPO clip {a.clip_eps} with pi_old = the "
+            f"trainer at the start of each batch, {a.mini_batches} optimiser step(s) per batch, "
+            f"token-level truncated IS weight min(pi_old/pi_inf, {a.is_cap}); weight sync every "
+            f"{ro.sync_interval} step(s), max_staleness={ro.max_staleness}, "
+            f"asynchronous={ro.asynchronous}."
+        )
+    return (
+        f"- {r.label}: Eq. 3 squared regression against pi_inf (beta1 {a.beta1:g}, beta2 "
+        f"{a.beta2:g}), buffer cleared at every sync, asynchronous={ro.asynchronous}."
+    )
 
 
 def _lag_sweep_section(st: _Study) -> list[str]:
@@ -408,10 +591,14 @@ def _lag_sweep_section(st: _Study) -> list[str]:
     steps = sweep[0][0].cfg.steps
     lags = sorted({r.lag for r, _ in sweep if r.lag is not None})
     few = [L for L in lags if L <= 50 and steps // L < 4]
-    lines = ["## OAPL policy-lag sweep", "",
-             f"OAPL with sync interval L in {{{', '.join(map(str, lags))}}}, {steps} trainer steps each (the "
-             "engine gets the trainer's weights every L steps; `syncs` counts the mid-run ones)."
-             + (f" L = {few} see fewer than 4 weight windows." if few else ""), ""]
+    lines = [
+        "## OAPL policy-lag sweep",
+        "",
+        f"OAPL with sync interval L in {{{', '.join(map(str, lags))}}}, {steps} trainer steps each (the "
+        "engine gets the trainer's weights every L steps; `syncs` counts the mid-run ones)."
+        + (f" L = {few} see fewer than 4 weight windows." if few else ""),
+        "",
+    ]
     cfgs = sorted(st.group_configs("lag_sweep"), key=lambda c: c.lag or 0)
     if cfgs:
         ks = sorted({1, 4, kmax} & set(range(1, kmax + 1)))
@@ -433,18 +620,25 @@ def _beta2_section(st: _Study) -> list[str]:
     cfgs = sorted(st.group_configs("beta2_sweep"), key=lambda c: c.beta2 or 0.0)
     chosen = next((r.beta2 for r, _ in st.group("algorithms") if r.beta2 is not None), None)
     best = []
-    for what, metric, k in (("pass@1", "pass@k", 1), (f"pass@{kmax}", "pass@k", kmax),
-                            ("token entropy", "token_entropy", None)):
+    for what, metric, k in (
+        ("pass@1", "pass@k", 1),
+        (f"pass@{kmax}", "pass@k", kmax),
+        ("token entropy", "token_entropy", None),
+    ):
         vals = [(c.over_seeds(metric, k).mean, c.beta2) for c in cfgs]
         vals = [v for v in vals if math.isfinite(v[0])]
         if vals:
             best.append(f"{what} {max(vals)[1]:g}")
-    lines = ["## beta2 sweep", "",
-             f"OAPL with beta2 in {{{', '.join(f'{c.beta2:g}' for c in cfgs)}}} on seed(s) "
-             f"{', '.join(map(str, cc.beta2_sweep.seeds))}, which the comparison does not use. The study "
-             f"uses beta2 = {_fmt(chosen, 4) if chosen is not None else '–'}."
-             + (f" Highest on these seeds: {', '.join(best)}." if best else "")
-             + (f" {cc.beta2_sweep.note.strip()}" if cc.beta2_sweep.note else ""), ""]
+    lines = [
+        "## beta2 sweep",
+        "",
+        f"OAPL with beta2 in {{{', '.join(f'{c.beta2:g}' for c in cfgs)}}} on seed(s) "
+        f"{', '.join(map(str, cc.beta2_sweep.seeds))}, which the comparison does not use. The study "
+        f"uses beta2 = {_fmt(chosen, 4) if chosen is not None else '–'}."
+        + (f" Highest on these seeds: {', '.join(best)}." if best else "")
+        + (f" {cc.beta2_sweep.note.strip()}" if cc.beta2_sweep.note else ""),
+        "",
+    ]
     if cfgs:
         lines += [*_config_table(cfgs, sorted({1, kmax}), None), ""]
     return lines + [*_run_table(b2, kmax), ""]
@@ -453,11 +647,20 @@ def _beta2_section(st: _Study) -> list[str]:
 def _not_run_section(st: _Study) -> list[str]:
     if not (st.missing or st.unevaluated):
         return []
-    return ["## Not run yet", "",
-            *[f"- {r.label} (seed {r.seed}): no metrics at `{r.run_dir}`" for r in st.missing],
-            *[f"- {r.label} (seed {r.seed}): trained, not evaluated yet" for r in st.unevaluated], ""]
+    return [
+        "## Not run yet",
+        "",
+        *[f"- {r.label} (seed {r.seed}): no metrics at `{r.run_dir}`" for r in st.missing],
+        *[f"- {r.label} (seed {r.seed}): trained, not evaluated yet" for r in st.unevaluated],
+        "",
+    ]
 
 
 def _files_section(cc: CompareConfig) -> list[str]:
-    return ["## Files", "", f"Run directories (config, `metrics.jsonl`, checkpoints, `final_eval/` with the "
-            f"held-out samples as a rollout dataset and `result.json`): `{cc.output_dir}/`.", ""]
+    return [
+        "## Files",
+        "",
+        f"Run directories (config, `metrics.jsonl`, checkpoints, `final_eval/` with the "
+        f"held-out samples as a rollout dataset and `result.json`): `{cc.output_dir}/`.",
+        "",
+    ]

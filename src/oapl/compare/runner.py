@@ -13,8 +13,16 @@ from typing import Any
 
 import yaml
 
-from oapl.compare.plan import (CompareConfig, PlannedRun, base_eval_dir, comparable, eval_seed,
-                               final_eval_settings, plan_runs, start_eval_key)
+from oapl.compare.plan import (
+    CompareConfig,
+    PlannedRun,
+    base_eval_dir,
+    comparable,
+    eval_seed,
+    final_eval_settings,
+    plan_runs,
+    start_eval_key,
+)
 from oapl.config import TrainConfig, save_config
 
 log = logging.getLogger(__name__)
@@ -87,14 +95,21 @@ def _final_eval(run: PlannedRun, cc: CompareConfig) -> None:
     if ckpt is None:
         raise RuntimeError(f"{run.run_dir}: no checkpoint to evaluate (the study sets checkpoint.save_final)")
     t0 = time.perf_counter()
-    res = evaluate_policy(run.cfg, run.run_dir / "final_eval", checkpoint=ckpt, seed=eval_seed(run.seed),
-                          **final_eval_settings(cc))
-    log.info("%s: final evaluation (%d prompts x %d) in %.0f s", run.key, len(res["prompt_ids"]), res["n"],
-             time.perf_counter() - t0)
+    res = evaluate_policy(
+        run.cfg, run.run_dir / "final_eval", checkpoint=ckpt, seed=eval_seed(run.seed), **final_eval_settings(cc)
+    )
+    log.info(
+        "%s: final evaluation (%d prompts x %d) in %.0f s",
+        run.key,
+        len(res["prompt_ids"]),
+        res["n"],
+        time.perf_counter() - t0,
+    )
 
 
-def run_compare(cc: CompareConfig, only: str = "all", force: bool = False, report_only: bool = False,
-                command: str | None = None) -> Path:
+def run_compare(
+    cc: CompareConfig, only: str = "all", force: bool = False, report_only: bool = False, command: str | None = None
+) -> Path:
     """Train every planned run that is not complete yet (resuming interrupted ones from their latest
     checkpoint), evaluate every final policy and the base model, then write the report; returns its path."""
     from oapl.compare.report import build_report
@@ -105,7 +120,9 @@ def run_compare(cc: CompareConfig, only: str = "all", force: bool = False, repor
     if only == "all":
         save_config(cc, out / "compare.yaml")
     else:  # a piece of the study: its own report, so the study's report is only written whole
-        cc = cc.model_copy(update={"report": str(out / f"report_{only}.md"), "figures_dir": str(out / f"figures_{only}")})
+        cc = cc.model_copy(
+            update={"report": str(out / f"report_{only}.md"), "figures_dir": str(out / f"figures_{only}")}
+        )
     if not report_only:
         if cc.final_eval.enabled and runs:
             from oapl.evaluation.policy_eval import evaluate_policy
@@ -114,12 +131,21 @@ def run_compare(cc: CompareConfig, only: str = "all", force: bool = False, repor
             with _lock(out / ".locks" / "base_eval.lock", wait=True):
                 log.info("base model: held-out evaluation")
                 base = runs[0].cfg
-                evaluate_policy(base.model_copy(update={"seed": cc.seeds[0]}), base_eval_dir(cc), checkpoint=None,
-                                seed=eval_seed(cc.seeds[0]), **final_eval_settings(cc))
+                evaluate_policy(
+                    base.model_copy(update={"seed": cc.seeds[0]}),
+                    base_eval_dir(cc),
+                    checkpoint=None,
+                    seed=eval_seed(cc.seeds[0]),
+                    **final_eval_settings(cc),
+                )
         busy = _train_all(cc, runs, force)
         if busy:
-            log.warning("%d run(s) were in progress in another invocation (%s); the report below leaves them "
-                        "out; the invocation that finishes last writes the whole report", len(busy), ", ".join(busy))
+            log.warning(
+                "%d run(s) were in progress in another invocation (%s); the report below leaves them "
+                "out; the invocation that finishes last writes the whole report",
+                len(busy),
+                ", ".join(busy),
+            )
     return build_report(cc, runs, command=command)
 
 
@@ -164,8 +190,9 @@ def _lock_name(run: PlannedRun) -> str:
     return "_".join(Path(run.run_dir).resolve().parts[-2:])
 
 
-def _train_one(cc: CompareConfig, run: PlannedRun, tag: str, force: bool,
-               start_rows: dict[str, dict[str, Any]]) -> None:
+def _train_one(
+    cc: CompareConfig, run: PlannedRun, tag: str, force: bool, start_rows: dict[str, dict[str, Any]]
+) -> None:
     from oapl import loop
 
     key = start_eval_key(run.cfg)
@@ -180,9 +207,15 @@ def _train_one(cc: CompareConfig, run: PlannedRun, tag: str, force: bool,
         shared = cc.share_start_eval and cfg.eval.at_start and key in start_rows and not resume
         if shared:
             cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"at_start": False})})
-        log.info("%s %s: %s %d steps -> %s%s", tag, run.key,
-                 "resuming" if resume else "training", cfg.steps, run.run_dir,
-                 " (step-0 evaluation shared)" if shared else "")
+        log.info(
+            "%s %s: %s %d steps -> %s%s",
+            tag,
+            run.key,
+            "resuming" if resume else "training",
+            cfg.steps,
+            run.run_dir,
+            " (step-0 evaluation shared)" if shared else "",
+        )
         t0 = time.perf_counter()
         # an interrupted run continues from its checkpoint; a changed (or --force) one is redone
         loop.train(cfg, resume=resume, overwrite=not resume)

@@ -38,6 +38,11 @@ def get_benchmark(name: str) -> Benchmark:
 
 def task_overrides(bench: Benchmark) -> dict[str, object]:
     """Config changes that make ``task`` evaluate on ``bench``."""
-    return {"task.name": bench.task, "task.dataset": bench.source, "task.split": bench.split,
-            "task.eval_dataset": bench.source, "task.eval_split": bench.split,
-            "task.columns": {"prompt": bench.prompt_column, "answer": bench.answer_column}}
+    return {
+        "task.name": bench.task,
+        "task.dataset": bench.source,
+        "task.split": bench.split,
+        "task.eval_dataset": bench.source,
+        "task.eval_split": bench.split,
+        "task.columns": {"prompt": bench.prompt_column, "answer": bench.answer_column},
+    }

@@ -41,8 +41,16 @@ def engine_max_model_len(engine: Any) -> int | None:
     return int(value) if value is not None else None
 
 
-def check_prompt_budget(prompt_len: int, max_tokens: int, max_model_len: int | None, *, split: str, row: int,
-                        prompt_id: str, max_tokens_field: str) -> None:
+def check_prompt_budget(
+    prompt_len: int,
+    max_tokens: int,
+    max_model_len: int | None,
+    *,
+    split: str,
+    row: int,
+    prompt_id: str,
+    max_tokens_field: str,
+) -> None:
     """Raise :class:`TokenBudgetError` when ``prompt_len + max_tokens > max_model_len``.
 
     ``split`` ("train" or "eval"), ``row`` (index in that split) and ``prompt_id`` locate the prompt;
@@ -55,12 +63,16 @@ def check_prompt_budget(prompt_len: int, max_tokens: int, max_model_len: int | N
     if total <= max_model_len:
         return
     room = max_model_len - prompt_len
-    cut = (f"the engine would stop the response after {room} tokens instead of {max_tokens}" if room > 0
-           else "the engine would refuse the prompt, longer than the limit by itself")
+    cut = (
+        f"the engine would stop the response after {room} tokens instead of {max_tokens}"
+        if room > 0
+        else "the engine would refuse the prompt, longer than the limit by itself"
+    )
     raise TokenBudgetError(
         f"{split} row {row} (prompt_id {prompt_id!r}): prompt of {prompt_len} tokens + {max_tokens_field}="
         f"{max_tokens} = {total} tokens > engine.max_model_len={max_model_len}; {cut}. Raise engine.max_model_len to at least {total}, lower {max_tokens_field}, or remove "
-        f"the row from the dataset")
+        f"the row from the dataset"
+    )
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -80,9 +92,12 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 def _cache_key(task, rows: list[dict[str, Any]], tokenizer) -> str:
     h = hashlib.sha256(b"oapl-prompt-lengths-v1")
     h.update(_tokenizer_fingerprint(tokenizer).encode())
-    template = {"system_prompt": task.system_prompt, "prompt_template": task.prompt_template,
-                "chat_template": bool(task.chat_template),
-                "tokenizer_chat_template": getattr(tokenizer, "chat_template", None)}
+    template = {
+        "system_prompt": task.system_prompt,
+        "prompt_template": task.prompt_template,
+        "chat_template": bool(task.chat_template),
+        "tokenizer_chat_template": getattr(tokenizer, "chat_template", None),
+    }
     h.update(json.dumps(template, sort_keys=True, default=str).encode())
     for row in rows:  # the dataset's fingerprint: every row, as the task renders it
         h.update(json.dumps(row, sort_keys=True, default=str).encode())
@@ -99,6 +114,7 @@ def _batch_counter(tokenizer):
     """``texts -> token counts`` as ``tokenizer(text, add_special_tokens=False)`` counts them: the fast
     tokenizer's Rust ``encode_batch_fast`` (no offsets: ~3x a ``tokenizer(texts)`` call) when it agrees
     with the tokenizer on the first batch, else one ``tokenizer(texts)`` batch call."""
+
     def batch_call(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
 
@@ -115,7 +131,7 @@ def _batch_counter(tokenizer):
         if not state["checked"]:  # the tokenizer may pre-process text itself: then count its way
             state["checked"] = True
             sample = texts[:16]
-            if counts[:len(sample)] != batch_call(sample):
+            if counts[: len(sample)] != batch_call(sample):
                 state["use"] = False
                 return batch_call(texts)
         return counts
@@ -145,7 +161,7 @@ def prompt_lengths(task, rows: list[dict[str, Any]], tokenizer, *, cache: bool =
     lengths: list[int] = []
     count = _batch_counter(tokenizer)
     for start in range(0, len(rows), TOKENIZE_BATCH):
-        texts = [task.render(ex, tokenizer) for ex in rows[start:start + TOKENIZE_BATCH]]
+        texts = [task.render(ex, tokenizer) for ex in rows[start : start + TOKENIZE_BATCH]]
         lengths += count(texts)
     if path is not None:
         try:
@@ -158,8 +174,17 @@ def prompt_lengths(task, rows: list[dict[str, Any]], tokenizer, *, cache: bool =
     return lengths
 
 
-def split_problems(task, rows: list[dict[str, Any]], tokenizer, max_tokens: int, max_model_len: int | None, *,
-                   split: str, max_tokens_field: str, cache: bool = True) -> tuple[list[str], int]:
+def split_problems(
+    task,
+    rows: list[dict[str, Any]],
+    tokenizer,
+    max_tokens: int,
+    max_model_len: int | None,
+    *,
+    split: str,
+    max_tokens_field: str,
+    cache: bool = True,
+) -> tuple[list[str], int]:
     """(problems, longest prompt): one line for the first prompt of ``rows`` that does not fit (with the
     number of others that do not either), and the longest prompt's token count."""
     lengths = prompt_lengths(task, rows, tokenizer, cache=cache)
@@ -171,30 +196,45 @@ def split_problems(task, rows: list[dict[str, Any]], tokenizer, max_tokens: int,
         return [], longest
     i = bad[0]
     try:
-        check_prompt_budget(lengths[i], max_tokens, max_model_len, split=split, row=i,
-                            prompt_id=str(rows[i].get("prompt_id", i)), max_tokens_field=max_tokens_field)
+        check_prompt_budget(
+            lengths[i],
+            max_tokens,
+            max_model_len,
+            split=split,
+            row=i,
+            prompt_id=str(rows[i].get("prompt_id", i)),
+            max_tokens_field=max_tokens_field,
+        )
     except TokenBudgetError as e:
         message = str(e)
     if len(bad) > 1:
         worst = max(bad, key=lambda j: lengths[j])
-        message += (f" ({len(bad) - 1} more {split} row(s) do not fit either; the longest is row {worst} with "
-                    f"{lengths[worst]} tokens)")
+        message += (
+            f" ({len(bad) - 1} more {split} row(s) do not fit either; the longest is row {worst} with "
+            f"{lengths[worst]} tokens)"
+        )
     return [message], longest
 
 
-def check_splits(cfg, task, tokenizer, max_model_len: int | None, *, evaluate: bool = True,
-                 cache: bool = True) -> int:
+def check_splits(cfg, task, tokenizer, max_model_len: int | None, *, evaluate: bool = True, cache: bool = True) -> int:
     """Before a run starts: every training prompt (and held-out prompt when ``evaluate``) plus its
     ``max_tokens`` fits ``max_model_len``, else :class:`TokenBudgetError` naming the row and its token
     count. Returns the longest prompt's token count."""
     longest = 0
     splits = [("train", task.train, cfg.sampling.max_tokens, "sampling.max_tokens")]
     if evaluate and task.eval:
-        splits.append(("eval", task.eval, cfg.eval.max_tokens or cfg.sampling.max_tokens,
-                       "eval.max_tokens" if cfg.eval.max_tokens else "sampling.max_tokens"))
+        splits.append(
+            (
+                "eval",
+                task.eval,
+                cfg.eval.max_tokens or cfg.sampling.max_tokens,
+                "eval.max_tokens" if cfg.eval.max_tokens else "sampling.max_tokens",
+            )
+        )
     for split, rows, max_tokens, field in splits:
-        problems, n = split_problems(task, rows, tokenizer, max_tokens, max_model_len, split=split,
-                                     max_tokens_field=field, cache=cache)
+        problems, n = split_problems(
+            task, rows, tokenizer, max_tokens, max_model_len, split=split, max_tokens_field=field, cache=cache
+        )
         if problems:
             raise TokenBudgetError(problems[0])
         longest = max(longest, n)

@@ -48,17 +48,14 @@ LIVECODEBENCH_HUB_NAME = "livecodebench/code_generation_lite"
 #: DeepCoder subsets (Hub configs) used for each split by the DeepCoder recipe.
 DEEPCODER_SUBSETS = {"train": ("primeintellect", "taco", "lcbv5"), "test": ("codeforces", "lcbv5")}
 
-_LCB_SHARDS = ["test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", "test5.jsonl",
-               "test6.jsonl"]
+_LCB_SHARDS = ["test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", "test5.jsonl", "test6.jsonl"]
 #: LiveCodeBench ``version_tag`` -> files of ``livecodebench/code_generation_lite``.
-LCB_VERSION_FILES: dict[str, list[str]] = {
-    f"release_v{i}": _LCB_SHARDS[:i] for i in range(1, len(_LCB_SHARDS) + 1)
-}
+LCB_VERSION_FILES: dict[str, list[str]] = {f"release_v{i}": _LCB_SHARDS[:i] for i in range(1, len(_LCB_SHARDS) + 1)}
 LCB_VERSION_FILES["release_latest"] = list(_LCB_SHARDS)
 for _i in range(1, len(_LCB_SHARDS) + 1):
     LCB_VERSION_FILES[f"v{_i}"] = [_LCB_SHARDS[_i - 1]]
     for _j in range(_i + 1, len(_LCB_SHARDS) + 1):
-        LCB_VERSION_FILES[f"v{_i}_v{_j}"] = _LCB_SHARDS[_i - 1:_j]
+        LCB_VERSION_FILES[f"v{_i}_v{_j}"] = _LCB_SHARDS[_i - 1 : _j]
 
 _INSTRUCTION = (
     "You will be given a question (problem specification) and will generate a correct "
@@ -131,8 +128,7 @@ def _load_local(path: Path) -> Iterable[dict]:
     return datasets.load_dataset(builder, data_files=files, split="train")
 
 
-def _row(problem: str, starter: str | None, tests: list[dict], metadata: dict,
-         extra: dict) -> dict:
+def _row(problem: str, starter: str | None, tests: list[dict], metadata: dict, extra: dict) -> dict:
     row = {"prompt": build_code_prompt(problem, starter), "tests": tests, "metadata": metadata}
     row.update(extra)
     return row
@@ -181,15 +177,15 @@ def load_deepcoder(
                 break
             meta = _as_dict(item.get("metadata"))
             problem = item.get("problem") or item.get("question") or item.get("prompt")
-            tests = parse_tests(item.get("tests") if item.get("tests") is not None
-                                else item.get("ground_truth"), meta)
+            tests = parse_tests(item.get("tests") if item.get("tests") is not None else item.get("ground_truth"), meta)
             if not isinstance(problem, str) or not problem.strip() or not tests:
                 skipped += 1
                 continue
             starter = item.get("starter_code") or meta.get("starter_code") or None
             func_name = next((t.func_name for t in tests if t.func_name), None)
             metadata = {
-                "func_name": func_name, "source": str(item.get("source") or source),
+                "func_name": func_name,
+                "source": str(item.get("source") or source),
                 "question_id": _str_or_none(item.get("question_id") or meta.get("question_id")),
                 "difficulty": _str_or_none(item.get("difficulty") or meta.get("difficulty")),
                 "platform": _str_or_none(item.get("platform") or meta.get("platform")),
@@ -197,8 +193,7 @@ def load_deepcoder(
                 "starter_code": starter if isinstance(starter, str) else None,
             }
             extra = {c: item.get(c) for c in keep_columns}
-            rows.append(_row(problem, metadata["starter_code"], _serialize_tests(tests),
-                             metadata, extra))
+            rows.append(_row(problem, metadata["starter_code"], _serialize_tests(tests), metadata, extra))
     if skipped:
         logger.warning("load_deepcoder: skipped %d rows without a problem or usable tests", skipped)
     return rows
@@ -286,16 +281,15 @@ def load_livecodebench(
         ds = _load_local(path)
     else:
         if version_tag not in LCB_VERSION_FILES:
-            raise ValueError(f"unknown LiveCodeBench version_tag {version_tag!r}; "
-                             f"known: {sorted(LCB_VERSION_FILES)}")
+            raise ValueError(f"unknown LiveCodeBench version_tag {version_tag!r}; known: {sorted(LCB_VERSION_FILES)}")
         files = [f"hf://datasets/{name}/{f}" for f in LCB_VERSION_FILES[version_tag]]
         ds = datasets.load_dataset("json", data_files=files, split="train")
     rows: list[dict] = []
     for item in ds:
         date = str(item.get("contest_date") or "")
-        if start_date and date[:len(start_date)] < start_date:
+        if start_date and date[: len(start_date)] < start_date:
             continue
-        if end_date and date[:len(end_date)] > end_date:
+        if end_date and date[: len(end_date)] > end_date:
             continue
         if platform and str(item.get("platform", "")).lower() != platform.lower():
             continue
@@ -312,7 +306,8 @@ def load_livecodebench(
         starter = item.get("starter_code") or None
         metadata = {
             "func_name": next((t.func_name for t in tests if t.func_name), None),
-            "source": "livecodebench", "question_id": _str_or_none(item.get("question_id")),
+            "source": "livecodebench",
+            "question_id": _str_or_none(item.get("question_id")),
             "difficulty": _str_or_none(item.get("difficulty")),
             "platform": _str_or_none(item.get("platform")),
             "contest_date": _str_or_none(item.get("contest_date")),

@@ -33,11 +33,15 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
             text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
-            raise DatasetError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
-                               f"(line {line})") from None
+            raise DatasetError(
+                f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line})"
+            ) from None
     if suffix in (".jsonl", ".ndjson"):
-        rows = [_json(text_line, dict, f"{path}: row {lineno}", "a JSON object")
-                for lineno, text_line in enumerate(text.split("\n"), start=1) if text_line.strip()]
+        rows = [
+            _json(text_line, dict, f"{path}: row {lineno}", "a JSON object")
+            for lineno, text_line in enumerate(text.split("\n"), start=1)
+            if text_line.strip()
+        ]
         return rows
     if suffix == ".json":
         return _json(text, list, str(path), "a JSON list of objects")
@@ -82,13 +86,16 @@ def load_rows(source: str, split: str = "train", config: str | None = None) -> t
         # DatasetNotFoundError (a FileNotFoundError), no network / offline without a cached copy,
         # an unknown split or config: all about the name the user gave
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DatasetError(f"dataset {source!r} (split {split!r}{f', config {config!r}' if config else ''}): "
-                           f"cannot load it from the Hugging Face Hub: {first}") from e
+        raise DatasetError(
+            f"dataset {source!r} (split {split!r}{f', config {config!r}' if config else ''}): "
+            f"cannot load it from the Hugging Face Hub: {first}"
+        ) from e
     return [dict(r) for r in ds], f"{source}[{split}]"
 
 
-def map_columns(rows: list[dict[str, Any]], mapping: dict[str, str], required: list[str], label: str,
-                id_column: str = "prompt_id") -> list[dict[str, Any]]:
+def map_columns(
+    rows: list[dict[str, Any]], mapping: dict[str, str], required: list[str], label: str, id_column: str = "prompt_id"
+) -> list[dict[str, Any]]:
     """Rename dataset columns to the names a task uses and check every row has what is required.
 
     ``mapping`` is ``{task_name: dataset_column}``. Every row gets a ``prompt_id`` (kept if present).
@@ -98,21 +105,29 @@ def map_columns(rows: list[dict[str, Any]], mapping: dict[str, str], required: l
         new = dict(row)
         for task_name, col in mapping.items():
             if col not in row:
-                raise DatasetError(f"{label}: row {i}: missing column {col!r} (mapped to {task_name!r}); "
-                                   f"row has columns {sorted(row)}")
+                raise DatasetError(
+                    f"{label}: row {i}: missing column {col!r} (mapped to {task_name!r}); row has columns {sorted(row)}"
+                )
             new[task_name] = row[col]
         for col in required:
             if col not in new:
-                raise DatasetError(f"{label}: row {i}: missing column {col!r}; row has columns {sorted(row)}"
-                                   + (f" (map one with task.columns.{col}=<column>)" if col not in mapping else ""))
+                raise DatasetError(
+                    f"{label}: row {i}: missing column {col!r}; row has columns {sorted(row)}"
+                    + (f" (map one with task.columns.{col}=<column>)" if col not in mapping else "")
+                )
             value = new[col]
-            if value is None or (col == "prompt" and isinstance(value, (str, list)) and not (
-                    value.strip() if isinstance(value, str) else value)):
+            if value is None or (
+                col == "prompt"
+                and isinstance(value, (str, list))
+                and not (value.strip() if isinstance(value, str) else value)
+            ):
                 source = mapping.get(col, col)
                 mapped = f" (mapped to {col!r})" if source != col else ""
                 state = "None (null)" if value is None else "empty"
-                raise DatasetError(f"{label}: row {i}: column {source!r}{mapped} is {state}; every row needs a "
-                                   f"{col} (fill it in or remove the row)")
+                raise DatasetError(
+                    f"{label}: row {i}: column {source!r}{mapped} is {state}; every row needs a "
+                    f"{col} (fill it in or remove the row)"
+                )
         new.setdefault(id_column, f"{Path(label).stem}-{i}")
         new[id_column] = str(new[id_column])
         out.append(new)

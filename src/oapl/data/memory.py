@@ -65,8 +65,10 @@ def as_rows(data: Any, field: str) -> list[dict[str, Any]]:
         splits = ", ".join(repr(k) for k in list(data)[:4])
         raise UserError(f"{field}: a DatasetDict with splits {splits}; pass one split, e.g. {field}=ds['train']")
     if name.startswith("datasets.") and "Iterable" in name:
-        raise UserError(f"{field}: an IterableDataset has no length; pass a datasets.Dataset (e.g. "
-                        f"Dataset.from_list(list(ds.take(n)))) or a list of dicts")
+        raise UserError(
+            f"{field}: an IterableDataset has no length; pass a datasets.Dataset (e.g. "
+            f"Dataset.from_list(list(ds.take(n)))) or a list of dicts"
+        )
     if name.startswith("datasets.") and hasattr(data, "to_list"):
         rows = data.to_list()
     elif name.startswith("pandas.") and hasattr(data, "to_dict"):
@@ -74,15 +76,19 @@ def as_rows(data: Any, field: str) -> list[dict[str, Any]]:
     elif isinstance(data, (list, tuple)):
         rows = list(data)
     else:
-        raise UserError(f"{field}: expected a datasets.Dataset, a list of dicts or a path to a .jsonl/.parquet "
-                        f"file or Hub dataset, got {type(data).__name__}")
+        raise UserError(
+            f"{field}: expected a datasets.Dataset, a list of dicts or a path to a .jsonl/.parquet "
+            f"file or Hub dataset, got {type(data).__name__}"
+        )
     if not rows:
         raise UserError(f"{field}: no rows")
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise UserError(f"{field}: row {i} is a {type(row).__name__}, expected a dict of columns "
-                            f"(e.g. {{'prompt': ..., 'answer': ...}})")
+            raise UserError(
+                f"{field}: row {i} is a {type(row).__name__}, expected a dict of columns "
+                f"(e.g. {{'prompt': ..., 'answer': ...}})"
+            )
         out.append(dict(row))
     return out
 
@@ -114,7 +120,8 @@ def lookup_rows(marker: str, field: str, copy: bool = True) -> list[dict[str, An
         raise UserError(
             f"{field}: {marker} is a dataset that was passed from Python to another process; this one does not "
             f"hold it. Pass the same data again (OAPLTrainer(train_dataset=..., eval_dataset=...)), or save it "
-            f"as a .jsonl file and set {field} to its path")
+            f"as a .jsonl file and set {field} to its path"
+        )
     return [dict(r) for r in rows] if copy else rows
 
 
@@ -140,14 +147,18 @@ def reward_spec(fn: Any, field: str = "reward_funcs") -> str:
         if is_marker(fn):
             return fn
         if ":" not in fn:
-            raise UserError(f"{field}: {fn!r} is not of the form module:function (or path/to/file.py:function); "
-                            f"oapl's rewards are functions (it has no reward models)")
+            raise UserError(
+                f"{field}: {fn!r} is not of the form module:function (or path/to/file.py:function); "
+                f"oapl's rewards are functions (it has no reward models)"
+            )
         return fn
     if not callable(fn):
         raise UserError(f"{field}: {fn!r} ({type(fn).__name__}) is neither a callable nor a 'module:function' string")
     if _type_name(fn).startswith("transformers.") or hasattr(fn, "config") and hasattr(fn, "forward"):
-        raise UserError(f"{field}: {type(fn).__name__} is a model; oapl's rewards are functions "
-                        f"fn(prompts, completions, **columns) -> list[float] (it has no reward models)")
+        raise UserError(
+            f"{field}: {type(fn).__name__} is a model; oapl's rewards are functions "
+            f"fn(prompts, completions, **columns) -> list[float] (it has no reward models)"
+        )
     spec = _import_spec(fn)
     if spec is not None:
         return spec
@@ -170,7 +181,8 @@ def lookup_reward(marker: str, field: str) -> Callable[..., Any]:
         raise UserError(
             f"{field}: {marker} is a reward function that was passed from Python to another process; this one "
             f"does not hold it. Pass it again (OAPLTrainer(reward_funcs=[...])), or put it in a module and set "
-            f"{field} to 'module:function'")
+            f"{field} to 'module:function'"
+        )
     return fn
 
 

@@ -44,8 +44,9 @@ class Task:
         try:
             user = self.prompt_template.format(**example)
         except KeyError as e:
-            raise DatasetError(f"task.prompt_template uses column {e} that example "
-                               f"{example.get('prompt_id')!r} lacks") from None
+            raise DatasetError(
+                f"task.prompt_template uses column {e} that example {example.get('prompt_id')!r} lacks"
+            ) from None
         msgs = [{"role": "user", "content": user}]
         if self.system_prompt is not None:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
@@ -64,8 +65,11 @@ class Task:
 
 def is_conversational(prompt: Any) -> bool:
     """Whether a ``prompt`` value is TRL's conversational format: a list of ``{"role", "content"}`` messages."""
-    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt))
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+    )
 
 
 class TaskReward:
@@ -98,8 +102,9 @@ def user_reward(cfg: TaskConfig, conversational: bool = False) -> RewardFn | Non
     """
     if cfg.reward is None:
         if cfg.reward_weights is not None:
-            raise ValueError("task.reward_weights needs task.reward (the functions they weigh): pass reward_funcs "
-                             "or set task.reward")
+            raise ValueError(
+                "task.reward_weights needs task.reward (the functions they weigh): pass reward_funcs or set task.reward"
+            )
         return None
     if isinstance(cfg.reward, list):
         fns = [load_reward(spec, f"task.reward[{i}]") for i, spec in enumerate(cfg.reward)]
@@ -115,8 +120,13 @@ def check_user_reward(task: Task) -> None:
     if not isinstance(fn, CombinedReward) or not task.train:
         return
     row = task.train[0]
-    fn.check([str(row.get("prompt", ""))], [PROBE_COMPLETION], **task.reward_kwargs([row]), completion_ids=[[]],
-             trainer_state=task.trainer_state)
+    fn.check(
+        [str(row.get("prompt", ""))],
+        [PROBE_COMPLETION],
+        **task.reward_kwargs([row]),
+        completion_ids=[[]],
+        trainer_state=task.trainer_state,
+    )
 
 
 #: The completion of that test call: short, plain, like a real one.
@@ -138,14 +148,22 @@ def arithmetic_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[di
     ops = list(cfg.operations)
     space = cfg.max_operand * cfg.max_operand * len(ops)
     if cfg.num_eval >= space:
-        raise ValueError(f"task.num_eval={cfg.num_eval} leaves no training problems: only {space} distinct "
-                         f"problems with max_operand={cfg.max_operand} and operations={ops}")
+        raise ValueError(
+            f"task.num_eval={cfg.num_eval} leaves no training problems: only {space} distinct "
+            f"problems with max_operand={cfg.max_operand} and operations={ops}"
+        )
     rng = random.Random(ARITHMETIC_EVAL_SEED)
     held: dict[tuple, dict] = {}
     while len(held) < cfg.num_eval:
         a, op, b = _arithmetic_problem(rng, cfg.max_operand, ops)
-        held.setdefault((a, op, b), {"prompt_id": f"eval-{a}{op}{b}", "prompt": f"What is {a} {op} {b}?",
-                                     "answer": _arithmetic_answer(a, op, b)})
+        held.setdefault(
+            (a, op, b),
+            {
+                "prompt_id": f"eval-{a}{op}{b}",
+                "prompt": f"What is {a} {op} {b}?",
+                "answer": _arithmetic_answer(a, op, b),
+            },
+        )
     rng = random.Random(seed)
     train = []
     for i in range(cfg.num_train):
@@ -153,16 +171,18 @@ def arithmetic_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[di
             a, op, b = _arithmetic_problem(rng, cfg.max_operand, ops)
             if (a, op, b) not in held:
                 break
-        train.append({"prompt_id": f"train-{i}", "prompt": f"What is {a} {op} {b}?",
-                      "answer": _arithmetic_answer(a, op, b)})
+        train.append(
+            {"prompt_id": f"train-{i}", "prompt": f"What is {a} {op} {b}?", "answer": _arithmetic_answer(a, op, b)}
+        )
     return train, list(held.values())
 
 
 ARITHMETIC_SYSTEM_PROMPT = "Answer with the number only."
 
 
-def _countdown_problem(rng: random.Random, count: int, low: int, high: int,
-                       ops: Sequence[str]) -> tuple[tuple[int, ...], int] | None:
+def _countdown_problem(
+    rng: random.Random, count: int, low: int, high: int, ops: Sequence[str]
+) -> tuple[tuple[int, ...], int] | None:
     """Numbers (in the order shown) and a target made from all of them, or ``None`` if the target is < 1."""
     from oapl.rewards.countdown import evaluate
 
@@ -176,8 +196,12 @@ def _countdown_problem(rng: random.Random, count: int, low: int, high: int,
 
 
 def _countdown_row(prompt_id: str, nums: tuple[int, ...], target: int) -> dict[str, Any]:
-    return {"prompt_id": prompt_id, "prompt": f"Use {', '.join(map(str, nums))} to make {target}:",
-            "numbers": list(nums), "target": target}
+    return {
+        "prompt_id": prompt_id,
+        "prompt": f"Use {', '.join(map(str, nums))} to make {target}:",
+        "numbers": list(nums),
+        "target": target,
+    }
 
 
 def countdown_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -190,15 +214,17 @@ def countdown_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dic
     and target.
     """
     count, (low, high), ops = cfg.countdown_numbers, cfg.countdown_range, list(cfg.countdown_operations)
-    where = (f"countdown_numbers={count}, countdown_range=[{low}, {high}] and countdown_operations={ops}")
+    where = f"countdown_numbers={count}, countdown_range=[{low}, {high}] and countdown_operations={ops}"
     rng = random.Random(COUNTDOWN_EVAL_SEED)
     held: dict[tuple, dict] = {}
     draws = 0
     while len(held) < cfg.num_eval:
         draws += 1
         if draws > 10_000 + 200 * cfg.num_eval:
-            raise ValueError(f"task.num_eval={cfg.num_eval}: only {len(held)} distinct countdown problems found with "
-                             f"{where}; lower task.num_eval or widen task.countdown_range")
+            raise ValueError(
+                f"task.num_eval={cfg.num_eval}: only {len(held)} distinct countdown problems found with "
+                f"{where}; lower task.num_eval or widen task.countdown_range"
+            )
         problem = _countdown_problem(rng, count, low, high, ops)
         if problem is None:
             continue
@@ -214,8 +240,10 @@ def countdown_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dic
         if problem is None or (tuple(sorted(problem[0])), problem[1]) in held:
             misses += 1
             if misses > 10_000:
-                raise ValueError(f"task.num_eval={cfg.num_eval} leaves (almost) no training problems: the held-out "
-                                 f"split takes nearly every countdown problem with {where}")
+                raise ValueError(
+                    f"task.num_eval={cfg.num_eval} leaves (almost) no training problems: the held-out "
+                    f"split takes nearly every countdown problem with {where}"
+                )
             continue
         misses = 0
         train.append(_countdown_row(f"train-{len(train)}", *problem))
@@ -224,13 +252,16 @@ def countdown_examples(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dic
 
 #: Three worked examples (a * b + c, a + b + c, a + b * c): the default ``task.system_prompt`` of
 #: countdown, the text each problem continues.
-COUNTDOWN_SYSTEM_PROMPT = ("Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 2, 7, 6 to make 15: 2 + 7 + 6 = 15\n"
-                           "Use 4, 2, 8 to make 20: 4 + 2 * 8 = 20")
+COUNTDOWN_SYSTEM_PROMPT = (
+    "Use 3, 5, 4 to make 19: 3 * 5 + 4 = 19\nUse 2, 7, 6 to make 15: 2 + 7 + 6 = 15\n"
+    "Use 4, 2, 8 to make 20: 4 + 2 * 8 = 20"
+)
 MATH_PROMPT_TEMPLATE = "{prompt}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
-def _load_split(cfg: TaskConfig, source: str, split: str, required: list[str], limit: int | None,
-                config: str | None = None):
+def _load_split(
+    cfg: TaskConfig, source: str, split: str, required: list[str], limit: int | None, config: str | None = None
+):
     rows, label = load_rows(source, split, config if config is not None else cfg.dataset_config)
     if not rows:
         raise DatasetError(f"{label}: no rows")
@@ -279,13 +310,15 @@ def _benchmark_rows(cfg: TaskConfig, task_name: str) -> list[dict[str, Any]]:
         except ValueError as e:
             raise ValueError(f"task.eval_benchmarks: {e}") from None
         if bench.task != task_name:
-            raise ValueError(f"task.eval_benchmarks: {name!r} is a {bench.task!r} benchmark but task.name is "
-                             f"{task_name!r}")
+            raise ValueError(
+                f"task.eval_benchmarks: {name!r} is a {bench.task!r} benchmark but task.name is {task_name!r}"
+            )
         raw, label = load_rows(bench.source, bench.split)
         if not raw:
             raise DatasetError(f"{label}: no rows (benchmark {name!r})")
-        mapped = map_columns(raw, {"prompt": bench.prompt_column, "answer": bench.answer_column},
-                             ["prompt", "answer"], label)
+        mapped = map_columns(
+            raw, {"prompt": bench.prompt_column, "answer": bench.answer_column}, ["prompt", "answer"], label
+        )
         for row in mapped[: cfg.max_eval_prompts] if cfg.max_eval_prompts else mapped:
             row["prompt_id"] = f"{bench.name}/{row['prompt_id']}"
             row["benchmark"] = bench.name
@@ -301,18 +334,32 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
 
         fn = user_reward(cfg) or arithmetic_reward
         system = ARITHMETIC_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
-        return Task(name, train[: cfg.max_prompts] if cfg.max_prompts else train,
-                    held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held, fn, ["answer"],
-                    system or None, cfg.prompt_template, _chat(cfg))
+        return Task(
+            name,
+            train[: cfg.max_prompts] if cfg.max_prompts else train,
+            held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held,
+            fn,
+            ["answer"],
+            system or None,
+            cfg.prompt_template,
+            _chat(cfg),
+        )
     if name == "countdown":
         train, held = countdown_examples(cfg, seed)
         from oapl.rewards.countdown import countdown_reward
 
         fn = user_reward(cfg) or countdown_reward
         system = COUNTDOWN_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
-        return Task(name, train[: cfg.max_prompts] if cfg.max_prompts else train,
-                    held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held, fn, ["numbers", "target"],
-                    system or None, cfg.prompt_template, _chat(cfg, default=False))
+        return Task(
+            name,
+            train[: cfg.max_prompts] if cfg.max_prompts else train,
+            held[: cfg.max_eval_prompts] if cfg.max_eval_prompts else held,
+            fn,
+            ["numbers", "target"],
+            system or None,
+            cfg.prompt_template,
+            _chat(cfg, default=False),
+        )
     if name == "code":
         return _code_task(cfg)
     if name in ("math", "dataset"):
@@ -323,13 +370,20 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         if cfg.eval_benchmarks:
             held = _benchmark_rows(cfg, name)
         else:
-            held = (_load_split(cfg, cfg.eval_dataset, cfg.eval_split, required, cfg.max_eval_prompts,
-                                cfg.eval_dataset_config) if cfg.eval_dataset else [])
+            held = (
+                _load_split(
+                    cfg, cfg.eval_dataset, cfg.eval_split, required, cfg.max_eval_prompts, cfg.eval_dataset_config
+                )
+                if cfg.eval_dataset
+                else []
+            )
         conversational = is_conversational(train[0].get("prompt"))
         if conversational and cfg.prompt_template != "{prompt}":
-            raise ValueError(f"task.prompt_template={cfg.prompt_template!r} applies to text prompts, but the prompts "
-                             f"of {cfg.dataset} are message lists (TRL's conversational format); put the "
-                             "instruction in the messages, or leave task.prompt_template at '{prompt}'")
+            raise ValueError(
+                f"task.prompt_template={cfg.prompt_template!r} applies to text prompts, but the prompts "
+                f"of {cfg.dataset} are message lists (TRL's conversational format); put the "
+                "instruction in the messages, or leave task.prompt_template at '{prompt}'"
+            )
         if name == "math":
             from oapl.rewards.math import MathVerifier
 
@@ -344,8 +398,7 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
             columns.append("prompt")  # TRL passes a conversational row's messages as `prompts`
         reward = user_reward(cfg, conversational)
         assert reward is not None  # task.reward is set
-        return Task(name, train, held, reward, columns, cfg.system_prompt,
-                    cfg.prompt_template, _chat(cfg))
+        return Task(name, train, held, reward, columns, cfg.system_prompt, cfg.prompt_template, _chat(cfg))
     raise ValueError(f"task.name: unknown task {name!r}; use arithmetic, countdown, math, code or dataset")
 
 
@@ -375,8 +428,10 @@ def _code_task(cfg: TaskConfig) -> Task:
     if not cfg.dataset:
         raise ValueError("task.dataset is required for task.name='code' (a DeepCoder-format file or Hub name)")
     train = _code_rows(cfg.dataset, cfg.split, cfg.dataset_config, cfg.max_prompts)
-    held = (_code_rows(cfg.eval_dataset, cfg.eval_split, cfg.eval_dataset_config, cfg.max_eval_prompts)
-            if cfg.eval_dataset else [])
+    held = (
+        _code_rows(cfg.eval_dataset, cfg.eval_split, cfg.eval_dataset_config, cfg.max_eval_prompts)
+        if cfg.eval_dataset
+        else []
+    )
     fn = user_reward(cfg) or code_reward
-    return Task("code", train, held, fn, ["tests", "metadata"], cfg.system_prompt, cfg.prompt_template,
-                _chat(cfg))
+    return Task("code", train, held, fn, ["tests", "metadata"], cfg.system_prompt, cfg.prompt_template, _chat(cfg))

@@ -54,13 +54,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("oapl.distributed runs distributed.backend=ray configurations")
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size // cfg.algorithm.mini_batches
     if n < d.trainer_workers:
-        raise ValueError(f"distributed.trainer_workers={d.trainer_workers} exceeds the {n} sequences of a "
-                         "mini-batch (rollout.prompts_per_step x rollout.group_size / algorithm.mini_batches)")
+        raise ValueError(
+            f"distributed.trainer_workers={d.trainer_workers} exceeds the {n} sequences of a "
+            "mini-batch (rollout.prompts_per_step x rollout.group_size / algorithm.mini_batches)"
+        )
     if parallel_mode(cfg) == "fsdp":
         L = cfg.rollout.sync_interval
         if cfg.eval.every and cfg.eval.every % L:
-            raise ValueError("with FSDP2 trainer ranks eval.every must be a multiple of rollout.sync_interval "
-                             "(mid-window evaluation needs the full weights on one rank)")
+            raise ValueError(
+                "with FSDP2 trainer ranks eval.every must be a multiple of rollout.sync_interval "
+                "(mid-window evaluation needs the full weights on one rank)"
+            )
         if cfg.algorithm.reference_logprobs == "recompute":
             raise ValueError("algorithm.reference_logprobs=recompute is not supported with FSDP2 trainer ranks")
 
@@ -134,24 +138,33 @@ class RayBackend(OnlineBackend):
         if synced:  # the engines hold the trainer's weights
             yield PoolEngine(built(self.pool, "the engine pool"))
             return
-        engine = RankZeroEngine(built(self.trainers, "the trainer ranks"), self.cfg.seed + 17)  # rank 0's current weights
+        engine = RankZeroEngine(
+            built(self.trainers, "the trainer ranks"), self.cfg.seed + 17
+        )  # rank 0's current weights
         with engine.session():
             yield engine
 
     def save(self, run_dir: Path, step: int, state: dict, config_yaml: str, keep: int) -> str:
-        return built(self.trainers, "the trainer ranks").call("save_checkpoint", str(run_dir), step, state,
-                                                              config_yaml, keep)[0]
+        return built(self.trainers, "the trainer ranks").call(
+            "save_checkpoint", str(run_dir), step, state, config_yaml, keep
+        )[0]
 
     def row_stats(self, rollout: Rollout, since: list[tuple[int, float]]) -> dict[str, Any]:
-        return {**super().row_stats(rollout, since), "num_engines": self.cfg.distributed.num_engines,
-                "engine_restarts": self._restarts()}
+        return {
+            **super().row_stats(rollout, since),
+            "num_engines": self.cfg.distributed.num_engines,
+            "engine_restarts": self._restarts(),
+        }
 
     def progress_fields(self, metrics: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         return {**super().progress_fields(metrics, row), "restarts": self._restarts()}
 
     def summary(self, rollout: Rollout) -> dict[str, Any]:
-        return {**super().summary(rollout), "num_engines": self.cfg.distributed.num_engines,
-                "engine_restarts": self._restarts()}
+        return {
+            **super().summary(rollout),
+            "num_engines": self.cfg.distributed.num_engines,
+            "engine_restarts": self._restarts(),
+        }
 
     def _restarts(self) -> int:
         return built(self.pool, "the engine pool").total_restarts

@@ -80,8 +80,10 @@ def make_placement_group(bundles: list[dict[str, float]], strategy: str, name: s
         from ray.util.placement_group import remove_placement_group
 
         remove_placement_group(pg)
-        raise RuntimeError(f"placement group {name!r} ({bundles}, {strategy}) could not be placed within "
-                           f"{timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}")
+        raise RuntimeError(
+            f"placement group {name!r} ({bundles}, {strategy}) could not be placed within "
+            f"{timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
+        )
     return pg
 
 
@@ -100,9 +102,13 @@ def actor_options(pg, index: int, num_cpus: float, num_gpus: float, **extra) -> 
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     b = bundle(num_cpus, num_gpus)
-    return {"num_cpus": b.get("CPU", 0), "num_gpus": b.get("GPU", 0), "max_restarts": 0,
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=index), **extra}
+    return {
+        "num_cpus": b.get("CPU", 0),
+        "num_gpus": b.get("GPU", 0),
+        "max_restarts": 0,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index),
+        **extra,
+    }
 
 
 def actor_threads(cfg: TrainConfig, num_cpus: float) -> int:

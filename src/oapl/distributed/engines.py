@@ -28,9 +28,20 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from oapl.config import TrainConfig
-from oapl.distributed.cluster import (EngineRestartsExhausted, TrainerFailure, actor_options, actor_threads, alive,
-                                      bundle, get_fail_fast, is_actor_death, kill_actor, make_placement_group,
-                                      remove_placement_group, require_ray)
+from oapl.distributed.cluster import (
+    EngineRestartsExhausted,
+    TrainerFailure,
+    actor_options,
+    actor_threads,
+    alive,
+    bundle,
+    get_fail_fast,
+    is_actor_death,
+    kill_actor,
+    make_placement_group,
+    remove_placement_group,
+    require_ray,
+)
 from oapl.distributed.weights import WeightGroup, cpu_state
 from oapl.engines.base import GenerationOutput, SamplingParams, WeightIterator
 from oapl.rollout.buffer import BufferClosed
@@ -82,8 +93,7 @@ class EngineActor:
         cfg = TrainConfig.model_validate(cfg_json)
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs ("" when it has none)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        cfg = cfg.model_copy(update={"seed": seed,
-                                     "model": cfg.model.model_copy(update={"device": str(self.device)})})
+        cfg = cfg.model_copy(update={"seed": seed, "model": cfg.model.model_copy(update={"device": str(self.device)})})
         path = resolve_model_path(cfg.model.name)
         tok = load_config_tokenizer(cfg)
         # the initial weights are the base model's; the trainer's arrive by load_weights right after
@@ -189,8 +199,9 @@ class EnginePool:
         self._group_epoch: int | None = None
         self._meta = None
         self.actors: list = [None] * self.n
-        self.pg = make_placement_group([bundle(d.engine_num_cpus, d.engine_num_gpus)] * self.n, "SPREAD",
-                                       "oapl-engines")
+        self.pg = make_placement_group(
+            [bundle(d.engine_num_cpus, d.engine_num_gpus)] * self.n, "SPREAD", "oapl-engines"
+        )
         self._cls = require_ray().remote(EngineActor)
         for i in range(self.n):
             self.actors[i] = self._spawn(i)
@@ -204,7 +215,8 @@ class EnginePool:
         d = self.cfg.distributed
         seed = engine_seed(self.cfg.seed, i, self.restarts[i])
         return self._cls.options(**actor_options(self.pg, i, d.engine_num_cpus, d.engine_num_gpus)).remote(
-            self._cfg_json, i, seed, self._threads)
+            self._cfg_json, i, seed, self._threads
+        )
 
     def actor(self, i: int):
         return self.actors[i]
@@ -247,8 +259,10 @@ class EnginePool:
             host, port = trainers.rank0("address")
             world = self.n + 1
             refs = [trainers.actors[0].join_weight_group.remote(host, port, world, self.collective_backend, self.epoch)]
-            refs += [a.join_weight_group.remote(host, port, i + 1, world, self.collective_backend, self.epoch)
-                     for i, a in enumerate(self.actors)]
+            refs += [
+                a.join_weight_group.remote(host, port, i + 1, world, self.collective_backend, self.epoch)
+                for i, a in enumerate(self.actors)
+            ]
             self._wait_collective(refs, trainers)
             self._group_epoch = self.epoch
         if self._meta is None:
@@ -296,9 +310,15 @@ class EnginePool:
                 if self.restarts[i] > self.max_restarts:
                     raise EngineRestartsExhausted(
                         f"engine actor {i} died {self.restarts[i]} times (distributed.max_engine_restarts="
-                        f"{self.max_restarts})")
-                log.warning("engine actor %d died: restarting it (restart %d of at most %d) with weight version %d",
-                            i, self.restarts[i], self.max_restarts, self.version)
+                        f"{self.max_restarts})"
+                    )
+                log.warning(
+                    "engine actor %d died: restarting it (restart %d of at most %d) with weight version %d",
+                    i,
+                    self.restarts[i],
+                    self.max_restarts,
+                    self.version,
+                )
                 kill_actor(self.actors[i])
                 self.actors[i] = self._spawn(i)
                 self.epoch += 1
@@ -308,13 +328,18 @@ class EnginePool:
                         every = len(self.pending) == self.n
                     self.engines[i].version = -1
                     if load and every:
-                        raise TrainerFailure("every engine actor died within one sync window under the collective "
-                                             "weight transport; no synced weights are left to restart them from")
+                        raise TrainerFailure(
+                            "every engine actor died within one sync window under the collective "
+                            "weight transport; no synced weights are left to restart them from"
+                        )
                     if not self._built(i):
                         continue
                     if load:
-                        log.warning("engine actor %d waits for the next weight sync (no object-store copy is "
-                                    "kept under the collective transport)", i)
+                        log.warning(
+                            "engine actor %d waits for the next weight sync (no object-store copy is "
+                            "kept under the collective transport)",
+                            i,
+                        )
                     return
                 try:
                     ray.get(self.actors[i].load_weights.remote(self.weights_ref, self.version))
@@ -336,8 +361,9 @@ class EnginePool:
             if self._closed:
                 raise BufferClosed("engine pool closed")
             if time.monotonic() > deadline:
-                log.warning("engine actor %d did not build its engine within %.0f s: replacing it", i,
-                            ENGINE_BUILD_TIMEOUT_S)
+                log.warning(
+                    "engine actor %d did not build its engine within %.0f s: replacing it", i, ENGINE_BUILD_TIMEOUT_S
+                )
                 return False
         try:
             ray.get(ref)
@@ -388,7 +414,9 @@ class PoolEngine:
             raise EnginePending(-1)
         k = max(1, min(len(ready), len(prompts)))
         size = math.ceil(len(prompts) / k)
-        chunks = [(ready[j], prompts[j * size:(j + 1) * size]) for j in range(k) if prompts[j * size:(j + 1) * size]]
+        chunks = [
+            (ready[j], prompts[j * size : (j + 1) * size]) for j in range(k) if prompts[j * size : (j + 1) * size]
+        ]
         refs = [(i, self.pool.actor(i), self.pool.actor(i).generate.remote(c, params)) for i, c in chunks]
         out: list[GenerationOutput] = []
         for (_, c), (i, actor, ref) in zip(chunks, refs):
@@ -410,8 +438,9 @@ class PoolEngine:
         return out
 
     def load_weights(self, weights: WeightIterator, version: int) -> float:
-        raise TypeError("PoolEngine only samples for evaluation; the pool's weights are synced by the Ray "
-                        "trainer (EnginePool.load)")
+        raise TypeError(
+            "PoolEngine only samples for evaluation; the pool's weights are synced by the Ray trainer (EnginePool.load)"
+        )
 
     def close(self) -> None:
         pass

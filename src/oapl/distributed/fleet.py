@@ -101,14 +101,36 @@ class RayRolloutWorker(RolloutWorker):
 class RolloutFleet:
     """The N rollout workers of an :class:`EnginePool`, filling one shared buffer."""
 
-    def __init__(self, pool: EnginePool, task, tokenizer, buffer: RolloutBuffer, sampling: SamplingParams,
-                 group_size: int, prompts_per_call: int, seed: int, weights_id: str = "") -> None:
+    def __init__(
+        self,
+        pool: EnginePool,
+        task,
+        tokenizer,
+        buffer: RolloutBuffer,
+        sampling: SamplingParams,
+        group_size: int,
+        prompts_per_call: int,
+        seed: int,
+        weights_id: str = "",
+    ) -> None:
         self.pool, self.buffer = pool, buffer
         self.prompts_per_call = prompts_per_call
         self.sampler = SharedSampler(PromptSampler(len(task.train), seed))
-        self.workers = [RayRolloutWorker(engine, self.sampler, task, tokenizer, buffer, sampling, group_size,
-                                         prompts_per_call, seed, weights_id=weights_id)
-                        for engine in pool.engines]
+        self.workers = [
+            RayRolloutWorker(
+                engine,
+                self.sampler,
+                task,
+                tokenizer,
+                buffer,
+                sampling,
+                group_size,
+                prompts_per_call,
+                seed,
+                weights_id=weights_id,
+            )
+            for engine in pool.engines
+        ]
         self._executor: ThreadPoolExecutor | None = None
 
     # -- synchronous mode --------------------------------------------------------------------
@@ -122,7 +144,7 @@ class RolloutFleet:
             ready = [w for w in self.workers if not self.pool.is_pending(w.slot.index)]
             if not ready:  # (not expected: synchronous generation keeps the object-store copy)
                 raise TrainerFailure("no engine actor holds the synced weights")
-            ws = ready[:min(need, len(ready))]
+            ws = ready[: min(need, len(ready))]
             for w in ws:
                 w.slot_sampler.preset = self.sampler.next(self.prompts_per_call)
             futures = [self._executor.submit(w.produce_or_restart) for w in ws]

@@ -99,8 +99,11 @@ def gather_to(t: torch.Tensor, owner: int, rank: int, world: int) -> torch.Tenso
 def export_items(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """What a Hugging Face folder of ``model`` holds: parameters (tied ones once) and persistent buffers."""
     items: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
-    non_persistent = {f"{mod}.{b}" if mod else b for mod, m in model.named_modules()
-                      for b in getattr(m, "_non_persistent_buffers_set", ())}
+    non_persistent = {
+        f"{mod}.{b}" if mod else b
+        for mod, m in model.named_modules()
+        for b in getattr(m, "_non_persistent_buffers_set", ())
+    }
     items += [(n, b) for n, b in model.named_buffers() if n not in non_persistent]
     return items
 
@@ -125,8 +128,11 @@ def layer_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the largest decoder layer (``_no_split_modules``) in ``dtype``: the export's file size."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     # fully_shard swaps a module's class for a subclass (``FSDPLlamaDecoderLayer``): match the MRO
-    sizes = [sum(_nbytes(p, dtype) for p in m.parameters()) for m in model.modules()
-             if any(c.__name__ in names for c in type(m).__mro__)]
+    sizes = [
+        sum(_nbytes(p, dtype) for p in m.parameters())
+        for m in model.modules()
+        if any(c.__name__ in names for c in type(m).__mro__)
+    ]
     return max(sizes, default=0)
 
 
@@ -136,8 +142,15 @@ def _aliases(value: torch.Tensor, t: torch.Tensor) -> bool:
     return value.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()
 
 
-def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, rank: int = 0, world: int = 1,
-              dtype: torch.dtype = torch.float32, max_file_bytes: int | None = None) -> dict[str, str]:
+def export_hf(
+    model: torch.nn.Module,
+    tokenizer,
+    path: str | Path,
+    rank: int = 0,
+    world: int = 1,
+    dtype: torch.dtype = torch.float32,
+    max_file_bytes: int | None = None,
+) -> dict[str, str]:
     """Write ``model`` as a Hugging Face folder from its shards; a collective over the ``world`` ranks.
 
     Each tensor is gathered in turn to the one rank that owns it (:func:`gather_to`); the owner keeps
@@ -185,8 +198,9 @@ def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, rank: int = 0
         return {}
     merged = {k: v for m in maps for k, v in m.items()}
     total = sum(sizes)
-    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(merged.items()))},
-                                         indent=2))
+    (path / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(merged.items()))}, indent=2)
+    )
     _write_config(model, path, dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
@@ -239,8 +253,10 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
 
     path = Path(path)
     if not (path / ".metadata").exists():
-        raise FileNotFoundError(f"{path}: no sharded optimiser state (.metadata missing): the checkpoint is "
-                                "incomplete; resume from an earlier one")
+        raise FileNotFoundError(
+            f"{path}: no sharded optimiser state (.metadata missing): the checkpoint is "
+            "incomplete; resume from an earlier one"
+        )
     osd = get_optimizer_state_dict(model, optimizer)
     state = {"optim": osd}
     read_dcp_metadata(path)  # refuses planted objects here, in one line (DCP would wrap the error)
@@ -249,10 +265,19 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
 
 
 #: What DCP's pickled ``.metadata`` may name: its own dataclasses, torch sizes, dtypes and layouts.
-_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-                ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset"),
-                ("builtins", "slice"), ("builtins", "complex")}
+_DCP_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+}
 
 
 def read_dcp_metadata(path: str | Path):
@@ -269,11 +294,16 @@ def read_dcp_metadata(path: str | Path):
 
     class Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str):
-            ok = (module.startswith("torch.distributed.checkpoint.") or (module, name) in _DCP_GLOBALS
-                  or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+            ok = (
+                module.startswith("torch.distributed.checkpoint.")
+                or (module, name) in _DCP_GLOBALS
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            )
             if not ok:
-                raise CheckpointError(f"{file}: holds pickled objects ({module}.{name}) that could run code; "
-                                      "oapl does not load it: delete this checkpoint folder and resume from another one")
+                raise CheckpointError(
+                    f"{file}: holds pickled objects ({module}.{name}) that could run code; "
+                    "oapl does not load it: delete this checkpoint folder and resume from another one"
+                )
             return super().find_class(module, name)
 
     with file.open("rb") as f:
@@ -282,7 +312,9 @@ def read_dcp_metadata(path: str | Path):
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{file}: unreadable ({type(e).__name__}); resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"{file}: unreadable ({type(e).__name__}); resume from an earlier checkpoint"
+            ) from None
 
 
 def _SafeReader(path: Path):
@@ -316,17 +348,26 @@ def load_policy_state(policy, pstate: dict[str, Any], ckpt: str | Path) -> None:
     if "optimizer_dcp" in pstate:
         load_optimizer(policy.model, policy.optimizer, Path(ckpt) / pstate["optimizer_dcp"])
     elif _is_sharded(policy.model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
         # the one-process format is keyed by parameter index (order of model.parameters()); name it
         names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
         full = pstate["optimizer"]
-        named: dict[str, Any] = {"state": {names[int(i)]: st for i, st in full["state"].items()},
-                 "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in full["param_groups"]]}
+        named: dict[str, Any] = {
+            "state": {names[int(i)]: st for i, st in full["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in full["param_groups"]],
+        }
         get_optimizer_state_dict(policy.model, policy.optimizer)  # initialise the states to load into
-        set_optimizer_state_dict(policy.model, policy.optimizer, named,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        set_optimizer_state_dict(
+            policy.model,
+            policy.optimizer,
+            named,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+        )
     else:
         policy.optimizer.load_state_dict(pstate["optimizer"])
     policy.scheduler.load_state_dict(pstate["scheduler"])
@@ -337,19 +378,35 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 # -- the whole checkpoint -------------------------------------------------------------------------
-def save_sharded_checkpoint(run_dir: str | Path, step: int, policy, rank: int, world: int,
-                            trainer_state: dict[str, Any], config_yaml: str, keep: int) -> Path | None:
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    policy,
+    rank: int,
+    world: int,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    keep: int,
+) -> Path | None:
     """Write ``checkpoints/step-N`` from W ranks (a collective); rank 0 returns its path."""
     from oapl.atomic import fsync_dir
-    from oapl.trainer.checkpoint import checkpoint_dir, prune_checkpoints, rng_state, write_manifest, write_trainer_state
+    from oapl.trainer.checkpoint import (
+        checkpoint_dir,
+        prune_checkpoints,
+        rng_state,
+        write_manifest,
+        write_trainer_state,
+    )
 
     final = checkpoint_dir(run_dir) / f"step-{step:08d}"
     with _shared_tmp(final, rank, world) as tmp:
         export_hf(policy.model, policy.tokenizer, tmp / "model", rank, world, dtype=policy.precision.param_dtype)
         save_optimizer(policy.model, policy.optimizer, tmp / OPTIM_DIR)
         if rank == 0:
-            write_trainer_state(tmp, {**trainer_state, "policy": policy_state_sharded(policy.scheduler),
-                                      "rng": rng_state(), "world": world})
+            write_trainer_state(
+                tmp,
+                {**trainer_state, "policy": policy_state_sharded(policy.scheduler), "rng": rng_state(), "world": world},
+            )
             (tmp / "config.yaml").write_text(config_yaml)
         _barrier()  # every rank's files are on disk before the manifest and the rename
         if rank == 0:
@@ -399,13 +456,23 @@ def iter_checkpoint_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.
 
     model_dir = Path(model_dir)
     index = model_dir / INDEX
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     for f in files:
         with safe_open(str(model_dir / f), framework="pt") as fh:
             for k in fh.keys():
                 yield k, fh.get_tensor(k)
 
 
-__all__ = ["export_hf", "export_items", "full_tensor", "iter_checkpoint_weights", "load_optimizer",
-           "load_policy_state", "owners", "save_optimizer", "save_sharded_checkpoint"]
+__all__ = [
+    "export_hf",
+    "export_items",
+    "full_tensor",
+    "iter_checkpoint_weights",
+    "load_optimizer",
+    "load_policy_state",
+    "owners",
+    "save_optimizer",
+    "save_sharded_checkpoint",
+]

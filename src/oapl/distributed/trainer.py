@@ -40,9 +40,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from oapl.config import TrainConfig
-from oapl.distributed.cluster import (TrainerFailure, actor_options, actor_threads, alive, bundle, free_port,
-                                      get_fail_fast, kill_actor, make_placement_group, node_ip,
-                                      remove_placement_group, require_ray)
+from oapl.distributed.cluster import (
+    TrainerFailure,
+    actor_options,
+    actor_threads,
+    alive,
+    bundle,
+    free_port,
+    get_fail_fast,
+    kill_actor,
+    make_placement_group,
+    node_ip,
+    remove_placement_group,
+    require_ray,
+)
 from oapl.distributed.sharded import full_tensor, gather_to, load_policy_state, save_sharded_checkpoint
 from oapl.distributed.weights import WeightGroup, cpu_state, weight_meta
 from oapl.errors import UserError
@@ -63,9 +74,11 @@ def parallel_mode(cfg: TrainConfig) -> str:
     if mode == "auto":
         return "fsdp" if cfg.distributed.trainer_num_gpus > 0 and not cfg.model.lora.enabled else "ddp"
     if mode == "fsdp" and cfg.model.lora.enabled:
-        raise ValueError("distributed.parallel=fsdp with model.lora.enabled=true: LoRA trains on DDP replicas "
-                         "(the frozen base is stored in the compute dtype and the adapters are small, so "
-                         "sharding saves little); set distributed.parallel=ddp (or auto)")
+        raise ValueError(
+            "distributed.parallel=fsdp with model.lora.enabled=true: LoRA trains on DDP replicas "
+            "(the frozen base is stored in the compute dtype and the adapters are small, so "
+            "sharding saves little); set distributed.parallel=ddp (or auto)"
+        )
     return mode
 
 
@@ -80,8 +93,9 @@ class LogProbModule(torch.nn.Module):
         self.autocast = autocast
 
     def forward(self, batch: TokenBatch, with_entropy: bool = True):
-        return token_logprobs(self.model, batch, self.temperature, self.chunk_size, with_entropy=with_entropy,
-                              autocast=self.autocast())
+        return token_logprobs(
+            self.model, batch, self.temperature, self.chunk_size, with_entropy=with_entropy, autocast=self.autocast()
+        )
 
 
 class RankParallel(Parallel):
@@ -116,8 +130,6 @@ class RankParallel(Parallel):
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
         return full_tensor(t)
-
-
 
 
 class TrainerRank:
@@ -169,24 +181,34 @@ class TrainerRank:
         cfg = self.cfg
         if self.cuda:
             torch.cuda.set_device(0)
-        dist.init_process_group("nccl" if self.cuda else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
-                                rank=self.rank, world_size=self.world, timeout=datetime.timedelta(seconds=600))
+        dist.init_process_group(
+            "nccl" if self.cuda else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=datetime.timedelta(seconds=600),
+        )
         if self.fsdp and cfg.algorithm.reference_logprobs == "recompute":
-            raise ValueError("algorithm.reference_logprobs=recompute is not supported with FSDP2 trainer ranks "
-                             "(use reference_logprobs=engine)")
+            raise ValueError(
+                "algorithm.reference_logprobs=recompute is not supported with FSDP2 trainer ranks "
+                "(use reference_logprobs=engine)"
+            )
         seed_everything(cfg.seed)
         # FSDP2 loads its optimiser state after sharding (below); DDP like the single process
         policy, state = load_policy(cfg, self.total_steps, ckpt, load_optimizer=not self.fsdp)
         self.policy = policy
-        self.module = LogProbModule(policy.model, policy.temperature, cfg.model.logprob_chunk_size,
-                                    policy.precision.autocast)
+        self.module = LogProbModule(
+            policy.model, policy.temperature, cfg.model.logprob_chunk_size, policy.precision.autocast
+        )
         if self.fsdp:
             # every rank must call each FSDP2 unit the same number of times (each call all-gathers);
             # the shared-prompt layout calls the decoder twice, so a rank choosing it while another
             # packs would deadlock: FSDP2 ranks pack or pad
             if cfg.optim.share_prompts == "on":
-                raise ValueError("optim.share_prompts=on is not supported with FSDP2 trainer ranks "
-                                 "(distributed.parallel=fsdp): set it to auto or off")
+                raise ValueError(
+                    "optim.share_prompts=on is not supported with FSDP2 trainer ranks "
+                    "(distributed.parallel=fsdp): set it to auto or off"
+                )
             policy.share_prompts = "off"
             self._wrap_fsdp2()
         else:
@@ -295,8 +317,10 @@ class TrainerRank:
         from oapl.engines.transformers_engine import TransformersEngine
 
         if self.fsdp:
-            raise ValueError("mid-window evaluation needs full weights on one rank, which FSDP2 ranks do not "
-                             "hold: set eval.every to a multiple of rollout.sync_interval")
+            raise ValueError(
+                "mid-window evaluation needs full weights on one rank, which FSDP2 ranks do not "
+                "hold: set eval.every to a multiple of rollout.sync_interval"
+            )
         model = self.policy.hf_model()
         self._eval_was_training = model.training
         model.eval()
@@ -326,13 +350,18 @@ class TrainerGroup:
         self.mode = parallel_mode(cfg)
         self.pg = None
         self.actors: list = []
-        self.pg = make_placement_group([bundle(d.trainer_num_cpus, d.trainer_num_gpus)] * self.world, "PACK",
-                                       "oapl-trainer")
+        self.pg = make_placement_group(
+            [bundle(d.trainer_num_cpus, d.trainer_num_gpus)] * self.world, "PACK", "oapl-trainer"
+        )
         cls = ray.remote(TrainerRank)
         threads = actor_threads(cfg, d.trainer_num_cpus)
         cfg_json = cfg.model_dump(mode="json")
-        self.actors = [cls.options(**actor_options(self.pg, r, d.trainer_num_cpus, d.trainer_num_gpus))
-                       .remote(cfg_json, r, self.world, threads, total_steps) for r in range(self.world)]
+        self.actors = [
+            cls.options(**actor_options(self.pg, r, d.trainer_num_cpus, d.trainer_num_gpus)).remote(
+                cfg_json, r, self.world, threads, total_steps
+            )
+            for r in range(self.world)
+        ]
         self.ckpt: str | None = None
         self.state: dict[str, Any] = {}
 
@@ -372,15 +401,23 @@ class TrainerGroup:
         from oapl.trainer.stats import StepStats, metrics_row
 
         cfg = self.cfg
-        works, batch = plan_step(groups, build_objective(cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches,
-                                 world=self.world)
+        works, batch = plan_step(
+            groups, build_objective(cfg.algorithm), cfg.optim, cfg.algorithm.mini_batches, world=self.world
+        )
         parts = self._get([a.train_step.remote(w, want_grads) for a, w in zip(self.actors, works)])
         stats = StepStats()
         for p in parts:
             stats.merge(p["stats"])
         p0 = parts[0]
-        row = metrics_row(batch, stats, finite=p0["finite"], grad_norm=p0["grad_norm"], lr=p0["lr"],
-                          seconds=max(p["seconds"] for p in parts), mini_batches=p0["mini_batches"])
+        row = metrics_row(
+            batch,
+            stats,
+            finite=p0["finite"],
+            grad_norm=p0["grad_norm"],
+            lr=p0["lr"],
+            seconds=max(p["seconds"] for p in parts),
+            mini_batches=p0["mini_batches"],
+        )
         return row, parts
 
     def publish_weights(self):

@@ -28,15 +28,17 @@ GROUP_TIMEOUT_S = 300.0
 class WeightGroup:
     """A stand-alone process group (not registered with ``torch.distributed``'s default world)."""
 
-    def __init__(self, host: str, port: int, rank: int, world: int, backend: str, epoch: int,
-                 timeout_s: float = GROUP_TIMEOUT_S) -> None:
+    def __init__(
+        self, host: str, port: int, rank: int, world: int, backend: str, epoch: int, timeout_s: float = GROUP_TIMEOUT_S
+    ) -> None:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world, self.backend, self.epoch = rank, world, backend, epoch
         # rank 0 hosts the rendezvous store; the others connect to it (retrying until it is up)
-        self._store: Any = dist.TCPStore(host, port, world_size=world, is_master=rank == 0, timeout=timeout,
-                                    wait_for_workers=False)
+        self._store: Any = dist.TCPStore(
+            host, port, world_size=world, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        )
         store = dist.PrefixStore(f"oapl-weights-{epoch}", self._store)
         self.pg: Any  # a ProcessGroupNCCL or ProcessGroupGloo (both have .broadcast)
         if backend == "nccl":

@@ -38,8 +38,13 @@ class SamplingParams:
 
 def sampling_dict(params: SamplingParams) -> dict[str, Any]:
     """JSON-able record of how responses were sampled (stored with every rollout group)."""
-    return {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
-            "stop": list(params.stop), "n": params.n}
+    return {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "stop": list(params.stop),
+        "n": params.n,
+    }
 
 
 @dataclass
@@ -58,9 +63,7 @@ class Completion:
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
-            raise ValueError(
-                f"completion has {len(self.token_ids)} tokens but {len(self.logprobs)} log-probs"
-            )
+            raise ValueError(f"completion has {len(self.token_ids)} tokens but {len(self.logprobs)} log-probs")
 
 
 @dataclass
@@ -85,9 +88,7 @@ class InferenceEngine(Protocol):
         """Weight version currently loaded (0 = initial weights, +1 per sync)."""
         ...
 
-    def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[GenerationOutput]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Sample ``params.n`` completions for each prompt."""
         ...
 

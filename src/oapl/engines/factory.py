@@ -33,9 +33,15 @@ def engine_kind(cfg: TrainConfig) -> str:
 #: VLLMEngine's own keyword arguments that engine.extra may set besides vllm.LLM's.
 _VLLM_ENGINE_KWARGS = ("enforce_eager", "cpu_threads", "sync_threads")
 #: engine.extra keys oapl sets itself from other fields.
-_VLLM_RESERVED = {"model": "model.name", "logprobs_mode": "(fixed: processed_logprobs)", "seed": "seed",
-                  "dtype": "model.compute_dtype", "gpu_memory_utilization": "engine.gpu_memory_utilization",
-                  "max_model_len": "engine.max_model_len", "enable_sleep_mode": "engine.enable_sleep_mode"}
+_VLLM_RESERVED = {
+    "model": "model.name",
+    "logprobs_mode": "(fixed: processed_logprobs)",
+    "seed": "seed",
+    "dtype": "model.compute_dtype",
+    "gpu_memory_utilization": "engine.gpu_memory_utilization",
+    "max_model_len": "engine.max_model_len",
+    "enable_sleep_mode": "engine.enable_sleep_mode",
+}
 
 
 def vllm_arguments() -> set[str]:
@@ -46,8 +52,11 @@ def vllm_arguments() -> set[str]:
     from vllm import LLM
     from vllm.engine.arg_utils import EngineArgs
 
-    names = {n for n, p in inspect.signature(LLM.__init__).parameters.items()
-             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    names = {
+        n
+        for n, p in inspect.signature(LLM.__init__).parameters.items()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"
+    }
     return names | {f.name for f in dataclasses.fields(EngineArgs)}
 
 
@@ -59,15 +68,20 @@ def check_engine_extra(kind: str, extra: dict, configured_kind: str = "vllm") ->
         return
     if kind == "transformers":
         if configured_kind == "transformers":
-            raise UserError(f"engine.extra={sorted(extra)}: the transformers engine takes no extra arguments "
-                            f"(engine.extra is passed to vllm.LLM); remove them, or use engine.kind=vllm")
-        log.warning("engine.extra %s ignored: the transformers engine is used (engine.kind=auto without vLLM)",
-                    sorted(extra))
+            raise UserError(
+                f"engine.extra={sorted(extra)}: the transformers engine takes no extra arguments "
+                f"(engine.extra is passed to vllm.LLM); remove them, or use engine.kind=vllm"
+            )
+        log.warning(
+            "engine.extra %s ignored: the transformers engine is used (engine.kind=auto without vLLM)", sorted(extra)
+        )
         return
     reserved = sorted(k for k in extra if k in _VLLM_RESERVED)
     if reserved:
-        raise UserError(f"engine.extra.{reserved[0]}: set by oapl from {_VLLM_RESERVED[reserved[0]]}; do not "
-                        f"pass it in engine.extra")
+        raise UserError(
+            f"engine.extra.{reserved[0]}: set by oapl from {_VLLM_RESERVED[reserved[0]]}; do not "
+            f"pass it in engine.extra"
+        )
     known = vllm_arguments() | set(_VLLM_ENGINE_KWARGS)
     unknown = sorted(k for k in extra if k not in known)
     if unknown:
@@ -77,9 +91,12 @@ def check_engine_extra(kind: str, extra: dict, configured_kind: str = "vllm") ->
 
         near = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise UserError(f"engine.extra.{unknown[0]}: vllm.LLM (vLLM {vllm.__version__}) has no argument "
-                        f"{unknown[0]!r}{hint} (engine.extra holds keyword arguments of vllm.LLM / EngineArgs"
-                        + (f"; also unknown: {unknown[1:]}" if len(unknown) > 1 else "") + ")")
+        raise UserError(
+            f"engine.extra.{unknown[0]}: vllm.LLM (vLLM {vllm.__version__}) has no argument "
+            f"{unknown[0]!r}{hint} (engine.extra holds keyword arguments of vllm.LLM / EngineArgs"
+            + (f"; also unknown: {unknown[1:]}" if len(unknown) > 1 else "")
+            + ")"
+        )
 
 
 def make_engine(cfg: TrainConfig, weights_path: str, tokenizer, hf_model=None):
@@ -96,10 +113,15 @@ def make_engine(cfg: TrainConfig, weights_path: str, tokenizer, hf_model=None):
         from oapl.trainer.precision import dtype_name, resolve_precision
 
         dtype = resolve_precision(cfg.model, pick_device(cfg.model.device)).engine_dtype
-        return VLLMEngine(weights_path, seed=cfg.seed, dtype=dtype_name(dtype),
-                          gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                          max_model_len=cfg.engine.max_model_len, enable_sleep_mode=cfg.engine.enable_sleep_mode,
-                          **cfg.engine.extra)
+        return VLLMEngine(
+            weights_path,
+            seed=cfg.seed,
+            dtype=dtype_name(dtype),
+            gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+            max_model_len=cfg.engine.max_model_len,
+            enable_sleep_mode=cfg.engine.enable_sleep_mode,
+            **cfg.engine.extra,
+        )
     from oapl.engines.transformers_engine import TransformersEngine
     from oapl.trainer.model import load_causal_lm, pick_device
     from oapl.trainer.precision import resolve_precision

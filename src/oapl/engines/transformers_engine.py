@@ -80,9 +80,7 @@ class TransformersEngine:
         self._generator.manual_seed(self._seed_for(version))
         return time.perf_counter() - start
 
-    def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[GenerationOutput]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         flat = [list(p) for p in prompt_token_ids for _ in range(params.n)]
         completions: list[Completion] = []
         start = time.perf_counter()
@@ -119,8 +117,7 @@ class TransformersEngine:
         done = torch.zeros(b, dtype=torch.bool)
         stop_cut: dict[int, int] = {}
         out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
-            logits_to_keep=1,
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True, logits_to_keep=1
         )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
@@ -153,8 +150,11 @@ class TransformersEngine:
             feed = torch.where(done.to(nxt.device), torch.full_like(nxt, self.pad_token_id), nxt)
             attention = torch.cat([attention, (~done).long().unsqueeze(-1).to(self.device)], dim=-1)
             out = self.model(
-                input_ids=feed.unsqueeze(-1), attention_mask=attention, position_ids=next_pos,
-                past_key_values=past, use_cache=True,
+                input_ids=feed.unsqueeze(-1),
+                attention_mask=attention,
+                position_ids=next_pos,
+                past_key_values=past,
+                use_cache=True,
             )
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()

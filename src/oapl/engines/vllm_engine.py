@@ -111,15 +111,26 @@ def _check_arguments(llm_kwargs: dict[str, Any], cpu_threads: int | None, sync_t
         )
 
 
-def _llm_kwargs(llm_kwargs: dict[str, Any], *, on_cpu: bool, seed: int, dtype: str,
-                gpu_memory_utilization: float | None, max_model_len: int | None, sleep: bool,
-                enforce_eager: bool | None) -> dict[str, Any]:
+def _llm_kwargs(
+    llm_kwargs: dict[str, Any],
+    *,
+    on_cpu: bool,
+    seed: int,
+    dtype: str,
+    gpu_memory_utilization: float | None,
+    max_model_len: int | None,
+    sleep: bool,
+    enforce_eager: bool | None,
+) -> dict[str, Any]:
     """The arguments of ``vllm.LLM``: the caller's, the platform's defaults for what it left unset
     (see :class:`VLLMEngine`), and processed log-probs (those of the distribution sampled from)."""
     kwargs = dict(llm_kwargs)
     if on_cpu:
-        explicit_kv = ("kv_cache_memory_bytes" in kwargs or gpu_memory_utilization is not None
-                       or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != "")
+        explicit_kv = (
+            "kv_cache_memory_bytes" in kwargs
+            or gpu_memory_utilization is not None
+            or os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") != ""
+        )
         if not explicit_kv:
             kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
     if gpu_memory_utilization is None:
@@ -127,8 +138,11 @@ def _llm_kwargs(llm_kwargs: dict[str, Any], *, on_cpu: bool, seed: int, dtype: s
     if enforce_eager is None:
         enforce_eager = on_cpu  # compilation takes minutes on CPU
     kwargs.update(
-        seed=seed, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
+        seed=seed,
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        logprobs_mode="processed_logprobs",
     )
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
@@ -162,7 +176,8 @@ def _starting_vllm(model_path: str, kwargs: dict[str, Any]) -> Iterator[None]:
             raise UserError(
                 f"engine: vLLM refused its arguments on {model_path}: {type(exc).__name__}: {first} (vLLM "
                 f"arguments come from engine.extra, engine.max_model_len, engine.gpu_memory_utilization; "
-                f"given: { {k: v for k, v in kwargs.items() if k != 'seed'} })") from exc
+                f"given: { {k: v for k, v in kwargs.items() if k != 'seed'} })"
+            ) from exc
         raise RuntimeError(
             f"vLLM failed to start on {model_path!r} with {kwargs}: {type(exc).__name__}: {exc}. "
             "On CPU check the head size (vLLM-CPU supports 32, 64, 80, 96, 112, 128, ...); for "
@@ -241,9 +256,16 @@ class VLLMEngine:
         self.sleep_enabled = bool(enable_sleep_mode) and not self.on_cpu
         self.cpu_threads = cpu_threads if self.on_cpu else None
         self.sync_threads = (sync_threads or 1) if self.on_cpu else None
-        kwargs = _llm_kwargs(llm_kwargs, on_cpu=self.on_cpu, seed=seed, dtype=dtype,
-                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                             sleep=self.sleep_enabled, enforce_eager=enforce_eager)
+        kwargs = _llm_kwargs(
+            llm_kwargs,
+            on_cpu=self.on_cpu,
+            seed=seed,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            sleep=self.sleep_enabled,
+            enforce_eager=enforce_eager,
+        )
         self.llm_kwargs = kwargs
 
         start = time.perf_counter()
@@ -252,8 +274,12 @@ class VLLMEngine:
         self.startup_seconds = time.perf_counter() - start
         _OPEN_ENGINES.add(self)
         self._adopt_llm()
-        log.info("vLLM engine up in %.1fs on %s (%s)", self.startup_seconds,
-                 "CPU" if self.on_cpu else "CUDA", {k: v for k, v in kwargs.items() if k != "seed"})
+        log.info(
+            "vLLM engine up in %.1fs on %s (%s)",
+            self.startup_seconds,
+            "CPU" if self.on_cpu else "CUDA",
+            {k: v for k, v in kwargs.items() if k != "seed"},
+        )
 
     def _adopt_llm(self) -> None:
         """Set up what comes from the running vLLM: its log filters, its tokenizer, the CUDA device
@@ -308,9 +334,7 @@ class VLLMEngine:
             self._rng = _RngState.capture(self._cuda_index)
             caller.restore()
 
-    def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[GenerationOutput]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Sample ``params.n`` completions per prompt; ``outputs[0].stats`` holds timing."""
         from vllm import SamplingParams as VSamplingParams
 
@@ -334,9 +358,7 @@ class VLLMEngine:
         )
         start = time.perf_counter()
         with self._engine_rng(), _torch_threads(self.cpu_threads):
-            results = self._llm.generate(
-                [{"prompt_token_ids": p} for p in prompts], vparams, use_tqdm=False
-            )
+            results = self._llm.generate([{"prompt_token_ids": p} for p in prompts], vparams, use_tqdm=False)
         elapsed = time.perf_counter() - start
         outputs: list[GenerationOutput] = []
         n_tokens = 0
@@ -345,7 +367,8 @@ class VLLMEngine:
             if greedy and params.n > 1:
                 completions = [
                     Completion(c.text, list(c.token_ids), list(c.logprobs), c.finish_reason)
-                    for c in completions for _ in range(params.n)
+                    for c in completions
+                    for _ in range(params.n)
                 ]
             n_tokens += sum(len(c.token_ids) for c in completions)
             outputs.append(GenerationOutput(prompt, completions, self._version))
@@ -384,8 +407,7 @@ class VLLMEngine:
         try:
             with _torch_threads(self.sync_threads):
                 self._llm.collective_rpc(
-                    "reload_weights",
-                    kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True},
+                    "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
                 )
                 if self.on_cpu:
                     self._llm.collective_rpc(vllm_internals.refresh_shared_cpu_gemms)
@@ -425,8 +447,9 @@ class VLLMEngine:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if not self.sleep_enabled:
-            log.debug("VLLMEngine.sleep: no-op (%s)",
-                      "CPU backend" if self.on_cpu else "built without enable_sleep_mode=True")
+            log.debug(
+                "VLLMEngine.sleep: no-op (%s)", "CPU backend" if self.on_cpu else "built without enable_sleep_mode=True"
+            )
             return
         if self._asleep:
             return
@@ -440,8 +463,10 @@ class VLLMEngine:
         if tags is not None and not set(tags) <= {"weights", "kv_cache"}:
             raise ValueError(f"wake_up tags must be 'weights' and/or 'kv_cache', got {tags}")
         if not self.sleep_enabled:
-            log.debug("VLLMEngine.wake_up: no-op (%s)",
-                      "CPU backend" if self.on_cpu else "built without enable_sleep_mode=True")
+            log.debug(
+                "VLLMEngine.wake_up: no-op (%s)",
+                "CPU backend" if self.on_cpu else "built without enable_sleep_mode=True",
+            )
             return
         wanted = set(tags) if tags is not None else set(self._asleep)
         todo = wanted & self._asleep
@@ -458,8 +483,7 @@ class VLLMEngine:
             )
         if self._weights_discarded:
             raise RuntimeError(
-                "VLLMEngine slept at level 2, which discards the weights: call load_weights() "
-                "before generate()"
+                "VLLMEngine slept at level 2, which discards the weights: call load_weights() before generate()"
             )
         if self._asleep:
             self.wake_up()
@@ -512,8 +536,9 @@ class _RngState:
     """The process-global RNG states vLLM samples from: torch CPU, torch CUDA (one device), numpy
     and Python's ``random``."""
 
-    def __init__(self, cpu: torch.Tensor, cuda: torch.Tensor | None, cuda_index: int | None,
-                 np_state: Any, py_state: tuple) -> None:
+    def __init__(
+        self, cpu: torch.Tensor, cuda: torch.Tensor | None, cuda_index: int | None, np_state: Any, py_state: tuple
+    ) -> None:
         self.cpu, self.cuda, self.cuda_index = cpu, cuda, cuda_index
         self.np_state, self.py_state = np_state, py_state
 

@@ -30,10 +30,18 @@ __all__ = ["policy_entropy"]
 
 
 @torch.no_grad()
-def policy_entropy(model, groups: Iterable[RolloutGroup], temperature: float, *, packed: bool = False,
-                   pad_token_id: int = 0, max_tokens: int = 8192, chunk_size: int = 1024,
-                   autocast: contextlib.AbstractContextManager | None = None,
-                   device: torch.device | str | None = None) -> dict[str, dict[str, float]]:
+def policy_entropy(
+    model,
+    groups: Iterable[RolloutGroup],
+    temperature: float,
+    *,
+    packed: bool = False,
+    pad_token_id: int = 0,
+    max_tokens: int = 8192,
+    chunk_size: int = 1024,
+    autocast: contextlib.AbstractContextManager | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, dict[str, float]]:
     """Per prompt: ``{"token_entropy", "seq_entropy", "response_tokens"}`` means over its responses.
 
     ``token_entropy`` averages the per-token entropies of all the prompt's response tokens (a token-
@@ -71,6 +79,11 @@ def policy_entropy(model, groups: Iterable[RolloutGroup], temperature: float, *,
                 count[pid] += 1
     finally:
         model.train(was_training)
-    return {pid: {"token_entropy": ent_sum[pid] / max(toks[pid], 1),
-                  "seq_entropy": nll_sum[pid] / max(count[pid], 1),
-                  "response_tokens": toks[pid] / max(count[pid], 1)} for pid in ent_sum}
+    return {
+        pid: {
+            "token_entropy": ent_sum[pid] / max(toks[pid], 1),
+            "seq_entropy": nll_sum[pid] / max(count[pid], 1),
+            "response_tokens": toks[pid] / max(count[pid], 1),
+        }
+        for pid in ent_sum
+    }

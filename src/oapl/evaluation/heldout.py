@@ -11,11 +11,20 @@ from oapl.rewards.base import SafeReward
 from oapl.rollout.group import RolloutGroup, score_groups
 
 
-def generate_groups(engine: InferenceEngine, task, tokenizer, examples: list[dict[str, Any]],
-                    params: SamplingParams, reward: SafeReward | None = None,
-                    batch_prompts: int = 64, weights_id: str = "", benchmark: str = "",
-                    split: str = "eval", max_tokens_field: str = "eval.max_tokens",
-                    max_model_len: int | None = None) -> list[RolloutGroup]:
+def generate_groups(
+    engine: InferenceEngine,
+    task,
+    tokenizer,
+    examples: list[dict[str, Any]],
+    params: SamplingParams,
+    reward: SafeReward | None = None,
+    batch_prompts: int = 64,
+    weights_id: str = "",
+    benchmark: str = "",
+    split: str = "eval",
+    max_tokens_field: str = "eval.max_tokens",
+    max_model_len: int | None = None,
+) -> list[RolloutGroup]:
     """Generate ``params.n`` responses for each example and score them with the task's reward.
 
     Every prompt is checked against the engine's ``max_model_len`` (or ``max_model_len`` when
@@ -31,12 +40,30 @@ def generate_groups(engine: InferenceEngine, task, tokenizer, examples: list[dic
         texts = [task.render(ex, tokenizer) for ex in chunk]
         ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         for j, (ex, i) in enumerate(zip(chunk, ids)):
-            check_prompt_budget(len(i), params.max_tokens, limit, split=split, row=start + j,
-                                prompt_id=str(ex.get("prompt_id", start + j)), max_tokens_field=max_tokens_field)
+            check_prompt_budget(
+                len(i),
+                params.max_tokens,
+                limit,
+                split=split,
+                row=start + j,
+                prompt_id=str(ex.get("prompt_id", start + j)),
+                max_tokens_field=max_tokens_field,
+            )
         outputs = engine.generate(ids, params)
-        groups.extend(score_groups(reward, task, list(zip(texts, ids)), chunk, outputs, n=params.n,
-                                   weights_id=weights_id, sampling=sampling_dict(params),
-                                   default_ids=range(start, start + len(chunk)), benchmark=benchmark))
+        groups.extend(
+            score_groups(
+                reward,
+                task,
+                list(zip(texts, ids)),
+                chunk,
+                outputs,
+                n=params.n,
+                weights_id=weights_id,
+                sampling=sampling_dict(params),
+                default_ids=range(start, start + len(chunk)),
+                benchmark=benchmark,
+            )
+        )
     return groups
 
 
@@ -54,8 +81,7 @@ def passk_summary(groups: list[RolloutGroup], threshold: float = 0.5) -> dict[st
         return {}
     n = min(g.n for g in groups)
     ks = default_ks(n)
-    per_group = {k: [pass_at_k(g.n, sum(is_correct(r, threshold) for r in g.rewards), k) for g in groups]
-                 for k in ks}
+    per_group = {k: [pass_at_k(g.n, sum(is_correct(r, threshold) for r in g.rewards), k) for g in groups] for k in ks}
     out: dict[str, float] = {}
     for k in ks:
         out[f"pass@{k}"] = sum(per_group[k]) / len(groups)
@@ -72,7 +98,9 @@ def passk_summary(groups: list[RolloutGroup], threshold: float = 0.5) -> dict[st
     return out
 
 
-def evaluate(engine: InferenceEngine, task, tokenizer, params: SamplingParams) -> tuple[dict[str, float], list[RolloutGroup]]:
+def evaluate(
+    engine: InferenceEngine, task, tokenizer, params: SamplingParams
+) -> tuple[dict[str, float], list[RolloutGroup]]:
     """Evaluate on ``task.eval``; returns (summary, groups)."""
     if not task.eval:
         raise ValueError(f"task {task.name!r} has no held-out prompts (set task.eval_dataset)")

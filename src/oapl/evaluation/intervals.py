@@ -30,9 +30,38 @@ import numpy as np
 __all__ = ["Interval", "paired_bootstrap", "passk_matrix", "seeds_needed", "t_interval"]
 
 # two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +148,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 10_000, seed: int
         w = np.zeros((m, P))
         np.add.at(w, (np.repeat(np.arange(m), P), pi.reshape(-1)), 1.0)
         per_seed = w @ d.T / P  # (m, S): each seed's mean over the drawn prompts
-        stats[start:start + m] = np.take_along_axis(per_seed, si, axis=1).mean(axis=1)
+        stats[start : start + m] = np.take_along_axis(per_seed, si, axis=1).mean(axis=1)
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return Interval(mean, float(lo), float(hi), reps)
 

@@ -32,14 +32,7 @@ from typing import Any
 
 from oapl.data.rollouts import RolloutGroup
 
-__all__ = [
-    "OVERALL",
-    "default_ks",
-    "evaluate_groups",
-    "load_report",
-    "pass_at_k",
-    "write_report",
-]
+__all__ = ["OVERALL", "default_ks", "evaluate_groups", "load_report", "pass_at_k", "write_report"]
 
 #: Key of the pooled statistics in :func:`evaluate_groups` results and ``scope`` in the CSV.
 OVERALL = "overall"
@@ -51,9 +44,7 @@ def _as_int(name: str, value: Any) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(
-            f"{name} must be an integer, got {type(value).__name__} {value!r}"
-        ) from None
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -192,8 +183,7 @@ def evaluate_groups(
     benchmarks = {name: _summarise(gs, ks_list, threshold) for name, gs in sorted(by_bench.items())}
     overall = _summarise(groups, ks_list, threshold)
     for j, row in enumerate(overall["pass_at_k"]):
-        means = [b["pass_at_k"][j]["mean"] for b in benchmarks.values()
-                 if b["pass_at_k"][j]["num_prompts"] > 0]
+        means = [b["pass_at_k"][j]["mean"] for b in benchmarks.values() if b["pass_at_k"][j]["num_prompts"] > 0]
         row["macro_mean"] = math.fsum(means) / len(means) if means else math.nan
     return {
         "threshold": float(threshold),
@@ -240,16 +230,18 @@ def write_report(result: dict[str, Any], out_prefix: str | os.PathLike[str]) -> 
         scopes.append((OVERALL, OVERALL, result[OVERALL]))
         for scope, name, summary in scopes:
             for row in summary["pass_at_k"]:
-                w.writerow({
-                    "scope": scope,
-                    "benchmark": name,
-                    "k": row["k"],
-                    "mean": cell(row["mean"]),
-                    "std": cell(row["std"]),
-                    "stderr": cell(row["stderr"]),
-                    "num_prompts": row["num_prompts"],
-                    "macro_mean": cell(row.get("macro_mean")),
-                })
+                w.writerow(
+                    {
+                        "scope": scope,
+                        "benchmark": name,
+                        "k": row["k"],
+                        "mean": cell(row["mean"]),
+                        "std": cell(row["std"]),
+                        "stderr": cell(row["stderr"]),
+                        "num_prompts": row["num_prompts"],
+                        "macro_mean": cell(row.get("macro_mean")),
+                    }
+                )
     return json_path, csv_path
 
 
@@ -264,16 +256,22 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path}: not a Pass@k report: not UTF-8 text (byte offset {e.start}, line {line})") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg} (truncated? write "
-                        f"it again with `oapl eval --out`)") from None
+        raise UserError(
+            f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg} (truncated? write "
+            f"it again with `oapl eval --out`)"
+        ) from None
     if not isinstance(data, dict) or "benchmarks" not in data or OVERALL not in data:
         raise UserError(f"{path} is not a Pass@k report (no 'benchmarks'/'overall' keys)")
     summaries = [*data["benchmarks"].values(), data[OVERALL]] if isinstance(data["benchmarks"], dict) else None
-    if summaries is None or not all(isinstance(s, dict) and isinstance(s.get("pass_at_k"), list) and
-                                    all(isinstance(r, dict) and "k" in r for r in s["pass_at_k"])
-                                    for s in summaries):
-        raise UserError(f"{path} is not a Pass@k report: a benchmark lacks its 'pass_at_k' list of {{k, mean, ...}} "
-                        f"rows")
+    if summaries is None or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("pass_at_k"), list)
+        and all(isinstance(r, dict) and "k" in r for r in s["pass_at_k"])
+        for s in summaries
+    ):
+        raise UserError(
+            f"{path} is not a Pass@k report: a benchmark lacks its 'pass_at_k' list of {{k, mean, ...}} rows"
+        )
     for summary in summaries:
         for row in summary["pass_at_k"]:
             for key in ("mean", "std", "stderr", "macro_mean"):

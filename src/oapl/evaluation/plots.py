@@ -23,15 +23,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from oapl.evaluation.passk import OVERALL, load_report
 
-__all__ = [
-    "MEAN_PANEL",
-    "PANEL_HEIGHT",
-    "PANEL_WIDTH",
-    "grid_shape",
-    "load_metrics",
-    "plot_passk",
-    "plot_training",
-]
+__all__ = ["MEAN_PANEL", "PANEL_HEIGHT", "PANEL_WIDTH", "grid_shape", "load_metrics", "plot_passk", "plot_training"]
 
 #: Name of the panel with the unweighted mean over benchmarks.
 MEAN_PANEL = "mean"
@@ -50,8 +42,7 @@ def grid_shape(num_panels: int) -> tuple[int, int]:
 
 def _new_figure(num_panels: int, dpi: int) -> tuple[Figure, list[Any]]:
     nrows, ncols = grid_shape(num_panels)
-    fig = Figure(figsize=(PANEL_WIDTH * ncols, PANEL_HEIGHT * nrows), dpi=dpi,
-                 layout="constrained")
+    fig = Figure(figsize=(PANEL_WIDTH * ncols, PANEL_HEIGHT * nrows), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(num_panels)]
     return fig, axes
@@ -75,8 +66,7 @@ def _finite(x: Any) -> bool:
 
 def _mean_over(result: Mapping[str, Any], names: Sequence[str]) -> tuple[list[int], list[float]]:
     """Per k, the unweighted mean of the benchmark means over ``names`` (ks where all finite)."""
-    per_bench = [{r["k"]: r["mean"] for r in result["benchmarks"][name]["pass_at_k"]}
-                 for name in names]
+    per_bench = [{r["k"]: r["mean"] for r in result["benchmarks"][name]["pass_at_k"]} for name in names]
     ks = sorted(set.intersection(*(set(d) for d in per_bench))) if per_bench else []
     ks = [k for k in ks if all(_finite(d[k]) for d in per_bench)]
     return ks, [math.fsum(d[k] for d in per_bench) / len(per_bench) for k in ks]
@@ -108,8 +98,11 @@ def _passk_series(
         ys = [r["mean"] for r in rows]
         errs = [r.get("stderr", math.nan) for r in rows]
     keep = [i for i, y in enumerate(ys) if _finite(y)]
-    return ([ks[i] for i in keep], [float(ys[i]) for i in keep],
-            [float(errs[i]) if _finite(errs[i]) else 0.0 for i in keep])
+    return (
+        [ks[i] for i in keep],
+        [float(ys[i]) for i in keep],
+        [float(errs[i]) if _finite(errs[i]) else 0.0 for i in keep],
+    )
 
 
 def plot_passk(
@@ -134,8 +127,7 @@ def plot_passk(
     """
     if not results:
         raise ValueError("plot_passk needs at least one result")
-    loaded = {label: load_report(res) if isinstance(res, (str, os.PathLike)) else res
-              for label, res in results.items()}
+    loaded = {label: load_report(res) if isinstance(res, (str, os.PathLike)) else res for label, res in results.items()}
     names: list[str] = []
     for res in loaded.values():
         for name in res["benchmarks"]:
@@ -159,8 +151,7 @@ def _passk_panels(names: list[str], benchmark: str | None) -> list[str]:
         return names + ([MEAN_PANEL] if len(names) > 1 else [])
     if benchmark not in names and benchmark not in (OVERALL, MEAN_PANEL):
         raise ValueError(
-            f"benchmark {benchmark!r} is in none of the results; available: "
-            f"{names + [OVERALL, MEAN_PANEL]}"
+            f"benchmark {benchmark!r} is in none of the results; available: {names + [OVERALL, MEAN_PANEL]}"
         )
     return [benchmark]
 
@@ -179,11 +170,15 @@ def _draw_passk_panel(ax, panel: str, loaded: Mapping[str, Mapping[str, Any]], m
         all_ks.update(ks)
         ax.plot(ks, ys, marker="o", markersize=3.5, linewidth=1.6, color=color, label=label)
         if any(errs):
-            ax.fill_between(ks, [y - e for y, e in zip(ys, errs)],
-                            [y + e for y, e in zip(ys, errs)], color=color, alpha=0.15,
-                            linewidth=0)
-    heading = {MEAN_PANEL: "mean over benchmarks", OVERALL: "all prompts (pooled)"}.get(
-        panel, panel)
+            ax.fill_between(
+                ks,
+                [y - e for y, e in zip(ys, errs)],
+                [y + e for y, e in zip(ys, errs)],
+                color=color,
+                alpha=0.15,
+                linewidth=0,
+            )
+    heading = {MEAN_PANEL: "mean over benchmarks", OVERALL: "all prompts (pooled)"}.get(panel, panel)
     if panel == MEAN_PANEL and mean_over is not None:
         heading += f"\n(common to all runs: {', '.join(mean_over)})"
     elif missing:
@@ -244,13 +239,11 @@ def load_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             from oapl.errors import UserError
 
             raise UserError(f"{path}: not a metrics.jsonl file: no line is a JSON object (line(s) {shown} are not)")
-        warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): {shown}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): {shown}", RuntimeWarning, stacklevel=2)
     return rows
 
 
-def _series(rows: Sequence[Mapping[str, Any]], x: str, key: str) -> tuple[list[float],
-                                                                         list[float], int, int]:
+def _series(rows: Sequence[Mapping[str, Any]], x: str, key: str) -> tuple[list[float], list[float], int, int]:
     """(xs, ys, rows_with_key, non_finite_skipped), sorted by x."""
     pts = []
     present = 0
@@ -306,8 +299,7 @@ def plot_training(
             if not xs:
                 continue
             sparse = len(xs) < 50 or present < 0.5 * len(rows)
-            ax.plot(xs, ys, color=color, linewidth=1.4, label=label,
-                    marker="o" if sparse else None, markersize=3)
+            ax.plot(xs, ys, color=color, linewidth=1.4, label=label, marker="o" if sparse else None, markersize=3)
             plotted += 1
         notes = []
         if len(missing) == len(runs):
@@ -320,16 +312,23 @@ def plot_training(
         if plotted:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes,
-                    color="0.4")
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.4")
         ax.set_xlabel(x)
         ax.grid(True, alpha=0.3)
     fig.suptitle(title or f"Training curves (x = {x})", fontsize=12)
     return _save(fig, out_png)
 
 
-def plot_bands(series: Mapping[str, tuple[Sequence[float], Sequence[Any]]], out_png: str | os.PathLike[str], *,
-               xlabel: str, ylabel: str, title: str | None = None, logx: bool = False, dpi: int = 100) -> Path:
+def plot_bands(
+    series: Mapping[str, tuple[Sequence[float], Sequence[Any]]],
+    out_png: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    logx: bool = False,
+    dpi: int = 100,
+) -> Path:
     """One panel: a line per label with its interval as a band.
 
     ``series`` maps a label to ``(xs, intervals)``, each interval with ``mean``, ``lo`` and ``hi``
@@ -346,8 +345,9 @@ def plot_bands(series: Mapping[str, tuple[Sequence[float], Sequence[Any]]], out_
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6, color=color, label=label)
         band = [(x, iv.lo, iv.hi) for x, iv in zip(xs, ivs) if _finite(iv.lo) and _finite(iv.hi)]
         if band:
-            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=color,
-                            alpha=0.15, linewidth=0)
+            ax.fill_between(
+                [b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=color, alpha=0.15, linewidth=0
+            )
         ticks.update(xs)
     if logx:
         ax.set_xscale("log", base=2)

@@ -48,11 +48,22 @@ def load_result(out_dir: str | Path, expect: dict[str, Any] | None = None) -> di
     return res
 
 
-def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | Path | None = None,
-                    n: int = 16, temperature: float | None = None, top_p: float | None = None,
-                    max_tokens: int | None = None, entropy: bool = True, seed: int | None = None,
-                    batch_prompts: int = 32, max_prompts: int | None = None, entropy_samples: int | None = None,
-                    engine: str | None = None) -> dict[str, Any]:
+def evaluate_policy(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    n: int = 16,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
+    entropy: bool = True,
+    seed: int | None = None,
+    batch_prompts: int = 32,
+    max_prompts: int | None = None,
+    entropy_samples: int | None = None,
+    engine: str | None = None,
+) -> dict[str, Any]:
     """Evaluate the weights of ``checkpoint`` (``None``: the configured base model) on the held-out split.
 
     Sampling defaults to the training distribution (``sampling.temperature``/``top_p``/``max_tokens``):
@@ -70,11 +81,20 @@ def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | 
     if temperature <= 0:
         raise ValueError("evaluate_policy samples n responses per prompt: temperature must be > 0")
     params = sampling_params(cfg, n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-    settings = {"checkpoint": str(checkpoint) if checkpoint else None, "n": n, "temperature": temperature,
-                "top_p": params.top_p, "max_tokens": params.max_tokens, "entropy": entropy,
-                "seed": cfg.seed if seed is None else seed, "max_prompts": max_prompts,
-                "model": cfg.model.name, "task": cfg.task.model_dump(mode="json"),
-                "entropy_samples": entropy_samples if entropy else None, "engine": engine}
+    settings = {
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "n": n,
+        "temperature": temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "entropy": entropy,
+        "seed": cfg.seed if seed is None else seed,
+        "max_prompts": max_prompts,
+        "model": cfg.model.name,
+        "task": cfg.task.model_dump(mode="json"),
+        "entropy_samples": entropy_samples if entropy else None,
+        "engine": engine,
+    }
     done = load_result(out_dir, settings)
     if done is not None:
         return done
@@ -85,14 +105,16 @@ def evaluate_policy(cfg: TrainConfig, out_dir: str | Path, *, checkpoint: str | 
     if cfg.threads:  # as a training run of this config would (oversubscribed OpenMP threads crawl)
         torch.set_num_threads(cfg.threads)
     try:
-        return _evaluate(cfg, out_dir, checkpoint, params, settings, entropy, entropy_samples, engine,
-                         batch_prompts, max_prompts, t0)
+        return _evaluate(
+            cfg, out_dir, checkpoint, params, settings, entropy, entropy_samples, engine, batch_prompts, max_prompts, t0
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(cfg, out_dir, checkpoint, params, settings, entropy, entropy_samples, engine, batch_prompts,
-              max_prompts, t0) -> dict[str, Any]:
+def _evaluate(
+    cfg, out_dir, checkpoint, params, settings, entropy, entropy_samples, engine, batch_prompts, max_prompts, t0
+) -> dict[str, Any]:
     from oapl.data.rollouts import read_rollouts
     from oapl.data.tasks import build_task
     from oapl.evaluation.entropy import policy_entropy
@@ -113,8 +135,16 @@ def _evaluate(cfg, out_dir, checkpoint, params, settings, entropy, entropy_sampl
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"kind": engine})})
     engine = _engine(cfg, policy, model, out_dir, settings["seed"])
     try:
-        generate_dataset(cfg, rollouts, split="eval", params=params, engine=engine, batch_prompts=batch_prompts,
-                         max_prompts=max_prompts, benchmark=task.name)
+        generate_dataset(
+            cfg,
+            rollouts,
+            split="eval",
+            params=params,
+            engine=engine,
+            batch_prompts=batch_prompts,
+            max_prompts=max_prompts,
+            benchmark=task.name,
+        )
     finally:
         engine.close()
     groups = {g.prompt_id: g for g in read_rollouts(rollouts)}
@@ -126,12 +156,22 @@ def _evaluate(cfg, out_dir, checkpoint, params, settings, entropy, entropy_sampl
     if entropy:
         t1 = time.perf_counter()
         scored = [_first(groups[p], entropy_samples) for p in order]
-        ent = policy_entropy(model, scored, params.temperature, packed=policy.packing,
-                             pad_token_id=policy.pad_token_id, max_tokens=cfg.optim.max_tokens_per_micro_batch or 4096,
-                             chunk_size=cfg.model.logprob_chunk_size, autocast=policy.precision.autocast())
+        ent = policy_entropy(
+            model,
+            scored,
+            params.temperature,
+            packed=policy.packing,
+            pad_token_id=policy.pad_token_id,
+            max_tokens=cfg.optim.max_tokens_per_micro_batch or 4096,
+            chunk_size=cfg.model.logprob_chunk_size,
+            autocast=policy.precision.autocast(),
+        )
         log.info("entropy of %d held-out groups: %.1f s", len(order), time.perf_counter() - t1)
     res = {
-        "version": EVAL_VERSION, "settings": settings, "prompt_ids": order, "n": params.n,
+        "version": EVAL_VERSION,
+        "settings": settings,
+        "prompt_ids": order,
+        "n": params.n,
         "correct": [sum(is_correct(r) for r in groups[p].rewards) for p in order],
         "token_entropy": [ent[p]["token_entropy"] for p in order] if ent else None,
         "seq_entropy": [ent[p]["seq_entropy"] for p in order] if ent else None,
@@ -149,9 +189,14 @@ def _first(group, k: int | None):
         return group
     import dataclasses
 
-    return dataclasses.replace(group, responses=group.responses[:k], response_token_ids=group.response_token_ids[:k],
-                               response_logprobs=group.response_logprobs[:k], rewards=group.rewards[:k],
-                               finish_reasons=group.finish_reasons[:k])
+    return dataclasses.replace(
+        group,
+        responses=group.responses[:k],
+        response_token_ids=group.response_token_ids[:k],
+        response_logprobs=group.response_logprobs[:k],
+        rewards=group.rewards[:k],
+        finish_reasons=group.finish_reasons[:k],
+    )
 
 
 def _start_fresh_if_changed(out_dir: Path, settings: dict[str, Any]) -> None:

@@ -51,8 +51,12 @@ def _truncate_jsonl(path: Path, step: int, drop_eval_only_at_step: bool) -> int:
             f.write("".join(g + "\n" for g in garbled))
             f.flush()
             os.fsync(f.fileno())
-        log.warning("%s: %d garbled line(s) (not a JSON row; e.g. cut short by a kill) kept aside in %s",
-                    path, len(garbled), aside)
+        log.warning(
+            "%s: %d garbled line(s) (not a JSON row; e.g. cut short by a kill) kept aside in %s",
+            path,
+            len(garbled),
+            aside,
+        )
     atomic_write_text(path, "".join(r + "\n" for r in rows))
     return len(garbled)
 
@@ -60,8 +64,15 @@ def _truncate_jsonl(path: Path, step: int, drop_eval_only_at_step: bool) -> int:
 class MetricsLogger:
     """Append one JSON object per row to ``metrics.jsonl``; mirror to TensorBoard/W&B if enabled."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "oapl", config: dict | None = None, resume: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "oapl",
+        config: dict | None = None,
+        resume: bool = False,
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a" if resume else "w")

@@ -34,9 +34,15 @@ class Objective(Protocol):
         """``(G,)`` rewards of one group -> ``((G,) advantages, () baseline)``, float64."""
         ...
 
-    def loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
-             mask: torch.Tensor, advantages: torch.Tensor, num_sequences: int
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
+        mask: torch.Tensor,
+        advantages: torch.Tensor,
+        num_sequences: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, stats)``: the micro-batch's share of the mini-batch loss (``num_sequences`` = its N);
         ``stats`` are token sums (``*_sum``) and counts (``tokens``) that add over micro-batches."""
         ...
@@ -47,8 +53,9 @@ def build_objective(algo: AlgorithmConfig) -> Objective:
     if algo.name == "oapl":
         return OAPLObjective(beta1=algo.beta1, beta2=algo.beta2)
     if algo.name == "grpo":
-        return GRPOObjective(clip_eps=algo.clip_eps, is_cap=algo.is_cap, scale=algo.scale_advantages,
-                             mini_batches=algo.mini_batches)
+        return GRPOObjective(
+            clip_eps=algo.clip_eps, is_cap=algo.is_cap, scale=algo.scale_advantages, mini_batches=algo.mini_batches
+        )
     raise ValueError(f"algorithm.name: unknown algorithm {algo.name!r} (oapl, grpo)")
 
 

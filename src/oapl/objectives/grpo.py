@@ -28,7 +28,7 @@ def is_weight_histogram(w: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.
 def is_weight_quantile(stats: dict[str, float], q: float) -> float | None:
     """The ``q`` quantile of the weights counted by :func:`is_weight_histogram` (summed over micro-batches),
     as the centre ``exp(k * IS_LOGW_BIN)`` of its bin; None without counts."""
-    hist = sorted((int(k[len(IS_HIST_PREFIX):]), float(v)) for k, v in stats.items() if k.startswith(IS_HIST_PREFIX))
+    hist = sorted((int(k[len(IS_HIST_PREFIX) :]), float(v)) for k, v in stats.items() if k.startswith(IS_HIST_PREFIX))
     total = sum(c for _, c in hist)
     if total <= 0:
         return None
@@ -128,8 +128,9 @@ class GRPOObjective:
     name = "grpo"
     value_key = "baseline_mean"
 
-    def __init__(self, clip_eps: float = 0.2, is_cap: float | None = 2.0, scale: bool = True,
-                 mini_batches: int = 1) -> None:
+    def __init__(
+        self, clip_eps: float = 0.2, is_cap: float | None = 2.0, scale: bool = True, mini_batches: int = 1
+    ) -> None:
         self.clip_eps, self.is_cap, self.scale = clip_eps, is_cap, scale
         self.needs_old_logprobs = mini_batches > 1
 
@@ -140,17 +141,20 @@ class GRPOObjective:
     def loss(self, logprobs, ref_logprobs, old_logprobs, mask, advantages, num_sequences):
         old = logprobs.detach() if old_logprobs is None else old_logprobs
         inf = ref_logprobs if self.is_cap is not None else None
-        loss, st = grpo_loss(logprobs, old, inf, mask, advantages, self.clip_eps, self.is_cap,
-                             num_sequences=num_sequences)
+        loss, st = grpo_loss(
+            logprobs, old, inf, mask, advantages, self.clip_eps, self.is_cap, num_sequences=num_sequences
+        )
         with torch.no_grad():
             m = mask.to(logprobs.dtype)
             ratio = torch.exp(logprobs.detach() - old.to(logprobs.dtype))
             tokens = m.sum()
-            stats = {"clip_frac_sum": st["clip_frac"] * tokens.clamp(min=1.0),
-                     "is_weight_sum": st["is_weight_mean"] * tokens.clamp(min=1.0),
-                     "ratio_sum": (ratio * m).sum(),
-                     "ratio_max": (ratio * m).max() if m.numel() else ratio.new_zeros(()),
-                     "tokens": tokens}
+            stats = {
+                "clip_frac_sum": st["clip_frac"] * tokens.clamp(min=1.0),
+                "is_weight_sum": st["is_weight_mean"] * tokens.clamp(min=1.0),
+                "ratio_sum": (ratio * m).sum(),
+                "ratio_max": (ratio * m).max() if m.numel() else ratio.new_zeros(()),
+                "tokens": tokens,
+            }
             if inf is not None:  # the truncated weight min(pi_old/pi_inf, C) the loss applied, per token
                 w = torch.exp(old.double() - inf.double()).clamp(max=self.is_cap)
                 stats.update(is_weight_histogram(w, m))

@@ -47,9 +47,7 @@ def optimal_advantage(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
     return rewards - optimal_value(rewards, beta1).unsqueeze(-1)
 
 
-def sequence_log_ratio(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def sequence_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     r"""``s_i = \sum_t m_{i,t}\,(\log\pi(y_{i,t}) - \log\pi_{inf}(y_{i,t}))``; inputs ``(N, T)``, output ``(N,)``."""
     mask = mask.to(logprobs.dtype)
     return ((logprobs - ref_logprobs.to(logprobs.dtype)) * mask).sum(dim=-1)

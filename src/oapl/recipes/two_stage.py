@@ -36,8 +36,9 @@ def pass1(result: dict[str, Any]) -> float:
 
 
 def _evaluate(cfg: TrainConfig, model: str, out: Path) -> dict[str, Any]:
-    generate_dataset(cfg, out / "rollouts", split="eval", model=model, params=eval_sampling_params(cfg),
-                     benchmark=cfg.task.name)
+    generate_dataset(
+        cfg, out / "rollouts", split="eval", model=model, params=eval_sampling_params(cfg), benchmark=cfg.task.name
+    )
     from oapl.data.rollouts import read_rollouts
 
     result = evaluate_groups(read_rollouts(out / "rollouts", with_tokens=False))
@@ -64,12 +65,12 @@ def selection_split(cfg: TrainConfig) -> dict[str, Any]:
     else:
         dataset, split, benchmark = f"the {t.name} task's built-in held-out set", t.eval_split, t.name == "arithmetic"
     is_validation = not benchmark and split.strip().lower() in _VALIDATION_SPLITS
-    return {"dataset": dataset, "split": split, "test_split": not is_validation,
-            "description": f"{dataset} [{split}]"}
+    return {"dataset": dataset, "split": split, "test_split": not is_validation, "description": f"{dataset} [{split}]"}
 
 
-def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: int = 4,
-                  evaluate_base: bool = True) -> dict[str, Any]:
+def run_two_stage(
+    cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: int = 4, evaluate_base: bool = True
+) -> dict[str, Any]:
     """Run the recipe under ``cfg.output_dir``; returns (and writes ``report.json``) the summary."""
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -79,16 +80,25 @@ def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: i
     log.info("stage 1: generate with the base model")
     report["stages"]["generate1"] = generate_dataset(cfg, root / "stage1_data", split="train")
     log.info("stage 1: train one epoch offline")
-    s1 = with_updates(cfg, {"output_dir": str(root / "stage1"), "offline.data": str(root / "stage1_data"),
-                            "offline.epochs": 1})
+    s1 = with_updates(
+        cfg, {"output_dir": str(root / "stage1"), "offline.data": str(root / "stage1_data"), "offline.epochs": 1}
+    )
     report["stages"]["train1"] = train_offline(s1, resume=True)
     stage1_model = _model(_epochs(report["stages"]["train1"])[-1])
 
     log.info("stage 2: generate with the stage-1 model on %d random prompts", stage2_prompts)
-    report["stages"]["generate2"] = generate_dataset(cfg, root / "stage2_data", split="train", model=stage1_model,
-                                                     subset=stage2_prompts, subset_seed=cfg.seed)
-    s2 = with_updates(cfg, {"output_dir": str(root / "stage2"), "model.name": stage1_model,
-                            "offline.data": str(root / "stage2_data"), "offline.epochs": stage2_epochs})
+    report["stages"]["generate2"] = generate_dataset(
+        cfg, root / "stage2_data", split="train", model=stage1_model, subset=stage2_prompts, subset_seed=cfg.seed
+    )
+    s2 = with_updates(
+        cfg,
+        {
+            "output_dir": str(root / "stage2"),
+            "model.name": stage1_model,
+            "offline.data": str(root / "stage2_data"),
+            "offline.epochs": stage2_epochs,
+        },
+    )
     log.info("stage 2: train %d epochs", stage2_epochs)
     report["stages"]["train2"] = train_offline(s2, resume=True)
 
@@ -104,13 +114,21 @@ def run_two_stage(cfg: TrainConfig, stage2_prompts: int = 4000, stage2_epochs: i
     selection = selection_split(cfg)
     selection.update(candidates=candidates, metric="pass@1")
     if selection["test_split"]:
-        log.warning("the best checkpoint (%s) was chosen on %s, the split its pass@1 is reported on: the score "
-                    "is optimistic (best of %d); choose on a validation split for an unbiased one",
-                    best, selection["description"], len(candidates))
+        log.warning(
+            "the best checkpoint (%s) was chosen on %s, the split its pass@1 is reported on: the score "
+            "is optimistic (best of %d); choose on a validation split for an unbiased one",
+            best,
+            selection["description"],
+            len(candidates),
+        )
     report["eval"] = {k: {"model": v["model"], "pass@1": v["pass@1"]} for k, v in evals.items()}
     report["selection"] = selection
-    report["best"] = {"label": best, **report["eval"][best], "selected_on": selection["description"],
-                      "selected_on_test_split": selection["test_split"]}
+    report["best"] = {
+        "label": best,
+        **report["eval"][best],
+        "selected_on": selection["description"],
+        "selected_on_test_split": selection["test_split"],
+    }
     try:
         from oapl.evaluation.plots import plot_passk
 

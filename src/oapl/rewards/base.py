@@ -33,10 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from oapl.errors import UserError
-from oapl.rewards.errors import (RewardErrorRateError, RewardLengthError, RewardSignatureError, RewardTypeError,
-                                 RewardUnavailableError)
-from oapl.rewards.user import (OPTIONAL_KEYS, RewardFn, RewardTimeoutError, UserReward, check_number,
-                               signature_facts)
+from oapl.rewards.errors import (
+    RewardErrorRateError,
+    RewardLengthError,
+    RewardSignatureError,
+    RewardTypeError,
+    RewardUnavailableError,
+)
+from oapl.rewards.user import OPTIONAL_KEYS, RewardFn, RewardTimeoutError, UserReward, check_number, signature_facts
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +94,18 @@ def load_reward(spec: str, field: str = "task.reward") -> RewardFn:
         try:
             module = importlib.import_module(mod_name)
         except ImportError as e:
-            raise UserError(f"{field}: cannot import module {mod_name!r}: {e} (is it on PYTHONPATH, or give "
-                            f"path/to/file.py:{fn_name})") from e
+            raise UserError(
+                f"{field}: cannot import module {mod_name!r}: {e} (is it on PYTHONPATH, or give "
+                f"path/to/file.py:{fn_name})"
+            ) from e
         except Exception as e:  # noqa: BLE001 - the user's module raised while importing
             raise UserError(f"{field}: module {mod_name!r} fails to import: {_where(e)}") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         names = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None)))
-        raise UserError(f"{field}: {mod_name!r} has no function {fn_name!r}"
-                        + (f"; it has {', '.join(names[:8])}" if names else ""))
+        raise UserError(
+            f"{field}: {mod_name!r} has no function {fn_name!r}" + (f"; it has {', '.join(names[:8])}" if names else "")
+        )
     return fn
 
 
@@ -122,8 +129,12 @@ class Scores(list):
     ``rewards_per_func``: ``{name: values}``, NaN where a function returned ``None`` or failed); in
     ``metrics`` the values the functions logged with TRL's ``log_metric(name, value)``."""
 
-    def __init__(self, values: Any = (), parts: dict[str, list[float]] | None = None,
-                 metrics: dict[str, list[float]] | None = None) -> None:
+    def __init__(
+        self,
+        values: Any = (),
+        parts: dict[str, list[float]] | None = None,
+        metrics: dict[str, list[float]] | None = None,
+    ) -> None:
         super().__init__(values)
         self.parts: dict[str, list[float]] = dict(parts or {})
         self.metrics: dict[str, list[float]] = dict(metrics or {})
@@ -165,8 +176,9 @@ class SafeReward:
     the function takes them.
     """
 
-    def __init__(self, fn: RewardFn, name: str | None = None, max_logged: int = 5,
-                 max_error_fraction: float | None = None) -> None:
+    def __init__(
+        self, fn: RewardFn, name: str | None = None, max_logged: int = 5, max_error_fraction: float | None = None
+    ) -> None:
         self.fn = fn
         self.name: str = name or str(getattr(fn, "__name__", "reward"))
         self.stats = RewardStats()
@@ -186,8 +198,7 @@ class SafeReward:
         if self._first is None:
             self._first = (err, completion, exc)
         if len(self.stats.samples) < self.max_logged:
-            self.stats.samples.append({"error": err, "prompt": str(prompt)[-300:],
-                                       "completion": str(completion)[:300]})
+            self.stats.samples.append({"error": err, "prompt": str(prompt)[-300:], "completion": str(completion)[:300]})
             what = f"on completion {str(completion)[:120]!r}" if count == 1 else f"on {count} completions"
             self._pending.append(("reward %s failed (%s) %s; scored 0", self.name, err, what))
 
@@ -217,21 +228,27 @@ class SafeReward:
         if failed and failed > self.max_error_fraction * n:
             err, completion, exc = self._first or ("?", "", None)
             if isinstance(exc, RewardTimeoutError):
-                fix = (f"Fix the hang in {exc.name}, or raise task.reward_timeout_s if it is only slow (or set "
-                       "task.max_reward_error_fraction=1.0 to score such completions 0 and go on)")
+                fix = (
+                    f"Fix the hang in {exc.name}, or raise task.reward_timeout_s if it is only slow (or set "
+                    "task.max_reward_error_fraction=1.0 to score such completions 0 and go on)"
+                )
             else:
-                fix = ("Fix the reward function (a bug there would train the model on zeros), or set "
-                       "task.max_reward_error_fraction=1.0 to score failures 0 and go on")
+                fix = (
+                    "Fix the reward function (a bug there would train the model on zeros), or set "
+                    "task.max_reward_error_fraction=1.0 to score failures 0 and go on"
+                )
             raise RewardErrorRateError(
                 f"task.reward: {self.name} failed on {failed} of {n} completions in one scoring call (more than "
                 f"task.max_reward_error_fraction={self.max_error_fraction:g}); the first: {err} on completion "
-                f"{str(completion)[:80]!r}. {fix}") from exc
+                f"{str(completion)[:80]!r}. {fix}"
+            ) from exc
         for args in self._pending:
             log.warning(*args)
         return rewards
 
-    def _score(self, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]],
-               context: dict[str, Any]) -> Scores:
+    def _score(
+        self, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]], context: dict[str, Any]
+    ) -> Scores:
         n = len(completions)
         try:
             out = self.fn(prompts, completions, **columns, **context)
@@ -296,8 +313,13 @@ class CombinedReward:
     ``parts`` are each function's values (NaN for ``None``), for TRL's ``rewards/<name>/mean``.
     """
 
-    def __init__(self, fns: list[RewardFn], weights: list[float] | None = None, conversational: bool = False,
-                 timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        fns: list[RewardFn],
+        weights: list[float] | None = None,
+        conversational: bool = False,
+        timeout_s: float | None = None,
+    ) -> None:
         if not fns:
             raise ValueError("task.reward: no reward functions")
         if weights is not None and len(weights) != len(fns):
@@ -313,8 +335,9 @@ class CombinedReward:
             self.names.append(name)
         self.__name__ = "+".join(self.names)
 
-    def _inputs(self, prompts: list[Any], completions: list[Any],
-                columns: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, Any]]:
+    def _inputs(
+        self, prompts: list[Any], completions: list[Any], columns: dict[str, Any]
+    ) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, Any]]:
         cols, extra = split_context(columns)
         if "completion_ids" in cols:
             extra["completion_ids"] = cols.pop("completion_ids")
@@ -361,17 +384,24 @@ class CombinedReward:
             except RewardTimeoutError as e:
                 raise RewardSignatureError(
                     f"task.reward: {e} on one completion (a test call on the first training row, made before the "
-                    f"model loads); fix the hang, or raise task.reward_timeout_s if it is only slow") from None
+                    f"model loads); fix the hang, or raise task.reward_timeout_s if it is only slow"
+                ) from None
             except TypeError as e:
-                shape = ("message lists [{'role': 'assistant', 'content': ...}]" if self.conversational else
-                         "strings (the dataset's prompts are plain text; TRL passes message lists only for a "
-                         "conversational dataset)")
+                shape = (
+                    "message lists [{'role': 'assistant', 'content': ...}]"
+                    if self.conversational
+                    else "strings (the dataset's prompts are plain text; TRL passes message lists only for a "
+                    "conversational dataset)"
+                )
                 raise RewardSignatureError(
                     f"task.reward: {fn.name} fails on the first training row (a test call with one short completion, "
-                    f"before the model loads): {_where(e)}; its completions are {shape}") from None
+                    f"before the model loads): {_where(e)}; its completions are {shape}"
+                ) from None
             except RewardLengthError as e:
-                raise RewardSignatureError(f"task.reward: {e} (a test call on the first training row, before the "
-                                           "model loads); return one reward per completion") from None
+                raise RewardSignatureError(
+                    f"task.reward: {e} (a test call on the first training row, before the "
+                    "model loads); return one reward per completion"
+                ) from None
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - may be about that completion only: scored as errors later

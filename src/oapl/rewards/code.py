@@ -38,8 +38,14 @@ from typing import Any
 from collections.abc import Callable, Sequence
 
 from oapl.rewards.base import completion_text
-from oapl.rewards.sandbox import (ProgramJob, ProgramResult, SandboxConfig, SandboxRunner, SandboxUnavailableError,
-                                  TestRun)
+from oapl.rewards.sandbox import (
+    ProgramJob,
+    ProgramResult,
+    SandboxConfig,
+    SandboxRunner,
+    SandboxUnavailableError,
+    TestRun,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +178,15 @@ def parse_tests(tests: Any, metadata: Any = None) -> list[CodeTest]:
             return []
         name = _func_name_of(tests) or meta_name
         for inp, out in zip(inputs, outputs):
-            items.append({"input": inp, "output": out, "_taco": True,
-                          "testtype": "functional" if name else "stdin", "fn_name": name})
+            items.append(
+                {
+                    "input": inp,
+                    "output": out,
+                    "_taco": True,
+                    "testtype": "functional" if name else "stdin",
+                    "fn_name": name,
+                }
+            )
     elif isinstance(tests, dict) and "input" in tests:
         items = [tests]
     elif isinstance(tests, list):
@@ -188,7 +201,8 @@ def parse_tests(tests: Any, metadata: Any = None) -> list[CodeTest]:
         kind = str(t.get("testtype") or t.get("type") or "").lower()
         name = _func_name_of(t) or meta_name
         functional = kind in ("functional", "function_call", "call_based") or (
-            kind == "" and name is not None and not isinstance(t.get("input"), str))
+            kind == "" and name is not None and not isinstance(t.get("input"), str)
+        )
         if functional:
             args = _parse_args(t["input"])
             if args is None or not name:
@@ -229,8 +243,7 @@ def _close(a: Decimal, b: Decimal, tol: float) -> bool:
             ctx.Emax, ctx.Emin = MAX_EMAX, MIN_EMIN
             return abs(a - b) <= Decimal(str(tol)) * max(Decimal(1), abs(b))
     except ArithmeticError as exc:  # decimal.Overflow / InvalidOperation
-        logger.debug("float_tolerance: cannot compare %.40s with %.40s (%s); scored as wrong", a, b,
-                     type(exc).__name__)
+        logger.debug("float_tolerance: cannot compare %.40s with %.40s (%s); scored as wrong", a, b, type(exc).__name__)
         return False
 
 
@@ -307,14 +320,16 @@ def _jobs_for(code: str, tests: list[CodeTest], float_tolerance: float) -> list[
             sub = [t for t in group if t.func_name == name]
             expected = [(t.output, t.alternatives) for t in sub]
             if kind == "stdin":
+
                 def check(run: TestRun, expected=expected) -> bool:
                     return compare_stdout(run.stdout, expected[run.index][0], float_tolerance)
             else:
+
                 def check(run: TestRun, expected=expected) -> bool:
                     exp, alts = expected[run.index]
                     return compare_functional(run.result, exp, alts)
-            jobs.append(ProgramJob(code=code, mode=kind, inputs=[t.input for t in sub],
-                                   func_name=name, check=check))
+
+            jobs.append(ProgramJob(code=code, mode=kind, inputs=[t.input for t in sub], func_name=name, check=check))
     return jobs
 
 
@@ -340,8 +355,7 @@ def evaluate_completions(
     for i in range(n):
         try:
             code = extract_code(completion_text(completions[i]))
-            parsed = parse_tests(tests[i] if i < len(tests) else None,
-                                 metadata[i] if i < len(metadata) else None)
+            parsed = parse_tests(tests[i] if i < len(tests) else None, metadata[i] if i < len(metadata) else None)
         except Exception:  # malformed row: never crash the trainer
             logger.exception("could not prepare completion %d", i)
             code, parsed = None, []
@@ -386,10 +400,7 @@ def _failure_reason(results: list[ProgramResult]) -> str:
 
 
 def make_code_reward(
-    config: SandboxConfig | None = None,
-    *,
-    float_tolerance: float = 0.0,
-    max_tests: int | None = None,
+    config: SandboxConfig | None = None, *, float_tolerance: float = 0.0, max_tests: int | None = None
 ) -> Callable[..., list[float]]:
     """Build a TRL-style reward ``fn(prompts, completions, tests, metadata, **kw)``.
 
@@ -402,15 +413,20 @@ def make_code_reward(
     """
     runner = SandboxRunner(config)
 
-    def code_reward(prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (),
-                    tests: Sequence[Any] | None = None, metadata: Sequence[Any] | None = None,
-                    **_: Any) -> list[float]:
+    def code_reward(
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] = (),
+        tests: Sequence[Any] | None = None,
+        metadata: Sequence[Any] | None = None,
+        **_: Any,
+    ) -> list[float]:
         """1.0 if the last code block passes every test case, else 0.0."""
         completions = list(completions or [])
         if tests is None:
             tests = [None] * len(completions)
-        evals = evaluate_completions(completions, list(tests), metadata, runner=runner,
-                                     float_tolerance=float_tolerance, max_tests=max_tests)
+        evals = evaluate_completions(
+            completions, list(tests), metadata, runner=runner, float_tolerance=float_tolerance, max_tests=max_tests
+        )
         return [ev.reward for ev in evals]
 
     code_reward.runner = runner  # type: ignore[attr-defined]
@@ -420,8 +436,7 @@ def make_code_reward(
 _default_reward: Callable[..., list[float]] | None = None
 
 
-def code_reward(prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (),
-                **columns: Any) -> list[float]:
+def code_reward(prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **columns: Any) -> list[float]:
     """Code-execution reward with default :class:`SandboxConfig` (TRL convention).
 
     Dataset columns: ``tests`` (JSON string or list of ``{"input", "output",

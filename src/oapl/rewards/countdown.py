@@ -134,8 +134,9 @@ def check_expression(expr: str, numbers: list[int], target: int) -> bool:
     return _value(tree) == int(target)
 
 
-def countdown_reward(prompts: list[str], completions: list[str], numbers: list[list[int]], target: list[int],
-                     **_: Any) -> list[float]:
+def countdown_reward(
+    prompts: list[str], completions: list[str], numbers: list[list[int]], target: list[int], **_: Any
+) -> list[float]:
     """1.0 when the completion's expression reaches ``target`` with exactly ``numbers``, else 0.0."""
     out = []
     for completion, nums, goal in zip(completions, numbers, target):

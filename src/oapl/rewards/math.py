@@ -29,9 +29,11 @@ from oapl.rewards.base import RewardUnavailableError, completion_text
 
 log = logging.getLogger(__name__)
 
-GUARD_HINT = ("if this is a script, put the code that starts training under `if __name__ == \"__main__\":` "
-              "(multiprocessing's spawn re-imports the main script in every worker process, so unguarded "
-              "top-level code runs again there)")
+GUARD_HINT = (
+    'if this is a script, put the code that starts training under `if __name__ == "__main__":` '
+    "(multiprocessing's spawn re-imports the main script in every worker process, so unguarded "
+    "top-level code runs again there)"
+)
 
 
 def bootstrapping() -> bool:
@@ -103,17 +105,22 @@ class MathVerifier:
         if bootstrapping():
             raise RewardUnavailableError(
                 "math reward: called while this process is still starting as a worker of another one, i.e. "
-                f"the main script is being re-imported by multiprocessing; {GUARD_HINT}")
+                f"the main script is being re-imported by multiprocessing; {GUARD_HINT}"
+            )
         pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
         try:
             pool.submit(_ping).result(timeout=self.start_timeout_s)
         except (cf.process.BrokenProcessPool, cf.TimeoutError, OSError) as e:
             _kill(pool)
-            what = ("did not answer within "
-                    f"{self.start_timeout_s:g}s" if isinstance(e, cf.TimeoutError) else f"died at start ({e})")
+            what = (
+                f"did not answer within {self.start_timeout_s:g}s"
+                if isinstance(e, cf.TimeoutError)
+                else f"died at start ({e})"
+            )
             raise RewardUnavailableError(
                 f"math reward: its {self.workers} math-verify worker processes {what}; {GUARD_HINT}. Their own "
-                "error, if any, is printed above by the workers") from e
+                "error, if any, is printed above by the workers"
+            ) from e
         return pool
 
     def _reset_pool(self, pool: cf.ProcessPoolExecutor | None = None) -> None:

@@ -41,8 +41,9 @@ def prompt_opens_thinking(prompt: str, open_tag: str = "<think>") -> bool:
     return prompt.rstrip().endswith(open_tag)
 
 
-def final_answer(prompt: str, completion: str, mode: str = "auto",
-                 tags: Sequence[str] = DEFAULT_THINK_TAGS) -> str | None:
+def final_answer(
+    prompt: str, completion: str, mode: str = "auto", tags: Sequence[str] = DEFAULT_THINK_TAGS
+) -> str | None:
     """The part of ``completion`` a reward may score, or ``None`` when it must score 0.
 
     ``None`` means the response thinks but never closed its thinking block (truncated inside it),
@@ -55,7 +56,7 @@ def final_answer(prompt: str, completion: str, mode: str = "auto",
     open_tag, close_tag = tags
     end = completion.rfind(close_tag)
     if end >= 0:
-        return completion[end + len(close_tag):]
+        return completion[end + len(close_tag) :]
     if mode == "required":
         return None
     thinks = open_tag in completion or prompt_opens_thinking(prompt, open_tag)
@@ -86,8 +87,12 @@ class ThinkingAwareReward:
         out = [0.0] * len(completions)
         if not keep:
             return out
-        scored = self.fn([prompts[i] for i in keep], [answers[i] for i in keep],
-                         **{k: [v[i] for i in keep] for k, v in columns.items()}, **context)
+        scored = self.fn(
+            [prompts[i] for i in keep],
+            [answers[i] for i in keep],
+            **{k: [v[i] for i in keep] for k, v in columns.items()},
+            **context,
+        )
         scored_out = scored
         parts = getattr(scored, "parts", None)
         scored = list(scored)

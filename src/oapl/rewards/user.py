@@ -17,8 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from oapl.rewards.errors import (RewardLengthError, RewardSignatureError, RewardTypeError,
-                                 RewardUnavailableError)
+from oapl.rewards.errors import RewardLengthError, RewardSignatureError, RewardTypeError, RewardUnavailableError
 
 RewardFn = Callable[..., list[float]]
 
@@ -48,8 +47,9 @@ def hung_calls() -> list[str]:
         return [n for _, n in _hung]
 
 
-def call_with_deadline(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout_s: float | None,
-                       name: str) -> Any:
+def call_with_deadline(
+    fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout_s: float | None, name: str
+) -> Any:
     """``fn(*args, **kwargs)`` (awaited if it is a coroutine), or :class:`RewardTimeoutError` after ``timeout_s``.
 
     The call runs in a daemon thread of its own; the caller waits at most ``timeout_s``. A thread
@@ -85,7 +85,8 @@ def call_with_deadline(fn: Callable[..., Any], args: tuple, kwargs: dict[str, An
                 f"task.reward: {name} did not return within task.reward_timeout_s={timeout_s:g}s, and {len(hung)} "
                 f"timed-out reward calls ({', '.join(sorted(set(hung)))}) are still running (a thread cannot be "
                 f"stopped); stopping the run. Fix the hang in {name}, or raise task.reward_timeout_s if it is "
-                "only slow")
+                "only slow"
+            )
         raise RewardTimeoutError(name, timeout_s)
     if "error" in box:
         raise box["error"]
@@ -113,8 +114,10 @@ def check_number(value: Any, name: str, index: int) -> float | None:
             return float(value)
         except (TypeError, ValueError):
             pass
-    raise RewardTypeError(f"task.reward: {name} returned {value!r} ({type(value).__name__}) for completion {index}; "
-                          "a reward must be a number (int, float or bool) or None where it does not apply")
+    raise RewardTypeError(
+        f"task.reward: {name} returned {value!r} ({type(value).__name__}) for completion {index}; "
+        "a reward must be a number (int, float or bool) or None where it does not apply"
+    )
 
 
 #: What TRL passes besides ``prompts``, ``completions`` and the dataset's columns: passed to a function
@@ -175,8 +178,9 @@ class UserReward:
     def takes(self, key: str) -> bool:
         return self.var_kw or key in self.named
 
-    def arguments(self, prompts: Any, completions: Any, columns: dict[str, Any],
-                  extra: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def arguments(
+        self, prompts: Any, completions: Any, columns: dict[str, Any], extra: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
         """``(args, kwargs)`` of one call: ``columns`` always, the ``extra`` keys it takes."""
         kwargs = {k: v for k, v in extra.items() if self.takes(k)}
         kwargs.update(columns)
@@ -187,13 +191,16 @@ class UserReward:
         kwargs["completions"] = completions
         return (), kwargs
 
-    def __call__(self, prompts: Any, completions: Any, columns: dict[str, Any],
-                 extra: dict[str, Any]) -> list[float | None]:
+    def __call__(
+        self, prompts: Any, completions: Any, columns: dict[str, Any], extra: dict[str, Any]
+    ) -> list[float | None]:
         args, kwargs = self.arguments(prompts, completions, columns, extra)
         out = call_with_deadline(self.fn, args, kwargs, self.timeout_s, self.name)
         if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__"):
-            raise RewardTypeError(f"task.reward: {self.name} returned {type(out).__name__} {str(out)[:60]!r}; a reward "
-                                  "function returns a list with one number (or None) per completion")
+            raise RewardTypeError(
+                f"task.reward: {self.name} returned {type(out).__name__} {str(out)[:60]!r}; a reward "
+                "function returns a list with one number (or None) per completion"
+            )
         out = list(out)
         if len(out) != len(completions):
             raise RewardLengthError(f"{self.name} returned {len(out)} rewards for {len(completions)} completions")
@@ -204,14 +211,18 @@ class UserReward:
         if self.sig is None:
             return
         if not self.positional and not self.takes("completions"):
-            raise RewardSignatureError(f"task.reward: {self.name}{self.sig} has no 'completions' parameter: TRL and "
-                                       "oapl call a reward as fn(prompts=..., completions=..., **columns); write it "
-                                       "as fn(prompts, completions, **kwargs)")
+            raise RewardSignatureError(
+                f"task.reward: {self.name}{self.sig} has no 'completions' parameter: TRL and "
+                "oapl call a reward as fn(prompts=..., completions=..., **columns); write it "
+                "as fn(prompts, completions, **kwargs)"
+            )
         args, kwargs = self.arguments(["p"], ["c"], columns, extra)
         try:
             self.sig.bind(*args, **kwargs)
         except TypeError as e:
-            raise RewardSignatureError(f"task.reward: {self.name}{self.sig} {_signature_problem(str(e), columns)}") from None
+            raise RewardSignatureError(
+                f"task.reward: {self.name}{self.sig} {_signature_problem(str(e), columns)}"
+            ) from None
 
     def close(self) -> None:
         close = getattr(self.fn, "close", None)
@@ -226,14 +237,18 @@ def _signature_problem(error: str, columns: dict[str, Any]) -> str:
     passed = "prompts, completions, completion_ids, trainer_state" + "".join(f", {c}" for c in sorted(columns))
     m = re.search(r"missing a required argument: '([^']+)'", error)
     if m:
-        return (f"needs the argument {m.group(1)!r}, which is not passed: no dataset column is named {m.group(1)!r} "
-                f"(a reward is called with {passed}); rename the parameter, map a column to it with task.columns, "
-                "or give it a default")
+        return (
+            f"needs the argument {m.group(1)!r}, which is not passed: no dataset column is named {m.group(1)!r} "
+            f"(a reward is called with {passed}); rename the parameter, map a column to it with task.columns, "
+            "or give it a default"
+        )
     m = re.search(r"unexpected keyword argument '([^']+)'", error)
     if m:
         what = "the dataset column" if m.group(1) in columns else "the argument"
-        return (f"does not take {what} {m.group(1)!r}: TRL and oapl pass every column by name; add **kwargs to "
-                "its parameters")
+        return (
+            f"does not take {what} {m.group(1)!r}: TRL and oapl pass every column by name; add **kwargs to "
+            "its parameters"
+        )
     m = re.search(r"too many positional arguments", error)
     if m:
         return "takes fewer than two positional arguments; write it as fn(prompts, completions, **kwargs)"
@@ -245,4 +260,3 @@ def reward_name(fn: Any) -> str:
     from oapl.data.memory import callable_name
 
     return callable_name(fn)
-

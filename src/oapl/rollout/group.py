@@ -21,7 +21,6 @@ def is_correct(reward: float, threshold: float = 0.5) -> bool:
     return not math.isnan(reward) and reward >= threshold
 
 
-
 @dataclass
 class RolloutGroup:
     """The ``n`` responses sampled for one prompt.
@@ -61,10 +60,7 @@ class RolloutGroup:
         for name in ("response_token_ids", "response_logprobs", "rewards", "finish_reasons"):
             got = len(getattr(self, name))
             if got != n:
-                raise ValueError(
-                    f"group {self.prompt_id!r}: {name} has {got} entries but there are {n} "
-                    f"responses"
-                )
+                raise ValueError(f"group {self.prompt_id!r}: {name} has {got} entries but there are {n} responses")
         for i, (ids, lps) in enumerate(zip(self.response_token_ids, self.response_logprobs)):
             if len(ids) != len(lps):
                 raise ValueError(
@@ -88,9 +84,20 @@ class RolloutGroup:
         return sum(is_correct(r, threshold) for r in self.rewards)
 
 
-def score_groups(reward, task, prompts: Sequence[tuple[str, Sequence[int]]], examples: Sequence[Mapping[str, Any]],
-                 outputs, *, n: int, weights_id: str, sampling: dict[str, Any], default_ids: Sequence[Any],
-                 benchmark: str = "", version: int | None = None) -> list[RolloutGroup]:
+def score_groups(
+    reward,
+    task,
+    prompts: Sequence[tuple[str, Sequence[int]]],
+    examples: Sequence[Mapping[str, Any]],
+    outputs,
+    *,
+    n: int,
+    weights_id: str,
+    sampling: dict[str, Any],
+    default_ids: Sequence[Any],
+    benchmark: str = "",
+    version: int | None = None,
+) -> list[RolloutGroup]:
     """Score an engine's outputs with ``reward`` and make one group per prompt.
 
     ``prompts[j]`` is ``(text, token ids)``, ``examples[j]`` the dataset row (its ``prompt_id``, else
@@ -115,15 +122,26 @@ def score_groups(reward, task, prompts: Sequence[tuple[str, Sequence[int]]], exa
     groups = []
     for j, ((text, ids), ex, out) in enumerate(zip(prompts, examples, outputs)):
         comps = out.completions
-        groups.append(RolloutGroup(
-            prompt_id=str(ex.get("prompt_id", default_ids[j])), prompt=text, prompt_token_ids=list(ids),
-            responses=[c.text for c in comps], response_token_ids=[c.token_ids for c in comps],
-            response_logprobs=[c.logprobs for c in comps], rewards=list(rewards[j * n : (j + 1) * n]),
-            finish_reasons=[c.finish_reason for c in comps], weights_id=weights_id,
-            version=out.version if version is None else version, sampling=sampling, task=task.name,
-            benchmark=str(ex.get("benchmark") or benchmark), extra=dict(ex),
-            reward_parts={k: list(v[j * n : (j + 1) * n]) for k, v in parts.items()},
-            reward_logged=dict(getattr(rewards, "metrics", None) or {}) if j == 0 else {}))
+        groups.append(
+            RolloutGroup(
+                prompt_id=str(ex.get("prompt_id", default_ids[j])),
+                prompt=text,
+                prompt_token_ids=list(ids),
+                responses=[c.text for c in comps],
+                response_token_ids=[c.token_ids for c in comps],
+                response_logprobs=[c.logprobs for c in comps],
+                rewards=list(rewards[j * n : (j + 1) * n]),
+                finish_reasons=[c.finish_reason for c in comps],
+                weights_id=weights_id,
+                version=out.version if version is None else version,
+                sampling=sampling,
+                task=task.name,
+                benchmark=str(ex.get("benchmark") or benchmark),
+                extra=dict(ex),
+                reward_parts={k: list(v[j * n : (j + 1) * n]) for k, v in parts.items()},
+                reward_logged=dict(getattr(rewards, "metrics", None) or {}) if j == 0 else {},
+            )
+        )
     return groups
 
 
@@ -144,8 +162,9 @@ def reward_metrics(groups: Iterable[RolloutGroup]) -> dict[str, float]:
         ok = [v for v in vals if not math.isnan(v)]
         mean = sum(ok) / len(ok) if ok else math.nan
         out[f"rewards/{name}/mean"] = mean
-        out[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1)) if len(ok) > 1
-                                      else math.nan)
+        out[f"rewards/{name}/std"] = (
+            math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1)) if len(ok) > 1 else math.nan
+        )
     return out
 
 
@@ -175,8 +194,7 @@ def filter_groups(
     if max_correct is not None and max_correct < min_correct:
         raise ValueError(f"max_correct ({max_correct}) must be >= min_correct ({min_correct})")
     kept: list[RolloutGroup] = []
-    counts = dict(total=0, kept=0, dropped=0, dropped_too_few=0, dropped_too_many=0,
-                  all_wrong=0, all_correct=0)
+    counts = dict(total=0, kept=0, dropped=0, dropped_too_few=0, dropped_too_many=0, all_wrong=0, all_correct=0)
     for g in groups:
         c = g.num_correct(threshold)
         counts["total"] += 1

@@ -89,16 +89,29 @@ def report_failure(e: BaseException) -> None:
     debug = debug_enabled()
     if isinstance(e, UserError) and not debug:
         return
-    log.error("rollout worker stopped: %s: %s", type(e).__name__, " ".join(str(e).split())[:500],
-              exc_info=e if debug else None)
+    log.error(
+        "rollout worker stopped: %s: %s",
+        type(e).__name__,
+        " ".join(str(e).split())[:500],
+        exc_info=e if debug else None,
+    )
 
 
 class RolloutWorker:
     """Fill a :class:`RolloutBuffer` with scored groups from an :class:`InferenceEngine`."""
 
-    def __init__(self, engine: InferenceEngine, task, tokenizer, buffer: RolloutBuffer,
-                 sampling: SamplingParams, group_size: int, prompts_per_call: int, seed: int,
-                 weights_id: str = "") -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        task,
+        tokenizer,
+        buffer: RolloutBuffer,
+        sampling: SamplingParams,
+        group_size: int,
+        prompts_per_call: int,
+        seed: int,
+        weights_id: str = "",
+    ) -> None:
         self.engine = engine
         self.task = task
         self.tokenizer = tokenizer
@@ -123,9 +136,15 @@ class RolloutWorker:
             text = self.task.render(example, self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
             # the engine would silently cut a response that does not fit max_model_len
-            check_prompt_budget(len(ids), self.sampling.max_tokens, engine_max_model_len(self.engine),
-                                split="train", row=idx, prompt_id=str(example.get("prompt_id", idx)),
-                                max_tokens_field="sampling.max_tokens")
+            check_prompt_budget(
+                len(ids),
+                self.sampling.max_tokens,
+                engine_max_model_len(self.engine),
+                split="train",
+                row=idx,
+                prompt_id=str(example.get("prompt_id", idx)),
+                max_tokens_field="sampling.max_tokens",
+            )
             self._rendered[idx] = (text, ids)
         return self._rendered[idx]
 
@@ -140,9 +159,18 @@ class RolloutWorker:
             gen_s = time.perf_counter() - t0
         examples = [self.task.train[i] for i in idxs]
         t1 = time.perf_counter()
-        groups = score_groups(self.reward, self.task, prompts, examples, outputs, n=self.sampling.n,
-                              weights_id=self.weights_id, sampling=self.sampling_dict, default_ids=idxs,
-                              version=version)
+        groups = score_groups(
+            self.reward,
+            self.task,
+            prompts,
+            examples,
+            outputs,
+            n=self.sampling.n,
+            weights_id=self.weights_id,
+            sampling=self.sampling_dict,
+            default_ids=idxs,
+            version=version,
+        )
         self.stats.reward_seconds += time.perf_counter() - t1
         n_tok = sum(len(c.token_ids) for out in outputs for c in out.completions)
         self.stats.gen_tokens += n_tok

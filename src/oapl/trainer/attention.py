@@ -83,8 +83,9 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout:
         raise ValueError("packed attention does not support attention dropout (set it to 0 for RL training)")
     max_len = int(kwargs.get("max_length_q") or 0)

@@ -68,8 +68,9 @@ def balanced_partition(costs: list[int], parts: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
-def plan_micro_batches(lengths: list[int], max_tokens: int | None = None,
-                       micro_batch_size: int | None = None) -> list[list[int]]:
+def plan_micro_batches(
+    lengths: list[int], max_tokens: int | None = None, micro_batch_size: int | None = None
+) -> list[list[int]]:
     """Indices of the sequences of each micro-batch.
 
     With ``max_tokens``: the fewest balanced micro-batches of at most ``max_tokens`` tokens each
@@ -92,8 +93,11 @@ def plan_micro_batches(lengths: list[int], max_tokens: int | None = None,
         k = max(-(-total // max_tokens), -(-len(rest) // micro_batch_size) if micro_batch_size else 1)
         while True:
             parts = balanced_partition([lengths[i] for i in rest], k)
-            fits = all(sum(lengths[rest[j]] for j in p) <= max_tokens
-                       and (micro_batch_size is None or len(p) <= micro_batch_size) for p in parts)
+            fits = all(
+                sum(lengths[rest[j]] for j in p) <= max_tokens
+                and (micro_batch_size is None or len(p) <= micro_batch_size)
+                for p in parts
+            )
             if fits:
                 plans.extend([[rest[j] for j in p] for p in parts if p])
                 break
@@ -154,8 +158,9 @@ class TokenBatch:
         def mv(t):
             return t.to(device, non_blocking=True) if torch.is_tensor(t) else t
 
-        return dataclasses.replace(self, **{f.name: mv(getattr(self, f.name))
-                                            for f in dataclasses.fields(self) if f.name != "extra"})
+        return dataclasses.replace(
+            self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        )
 
 
 class _Targets:
@@ -183,6 +188,7 @@ class _Targets:
 
     def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``target_index, target_ids, seq_index, tok_index, ref_logprobs, response_mask``."""
+
         def cat(parts):
             return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
@@ -230,8 +236,9 @@ def collate(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, pad_to: i
         if r:
             targets.add(i, base + p - 1, toks[p:], s.ref_logprobs)  # position p-1+j predicts response token j
 
-    return TokenBatch(ids, pos, None if packed else att, cu if packed else None, width, *targets.fields(),
-                      num_tokens=sum(lens))
+    return TokenBatch(
+        ids, pos, None if packed else att, cu if packed else None, width, *targets.fields(), num_tokens=sum(lens)
+    )
 
 
 def _distinct_prompts(seqs: list[Sequence]) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -314,14 +321,22 @@ def collate_shared(seqs: list[Sequence], pad_token_id: int = 0) -> TokenBatch:
             targets.add(i, i * (1 + r_max), toks, s.ref_logprobs)  # slot j of row i predicts token j
 
     useful = sum(len(p) for p in prompts) + sum(len(s.response_ids) for s in seqs)
-    return TokenBatch(ids, pos, att, None, p_max + r_max, *targets.fields(), num_tokens=useful,
-                      prefix_ids=pre, prefix_mask=pre_mask,
-                      prefix_last=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
-                      prefix_index=torch.tensor(index, dtype=torch.long))
+    return TokenBatch(
+        ids,
+        pos,
+        att,
+        None,
+        p_max + r_max,
+        *targets.fields(),
+        num_tokens=useful,
+        prefix_ids=pre,
+        prefix_mask=pre_mask,
+        prefix_last=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
+        prefix_index=torch.tensor(index, dtype=torch.long),
+    )
 
 
-def collate_auto(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, share_prompts: str = "off"
-                 ) -> TokenBatch:
+def collate_auto(seqs: list[Sequence], packed: bool, pad_token_id: int = 0, share_prompts: str = "off") -> TokenBatch:
     """:func:`collate` or :func:`collate_shared`, as :func:`choose_layout` decides."""
     if choose_layout(seqs, packed, share_prompts) == "shared":
         return collate_shared(seqs, pad_token_id)

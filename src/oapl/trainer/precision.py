@@ -30,8 +30,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str, field: str) -> torch.dtype:
@@ -90,20 +96,28 @@ class Precision:
 
 def resolve_precision(model_cfg, device: torch.device) -> Precision:
     """Read ``model.param_dtype``/``compute_dtype``/``export_dtype`` (``auto`` resolved for ``device``)."""
-    compute = (default_compute_dtype(device) if model_cfg.compute_dtype == "auto"
-               else parse_dtype(model_cfg.compute_dtype, "model.compute_dtype"))
-    param = torch.float32 if model_cfg.param_dtype == "auto" else parse_dtype(model_cfg.param_dtype,
-                                                                              "model.param_dtype")
-    export = compute if model_cfg.export_dtype == "auto" else parse_dtype(model_cfg.export_dtype,
-                                                                          "model.export_dtype")
+    compute = (
+        default_compute_dtype(device)
+        if model_cfg.compute_dtype == "auto"
+        else parse_dtype(model_cfg.compute_dtype, "model.compute_dtype")
+    )
+    param = (
+        torch.float32 if model_cfg.param_dtype == "auto" else parse_dtype(model_cfg.param_dtype, "model.param_dtype")
+    )
+    export = compute if model_cfg.export_dtype == "auto" else parse_dtype(model_cfg.export_dtype, "model.export_dtype")
     if param.itemsize < compute.itemsize:
-        raise ValueError(f"model.param_dtype={dtype_name(param)} is narrower than model.compute_dtype="
-                         f"{dtype_name(compute)}: storage must be at least as precise as compute")
+        raise ValueError(
+            f"model.param_dtype={dtype_name(param)} is narrower than model.compute_dtype="
+            f"{dtype_name(compute)}: storage must be at least as precise as compute"
+        )
     if compute == torch.float16 and param != torch.float16:
-        raise ValueError("model.compute_dtype=float16 under fp32 storage needs loss scaling, which oapl does not do: "
-                         "use model.compute_dtype=bfloat16")
-    return Precision(device, param, compute, export, lora=bool(model_cfg.lora.enabled),
-                     offload=model_cfg.activation_offload)
+        raise ValueError(
+            "model.compute_dtype=float16 under fp32 storage needs loss scaling, which oapl does not do: "
+            "use model.compute_dtype=bfloat16"
+        )
+    return Precision(
+        device, param, compute, export, lora=bool(model_cfg.lora.enabled), offload=model_cfg.activation_offload
+    )
 
 
 class _Both(contextlib.AbstractContextManager):
@@ -155,7 +169,13 @@ def warn_if_updates_drop(params, lr: float, dtype: torch.dtype, threshold: float
     """Warn when pure low-precision storage would round away more than ``threshold`` of the updates."""
     frac = dropped_update_fraction(params, lr, dtype)
     if frac > threshold:
-        log.warning("model.param_dtype=%s at optim.lr=%.3g: an AdamW update of ~lr rounds away on %.0f%% of the "
-                    "weights (bf16 spacing at |w|=0.02 is %.1e). Use model.param_dtype=float32 (the default) to keep "
-                    "every update.", dtype_name(dtype), lr, 100 * frac, 2 ** (math.floor(math.log2(0.02)) - 7))
+        log.warning(
+            "model.param_dtype=%s at optim.lr=%.3g: an AdamW update of ~lr rounds away on %.0f%% of the "
+            "weights (bf16 spacing at |w|=0.02 is %.1e). Use model.param_dtype=float32 (the default) to keep "
+            "every update.",
+            dtype_name(dtype),
+            lr,
+            100 * frac,
+            2 ** (math.floor(math.log2(0.02)) - 7),
+        )
     return frac

@@ -30,7 +30,7 @@ from oapl.objectives import sequence_log_ratio
 class StepStats:
     loss: float = 0.0
     seqs: int = 0
-    tokens: int = 0            # response tokens
+    tokens: int = 0  # response tokens
     kl: float = 0.0
     absdiff: float = 0.0
     absdiff_max: float = 0.0
@@ -39,22 +39,32 @@ class StepStats:
     s_absmax: float = 0.0
     ent: float = 0.0
     seq_nll: float = 0.0
-    useful_tokens: int = 0     # prompt + response tokens the decoder ran on
-    computed_tokens: int = 0   # the same plus padding
+    useful_tokens: int = 0  # prompt + response tokens the decoder ran on
+    computed_tokens: int = 0  # the same plus padding
     micro_batches: int = 0
-    objective: dict[str, float] = field(default_factory=dict)   # the objective's *_sum / tokens / *_max
+    objective: dict[str, float] = field(default_factory=dict)  # the objective's *_sum / tokens / *_max
 
     @torch.no_grad()
-    def add(self, loss: torch.Tensor, logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
-            ent: torch.Tensor | None, objective_stats: dict[str, torch.Tensor], useful_tokens: int,
-            computed_tokens: int) -> None:
+    def add(
+        self,
+        loss: torch.Tensor,
+        logp: torch.Tensor,
+        ref: torch.Tensor,
+        mask: torch.Tensor,
+        ent: torch.Tensor | None,
+        objective_stats: dict[str, torch.Tensor],
+        useful_tokens: int,
+        computed_tokens: int,
+    ) -> None:
         self.loss += float(loss.detach())
         self.micro_batches += 1
         self.useful_tokens += int(useful_tokens)
         self.computed_tokens += int(computed_tokens)
         for k, t in objective_stats.items():
             v = float(t)
-            self.objective[k] = max(self.objective.get(k, v), v) if k.endswith("_max") else self.objective.get(k, 0.0) + v
+            self.objective[k] = (
+                max(self.objective.get(k, v), v) if k.endswith("_max") else self.objective.get(k, 0.0) + v
+            )
         logp, ref, mask = logp.detach().float().cpu(), ref.detach().float().cpu(), mask.float().cpu()
         d = (logp - ref)[mask.bool()].double()
         if d.numel():
@@ -75,13 +85,27 @@ class StepStats:
 
     def merge(self, other: StepStats | dict[str, Any]) -> StepStats:
         o = other if isinstance(other, StepStats) else StepStats(**other)
-        for k in ("loss", "seqs", "tokens", "kl", "absdiff", "s_sum", "s_sq", "ent", "seq_nll", "useful_tokens",
-                  "computed_tokens", "micro_batches"):
+        for k in (
+            "loss",
+            "seqs",
+            "tokens",
+            "kl",
+            "absdiff",
+            "s_sum",
+            "s_sq",
+            "ent",
+            "seq_nll",
+            "useful_tokens",
+            "computed_tokens",
+            "micro_batches",
+        ):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         for k in ("absdiff_max", "s_absmax"):
             setattr(self, k, max(getattr(self, k), getattr(o, k)))
         for k, v in o.objective.items():
-            self.objective[k] = max(self.objective.get(k, v), v) if k.endswith("_max") else self.objective.get(k, 0.0) + v
+            self.objective[k] = (
+                max(self.objective.get(k, v), v) if k.endswith("_max") else self.objective.get(k, 0.0) + v
+            )
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,17 +128,30 @@ def batch_metrics(groups, objective, adv: torch.Tensor, values: torch.Tensor) ->
     }
 
 
-def metrics_row(batch: dict[str, float], stats: StepStats, *, finite: bool, grad_norm: float, lr: float,
-                seconds: float, mini_batches: int = 1) -> dict[str, float]:
+def metrics_row(
+    batch: dict[str, float],
+    stats: StepStats,
+    *,
+    finite: bool,
+    grad_norm: float,
+    lr: float,
+    seconds: float,
+    mini_batches: int = 1,
+) -> dict[str, float]:
     """One trainer step's metrics from the batch numbers and the merged partial sums."""
     vkey = next(k for k in ("v_star_mean", "baseline_mean") if k in batch)
     row: dict[str, float] = {
         "loss": stats.loss / mini_batches if finite else float("nan"),
         "skipped": 0.0 if finite else 1.0,
-        "reward_mean": batch["reward_mean"], "reward_std": batch["reward_std"], vkey: batch[vkey],
-        "adv_mean": batch["adv_mean"], "adv_std": batch["adv_std"],
-        "grad_norm": grad_norm, "lr": lr,
-        "response_len_mean": batch["response_len_mean"], "truncated_frac": batch["truncated_frac"],
+        "reward_mean": batch["reward_mean"],
+        "reward_std": batch["reward_std"],
+        vkey: batch[vkey],
+        "adv_mean": batch["adv_mean"],
+        "adv_std": batch["adv_std"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "response_len_mean": batch["response_len_mean"],
+        "truncated_frac": batch["truncated_frac"],
         "train_seconds": seconds,
         "train_tokens_per_s": stats.useful_tokens / max(seconds, 1e-9),
         "padding_frac": 1.0 - stats.useful_tokens / max(stats.computed_tokens, 1),
@@ -133,18 +170,28 @@ def metrics_row(batch: dict[str, float], stats: StepStats, *, finite: bool, grad
             row["is_weight_p1"], row["is_weight_p99"] = p1, p99
     if stats.seqs:
         if stats.tokens == 0:
-            row.update({"kl": 0.0, "logprob_absdiff_mean": 0.0, "logprob_absdiff_max": 0.0,
-                        "log_ratio_mean": 0.0, "log_ratio_std": 0.0, "log_ratio_absmax": 0.0})
+            row.update(
+                {
+                    "kl": 0.0,
+                    "logprob_absdiff_mean": 0.0,
+                    "logprob_absdiff_max": 0.0,
+                    "log_ratio_mean": 0.0,
+                    "log_ratio_std": 0.0,
+                    "log_ratio_absmax": 0.0,
+                }
+            )
         else:
             mean_s = stats.s_sum / stats.seqs
-            row.update({
-                "kl": stats.kl / stats.tokens,
-                "logprob_absdiff_mean": stats.absdiff / stats.tokens,
-                "logprob_absdiff_max": stats.absdiff_max,
-                "log_ratio_mean": mean_s,
-                "log_ratio_std": math.sqrt(max(stats.s_sq / stats.seqs - mean_s * mean_s, 0.0)),
-                "log_ratio_absmax": stats.s_absmax,
-            })
+            row.update(
+                {
+                    "kl": stats.kl / stats.tokens,
+                    "logprob_absdiff_mean": stats.absdiff / stats.tokens,
+                    "logprob_absdiff_max": stats.absdiff_max,
+                    "log_ratio_mean": mean_s,
+                    "log_ratio_std": math.sqrt(max(stats.s_sq / stats.seqs - mean_s * mean_s, 0.0)),
+                    "log_ratio_absmax": stats.s_absmax,
+                }
+            )
         row["entropy"] = stats.ent / max(stats.tokens, 1)
         row["seq_entropy"] = stats.seq_nll / stats.seqs
     return row

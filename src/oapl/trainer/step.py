@@ -46,9 +46,9 @@ class MiniWork:
 
     seqs: list[Sequence]
     advantages: list[float]
-    num_sequences: int          # N of the whole mini-batch: the loss denominator
-    micro: list[list[int]]      # this rank's micro-batches (indices into ``seqs``)
-    num_micro: int              # the most micro-batches any rank runs on this mini-batch
+    num_sequences: int  # N of the whole mini-batch: the loss denominator
+    micro: list[list[int]]  # this rank's micro-batches (indices into ``seqs``)
+    num_micro: int  # the most micro-batches any rank runs on this mini-batch
 
 
 @dataclass
@@ -74,8 +74,10 @@ def batch_sequences(groups, objective) -> tuple[list[Sequence], torch.Tensor, to
 
 def _split_groups(groups, parts: int) -> list[list]:
     if len(groups) < parts:
-        raise ValueError(f"algorithm.mini_batches={parts} needs at least {parts} prompt groups per batch, "
-                         f"got {len(groups)} (rollout.prompts_per_step)")
+        raise ValueError(
+            f"algorithm.mini_batches={parts} needs at least {parts} prompt groups per batch, "
+            f"got {len(groups)} (rollout.prompts_per_step)"
+        )
     base, rem = divmod(len(groups), parts)
     out, lo = [], 0
     for i in range(parts):
@@ -85,8 +87,9 @@ def _split_groups(groups, parts: int) -> list[list]:
     return out
 
 
-def plan_step(groups, objective, optim_cfg, mini_batches: int = 1, world: int = 1
-              ) -> tuple[list[RankWork], dict[str, float]]:
+def plan_step(
+    groups, objective, optim_cfg, mini_batches: int = 1, world: int = 1
+) -> tuple[list[RankWork], dict[str, float]]:
     """Split a batch into every rank's work (see the module docstring); also the batch metrics."""
     seqs_all, adv_all, values = batch_sequences(groups, objective)
     works = [RankWork([]) for _ in range(world)]
@@ -99,8 +102,12 @@ def plan_step(groups, objective, optim_cfg, mini_batches: int = 1, world: int = 
             raise ValueError(f"a mini-batch of {n} sequences cannot be split over {world} trainer ranks")
         lengths = [s.num_tokens for s in seqs]
         shares = balanced_partition(lengths, world) if world > 1 else [list(range(n))]
-        plans = [plan_micro_batches([lengths[i] for i in sh], optim_cfg.max_tokens_per_micro_batch,
-                                    optim_cfg.micro_batch_size) for sh in shares]
+        plans = [
+            plan_micro_batches(
+                [lengths[i] for i in sh], optim_cfg.max_tokens_per_micro_batch, optim_cfg.micro_batch_size
+            )
+            for sh in shares
+        ]
         most = max(len(p) for p in plans)
         for r, (sh, plan) in enumerate(zip(shares, plans)):
             works[r].minis.append(MiniWork([seqs[i] for i in sh], [adv[i] for i in sh], n, plan, most))
@@ -119,8 +126,14 @@ class Parallel:
 
     def logprobs(self, batch, with_entropy: bool = True):
         p = self.policy
-        return token_logprobs(p.model, batch, p.temperature, p.cfg.model.logprob_chunk_size,
-                              with_entropy=with_entropy, autocast=p.precision.autocast())
+        return token_logprobs(
+            p.model,
+            batch,
+            p.temperature,
+            p.cfg.model.logprob_chunk_size,
+            with_entropy=with_entropy,
+            autocast=p.precision.autocast(),
+        )
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -149,8 +162,7 @@ def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False)
     def micro(mini: MiniWork, j: int):
         dummy = j >= len(mini.micro)
         idx = mini.micro[0] if dummy else mini.micro[j]
-        batch = collate_auto([mini.seqs[i] for i in idx], policy.packing, policy.pad_token_id,
-                             policy.share_prompts)
+        batch = collate_auto([mini.seqs[i] for i in idx], policy.packing, policy.pad_token_id, policy.share_prompts)
         return dummy, idx, batch.to(device)
 
     def schedule(mini: MiniWork) -> int:
@@ -173,13 +185,15 @@ def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False)
             ref_lp = mb.ref_logprobs
             if recompute:
                 with torch.no_grad():
-                    ref_lp, _ = token_logprobs(policy.reference, mb, policy.temperature, chunk,
-                                               autocast=policy.precision.autocast())
+                    ref_lp, _ = token_logprobs(
+                        policy.reference, mb, policy.temperature, chunk, autocast=policy.precision.autocast()
+                    )
             with par.accumulate(last=j == n_run - 1):
                 logp, ent = par.logprobs(mb)
                 adv = torch.tensor([mini.advantages[i] for i in idx], dtype=torch.float32, device=device)
-                loss, ostats = objective.loss(logp, ref_lp, None if old is None else old[m][j], mb.response_mask,
-                                              adv, mini.num_sequences)
+                loss, ostats = objective.loss(
+                    logp, ref_lp, None if old is None else old[m][j], mb.response_mask, adv, mini.num_sequences
+                )
                 (loss * (0.0 if dummy else float(par.world))).backward()
             if dummy:
                 continue
@@ -192,8 +206,11 @@ def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False)
         if finite:
             params = [p for p in policy.model.parameters() if p.requires_grad]
             if capture_grads:
-                grads = {k: par.full(p.grad).detach().cpu().clone() for k, p in policy.model.named_parameters()
-                         if p.requires_grad and p.grad is not None}
+                grads = {
+                    k: par.full(p.grad).detach().cpu().clone()
+                    for k, p in policy.model.named_parameters()
+                    if p.requires_grad and p.grad is not None
+                }
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
             grad_norm = par.grad_norm(params, max_norm)
             finite = math.isfinite(grad_norm)
@@ -201,12 +218,21 @@ def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False)
         if finite:
             policy.optimizer.step()
         elif par.rank == 0:
-            log.warning("non-finite loss or gradient: optimiser step skipped%s, weights untouched",
-                        " on every rank" if par.world > 1 else "")
+            log.warning(
+                "non-finite loss or gradient: optimiser step skipped%s, weights untouched",
+                " on every rank" if par.world > 1 else "",
+            )
         policy.optimizer.zero_grad(set_to_none=True)
         policy.scheduler.step()
         finite_all = finite_all and finite
         grad_norms.append(grad_norm)
-    return {"rank": par.rank, "finite": finite_all, "grad_norm": sum(grad_norms) / len(grad_norms),
-            "lr": lrs[0], "stats": stats.as_dict(), "seconds": time.perf_counter() - t0,
-            "mini_batches": len(work.minis), "grads": grads}
+    return {
+        "rank": par.rank,
+        "finite": finite_all,
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "lr": lrs[0],
+        "stats": stats.as_dict(),
+        "seconds": time.perf_counter() - t0,
+        "mini_batches": len(work.minis),
+        "grads": grads,
+    }

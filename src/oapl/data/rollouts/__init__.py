@@ -5,8 +5,16 @@ resumable writer, :mod:`.read` the validating reader.
 """
 
 from oapl.data.rollouts.read import read_rollouts
-from oapl.data.rollouts.schema import (COLUMNS, META_FILENAME, ROLLOUT_SCHEMA, SCHEMA_VERSION, RolloutMetaMismatchError,
-                                       RolloutSchemaError, group_from_rows, group_to_rows)
+from oapl.data.rollouts.schema import (
+    COLUMNS,
+    META_FILENAME,
+    ROLLOUT_SCHEMA,
+    SCHEMA_VERSION,
+    RolloutMetaMismatchError,
+    RolloutSchemaError,
+    group_from_rows,
+    group_to_rows,
+)
 from oapl.data.rollouts.write import RolloutWriter, groups_to_table, write_rollouts
 from oapl.rollout.group import RolloutGroup, filter_groups, is_correct
 

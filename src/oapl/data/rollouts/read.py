@@ -10,8 +10,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from oapl.data.rollouts.schema import (COLUMNS, ROLLOUT_SCHEMA, _TOKEN_COLUMNS,
-                                       RolloutSchemaError, _group_from_rows, _list_shards)
+from oapl.data.rollouts.schema import (
+    COLUMNS,
+    ROLLOUT_SCHEMA,
+    _TOKEN_COLUMNS,
+    RolloutSchemaError,
+    _group_from_rows,
+    _list_shards,
+)
 from oapl.rollout.group import RolloutGroup
 
 
@@ -28,8 +34,7 @@ def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:
         return a == e
 
     if pa.types.is_list(expected):
-        if not (pa.types.is_list(actual) or pa.types.is_large_list(actual)
-                or pa.types.is_fixed_size_list(actual)):
+        if not (pa.types.is_list(actual) or pa.types.is_large_list(actual) or pa.types.is_fixed_size_list(actual)):
             return False
         if pa.types.is_null(actual.value_type):  # only empty lists
             return True
@@ -42,16 +47,13 @@ def _validate_table(table: pa.Table, file: Path, columns: Sequence[str]) -> pa.T
     names = set(table.column_names)
     for col in COLUMNS:  # presence of every column, even those not loaded
         if col not in names:
-            raise RolloutSchemaError(
-                f"missing column (file has {sorted(names)})", file=file, column=col
-            )
+            raise RolloutSchemaError(f"missing column (file has {sorted(names)})", file=file, column=col)
     arrays = {}
     for col in columns:
         expected = ROLLOUT_SCHEMA.field(col).type
         arr = table.column(col)
         if not _type_ok(arr.type, expected):
-            raise RolloutSchemaError(f"has type {arr.type}, expected {expected}", file=file,
-                                     column=col)
+            raise RolloutSchemaError(f"has type {arr.type}, expected {expected}", file=file, column=col)
         if arr.null_count:
             mask = arr.is_null().to_pylist()
             raise RolloutSchemaError("null value", file=file, row=mask.index(True), column=col)
@@ -62,8 +64,7 @@ def _validate_table(table: pa.Table, file: Path, columns: Sequence[str]) -> pa.T
             try:
                 arr = arr.cast(expected)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise RolloutSchemaError(f"cannot cast {arr.type} to {expected} ({e})", file=file,
-                                         column=col) from None
+                raise RolloutSchemaError(f"cannot cast {arr.type} to {expected} ({e})", file=file, column=col) from None
         arrays[col] = arr
     return pa.table(arrays)
 
@@ -79,14 +80,10 @@ def _read_file(file: Path, with_tokens: bool) -> list[tuple[RolloutGroup, int]]:
     if not with_tokens:  # presence check for the columns we skip
         for col in _TOKEN_COLUMNS:
             if col not in schema_names:
-                raise RolloutSchemaError(f"missing column (file has {sorted(schema_names)})",
-                                         file=file, column=col)
-        table = table.append_column("prompt_token_ids", pa.array([[]] * table.num_rows,
-                                                                 pa.list_(pa.int32())))
+                raise RolloutSchemaError(f"missing column (file has {sorted(schema_names)})", file=file, column=col)
+        table = table.append_column("prompt_token_ids", pa.array([[]] * table.num_rows, pa.list_(pa.int32())))
         for col in ("response_token_ids", "response_logprobs"):
-            table = table.append_column(
-                col, pa.array([[]] * table.num_rows, ROLLOUT_SCHEMA.field(col).type)
-            )
+            table = table.append_column(col, pa.array([[]] * table.num_rows, ROLLOUT_SCHEMA.field(col).type))
     table = _validate_table(table, file, COLUMNS)
     data = {col: table.column(col).to_pylist() for col in COLUMNS}
     num_rows = table.num_rows
@@ -106,9 +103,7 @@ def _read_file(file: Path, with_tokens: bool) -> list[tuple[RolloutGroup, int]]:
     return out
 
 
-def read_rollouts(
-    path_or_dir: str | os.PathLike[str], *, with_tokens: bool = True
-) -> list[RolloutGroup]:
+def read_rollouts(path_or_dir: str | os.PathLike[str], *, with_tokens: bool = True) -> list[RolloutGroup]:
     """Read a rollout dataset: a directory of ``part-*.parquet`` shards or one Parquet file.
 
     Groups come back in file order (shards by index, then first appearance), responses sorted by
@@ -139,7 +134,9 @@ def read_rollouts(
                 raise RolloutSchemaError(
                     f"prompt_id {group.prompt_id!r} appears again (first in {other_file}, row "
                     f"{other_row}); a group must be stored in exactly one place",
-                    file=file, row=first_row, column="prompt_id",
+                    file=file,
+                    row=first_row,
+                    column="prompt_id",
                 )
             seen[group.prompt_id] = (file, first_row)
             groups.append(group)

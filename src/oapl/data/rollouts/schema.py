@@ -186,6 +186,7 @@ def group_to_rows(group: RolloutGroup) -> list[dict[str, Any]]:
         for i in range(group.n)
     ]
 
+
 def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> RolloutGroup:
     """Rebuild one group from its rows (any order).
 
@@ -203,8 +204,17 @@ def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> RolloutGroup:
 
 
 # scalar type checks for rows that did not come from a typed Arrow table
-_STR_COLUMNS = ("prompt_id", "prompt", "response", "finish_reason", "weights_id", "sampling",
-                "task", "benchmark", "extra")
+_STR_COLUMNS = (
+    "prompt_id",
+    "prompt",
+    "response",
+    "finish_reason",
+    "weights_id",
+    "sampling",
+    "task",
+    "benchmark",
+    "extra",
+)
 _INT_COLUMNS = ("response_index", "version")
 _INT_LIST_COLUMNS = ("prompt_token_ids", "response_token_ids")
 _FLOAT_LIST_COLUMNS = ("response_logprobs", "group_rewards")
@@ -238,13 +248,13 @@ def _check_row_types(row: Mapping[str, Any], *, row_number: int, file: str | Non
         if not ok:
             raise RolloutSchemaError(
                 f"expected {expected}, got {type(value).__name__} {_short(value, 80)}",
-                file=file, row=row_number, column=col,
+                file=file,
+                row=row_number,
+                column=col,
             )
 
 
-def _group_from_rows(
-    rows: Sequence[Mapping[str, Any]], row_numbers: list[int], *, file: str | None
-) -> RolloutGroup:
+def _group_from_rows(rows: Sequence[Mapping[str, Any]], row_numbers: list[int], *, file: str | None) -> RolloutGroup:
     """Assemble one group; ``row_numbers[j]`` is the position of ``rows[j]`` for error messages."""
     located = list(zip(rows, row_numbers))
     pid = _one_prompt(located, file)
@@ -252,8 +262,7 @@ def _group_from_rows(
     ordered, group_rewards = _responses_in_order(located, pid, file)
     first, first_row = located[0]
     if not isinstance(pid, str) or not pid:
-        raise RolloutSchemaError("prompt_id must be a non-empty string", file=file, row=first_row,
-                                 column="prompt_id")
+        raise RolloutSchemaError("prompt_id must be a non-empty string", file=file, row=first_row, column="prompt_id")
     _check_responses(ordered, group_rewards, pid, file)
     _check_json_objects(first, first_row, file)
     try:
@@ -288,7 +297,9 @@ def _one_prompt(located: _Located, file: str | None) -> Any:
         if row["prompt_id"] != pid:
             raise RolloutSchemaError(
                 f"rows of several prompts given to one group ({pid!r} and {row['prompt_id']!r})",
-                file=file, row=rn, column="prompt_id",
+                file=file,
+                row=rn,
+                column="prompt_id",
             )
     return pid
 
@@ -301,16 +312,16 @@ def _check_group_columns_agree(located: _Located, pid: Any, file: str | None) ->
         for row, rn in rest:
             value = row[col]
             if col == "group_rewards":
-                same = len(value) == len(ref) and all(
-                    _same_float(float(a), float(b)) for a, b in zip(value, ref)
-                )
+                same = len(value) == len(ref) and all(_same_float(float(a), float(b)) for a, b in zip(value, ref))
             else:
                 same = value == ref
             if not same:
                 raise RolloutSchemaError(
                     f"prompt {pid!r}: rows disagree on {col} ({_short(value, 80)} here, "
                     f"{_short(ref, 80)} on row {first_row})",
-                    file=file, row=rn, column=col,
+                    file=file,
+                    row=rn,
+                    column=col,
                 )
 
 
@@ -324,7 +335,9 @@ def _responses_in_order(located: _Located, pid: Any, file: str | None) -> tuple[
         if idx in by_index:
             raise RolloutSchemaError(
                 f"prompt {pid!r}: duplicate response_index {idx} (also on row {by_index[idx][1]})",
-                file=file, row=rn, column="response_index",
+                file=file,
+                row=rn,
+                column="response_index",
             )
         by_index[idx] = (row, rn)
     n = len(located)
@@ -336,12 +349,16 @@ def _responses_in_order(located: _Located, pid: Any, file: str | None) -> tuple[
         raise RolloutSchemaError(
             f"prompt {pid!r}: missing response_index {shown} (group has {n} rows, group_rewards "
             f"has {len(group_rewards)} entries; indices must be 0..n-1)",
-            file=file, row=first_row, column="response_index",
+            file=file,
+            row=first_row,
+            column="response_index",
         )
     if len(group_rewards) != n:
         raise RolloutSchemaError(
-            f"prompt {pid!r}: group_rewards has {len(group_rewards)} entries but the group has "
-            f"{n} rows", file=file, row=first_row, column="group_rewards",
+            f"prompt {pid!r}: group_rewards has {len(group_rewards)} entries but the group has {n} rows",
+            file=file,
+            row=first_row,
+            column="group_rewards",
         )
     return [by_index[i] for i in range(n)], group_rewards
 
@@ -353,14 +370,17 @@ def _check_responses(ordered: _Located, group_rewards: list[float], pid: Any, fi
         if n_ids != n_lps:
             raise RolloutSchemaError(
                 f"prompt {pid!r}, response {i}: {n_lps} log-probs for {n_ids} response_token_ids",
-                file=file, row=rn, column="response_logprobs",
+                file=file,
+                row=rn,
+                column="response_logprobs",
             )
         reward = float(row["reward"])
         if not _same_float(reward, group_rewards[i]):
             raise RolloutSchemaError(
-                f"prompt {pid!r}: reward {reward} of response {i} != group_rewards[{i}] = "
-                f"{group_rewards[i]}",
-                file=file, row=rn, column="reward",
+                f"prompt {pid!r}: reward {reward} of response {i} != group_rewards[{i}] = {group_rewards[i]}",
+                file=file,
+                row=rn,
+                column="reward",
             )
 
 
@@ -370,13 +390,9 @@ def _check_json_objects(first: Mapping[str, Any], first_row: int, file: str | No
         try:
             decoded = json.loads(first[col])
         except json.JSONDecodeError as e:
-            raise RolloutSchemaError(
-                f"not valid JSON ({e})", file=file, row=first_row, column=col
-            ) from None
+            raise RolloutSchemaError(f"not valid JSON ({e})", file=file, row=first_row, column=col) from None
         if not isinstance(decoded, dict):
-            raise RolloutSchemaError(
-                "must be a JSON object", file=file, row=first_row, column=col
-            )
+            raise RolloutSchemaError("must be a JSON object", file=file, row=first_row, column=col)
 
 
 def _list_shards(directory: Path) -> list[tuple[int, Path]]:

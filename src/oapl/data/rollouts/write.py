@@ -12,8 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from oapl.atomic import atomic_write
-from oapl.data.rollouts.schema import (META_FILENAME, ROLLOUT_SCHEMA, SCHEMA_VERSION, _TMP_RE, RolloutMetaMismatchError, RolloutSchemaError, _list_shards,
-                                       _normalise, _short, group_to_rows)
+from oapl.data.rollouts.schema import (
+    META_FILENAME,
+    ROLLOUT_SCHEMA,
+    SCHEMA_VERSION,
+    _TMP_RE,
+    RolloutMetaMismatchError,
+    RolloutSchemaError,
+    _list_shards,
+    _normalise,
+    _short,
+    group_to_rows,
+)
 from oapl.rollout.group import RolloutGroup
 
 
@@ -113,8 +123,7 @@ class RolloutWriter:
                 raise ValueError(f"cannot read {meta_path}: {e}") from None
             for key in ("schema_version", "task", "weights_id", "sampling"):
                 if on_disk.get(key) != self.meta[key]:
-                    raise RolloutMetaMismatchError(self.out_dir, key, on_disk.get(key),
-                                                   self.meta[key])
+                    raise RolloutMetaMismatchError(self.out_dir, key, on_disk.get(key), self.meta[key])
             return
         if _list_shards(self.out_dir):
             raise ValueError(
@@ -144,8 +153,11 @@ class RolloutWriter:
                 f"prompt_id {group.prompt_id!r} is already in {self.out_dir}; skip the ids in "
                 f"done_prompt_ids() when resuming"
             )
-        for key, value in (("task", group.task), ("weights_id", group.weights_id),
-                           ("sampling", _normalise(dict(group.sampling)))):
+        for key, value in (
+            ("task", group.task),
+            ("weights_id", group.weights_id),
+            ("sampling", _normalise(dict(group.sampling))),
+        ):
             if value != self.meta[key]:
                 raise ValueError(
                     f"group {group.prompt_id!r} has {key}={_short(value)} but this dataset has "
@@ -156,9 +168,7 @@ class RolloutWriter:
         try:
             table = groups_to_table([group])
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
-            raise ValueError(
-                f"group {group.prompt_id!r} does not fit the rollout schema: {e}"
-            ) from None
+            raise ValueError(f"group {group.prompt_id!r} does not fit the rollout schema: {e}") from None
         self._buffer.append(table)
         self._buffer_rows += table.num_rows
         self._written.add(group.prompt_id)

@@ -108,19 +108,70 @@ LCB_IMPORT_HEADER = (
 # Imported before any isolation so the test processes (which may not be able
 # to read the interpreter's files in degraded mode) have them in memory.
 PRELOAD = (
-    "string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math",
-    "random", "statistics", "itertools", "functools", "operator", "io", "json",
-    "typing", "decimal", "fractions", "array", "traceback", "threading", "atexit",
-    "types", "dataclasses", "enum", "queue", "textwrap", "time", "codecs",
-    "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
+    "string",
+    "re",
+    "datetime",
+    "collections",
+    "heapq",
+    "bisect",
+    "copy",
+    "math",
+    "random",
+    "statistics",
+    "itertools",
+    "functools",
+    "operator",
+    "io",
+    "json",
+    "typing",
+    "decimal",
+    "fractions",
+    "array",
+    "traceback",
+    "threading",
+    "atexit",
+    "types",
+    "dataclasses",
+    "enum",
+    "queue",
+    "textwrap",
+    "time",
+    "codecs",
+    "encodings.utf_8",
+    "encodings.latin_1",
+    "encodings.ascii",
 )
 # In degraded (no-namespace) mode as root, the sandbox uid may be unable to read
 # the interpreter's files (e.g. a Python under /root): preload more there.
 PRELOAD_DEGRADED = (
-    "socket", "struct", "hashlib", "base64", "signal", "select", "errno", "glob", "fnmatch",
-    "pathlib", "tempfile", "shutil", "zlib", "unicodedata", "numbers", "contextlib", "weakref",
-    "mmap", "ctypes", "cmath", "pprint", "secrets", "uuid", "subprocess", "encodings.idna",
-    "encodings.utf_16", "encodings.utf_32", "encodings.unicode_escape",
+    "socket",
+    "struct",
+    "hashlib",
+    "base64",
+    "signal",
+    "select",
+    "errno",
+    "glob",
+    "fnmatch",
+    "pathlib",
+    "tempfile",
+    "shutil",
+    "zlib",
+    "unicodedata",
+    "numbers",
+    "contextlib",
+    "weakref",
+    "mmap",
+    "ctypes",
+    "cmath",
+    "pprint",
+    "secrets",
+    "uuid",
+    "subprocess",
+    "encodings.idna",
+    "encodings.utf_16",
+    "encodings.utf_32",
+    "encodings.unicode_escape",
     "encodings.raw_unicode_escape",
 )
 
@@ -144,10 +195,7 @@ def unshare(flags: int) -> None:
 
 
 def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    _check(
-        _libc.mount(_b(src), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
-        f"mount {target}",
-    )
+    _check(_libc.mount(_b(src), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)), f"mount {target}")
 
 
 def umount2(target: str, flags: int) -> None:
@@ -155,8 +203,9 @@ def umount2(target: str, flags: int) -> None:
 
 
 def prctl(option: int, arg2: int = 0) -> int:
-    return _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0))
+    return _libc.prctl(
+        ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+    )
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
@@ -170,8 +219,7 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def drop_bounding_set() -> None:
@@ -210,20 +258,20 @@ def no_user_namespaces_filter() -> list[tuple[int, int, int, int]]:
     allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
     # offsets in struct seccomp_data: nr 0, arch 4, args[0] 16 (low word, little-endian)
     return [
-        (ld_abs, 0, 0, 4),                 # 0  A = arch
-        (jeq, 1, 0, arch),                 # 1  native ABI -> 3
-        (ret, 0, 0, eperm),                # 2  another ABI: refuse
-        (ld_abs, 0, 0, 0),                 # 3  A = syscall number
-        (jge, 7, 0, 0x40000000),           # 4  x32 ABI -> 12 (EPERM)
-        (jeq, 7, 0, nr_clone3),            # 5  -> 13 (ENOSYS)
-        (jeq, 2, 0, nr_unshare),           # 6  -> 9
-        (jeq, 1, 0, nr_clone),             # 7  -> 9
-        (ret, 0, 0, allow),                # 8
-        (ld_abs, 0, 0, 16),                # 9  A = flags (first argument)
-        (jset, 1, 0, CLONE_NEWUSER),       # 10 -> 12
-        (ret, 0, 0, allow),                # 11
-        (ret, 0, 0, eperm),                # 12
-        (ret, 0, 0, enosys),               # 13
+        (ld_abs, 0, 0, 4),  # 0  A = arch
+        (jeq, 1, 0, arch),  # 1  native ABI -> 3
+        (ret, 0, 0, eperm),  # 2  another ABI: refuse
+        (ld_abs, 0, 0, 0),  # 3  A = syscall number
+        (jge, 7, 0, 0x40000000),  # 4  x32 ABI -> 12 (EPERM)
+        (jeq, 7, 0, nr_clone3),  # 5  -> 13 (ENOSYS)
+        (jeq, 2, 0, nr_unshare),  # 6  -> 9
+        (jeq, 1, 0, nr_clone),  # 7  -> 9
+        (ret, 0, 0, allow),  # 8
+        (ld_abs, 0, 0, 16),  # 9  A = flags (first argument)
+        (jset, 1, 0, CLONE_NEWUSER),  # 10 -> 12
+        (ret, 0, 0, allow),  # 11
+        (ret, 0, 0, eperm),  # 12
+        (ret, 0, 0, enosys),  # 13
     ]
 
 
@@ -234,8 +282,13 @@ def forbid_user_namespaces() -> None:
     prog = no_user_namespaces_filter()
     arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
-    rc = _libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
-                     ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    rc = _libc.prctl(
+        ctypes.c_int(PR_SET_SECCOMP),
+        ctypes.c_ulong(SECCOMP_MODE_FILTER),
+        ctypes.byref(fprog),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    )
     _check(rc, "seccomp")
 
 
@@ -289,6 +342,7 @@ def _bind_readonly(src: str, dst: str) -> None:
 def _home_dir() -> str | None:
     try:
         import pwd
+
         return os.path.realpath(pwd.getpwuid(os.geteuid()).pw_dir)
     except (ImportError, KeyError, OSError):
         return None
@@ -306,8 +360,13 @@ def _python_paths(workdir: str | None = None) -> list[str]:
     """
     import site
 
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable))}
+    paths = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+    }
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     try:
         paths.update(site.getsitepackages())
@@ -326,7 +385,8 @@ def _python_paths(workdir: str | None = None) -> list[str]:
             continue
         real = os.path.realpath(p)
         if os.path.basename(p) in ("site-packages", "dist-packages") or any(
-                real == q or real.startswith(q.rstrip("/") + "/") for q in prefixes):
+            real == q or real.startswith(q.rstrip("/") + "/") for q in prefixes
+        ):
             paths.add(p)
         elif not os.path.isfile(os.path.join(real, "oapl", "rewards", "sandbox", "_launcher.py")):
             paths.add(p)
@@ -366,8 +426,8 @@ def _under(path: str, top: str) -> bool:
 def _unescape_mountinfo(field: str) -> str:
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -417,7 +477,7 @@ class _Mounter:
                 raise OSError(19, "overlays disabled")
             self._overlay(src, dst)
             for m in subs:
-                target = dst + m[len(src):]
+                target = dst + m[len(src) :]
                 if os.path.isdir(m) and os.path.isdir(target):
                     self._overlay(m, target)
                 elif os.path.isfile(m) and os.path.isfile(target) and not skip_file_submounts:
@@ -432,8 +492,7 @@ class _Mounter:
             self.kinds.add("bind")
 
 
-def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None = None,
-               overlay: bool = True) -> None:
+def build_root(new_root: str, tmpfs_bytes: int, facts: dict, state: dict | None = None, overlay: bool = True) -> None:
     """Create a minimal read-only root in ``new_root`` and pivot into it.
 
     Exposed read-only: system dirs, and the Python installation wherever it lives (prefixes,
@@ -508,8 +567,12 @@ def _populate_dev_and_tmp(new_root: str) -> None:
         if os.path.exists("/dev/" + name):
             open(f"{dev}/{name}", "w").close()
             mount("/dev/" + name, f"{dev}/{name}", None, MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{dev}/{name}")
     os.makedirs(dev + "/shm", exist_ok=True)
     os.makedirs(new_root + "/tmp", exist_ok=True)
@@ -587,10 +650,17 @@ def _set_limits(spec: dict) -> None:
 
 def _child_env(home: str) -> dict:
     return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
-        "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0",
-        "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "TMPDIR": home,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
 
 
@@ -654,12 +724,17 @@ def _fresh_interpreter_state() -> None:
     sys.path[:] = [p for p in sys.path if p and os.path.exists(p)]
     sys.path_importer_cache.clear()
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]  # the program's own stdio
-        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict")
+        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="strict"
+    )
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="strict")
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="strict"
+    )
     sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
-        errors="backslashreplace", line_buffering=True)
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
     sys.argv = ["solution.py"]
 
 
@@ -708,8 +783,12 @@ def test_child(spec: dict, test_input, fds: dict, use_ns: bool) -> None:
             opts = f"size={int(spec['tmpfs_bytes'])},nr_inodes=4096,mode=1777"
             per_test = spec.get("_per_test") or []
             _private_tmpfs("/tmp", opts, MS_NOSUID | MS_NODEV, per_test)
-            _private_tmpfs("/dev/shm", f"size={int(spec['tmpfs_bytes'])},nr_inodes=256,mode=1777",
-                           MS_NOSUID | MS_NODEV | MS_NOEXEC, per_test)
+            _private_tmpfs(
+                "/dev/shm",
+                f"size={int(spec['tmpfs_bytes'])},nr_inodes=256,mode=1777",
+                MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                per_test,
+            )
             workdir = "/tmp"
         else:
             workdir = fds["workdir"]
@@ -776,7 +855,7 @@ def _children_of(pid: int) -> list[int]:
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 data = f.read()
-            ppid = int(data[data.rindex(b")") + 2:].split()[1])
+            ppid = int(data[data.rindex(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
         if ppid == pid:
@@ -871,10 +950,15 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
         status = _exit_status(wst, exit_code, cpu, timeout, no_result=res_r is not None and not pipes.bufs[res_r])
     bufs = pipes.bufs
     frame = {
-        "type": "result", "index": index, "status": status, "exit_code": exit_code,
-        "cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
-        "stdout": (bytes(bufs[out_r][:max_out]).decode("utf-8", "replace")
-                   if status == "ok" and not functional else ""),
+        "type": "result",
+        "index": index,
+        "status": status,
+        "exit_code": exit_code,
+        "cpu_s": round(cpu, 4),
+        "wall_s": round(wall, 4),
+        "stdout": (
+            bytes(bufs[out_r][:max_out]).decode("utf-8", "replace") if status == "ok" and not functional else ""
+        ),
         "stderr_tail": bytes(bufs[err_r][:4096]).decode("utf-8", "replace"),
     }
     if res_r is not None:  # functional
@@ -884,8 +968,9 @@ def run_one(spec: dict, index: int, test_input, state: dict, deadline: float) ->
     return frame
 
 
-def _fork_test(spec: dict, index: int, test_input, state: dict, functional: bool
-               ) -> tuple[int, float, int, int, int | None, dict]:
+def _fork_test(
+    spec: dict, index: int, test_input, state: dict, functional: bool
+) -> tuple[int, float, int, int, int | None, dict]:
     """Fork the test's process (:func:`test_child`) with its stdin, output pipes and (without
     namespaces) work folder; the parent keeps the read ends.
 
@@ -1062,9 +1147,19 @@ def supervise(spec: dict, state: dict) -> None:
     deadline = state["start"] + float(spec["deadline_s"])
     for index, test_input in enumerate(spec["inputs"]):
         if time.monotonic() >= deadline:
-            send(out, {"type": "result", "index": index, "status": "deadline",
-                       "exit_code": None, "cpu_s": 0.0, "wall_s": 0.0, "stdout": "",
-                       "stderr_tail": ""})
+            send(
+                out,
+                {
+                    "type": "result",
+                    "index": index,
+                    "status": "deadline",
+                    "exit_code": None,
+                    "cpu_s": 0.0,
+                    "wall_s": 0.0,
+                    "stdout": "",
+                    "stderr_tail": "",
+                },
+            )
             break
         frame = run_one(spec, index, test_input, state, deadline)
         send(out, frame)
@@ -1075,11 +1170,19 @@ def supervise(spec: dict, state: dict) -> None:
 
 def init_main(spec: dict, state: dict) -> None:
     """pid 1 of the sandbox namespace: build the file system, then supervise."""
-    facts = {"type": "ready", "netns": True, "pidns": os.getpid() == 1, "mountns": True,
-             "userns": bool(spec.get("userns")), "uid_drop": not spec.get("userns"),
-             "mode": "namespaces", "cgroups": spec.get("_cgroups", []),
-             "ipcns": "per test", "no_userns": "seccomp" if _SECCOMP_ARCH else "unsupported arch",
-             "cgroupns": bool(spec.get("_cgroupns"))}
+    facts = {
+        "type": "ready",
+        "netns": True,
+        "pidns": os.getpid() == 1,
+        "mountns": True,
+        "userns": bool(spec.get("userns")),
+        "uid_drop": not spec.get("userns"),
+        "mode": "namespaces",
+        "cgroups": spec.get("_cgroups", []),
+        "ipcns": "per test",
+        "no_userns": "seccomp" if _SECCOMP_ARCH else "unsupported arch",
+        "cgroupns": bool(spec.get("_cgroupns")),
+    }
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     prctl(PR_SET_DUMPABLE, 0)
     # pid 1 only receives in-namespace signals it has a handler for: drop
@@ -1088,8 +1191,7 @@ def init_main(spec: dict, state: dict) -> None:
     os.umask(0o022)
     state["pidns"] = os.getpid() == 1
     try:
-        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts, state,
-                   overlay=not spec.get("_test_no_overlay"))
+        build_root(spec["workdir"], int(spec["tmpfs_bytes"]), facts, state, overlay=not spec.get("_test_no_overlay"))
         spec["_per_test"] = state.get("per_test", [])
     except OSError as exc:
         send(state["out_fd"], {"type": "ready", "error": f"file-system isolation failed: {exc}"})
@@ -1121,8 +1223,13 @@ def _reexec(spec: dict, state: dict, facts: dict) -> None:
     target = os.path.join(os.path.realpath(exe_dir), os.path.basename(sys.executable))
     bootstrap = _bootstrap_code()
     src_fd = spec.get("_source_fd")
-    if (not _under(target, NEUTRAL) or bootstrap is None or src_fd is None or not os.access(target, os.X_OK)
-            or spec.get("no_reexec")):
+    if (
+        not _under(target, NEUTRAL)
+        or bootstrap is None
+        or src_fd is None
+        or not os.access(target, os.X_OK)
+        or spec.get("no_reexec")
+    ):
         facts["interpreter"] = "inherited"
         return
     opened: list[int] = []
@@ -1142,8 +1249,9 @@ def _reexec(spec: dict, state: dict, facts: dict) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         for keep in (fd, src_fd, state["out_fd"]):
             os.set_inheritable(keep, True)
-        args = [target] + (["-s"] if sys.flags.no_user_site else []) + ["-P", "-B", "-c", bootstrap,
-                                                                        str(src_fd), str(fd)]
+        args = (
+            [target] + (["-s"] if sys.flags.no_user_site else []) + ["-P", "-B", "-c", bootstrap, str(src_fd), str(fd)]
+        )
         if spec.get("_test_break_reexec"):
             args[args.index("-c") + 1] = "raise SystemExit(5)"
         send(state["out_fd"], {"type": "reexec"})  # if the new init dies now, the trainer knows why
@@ -1245,9 +1353,15 @@ def main() -> None:
     spec["_cgroups"] = joined
     if spec["isolation"] != "namespaces":  # (with namespaces, the sandbox's init preloads them)
         _preload(PRELOAD + PRELOAD_DEGRADED)
-    state = {"out_fd": out_fd, "start": time.monotonic(), "uid": spec.get("uid"),
-             "trainer_uid": int(spec.get("trainer_uid", os.getuid())),
-             "workdir": spec["workdir"], "ns": spec["isolation"] == "namespaces", "pidns": False}
+    state = {
+        "out_fd": out_fd,
+        "start": time.monotonic(),
+        "uid": spec.get("uid"),
+        "trainer_uid": int(spec.get("trainer_uid", os.getuid())),
+        "workdir": spec["workdir"],
+        "ns": spec["isolation"] == "namespaces",
+        "pidns": False,
+    }
     if state["ns"]:
         flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
         userns = os.geteuid() != 0
@@ -1272,11 +1386,13 @@ def main() -> None:
             except OSError:  # kernels before 4.6
                 spec["_cgroupns"] = False
         except OSError as exc:
-            send(out_fd, {"type": "ready", "error": f"cannot create namespaces "
-                          f"(user={userns}, net, pid, mount): {exc}"})
+            send(
+                out_fd, {"type": "ready", "error": f"cannot create namespaces (user={userns}, net, pid, mount): {exc}"}
+            )
             os._exit(3)
         try:
             import socket
+
             socket.sethostname("sandbox")
         except (OSError, AttributeError):
             pass
@@ -1299,10 +1415,21 @@ def main() -> None:
         os.chmod(spec["workdir"], 0o711)  # the sandbox uid may enter its own t<i> dir
     prctl(PR_SET_DUMPABLE, 0)
     uid = spec.get("uid")
-    send(out_fd, {"type": "ready", "netns": False, "pidns": False, "mountns": False,
-                  "userns": False, "uid_drop": os.geteuid() == 0 and uid is not None,
-                  "mode": "none", "fs": "host", "cgroups": spec.get("_cgroups", []),
-                  "stdlib_readable": _readable_by(uid, os.path.dirname(os.__file__))})
+    send(
+        out_fd,
+        {
+            "type": "ready",
+            "netns": False,
+            "pidns": False,
+            "mountns": False,
+            "userns": False,
+            "uid_drop": os.geteuid() == 0 and uid is not None,
+            "mode": "none",
+            "fs": "host",
+            "cgroups": spec.get("_cgroups", []),
+            "stdlib_readable": _readable_by(uid, os.path.dirname(os.__file__)),
+        },
+    )
     supervise(spec, state)
     os._exit(0)
 

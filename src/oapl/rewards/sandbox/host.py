@@ -1,7 +1,7 @@
 """Host-side resources of the code sandbox: uid slots, cgroups, and the leftovers of killed runs.
 
 Split from :mod:`oapl.rewards.sandbox.runner` (which launches programs); nothing here runs
-untrusted code. """
+untrusted code."""
 
 from __future__ import annotations
 

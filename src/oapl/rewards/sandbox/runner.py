@@ -34,10 +34,23 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from oapl.rewards.sandbox.host import (acquire_slot, cleanup_stale_sandboxes_once, create_cgroups, release_slot,
-                                       remove_cgroups, rmtree_quiet, sandbox_uid)
-from oapl.rewards.sandbox.types import (STATUSES, ProgramJob, ProgramResult, SandboxConfig,
-                                        SandboxUnavailableError, TestRun)
+from oapl.rewards.sandbox.host import (
+    acquire_slot,
+    cleanup_stale_sandboxes_once,
+    create_cgroups,
+    release_slot,
+    remove_cgroups,
+    rmtree_quiet,
+    sandbox_uid,
+)
+from oapl.rewards.sandbox.types import (
+    STATUSES,
+    ProgramJob,
+    ProgramResult,
+    SandboxConfig,
+    SandboxUnavailableError,
+    TestRun,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +61,12 @@ LAUNCHER = Path(__file__).with_name("_launcher.py")
 
 def _launcher_env() -> dict[str, str]:
     return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-        "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONIOENCODING": "utf-8",
     }
 
 
@@ -58,13 +75,15 @@ def _launcher_env() -> dict[str, str]:
 # The source stays open (from offset 0) for the sandbox's init, which starts this code again.
 # The descriptor holds the source, or b"\0" + the marshalled code object when the launcher runs on
 # this very interpreter binary (no compiling per program).
-BOOTSTRAP = ("import os, sys, marshal\n"
-             "_f = os.fdopen(int(sys.argv[1]), 'rb', closefd=False)\n"
-             "_f.seek(0)\n"
-             "_b = _f.read()\n"
-             "_c = marshal.loads(_b[1:]) if _b[:1] == b'\\0' else compile(_b, 'oapl-sandbox-launcher', 'exec')\n"
-             "del _b\n"
-             "exec(_c)\n")
+BOOTSTRAP = (
+    "import os, sys, marshal\n"
+    "_f = os.fdopen(int(sys.argv[1]), 'rb', closefd=False)\n"
+    "_f.seek(0)\n"
+    "_b = _f.read()\n"
+    "_c = marshal.loads(_b[1:]) if _b[:1] == b'\\0' else compile(_b, 'oapl-sandbox-launcher', 'exec')\n"
+    "del _b\n"
+    "exec(_c)\n"
+)
 _source_cache: dict[bool, bytes] = {}
 
 
@@ -88,7 +107,7 @@ def _data_fd(data: bytes, tmp: str) -> int:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.lseek(fd, 0, os.SEEK_SET)
     except BaseException:
         os.close(fd)
@@ -102,8 +121,11 @@ def _site_flags(python: str) -> list[str]:
     import site
 
     same = os.path.realpath(python) == os.path.realpath(sys.executable)
-    user_site = getattr(site, "ENABLE_USER_SITE", False) and same and any(
-        os.path.realpath(p) == os.path.realpath(site.getusersitepackages()) for p in sys.path if p)
+    user_site = (
+        getattr(site, "ENABLE_USER_SITE", False)
+        and same
+        and any(os.path.realpath(p) == os.path.realpath(site.getusersitepackages()) for p in sys.path if p)
+    )
     return [] if user_site else ["-s"]
 
 
@@ -151,22 +173,37 @@ def launch(
     return frames.runs, frames.ready, error, frames.others
 
 
-def _launcher_spec(config: SandboxConfig, job: ProgramJob, isolation: str, tmp: str, slot: int,
-                   cgroups: list[str], extra_spec: dict | None) -> dict:
+def _launcher_spec(
+    config: SandboxConfig,
+    job: ProgramJob,
+    isolation: str,
+    tmp: str,
+    slot: int,
+    cgroups: list[str],
+    extra_spec: dict | None,
+) -> dict:
     """What the launcher reads on its spec descriptor: the program, its tests and every limit."""
     root_uid = os.geteuid() == 0
     spec = {
-        "code": job.code, "mode": job.mode, "func_name": job.func_name,
-        "inputs": list(job.inputs), "timeout_s": config.timeout_s,
-        "deadline_s": config.total_deadline_s, "memory_bytes": config.memory_mb << 20,
-        "max_output_bytes": config.max_output_bytes, "max_file_bytes": config.max_file_bytes,
+        "code": job.code,
+        "mode": job.mode,
+        "func_name": job.func_name,
+        "inputs": list(job.inputs),
+        "timeout_s": config.timeout_s,
+        "deadline_s": config.total_deadline_s,
+        "memory_bytes": config.memory_mb << 20,
+        "max_output_bytes": config.max_output_bytes,
+        "max_file_bytes": config.max_file_bytes,
         # In a user namespace the launcher and init share the program's uid and
         # count against RLIMIT_NPROC; as root the program has a uid of its own.
         "nproc_limit": config.max_processes + (0 if root_uid else 2),
-        "max_open_files": config.max_open_files, "tmpfs_bytes": config.tmpfs_mb << 20,
-        "isolation": isolation, "workdir": tmp,
+        "max_open_files": config.max_open_files,
+        "tmpfs_bytes": config.tmpfs_mb << 20,
+        "isolation": isolation,
+        "workdir": tmp,
         "uid": sandbox_uid(config, slot) if root_uid else None,
-        "trainer_uid": os.getuid(), "stop_on_error": config.stop_on_error,
+        "trainer_uid": os.getuid(),
+        "stop_on_error": config.stop_on_error,
         "cgroup_procs": cgroups,
     }
     if (config.python or sys.executable) in _NO_REEXEC:
@@ -184,8 +221,14 @@ def _start_launcher(python: str, spec: dict, tmp: str) -> subprocess.Popen:
         fds.append(_data_fd(json.dumps(spec).encode("utf-8"), tmp))
         return subprocess.Popen(
             [python, *_site_flags(python), "-P", "-B", "-c", BOOTSTRAP, *map(str, fds)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_launcher_env(), cwd="/", start_new_session=True, close_fds=True, pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_launcher_env(),
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=fds,
         )
     finally:
         for fd in fds:
@@ -218,7 +261,7 @@ class _Frames:
             if len(buf) < 4 + n:
                 break
             try:
-                frame = json.loads(bytes(buf[4: 4 + n]))
+                frame = json.loads(bytes(buf[4 : 4 + n]))
             except ValueError:
                 self.error, self.done = "protocol: bad frame", True
                 break
@@ -321,8 +364,9 @@ _PROBE_CACHE: dict[tuple, dict] = {}
 _NO_REEXEC: set[str] = set()  # interpreters that cannot be re-executed inside the sandbox
 
 
-def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False,
-                     _extra_spec: dict | None = None) -> dict:
+def probe_namespaces(
+    config: SandboxConfig, *, _simulate_failure: bool = False, _extra_spec: dict | None = None
+) -> dict:
     """Check (once per interpreter/uid) that namespace isolation works here.
 
     Runs a tiny program in a namespace sandbox and returns the launcher's
@@ -337,8 +381,7 @@ def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False,
     with _probe_lock:
         if key in _PROBE_CACHE:
             return _PROBE_CACHE[key]
-        probe_cfg = SandboxConfig(timeout_s=10, total_deadline_s=20, python=config.python,
-                                  uid_base=config.uid_base)
+        probe_cfg = SandboxConfig(timeout_s=10, total_deadline_s=20, python=config.python, uid_base=config.uid_base)
         job = ProgramJob(code="print(6 * 7)", mode="stdin", inputs=[""])
         extra = {"probe": True, **(_extra_spec or {})}
         if _simulate_failure:
@@ -350,9 +393,13 @@ def probe_namespaces(config: SandboxConfig, *, _simulate_failure: bool = False,
             runs, ready, error, others = launch(probe_cfg, job, "namespaces", extra_spec=extra)
             if error is None:
                 _NO_REEXEC.add(python)
-                logger.warning("oapl code sandbox: %s could not be started again inside the sandbox (%s); "
-                               "programs run in the interpreter the sandbox was launched with, so /proc "
-                               "inside shows its host paths", python, first[:300])
+                logger.warning(
+                    "oapl code sandbox: %s could not be started again inside the sandbox (%s); "
+                    "programs run in the interpreter the sandbox was launched with, so /proc "
+                    "inside shows its host paths",
+                    python,
+                    first[:300],
+                )
         interfaces = next((f.get("interfaces") for f in others if f.get("type") == "probe"), None)
         facts = dict(ready)
         facts.pop("type", None)
@@ -416,7 +463,8 @@ class SandboxRunner:
                 _warned_degraded = True
                 logger.warning(
                     "oapl code sandbox running WITHOUT namespaces (allow_no_netns=True): "
-                    "programs have network access and only rlimits/process-group/uid isolation.")
+                    "programs have network access and only rlimits/process-group/uid isolation."
+                )
             self._mode = mode
             return mode
 
@@ -458,12 +506,13 @@ class SandboxRunner:
             logger.warning(
                 "oapl code sandbox (no namespaces): the sandbox uid cannot read the Python "
                 "installation (%s), so programs can only import modules the launcher preloads. "
-                "Install Python in a world-readable location to fix this.", sys.base_prefix)
+                "Install Python in a world-readable location to fix this.",
+                sys.base_prefix,
+            )
         if error and error.startswith("isolation:") and mode == "namespaces":
             # The probe succeeded earlier; a repeated failure is an environment problem.
             raise SandboxUnavailableError(f"oapl code sandbox: {error}")
-        passed = (error is None and not failed and len(runs) == len(job.inputs)
-                  and all(r.status == "ok" for r in runs))
+        passed = error is None and not failed and len(runs) == len(job.inputs) and all(r.status == "ok" for r in runs)
         facts = {k: v for k, v in ready.items() if k != "type"}
         return ProgramResult(passed=passed, runs=runs, error=error, isolation=facts)
 
@@ -493,5 +542,4 @@ class SandboxRunner:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oapl-sbx") as ex:
                 for fut in [ex.submit(work, i) for i in todo]:
                     fut.result()
-        return [r if r is not None else ProgramResult(passed=False, error="internal")
-                for r in results]
+        return [r if r is not None else ProgramResult(passed=False, error="internal") for r in results]

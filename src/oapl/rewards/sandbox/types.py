@@ -8,8 +8,7 @@ from typing import Any
 from collections.abc import Callable, Sequence
 
 #: Statuses a test run can have (``ok`` = exited 0 in time within all limits).
-STATUSES = ("ok", "timeout", "runtime_error", "signal", "output_limit", "no_result",
-            "deadline", "harness_error")
+STATUSES = ("ok", "timeout", "runtime_error", "signal", "output_limit", "no_result", "deadline", "harness_error")
 
 
 class SandboxUnavailableError(RuntimeError):
