@@ -16,11 +16,12 @@ inference engine. This package reruns those comparisons with the library's own t
   one resumes from its latest checkpoint (taken at sync boundaries), so a study runs in as many
   invocations as needed. Then every final policy (and the base model, once) is evaluated on the
   held-out prompts with ``n`` samples each, per prompt (:mod:`oapl.evaluation.policy_eval`).
-* :mod:`~oapl.compare.claims` — means over seeds with t-intervals, paired per-prompt differences
-  with an interval over seeds (the experimental unit), every arm against the base model, whether
-  GRPO+IS's correction acted, and a verdict per claim by the rules the study's ``claims`` section
-  declares before it runs.
-* :mod:`~oapl.compare.report` — the Markdown report and its figures.
+* :mod:`~oapl.compare.results` — each configuration's final evaluations over seeds: means with
+  t-intervals, paired per-prompt differences with an interval over seeds (the experimental unit).
+* :mod:`~oapl.compare.claims` — every arm against the base model, whether GRPO+IS's correction
+  acted, and a verdict per claim by the rules the study's ``claims`` section declares before it runs.
+* :mod:`~oapl.compare.tables` and :mod:`~oapl.compare.report` — the Markdown report, its tables and
+  figures.
 """
 
 from __future__ import annotations

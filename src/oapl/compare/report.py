@@ -9,43 +9,17 @@ import math
 import os
 import platform
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
-from oapl.compare.claims import (
-    LEGEND,
-    ConfigResults,
-    collect,
-    contradicted,
-    correction_acted,
-    judge_claims,
-    paired,
-    sharpening_sentence,
-)
-from oapl.compare.plan import CompareConfig, PlannedRun, base_eval_dir, final_eval_settings, plan_runs
+from oapl.compare.claims import LEGEND, contradicted, judge_claims, sharpening_sentence
+from oapl.compare.plan import CompareConfig, PlannedRun, base_eval_dir, plan_runs
+from oapl.compare.results import ConfigResults, collect
 from oapl.compare.summary import smoothed_metrics, summarize_run
-from oapl.config import TrainConfig
-from oapl.evaluation.intervals import Interval
+from oapl.compare.tables import acted_table, config_table, diff_table, fmt, run_table, setup_table
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_report"]
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _ci(iv: Interval, digits: int = 3) -> str:
-    if not math.isfinite(iv.mean):
-        return "–"
-    if not math.isfinite(iv.lo):
-        return f"{iv.mean:.{digits}f}"
-    return f"{iv.mean:.{digits}f} ± {iv.half_width:.{digits}f}"
 
 
 def _machine() -> str:
@@ -70,221 +44,6 @@ def _machine() -> str:
         f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}){load}; Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
-
-
-def _setup_table(cfg: TrainConfig, cc: CompareConfig, runs: Sequence[PlannedRun] = ()) -> list[str]:
-    s, r, o, m, e = cfg.sampling, cfg.rollout, cfg.optim, cfg.model, cfg.eval
-    # runs whose batch differs from the first one's (e.g. GRPO+IS with 2 mini-batches of whole groups)
-    other = {
-        f"{x.label}: {x.cfg.rollout.prompts_per_step} x {x.cfg.rollout.group_size} per step, {x.cfg.steps} steps"
-        for x in runs
-        if (x.cfg.rollout.prompts_per_step, x.cfg.rollout.group_size) != (r.prompts_per_step, r.group_size)
-    }
-    lora = f"LoRA r={m.lora.r}, alpha={m.lora.alpha} on `{m.lora.target_modules}`" if m.lora.enabled else "all weights"
-    t = cfg.task
-    fields = {k: v for k, v in t.model_dump(mode="json", exclude_defaults=True).items() if k != "name"}
-    task = f"`{t.name}`" + (f" ({', '.join(f'{k}={v}' for k, v in fields.items())})" if fields else "")
-    rows = [
-        ("model", f"`{m.name}` ({lora}, weights {m.param_dtype}, compute {m.compute_dtype})"),
-        ("task", task),
-        (
-            "batch",
-            f"{r.prompts_per_step} prompts x G={r.group_size} = {r.prompts_per_step * r.group_size} "
-            f"responses per trainer step" + (f" ({'; '.join(sorted(other))})" if other else ""),
-        ),
-        ("sampling", f"temperature {s.temperature}, top-p {s.top_p}, max {s.max_tokens} tokens"),
-        (
-            "optimiser",
-            f"AdamW lr {o.lr:g}, betas {tuple(o.betas)}, grad-norm clip {o.max_grad_norm}, {o.schedule} schedule",
-        ),
-        (
-            "OAPL",
-            f"beta1 {cfg.algorithm.beta1:g}, beta2 {cfg.algorithm.beta2:g}, log pi_inf from "
-            f"`{cfg.algorithm.reference_logprobs}`",
-        ),
-        (
-            "in-run eval",
-            f"every {e.every or '—'} steps, n={e.n} at temperature {e.temperature}"
-            + ("" if e.at_start or e.at_end or e.every else " (off)"),
-        ),
-        ("engine", f"`{cfg.engine.kind}`; threads {cfg.threads}"),
-    ]
-    if cc.final_eval.enabled:
-        fe = final_eval_settings(cc)
-        rows.append(
-            (
-                "final eval",
-                f"every run's final weights and the base model: n={fe['n']} samples per held-out "
-                f"prompt at temperature {fe['temperature'] or s.temperature}, top-p "
-                f"{fe['top_p'] or s.top_p}; entropy of the same weights on those samples",
-            )
-        )
-    pipe = "\\|"
-    return ["| setting | value |", "| --- | --- |", *[f"| {a} | {b.replace('|', pipe)} |" for a, b in rows]]
-
-
-def _run_table(items: list[tuple[PlannedRun, dict[str, Any]]], kmax: int) -> list[str]:
-    head = [
-        "run",
-        "seed",
-        "steps",
-        "samples",
-        "syncs",
-        "max lag",
-        f"final pass@1 / pass@{kmax}",
-        "token entropy (held-out)",
-        "train reward (first → last 10%)",
-        "seq entropy of pi_inf batch (first → last 10%)",
-        "response tokens (first → last 10%)",
-        "KL to pi_inf (mean / max)",
-        "IS weight mean / p1 / p99",
-        "clip frac",
-        "minutes",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for run, s in items:
-        fin = s.get("final") or {}
-        wall = s.get("wall_s") or s.get("train_elapsed_s")
-        cells = [
-            run.label,
-            str(run.seed),
-            _fmt(s.get("steps")),
-            _fmt(s.get("samples_seen")),
-            _fmt(s.get("syncs")),
-            _fmt(s.get("lag_max")),
-            f"{_fmt(fin.get('pass@1'))} / {_fmt(fin.get(f'pass@{kmax}'))}" if fin else "–",
-            _fmt(fin.get("token_entropy")),
-            f"{_fmt(s.get('reward_mean_first'))} → {_fmt(s.get('reward_mean_last'))}",
-            f"{_fmt(s.get('seq_entropy_first'), 2)} → {_fmt(s.get('seq_entropy_last'), 2)}",
-            f"{_fmt(s.get('response_len_mean_first'), 1)} → {_fmt(s.get('response_len_mean_last'), 1)}",
-            f"{_fmt(s.get('kl_mean'), 4)} / {_fmt(s.get('kl_max'), 4)}",
-            (
-                f"{_fmt(s.get('is_weight_mean_mean'))} / {_fmt(s.get('is_weight_p1_mean'))} / "
-                f"{_fmt(s.get('is_weight_p99_mean'))}"
-                if "is_weight_mean_mean" in s
-                else "–"
-            ),
-            _fmt(s.get("clip_frac_mean")),
-            _fmt(wall / 60, 1) if wall else "–",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _config_table(configs: list[ConfigResults], ks: list[int], base: dict[str, Any] | None) -> list[str]:
-    head = ["configuration", "seeds", *[f"pass@{k}" for k in ks], "token entropy", "seq entropy", "response tokens"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    if base is not None:
-        b = ConfigResults("base", "base model (before training)", "base", seeds=[0], results=[base])
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    b.label,
-                    "–",
-                    *[_ci(b.over_seeds("pass@k", k)) for k in ks],
-                    _ci(b.over_seeds("token_entropy")),
-                    _ci(b.over_seeds("seq_entropy"), 2),
-                    _ci(b.over_seeds("response_tokens"), 1),
-                ]
-            )
-            + " |"
-        )
-    for c in configs:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    c.label,
-                    str(len(c.seeds)),
-                    *[_ci(c.over_seeds("pass@k", k)) for k in ks],
-                    _ci(c.over_seeds("token_entropy")),
-                    _ci(c.over_seeds("seq_entropy"), 2),
-                    _ci(c.over_seeds("response_tokens"), 1),
-                ]
-            )
-            + " |"
-        )
-    return lines
-
-
-def _iv_pts(iv: Interval) -> str:
-    if not math.isfinite(iv.mean):
-        return "–"
-    if not math.isfinite(iv.lo):
-        return f"{iv.mean * 100:+.1f}"
-    return f"{iv.mean * 100:+.1f} ({iv.lo * 100:+.1f} to {iv.hi * 100:+.1f})"
-
-
-def _diff_table(
-    pairs: list[tuple[str, ConfigResults, ConfigResults | dict[str, Any]]],
-    ks: list[int],
-    base: dict[str, Any] | None = None,
-) -> list[str]:
-    """Rows k, one column per pair: pass@k difference in points with its 95% interval; then the entropies."""
-    head = ["k", *(["base model"] if base is not None else []), *[name for name, _, _ in pairs]]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    b = ConfigResults("base", "base", "base", seeds=[0], results=[base]) if base is not None else None
-    for k in ks:
-        cells = [str(k), *([_fmt(b.over_seeds("pass@k", k).mean)] if b is not None else [])]
-        cells += [_iv_pts(paired(x, y, "pass@k", k)[0]) for _, x, y in pairs]
-        lines.append("| " + " | ".join(cells) + " |")
-    for metric, what in (("token_entropy", "token entropy (nats)"), ("seq_entropy", "seq entropy (nats)")):
-        ivs = [paired(x, y, metric)[0] for _, x, y in pairs]
-        if all(not math.isfinite(iv.mean) for iv in ivs):
-            continue
-        cells = [what, *([_fmt(b.over_seeds(metric).mean)] if b is not None else [])]
-        cells += [
-            "–"
-            if not math.isfinite(iv.mean)
-            else f"{iv.mean:+.3f} ({iv.lo:+.3f} to {iv.hi:+.3f})"
-            if math.isfinite(iv.lo)
-            else f"{iv.mean:+.3f}"
-            for iv in ivs
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _acted_table(grpos: list[ConfigResults], cc: CompareConfig) -> list[str]:
-    head = [
-        "GRPO+IS arm",
-        "seeds",
-        "max lag",
-        "KL to the engine (mean)",
-        "IS weight mean",
-        "IS p1",
-        "IS p99",
-        "clip fraction",
-        "IS acted",
-        "clip acted",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for g in grpos:
-        a = correction_acted(g, cc.claims.clip_acted, cc.claims.is_acted)
-
-        def yn(v):
-            return "not recorded" if v is None else "**yes**" if v else "no"
-
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    g.label,
-                    str(len(g.seeds)),
-                    _fmt(a["lag_max"]),
-                    _fmt(a["kl"], 4),
-                    _fmt(a["is_mean"]),
-                    _fmt(a["is_p1"]),
-                    _fmt(a["is_p99"]),
-                    _fmt(a["clip_frac"]),
-                    yn(a["is"]),
-                    yn(a["clip"]),
-                ]
-            )
-            + " |"
-        )
-    return lines
 
 
 def _plot_training(
@@ -451,7 +210,7 @@ def _setup_section(st: _Study) -> list[str]:
     return [
         "## Setup (shared by every run)",
         "",
-        *_setup_table(st.present[0][0].cfg, st.cc, [x for x, *_ in st.present]),
+        *setup_table(st.present[0][0].cfg, st.cc, [x for x, *_ in st.present]),
         "",
         f"Seeds: {', '.join(map(str, study_seeds))}. Every run of the comparison and the lag sweep "
         "trains on the same number of responses; the held-out split is fixed. Means are over seeds "
@@ -513,7 +272,7 @@ def _algorithms_section(st: _Study) -> list[str]:
     if cfgs:
         lines += _algorithm_results(st, cfgs)
     png = _plot_training(st.cc, algos, st.figure("algorithms"), "OAPL vs GRPO+IS")
-    lines += [f"![training curves]({st.rel(png)})", "", *_run_table(algos, st.kmax), ""]
+    lines += [f"![training curves]({st.rel(png)})", "", *run_table(algos, st.kmax), ""]
     for r, _ in algos[: sum(v is not None for v in st.cc.algorithms.values())]:
         lines.append(_algorithm_sentence(r))
     lines.append("")
@@ -524,7 +283,7 @@ def _algorithm_results(st: _Study, cfgs: list[ConfigResults]) -> list[str]:
     cc, base, kmax = st.cc, st.base, st.kmax
     ks = sorted({1, 2, 4, 8, kmax} & set(range(1, kmax + 1)))
     png = _plot_passk(cfgs, base, st.figure("passk"), "Held-out pass@k, final weights")
-    lines = [f"![held-out pass@k]({st.rel(png)})", "", *_config_table(cfgs, ks, base), ""]
+    lines = [f"![held-out pass@k]({st.rel(png)})", "", *config_table(cfgs, ks, base), ""]
     oapls = [c for c in cfgs if c.beta2 is not None]
     grpos = sorted((c for c in cfgs if c.beta2 is None), key=lambda c: c.lag or 0)
     allk = list(range(1, kmax + 1))
@@ -534,7 +293,7 @@ def _algorithm_results(st: _Study, cfgs: list[ConfigResults]) -> list[str]:
             "Paired differences, OAPL minus each GRPO+IS arm (pass@k in points; entropy in nats; 95% "
             "interval in brackets):",
             "",
-            *_diff_table([(f"{o.label} − {g.label}", o, g) for g in grpos], allk),
+            *diff_table([(f"{o.label} − {g.label}", o, g) for g in grpos], allk),
             "",
         ]
     if base is not None:
@@ -544,7 +303,7 @@ def _algorithm_results(st: _Study, cfgs: list[ConfigResults]) -> list[str]:
             "Each arm minus the base model (pass@k in points, entropy in nats; 95% interval in "
             "brackets). RL that only sharpens the policy gains at small k and loses at large k.",
             "",
-            *_diff_table([(f"{c.label} − base", c, base) for c in [*oapls, *grpos]], allk, base),
+            *diff_table([(f"{c.label} − base", c, base) for c in [*oapls, *grpos]], allk, base),
             "",
             *[f"- {sharpening_sentence(c, base)}" for c in [*oapls, *grpos]],
             "",
@@ -560,7 +319,7 @@ def _algorithm_results(st: _Study, cfgs: list[ConfigResults]) -> list[str]:
             "min(pi_old/pi_inf, cap) per token; its p1/p99 are read from a histogram of log w in bins "
             "of 0.01 (about 1% of w).",
             "",
-            *_acted_table(grpos, cc),
+            *acted_table(grpos, cc),
             "",
         ]
     return lines
@@ -603,9 +362,9 @@ def _lag_sweep_section(st: _Study) -> list[str]:
     if cfgs:
         ks = sorted({1, 4, kmax} & set(range(1, kmax + 1)))
         png = _plot_passk(cfgs, st.base, st.figure("lag_passk"), "Lag sweep: held-out pass@k")
-        lines += [f"![lag sweep pass@k]({st.rel(png)})", "", *_config_table(cfgs, ks, st.base), ""]
+        lines += [f"![lag sweep pass@k]({st.rel(png)})", "", *config_table(cfgs, ks, st.base), ""]
     png = _plot_training(st.cc, sweep, st.figure("lag_sweep"), "OAPL lag sweep", extra_keys=("lag",))
-    lines += [f"![lag sweep curves]({st.rel(png)})", "", *_run_table(sweep, kmax), ""]
+    lines += [f"![lag sweep curves]({st.rel(png)})", "", *run_table(sweep, kmax), ""]
     reused = sorted({f"{r.label} = `{r.same_as}`" for r, _ in sweep if r.same_as})
     if reused:
         lines += ["Reused from the comparison above (identical configuration): " + ", ".join(reused) + ".", ""]
@@ -634,14 +393,14 @@ def _beta2_section(st: _Study) -> list[str]:
         "",
         f"OAPL with beta2 in {{{', '.join(f'{c.beta2:g}' for c in cfgs)}}} on seed(s) "
         f"{', '.join(map(str, cc.beta2_sweep.seeds))}, which the comparison does not use. The study "
-        f"uses beta2 = {_fmt(chosen, 4) if chosen is not None else '–'}."
+        f"uses beta2 = {fmt(chosen, 4) if chosen is not None else '–'}."
         + (f" Highest on these seeds: {', '.join(best)}." if best else "")
         + (f" {cc.beta2_sweep.note.strip()}" if cc.beta2_sweep.note else ""),
         "",
     ]
     if cfgs:
-        lines += [*_config_table(cfgs, sorted({1, kmax}), None), ""]
-    return lines + [*_run_table(b2, kmax), ""]
+        lines += [*config_table(cfgs, sorted({1, kmax}), None), ""]
+    return lines + [*run_table(b2, kmax), ""]
 
 
 def _not_run_section(st: _Study) -> list[str]:
