@@ -319,102 +319,113 @@ def plan_runs(cc: CompareConfig, only: str = "all") -> list[PlannedRun]:
     base_cfg = _train_config(_deep_merge(base, {"output_dir": str(out_root / "_base")}), "base")
     runs: list[PlannedRun] = []
     for seed in cc.seeds:
-        algo_runs: list[PlannedRun] = []
-        for name, over in cc.algorithms.items():
-            if over is None:  # left out (e.g. by the quick section)
-                continue
-            if "/" in name or not name:
-                raise ConfigError(f"algorithms: bad run name {name!r}")
-            run_dir = out_root / f"{name}" / f"seed{seed}"
-            tree = _deep_merge(base, over)
-            tree = _deep_merge(tree, {"seed": seed, "output_dir": str(run_dir)})
-            lag = _train_config(tree, f"algorithms.{name}").rollout.sync_interval
-            cfg = _train_config(_with_study_settings(cc, tree, lag), f"algorithms.{name}")
-            algo_runs.append(
-                PlannedRun(
-                    name,
-                    "algorithms",
-                    seed,
-                    cfg,
-                    _algo_label(cfg),
-                    lag,
-                    run_dir=run_dir,
-                    beta2=cfg.algorithm.beta2 if cfg.algorithm.name == "oapl" else None,
-                )
-            )
+        algo_runs = _algorithm_runs(cc, base, seed)
         if only in ("all", "algorithms"):
             runs.extend(algo_runs)
         lag_seeds = cc.seeds if cc.lag_sweep.seeds is None else cc.lag_sweep.seeds
         if cc.lag_sweep.enabled and only in ("all", "lag") and seed in lag_seeds:
-            sweep_steps = cc.lag_sweep.steps or max(
-                base_cfg.steps, cc.lag_sweep.min_syncs * max(cc.lag_sweep.intervals)
+            runs.extend(_lag_sweep_runs(cc, base, base_cfg, seed, algo_runs))
+    if cc.beta2_sweep.enabled and only in ("all", "beta2"):
+        runs.extend(_beta2_sweep_runs(cc, base, base_cfg))
+    return runs
+
+
+def _algorithm_runs(cc: CompareConfig, base: dict[str, Any], seed: int) -> list[PlannedRun]:
+    """The head-to-head runs of one seed (planned whatever ``only`` says: the lag sweep reuses them)."""
+    algo_runs: list[PlannedRun] = []
+    for name, over in cc.algorithms.items():
+        if over is None:  # left out (e.g. by the quick section)
+            continue
+        if "/" in name or not name:
+            raise ConfigError(f"algorithms: bad run name {name!r}")
+        run_dir = Path(cc.output_dir) / f"{name}" / f"seed{seed}"
+        tree = _deep_merge(base, over)
+        tree = _deep_merge(tree, {"seed": seed, "output_dir": str(run_dir)})
+        lag = _train_config(tree, f"algorithms.{name}").rollout.sync_interval
+        cfg = _train_config(_with_study_settings(cc, tree, lag), f"algorithms.{name}")
+        algo_runs.append(
+            PlannedRun(
+                name,
+                "algorithms",
+                seed,
+                cfg,
+                _algo_label(cfg),
+                lag,
+                run_dir=run_dir,
+                beta2=cfg.algorithm.beta2 if cfg.algorithm.name == "oapl" else None,
             )
-            for L in cc.lag_sweep.intervals:
-                name = f"oapl_L{L}"
-                run_dir = out_root / name / f"seed{seed}"
-                tree = _deep_merge(base, cc.lag_sweep.overrides)
-                tree = _deep_merge(
-                    tree,
-                    {
-                        "seed": seed,
-                        "steps": sweep_steps,
-                        "output_dir": str(run_dir),
-                        "algorithm": {"name": "oapl"},
-                        "rollout": {"sync_interval": L, "max_staleness": 0},
-                    },
+        )
+    return algo_runs
+
+
+def _lag_sweep_runs(
+    cc: CompareConfig, base: dict[str, Any], base_cfg: TrainConfig, seed: int, algo_runs: list[PlannedRun]
+) -> list[PlannedRun]:
+    """OAPL at each lag ``L`` for one seed; a point identical to an algorithm run reuses that run."""
+    runs: list[PlannedRun] = []
+    sweep_steps = cc.lag_sweep.steps or max(base_cfg.steps, cc.lag_sweep.min_syncs * max(cc.lag_sweep.intervals))
+    for L in cc.lag_sweep.intervals:
+        name = f"oapl_L{L}"
+        run_dir = Path(cc.output_dir) / name / f"seed{seed}"
+        tree = _deep_merge(base, cc.lag_sweep.overrides)
+        tree = _deep_merge(
+            tree,
+            {
+                "seed": seed,
+                "steps": sweep_steps,
+                "output_dir": str(run_dir),
+                "algorithm": {"name": "oapl"},
+                "rollout": {"sync_interval": L, "max_staleness": 0},
+            },
+        )
+        cfg = _train_config(_with_study_settings(cc, tree, L), f"lag_sweep (L={L})")
+        same = next((r for r in algo_runs if comparable(r.cfg) == comparable(cfg)), None)
+        if same is not None:
+            runs.append(
+                PlannedRun(
+                    name,
+                    "lag_sweep",
+                    seed,
+                    same.cfg,
+                    f"OAPL L={L}",
+                    L,
+                    same_as=same.name,
+                    run_dir=same.run_dir,
+                    beta2=same.beta2,
                 )
-                cfg = _train_config(_with_study_settings(cc, tree, L), f"lag_sweep (L={L})")
-                same = next((r for r in algo_runs if comparable(r.cfg) == comparable(cfg)), None)
-                if same is not None:
-                    runs.append(
-                        PlannedRun(
-                            name,
-                            "lag_sweep",
-                            seed,
-                            same.cfg,
-                            f"OAPL L={L}",
-                            L,
-                            same_as=same.name,
-                            run_dir=same.run_dir,
-                            beta2=same.beta2,
-                        )
-                    )
-                else:
-                    runs.append(
-                        PlannedRun(
-                            name, "lag_sweep", seed, cfg, f"OAPL L={L}", L, run_dir=run_dir, beta2=cfg.algorithm.beta2
-                        )
-                    )
+            )
+        else:
+            runs.append(
+                PlannedRun(name, "lag_sweep", seed, cfg, f"OAPL L={L}", L, run_dir=run_dir, beta2=cfg.algorithm.beta2)
+            )
+    return runs
+
+
+def _beta2_sweep_runs(cc: CompareConfig, base: dict[str, Any], base_cfg: TrainConfig) -> list[PlannedRun]:
+    """OAPL at each beta2 value, on the beta2 sweep's own seeds."""
     b2 = cc.beta2_sweep
-    if b2.enabled and only in ("all", "beta2"):
-        for seed in b2.seeds:
-            for value in b2.values:
-                name = f"oapl_b2_{value:g}"
-                run_dir = out_root / name / f"seed{seed}"
-                tree = _deep_merge(base, b2.overrides)
-                tree = _deep_merge(
-                    tree,
-                    {
-                        "seed": seed,
-                        "steps": b2.steps or base_cfg.steps,
-                        "output_dir": str(run_dir),
-                        "algorithm": {"name": "oapl", "beta2": value},
-                    },
+    runs: list[PlannedRun] = []
+    for seed in b2.seeds:
+        for value in b2.values:
+            name = f"oapl_b2_{value:g}"
+            run_dir = Path(cc.output_dir) / name / f"seed{seed}"
+            tree = _deep_merge(base, b2.overrides)
+            tree = _deep_merge(
+                tree,
+                {
+                    "seed": seed,
+                    "steps": b2.steps or base_cfg.steps,
+                    "output_dir": str(run_dir),
+                    "algorithm": {"name": "oapl", "beta2": value},
+                },
+            )
+            lag = _train_config(tree, f"beta2_sweep (beta2={value:g})").rollout.sync_interval
+            cfg = _train_config(_with_study_settings(cc, tree, lag), f"beta2_sweep (beta2={value:g})")
+            runs.append(
+                PlannedRun(
+                    name, "beta2_sweep", seed, cfg, f"OAPL beta2={value:g} (L={lag})", lag, run_dir=run_dir, beta2=value
                 )
-                lag = _train_config(tree, f"beta2_sweep (beta2={value:g})").rollout.sync_interval
-                cfg = _train_config(_with_study_settings(cc, tree, lag), f"beta2_sweep (beta2={value:g})")
-                runs.append(
-                    PlannedRun(
-                        name,
-                        "beta2_sweep",
-                        seed,
-                        cfg,
-                        f"OAPL beta2={value:g} (L={lag})",
-                        lag,
-                        run_dir=run_dir,
-                        beta2=value,
-                    )
-                )
+            )
     return runs
 
 
