@@ -52,12 +52,7 @@ def generate_dataset(
     so there is neither loss nor duplication (the writer keeps whole groups per atomic shard).
     """
     task = build_task(cfg.task, cfg.seed)
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    examples = task.train if split == "train" else task.eval
-    if not examples:
-        raise ValueError(f"task {task.name!r} has no {split} prompts")
-    examples = select_examples(examples, max_prompts, subset, subset_seed)
+    examples = _split_examples(task, split, max_prompts, subset, subset_seed)
     model_name = model or cfg.model.name
     model_path = resolve_model_path(model_name)
     tokenizer = load_config_tokenizer(cfg, model_path if model else None)
@@ -87,34 +82,21 @@ def generate_dataset(
             own_engine = engine is None
             engine = engine or make_engine(cfg, model_path, tokenizer)
             try:
-                from oapl.data.budget import TokenBudgetError, engine_max_model_len, split_problems
-
-                # every prompt fits the engine, before the first is generated (rows of the selected split)
-                limit = cfg.engine.max_model_len or engine_max_model_len(engine)
-                problems, _ = split_problems(
-                    task, examples, tokenizer, params.max_tokens, limit, split=split, max_tokens_field=max_tokens_field
+                _refuse_over_budget(cfg, engine, task, examples, tokenizer, params, split, max_tokens_field)
+                written = _write_groups(
+                    writer,
+                    engine,
+                    task,
+                    tokenizer,
+                    todo,
+                    params,
+                    reward,
+                    batch_prompts=batch_prompts,
+                    weights_id=model_name,
+                    benchmark=benchmark,
+                    split=split,
+                    max_tokens_field=max_tokens_field,
                 )
-                if problems:
-                    raise TokenBudgetError(problems[0])
-                for start in range(0, len(todo), batch_prompts):
-                    chunk = todo[start : start + batch_prompts]
-                    groups = generate_groups(
-                        engine,
-                        task,
-                        tokenizer,
-                        chunk,
-                        params,
-                        reward,
-                        batch_prompts=batch_prompts,
-                        weights_id=model_name,
-                        benchmark=benchmark,
-                        split=split,
-                        max_tokens_field=max_tokens_field,
-                    )
-                    for g in groups:
-                        writer.write(g)
-                    written += len(groups)
-                    log.info("generate: %d/%d prompts", written, len(todo))
             finally:
                 if own_engine:
                     engine.close()
@@ -126,3 +108,62 @@ def generate_dataset(
         "seconds": time.perf_counter() - t0,
         "reward_errors": reward.stats.errors,
     }
+
+
+def _split_examples(
+    task, split: str, max_prompts: int | None, subset: int | None, subset_seed: int
+) -> list[dict[str, Any]]:
+    """The selected prompts of ``split`` (``train`` or ``eval``) of ``task``."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    examples = task.train if split == "train" else task.eval
+    if not examples:
+        raise ValueError(f"task {task.name!r} has no {split} prompts")
+    return select_examples(examples, max_prompts, subset, subset_seed)
+
+
+def _refuse_over_budget(
+    cfg: TrainConfig,
+    engine,
+    task,
+    examples: list[dict[str, Any]],
+    tokenizer,
+    params: SamplingParams,
+    split: str,
+    max_tokens_field: str,
+) -> None:
+    """Every prompt fits the engine, checked before the first is generated (rows of the selected split)."""
+    from oapl.data.budget import TokenBudgetError, engine_max_model_len, split_problems
+
+    limit = cfg.engine.max_model_len or engine_max_model_len(engine)
+    problems, _ = split_problems(
+        task, examples, tokenizer, params.max_tokens, limit, split=split, max_tokens_field=max_tokens_field
+    )
+    if problems:
+        raise TokenBudgetError(problems[0])
+
+
+def _write_groups(
+    writer: RolloutWriter,
+    engine,
+    task,
+    tokenizer,
+    todo: list[dict[str, Any]],
+    params: SamplingParams,
+    reward: SafeReward,
+    *,
+    batch_prompts: int,
+    **generate_kw: Any,
+) -> int:
+    """Generate and write the groups of ``todo``, ``batch_prompts`` prompts at a time; the number written."""
+    written = 0
+    for start in range(0, len(todo), batch_prompts):
+        chunk = todo[start : start + batch_prompts]
+        groups = generate_groups(
+            engine, task, tokenizer, chunk, params, reward, batch_prompts=batch_prompts, **generate_kw
+        )
+        for g in groups:
+            writer.write(g)
+        written += len(groups)
+        log.info("generate: %d/%d prompts", written, len(todo))
+    return written

@@ -1,8 +1,9 @@
 """The memory plan of a run, per rank, from the model's architecture shapes (no weights loaded).
 
 ``oapl check`` prints it and refuses a run whose plan does not fit the GPUs (``--gpus``,
-``--gpu-memory``). Every figure is arithmetic on the shapes below; ``benchmarks/memory_plan.py``
-compares it with the peak resident memory of real CPU train steps (docs/benchmarks.md).
+``--gpu-memory``). Every figure is arithmetic on the shapes below (a model's shape comes from
+:mod:`oapl.model_shape`); ``benchmarks/memory_plan.py`` compares it with the peak resident memory of real
+CPU train steps (docs/benchmarks.md).
 
 **Trainer state per rank** (``P`` parameters, ``N`` trainer ranks):
 
@@ -46,13 +47,33 @@ full ``engine.max_model_len`` sequence or vLLM refuses to start.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from oapl.config_views import is_offline
 from oapl.errors import UserError
+from oapl.model_shape import ModelShape, ShapeError, count_params, resolve_shape, shape_from_config, shapes_table
+
+# the shape of a model lives in oapl.model_shape; these names are re-exported for existing callers
+__all__ = [
+    "GB",
+    "GiB",
+    "Hardware",
+    "ModelShape",
+    "ShapeError",
+    "checkpoint_bytes",
+    "count_params",
+    "detect_hardware",
+    "lora_params",
+    "parse_size",
+    "plan_memory",
+    "resolve_shape",
+    "shape_from_config",
+    "shapes_table",
+    "trainer_rank",
+    "trainer_ranks",
+]
 
 GB = 1e9
 GiB = 1 << 30
@@ -62,123 +83,6 @@ LOGIT_TEMPS = 5  # fp32 chunk x vocab tensors alive at once: logits, logits / T,
 CUDA_CONTEXT_BYTES = 2.0 * GB  # CUDA context, cuBLAS/NCCL workspaces, allocator slack per GPU process
 ENGINE_RUNTIME_BYTES = 2.0 * GB  # vLLM's profiled activations, sampler and CUDA graphs
 HOST_BASELINE_BYTES = {"cpu": 0.6 * GB, "cuda": 3.0 * GB}  # a trainer process's own host memory
-
-
-class ShapeError(UserError):
-    """The architecture of ``model.name`` cannot be known here."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    params: int
-    qk_norm: bool = False
-    qkv_bias: bool = False
-    max_position_embeddings: int | None = None
-    source: str = "table"
-
-    @property
-    def q(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def layer_params(self) -> int:
-        h, q, kv = self.hidden, self.q, self.kv
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
-        attn += 2 * self.head_dim if self.qk_norm else 0
-        return attn + 3 * h * self.intermediate + 2 * h
-
-    def root_params(self) -> int:
-        """Embeddings, LM head (once if tied) and the final norm."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-
-
-def count_params(shape: ModelShape) -> int:
-    """Distinct parameters of a Llama/Qwen2/Qwen3 decoder of this shape."""
-    return shape.layers * shape.layer_params() + shape.root_params()
-
-
-@functools.lru_cache(maxsize=1)
-def shapes_table() -> dict[str, ModelShape]:
-    """The shipped shapes (``oapl/configs/model_shapes.yaml``), by model name."""
-    from importlib.resources import files
-
-    import yaml
-
-    tree = yaml.safe_load((files("oapl") / "configs" / "model_shapes.yaml").read_text())
-    return {name: ModelShape(**row) for name, row in tree.items()}
-
-
-def shape_from_config(mcfg, source: str, params: int | None = None) -> ModelShape:
-    """A :class:`ModelShape` from a transformers config (``params`` counted by the caller, else by formula)."""
-    text = getattr(mcfg, "text_config", None) or mcfg
-    heads = text.num_attention_heads
-    shape = ModelShape(
-        layers=text.num_hidden_layers,
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        vocab=text.vocab_size,
-        tied=bool(getattr(mcfg, "tie_word_embeddings", False)),
-        params=0,
-        qk_norm="qwen3" in str(getattr(text, "model_type", "")),
-        qkv_bias=bool(getattr(text, "attention_bias", False)) or getattr(text, "model_type", "") == "qwen2",
-        max_position_embeddings=getattr(text, "max_position_embeddings", None),
-        source=source,
-    )
-    return ModelShape(**{**asdict(shape), "params": params or count_params(shape)})
-
-
-def _meta_params(mcfg, trust_remote_code: bool) -> int | None:
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=trust_remote_code)
-        return sum(p.numel() for p in model.parameters())
-    except Exception:  # noqa: BLE001 - the formula then counts them
-        return None
-
-
-def resolve_shape(
-    name: str, path: str | None = None, trust_remote_code: bool = False, timeout_s: float | None = None
-) -> ModelShape:
-    """The shape of ``model.name``: the shipped table, else the config.json of ``path`` (a local folder, or a
-    Hub name read within ``timeout_s``). Raises :class:`ShapeError` naming ``model.name``."""
-    table = shapes_table()
-    if name in table:
-        return table[name]
-    from oapl.preflight import HUB_TIMEOUT_S, _call_with_timeout
-
-    target = path or name
-
-    def load():
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-
-    mcfg, err, timed_out = _call_with_timeout(load, timeout_s or HUB_TIMEOUT_S)
-    if mcfg is None:
-        why = "no answer from the Hugging Face Hub" if timed_out else f"{type(err).__name__}: {err}".splitlines()[0]
-        raise ShapeError(
-            f"model.name: cannot plan the memory of {name!r}: its architecture is not in oapl's table "
-            f"({', '.join(sorted(table))}) and its config.json cannot be read ({why[:200]}); give a "
-            f"local folder with config.json, or check it where the Hub is reachable"
-        )
-    return shape_from_config(mcfg, source=f"config.json of {target}", params=_meta_params(mcfg, trust_remote_code))
 
 
 def parse_size(text: str, field: str = "--gpu-memory") -> float:

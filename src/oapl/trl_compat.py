@@ -2,16 +2,23 @@
 
 - ``transformers.TrainerCallback`` objects driven by oapl's run (:class:`TRLCallbacks`), with a
   ``transformers.TrainerState`` (:func:`trainer_state`) and TRL's metric names (:data:`TRL_METRIC_NAMES`);
-- a ``peft.LoraConfig`` as oapl's ``model.lora`` (:func:`lora_fields`).
+- a ``peft.LoraConfig`` as oapl's ``model.lora`` (:func:`lora_fields`);
+- a ``PreTrainedModel`` / tokenizer object as oapl's ``model.name`` / ``model.tokenizer``, saved once to a
+  content-addressed folder under ``~/.cache/oapl/in-memory`` (:func:`model_fields`).
 
 The TRL *argument* names (``GRPOConfig``'s) are :mod:`oapl.trl_names` / :mod:`oapl.trl_config`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from oapl.config import TrainConfig
@@ -27,6 +34,7 @@ __all__ = [
     "TRLCallbacks",
     "TRL_METRIC_NAMES",
     "lora_fields",
+    "model_fields",
     "split_callbacks",
     "trainer_state",
     "with_trl_names",
@@ -306,3 +314,100 @@ def _peft_default_targets(model_name: str | None, trust_remote_code: bool) -> li
             "give target_modules (e.g. 'all-linear')"
         )
     return sorted(MAPPING[model_type])
+
+
+# -- models and tokenizers given as objects -----------------------------------------------------------
+def model_fields(m: dict[str, Any], model: Any, processing_class: Any, peft_config: Any) -> None:
+    """``model.name`` / ``model.tokenizer`` / ``model.lora`` from the trainer's model, tokenizer and ``peft_config``."""
+    if model is not None:
+        m["name"] = _model_source(model, processing_class)
+    if processing_class is not None:
+        m["tokenizer"] = (
+            str(processing_class)
+            if isinstance(processing_class, (str, os.PathLike))
+            else m["name"]
+            if not isinstance(model, (str, os.PathLike, type(None)))
+            else _save_tokenizer(processing_class)
+        )
+    if peft_config is not None:
+        m["lora"] = lora_fields(peft_config, m["name"], m.get("trust_remote_code", False))
+
+
+def _store_dir() -> Path:
+    from oapl.trainer.model import cache_dir
+
+    root = cache_dir() / "in-memory"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _content_addressed(tmp: Path, label: str) -> str:
+    """Move the saved folder ``tmp`` to ``<cache>/in-memory/<label>-<sha256 of its files>``; return that path."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(tmp)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[-48:].strip("-.") or "model"
+    target = tmp.parent / f"{safe}-{h.hexdigest()[:16]}"
+    if target.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return str(target)
+
+
+def _model_source(model: Any, processing_class: Any) -> str:
+    """``model.name`` for a name/path, or the folder an in-memory ``PreTrainedModel`` is saved to."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
+        raise UserError(
+            "model: a PEFT model; pass the base model and peft_config=LoraConfig(...) (oapl adds the adapters itself)"
+        )
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise UserError(
+            f"model: expected a model name, a path or a transformers PreTrainedModel, got {type(model).__name__}"
+        )
+    tokenizer = (
+        processing_class
+        if processing_class is not None and not isinstance(processing_class, (str, os.PathLike))
+        else None
+    )
+    source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if tokenizer is None:
+        tok_name = os.fspath(processing_class) if processing_class is not None else source
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tok_name) if tok_name else None
+        except Exception as e:  # noqa: BLE001 - said below
+            raise UserError(
+                f"processing_class: the tokenizer of the in-memory model ({tok_name!r}) cannot be "
+                f"loaded ({type(e).__name__}); pass processing_class=<tokenizer>"
+            ) from e
+        if tokenizer is None:
+            raise UserError("processing_class: required with an in-memory model that has no name_or_path")
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=_store_dir()))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        path = _content_addressed(tmp, Path(str(source)).name or type(model).__name__)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("in-memory model saved to %s (model.name)", path)
+    return path
+
+
+def _save_tokenizer(tokenizer: Any) -> str:
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise UserError(f"processing_class: expected a tokenizer or its name/path, got {type(tokenizer).__name__}")
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=_store_dir()))
+    try:
+        tokenizer.save_pretrained(tmp)
+        return _content_addressed(tmp, "tokenizer-" + Path(str(getattr(tokenizer, "name_or_path", ""))).name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

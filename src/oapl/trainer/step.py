@@ -150,80 +150,21 @@ class Parallel:
 
 def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False) -> dict:
     """Run one rank's work: ``mini_batches`` optimiser steps. Returns the rank's partial results."""
-    cfg = policy.cfg
-    objective = policy.objective
     t0 = time.perf_counter()
-    chunk = cfg.model.logprob_chunk_size
-    device = policy.device
-    recompute = cfg.algorithm.reference_logprobs == "recompute" and policy.reference is not None
+    recompute = policy.cfg.algorithm.reference_logprobs == "recompute" and policy.reference is not None
     policy.model.train()
     stats = StepStats()
-
-    def micro(mini: MiniWork, j: int):
-        dummy = j >= len(mini.micro)
-        idx = mini.micro[0] if dummy else mini.micro[j]
-        batch = collate_auto([mini.seqs[i] for i in idx], policy.packing, policy.pad_token_id, policy.share_prompts)
-        return dummy, idx, batch.to(device)
-
-    def schedule(mini: MiniWork) -> int:
-        return max(mini.num_micro, len(mini.micro)) if par.pad_micro else len(mini.micro)
-
-    old: list[list[torch.Tensor | None]] | None = None
-    if objective.needs_old_logprobs:  # pi_old = the trainer before this batch's first update
-        old = []
-        with torch.no_grad():
-            for mini in work.minis:
-                old.append([par.logprobs(micro(mini, j)[2], with_entropy=False)[0] for j in range(schedule(mini))])
-
+    # pi_old = the trainer before this batch's first update
+    old = _old_logprobs(policy, work, par) if policy.objective.needs_old_logprobs else None
     finite_all, grad_norms, lrs, grads = True, [], [], None
     for m, mini in enumerate(work.minis):
         policy.optimizer.zero_grad(set_to_none=True)
-        local_finite = True
-        n_run = schedule(mini)
-        for j in range(n_run):
-            dummy, idx, mb = micro(mini, j)
-            ref_lp = mb.ref_logprobs
-            if recompute:
-                with torch.no_grad():
-                    ref_lp, _ = token_logprobs(
-                        policy.reference, mb, policy.temperature, chunk, autocast=policy.precision.autocast()
-                    )
-            with par.accumulate(last=j == n_run - 1):
-                logp, ent = par.logprobs(mb)
-                adv = torch.tensor([mini.advantages[i] for i in idx], dtype=torch.float32, device=device)
-                loss, ostats = objective.loss(
-                    logp, ref_lp, None if old is None else old[m][j], mb.response_mask, adv, mini.num_sequences
-                )
-                (loss * (0.0 if dummy else float(par.world))).backward()
-            if dummy:
-                continue
-            if not torch.isfinite(loss):
-                local_finite = False  # keep going: every rank must run the same collectives
-                continue
-            stats.add(loss, logp, ref_lp, mb.response_mask, ent, ostats, mb.num_tokens, mb.computed_tokens)
-        finite = par.all_finite(local_finite)
-        grad_norm = float("nan")
-        if finite:
-            params = [p for p in policy.model.parameters() if p.requires_grad]
-            if capture_grads:
-                grads = {
-                    k: par.full(p.grad).detach().cpu().clone()
-                    for k, p in policy.model.named_parameters()
-                    if p.requires_grad and p.grad is not None
-                }
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-            grad_norm = par.grad_norm(params, max_norm)
-            finite = math.isfinite(grad_norm)
+        local_finite = _accumulate(policy, mini, par, None if old is None else old[m], recompute, stats)
+        finite, grad_norm, mini_grads = _clip(policy, par, local_finite, capture_grads)
+        if mini_grads is not None:
+            grads = mini_grads
         lrs.append(policy.scheduler.get_last_lr()[0])
-        if finite:
-            policy.optimizer.step()
-        elif par.rank == 0:
-            log.warning(
-                "non-finite loss or gradient: optimiser step skipped%s, weights untouched",
-                " on every rank" if par.world > 1 else "",
-            )
-        policy.optimizer.zero_grad(set_to_none=True)
-        policy.scheduler.step()
+        _update(policy, par, finite)
         finite_all = finite_all and finite
         grad_norms.append(grad_norm)
     return {
@@ -236,3 +177,98 @@ def run_step(policy, work: RankWork, par: Parallel, capture_grads: bool = False)
         "mini_batches": len(work.minis),
         "grads": grads,
     }
+
+
+def _micro(policy, mini: MiniWork, j: int, device):
+    """Micro-batch ``j`` of ``mini``, collated on ``device``; past this rank's last one, a zero-weight dummy."""
+    dummy = j >= len(mini.micro)
+    idx = mini.micro[0] if dummy else mini.micro[j]
+    batch = collate_auto([mini.seqs[i] for i in idx], policy.packing, policy.pad_token_id, policy.share_prompts)
+    return dummy, idx, batch.to(device)
+
+
+def _schedule(mini: MiniWork, par: Parallel) -> int:
+    """How many micro-batches this rank runs on ``mini`` (the busiest rank's count under FSDP2)."""
+    return max(mini.num_micro, len(mini.micro)) if par.pad_micro else len(mini.micro)
+
+
+def _old_logprobs(policy, work: RankWork, par: Parallel) -> list[list[torch.Tensor | None]]:
+    """pi_old's log-probs of every micro-batch of every mini-batch, by the trainer as it is now."""
+    device = policy.device
+    old: list[list[torch.Tensor | None]] = []
+    with torch.no_grad():
+        for mini in work.minis:
+            old.append(
+                [
+                    par.logprobs(_micro(policy, mini, j, device)[2], with_entropy=False)[0]
+                    for j in range(_schedule(mini, par))
+                ]
+            )
+    return old
+
+
+def _accumulate(
+    policy, mini: MiniWork, par: Parallel, old: list[torch.Tensor | None] | None, recompute: bool, stats: StepStats
+) -> bool:
+    """Forward and backward over the micro-batches of ``mini``, gradients accumulated; whether every loss
+    on this rank was finite (the caller agrees across ranks)."""
+    objective = policy.objective
+    device = policy.device
+    chunk = policy.cfg.model.logprob_chunk_size
+    local_finite = True
+    n_run = _schedule(mini, par)
+    for j in range(n_run):
+        dummy, idx, mb = _micro(policy, mini, j, device)
+        ref_lp = mb.ref_logprobs
+        if recompute:
+            with torch.no_grad():
+                ref_lp, _ = token_logprobs(
+                    policy.reference, mb, policy.temperature, chunk, autocast=policy.precision.autocast()
+                )
+        with par.accumulate(last=j == n_run - 1):
+            logp, ent = par.logprobs(mb)
+            adv = torch.tensor([mini.advantages[i] for i in idx], dtype=torch.float32, device=device)
+            loss, ostats = objective.loss(
+                logp, ref_lp, None if old is None else old[j], mb.response_mask, adv, mini.num_sequences
+            )
+            (loss * (0.0 if dummy else float(par.world))).backward()
+        if dummy:
+            continue
+        if not torch.isfinite(loss):
+            local_finite = False  # keep going: every rank must run the same collectives
+            continue
+        stats.add(loss, logp, ref_lp, mb.response_mask, ent, ostats, mb.num_tokens, mb.computed_tokens)
+    return local_finite
+
+
+def _clip(policy, par: Parallel, local_finite: bool, capture_grads: bool) -> tuple[bool, float, dict | None]:
+    """Agree on finiteness across ranks and clip the gradients: ``(finite, grad norm, captured gradients)``
+    (the norm is NaN and nothing is captured when a loss was not finite)."""
+    finite = par.all_finite(local_finite)
+    grad_norm = float("nan")
+    grads = None
+    if finite:
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        if capture_grads:
+            grads = {
+                k: par.full(p.grad).detach().cpu().clone()
+                for k, p in policy.model.named_parameters()
+                if p.requires_grad and p.grad is not None
+            }
+        max_norm = policy.cfg.optim.max_grad_norm if policy.cfg.optim.max_grad_norm is not None else float("inf")
+        grad_norm = par.grad_norm(params, max_norm)
+        finite = math.isfinite(grad_norm)
+    return finite, grad_norm, grads
+
+
+def _update(policy, par: Parallel, finite: bool) -> None:
+    """The AdamW step (skipped, with a warning, when not ``finite``), then the schedule step."""
+    if finite:
+        policy.optimizer.step()
+    elif par.rank == 0:
+        log.warning(
+            "non-finite loss or gradient: optimiser step skipped%s, weights untouched",
+            " on every rank" if par.world > 1 else "",
+        )
+    policy.optimizer.zero_grad(set_to_none=True)
+    policy.scheduler.step()
