@@ -529,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(a.reps):
             for side in sides:
+                if a.json:  # what is measured so far survives an interrupted invocation
+                    Path(a.json).write_text(json.dumps({"meta": {"partial": True, "base_pass1": base_pass1,
+                                                                 "args": vars(a)},
+                                                        "runs": runs, "headline": headline(runs)}, indent=2))
                 snapdir = work / f"{side}_{rep}"
                 snapdir.mkdir()
                 run: dict = {"side": side, "rep": rep, "load_before": _load()}
