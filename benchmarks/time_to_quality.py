@@ -439,7 +439,7 @@ def _child(argv: list[str], *extra: str) -> tuple[dict | None, str]:
 
 
 def _summary(runs: list[dict], heads: list[dict]) -> str:
-    lines = ["| side | rep | steps | training s | held-out pass@1: start -> best (at s) -> last | load s | "
+    lines = ["| side | rep | steps | training s | held-out pass@1: start -> best (at s) -> last | model load s | "
              "load avg during |", "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in runs:
         if "error" in r:
