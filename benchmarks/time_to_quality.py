@@ -551,7 +551,7 @@ def _child(argv: list[str], *extra: str) -> tuple[dict | None, str]:
 
 def _summary(runs: list[dict], heads: list[dict]) -> str:
     lines = [
-        "| side | rep | steps | training s | held-out pass@1: start -> best (at s) -> last | load s | "
+        "| side | rep | steps | training s | held-out pass@1: start -> best (at s) -> last | model load s | "
         "load avg during |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
