@@ -250,6 +250,7 @@ def run_trl_side(a, snapdir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+    from vs_trl import trl_grpo_kwargs
 
     from oapl.trainer.model import resolve_model_path
 
@@ -276,34 +277,7 @@ def run_trl_side(a, snapdir: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(
-            output_dir=out,
-            max_steps=1_000_000,
-            per_device_train_batch_size=a.prompts * a.group_size,
-            gradient_accumulation_steps=1,
-            num_generations=a.group_size,
-            max_completion_length=a.max_tokens,
-            temperature=a.temperature,
-            top_p=1.0,
-            learning_rate=a.lr,
-            lr_scheduler_type="constant",
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            max_grad_norm=1.0,
-            beta=0.0,
-            loss_type="grpo",
-            num_iterations=1,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=a.seed,
-            bf16=False,
-            fp16=False,
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            use_vllm=False,
-        )
+        args = GRPOConfig(**trl_grpo_kwargs(a, out, 1_000_000))
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=_trl_reward,

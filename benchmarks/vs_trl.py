@@ -203,6 +203,42 @@ def _profile_oapl(trainer, a) -> dict:
     }
 
 
+def trl_grpo_kwargs(a, out: str, max_steps: int) -> dict:
+    """TRL ``GRPOConfig`` arguments of the TRL side: the shared batch, G, sampling and AdamW settings,
+    ``beta=0`` (no reference model, TRL's default), one optimiser step per generation batch, on CPU
+    without vLLM (``a``: ``prompts``, ``group_size``, ``max_tokens``, ``temperature``, ``lr``, ``seed``)."""
+    import torch
+
+    return dict(
+        output_dir=out,
+        max_steps=max_steps,
+        per_device_train_batch_size=a.prompts * a.group_size,
+        gradient_accumulation_steps=1,
+        num_generations=a.group_size,
+        max_completion_length=a.max_tokens,
+        temperature=a.temperature,
+        top_p=1.0,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="grpo",
+        num_iterations=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=a.seed,
+        bf16=False,
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_vllm=False,
+    )
+
+
 def run_trl(a) -> dict:
     import torch
     from datasets import Dataset
@@ -240,34 +276,7 @@ def run_trl(a) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(
-            output_dir=out,
-            max_steps=a.warmup + a.steps,
-            per_device_train_batch_size=a.prompts * a.group_size,
-            gradient_accumulation_steps=1,
-            num_generations=a.group_size,
-            max_completion_length=a.max_tokens,
-            temperature=a.temperature,
-            top_p=1.0,
-            learning_rate=a.lr,
-            lr_scheduler_type="constant",
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            max_grad_norm=1.0,
-            beta=0.0,
-            loss_type="grpo",
-            num_iterations=1,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=a.seed,
-            bf16=False,
-            fp16=False,
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            use_vllm=False,
-        )
+        args = GRPOConfig(**trl_grpo_kwargs(a, out, a.warmup + a.steps))
         stamps: list[float] = []
         logs: list[dict] = []
 
