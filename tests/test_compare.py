@@ -339,18 +339,18 @@ def test_shipped_cpu_config_plans():
     cc = load_compare_config(str(path))
     runs = plan_runs(cc)
     study = [r for r in runs if r.group != "beta2_sweep"]
-    assert sorted({r.lag for r in study if r.group == "lag_sweep"}) == [1, 10, 50, 100]
+    assert sorted({r.lag for r in study if r.group == "lag_sweep"}) == [50, 100]
     budgets = {r.cfg.steps * r.cfg.rollout.prompts_per_step * r.cfg.rollout.group_size for r in study}
     assert len(budgets) == 1  # one sample budget for every run of the comparison and the sweep
-    # 4 algorithms per seed; the lag sweep's L=1, 10, 100 on its seeds (its L=50 is the OAPL run)
+    # 3 algorithms per seed; the lag sweep's L=100 on its seeds (its L=50 is the OAPL run)
     assert (
-        sum(r.same_as is None for r in study) == 4 * len(cc.seeds) + 3 * len(cc.lag_sweep.seeds) and len(cc.seeds) >= 3
+        sum(r.same_as is None for r in study) == 3 * len(cc.seeds) + 1 * len(cc.lag_sweep.seeds) and len(cc.seeds) >= 3
     )
-    # GRPO+IS near on-policy, and at the lags (in responses and optimiser steps) of OAPL's L=10 and L=50
+    # GRPO+IS near on-policy, and at the lag (in responses and optimiser steps) of OAPL's L=50
     grpo = {r.name: r.cfg.rollout for r in study if r.group == "algorithms" and r.cfg.algorithm.name == "grpo"}
     assert (grpo["grpo_is"].sync_interval, grpo["grpo_is"].max_staleness) == (1, 1)
     oapl = next(r.cfg for r in study if r.name == "oapl")
-    for name, oapl_lag in (("grpo_is_L5", 10), ("grpo_is_L25", 50)):
+    for name, oapl_lag in (("grpo_is_L25", 50),):
         g = next(r.cfg for r in study if r.name == name)
         assert g.rollout.max_staleness >= 4 and g.rollout.asynchronous
         per_step = lambda c: (c.rollout.prompts_per_step * c.rollout.group_size, c.algorithm.mini_batches)  # noqa: E731
@@ -359,12 +359,18 @@ def test_shipped_cpu_config_plans():
     assert cc.claims.non_inferiority_margin == 0.05 and 0 < cc.claims.keeps_entropy < 1
     assert "fixed" in cc.beta2_sweep.note and "chooses nothing" in cc.beta2_sweep.note
     assert [r.same_as for r in study if r.lag == 50 and r.group == "lag_sweep"] == ["oapl"] * len(cc.lag_sweep.seeds)
-    assert all(r.cfg.steps // r.lag >= 4 for r in study if r.lag <= 50)  # >= 4 weight windows for every L <= 50
+    assert all(r.cfg.steps // r.lag >= 2 for r in study if r.lag <= 50)  # >= 2 weight windows for every L <= 50
     assert {r.cfg.steps * r.cfg.algorithm.mini_batches for r in runs if r.group == "algorithms"} == {
-        200
+        100
     }  # optimiser steps
     assert cc.final_eval.n >= 16 and runs[0].cfg.task.num_eval >= 128
-    b2 = [r for r in runs if r.group == "beta2_sweep"]
+    # the beta2 sweep is off in the shipped study (beta2 is fixed); switched on, it runs on seeds of its own
+    assert not [r for r in runs if r.group == "beta2_sweep"]
+    b2 = [
+        r
+        for r in plan_runs(cc.model_copy(update={"beta2_sweep": cc.beta2_sweep.model_copy(update={"enabled": True})}))
+        if r.group == "beta2_sweep"
+    ]
     assert b2 and not {r.seed for r in b2} & set(cc.seeds)  # beta2 is not chosen on the study's seeds
     assert cc.base["algorithm"]["beta2"] in [r.beta2 for r in b2]
     quick = load_compare_config(str(path), quick=True)
