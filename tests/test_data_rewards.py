@@ -10,10 +10,11 @@ import pytest
 from oapl.config import TaskConfig
 from oapl.data.datasets import DatasetError, load_rows, map_columns
 from oapl.data.tasks import arithmetic_examples, build_task
+
 from oapl.rewards.arithmetic import arithmetic_reward, extract_final_number
 from oapl.rewards.base import RewardErrorRateError, RewardTypeError, SafeReward, load_reward
 from oapl.rewards.math import last_boxed, math_reward
-from oapl.rollout.buffer import RolloutBuffer, RolloutGroup
+from oapl.rollout.buffer import BufferClosed, RolloutBuffer, RolloutGroup
 
 
 def test_missing_column_names_file_row_and_column(tmp_path):
@@ -156,6 +157,47 @@ def test_buffer_staleness_window_for_grpo_off_by_one():
     assert buf.put(_group(0, "b"))
     buf.clear(2)
     assert len(buf) == 0 and not buf.put(_group(0, "c"))
+
+
+def test_buffer_demand_holds_a_worker_back_until_the_sync():
+    """OAPL's buffer is cleared at every sync: a worker reserves groups before generating them and waits
+    once the version's demand is produced or in flight; a sync (clear) with a new demand lets it go on."""
+    buf = RolloutBuffer(capacity=8, version=0)
+    buf.set_demand(4)
+    v = buf.reserve(2)
+    assert v == 0
+    buf.reserve(2)  # 4 in flight: the demand is met
+    released = threading.Event()
+
+    def third():
+        buf.reserve(2)
+        released.set()
+
+    t = threading.Thread(target=third, daemon=True)
+    t.start()
+    assert not released.wait(0.1)  # a 5th and 6th group would be cleared unused
+    buf.put(_group(0, "a"))
+    buf.release(2, v)  # a call that put only 1 of its 2 groups: the other may be generated again
+    assert released.wait(2)
+    t.join(2)
+    # 1 put + 2 + 2 in flight = 5 >= 4: the next reservation waits for the sync, which resets the count
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (buf.reserve(2), done.set()), daemon=True)
+    t.start()
+    assert not done.wait(0.1)
+    buf.clear(1, demand=2)
+    assert done.wait(2)
+    buf.release(2, 0)  # a release for the old version changes nothing at the new one
+    blocked = threading.Event()
+    t = threading.Thread(target=lambda: (buf.reserve(1), blocked.set()), daemon=True)
+    t.start()
+    assert not blocked.wait(0.1)  # version 1's 2 groups are still in flight
+    buf.set_demand(None)  # no limit (groups outlive a sync: GRPO's max_staleness > 0)
+    for _ in range(5):
+        buf.reserve(2)
+    buf.close()
+    with pytest.raises(BufferClosed):
+        buf.reserve(1)
 
 
 def test_buffer_blocks_when_full_and_take_waits():

@@ -102,6 +102,8 @@ def test_async_batches_never_mix_versions(tiny_model_dir, prompts_file, tmp_path
         assert trained == 8 * 4  # steps x rollout.prompts_per_step
         assert stats.groups == trained + buffer.cleared + len(buffer), (stats.groups, buffer.cleared, len(buffer))
         assert stats.stale_dropped == buffer.discarded_stale
+        # and none was generated in vain: the worker makes only what the trainer takes before each sync
+        assert (stats.groups, buffer.cleared, stats.stale_dropped, len(buffer)) == (trained, 0, 0, 0)
     finally:
         trainer.close()
     assert len(seen) == 8

@@ -170,6 +170,7 @@ class Run:
         self.buffer = RolloutBuffer(
             max(cfg.rollout.buffer_groups, cfg.rollout.prompts_per_step), self.version, backend.buffer_staleness
         )
+        self.buffer.set_demand(self._window_demand())
         self.rollout = backend.start(self.version, self.buffer, sampling_params(cfg))
         if state:
             self.rollout.load_state_dict(state.get("worker") or {})
@@ -194,10 +195,20 @@ class Run:
         with self.rollout.paused():
             self.version += 1
             seconds = self.backend.publish(self.version)
-            self.buffer.clear(self.version)
+            self.buffer.clear(self.version, self._window_demand())
         self.sync_step = self.step
         self.version_steps[self.version] = self.step
         return seconds
+
+    def _window_demand(self) -> int | None:
+        """Groups the trainer takes from now to the next sync (or the end), when the buffer is cleared at
+        every sync (``max_staleness=0``): more would be generated for nothing. ``None``: no limit."""
+        cfg = self.cfg
+        if self.backend.buffer_staleness != 0 or not self.backend.syncs:
+            return None
+        L, total = cfg.rollout.sync_interval, self.backend.total_steps
+        next_sync = (self.step // L + 1) * L
+        return cfg.rollout.prompts_per_step * max(0, min(next_sync, total) - self.step)
 
     def sample_batch(self):
         p = self.cfg.rollout.prompts_per_step

@@ -200,9 +200,14 @@ class RolloutWorker:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                groups = self._next_groups()
-                if groups is not None:
-                    self.push(groups)
+                # OAPL's buffer is cleared at every sync: generate only what the trainer will take before it
+                version = self.buffer.reserve(self.prompts_per_call)
+                try:
+                    groups = self._next_groups()
+                    if groups is not None:
+                        self.push(groups)
+                finally:
+                    self.buffer.release(self.prompts_per_call, version)
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
