@@ -288,7 +288,12 @@ class RolloutConfig(Section):
     group_size: int = Field(8, ge=1, description="G: responses per prompt.")
     prompts_per_step: int = Field(8, ge=1, description="Prompt groups per trainer step (batch = this x G).")
     sync_interval: int = Field(50, ge=1, description="L: trainer steps between weight syncs (policy lag).")
-    buffer_groups: int = Field(256, ge=1, description="Buffer capacity in groups (the generator waits when full).")
+    buffer_groups: int = Field(
+        256,
+        ge=1,
+        description="Buffer capacity in groups (the generator waits when full; with max_staleness 0 it also "
+        "waits once it has generated what the trainer takes before the next sync, which clears the buffer).",
+    )
     prompts_per_generate: int = Field(8, ge=1, description="Prompts the generator sends per engine call.")
     asynchronous: bool = Field(
         True,
