@@ -313,6 +313,7 @@ def test_a_reward_that_hangs_during_training(cli, tmp_path, tiny_model_dir, prom
         argv.append(f"task.max_reward_error_fraction={fraction}")
     try:
         rc, err = cli(argv)
+        hung = user.hung_calls()  # read before the flag lets the abandoned calls return (they poll it)
     finally:
         flag.touch()
     if fraction is None:  # the default 0.5: a call that hangs fails all its completions: the run stops
@@ -326,4 +327,4 @@ def test_a_reward_that_hangs_during_training(cli, tmp_path, tiny_model_dir, prom
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["reward_errors"] for r in rows] == [4, 8]  # cumulative: 2 prompts x G=2 per step
         assert all(r["reward_mean"] == 0.0 and r["rewards/hangs_in_training/mean"] is None for r in rows)
-        assert user.hung_calls() == ["hangs_in_training"] * 2
+        assert hung == ["hangs_in_training"] * 2
