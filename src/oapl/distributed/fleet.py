@@ -94,6 +94,9 @@ class RayRolloutWorker(RolloutWorker):
             raise BufferClosed("stopping")
         return None
 
+    def _generates(self) -> bool:
+        return not self.slot.pool.is_pending(self.slot.index)  # a pending slot idles until the next sync
+
     def _next_groups(self) -> list | None:
         return self.produce_or_restart()
 

@@ -193,6 +193,10 @@ class RolloutWorker:
             self.push(self.produce())
 
     # -- background thread ------------------------------------------------------------------
+    def _generates(self) -> bool:
+        """Whether the next :meth:`_next_groups` will call the engine (and so needs a reservation)."""
+        return True
+
     def _next_groups(self) -> list[RolloutGroup] | None:
         """One engine call's groups for the background loop (``None``: nothing to push this time)."""
         return self.produce()
@@ -200,14 +204,18 @@ class RolloutWorker:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                # OAPL's buffer is cleared at every sync: generate only what the trainer will take before it
-                version = self.buffer.reserve(self.prompts_per_call)
+                # OAPL's buffer is cleared at every sync: generate only what the trainer will take before
+                # it. A worker that will not generate this time (an engine without the synced weights)
+                # reserves nothing, or it would hold back the others until the sync that it waits for.
+                k = self.prompts_per_call if self._generates() else 0
+                version = self.buffer.reserve(k) if k else None
                 try:
                     groups = self._next_groups()
                     if groups is not None:
                         self.push(groups)
                 finally:
-                    self.buffer.release(self.prompts_per_call, version)
+                    if version is not None:
+                        self.buffer.release(k, version)
         except BufferClosed:
             pass
         except BaseException as e:  # noqa: BLE001 - surfaced to the trainer via self.failure
