@@ -1,8 +1,9 @@
 """Time to quality against TRL: held-out pass@1 per wall-clock minute of training, side by side, in one run.
 
-Every side trains the same model (default: the embedded SmolLM2-135M-Instruct, all weights, fp32) on
-the built-in arithmetic task with the same reward, prompts per step, G, sampling (temperature, top-p,
-response budget) and AdamW learning rate, for ``--budget-s`` seconds of *training* wall time, in a
+Every side trains the same model (default: the embedded SmolLM2-135M-Instruct, all weights, fp32
+masters) on the built-in arithmetic task with the same reward, prompts per step, G, sampling
+(temperature, top-p, response budget), AdamW learning rate and compute dtype (``--compute-dtype``:
+bf16 autocast is oapl's ``model.compute_dtype``, TRL's ``bf16=True``), for ``--budget-s`` seconds of *training* wall time, in a
 fresh child process. At fixed points of that clock (every ``--eval-every-s`` seconds; a point is taken
 at the first step boundary past it) the child saves the trainer's weights (``torch.save`` of the
 state dict; the seconds spent saving are taken off the training clock, and oapl's background rollout
@@ -22,13 +23,18 @@ pair run close together in one invocation):
 * ``oapl-grpo-vllm``: oapl, GRPO+IS (truncated IS, cap 2) with its vLLM engine, generating on demand;
 * ``oapl-async`` / ``oapl-grpo``: the same with oapl's transformers engine (no vLLM; the test's mode).
 
+An oapl side takes the sync interval L of ``--sync-interval``, or its own as ``side@L``
+(``--sides trl,oapl-async-vllm@1,oapl-async-vllm@4``), so lags can be compared in one invocation.
+
 The headline: for every repetition, TRL GRPOTrainer's best held-out pass@1 and the training time at
 which it first reached it, and each oapl side's time to reach that same pass@1 in the same
 repetition, as a ratio (oapl time / TRL time; < 1 is faster). A side that never reaches it within its
 budget has no ratio ("not reached").
 
-    python benchmarks/time_to_quality.py --reps 2 --budget-s 240 --eval-every-s 40 \\
-        --json ttq.json --plot docs/figures/time_to_quality.png
+    python benchmarks/time_to_quality.py --reps 2 \\
+        --sides trl,trl-async,oapl-async-vllm@1,oapl-grpo-vllm@1,oapl-async-vllm@4 \\
+        --budget-s 240 --eval-every-s 20 --eval-n 128 --prompts 8 --lr 1.5e-5 --compute-dtype bfloat16 \\
+        --sync-interval 1 --json ttq.json --plot docs/figures/time_to_quality.png   # docs/benchmarks.md
     python benchmarks/time_to_quality.py --model /path/tiny --sides oapl-async,oapl-grpo --budget-s 5   # smallest
 """
 
@@ -50,6 +56,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SIDES = ("trl", "trl-async", "oapl-async-vllm", "oapl-grpo-vllm", "oapl-async", "oapl-grpo")
 OAPL_SIDES = ("oapl-async-vllm", "oapl-grpo-vllm", "oapl-async", "oapl-grpo")
+
+
+def parse_side(spec: str) -> tuple[str, int | None]:
+    """``"oapl-async-vllm@1"`` -> ``("oapl-async-vllm", 1)``: a side, and its own sync interval L (an oapl
+    side only; without ``@L`` it takes ``--sync-interval``)."""
+    name, _, interval = spec.partition("@")
+    if name not in SIDES:
+        raise ValueError(f"--sides: unknown side {name!r}; choose from {SIDES}")
+    if not interval:
+        return name, None
+    if name not in OAPL_SIDES:
+        raise ValueError(f"--sides {spec!r}: only an oapl side takes its own sync interval (@L)")
+    if not interval.isdigit() or int(interval) < 1:
+        raise ValueError(f"--sides {spec!r}: the sync interval after '@' must be an integer >= 1")
+    return name, int(interval)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +112,7 @@ def headline(runs: list[dict], ref: str = "trl") -> list[dict]:
             continue
         target, t_ref = best_point(refs[0]["curve"])
         for r in runs:
-            if r["rep"] != rep or r["side"] == ref or not r.get("curve") or r["side"] not in OAPL_SIDES:
+            if r["rep"] != rep or r["side"] == ref or not r.get("curve") or parse_side(r["side"])[0] not in OAPL_SIDES:
                 continue
             t = time_to_reach(r["curve"], target)
             ratio = t / t_ref if (t is not None and t_ref > 0) else None
@@ -166,6 +187,7 @@ def _args_for_vs_trl(a) -> SimpleNamespace:
         prompts=a.prompts,
         sync_interval=a.sync_interval,
         lr=a.lr,
+        compute_dtype=a.compute_dtype,
     )
 
 
@@ -174,6 +196,9 @@ def run_oapl_side(a, side: str, snapdir: Path) -> dict:
     from oapl.loop import Run
     from vs_trl import _oapl_overrides
 
+    side, interval = parse_side(side)
+    if interval is not None:
+        a = SimpleNamespace(**{**vars(a), "sync_interval": interval})
     algorithm = "grpo" if side.startswith("oapl-grpo") else "oapl"
     asynchronous = side.startswith("oapl-async")
     engine = "vllm" if side.endswith("-vllm") else "transformers"
@@ -209,6 +234,7 @@ def run_oapl_side(a, side: str, snapdir: Path) -> dict:
     rows = [r for r in rows if "loss" in r]
     return {
         "side": side,
+        "sync_interval": a.sync_interval,
         "load_s": load_s,
         "steps": len(rows),
         "snapshots": snaps.points,
@@ -558,7 +584,7 @@ def _plot(runs: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {s: f"C{i}" for i, s in enumerate(SIDES)}
+    colours = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(r["side"] for r in runs))}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in runs:
         if not r.get("curve"):
@@ -586,7 +612,11 @@ def _plot(runs: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sides", default="trl,trl-async,oapl-async-vllm,oapl-grpo-vllm", help=f"from {SIDES}")
+    p.add_argument(
+        "--sides",
+        default="trl,trl-async,oapl-async-vllm,oapl-grpo-vllm",
+        help=f"from {SIDES}; an oapl side may carry its own sync interval, e.g. oapl-async-vllm@1",
+    )
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=240.0, help="training seconds per side")
     p.add_argument("--eval-every-s", type=float, default=40.0, help="a held-out point every this many training s")
@@ -598,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-operand", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="every side's matmul dtype over fp32 weights: oapl model.compute_dtype, TRL bf16=True (autocast)",
+    )
     p.add_argument("--sync-interval", type=int, default=4, help="oapl: L; TRL async: weight_sync_steps")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
@@ -625,8 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     for s in sides:
-        if s not in SIDES:
-            p.error(f"--sides: unknown side {s!r}; choose from {SIDES}")
+        try:
+            parse_side(s)
+        except ValueError as e:
+            p.error(str(e))
     forwarded = [x for x in (argv if argv is not None else sys.argv[1:])]
     base_pass1: float | None = None
     runs: list[dict] = []

@@ -56,6 +56,28 @@ def test_headline_pairs_each_oapl_side_with_trl_of_the_same_repetition(ttq):
     assert h["ratio"] == pytest.approx(0.25, abs=1e-12)
 
 
+def test_a_side_may_carry_its_own_sync_interval(ttq):
+    assert ttq.parse_side("oapl-async-vllm") == ("oapl-async-vllm", None)
+    assert ttq.parse_side("oapl-async-vllm@1") == ("oapl-async-vllm", 1)
+    assert ttq.parse_side("oapl-grpo@16") == ("oapl-grpo", 16)
+    for bad, words in [
+        ("oapl-sync@1", "unknown side 'oapl-sync'"),
+        ("trl@4", "only an oapl side"),
+        ("oapl-async@0", "integer >= 1"),
+        ("oapl-async@x", "integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            ttq.parse_side(bad)
+    # two lags of one side in one repetition: each is an oapl side of its own in the headline
+    runs = [
+        {"side": "trl", "rep": 0, "curve": [(0.0, 0.1), (200.0, 0.6)]},
+        {"side": "oapl-async-vllm@1", "rep": 0, "curve": [(0.0, 0.1), (50.0, 0.6)], "train_s": 50.0},
+        {"side": "oapl-async-vllm@4", "rep": 0, "curve": [(0.0, 0.1), (80.0, 0.6)], "train_s": 80.0},
+    ]
+    heads = {h["side"]: h["ratio"] for h in ttq.headline(runs)}
+    assert heads == {"oapl-async-vllm@1": pytest.approx(0.25), "oapl-async-vllm@4": pytest.approx(0.4)}
+
+
 def test_headline_has_no_ratio_when_trl_never_left_its_start(ttq):
     runs = [
         {"side": "trl", "rep": 0, "curve": [(0.0, 0.2), (60.0, 0.1)]},
