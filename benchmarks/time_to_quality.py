@@ -611,6 +611,8 @@ def _plot(runs: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vs_trl import add_compute_dtype_argument
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--sides",
@@ -628,12 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-operand", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument(
-        "--compute-dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="every side's matmul dtype over fp32 weights: oapl model.compute_dtype, TRL bf16=True (autocast)",
-    )
+    add_compute_dtype_argument(p)
     p.add_argument("--sync-interval", type=int, default=4, help="oapl: L; TRL async: weight_sync_steps")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)

@@ -79,7 +79,7 @@ def _oapl_overrides(a, out: str, algorithm: str, asynchronous: bool, engine: str
         f"rollout.asynchronous={str(asynchronous).lower()}",
         f"rollout.buffer_groups={2 * a.prompts}",
         f"optim.lr={a.lr}",
-        f"model.compute_dtype={getattr(a, 'compute_dtype', 'float32')}",
+        f"model.compute_dtype={a.compute_dtype}",
         f"optim.micro_batch_size={a.prompts * a.group_size}",
         f"engine.kind={engine}",
         f"engine.max_batch_size={a.prompts * a.group_size}",
@@ -204,6 +204,17 @@ def _profile_oapl(trainer, a) -> dict:
     }
 
 
+def add_compute_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """``--compute-dtype``, one setting for every side: oapl's ``model.compute_dtype``, TRL's ``bf16=True``
+    (autocast over fp32 weights on both)."""
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="matmul dtype over fp32 weights, every side: oapl model.compute_dtype, TRL bf16=True (autocast)",
+    )
+
+
 def trl_grpo_kwargs(a, out: str, max_steps: int) -> dict:
     """TRL ``GRPOConfig`` arguments of the TRL side: the shared batch, G, sampling and AdamW settings,
     ``beta=0`` (no reference model, TRL's default), one optimiser step per generation batch, on CPU
@@ -231,7 +242,7 @@ def trl_grpo_kwargs(a, out: str, max_steps: int) -> dict:
         save_strategy="no",
         report_to="none",
         seed=a.seed,
-        bf16=getattr(a, "compute_dtype", "float32") == "bfloat16",  # autocast over fp32 weights, as oapl's
+        bf16=a.compute_dtype == "bfloat16",  # autocast over fp32 weights, as oapl's
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
@@ -368,12 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "--engine", default="transformers", choices=["transformers", "vllm", "auto"], help="oapl's inference engine"
     )
     p.add_argument("--sync-interval", type=int, default=50, help="oapl: L")
-    p.add_argument(
-        "--compute-dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="matmul dtype over fp32 weights, every side: oapl model.compute_dtype, TRL bf16=True (autocast)",
-    )
+    add_compute_dtype_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="add a phase breakdown and top operators for oapl-sync")
     p.add_argument("--json", default=None, help="write all results here")
